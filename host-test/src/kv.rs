@@ -1,0 +1,391 @@
+//! `wasi:keyvalue/store` and `wasi:keyvalue/atomics` (0.2.0-draft) over the host [`Store`].
+//!
+//! Each plugin call gets its own [`KvCtx`]: writes are buffered in an overlay the call reads
+//! back, and the host commits the overlay in one transaction only when the export returns
+//! normally. A trap or a missed deadline therefore leaves no half-applied state behind.
+//! `increment` is the exception: it is how concurrent calls coordinate, so it is committed at
+//! once.
+
+use crate::bindings::wasi::keyvalue::{atomics, store};
+use crate::store::{Store, Write};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTableError};
+
+/// The only bucket identifier a plugin may open; tenants are separated by the host, not by
+/// bucket names the plugin could choose.
+pub const BUCKET: &str = "";
+
+/// Number of keys returned per `list-keys` page.
+const LIST_PAGE: usize = 1000;
+
+/// Most bytes (keys plus values) one call may buffer. The overlay lives in host memory, outside
+/// the guest's linear-memory cap, so a runaway plugin must not be able to grow it unbounded.
+const MAX_BUFFERED: usize = 16 << 20;
+
+/// The host side of a `bucket` resource. It carries no state: the tenant is fixed per call.
+pub struct Bucket;
+
+/// Host-side error, converted to `wasi:keyvalue/store.error` for the guest.
+#[derive(Debug)]
+pub enum KvError {
+    NoSuchStore,
+    AccessDenied,
+    Other(String),
+}
+
+impl From<ResourceTableError> for KvError {
+    fn from(err: ResourceTableError) -> Self {
+        KvError::Other(err.to_string())
+    }
+}
+
+impl From<anyhow::Error> for KvError {
+    fn from(err: anyhow::Error) -> Self {
+        KvError::Other(format!("{err:#}"))
+    }
+}
+
+/// Per-call key-value state of one tenant.
+pub struct KvCtx {
+    store: Arc<Store>,
+    tenant: Arc<str>,
+    overlay: BTreeMap<String, Option<Vec<u8>>>,
+    buffered: usize,
+}
+
+impl KvCtx {
+    pub fn new(store: Arc<Store>, tenant: Arc<str>) -> KvCtx {
+        KvCtx {
+            store,
+            tenant,
+            overlay: BTreeMap::new(),
+            buffered: 0,
+        }
+    }
+
+    fn get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        match self.overlay.get(key) {
+            Some(pending) => Ok(pending.clone()),
+            None => self.store.get(&self.tenant, key),
+        }
+    }
+
+    fn set(&mut self, key: String, value: Option<Vec<u8>>) -> Result<(), KvError> {
+        let size = key.len() + value.as_ref().map_or(0, Vec::len);
+        if self.buffered.saturating_add(size) > MAX_BUFFERED {
+            return Err(KvError::Other(format!(
+                "more than {MAX_BUFFERED} bytes written in one call"
+            )));
+        }
+        // Overwrites are counted again: simpler, and only makes the cap stricter.
+        self.buffered += size;
+        self.overlay.insert(key, value);
+        Ok(())
+    }
+
+    fn keys(&self) -> anyhow::Result<Vec<String>> {
+        let mut keys: Vec<String> = self
+            .store
+            .keys(&self.tenant)?
+            .into_iter()
+            .filter(|k| !self.overlay.contains_key(k))
+            .collect();
+        keys.extend(
+            self.overlay
+                .iter()
+                .filter(|(_, v)| v.is_some())
+                .map(|(k, _)| k.clone()),
+        );
+        keys.sort();
+        Ok(keys)
+    }
+
+    fn increment(&mut self, key: &str, delta: u64) -> anyhow::Result<u64> {
+        let pending = self.overlay.get(key).map(Option::as_deref);
+        let new = self.store.increment(&self.tenant, key, delta, pending)?;
+        // The counter is now durable; a buffered write must not overwrite it at commit.
+        self.overlay.remove(key);
+        Ok(new)
+    }
+
+    /// The buffered writes, to be committed once the call has returned normally.
+    pub fn into_writes(self) -> (Arc<Store>, Arc<str>, Vec<Write>) {
+        (self.store, self.tenant, self.overlay.into_iter().collect())
+    }
+
+    /// Commits the buffered writes in one durable transaction.
+    pub fn commit(self) -> anyhow::Result<()> {
+        let (store, tenant, writes) = self.into_writes();
+        if writes.is_empty() {
+            return Ok(());
+        }
+        store.commit(&tenant, writes)
+    }
+}
+
+/// What the generated `Host` traits are implemented for.
+pub struct KvView<'a> {
+    pub ctx: &'a mut KvCtx,
+    pub table: &'a mut ResourceTable,
+}
+
+struct HasKv;
+
+impl HasData for HasKv {
+    type Data<'a> = KvView<'a>;
+}
+
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    get: fn(&mut T) -> KvView<'_>,
+) -> wasmtime::Result<()> {
+    store::add_to_linker::<T, HasKv>(linker, get)?;
+    atomics::add_to_linker::<T, HasKv>(linker, get)?;
+    Ok(())
+}
+
+impl store::Host for KvView<'_> {
+    fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, KvError> {
+        if identifier != BUCKET {
+            return Err(KvError::NoSuchStore);
+        }
+        Ok(self.table.push(Bucket)?)
+    }
+
+    fn convert_error(&mut self, err: KvError) -> wasmtime::Result<store::Error> {
+        Ok(match err {
+            KvError::NoSuchStore => store::Error::NoSuchStore,
+            KvError::AccessDenied => store::Error::AccessDenied,
+            KvError::Other(msg) => store::Error::Other(msg),
+        })
+    }
+}
+
+impl store::HostBucket for KvView<'_> {
+    fn get(&mut self, bucket: Resource<Bucket>, key: String) -> Result<Option<Vec<u8>>, KvError> {
+        self.table.get(&bucket)?;
+        Ok(self.ctx.get(&key)?)
+    }
+
+    fn set(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), KvError> {
+        self.table.get(&bucket)?;
+        self.ctx.set(key, Some(value))
+    }
+
+    fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), KvError> {
+        self.table.get(&bucket)?;
+        self.ctx.set(key, None)
+    }
+
+    fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, KvError> {
+        self.table.get(&bucket)?;
+        Ok(self.ctx.get(&key)?.is_some())
+    }
+
+    fn list_keys(
+        &mut self,
+        bucket: Resource<Bucket>,
+        cursor: Option<u64>,
+    ) -> Result<store::KeyResponse, KvError> {
+        self.table.get(&bucket)?;
+        let keys = self.ctx.keys()?;
+        let start = usize::try_from(cursor.unwrap_or(0))
+            .unwrap_or(usize::MAX)
+            .min(keys.len());
+        let end = start.saturating_add(LIST_PAGE).min(keys.len());
+        Ok(store::KeyResponse {
+            keys: keys[start..end].to_vec(),
+            cursor: (end < keys.len()).then_some(end as u64),
+        })
+    }
+
+    fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+}
+
+impl atomics::Host for KvView<'_> {
+    fn increment(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        delta: u64,
+    ) -> Result<u64, KvError> {
+        self.table.get(&bucket)?;
+        Ok(self.ctx.increment(&key, delta)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atomics::Host as _;
+    use store::{Host as _, HostBucket as _};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Arc<Store>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        Fixture { _dir: dir, store }
+    }
+
+    fn open(view: &mut KvView<'_>) -> Resource<Bucket> {
+        view.open(String::new()).unwrap()
+    }
+
+    fn borrow(b: &Resource<Bucket>) -> Resource<Bucket> {
+        Resource::new_borrow(b.rep())
+    }
+
+    #[test]
+    fn only_the_empty_bucket_opens() {
+        let f = fixture();
+        let mut ctx = KvCtx::new(f.store.clone(), "t".into());
+        let mut table = ResourceTable::new();
+        let mut view = KvView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        assert!(matches!(
+            view.open("other".into()),
+            Err(KvError::NoSuchStore)
+        ));
+        assert!(view.open(String::new()).is_ok());
+    }
+
+    #[test]
+    fn writes_are_visible_in_the_call_and_durable_only_after_commit() {
+        let f = fixture();
+        let mut ctx = KvCtx::new(f.store.clone(), "t".into());
+        let mut table = ResourceTable::new();
+        let mut view = KvView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        let b = open(&mut view);
+        view.set(borrow(&b), "k".into(), b"v".to_vec()).unwrap();
+        assert_eq!(
+            view.get(borrow(&b), "k".into()).unwrap(),
+            Some(b"v".to_vec())
+        );
+        assert!(view.exists(borrow(&b), "k".into()).unwrap());
+        let keys = view.list_keys(borrow(&b), None).unwrap();
+        assert_eq!(keys.keys, ["k"]);
+        assert_eq!(f.store.get("t", "k").unwrap(), None, "not yet committed");
+
+        ctx.commit().unwrap();
+        assert_eq!(f.store.get("t", "k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn a_dropped_call_leaves_no_writes() {
+        let f = fixture();
+        f.store
+            .commit("t", [("keep".to_string(), Some(b"1".to_vec()))])
+            .unwrap();
+        {
+            // A trap or deadline drops the store, and with it the context, uncommitted.
+            let mut ctx = KvCtx::new(f.store.clone(), "t".into());
+            let mut table = ResourceTable::new();
+            let mut view = KvView {
+                ctx: &mut ctx,
+                table: &mut table,
+            };
+            let b = open(&mut view);
+            view.set(borrow(&b), "new".into(), b"x".to_vec()).unwrap();
+            view.delete(borrow(&b), "keep".into()).unwrap();
+            assert_eq!(view.get(borrow(&b), "keep".into()).unwrap(), None);
+            assert!(view.list_keys(borrow(&b), None).unwrap().keys == ["new"]);
+        }
+        assert_eq!(f.store.keys("t").unwrap(), ["keep"]);
+    }
+
+    #[test]
+    fn increment_is_committed_immediately() {
+        let f = fixture();
+        let mut ctx = KvCtx::new(f.store.clone(), "t".into());
+        let mut table = ResourceTable::new();
+        let mut view = KvView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        let b = open(&mut view);
+        assert_eq!(view.increment(borrow(&b), "n".into(), 1).unwrap(), 1);
+        assert_eq!(view.increment(borrow(&b), "n".into(), 1).unwrap(), 2);
+        assert_eq!(
+            view.get(borrow(&b), "n".into()).unwrap(),
+            Some(b"2".to_vec())
+        );
+        view.set(borrow(&b), "m".into(), b"41".to_vec()).unwrap();
+        assert_eq!(view.increment(borrow(&b), "m".into(), 1).unwrap(), 42);
+        drop(ctx);
+        assert_eq!(f.store.get("t", "n").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(f.store.get("t", "m").unwrap(), Some(b"42".to_vec()));
+    }
+
+    #[test]
+    fn tenants_do_not_see_each_other() {
+        let f = fixture();
+        let mut a = KvCtx::new(f.store.clone(), "a".into());
+        a.set("secret".into(), Some(b"a-only".to_vec())).unwrap();
+        a.commit().unwrap();
+
+        let mut ctx = KvCtx::new(f.store.clone(), "b".into());
+        let mut table = ResourceTable::new();
+        let mut view = KvView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        let b = open(&mut view);
+        assert_eq!(view.get(borrow(&b), "secret".into()).unwrap(), None);
+        assert!(view.list_keys(borrow(&b), None).unwrap().keys.is_empty());
+        assert_eq!(view.increment(borrow(&b), "secret".into(), 1).unwrap(), 1);
+        assert_eq!(
+            f.store.get("a", "secret").unwrap(),
+            Some(b"a-only".to_vec())
+        );
+    }
+
+    #[test]
+    fn buffered_writes_are_capped() {
+        let f = fixture();
+        let mut ctx = KvCtx::new(f.store.clone(), "t".into());
+        let big = vec![0u8; MAX_BUFFERED / 2];
+        ctx.set("a".into(), Some(big.clone())).unwrap();
+        assert!(ctx.set("b".into(), Some(big)).is_err());
+    }
+
+    #[test]
+    fn list_keys_pages() {
+        let f = fixture();
+        let writes: Vec<Write> = (0..LIST_PAGE + 5)
+            .map(|i| (format!("k{i:05}"), Some(vec![1])))
+            .collect();
+        f.store.commit("t", writes).unwrap();
+        let mut ctx = KvCtx::new(f.store.clone(), "t".into());
+        let mut table = ResourceTable::new();
+        let mut view = KvView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        let b = open(&mut view);
+        let first = view.list_keys(borrow(&b), None).unwrap();
+        assert_eq!(first.keys.len(), LIST_PAGE);
+        let second = view.list_keys(borrow(&b), first.cursor).unwrap();
+        assert_eq!(second.keys.len(), 5);
+        assert_eq!(second.cursor, None);
+        let past = view.list_keys(borrow(&b), Some(u64::MAX)).unwrap();
+        assert!(past.keys.is_empty());
+    }
+}

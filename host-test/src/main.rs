@@ -1,0 +1,241 @@
+//! `imbridge-host`: call the plugin from the command line, or serve it over HTTP.
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use imbridge_host::config::ServeConfig;
+use imbridge_host::json::Json as _;
+use imbridge_host::{Export, Host, HostConfig, TenantPolicy, server};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Where the build puts the component, relative to the workspace root.
+const COMPONENT: &str = "target/imbridge.wasm";
+/// Default state directory for `invoke`, relative to the workspace root.
+const STATE: &str = "target/imbridge-state";
+
+#[derive(Parser)]
+#[command(
+    name = "imbridge-host",
+    version,
+    about = "Reference wasmtime host for the imbridge plugin"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Call one export and print `{"ok": ...}` or `{"err": ...}` as one JSON line.
+    ///
+    /// Exits 0 whenever the plugin answered (ok or err), non-zero when the host failed.
+    Invoke {
+        /// start-approval, get-approval, cancel-approval, notify or handle-callback
+        export: String,
+        /// The im-app JSON file.
+        #[arg(long)]
+        app: Option<PathBuf>,
+        /// The arguments: for handle-callback the http-request, otherwise an object keyed by
+        /// parameter name (e.g. {"request": ...}). `-` reads standard input.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// State directory [default: target/imbridge-state in the workspace]
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Start the plugin's wall clock at this Unix time (replaying captured callbacks).
+        #[arg(long)]
+        now: Option<u64>,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// The component [default: target/imbridge.wasm in the workspace]
+        #[arg(long, env = "IMBRIDGE_COMPONENT")]
+        component: Option<PathBuf>,
+        /// Extra host the plugin may call (repeatable): `example.com` or `127.0.0.1:8080`.
+        #[arg(long = "allow-host")]
+        allow_hosts: Vec<String>,
+        /// Call deadline in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Serve platform callbacks and the engine JSON API.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides the config's `component`.
+        #[arg(long, env = "IMBRIDGE_COMPONENT")]
+        component: Option<PathBuf>,
+    },
+    /// Print each app's callback address, to paste into the platform's developer console.
+    Urls {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the end-to-end demo.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Invoke {
+            export,
+            app,
+            input,
+            state,
+            now,
+            tenant,
+            component,
+            allow_hosts,
+            timeout,
+        } => {
+            let export: Export = export.parse()?;
+            let app = app.map(|p| read_json(&p)).transpose()?;
+            let input = match input {
+                Some(p) => read_json(&p)?,
+                None => Value::Object(Default::default()),
+            };
+            let args = merge_args(export, app, input)?;
+            let component = component.unwrap_or_else(|| workspace_path(COMPONENT));
+            let state = state.unwrap_or_else(|| workspace_path(STATE));
+
+            let mut cfg = HostConfig::new(state);
+            cfg.now_unix_secs = now;
+            cfg.call_timeout = Duration::from_secs(timeout.max(1));
+            let host = Host::new(cfg)?;
+            host.load_tenant(&tenant, &component, TenantPolicy { allow_hosts })
+                .await
+                .with_context(|| component_hint(&component))?;
+            let out = host.invoke_json(&tenant, export.name(), args).await?;
+            println!("{}", serde_json::to_string(&out)?);
+            Ok(())
+        }
+        Command::Serve { config, component } => {
+            let config = ServeConfig::load(&config)?;
+            let component = component
+                .or_else(|| config.component.clone())
+                .unwrap_or_else(|| workspace_path(COMPONENT));
+            let handle = server::serve(config, &component)
+                .await
+                .with_context(|| component_hint(&component))?;
+            eprintln!("imbridge-host listening on http://{}", handle.addr());
+            tokio::signal::ctrl_c()
+                .await
+                .context("waiting for Ctrl-C")?;
+            handle.shutdown().await;
+            Ok(())
+        }
+        Command::Urls { config } => {
+            let config = ServeConfig::load(&config)?;
+            for t in &config.tenants {
+                for app in &t.apps {
+                    let platform = app.platform.to_json();
+                    let platform = platform.as_str().unwrap_or("?");
+                    println!(
+                        "{} {} {platform}  {}",
+                        t.id,
+                        app.id,
+                        config.callback_url(&t.id, &app.id)
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Demo => {
+            println!("not yet");
+            Ok(())
+        }
+    }
+}
+
+/// Builds the export's argument object from `--app` and `--input`.
+fn merge_args(export: Export, app: Option<Value>, input: Value) -> Result<Value> {
+    if export == Export::HandleCallback {
+        let Some(app) = app else {
+            bail!("handle-callback needs --app");
+        };
+        return Ok(serde_json::json!({"app": app, "request": input}));
+    }
+    let Value::Object(mut args) = input else {
+        bail!("--input must hold a JSON object keyed by parameter name");
+    };
+    if let Some(app) = app {
+        args.insert("app".into(), app);
+    }
+    Ok(Value::Object(args))
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    // serde_json's syntax errors give a position, never the offending text.
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+/// `relative` under the nearest ancestor of the current directory that has a
+/// `target/imbridge.wasm`, so the CLI works from anywhere inside the workspace.
+fn workspace_path(relative: &str) -> PathBuf {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let root = cwd
+        .ancestors()
+        .find(|dir| dir.join(COMPONENT).is_file())
+        .unwrap_or(&cwd);
+    root.join(relative)
+}
+
+fn component_hint(component: &Path) -> String {
+    if component.exists() {
+        format!("loading {}", component.display())
+    } else {
+        format!(
+            "loading {} (build the component first, or pass --component / IMBRIDGE_COMPONENT)",
+            component.display()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn merge() {
+        let app = json!({"id": "a"});
+        let v = merge_args(
+            Export::HandleCallback,
+            Some(app.clone()),
+            json!({"body": "x"}),
+        )
+        .unwrap();
+        assert_eq!(v, json!({"app": {"id": "a"}, "request": {"body": "x"}}));
+        let v = merge_args(Export::GetApproval, Some(app), json!({"instance_id": "i"})).unwrap();
+        assert_eq!(v, json!({"app": {"id": "a"}, "instance_id": "i"}));
+        assert!(merge_args(Export::HandleCallback, None, json!({})).is_err());
+        assert!(merge_args(Export::Notify, None, json!([])).is_err());
+    }
+}

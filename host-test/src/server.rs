@@ -1,0 +1,614 @@
+//! `imbridge-host serve`: platform callbacks in, a small JSON API for engines.
+//!
+//! Routes:
+//! - `GET|POST /callback/{tenant}/{app}`: the address platforms call; answered with the
+//!   plugin's response. Approval updates go to a durable outbox and, when the tenant has an
+//!   `engine_webhook`, are POSTed there.
+//! - `POST /api/{tenant}/{app}/approvals` (body: approval-request)
+//! - `GET  /api/{tenant}/{app}/approvals/{instance-id}?refresh=true`
+//! - `POST /api/{tenant}/{app}/approvals/{instance-id}/cancel` (body: `{"reason": ...}`)
+//! - `POST /api/{tenant}/notify` (body: `{"app_id": ..., "notification": ...}`)
+//! - `GET  /api/{tenant}/updates?after=N`: outbox records after `N`, acknowledging those up
+//!   to `N` (for engines that poll instead of taking the webhook)
+//!
+//! The API answers `{"ok": ...}` / `{"err": ...}` exactly as `invoke` prints them.
+
+use crate::bindings::types::{
+    Approval, ApprovalRequest, Error as PluginError, HttpRequest, ImApp, Notification,
+};
+use crate::call::{Call, Reply};
+use crate::config::ServeConfig;
+use crate::host::{Host, HostConfig};
+use crate::json::{self, Json as _};
+use crate::log;
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use http::{Method, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, oneshot};
+use tokio::task::JoinHandle;
+
+/// Largest request body accepted; platforms' callbacks are a few KiB.
+pub const MAX_BODY: usize = 1 << 20;
+
+type Response = http::Response<Full<Bytes>>;
+
+/// A running server.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    host: Host,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// The address actually bound (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    /// Stops accepting connections and waits for the accept loop to end.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Runs until the accept loop ends (it does not end on its own).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Creates the host, loads `component` for every configured tenant and starts serving.
+pub async fn serve(config: ServeConfig, component: &Path) -> Result<ServerHandle> {
+    let mut host_cfg = HostConfig::new(&config.state_dir);
+    if let Some(t) = config.call_timeout {
+        host_cfg.call_timeout = t;
+    }
+    let host = Host::new(host_cfg)?;
+    let wasm = tokio::fs::read(component)
+        .await
+        .with_context(|| format!("reading component {}", component.display()))?;
+    for t in &config.tenants {
+        host.load_tenant_bytes(&t.id, wasm.clone(), t.policy.clone())
+            .await
+            .with_context(|| format!("loading tenant `{}`", t.id))?;
+    }
+    serve_with(host, config).await
+}
+
+/// Serves `config` with an existing host whose tenants are already loaded.
+pub async fn serve_with(host: Host, config: ServeConfig) -> Result<ServerHandle> {
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let delivery = config
+        .tenants
+        .iter()
+        .map(|t| (t.id.clone(), Arc::new(Mutex::new(()))))
+        .collect();
+    let state = Arc::new(State {
+        host: host.clone(),
+        config,
+        delivery,
+    });
+    let (tx, mut rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = &mut rx => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off rather than spin.
+                        log!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, std::convert::Infallible>(state.handle(req).await) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    log!("connection from {peer}: {e}");
+                }
+            });
+        }
+    });
+    log!("serving on http://{addr}");
+    Ok(ServerHandle {
+        addr,
+        host,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+struct State {
+    host: Host,
+    config: ServeConfig,
+    /// One lock per tenant so outbox records are delivered once and in order.
+    delivery: HashMap<String, Arc<Mutex<()>>>,
+}
+
+impl State {
+    async fn handle(self: &Arc<Self>, req: http::Request<Incoming>) -> Response {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let segments: Vec<String> = path
+            .trim_start_matches('/')
+            .split('/')
+            .map(percent_decode)
+            .collect();
+        let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        match (&method, segs.as_slice()) {
+            (&Method::GET | &Method::POST, ["callback", tenant, app]) => {
+                self.callback(tenant, app, req).await
+            }
+            (_, ["callback", ..]) => {
+                status_json(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
+            (&Method::GET, ["healthz"]) => status_json(StatusCode::OK, "ok"),
+            (_, ["api", ..]) => {
+                if !self.authorized(&req) {
+                    return status_json(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+                }
+                self.api(&method, &segs, req).await
+            }
+            _ => status_json(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+
+    fn authorized(&self, req: &http::Request<Incoming>) -> bool {
+        let Some(token) = &self.config.api_token else {
+            return true;
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(given.as_bytes(), token.as_bytes())
+    }
+
+    fn app(&self, tenant: &str, app: &str) -> Option<&ImApp> {
+        self.config.tenant(tenant)?.app(app)
+    }
+
+    async fn callback(
+        self: &Arc<Self>,
+        tenant: &str,
+        app_id: &str,
+        req: http::Request<Incoming>,
+    ) -> Response {
+        let Some(app) = self.app(tenant, app_id).cloned() else {
+            return status_json(StatusCode::NOT_FOUND, "unknown tenant or app");
+        };
+        let (parts, body) = req.into_parts();
+        let body = match read_body(&parts.headers, body).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        let request = HttpRequest {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().unwrap_or("").to_string(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: body.to_vec(),
+        };
+        let outcome = match self.host.handle_callback(tenant, app, request).await {
+            Ok(Reply::Callback(Ok(outcome))) => outcome,
+            Ok(Reply::Callback(Err(e))) => return plugin_error(&e),
+            Ok(_) => return status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+            // Already logged by the host; the platform learns nothing beyond the status.
+            Err(_) => return status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+        };
+        if !outcome.updates.is_empty() {
+            if let Err(e) = self.record_updates(tenant, app_id, &outcome.updates) {
+                // The platform will retry a callback it sees failing; the plugin dedups it.
+                log!("tenant={tenant} outbox write failed: {e:#}");
+                return status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+            }
+            self.spawn_delivery(tenant);
+        }
+        let r = outcome.response;
+        let mut builder = http::Response::builder().status(r.status);
+        for (k, v) in &r.headers {
+            // Framing is hyper's job; the plugin cannot know how the body is sent.
+            let k = k.to_ascii_lowercase();
+            if matches!(
+                k.as_str(),
+                "content-length" | "transfer-encoding" | "connection"
+            ) {
+                continue;
+            }
+            builder = builder.header(k, v);
+        }
+        builder
+            .body(Full::new(Bytes::from(r.body)))
+            .unwrap_or_else(|_| {
+                log!("tenant={tenant} app={app_id} plugin returned an invalid HTTP response");
+                status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            })
+    }
+
+    fn record_updates(&self, tenant: &str, app_id: &str, updates: &[Approval]) -> Result<()> {
+        for u in updates {
+            let record = json!({"tenant": tenant, "app_id": app_id, "approval": u.to_json()});
+            self.host
+                .store()
+                .outbox_push(tenant, record.to_string().as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Delivers the tenant's pending outbox records to its engine webhook, oldest first,
+    /// stopping at the first failure; what is left goes out with the next delivery.
+    fn spawn_delivery(self: &Arc<Self>, tenant: &str) {
+        let Some(url) = self
+            .config
+            .tenant(tenant)
+            .and_then(|t| t.engine_webhook.clone())
+        else {
+            return;
+        };
+        let Some(lock) = self.delivery.get(tenant).cloned() else {
+            return;
+        };
+        let state = self.clone();
+        let tenant = tenant.to_string();
+        tokio::spawn(async move {
+            let _guard = lock.lock().await;
+            let store = state.host.store().clone();
+            let pending = match store.outbox_list(&tenant, 0) {
+                Ok(p) => p,
+                Err(e) => return log!("tenant={tenant} outbox read failed: {e:#}"),
+            };
+            for (seq, record) in pending {
+                let mut body: Value = serde_json::from_slice(&record).unwrap_or(Value::Null);
+                if let Value::Object(m) = &mut body {
+                    m.insert("seq".into(), json!(seq));
+                }
+                match post_json(&url, &body).await {
+                    Ok(()) => {
+                        if let Err(e) = store.outbox_remove(&tenant, seq) {
+                            return log!("tenant={tenant} outbox remove failed: {e:#}");
+                        }
+                    }
+                    Err(e) => {
+                        // TODO: retry on a timer too, not only on the next callback.
+                        return log!("tenant={tenant} webhook delivery of #{seq} failed: {e:#}");
+                    }
+                }
+            }
+        });
+    }
+
+    async fn api(&self, method: &Method, segs: &[&str], req: http::Request<Incoming>) -> Response {
+        let query = req.uri().query().unwrap_or("").to_string();
+        if let (&Method::GET, ["api", tenant, "updates"]) = (method, segs) {
+            return self.updates(tenant, &query);
+        }
+        let (parts, body) = req.into_parts();
+        let body = match read_body(&parts.headers, body).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        let (tenant, call) = match self.api_call(method, segs, &query, &body) {
+            Ok(c) => c,
+            Err(reject) => return reject.into_response(),
+        };
+        match self.host.call(&tenant, &call).await {
+            Ok(reply) => json_response(StatusCode::OK, &json::reply_to_json(&reply)),
+            Err(e) => status_json(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
+        }
+    }
+
+    /// Maps an engine API request to the tenant and the export call it asks for.
+    fn api_call(
+        &self,
+        method: &Method,
+        segs: &[&str],
+        query: &str,
+        body: &[u8],
+    ) -> Result<(String, Call), Reject> {
+        let json_body = || -> Result<Value, Reject> {
+            if body.is_empty() {
+                return Ok(json!({}));
+            }
+            serde_json::from_slice(body).map_err(|e| Reject::bad(format!("body is not JSON: {e}")))
+        };
+        let call = match (method, segs) {
+            (&Method::POST, ["api", tenant, app, "approvals"]) => {
+                let body = json_body()?;
+                let app = self.configured_app(tenant, app)?;
+                Call::StartApproval {
+                    app,
+                    request: ApprovalRequest::from_json(&body, "body").map_err(Reject::invalid)?,
+                }
+            }
+            (&Method::GET, ["api", tenant, app, "approvals", id]) => Call::GetApproval {
+                app: self.configured_app(tenant, app)?,
+                instance_id: id.to_string(),
+                refresh: query_param(query, "refresh").is_some_and(|v| v == "true" || v == "1"),
+            },
+            (&Method::POST, ["api", tenant, app, "approvals", id, "cancel"]) => {
+                let body = json_body()?;
+                let app = self.configured_app(tenant, app)?;
+                let reason = match body.get("reason") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(String::from_json(v, "reason").map_err(Reject::invalid)?),
+                };
+                Call::CancelApproval {
+                    app,
+                    instance_id: id.to_string(),
+                    reason,
+                }
+            }
+            (&Method::POST, ["api", tenant, "notify"]) => {
+                self.notify_call(tenant, &json_body()?)?
+            }
+            _ => return Err(Reject::not_found("not found")),
+        };
+        Ok((segs[1].to_string(), call))
+    }
+
+    fn configured_app(&self, tenant: &str, app: &str) -> Result<ImApp, Reject> {
+        self.app(tenant, app)
+            .cloned()
+            .ok_or_else(|| Reject::not_found("unknown tenant or app"))
+    }
+
+    fn notify_call(&self, tenant: &str, body: &Value) -> Result<Call, Reject> {
+        let t = self
+            .config
+            .tenant(tenant)
+            .ok_or_else(|| Reject::not_found("unknown tenant"))?;
+        let app = match body.get("app_id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(id)) => Some(self.configured_app(&t.id, id)?),
+            Some(_) => return Err(Reject::bad("`app_id` must be a string".into())),
+        };
+        let notification = body
+            .get("notification")
+            .ok_or_else(|| anyhow::anyhow!("missing `notification`"))
+            .and_then(|n| Notification::from_json(n, "notification"))
+            .map_err(Reject::invalid)?;
+        Ok(Call::Notify { app, notification })
+    }
+
+    fn updates(&self, tenant: &str, query: &str) -> Response {
+        if self.config.tenant(tenant).is_none() {
+            return status_json(StatusCode::NOT_FOUND, "unknown tenant");
+        }
+        let after = match query_param(query, "after").map(|v| v.parse::<u64>()) {
+            None => 0,
+            Some(Ok(n)) => n,
+            Some(Err(_)) => {
+                return status_json(StatusCode::BAD_REQUEST, "`after` must be a number");
+            }
+        };
+        let store = self.host.store();
+        let result = (|| -> Result<Vec<Value>> {
+            for (seq, _) in store.outbox_list(tenant, 0)? {
+                if seq > after {
+                    break;
+                }
+                store.outbox_remove(tenant, seq)?;
+            }
+            Ok(store
+                .outbox_list(tenant, after)?
+                .into_iter()
+                .map(|(seq, record)| {
+                    let mut v: Value = serde_json::from_slice(&record).unwrap_or(Value::Null);
+                    if let Value::Object(m) = &mut v {
+                        m.insert("seq".into(), json!(seq));
+                    }
+                    v
+                })
+                .collect())
+        })();
+        match result {
+            Ok(updates) => json_response(StatusCode::OK, &json!({"updates": updates})),
+            Err(e) => {
+                log!("tenant={tenant} outbox read failed: {e:#}");
+                status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+        }
+    }
+}
+
+/// A request the API turns away before calling the plugin.
+struct Reject {
+    status: StatusCode,
+    message: String,
+}
+
+impl Reject {
+    fn bad(message: String) -> Reject {
+        Reject {
+            status: StatusCode::BAD_REQUEST,
+            message,
+        }
+    }
+
+    /// A body that is JSON but not the expected shape; the message names the field only.
+    fn invalid(e: anyhow::Error) -> Reject {
+        Reject::bad(format!("{e:#}"))
+    }
+
+    fn not_found(message: &str) -> Reject {
+        Reject {
+            status: StatusCode::NOT_FOUND,
+            message: message.to_string(),
+        }
+    }
+
+    fn into_response(self) -> Response {
+        status_json(self.status, &self.message)
+    }
+}
+
+/// Reads a body of at most [`MAX_BODY`] bytes, answering 413 for larger ones without reading
+/// them (when the length is declared) or as soon as the limit is crossed.
+async fn read_body(headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, Response> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(status_json(StatusCode::PAYLOAD_TOO_LARGE, "body too large"));
+    }
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(status_json(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))
+        }
+        Err(_) => Err(status_json(StatusCode::BAD_REQUEST, "could not read body")),
+    }
+}
+
+/// Maps a plugin error to an HTTP status for the platform. Only the kind is sent back: the
+/// message is for the operator's log, and platforms need nothing more than the status.
+fn plugin_error(e: &PluginError) -> Response {
+    let status = match e {
+        PluginError::InvalidInput(_) => StatusCode::BAD_REQUEST,
+        PluginError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    json_response(status, &json!({"error": e.kind()}))
+}
+
+fn status_json(status: StatusCode, message: &str) -> Response {
+    json_response(status, &json!({"error": message}))
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    let mut resp = http::Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k) == name).then(|| percent_decode(v))
+    })
+}
+
+/// Decodes `%XX` escapes (and `+` is left alone: path segments, not forms). Invalid escapes
+/// are kept literally.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// POSTs JSON to `url` (http or https) and expects a 2xx answer.
+///
+/// Uses wasmtime-wasi-http's client, which already carries TLS with the webpki roots.
+async fn post_json(url: &str, body: &Value) -> Result<()> {
+    let uri: http::Uri = url.parse().context("engine_webhook is not a URL")?;
+    let authority = uri
+        .authority()
+        .context("engine_webhook has no host")?
+        .to_string();
+    let body = Full::new(Bytes::from(body.to_string()))
+        .map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} });
+    let request = http::Request::post(uri)
+        .header(header::HOST, authority)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)?;
+    let timeout = Some(Duration::from_secs(10));
+    let options = wasmtime_wasi_http::RequestOptions {
+        connect_timeout: timeout,
+        first_byte_timeout: timeout,
+        between_bytes_timeout: timeout,
+    };
+    let (response, _io) = wasmtime_wasi_http::default_send_request(request, Some(options))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "engine answered {}",
+        response.status()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoding() {
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(
+            query_param("a=1&refresh=true", "refresh").as_deref(),
+            Some("true")
+        );
+        assert_eq!(query_param("after=5", "refresh"), None);
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

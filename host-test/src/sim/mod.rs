@@ -1,0 +1,13 @@
+//! Platform simulators speaking the real wire formats on loopback.
+//!
+//! External IM platforms are unreachable from CI, so integration tests point the component's
+//! `api-base` at these simulators. Each one keeps its state behind a mutex so tests can inspect
+//! and steer it, and implements its platform's crypto independently of the guest crate so that
+//! the two sides cross-check each other.
+
+pub mod feishu;
+pub mod http;
+
+pub use feishu::{
+    BotHook, EventSchema, FeishuApp, FeishuConfig, FeishuSim, FeishuUser, PushReport, UuidReplay,
+};

@@ -1,0 +1,93 @@
+//! Which plugin, under which policy, serves each tenant.
+//!
+//! Entries are immutable and shared by `Arc`: loading a new plugin for a tenant swaps the
+//! entry, while calls already running keep the `Arc` of the version they started with.
+
+use crate::bindings::PluginPre;
+use crate::sandbox::CallState;
+use crate::wasi_http::AllowList;
+use anyhow::{Result, bail};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// What the operator allows one tenant's plugin to do.
+#[derive(Clone, Debug, Default)]
+pub struct TenantPolicy {
+    /// Extra hosts the plugin may call besides the platforms' API hosts and the current app's
+    /// `api-base`: `"example.com"` (default port only) or `"127.0.0.1:40123"`.
+    pub allow_hosts: Vec<String>,
+}
+
+/// One loaded plugin version of one tenant.
+pub struct Tenant {
+    pub id: Arc<str>,
+    pub pre: PluginPre<CallState>,
+    pub policy: TenantPolicy,
+    pub allow: AllowList,
+    /// sha256 of the component bytes, to tell versions apart in logs.
+    pub digest: String,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    tenants: RwLock<HashMap<String, Arc<Tenant>>>,
+}
+
+impl Registry {
+    pub fn get(&self, id: &str) -> Option<Arc<Tenant>> {
+        self.read().get(id).cloned()
+    }
+
+    /// Installs `tenant`, returning the version it replaced.
+    pub fn insert(&self, tenant: Tenant) -> Option<Arc<Tenant>> {
+        let mut map = self.tenants.write().unwrap_or_else(|e| e.into_inner());
+        map.insert(tenant.id.to_string(), Arc::new(tenant))
+    }
+
+    pub fn remove(&self, id: &str) -> Option<Arc<Tenant>> {
+        let mut map = self.tenants.write().unwrap_or_else(|e| e.into_inner());
+        map.remove(id)
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.read().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Tenant>>> {
+        // The map is replaced entry by entry, so it is consistent even after a panic.
+        self.tenants.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Tenant and app ids appear in URLs and log lines; keeping them to a plain alphabet avoids
+/// escaping questions everywhere.
+pub fn check_id(kind: &str, id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && id != "."
+        && id != "..";
+    if !ok {
+        bail!("{kind} id must be 1-128 characters of A-Z a-z 0-9 - _ . (got {id:?})");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        for good in ["default", "acme-prod", "t_1", "a.b"] {
+            check_id("tenant", good).unwrap();
+        }
+        for bad in ["", "a/b", "a b", "..", "é", &"x".repeat(129)] {
+            assert!(check_id("tenant", bad).is_err(), "{bad:?}");
+        }
+    }
+}

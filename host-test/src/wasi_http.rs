@@ -1,0 +1,355 @@
+//! Outgoing HTTP for the plugin: wasmtime-wasi-http with an allow-list and capped timeouts.
+//!
+//! The plugin holds app secrets and could be coaxed (or written) to send them anywhere; the
+//! allow-list confines it to the IM platforms' API hosts, hosts the operator configured for
+//! the tenant, and the `api-base` the engine passed with the current call.
+
+use crate::log;
+use http_body_util::BodyExt;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::component::{HasData, Linker, Resource};
+use wasmtime_wasi_http::p2::HttpResult;
+use wasmtime_wasi_http::p2::bindings::http::{outgoing_handler, types};
+use wasmtime_wasi_http::p2::types::{HostFutureIncomingResponse, HostOutgoingRequest};
+use wasmtime_wasi_http::{
+    Error, RequestOptions, WasiBody, WasiHttp, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+};
+
+/// The public API hosts of the supported platforms, always allowed (on the default port).
+pub const PLATFORM_HOSTS: &[&str] = &[
+    "open.feishu.cn",
+    "open.larksuite.com",
+    "api.dingtalk.com",
+    "oapi.dingtalk.com",
+    "qyapi.weixin.qq.com",
+];
+
+/// Timeouts used when the plugin does not set its own request options.
+const DEFAULT_CONNECT: Duration = Duration::from_secs(10);
+const DEFAULT_FIRST_BYTE: Duration = Duration::from_secs(30);
+const DEFAULT_BETWEEN_BYTES: Duration = Duration::from_secs(30);
+
+/// One allowed destination. Without a port it matches only the scheme's default port, so
+/// allowing `example.com` does not open every service that host runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPattern {
+    host: String,
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    /// Parses `host`, `host:port`, `[v6]:port`, or a URL (only its authority is used).
+    pub fn parse(text: &str) -> anyhow::Result<HostPattern> {
+        let (host, port) = split_authority(text)
+            .ok_or_else(|| anyhow::anyhow!("`{text}` is not a host, host:port or URL"))?;
+        Ok(HostPattern {
+            host: normalize_host(host),
+            port,
+        })
+    }
+
+    fn matches(&self, host: &str, port: u16, default_port: u16) -> bool {
+        self.host == host && self.port.unwrap_or(default_port) == port
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) if self.host.contains(':') => write!(f, "[{}]:{port}", self.host),
+            Some(port) => write!(f, "{}:{port}", self.host),
+            None => f.write_str(&self.host),
+        }
+    }
+}
+
+/// Splits the authority out of `text` into host and optional port.
+fn split_authority(text: &str) -> Option<(&str, Option<u16>)> {
+    let text = text.trim();
+    let rest = match text.split_once("://") {
+        Some((_scheme, rest)) => rest,
+        None => text,
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = match authority.rsplit_once('@') {
+        Some((_userinfo, a)) => a,
+        None => authority,
+    };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        match after {
+            "" => (host, None),
+            _ => (host, Some(after.strip_prefix(':')?)),
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '[' || c == ']') {
+        return None;
+    }
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().ok()?),
+        None => None,
+    };
+    Some((host, port))
+}
+
+fn normalize_host(host: &str) -> String {
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The destinations one plugin call may reach.
+#[derive(Clone, Debug, Default)]
+pub struct AllowList {
+    patterns: Vec<HostPattern>,
+}
+
+impl AllowList {
+    /// The platform hosts plus `extra` (the tenant's configured hosts).
+    pub fn new(extra: &[String]) -> anyhow::Result<AllowList> {
+        let mut patterns: Vec<HostPattern> = PLATFORM_HOSTS
+            .iter()
+            .map(|h| HostPattern {
+                host: (*h).to_string(),
+                port: None,
+            })
+            .collect();
+        for entry in extra {
+            patterns.push(HostPattern::parse(entry)?);
+        }
+        Ok(AllowList { patterns })
+    }
+
+    /// A copy that also allows the authority of `api_base`.
+    pub fn with(&self, api_base: &str) -> anyhow::Result<AllowList> {
+        let mut list = self.clone();
+        list.patterns.push(HostPattern::parse(api_base)?);
+        Ok(list)
+    }
+
+    /// Whether a request to `uri` may be sent.
+    pub fn allows(&self, uri: &http::Uri) -> bool {
+        let Some(authority) = uri.authority() else {
+            return false;
+        };
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let default_port = if https { 443 } else { 80 };
+        let port = authority.port_u16().unwrap_or(default_port);
+        let host = authority.host();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let host = normalize_host(host);
+        self.patterns
+            .iter()
+            .any(|p| p.matches(&host, port, default_port))
+    }
+}
+
+/// Adds `wasi:http/types` and an `outgoing-handler` that checks the allow-list.
+///
+/// wasmtime-wasi-http reports errors of `send_request` only through the response future,
+/// after the guest has started writing the body; the guest then sees "body write failed"
+/// instead of the reason. Checking in `handle` refuses the request before any of that, with
+/// `HTTP-request-denied`. The `send_request` hook checks again, as the last line.
+pub fn add_to_linker<T: WasiHttpView + 'static>(
+    linker: &mut Linker<T>,
+    gate: fn(&mut T) -> Gate<'_>,
+) -> wasmtime::Result<()> {
+    types::add_to_linker::<T, WasiHttp>(linker, &Default::default(), T::http)?;
+    outgoing_handler::add_to_linker::<T, HasGate>(linker, gate)?;
+    Ok(())
+}
+
+/// `outgoing-handler` of one call: the allow-list in front of wasmtime-wasi-http's handler.
+pub struct Gate<'a> {
+    pub policy: &'a HttpPolicy,
+    pub http: WasiHttpCtxView<'a>,
+}
+
+struct HasGate;
+
+impl HasData for HasGate {
+    type Data<'a> = Gate<'a>;
+}
+
+impl outgoing_handler::Host for Gate<'_> {
+    fn handle(
+        &mut self,
+        request: Resource<HostOutgoingRequest>,
+        options: Option<Resource<RequestOptions>>,
+    ) -> HttpResult<Resource<HostFutureIncomingResponse>> {
+        let req = self.http.table.get(&request)?;
+        let scheme = match &req.scheme {
+            None | Some(types::Scheme::Https) => "https",
+            Some(types::Scheme::Http) => "http",
+            Some(types::Scheme::Other(_)) => "",
+        };
+        let authority = req.authority.as_deref().unwrap_or("");
+        let uri = format!("{scheme}://{authority}/").parse::<http::Uri>();
+        if !uri.is_ok_and(|uri| self.policy.allows(&uri)) {
+            self.policy.log_denied(authority);
+            self.http.table.delete(request)?;
+            return Err(types::ErrorCode::HttpRequestDenied.into());
+        }
+        outgoing_handler::Host::handle(&mut self.http, request, options)
+    }
+}
+
+/// The `wasi:http` hooks of one plugin call.
+pub struct HttpPolicy {
+    pub tenant: Arc<str>,
+    pub allow: AllowList,
+    /// Upper bound for every timeout the plugin asks for.
+    pub timeout_cap: Duration,
+}
+
+impl HttpPolicy {
+    fn options(&self, asked: Option<RequestOptions>) -> RequestOptions {
+        let asked = asked.unwrap_or_default();
+        let cap = |t: Option<Duration>, default: Duration| {
+            Some(t.unwrap_or(default).min(self.timeout_cap))
+        };
+        RequestOptions {
+            connect_timeout: cap(asked.connect_timeout, DEFAULT_CONNECT),
+            first_byte_timeout: cap(asked.first_byte_timeout, DEFAULT_FIRST_BYTE),
+            between_bytes_timeout: cap(asked.between_bytes_timeout, DEFAULT_BETWEEN_BYTES),
+        }
+    }
+}
+
+type ResponseFuture = Box<
+    dyn Future<
+            Output = Result<
+                (
+                    http::Response<WasiBody>,
+                    Box<dyn Future<Output = Result<(), Error>> + Send>,
+                ),
+                Error,
+            >,
+        > + Send,
+>;
+
+impl WasiHttpHooks for HttpPolicy {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> ResponseFuture {
+        if !self.allows(request.uri()) {
+            self.log_denied(request.uri().host().unwrap_or(""));
+            return Box::new(async { Err(Error::HttpRequestDenied) });
+        }
+        let options = self.options(options);
+        Box::new(async move {
+            let (response, io) =
+                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
+            ))
+        })
+    }
+}
+
+impl HttpPolicy {
+    fn allows(&self, uri: &http::Uri) -> bool {
+        self.allow.allows(uri)
+    }
+
+    /// Logs the host only: paths and queries of webhook URLs carry access tokens.
+    fn log_denied(&self, authority: &str) {
+        let host = split_authority(authority).map_or("?", |(host, _)| host);
+        log!(
+            "tenant={} http denied host={host} (not in the allow-list)",
+            self.tenant
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uri(s: &str) -> http::Uri {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn platform_hosts_are_allowed_on_default_ports_only() {
+        let list = AllowList::new(&[]).unwrap();
+        assert!(list.allows(&uri(
+            "https://open.feishu.cn/open-apis/auth/v3/tenant_access_token/internal"
+        )));
+        assert!(list.allows(&uri("https://OPEN.FEISHU.CN./x")));
+        assert!(list.allows(&uri("https://qyapi.weixin.qq.com:443/cgi-bin/gettoken")));
+        assert!(list.allows(&uri("https://oapi.dingtalk.com/robot/send?access_token=x")));
+        assert!(!list.allows(&uri("https://open.feishu.cn:8443/")));
+        assert!(!list.allows(&uri("https://open.feishu.cn.evil.com/")));
+        assert!(!list.allows(&uri("https://evil.com/open.feishu.cn")));
+        assert!(!list.allows(&uri("http://127.0.0.1:8080/")));
+        assert!(!list.allows(&uri("/relative")));
+    }
+
+    #[test]
+    fn extra_hosts_and_api_base() {
+        let list = AllowList::new(&["127.0.0.1:40123".into(), "Example.com".into()]).unwrap();
+        assert!(list.allows(&uri("http://127.0.0.1:40123/open-apis")));
+        assert!(!list.allows(&uri("http://127.0.0.1:40124/")));
+        assert!(list.allows(&uri("https://example.com/hook")));
+        assert!(list.allows(&uri("http://example.com/hook")));
+        assert!(!list.allows(&uri("https://example.com:444/hook")));
+        assert!(!list.allows(&uri("https://sub.example.com/hook")));
+
+        let call = list.with("http://localhost:9000/base/path?x=1").unwrap();
+        assert!(call.allows(&uri("http://localhost:9000/open-apis/x")));
+        assert!(!list.allows(&uri("http://localhost:9000/open-apis/x")));
+        let v6 = list.with("http://[::1]:7000").unwrap();
+        assert!(v6.allows(&uri("http://[::1]:7000/")));
+        assert!(!v6.allows(&uri("http://[::1]:7001/")));
+        let bare = list.with("https://private.feishu.corp").unwrap();
+        assert!(bare.allows(&uri("https://private.feishu.corp/open-apis")));
+    }
+
+    #[test]
+    fn bad_patterns_are_rejected() {
+        for bad in ["", "host:notaport", "host:70000", "[::1", "https://", "a b"] {
+            assert!(
+                HostPattern::parse(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
+        }
+        assert_eq!(
+            HostPattern::parse("user:pw@h.com:81/x")
+                .unwrap()
+                .to_string(),
+            "h.com:81"
+        );
+    }
+
+    #[test]
+    fn timeouts_are_capped() {
+        let policy = HttpPolicy {
+            tenant: "t".into(),
+            allow: AllowList::default(),
+            timeout_cap: Duration::from_secs(5),
+        };
+        let o = policy.options(None);
+        assert_eq!(o.connect_timeout, Some(Duration::from_secs(5)));
+        let o = policy.options(Some(RequestOptions {
+            connect_timeout: Some(Duration::from_secs(1)),
+            first_byte_timeout: Some(Duration::from_secs(600)),
+            between_bytes_timeout: None,
+        }));
+        assert_eq!(o.connect_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(o.first_byte_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(o.between_bytes_timeout, Some(Duration::from_secs(5)));
+    }
+}

@@ -1,0 +1,207 @@
+//! The host against a synthetic plugin whose exports misbehave on purpose: loop forever, trap,
+//! eat memory. Independent of the real component, so it pins down the host's own guarantees.
+
+mod common;
+
+use common::{Behaviour, plugin, standard};
+use imbridge_host::{Host, HostConfig, TenantPolicy};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn app() -> Value {
+    json!({"id": "a1", "platform": "feishu", "app_id": "cli_x", "app_secret": "s3cr3t"})
+}
+
+fn notify_input() -> Value {
+    json!({"app": null, "notification": {"target": {"chat": "oc_1"}, "title": "t"}})
+}
+
+async fn host(dir: &Path, timeout: Duration) -> Host {
+    let mut cfg = HostConfig::new(dir);
+    cfg.call_timeout = timeout;
+    Host::new(cfg).unwrap()
+}
+
+#[tokio::test]
+async fn plugin_errors_are_json_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path(), Duration::from_secs(5)).await;
+    host.load_tenant_bytes("t", plugin(standard, "1"), TenantPolicy::default())
+        .await
+        .unwrap();
+    let out = host
+        .invoke_json(
+            "t",
+            "handle-callback",
+            json!({"app": app(), "request": {"body": "{}"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        json!({"err": {"kind": "invalid-input", "message": "x"}})
+    );
+    assert!(
+        std::fs::read_dir(dir.path().join("cache"))
+            .unwrap()
+            .any(|e| e.unwrap().path().extension().is_some_and(|x| x == "cwasm")),
+        "compiled component is cached on disk"
+    );
+}
+
+#[tokio::test]
+async fn runaway_plugin_hits_the_deadline_and_the_host_lives_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path(), Duration::from_millis(500)).await;
+    host.load_tenant_bytes("t", plugin(standard, "1"), TenantPolicy::default())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = host
+        .invoke_json("t", "notify", notify_input())
+        .await
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    assert!(format!("{err:#}").contains("deadline exceeded"), "{err:#}");
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+
+    let err = host
+        .invoke_json(
+            "t",
+            "get-approval",
+            json!({"app": app(), "instance_id": "i"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("trap"), "{err:#}");
+    assert!(!format!("{err:#}").contains("s3cr3t"));
+
+    let err = host
+        .invoke_json(
+            "t",
+            "cancel-approval",
+            json!({"app": app(), "instance_id": "i"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("trap"), "{err:#}");
+
+    // Still serving.
+    let out = host
+        .invoke_json(
+            "t",
+            "start-approval",
+            json!({"app": app(), "request": {"key": "k", "title": "t", "initiator": {"id": "u"}}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["err"]["kind"], "invalid-input");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_atomically_and_in_flight_calls_keep_their_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path(), Duration::from_millis(800)).await;
+    host.load_tenant_bytes("t", plugin(standard, "1"), TenantPolicy::default())
+        .await
+        .unwrap();
+
+    let in_flight = {
+        let host = host.clone();
+        tokio::spawn(async move { host.invoke_json("t", "notify", notify_input()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    host.load_tenant_bytes(
+        "t",
+        plugin(|_| Behaviour::Err, "2"),
+        TenantPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let out = host
+        .invoke_json("t", "notify", notify_input())
+        .await
+        .unwrap();
+    assert_eq!(
+        out["err"]["kind"], "invalid-input",
+        "new version serves new calls"
+    );
+    let old = in_flight.await.unwrap().unwrap_err();
+    assert!(format!("{old:#}").contains("deadline"), "{old:#}");
+}
+
+#[tokio::test]
+async fn host_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path(), Duration::from_secs(5)).await;
+    host.load_tenant_bytes("t", plugin(standard, "1"), TenantPolicy::default())
+        .await
+        .unwrap();
+    let cases = [
+        ("nobody", "notify", notify_input(), "unknown tenant"),
+        ("t", "frobnicate", json!({}), "unknown export"),
+        (
+            "t",
+            "get-approval",
+            json!({"app": app()}),
+            "missing `instance_id`",
+        ),
+        (
+            "t",
+            "start-approval",
+            json!({"app": {"id": "a", "platform": "s3cr3t"}, "request": {}}),
+            "`app.platform`",
+        ),
+        (
+            "t",
+            "start-approval",
+            json!({"app": {"id": "a", "platform": "feishu", "app_id": "x", "app_secret": "s",
+                           "api_base": "not a url"}, "request": {"key": "k", "title": "t",
+                           "initiator": {"id": "u"}}}),
+            "api_base",
+        ),
+    ];
+    for (tenant, export, input, want) in cases {
+        let err = host.invoke_json(tenant, export, input).await.unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(want), "{msg}");
+        assert!(!msg.contains("s3cr3t"), "{msg}");
+    }
+
+    let bad = host
+        .load_tenant_bytes("t2", b"not wasm".to_vec(), TenantPolicy::default())
+        .await;
+    assert!(bad.is_err());
+    let bad = host
+        .load_tenant_bytes(
+            "t3",
+            plugin(standard, "1"),
+            TenantPolicy {
+                allow_hosts: vec!["bad host:x".into()],
+            },
+        )
+        .await;
+    assert!(bad.is_err());
+}
+
+#[tokio::test]
+async fn precompiled_cache_is_reused_across_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = plugin(standard, "1");
+    {
+        let host = host(dir.path(), Duration::from_secs(5)).await;
+        host.load_tenant_bytes("t", wasm.clone(), TenantPolicy::default())
+            .await
+            .unwrap();
+    }
+    let host = host(dir.path(), Duration::from_secs(5)).await;
+    host.load_tenant_bytes("t", wasm, TenantPolicy::default())
+        .await
+        .unwrap();
+    let out = host
+        .invoke_json("t", "handle-callback", json!({"app": app(), "request": {}}))
+        .await
+        .unwrap();
+    assert_eq!(out["err"]["message"], "x");
+}

@@ -1,0 +1,172 @@
+//! `serve` over loopback with the synthetic plugin.
+
+mod common;
+
+use common::{Behaviour, plugin};
+use imbridge_host::config::ServeConfig;
+use imbridge_host::server::{self, ServerHandle};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::path::Path;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+fn behaviour(name: &str) -> Behaviour {
+    match name {
+        "handle-callback" => Behaviour::Callback,
+        "get-approval" => Behaviour::Trap,
+        _ => Behaviour::Err,
+    }
+}
+
+async fn start(dir: &Path, extra: Value) -> ServerHandle {
+    let wasm = dir.join("plugin.wasm");
+    std::fs::write(&wasm, plugin(behaviour, "1")).unwrap();
+    let mut cfg = json!({
+        "listen": "127.0.0.1:0",
+        "public_url": "https://ci.example.com",
+        "state_dir": "state",
+        "tenants": [{"id": "acme", "apps": [
+            {"id": "a1", "platform": "feishu", "app_id": "cli_x", "app_secret": "s3cr3t"}]}],
+    });
+    if let (Value::Object(c), Value::Object(e)) = (&mut cfg, extra) {
+        c.extend(e);
+    }
+    let cfg = ServeConfig::parse(&cfg.to_string(), dir).unwrap();
+    server::serve(cfg, &wasm).await.unwrap()
+}
+
+/// A minimal HTTP/1.1 client: one request per connection, whole response read.
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n{headers}\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The server may answer (413) and close before the whole body is sent.
+    let _ = stream.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn callback_route_answers_and_records_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), json!({})).await;
+    let addr = server.addr();
+
+    let (status, body) = request(addr, "POST", "/callback/acme/a1?x=1", "", b"{}").await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+
+    let (status, body) = request(addr, "GET", "/api/acme/updates", "", b"").await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["updates"][0]["seq"], 1, "{v}");
+    assert_eq!(v["updates"][0]["approval"]["instance_id"], "i1");
+    assert_eq!(v["updates"][0]["approval"]["status"], "approved");
+    // Acknowledging up to 1 empties the outbox.
+    let (_, body) = request(addr, "GET", "/api/acme/updates?after=1", "", b"").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["updates"],
+        json!([])
+    );
+
+    for path in ["/callback/acme/nope", "/callback/nobody/a1", "/elsewhere"] {
+        let (status, _) = request(addr, "POST", path, "", b"{}").await;
+        assert_eq!(status, 404, "{path}");
+    }
+    let big = vec![b'a'; server::MAX_BODY + 1];
+    let (status, _) = request(addr, "POST", "/callback/acme/a1", "", &big).await;
+    assert_eq!(status, 413);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn engine_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), json!({"api_token": "t0ken"})).await;
+    let addr = server.addr();
+    let auth = "authorization: Bearer t0ken\r\n";
+    let request_body = json!({"key": "k", "title": "t", "initiator": {"id": "u"}}).to_string();
+
+    let (status, _) = request(
+        addr,
+        "POST",
+        "/api/acme/a1/approvals",
+        "",
+        request_body.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    let (status, body) = request(
+        addr,
+        "POST",
+        "/api/acme/a1/approvals",
+        auth,
+        request_body.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"err": {"kind": "invalid-input", "message": "x"}})
+    );
+
+    let (status, body) = request(
+        addr,
+        "POST",
+        "/api/acme/a1/approvals/i%2F1/cancel",
+        auth,
+        br#"{"reason": "r"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, body.contains("invalid-input")),
+        (200, true),
+        "{body}"
+    );
+
+    let notify = json!({"notification": {"target": {"chat": "oc"}, "title": "t"}}).to_string();
+    let (status, body) = request(addr, "POST", "/api/acme/notify", auth, notify.as_bytes()).await;
+    assert_eq!(
+        (status, body.contains("invalid-input")),
+        (200, true),
+        "{body}"
+    );
+
+    // A trapping plugin is a 500 that carries no secret.
+    let (status, body) = request(
+        addr,
+        "GET",
+        "/api/acme/a1/approvals/i1?refresh=true",
+        auth,
+        b"",
+    )
+    .await;
+    assert_eq!(status, 500);
+    assert!(body.contains("trap") && !body.contains("s3cr3t"), "{body}");
+
+    let (status, body) = request(addr, "POST", "/api/acme/a1/approvals", auth, b"{").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = request(addr, "POST", "/api/acme/zz/approvals", auth, b"{}").await;
+    assert_eq!(status, 404);
+    server.shutdown().await;
+}

@@ -1,0 +1,410 @@
+//! The one approval state machine. Starts are idempotent per (app, key); callbacks and polling
+//! both feed `apply`; terminal states never change; duplicate events are no-ops.
+
+use crate::env::{Env, EnvExt, key_segment};
+use crate::error::{Error, Result};
+use crate::model::{Approval, ApprovalRequest, ApprovalStatus, Decision, ImApp, SignMode};
+use crate::platform::{self, Created};
+use serde::{Deserialize, Serialize};
+
+const MAX_KEY_LEN: usize = 256;
+const MAX_TITLE_LEN: usize = 200;
+const MAX_NODES: usize = 20;
+const MAX_APPROVERS_PER_NODE: usize = 100;
+
+/// What the plugin keeps per instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub approval: Approval,
+    /// Platform data needed for later calls (e.g. Feishu's approval code, the initiator).
+    #[serde(default)]
+    pub meta: serde_json::Value,
+}
+
+/// Something the platform said about an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Decision(Decision),
+    Status(ApprovalStatus),
+}
+
+/// An event from a callback, with the platform's id for deduplication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    pub dedup_id: Option<String>,
+    pub instance_id: String,
+    pub event: Event,
+}
+
+impl Record {
+    /// Returns whether anything changed. Decisions arriving after a terminal status are still
+    /// recorded (platforms do not order task and instance events), but the status never moves
+    /// again once terminal.
+    pub fn apply(&mut self, event: &Event) -> bool {
+        let a = &mut self.approval;
+        match event {
+            Event::Status(s) => {
+                if a.status.is_terminal() || *s == ApprovalStatus::Pending {
+                    return false;
+                }
+                a.status = *s;
+                true
+            }
+            Event::Decision(d) => {
+                // Callbacks and polling report the same decision with slightly different
+                // timestamps, so a decision is identified by who and which way.
+                if let Some(x) = a
+                    .decisions
+                    .iter_mut()
+                    .find(|x| x.user == d.user && x.approved == d.approved)
+                {
+                    if x.comment.is_none() && d.comment.is_some() {
+                        x.comment = d.comment.clone();
+                        return true;
+                    }
+                    return false;
+                }
+                a.decisions.push(d.clone());
+                a.decisions.sort_by_key(|x| x.at_ms);
+                true
+            }
+        }
+    }
+}
+
+fn app_prefix(app: &ImApp) -> String {
+    format!("a/{}", key_segment(&app.id))
+}
+fn instance_key(app: &ImApp, instance_id: &str) -> String {
+    format!("{}/i/{}", app_prefix(app), key_segment(instance_id))
+}
+fn index_key(app: &ImApp, key: &str) -> String {
+    format!("{}/k/{}", app_prefix(app), key_segment(key))
+}
+fn claim_key(app: &ImApp, key: &str) -> String {
+    format!("{}/claim/{}", app_prefix(app), key_segment(key))
+}
+fn attempt_key(app: &ImApp, key: &str) -> String {
+    format!("{}/attempt/{}", app_prefix(app), key_segment(key))
+}
+fn seen_key(app: &ImApp, id: &str) -> String {
+    format!("{}/seen/{}", app_prefix(app), key_segment(id))
+}
+
+/// An attempt that ended with an error before anything was created on the platform.
+#[derive(Serialize, Deserialize)]
+struct FailedAttempt {
+    attempt: u64,
+}
+
+pub fn load(env: &(impl Env + ?Sized), app: &ImApp, instance_id: &str) -> Result<Option<Record>> {
+    env.kv_get_json(&instance_key(app, instance_id))
+}
+
+fn save(env: &(impl Env + ?Sized), app: &ImApp, rec: &mut Record) -> Result<()> {
+    rec.approval.updated_at_ms = env.now_ms();
+    env.kv_set_json(&instance_key(app, &rec.approval.instance_id), rec)
+}
+
+pub fn validate(req: &ApprovalRequest) -> Result<()> {
+    let key = req.key.trim();
+    if key.is_empty() || req.key.len() > MAX_KEY_LEN {
+        return Err(Error::input(format!(
+            "key must be 1..={MAX_KEY_LEN} characters"
+        )));
+    }
+    if req.title.trim().is_empty() || req.title.chars().count() > MAX_TITLE_LEN {
+        return Err(Error::input(format!(
+            "title must be 1..={MAX_TITLE_LEN} characters"
+        )));
+    }
+    if req.nodes.is_empty() || req.nodes.len() > MAX_NODES {
+        return Err(Error::input(format!(
+            "between 1 and {MAX_NODES} approval nodes are required"
+        )));
+    }
+    for (i, n) in req.nodes.iter().enumerate() {
+        if n.approvers.is_empty() || n.approvers.len() > MAX_APPROVERS_PER_NODE {
+            return Err(Error::input(format!(
+                "node {} needs 1..={MAX_APPROVERS_PER_NODE} approvers",
+                i + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A stable per-(app, key) token for platforms that deduplicate creates themselves.
+pub fn idempotency_token(app: &ImApp, key: &str) -> String {
+    let h = crate::env::hex(&crate::crypto::sha256(&[
+        app.id.as_bytes(),
+        b"\0",
+        key.as_bytes(),
+    ]));
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> Result<Approval> {
+    validate(req)?;
+    if let Some(existing) = find_by_key(env, app, &req.key)? {
+        return Ok(existing.approval);
+    }
+    // The counter is the only cross-call primitive: whoever moves it owns this attempt.
+    let attempt = env.kv_increment(&claim_key(app, &req.key), 1)?;
+    if attempt > 1 && !platform::dedups_creates(app.platform) {
+        let prev_failed = env
+            .kv_get_json::<FailedAttempt>(&attempt_key(app, &req.key))?
+            .is_some_and(|f| f.attempt == attempt - 1);
+        if !prev_failed {
+            return Err(Error::platform(
+                -2,
+                "another start for this key is in progress or was interrupted; retry later, \
+                 and check the IM app before using a new key",
+                true,
+            ));
+        }
+    }
+    match platform::create(env, app, req, &idempotency_token(app, &req.key)) {
+        Ok(Created { instance_id, meta }) => {
+            let mut rec = Record {
+                approval: Approval {
+                    instance_id,
+                    key: req.key.clone(),
+                    status: ApprovalStatus::Pending,
+                    decisions: Vec::new(),
+                    updated_at_ms: 0,
+                },
+                meta,
+            };
+            save(env, app, &mut rec)?;
+            env.kv_set(
+                &index_key(app, &req.key),
+                rec.approval.instance_id.as_bytes(),
+            )?;
+            Ok(rec.approval)
+        }
+        Err(e) => {
+            env.kv_set_json(&attempt_key(app, &req.key), &FailedAttempt { attempt })?;
+            Err(e)
+        }
+    }
+}
+
+fn find_by_key(env: &(impl Env + ?Sized), app: &ImApp, key: &str) -> Result<Option<Record>> {
+    match env.kv_get(&index_key(app, key))? {
+        None => Ok(None),
+        Some(id) => {
+            let id = String::from_utf8(id).map_err(|_| Error::storage("corrupt key index"))?;
+            load(env, app, &id)
+        }
+    }
+}
+
+fn must_load(env: &(impl Env + ?Sized), app: &ImApp, instance_id: &str) -> Result<Record> {
+    load(env, app, instance_id)?.ok_or_else(|| {
+        Error::input(format!(
+            "no approval {instance_id:?} was started through app {:?}",
+            app.id
+        ))
+    })
+}
+
+pub fn get(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    instance_id: &str,
+    refresh: bool,
+) -> Result<Approval> {
+    let mut rec = must_load(env, app, instance_id)?;
+    if refresh {
+        let events = platform::poll(env, app, &rec)?;
+        let mut changed = false;
+        for e in &events {
+            changed |= rec.apply(e);
+        }
+        if changed {
+            save(env, app, &mut rec)?;
+        }
+    }
+    Ok(rec.approval)
+}
+
+pub fn cancel(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    instance_id: &str,
+    reason: Option<&str>,
+) -> Result<Approval> {
+    let mut rec = must_load(env, app, instance_id)?;
+    if rec.approval.status.is_terminal() {
+        return Ok(rec.approval);
+    }
+    platform::cancel(env, app, &rec, reason)?;
+    rec.apply(&Event::Status(ApprovalStatus::Canceled));
+    save(env, app, &mut rec)?;
+    Ok(rec.approval)
+}
+
+/// Applies authenticated callback events; returns the approvals that changed. Events for
+/// instances this plugin did not start are acknowledged and dropped.
+pub fn apply_inbound(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    events: &[Inbound],
+) -> Result<Vec<Approval>> {
+    let mut changed: Vec<Record> = Vec::new();
+    for ev in events {
+        if let Some(id) = &ev.dedup_id {
+            let k = seen_key(app, id);
+            if env.kv_get(&k)?.is_some() {
+                continue;
+            }
+            env.kv_set(&k, env.now_ms().to_string().as_bytes())?;
+        }
+        let pos = changed
+            .iter()
+            .position(|r| r.approval.instance_id == ev.instance_id);
+        let mut rec = match pos {
+            Some(i) => changed.remove(i),
+            None => match load(env, app, &ev.instance_id)? {
+                Some(r) => r,
+                None => continue,
+            },
+        };
+        let did = rec.apply(&ev.event);
+        if did || pos.is_some() {
+            changed.push(rec);
+        }
+    }
+    let mut out = Vec::with_capacity(changed.len());
+    for mut rec in changed {
+        save(env, app, &mut rec)?;
+        out.push(rec.approval);
+    }
+    Ok(out)
+}
+
+/// Per-node evaluation for platforms that report only individual decisions: AND needs every
+/// approver, OR the first; any rejection rejects. Returns `None` while undecided.
+pub fn evaluate_nodes(
+    nodes: &[(SignMode, Vec<String>)],
+    decisions: &[Decision],
+) -> Option<ApprovalStatus> {
+    for (mode, approvers) in nodes {
+        let of_node = |u: &String| decisions.iter().find(|d| &d.user == u);
+        if approvers.iter().filter_map(of_node).any(|d| !d.approved) {
+            return Some(ApprovalStatus::Rejected);
+        }
+        let approved = approvers.iter().filter_map(of_node).count();
+        let done = match mode {
+            SignMode::And => approved == approvers.len(),
+            SignMode::Or => approved > 0,
+        };
+        if !done {
+            return None;
+        }
+    }
+    Some(ApprovalStatus::Approved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec() -> Record {
+        Record {
+            approval: Approval {
+                instance_id: "i1".into(),
+                key: "k".into(),
+                status: ApprovalStatus::Pending,
+                decisions: vec![],
+                updated_at_ms: 0,
+            },
+            meta: serde_json::Value::Null,
+        }
+    }
+
+    fn dec(user: &str, approved: bool, at: u64) -> Event {
+        Event::Decision(Decision {
+            user: user.into(),
+            approved,
+            comment: None,
+            at_ms: at,
+        })
+    }
+
+    #[test]
+    fn terminal_states_stick() {
+        let mut r = rec();
+        assert!(r.apply(&Event::Status(ApprovalStatus::Approved)));
+        assert!(!r.apply(&Event::Status(ApprovalStatus::Rejected)));
+        assert!(!r.apply(&Event::Status(ApprovalStatus::Pending)));
+        assert_eq!(r.approval.status, ApprovalStatus::Approved);
+    }
+
+    #[test]
+    fn duplicate_decisions_are_noops_and_late_ones_recorded() {
+        let mut r = rec();
+        assert!(r.apply(&dec("u1", true, 5)));
+        assert!(!r.apply(&dec("u1", true, 5)));
+        assert!(!r.apply(&dec("u1", true, 6)));
+        let with_comment = Event::Decision(Decision {
+            user: "u1".into(),
+            approved: true,
+            comment: Some("lgtm".into()),
+            at_ms: 7,
+        });
+        assert!(r.apply(&with_comment));
+        assert!(!r.apply(&with_comment));
+        assert!(r.apply(&Event::Status(ApprovalStatus::Approved)));
+        assert!(r.apply(&dec("u2", true, 3)));
+        let users: Vec<_> = r
+            .approval
+            .decisions
+            .iter()
+            .map(|d| d.user.as_str())
+            .collect();
+        assert_eq!(users, ["u2", "u1"]);
+    }
+
+    #[test]
+    fn node_evaluation() {
+        let nodes = vec![
+            (SignMode::And, vec!["a".to_string(), "b".to_string()]),
+            (SignMode::Or, vec!["c".to_string(), "d".to_string()]),
+        ];
+        let d = |u: &str, ok: bool| Decision {
+            user: u.into(),
+            approved: ok,
+            comment: None,
+            at_ms: 1,
+        };
+        assert_eq!(evaluate_nodes(&nodes, &[d("a", true)]), None);
+        assert_eq!(evaluate_nodes(&nodes, &[d("a", true), d("b", true)]), None);
+        assert_eq!(
+            evaluate_nodes(&nodes, &[d("a", true), d("b", true), d("d", true)]),
+            Some(ApprovalStatus::Approved)
+        );
+        assert_eq!(
+            evaluate_nodes(&nodes, &[d("a", true), d("b", false)]),
+            Some(ApprovalStatus::Rejected)
+        );
+    }
+
+    #[test]
+    fn idempotency_token_is_stable_and_uuid_shaped() {
+        let app = crate::platform::feishu::tests::app();
+        let t = idempotency_token(&app, "k1");
+        assert_eq!(t, idempotency_token(&app, "k1"));
+        assert_ne!(t, idempotency_token(&app, "k2"));
+        assert_eq!(t.len(), 36);
+        assert_eq!(t.matches('-').count(), 4);
+    }
+}

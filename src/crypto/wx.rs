@@ -1,0 +1,146 @@
+//! The WXBizMsgCrypt frame used by both DingTalk and WeCom callbacks:
+//! AES-256-CBC, key = base64(EncodingAESKey + "="), IV = key[..16],
+//! plaintext = random(16) ‖ u32 BE length ‖ message ‖ receive id, PKCS#7 to 32 bytes.
+
+use super::{b64_decode, b64_encode, ct_eq, undecryptable};
+use crate::error::{Error, Result};
+use aes::Aes256;
+use cbc::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit, block_padding::NoPadding};
+
+const PAD_BLOCK: usize = 32;
+
+#[derive(Clone)]
+pub struct WxKey([u8; 32]);
+
+impl core::fmt::Debug for WxKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("WxKey(..)")
+    }
+}
+
+impl WxKey {
+    /// `encoding_aes_key` is the 43-character value shown in the platform console.
+    pub fn new(encoding_aes_key: &str) -> Result<Self> {
+        let k = encoding_aes_key.trim();
+        if k.len() != 43 {
+            return Err(Error::config(format!(
+                "the AES key must be 43 characters, got {}",
+                k.len()
+            )));
+        }
+        let bytes = b64_decode(&format!("{k}="))
+            .map_err(|_| Error::config("the AES key is not valid base64"))?;
+        let key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| Error::config("the AES key does not decode to 32 bytes"))?;
+        Ok(WxKey(key))
+    }
+
+    fn iv(&self) -> [u8; 16] {
+        let mut iv = [0u8; 16];
+        iv.copy_from_slice(&self.0[..16]);
+        iv
+    }
+
+    /// Returns the message after checking the frame and that the trailing receive id equals
+    /// `receive_id` (the AppKey / CorpID the callback must be addressed to).
+    pub fn decrypt(&self, encrypted_b64: &str, receive_id: &str) -> Result<Vec<u8>> {
+        let ct = b64_decode(encrypted_b64)?;
+        if ct.is_empty() || ct.len() % 16 != 0 {
+            return Err(undecryptable());
+        }
+        let pt = cbc::Decryptor::<Aes256>::new(&self.0.into(), &self.iv().into())
+            .decrypt_padded_vec_mut::<NoPadding>(&ct)
+            .map_err(|_| undecryptable())?;
+        let body = unpad32(&pt).ok_or_else(undecryptable)?;
+        if body.len() < 20 {
+            return Err(undecryptable());
+        }
+        let len = u32::from_be_bytes([body[16], body[17], body[18], body[19]]) as usize;
+        let rest = &body[20..];
+        if len > rest.len() {
+            return Err(undecryptable());
+        }
+        let (msg, rid) = rest.split_at(len);
+        if !ct_eq(rid, receive_id.as_bytes()) {
+            return Err(Error::unauthorized(
+                "callback is addressed to another app (receive id mismatch)",
+            ));
+        }
+        Ok(msg.to_vec())
+    }
+
+    pub fn encrypt(&self, random: [u8; 16], msg: &[u8], receive_id: &str) -> String {
+        let mut pt = Vec::with_capacity(20 + msg.len() + receive_id.len() + PAD_BLOCK);
+        pt.extend_from_slice(&random);
+        pt.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        pt.extend_from_slice(msg);
+        pt.extend_from_slice(receive_id.as_bytes());
+        let pad = PAD_BLOCK - pt.len() % PAD_BLOCK;
+        pt.resize(pt.len() + pad, pad as u8);
+        let ct = cbc::Encryptor::<Aes256>::new(&self.0.into(), &self.iv().into())
+            .encrypt_padded_vec_mut::<NoPadding>(&pt);
+        b64_encode(&ct)
+    }
+}
+
+/// PKCS#7 with a 32-byte block: the last byte n (1..=32) repeats n times.
+fn unpad32(pt: &[u8]) -> Option<&[u8]> {
+    let n = *pt.last()? as usize;
+    if n == 0 || n > PAD_BLOCK || n > pt.len() {
+        return None;
+    }
+    let (body, pad) = pt.split_at(pt.len() - n);
+    pad.iter().all(|&b| b as usize == n).then_some(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C";
+
+    #[test]
+    fn roundtrip_and_receive_id_check() {
+        let k = WxKey::new(KEY).unwrap();
+        let enc = k.encrypt([9; 16], b"<xml>hi</xml>", "wx5823bf96d3bd56c7");
+        assert_eq!(
+            k.decrypt(&enc, "wx5823bf96d3bd56c7").unwrap(),
+            b"<xml>hi</xml>"
+        );
+        assert!(matches!(
+            k.decrypt(&enc, "other-corp"),
+            Err(Error::Unauthorized(_))
+        ));
+    }
+
+    #[test]
+    fn pads_to_32_not_16() {
+        let k = WxKey::new(KEY).unwrap();
+        // 16 + 4 + 5 + 3 = 28 bytes → one 32-byte block with 4 bytes of padding 0x04.
+        let enc = k.encrypt([0; 16], b"hello", "abc");
+        assert_eq!(b64_decode(&enc).unwrap().len(), 32);
+        // 16 + 4 + 9 + 3 = 32 bytes → a whole extra block of 0x20.
+        let enc = k.encrypt([0; 16], b"123456789", "abc");
+        assert_eq!(b64_decode(&enc).unwrap().len(), 64);
+        assert_eq!(k.decrypt(&enc, "abc").unwrap(), b"123456789");
+    }
+
+    #[test]
+    fn rejects_bad_padding_and_lengths() {
+        assert_eq!(unpad32(&[1, 2, 3, 0]), None);
+        assert_eq!(unpad32(&[33; 40]), None);
+        assert_eq!(unpad32(&[5, 5, 3, 3]), None);
+        assert_eq!(unpad32(&[7, 2, 2]), Some(&[7][..]));
+        let k = WxKey::new(KEY).unwrap();
+        assert!(matches!(
+            k.decrypt("AAAA", "x"),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+
+    #[test]
+    fn key_must_be_43_chars() {
+        assert!(matches!(WxKey::new("short"), Err(Error::InvalidConfig(_))));
+    }
+}

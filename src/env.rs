@@ -1,0 +1,167 @@
+//! What the sandbox lends the plugin: outbound HTTP, key-value storage, a wall clock and
+//! randomness. `wasi.rs` implements it over WASI imports; unit tests use an in-memory fake.
+
+use crate::error::{Error, Result};
+use serde::{Serialize, de::DeserializeOwned};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: &'static str,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Bounds connect, first byte and the gap between body chunks.
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+pub trait Env {
+    /// Transport failures (refused, timed out, denied by the host) are `Error::Transport`;
+    /// any HTTP status is a successful exchange.
+    fn send(&self, request: &Request) -> Result<Response>;
+    fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    fn kv_set(&self, key: &str, value: &[u8]) -> Result<()>;
+    fn kv_delete(&self, key: &str) -> Result<()>;
+    /// Atomic across concurrent calls; returns the new value (a missing key counts as 0).
+    fn kv_increment(&self, key: &str, delta: u64) -> Result<u64>;
+    fn now_ms(&self) -> u64;
+    fn random_bytes(&self, len: usize) -> Vec<u8>;
+}
+
+/// JSON convenience over any `Env`.
+pub trait EnvExt: Env {
+    fn kv_get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.kv_get(key)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::storage(format!("corrupt record {key}: {e}"))),
+        }
+    }
+
+    fn kv_set_json<T: Serialize>(&self, key: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(|e| Error::storage(e.to_string()))?;
+        self.kv_set(key, &bytes)
+    }
+
+    fn random_hex(&self, bytes: usize) -> String {
+        hex(&self.random_bytes(bytes))
+    }
+}
+
+impl<E: Env + ?Sized> EnvExt for E {}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use core::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// A key segment that cannot forge another key's structure ('/' separates segments).
+pub fn key_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '/' => out.push_str("%2F"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! An in-memory `Env` whose HTTP side is a scripted responder.
+    use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::collections::BTreeMap;
+
+    type Responder = Box<dyn Fn(&Request) -> Result<Response>>;
+
+    pub struct FakeEnv {
+        pub kv: RefCell<BTreeMap<String, Vec<u8>>>,
+        pub sent: RefCell<Vec<Request>>,
+        pub now: Cell<u64>,
+        responder: RefCell<Responder>,
+        counter: Cell<u8>,
+    }
+
+    impl FakeEnv {
+        pub fn new(responder: impl Fn(&Request) -> Result<Response> + 'static) -> Self {
+            FakeEnv {
+                kv: RefCell::default(),
+                sent: RefCell::default(),
+                now: Cell::new(1_700_000_000_000),
+                responder: RefCell::new(Box::new(responder)),
+                counter: Cell::new(0),
+            }
+        }
+
+        pub fn offline() -> Self {
+            Self::new(|_| Err(Error::transport("offline")))
+        }
+
+        pub fn set_responder(&self, f: impl Fn(&Request) -> Result<Response> + 'static) {
+            *self.responder.borrow_mut() = Box::new(f);
+        }
+
+        pub fn snapshot(&self) -> BTreeMap<String, Vec<u8>> {
+            self.kv.borrow().clone()
+        }
+    }
+
+    pub fn json_response(status: u16, body: serde_json::Value) -> Result<Response> {
+        Ok(Response {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string().into_bytes(),
+        })
+    }
+
+    impl Env for FakeEnv {
+        fn send(&self, request: &Request) -> Result<Response> {
+            self.sent.borrow_mut().push(request.clone());
+            (self.responder.borrow())(request)
+        }
+        fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+            Ok(self.kv.borrow().get(key).cloned())
+        }
+        fn kv_set(&self, key: &str, value: &[u8]) -> Result<()> {
+            self.kv.borrow_mut().insert(key.into(), value.into());
+            Ok(())
+        }
+        fn kv_delete(&self, key: &str) -> Result<()> {
+            self.kv.borrow_mut().remove(key);
+            Ok(())
+        }
+        fn kv_increment(&self, key: &str, delta: u64) -> Result<u64> {
+            let cur = self
+                .kv_get(key)?
+                .map(|v| String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0))
+                .unwrap_or(0);
+            let new = cur + delta;
+            self.kv_set(key, new.to_string().as_bytes())?;
+            Ok(new)
+        }
+        fn now_ms(&self) -> u64 {
+            self.now.get()
+        }
+        fn random_bytes(&self, len: usize) -> Vec<u8> {
+            let c = self.counter.get().wrapping_add(1);
+            self.counter.set(c);
+            (0..len)
+                .map(|i| c.wrapping_mul(31).wrapping_add(i as u8))
+                .collect()
+        }
+    }
+}

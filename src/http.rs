@@ -1,0 +1,175 @@
+//! A small JSON-over-HTTP client on top of `Env::send`, plus URL helpers. Platform modules
+//! turn the reply's own error codes into `Error::Platform`.
+
+use crate::env::{Env, Request};
+use crate::error::{Error, Result};
+use serde_json::Value;
+
+/// Platforms answer in well under a second; 10 s leaves room for a slow network without
+/// letting one call eat the host's per-call deadline.
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+const MAX_ERROR_SNIPPET: usize = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+}
+
+#[derive(Debug)]
+pub struct JsonReply {
+    pub status: u16,
+    pub body: Value,
+}
+
+/// 429 and 5xx are worth retrying later; other statuses need a change first.
+pub fn status_is_retryable(status: u16) -> bool {
+    status == 429 || status >= 500
+}
+
+pub fn call_json(
+    env: &(impl Env + ?Sized),
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> Result<JsonReply> {
+    let mut hs: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect();
+    hs.push(("accept".into(), "application/json".into()));
+    let body = match body {
+        Some(v) => {
+            hs.push((
+                "content-type".into(),
+                "application/json; charset=utf-8".into(),
+            ));
+            v.to_string().into_bytes()
+        }
+        None => Vec::new(),
+    };
+    let request = Request {
+        method: match method {
+            Method::Get => "GET",
+            Method::Post => "POST",
+        },
+        url: url.to_string(),
+        headers: hs,
+        body,
+        timeout_ms: DEFAULT_TIMEOUT_MS,
+    };
+    let response = env.send(&request)?;
+    match serde_json::from_slice::<Value>(&response.body) {
+        Ok(body) => Ok(JsonReply {
+            status: response.status,
+            body,
+        }),
+        Err(_) => {
+            let snippet: String = String::from_utf8_lossy(&response.body)
+                .chars()
+                .take(MAX_ERROR_SNIPPET)
+                .collect();
+            Err(Error::platform(
+                -i64::from(response.status),
+                format!("HTTP {} with a non-JSON body: {snippet}", response.status),
+                status_is_retryable(response.status),
+            ))
+        }
+    }
+}
+
+/// RFC 3986 percent-encoding of everything but unreserved characters.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Decodes `%XX` escapes exactly once. `+` stays `+`: these values are base64, where a
+/// form-style `+`→space would corrupt them.
+pub fn percent_decode(s: &str) -> Result<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| core::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| Error::input("malformed %-escape in query string"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| Error::input("query string is not UTF-8"))
+}
+
+/// Parses a raw query string (without `?`). Later duplicates are kept; callers take the first.
+pub fn parse_query(query: &str) -> Result<Vec<(String, String)>> {
+    query
+        .trim_start_matches('?')
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((percent_decode(k)?, percent_decode(v)?))
+        })
+        .collect()
+}
+
+/// The origin (`scheme://host[:port]`) of an app's API, with the platform default when unset.
+pub fn api_base(configured: Option<&str>, default: &str) -> Result<String> {
+    let base = configured.unwrap_or(default).trim().trim_end_matches('/');
+    if !(base.starts_with("https://") || base.starts_with("http://")) {
+        return Err(Error::config(format!(
+            "api-base must start with https:// or http://, got {base:?}"
+        )));
+    }
+    Ok(base.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding_keeps_plus_and_decodes_once() {
+        let q = parse_query("echostr=a%2Bb+c%253D&timestamp=1").unwrap();
+        assert_eq!(q[0], ("echostr".into(), "a+b+c%3D".into()));
+        assert_eq!(q[1], ("timestamp".into(), "1".into()));
+        assert!(parse_query("x=%zz").is_err());
+        assert!(parse_query("x=%f").is_err());
+    }
+
+    #[test]
+    fn percent_encoding_roundtrips() {
+        let s = "a b+c/=é";
+        assert_eq!(percent_encode(s), "a%20b%2Bc%2F%3D%C3%A9");
+        assert_eq!(percent_decode(&percent_encode(s)).unwrap(), s);
+    }
+
+    #[test]
+    fn api_base_validation() {
+        assert_eq!(
+            api_base(None, "https://open.feishu.cn").unwrap(),
+            "https://open.feishu.cn"
+        );
+        assert_eq!(
+            api_base(Some("http://127.0.0.1:9/"), "x").unwrap(),
+            "http://127.0.0.1:9"
+        );
+        assert!(api_base(Some("ftp://x"), "x").is_err());
+    }
+}

@@ -1,0 +1,21 @@
+//! imbridge: Feishu/Lark, DingTalk and WeCom approvals and notifications for workflow engines,
+//! as a WebAssembly component.
+//!
+//! Everything but `component` and `wasi_env` is plain Rust over the `env::Env` port, so it
+//! builds and unit-tests natively; those two modules are the only ones that touch WIT.
+
+pub mod approval;
+pub mod callback;
+pub mod crypto;
+pub mod env;
+pub mod error;
+pub mod http;
+pub mod model;
+pub mod notify;
+pub mod platform;
+pub mod token;
+
+#[cfg(target_arch = "wasm32")]
+mod component;
+#[cfg(target_arch = "wasm32")]
+mod wasi_env;

@@ -1,0 +1,922 @@
+//! Feishu and Lark (the same protocol on another origin): tenant token, approval definitions
+//! and instances, contact lookups, app messages, and event callbacks.
+
+use super::{Created, Parsed, form_text, json_u64};
+use crate::approval::{Event, Inbound, Record};
+use crate::callback::{header, max_skew_ok};
+use crate::crypto::{self, ct_eq};
+use crate::env::{Env, hex, key_segment};
+use crate::error::{Error, Result};
+use crate::http::{self, Method, call_json, status_is_retryable};
+use crate::model::{
+    ApprovalNode, ApprovalRequest, ApprovalStatus, Decision, HttpRequest, HttpResponse, ImApp,
+    Notification, Platform, Receipt, SignMode, Target, UserRef,
+};
+use crate::token::{self, Issued};
+use serde_json::{Value, json};
+
+pub const FEISHU_BASE: &str = "https://open.feishu.cn";
+pub const LARK_BASE: &str = "https://open.larksuite.com";
+
+/// The id of the one textarea every definition carries.
+const DETAIL_WIDGET: &str = "imbridge_detail";
+/// Feishu's answer to a reused instance `uuid`.
+const UUID_CONFLICT: i64 = 60012;
+/// Feishu's answer when a definition is already subscribed.
+const ALREADY_SUBSCRIBED: i64 = 1390007;
+const BATCH_GET_ID_LIMIT: usize = 50;
+
+/// Codes that mean "this tenant token is no longer valid": refresh and retry once.
+const TOKEN_INVALID: &[i64] = &[99991661, 99991663, 99991664, 99991668, 99991671, 99991677];
+/// Rate limits and transient internal errors.
+const RETRYABLE: &[i64] = &[99991400, 99991401, 1500, 1501, 1503, 60007];
+
+fn is_token_invalid(e: &Error) -> bool {
+    matches!(e, Error::Platform { code, .. } if TOKEN_INVALID.contains(code))
+}
+
+pub fn default_base(p: Platform) -> &'static str {
+    if p == Platform::Lark {
+        LARK_BASE
+    } else {
+        FEISHU_BASE
+    }
+}
+
+/// Turns a Feishu reply into its body, or a typed error carrying Feishu's own code.
+fn check(reply: http::JsonReply) -> Result<Value> {
+    let code = reply
+        .body
+        .get("code")
+        .or_else(|| reply.body.get("StatusCode"))
+        .and_then(Value::as_i64);
+    let msg = reply
+        .body
+        .get("msg")
+        .or_else(|| reply.body.get("StatusMessage"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    match code {
+        Some(0) if reply.status < 400 => Ok(reply.body),
+        Some(c) if c != 0 => Err(Error::platform(
+            c,
+            msg,
+            RETRYABLE.contains(&c) || status_is_retryable(reply.status),
+        )),
+        _ => Err(Error::platform(
+            -i64::from(reply.status),
+            format!("HTTP {} without a Feishu result code {msg}", reply.status),
+            status_is_retryable(reply.status),
+        )),
+    }
+}
+
+struct Client<'a, E: Env + ?Sized> {
+    env: &'a E,
+    app: &'a ImApp,
+    base: String,
+    token_key: String,
+}
+
+impl<'a, E: Env + ?Sized> Client<'a, E> {
+    fn new(env: &'a E, app: &'a ImApp) -> Result<Self> {
+        if app.app_id.trim().is_empty() || app.app_secret.trim().is_empty() {
+            return Err(Error::config("app-id and app-secret are required"));
+        }
+        let base = http::api_base(app.api_base.as_deref(), default_base(app.platform))?;
+        let token_key = token::cache_key(app, &base);
+        Ok(Client {
+            env,
+            app,
+            base,
+            token_key,
+        })
+    }
+
+    fn fetch_token(&self) -> Result<Issued> {
+        let url = format!(
+            "{}/open-apis/auth/v3/tenant_access_token/internal",
+            self.base
+        );
+        let body = json!({"app_id": self.app.app_id, "app_secret": self.app.app_secret});
+        let reply = check(call_json(self.env, Method::Post, &url, &[], Some(&body))?)?;
+        Ok(Issued {
+            token: reply
+                .get("tenant_access_token")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            ttl_secs: reply.get("expire").and_then(Value::as_u64).unwrap_or(0),
+        })
+    }
+
+    /// Calls an authenticated endpoint and returns its `data`.
+    fn api(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        token::with_token(
+            self.env,
+            &self.token_key,
+            &|| self.fetch_token(),
+            is_token_invalid,
+            &mut |tok| {
+                let auth = format!("Bearer {tok}");
+                let reply = call_json(self.env, method, &url, &[("authorization", &auth)], body)?;
+                Ok(check(reply)?.get("data").cloned().unwrap_or(Value::Null))
+            },
+        )
+    }
+
+    /// Open ids for user references; emails and mobiles go through one contact lookup.
+    fn resolve(&self, users: &[UserRef]) -> Result<Vec<String>> {
+        let emails: Vec<&str> = users
+            .iter()
+            .filter_map(|u| match u {
+                UserRef::Email(e) => Some(e.trim()),
+                _ => None,
+            })
+            .collect();
+        let mobiles: Vec<&str> = users
+            .iter()
+            .filter_map(|u| match u {
+                UserRef::Mobile(m) => Some(m.trim()),
+                _ => None,
+            })
+            .collect();
+        let mut found: Vec<(String, String)> = Vec::new();
+        for (kind, list) in [("emails", &emails), ("mobiles", &mobiles)] {
+            for chunk in list.chunks(BATCH_GET_ID_LIMIT) {
+                let data = self.api(
+                    Method::Post,
+                    "/open-apis/contact/v3/users/batch_get_id?user_id_type=open_id",
+                    Some(&json!({ kind: chunk })),
+                )?;
+                for u in data
+                    .get("user_list")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let id = u.get("user_id").and_then(Value::as_str);
+                    let who = u
+                        .get("email")
+                        .or_else(|| u.get("mobile"))
+                        .and_then(Value::as_str);
+                    if let (Some(id), Some(who)) = (id, who) {
+                        found.push((who.to_string(), id.to_string()));
+                    }
+                }
+            }
+        }
+        users
+            .iter()
+            .map(|u| match u {
+                UserRef::Id(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+                UserRef::Id(_) => Err(Error::input("empty user id")),
+                UserRef::Email(e) | UserRef::Mobile(e) => found
+                    .iter()
+                    .find(|(who, _)| who.eq_ignore_ascii_case(e.trim()))
+                    .map(|(_, id)| id.clone())
+                    .ok_or_else(|| Error::input(format!("no Feishu user found for {e}"))),
+            })
+            .collect()
+    }
+
+    /// One definition per sequence of node modes, created and subscribed on first use.
+    fn definition(&self, nodes: &[ApprovalNode]) -> Result<String> {
+        let shape: Vec<&str> = nodes
+            .iter()
+            .map(|n| match n.mode {
+                SignMode::And => "and",
+                SignMode::Or => "or",
+            })
+            .collect();
+        let shape = shape.join("-");
+        let cache = format!(
+            "a/{}/fdef/{}/{}",
+            key_segment(&self.app.id),
+            &hex(&crypto::sha256(&[self.base.as_bytes()]))[..8],
+            shape
+        );
+        if let Some(code) = self.env.kv_get(&cache)? {
+            return String::from_utf8(code).map_err(|_| Error::storage("corrupt definition cache"));
+        }
+        let data = self.api(
+            Method::Post,
+            "/open-apis/approval/v4/approvals?user_id_type=open_id",
+            Some(&definition_body(nodes, &shape)),
+        )?;
+        let code = data
+            .get("approval_code")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::platform(-1, "definition created without a code", true))?
+            .to_string();
+        match self.api(
+            Method::Post,
+            &format!(
+                "/open-apis/approval/v4/approvals/{}/subscribe",
+                http::percent_encode(&code)
+            ),
+            None,
+        ) {
+            Ok(_) => {}
+            Err(Error::Platform { code, .. }) if code == ALREADY_SUBSCRIBED => {}
+            Err(e) => return Err(e),
+        }
+        self.env.kv_set(&cache, code.as_bytes())?;
+        Ok(code)
+    }
+}
+
+fn node_id(i: usize) -> String {
+    format!("imbridge_n{}", i + 1)
+}
+
+/// The definition: one textarea, then one node per approval node with free approver and CC
+/// choice at instance time, so one definition serves every request of the same shape.
+pub fn definition_body(nodes: &[ApprovalNode], shape: &str) -> Value {
+    let form = json!([{
+        "id": DETAIL_WIDGET, "type": "textarea", "required": true,
+        "name": "@i18n@imbridge_detail",
+    }]);
+    let mut node_list = vec![json!({"id": "START"})];
+    let mut texts = vec![
+        json!({"key": "@i18n@imbridge_name", "value": format!("imbridge ({shape})")}),
+        json!({"key": "@i18n@imbridge_detail", "value": "Details"}),
+    ];
+    for (i, n) in nodes.iter().enumerate() {
+        let name_key = format!("@i18n@{}", node_id(i));
+        node_list.push(json!({
+            "id": node_id(i),
+            "name": name_key,
+            "node_type": match n.mode { SignMode::And => "AND", SignMode::Or => "OR" },
+            "approver": [{"type": "Free"}],
+            "ccer": [{"type": "Free"}],
+        }));
+        texts.push(json!({"key": name_key, "value": format!("Approval {}", i + 1)}));
+    }
+    node_list.push(json!({"id": "END"}));
+    json!({
+        "approval_name": "@i18n@imbridge_name",
+        "viewers": [{"viewer_type": "NONE"}],
+        "form": {"form_content": form.to_string()},
+        "node_list": node_list,
+        "settings": {"revert_interval": 0},
+        "i18n_resources": [{"locale": "en-US", "is_default": true, "texts": texts}],
+    })
+}
+
+pub fn instance_body(
+    approval_code: &str,
+    initiator: &str,
+    nodes: &[Vec<String>],
+    cc: &[String],
+    req: &ApprovalRequest,
+    uuid: &str,
+) -> Value {
+    let form = json!([{"id": DETAIL_WIDGET, "type": "textarea", "value": form_text(req)}]);
+    let approvers: Vec<Value> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, ids)| json!({"key": node_id(i), "value": ids}))
+        .collect();
+    let mut body = json!({
+        "approval_code": approval_code,
+        "open_id": initiator,
+        "form": form.to_string(),
+        "node_approver_open_id_list": approvers,
+        "uuid": uuid,
+        "title": req.title,
+    });
+    if !cc.is_empty() {
+        body["node_cc_open_id_list"] = json!([{"key": node_id(nodes.len() - 1), "value": cc}]);
+    }
+    body
+}
+
+pub fn create(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    req: &ApprovalRequest,
+    uuid: &str,
+) -> Result<Created> {
+    let c = Client::new(env, app)?;
+    let initiator = c.resolve(core::slice::from_ref(&req.initiator))?.remove(0);
+    let nodes = req
+        .nodes
+        .iter()
+        .map(|n| c.resolve(&n.approvers))
+        .collect::<Result<Vec<_>>>()?;
+    let cc = c.resolve(&req.cc)?;
+    let code = c.definition(&req.nodes)?;
+    let body = instance_body(&code, &initiator, &nodes, &cc, req, uuid);
+    let data = match c.api(
+        Method::Post,
+        "/open-apis/approval/v4/instances",
+        Some(&body),
+    ) {
+        Err(Error::Platform { code, .. }) if code == UUID_CONFLICT => {
+            return Err(Error::platform(
+                UUID_CONFLICT,
+                "Feishu already has an instance for this key from an interrupted earlier \
+                 attempt; find it in Feishu, or use a new key",
+                false,
+            ));
+        }
+        other => other?,
+    };
+    let instance = data
+        .get("instance_code")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Error::platform(-1, "instance created without an instance_code", true))?;
+    Ok(Created {
+        instance_id: instance.to_string(),
+        meta: json!({"approval_code": code, "initiator": initiator}),
+    })
+}
+
+/// Feishu's instance statuses; "CANCELLED" is accepted too because engines have been bitten
+/// by the spelling.
+pub fn map_status(s: &str) -> Option<ApprovalStatus> {
+    Some(match s {
+        "PENDING" | "OVERTIME_RECOVER" => ApprovalStatus::Pending,
+        "APPROVED" => ApprovalStatus::Approved,
+        "REJECTED" => ApprovalStatus::Rejected,
+        "CANCELED" | "CANCELLED" | "DELETED" | "REVERTED" | "OVERTIME_CLOSE" | "TERMINATED" => {
+            ApprovalStatus::Canceled
+        }
+        _ => return None,
+    })
+}
+
+fn meta_str<'r>(rec: &'r Record, field: &str) -> Result<&'r str> {
+    rec.meta
+        .get(field)
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::storage(format!("approval record lacks {field}")))
+}
+
+pub fn poll(env: &(impl Env + ?Sized), app: &ImApp, rec: &Record) -> Result<Vec<Event>> {
+    let c = Client::new(env, app)?;
+    let data = c.api(
+        Method::Get,
+        &format!(
+            "/open-apis/approval/v4/instances/{}?user_id_type=open_id",
+            http::percent_encode(&rec.approval.instance_id)
+        ),
+        None,
+    )?;
+    Ok(events_from_instance(&data))
+}
+
+/// Decisions from the timeline, then the overall status.
+pub fn events_from_instance(data: &Value) -> Vec<Event> {
+    let mut events = Vec::new();
+    for t in data
+        .get("timeline")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let approved = match t.get("type").and_then(Value::as_str) {
+            Some("PASS") => true,
+            Some("REJECT") => false,
+            _ => continue,
+        };
+        let Some(user) = t
+            .get("open_id")
+            .or_else(|| t.get("user_id"))
+            .and_then(Value::as_str)
+        else {
+            continue;
+        };
+        events.push(Event::Decision(Decision {
+            user: user.to_string(),
+            approved,
+            comment: t
+                .get("comment")
+                .and_then(Value::as_str)
+                .filter(|c| !c.is_empty())
+                .map(str::to_string),
+            at_ms: json_u64(t.get("create_time")).unwrap_or(0),
+        }));
+    }
+    if let Some(s) = data
+        .get("status")
+        .and_then(Value::as_str)
+        .and_then(map_status)
+    {
+        events.push(Event::Status(s));
+    }
+    events
+}
+
+pub fn cancel(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    rec: &Record,
+    _reason: Option<&str>,
+) -> Result<()> {
+    let c = Client::new(env, app)?;
+    let body = json!({
+        "approval_code": meta_str(rec, "approval_code")?,
+        "instance_code": rec.approval.instance_id,
+        "user_id": meta_str(rec, "initiator")?,
+    });
+    c.api(
+        Method::Post,
+        "/open-apis/approval/v4/instances/cancel?user_id_type=open_id",
+        Some(&body),
+    )?;
+    Ok(())
+}
+
+// ---- callbacks ----
+
+const SIG: &str = "x-lark-signature";
+const TS: &str = "x-lark-request-timestamp";
+const NONCE: &str = "x-lark-request-nonce";
+
+pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest) -> Result<Parsed> {
+    if !req.method.eq_ignore_ascii_case("POST") {
+        return Err(Error::input("Feishu callbacks are POST requests"));
+    }
+    let outer: Value =
+        serde_json::from_slice(&req.body).map_err(|_| Error::input("callback body is not JSON"))?;
+    let key = app.encrypt_key.as_deref().filter(|k| !k.is_empty());
+    let (inner, signed) = match (outer.get("encrypt").and_then(Value::as_str), key) {
+        (Some(_), None) => {
+            return Err(Error::config(
+                "received an encrypted callback but no Encrypt Key is configured",
+            ));
+        }
+        (Some(enc), Some(key)) => {
+            let signed = verify_signature(env, key, req)?;
+            let plain = crypto::feishu::decrypt(key, enc).map_err(|e| {
+                // Without a verified signature, every failure looks the same (no oracle).
+                if signed { e } else { unsigned() }
+            })?;
+            let inner: Value = serde_json::from_slice(&plain).map_err(|_| {
+                if signed {
+                    Error::input("decrypted callback is not JSON")
+                } else {
+                    unsigned()
+                }
+            })?;
+            (inner, signed)
+        }
+        (None, Some(_)) => {
+            return Err(Error::unauthorized(
+                "an Encrypt Key is configured but the callback is not encrypted",
+            ));
+        }
+        (None, None) => (outer, false),
+    };
+
+    let is_v2 = inner.get("schema").and_then(Value::as_str) == Some("2.0");
+    let header_obj = inner.get("header");
+    let presented_token = if is_v2 {
+        header_obj.and_then(|h| h.get("token"))
+    } else {
+        inner.get("token")
+    }
+    .and_then(Value::as_str);
+    check_token(app, presented_token, signed)?;
+
+    if inner.get("type").and_then(Value::as_str) == Some("url_verification") {
+        let challenge = inner
+            .get("challenge")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::input("url_verification without a challenge"))?;
+        return Ok(Parsed {
+            response: HttpResponse::json(200, &json!({ "challenge": challenge })),
+            events: Vec::new(),
+        });
+    }
+    if key.is_some() && !signed {
+        return Err(unsigned());
+    }
+
+    let (dedup, event_type, event) = if is_v2 {
+        let h = header_obj.ok_or_else(|| Error::input("v2 event without a header"))?;
+        (
+            h.get("event_id").and_then(Value::as_str),
+            h.get("event_type").and_then(Value::as_str),
+            inner.get("event"),
+        )
+    } else {
+        let ev = inner.get("event");
+        (
+            inner.get("uuid").and_then(Value::as_str),
+            ev.and_then(|e| e.get("type")).and_then(Value::as_str),
+            ev,
+        )
+    };
+    let events = match (event_type, event) {
+        (Some(t), Some(ev)) => approval_event(env, t, ev, dedup)?,
+        _ => Vec::new(),
+    };
+    Ok(Parsed {
+        response: HttpResponse::json(200, &json!({"code": 0, "msg": "success"})),
+        events,
+    })
+}
+
+fn unsigned() -> Error {
+    Error::unauthorized("callback signature is missing or invalid")
+}
+
+/// Returns whether a valid signature was present. A present but wrong or stale one is an error;
+/// an absent one is allowed only for the URL handshake, which Feishu does not sign.
+fn verify_signature(env: &(impl Env + ?Sized), key: &str, req: &HttpRequest) -> Result<bool> {
+    let (Some(sig), Some(ts), Some(nonce)) =
+        (header(req, SIG), header(req, TS), header(req, NONCE))
+    else {
+        return Ok(false);
+    };
+    let expected = crypto::feishu::signature(ts, nonce, key, &req.body);
+    if !ct_eq(
+        expected.as_bytes(),
+        sig.trim().to_ascii_lowercase().as_bytes(),
+    ) {
+        return Err(unsigned());
+    }
+    let ts: u64 = ts
+        .trim()
+        .parse()
+        .map_err(|_| Error::unauthorized("callback timestamp is not a number"))?;
+    if !max_skew_ok(env.now_ms() / 1000, ts) {
+        return Err(Error::unauthorized(
+            "callback timestamp is outside the allowed window",
+        ));
+    }
+    Ok(true)
+}
+
+/// The Verification Token is checked whenever it is configured; without it, only a verified
+/// signature authenticates the callback.
+fn check_token(app: &ImApp, presented: Option<&str>, signed: bool) -> Result<()> {
+    match app.token.as_deref().filter(|t| !t.is_empty()) {
+        Some(expected) => {
+            let ok = presented.is_some_and(|p| ct_eq(p.as_bytes(), expected.as_bytes()));
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::unauthorized("verification token mismatch"))
+            }
+        }
+        None if signed || app.encrypt_key.as_deref().is_some_and(|k| !k.is_empty()) => Ok(()),
+        None => Err(Error::config(
+            "a Verification Token or an Encrypt Key is required to accept callbacks",
+        )),
+    }
+}
+
+fn approval_event(
+    env: &(impl Env + ?Sized),
+    event_type: &str,
+    ev: &Value,
+    dedup: Option<&str>,
+) -> Result<Vec<Inbound>> {
+    let Some(instance) = ev.get("instance_code").and_then(Value::as_str) else {
+        return Ok(Vec::new());
+    };
+    let status = ev.get("status").and_then(Value::as_str).unwrap_or("");
+    let at_ms = json_u64(ev.get("operate_time")).unwrap_or_else(|| env.now_ms());
+    let event = if event_type.contains("approval_instance") || event_type.contains("instance") {
+        match map_status(status) {
+            Some(s) => Event::Status(s),
+            None => return Ok(Vec::new()),
+        }
+    } else if event_type.contains("approval_task") || event_type.contains("task") {
+        let approved = match status {
+            "APPROVED" => true,
+            "REJECTED" => false,
+            _ => return Ok(Vec::new()),
+        };
+        let user = ev
+            .get("open_id")
+            .or_else(|| ev.get("user_id"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        Event::Decision(Decision {
+            user,
+            approved,
+            comment: None,
+            at_ms,
+        })
+    } else {
+        return Ok(Vec::new());
+    };
+    Ok(vec![Inbound {
+        dedup_id: dedup.map(|d| format!("feishu:{d}")),
+        instance_id: instance.to_string(),
+        event,
+    }])
+}
+
+// ---- notifications ----
+
+/// A card for `n`, coloured by level, with `mentions` rendered as Feishu `<at>` tags.
+pub fn card(n: &Notification, mentions: &[String]) -> Value {
+    let template = match n.level {
+        crate::model::Level::Info => "blue",
+        crate::model::Level::Success => "green",
+        crate::model::Level::Warning => "orange",
+        crate::model::Level::Failure => "red",
+    };
+    let mut md = n.markdown.clone();
+    let mut tags: Vec<String> = mentions.to_vec();
+    if n.mention_all {
+        tags.push("<at id=all></at>".into());
+    }
+    if !tags.is_empty() {
+        md.push_str("\n\n");
+        md.push_str(&tags.join(" "));
+    }
+    let mut elements = vec![json!({"tag": "markdown", "content": md})];
+    if let Some(link) = &n.link {
+        elements.push(json!({"tag": "action", "actions": [{
+            "tag": "button", "type": "primary", "url": link.url,
+            "text": {"tag": "plain_text", "content": link.text},
+        }]}));
+    }
+    json!({
+        "config": {"wide_screen_mode": true},
+        "header": {"template": template, "title": {"tag": "plain_text", "content": n.title}},
+        "elements": elements,
+    })
+}
+
+fn mention_tag(id: &str) -> String {
+    format!("<at id={id}></at>")
+}
+
+/// Mentions for a bot webhook: ids and emails go straight into tags; mobiles need the app to
+/// look them up.
+fn webhook_mentions(
+    env: &(impl Env + ?Sized),
+    app: Option<&ImApp>,
+    n: &Notification,
+) -> Result<Vec<String>> {
+    let mobiles: Vec<UserRef> = n
+        .mentions
+        .iter()
+        .filter(|u| matches!(u, UserRef::Mobile(_)))
+        .cloned()
+        .collect();
+    let resolved = if mobiles.is_empty() {
+        Vec::new()
+    } else {
+        let app = app.ok_or_else(|| {
+            Error::input("mentioning by mobile in a Feishu webhook needs an app to look it up")
+        })?;
+        Client::new(env, app)?.resolve(&mobiles)?
+    };
+    let mut resolved = resolved.into_iter();
+    Ok(n.mentions
+        .iter()
+        .map(|u| match u {
+            UserRef::Id(id) => mention_tag(id),
+            UserRef::Email(e) => format!("<at email={e}></at>"),
+            UserRef::Mobile(_) => mention_tag(&resolved.next().unwrap_or_default()),
+        })
+        .collect())
+}
+
+pub fn webhook_body(
+    n: &Notification,
+    mentions: &[String],
+    now_secs: u64,
+    secret: Option<&str>,
+) -> Value {
+    let mut body = json!({"msg_type": "interactive", "card": card(n, mentions)});
+    if let Some(secret) = secret.filter(|s| !s.is_empty()) {
+        body["timestamp"] = json!(now_secs.to_string());
+        body["sign"] = json!(crypto::robot::feishu_sign(now_secs, secret));
+    }
+    body
+}
+
+pub fn send_webhook(
+    env: &(impl Env + ?Sized),
+    app: Option<&ImApp>,
+    url: &str,
+    secret: Option<&str>,
+    n: &Notification,
+) -> Result<Receipt> {
+    let mentions = webhook_mentions(env, app, n)?;
+    let body = webhook_body(n, &mentions, env.now_ms() / 1000, secret);
+    check(call_json(env, Method::Post, url, &[], Some(&body))?)?;
+    Ok(Receipt { message_id: None })
+}
+
+pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) -> Result<Receipt> {
+    let c = Client::new(env, app)?;
+    let mention_ids = c.resolve(&n.mentions)?;
+    let tags: Vec<String> = mention_ids.iter().map(|id| mention_tag(id)).collect();
+    let content = card(n, &tags).to_string();
+    let (kind, receivers) = match &n.target {
+        Target::Chat(chat) => ("chat_id", vec![chat.clone()]),
+        Target::Users(users) => {
+            if users.is_empty() {
+                return Err(Error::input("no users to notify"));
+            }
+            ("open_id", c.resolve(users)?)
+        }
+        Target::Webhook(_) => return Err(Error::input("webhooks are not app messages")),
+    };
+    let mut ids = Vec::new();
+    for r in receivers {
+        let body = json!({"receive_id": r, "msg_type": "interactive", "content": content});
+        let data = c.api(
+            Method::Post,
+            &format!("/open-apis/im/v1/messages?receive_id_type={kind}"),
+            Some(&body),
+        )?;
+        if let Some(id) = data.get("message_id").and_then(Value::as_str) {
+            ids.push(id.to_string());
+        }
+    }
+    Ok(Receipt {
+        message_id: (!ids.is_empty()).then(|| ids.join(",")),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::env::fake::{FakeEnv, json_response};
+
+    pub fn app() -> ImApp {
+        ImApp {
+            id: "app1".into(),
+            platform: Platform::Feishu,
+            app_id: "cli_1".into(),
+            app_secret: "secret".into(),
+            agent_id: None,
+            encrypt_key: Some("ekey".into()),
+            token: Some("vtoken".into()),
+            api_base: Some("http://127.0.0.1:1".into()),
+        }
+    }
+
+    fn signed_request(env: &FakeEnv, key: &str, plain: &Value) -> HttpRequest {
+        let body =
+            json!({"encrypt": crypto::feishu::encrypt(key, [3; 16], plain.to_string().as_bytes())})
+                .to_string()
+                .into_bytes();
+        let ts = (env.now_ms() / 1000).to_string();
+        let sig = crypto::feishu::signature(&ts, "n1", key, &body);
+        HttpRequest {
+            method: "POST".into(),
+            path: "/cb".into(),
+            query: String::new(),
+            headers: vec![
+                ("X-Lark-Signature".into(), sig),
+                ("X-Lark-Request-Timestamp".into(), ts),
+                ("X-Lark-Request-Nonce".into(), "n1".into()),
+            ],
+            body,
+        }
+    }
+
+    #[test]
+    fn url_verification_plain_and_encrypted() {
+        let env = FakeEnv::offline();
+        let mut a = app();
+        a.encrypt_key = None;
+        let req = HttpRequest {
+            method: "POST".into(),
+            body: br#"{"challenge":"c1","token":"vtoken","type":"url_verification"}"#.to_vec(),
+            ..Default::default()
+        };
+        let p = parse_callback(&env, &a, &req).unwrap();
+        assert_eq!(p.response.body, br#"{"challenge":"c1"}"#);
+        let mut bad = req.clone();
+        bad.body = br#"{"challenge":"c1","token":"nope","type":"url_verification"}"#.to_vec();
+        assert!(matches!(
+            parse_callback(&env, &a, &bad),
+            Err(Error::Unauthorized(_))
+        ));
+
+        // Encrypted, unsigned (as Feishu sends the handshake).
+        let a = app();
+        let plain = json!({"challenge": "c2", "token": "vtoken", "type": "url_verification"});
+        let mut req = signed_request(&env, "ekey", &plain);
+        req.headers.clear();
+        let p = parse_callback(&env, &a, &req).unwrap();
+        assert_eq!(p.response.body, br#"{"challenge":"c2"}"#);
+    }
+
+    #[test]
+    fn unsigned_events_are_rejected_when_a_key_is_set() {
+        let env = FakeEnv::offline();
+        let ev = json!({"uuid": "u1", "token": "vtoken", "type": "event_callback",
+            "event": {"type": "approval_instance", "instance_code": "I1", "status": "APPROVED"}});
+        let mut req = signed_request(&env, "ekey", &ev);
+        assert_eq!(parse_callback(&env, &app(), &req).unwrap().events.len(), 1);
+        req.headers.clear();
+        assert!(matches!(
+            parse_callback(&env, &app(), &req),
+            Err(Error::Unauthorized(_))
+        ));
+    }
+
+    #[test]
+    fn signature_and_timestamp_are_checked() {
+        let env = FakeEnv::offline();
+        let ev = json!({"uuid": "u1", "token": "vtoken", "event": {"type": "approval_task",
+            "instance_code": "I1", "status": "APPROVED", "open_id": "ou_1", "operate_time": "1700000000000"}});
+        let req = signed_request(&env, "ekey", &ev);
+        let p = parse_callback(&env, &app(), &req).unwrap();
+        assert_eq!(p.events[0].dedup_id.as_deref(), Some("feishu:u1"));
+        assert!(
+            matches!(&p.events[0].event, Event::Decision(d) if d.user == "ou_1" && d.approved && d.at_ms == 1_700_000_000_000)
+        );
+
+        let mut tampered = req.clone();
+        tampered.headers[0].1 = "0".repeat(64);
+        assert!(matches!(
+            parse_callback(&env, &app(), &tampered),
+            Err(Error::Unauthorized(_))
+        ));
+
+        env.now.set(env.now.get() + 3_600_000);
+        assert!(
+            matches!(parse_callback(&env, &app(), &req), Err(Error::Unauthorized(m)) if m.contains("window"))
+        );
+    }
+
+    #[test]
+    fn v2_envelope_and_other_events() {
+        let env = FakeEnv::offline();
+        let ev = json!({"schema": "2.0", "header": {"event_id": "e9", "event_type": "approval_instance",
+            "token": "vtoken"}, "event": {"instance_code": "I2", "status": "CANCELED"}});
+        let p = parse_callback(&env, &app(), &signed_request(&env, "ekey", &ev)).unwrap();
+        assert_eq!(p.events[0].event, Event::Status(ApprovalStatus::Canceled));
+        assert_eq!(p.events[0].dedup_id.as_deref(), Some("feishu:e9"));
+
+        let other = json!({"schema": "2.0", "header": {"event_id": "e10", "event_type": "im.message.receive_v1",
+            "token": "vtoken"}, "event": {"message": {}}});
+        let p = parse_callback(&env, &app(), &signed_request(&env, "ekey", &other)).unwrap();
+        assert!(p.events.is_empty());
+        assert_eq!(p.response.status, 200);
+    }
+
+    #[test]
+    fn status_mapping_catches_cancel_spellings() {
+        assert_eq!(map_status("CANCELED"), Some(ApprovalStatus::Canceled));
+        assert_eq!(map_status("CANCELLED"), Some(ApprovalStatus::Canceled));
+        assert_eq!(map_status("DELETED"), Some(ApprovalStatus::Canceled));
+        assert_eq!(map_status("WHATEVER"), None);
+    }
+
+    #[test]
+    fn webhook_is_signed_and_coloured() {
+        let n = Notification {
+            target: Target::Chat("x".into()),
+            title: "Deploy failed".into(),
+            markdown: "**wf 42**".into(),
+            level: crate::model::Level::Failure,
+            link: None,
+            mentions: vec![],
+            mention_all: true,
+        };
+        let b = webhook_body(&n, &[], 1_700_000_000, Some("sec"));
+        assert_eq!(b["timestamp"], "1700000000");
+        assert_eq!(b["sign"], crypto::robot::feishu_sign(1_700_000_000, "sec"));
+        assert_eq!(b["card"]["header"]["template"], "red");
+        assert!(
+            b["card"]["elements"][0]["content"]
+                .as_str()
+                .unwrap()
+                .contains("<at id=all></at>")
+        );
+        assert!(webhook_body(&n, &[], 1, None).get("sign").is_none());
+    }
+
+    #[test]
+    fn platform_errors_carry_code_and_retryability() {
+        let env = FakeEnv::new(|r| {
+            if r.url.contains("tenant_access_token") {
+                json_response(
+                    200,
+                    json!({"code": 0, "tenant_access_token": "t", "expire": 7200}),
+                )
+            } else {
+                json_response(200, json!({"code": 99991400, "msg": "rate limited"}))
+            }
+        });
+        let a = app();
+        let c = Client::new(&env, &a).unwrap();
+        let e = c.api(Method::Get, "/x", None).unwrap_err();
+        assert_eq!(e, Error::platform(99991400, "rate limited", true));
+        env.set_responder(|_| json_response(200, json!({"code": 1234, "msg": "no permission"})));
+        // The token is cached, so the unknown code comes straight from the call.
+        let e = c.api(Method::Get, "/x", None).unwrap_err();
+        assert_eq!(e, Error::platform(1234, "no permission", false));
+    }
+}

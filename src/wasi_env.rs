@@ -1,0 +1,197 @@
+//! `Env` over the WASI imports: wasi:http outgoing, wasi:keyvalue, wasi:clocks, wasi:random.
+
+use crate::component::wasi::clocks::wall_clock;
+use crate::component::wasi::http::outgoing_handler;
+use crate::component::wasi::http::types::{
+    ErrorCode, Fields, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme,
+};
+use crate::component::wasi::io::streams::StreamError;
+use crate::component::wasi::keyvalue::{atomics, store};
+use crate::component::wasi::random::random;
+use crate::env::{Env, Request, Response};
+use crate::error::{Error, Result};
+use std::cell::OnceCell;
+
+/// Platform replies are small; a larger body means something is wrong upstream.
+const MAX_RESPONSE_BYTES: usize = 4 << 20;
+const CHUNK: usize = 4096;
+
+pub struct WasiEnv {
+    bucket: OnceCell<core::result::Result<store::Bucket, String>>,
+}
+
+impl WasiEnv {
+    pub fn new() -> Self {
+        WasiEnv {
+            bucket: OnceCell::new(),
+        }
+    }
+
+    fn bucket(&self) -> Result<&store::Bucket> {
+        self.bucket
+            .get_or_init(|| store::open("").map_err(|e| kv_error(&e)))
+            .as_ref()
+            .map_err(|e| Error::storage(e.clone()))
+    }
+}
+
+fn kv_error(e: &store::Error) -> String {
+    match e {
+        store::Error::NoSuchStore => "key-value store not available".into(),
+        store::Error::AccessDenied => "key-value store access denied".into(),
+        store::Error::Other(s) => s.clone(),
+    }
+}
+
+fn split_url(url: &str) -> Result<(Scheme, &str, &str)> {
+    let (scheme, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (Scheme::Https, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (Scheme::Http, r)
+    } else {
+        return Err(Error::config("URL must be http(s)"));
+    };
+    let cut = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(cut);
+    if authority.is_empty() {
+        return Err(Error::config("URL has no host"));
+    }
+    Ok((scheme, authority, if path.is_empty() { "/" } else { path }))
+}
+
+fn transport(e: ErrorCode, authority: &str) -> Error {
+    let what = match e {
+        ErrorCode::HttpRequestDenied => "denied by the host (not on the allow-list)".to_string(),
+        ErrorCode::ConnectionTimeout
+        | ErrorCode::ConnectionReadTimeout
+        | ErrorCode::ConnectionWriteTimeout
+        | ErrorCode::HttpResponseTimeout => "timed out".to_string(),
+        ErrorCode::ConnectionRefused => "connection refused".to_string(),
+        ErrorCode::DnsError(_) => "DNS lookup failed".to_string(),
+        other => format!("{other:?}"),
+    };
+    Error::transport(format!("request to {authority}: {what}"))
+}
+
+impl Env for WasiEnv {
+    fn send(&self, r: &Request) -> Result<Response> {
+        let (scheme, authority, path) = split_url(&r.url)?;
+        let headers = Fields::new();
+        for (k, v) in &r.headers {
+            headers
+                .append(k, v.as_bytes())
+                .map_err(|_| Error::input(format!("invalid header {k}")))?;
+        }
+        let req = OutgoingRequest::new(headers);
+        let method = match r.method {
+            "GET" => Method::Get,
+            "POST" => Method::Post,
+            other => Method::Other(other.to_string()),
+        };
+        let bad = |_| Error::config("cannot build request");
+        req.set_method(&method).map_err(bad)?;
+        req.set_scheme(Some(&scheme)).map_err(bad)?;
+        req.set_authority(Some(authority)).map_err(bad)?;
+        req.set_path_with_query(Some(path)).map_err(bad)?;
+        let opts = RequestOptions::new();
+        let ns = r.timeout_ms.saturating_mul(1_000_000);
+        // A host may not support every timeout; the ones it does are enough.
+        let _ = opts.set_connect_timeout(Some(ns));
+        let _ = opts.set_first_byte_timeout(Some(ns));
+        let _ = opts.set_between_bytes_timeout(Some(ns));
+        let body = req.body().map_err(bad)?;
+        let future =
+            outgoing_handler::handle(req, Some(opts)).map_err(|e| transport(e, authority))?;
+        {
+            let out = body.write().map_err(bad)?;
+            for chunk in r.body.chunks(CHUNK) {
+                out.blocking_write_and_flush(chunk).map_err(|_| {
+                    Error::transport(format!("request to {authority}: body write failed"))
+                })?;
+            }
+        }
+        OutgoingBody::finish(body, None).map_err(|e| transport(e, authority))?;
+
+        future.subscribe().block();
+        let resp = match future.get() {
+            Some(Ok(Ok(resp))) => resp,
+            Some(Ok(Err(e))) => return Err(transport(e, authority)),
+            _ => {
+                return Err(Error::transport(format!(
+                    "request to {authority}: no response"
+                )));
+            }
+        };
+        let status = resp.status();
+        let headers = resp
+            .headers()
+            .entries()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect();
+        let incoming = resp
+            .consume()
+            .map_err(|_| Error::transport("response body unavailable"))?;
+        let mut body = Vec::new();
+        {
+            let stream = incoming
+                .stream()
+                .map_err(|_| Error::transport("response body unavailable"))?;
+            loop {
+                match stream.blocking_read(64 * 1024) {
+                    Ok(chunk) => {
+                        body.extend_from_slice(&chunk);
+                        if body.len() > MAX_RESPONSE_BYTES {
+                            return Err(Error::transport(format!(
+                                "response from {authority} exceeds {MAX_RESPONSE_BYTES} bytes"
+                            )));
+                        }
+                    }
+                    Err(StreamError::Closed) => break,
+                    Err(StreamError::LastOperationFailed(_)) => {
+                        return Err(Error::transport(format!(
+                            "reading the response from {authority} failed or timed out"
+                        )));
+                    }
+                }
+            }
+        }
+        drop(incoming);
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.bucket()?
+            .get(key)
+            .map_err(|e| Error::storage(kv_error(&e)))
+    }
+
+    fn kv_set(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.bucket()?
+            .set(key, value)
+            .map_err(|e| Error::storage(kv_error(&e)))
+    }
+
+    fn kv_delete(&self, key: &str) -> Result<()> {
+        self.bucket()?
+            .delete(key)
+            .map_err(|e| Error::storage(kv_error(&e)))
+    }
+
+    fn kv_increment(&self, key: &str, delta: u64) -> Result<u64> {
+        atomics::increment(self.bucket()?, key, delta).map_err(|e| Error::storage(kv_error(&e)))
+    }
+
+    fn now_ms(&self) -> u64 {
+        let t = wall_clock::now();
+        t.seconds * 1000 + u64::from(t.nanoseconds / 1_000_000)
+    }
+
+    fn random_bytes(&self, len: usize) -> Vec<u8> {
+        random::get_random_bytes(len as u64)
+    }
+}

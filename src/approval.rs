@@ -41,6 +41,7 @@ impl Record {
     /// recorded (platforms do not order task and instance events), but the status never moves
     /// again once terminal.
     pub fn apply(&mut self, event: &Event) -> bool {
+        let nodes = self.local_nodes();
         let a = &mut self.approval;
         match event {
             Event::Status(s) => {
@@ -66,9 +67,28 @@ impl Record {
                 }
                 a.decisions.push(d.clone());
                 a.decisions.sort_by_key(|x| x.at_ms);
+                if !a.status.is_terminal()
+                    && let Some(s) = nodes
+                        .as_deref()
+                        .and_then(|n| evaluate_nodes(n, &a.decisions))
+                {
+                    a.status = s;
+                }
                 true
             }
         }
+    }
+
+    /// Node layout for platforms whose callbacks report only individual decisions; they store
+    /// it at start as `meta.nodes = [{"mode": "and"|"or", "approvers": [ids]}]`.
+    fn local_nodes(&self) -> Option<Vec<(SignMode, Vec<String>)>> {
+        #[derive(Deserialize)]
+        struct Node {
+            mode: SignMode,
+            approvers: Vec<String>,
+        }
+        let nodes: Vec<Node> = serde_json::from_value(self.meta.get("nodes")?.clone()).ok()?;
+        Some(nodes.into_iter().map(|n| (n.mode, n.approvers)).collect())
     }
 }
 
@@ -372,6 +392,24 @@ mod tests {
             .map(|d| d.user.as_str())
             .collect();
         assert_eq!(users, ["u2", "u1"]);
+    }
+
+    #[test]
+    fn stored_node_layout_drives_status() {
+        let mut r = rec();
+        r.meta = serde_json::json!({"nodes": [
+            {"mode": "and", "approvers": ["a", "b"]},
+            {"mode": "or", "approvers": ["c", "d"]},
+        ]});
+        r.apply(&dec("a", true, 1));
+        r.apply(&dec("b", true, 2));
+        assert_eq!(r.approval.status, ApprovalStatus::Pending);
+        r.apply(&dec("d", true, 3));
+        assert_eq!(r.approval.status, ApprovalStatus::Approved);
+        // Without a layout (Feishu), decisions never decide; the platform's status does.
+        let mut r = rec();
+        r.apply(&dec("a", false, 1));
+        assert_eq!(r.approval.status, ApprovalStatus::Pending);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::env::Env;
 use crate::error::{Error, Result};
-use crate::model::{ImApp, Notification, Platform, Receipt, Target};
+use crate::model::{ImApp, Notification, Receipt, Target};
 use crate::platform;
 
 const MAX_TITLE_CHARS: usize = 200;
@@ -26,15 +26,7 @@ pub fn notify(env: &(impl Env + ?Sized), app: Option<&ImApp>, n: &Notification) 
             if !(hook.url.starts_with("https://") || hook.url.starts_with("http://")) {
                 return Err(Error::input("webhook url must be http(s)"));
             }
-            match hook.platform {
-                Platform::Feishu | Platform::Lark => {
-                    platform::feishu::send_webhook(env, app, &hook.url, hook.secret.as_deref(), n)
-                }
-                p => Err(Error::config(format!(
-                    "{} robot webhooks are not supported by this build of imbridge yet",
-                    p.name()
-                ))),
-            }
+            platform::send_webhook(env, app, hook, n)
         }
         Target::Chat(_) | Target::Users(_) => {
             let app = app.ok_or_else(|| Error::input("chat and user targets need an app"))?;

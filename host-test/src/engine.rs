@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -101,7 +102,10 @@ impl ComponentCache {
         std::fs::create_dir_all(&self.dir)?;
         let bytes = component.serialize()?;
         // Write then rename, so a concurrent or interrupted writer never leaves a torn file.
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // Unique per writer, so two hosts in one process cannot interleave writes either.
+        static WRITER: AtomicU64 = AtomicU64::new(0);
+        let n = WRITER.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
         std::fs::write(&tmp, bytes)?;
         std::fs::rename(&tmp, path)?;
         Ok(())

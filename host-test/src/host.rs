@@ -250,7 +250,8 @@ impl Host {
             HttpPolicy {
                 tenant: tenant.id.clone(),
                 allow,
-                timeout_cap: timeout,
+                deadline,
+                margin: timeout / 10,
             },
             inner
                 .clock

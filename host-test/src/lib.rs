@@ -12,6 +12,7 @@ pub mod bindings;
 pub mod call;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod host;
 pub mod json;

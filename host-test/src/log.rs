@@ -17,9 +17,17 @@ pub fn write(args: std::fmt::Arguments<'_>) {
         return;
     }
     let now = crate::clock::system_now();
+    // Errors can carry multi-line wasm backtraces; one event must stay one line.
+    let text = args.to_string();
+    let line: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     eprintln!(
-        "imbridge-host {}.{:03} {args}",
+        "imbridge-host {}.{:03} {}",
         now.as_secs(),
-        now.subsec_millis()
+        now.subsec_millis(),
+        line.join(" | ")
     );
 }

@@ -132,14 +132,15 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Serve { config, component } => {
-            let config = ServeConfig::load(&config)?;
+            let mut config = ServeConfig::load(&config)?;
             let component = component
                 .or_else(|| config.component.clone())
                 .unwrap_or_else(|| workspace_path(COMPONENT));
-            let handle = server::serve(config, &component)
+            config.component = Some(component.clone());
+            // The server logs the address it bound; Ctrl-C stops it.
+            let handle = server::serve(config)
                 .await
                 .with_context(|| component_hint(&component))?;
-            eprintln!("imbridge-host listening on http://{}", handle.addr());
             tokio::signal::ctrl_c()
                 .await
                 .context("waiting for Ctrl-C")?;
@@ -163,8 +164,10 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Demo => {
-            println!("not yet");
-            Ok(())
+            let component = workspace_path(COMPONENT);
+            imbridge_host::demo::run(&component)
+                .await
+                .with_context(|| component_hint(&component))
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The per-call store state and the linker that exposes exactly the plugin world's imports.
 
 use crate::kv::{self, KvCtx, KvView};
-use crate::wasi_http::{self, Gate, HttpPolicy};
+use crate::wasi_http::{self, HttpPolicy};
 use wasmtime::component::{HasData, Linker, ResourceTable};
 use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::clocks::{WasiClocks, WasiClocksCtxView};
@@ -107,14 +107,7 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<CallState>> {
         }
     })?;
     random::random::add_to_linker::<CallState, WasiRandom>(&mut l, |s| s.wasi.random())?;
-    wasi_http::add_to_linker(&mut l, |s| Gate {
-        policy: &s.http_policy,
-        http: WasiHttpCtxView {
-            ctx: &mut s.http,
-            table: &mut s.table,
-            hooks: &mut s.http_policy,
-        },
-    })?;
+    wasi_http::add_to_linker(&mut l, |s| &s.http_policy)?;
     kv::add_to_linker(&mut l, |s| KvView {
         ctx: &mut s.kv,
         table: &mut s.table,

@@ -30,7 +30,6 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -39,6 +38,17 @@ use tokio::task::JoinHandle;
 
 /// Largest request body accepted; platforms' callbacks are a few KiB.
 pub const MAX_BODY: usize = 1 << 20;
+
+/// How often undelivered outbox records are retried.
+const REDELIVERY: Duration = Duration::from_secs(30);
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 type Response = http::Response<Full<Bytes>>;
 
@@ -74,14 +84,17 @@ impl ServerHandle {
     }
 }
 
-/// Creates the host, loads `component` for every configured tenant and starts serving.
-pub async fn serve(config: ServeConfig, component: &Path) -> Result<ServerHandle> {
+/// Creates the host, loads the configured component for every tenant and starts serving.
+pub async fn serve(config: ServeConfig) -> Result<ServerHandle> {
+    let Some(component) = config.component.clone() else {
+        anyhow::bail!("no component configured");
+    };
     let mut host_cfg = HostConfig::new(&config.state_dir);
     if let Some(t) = config.call_timeout {
         host_cfg.call_timeout = t;
     }
     let host = Host::new(host_cfg)?;
-    let wasm = tokio::fs::read(component)
+    let wasm = tokio::fs::read(&component)
         .await
         .with_context(|| format!("reading component {}", component.display()))?;
     for t in &config.tenants {
@@ -109,7 +122,23 @@ pub async fn serve_with(host: Host, config: ServeConfig) -> Result<ServerHandle>
         delivery,
     });
     let (tx, mut rx) = oneshot::channel();
+    // Records left over from a failed delivery (or a restart) go out on this timer as well as
+    // with the next callback.
+    let redelivery = {
+        let state = Arc::downgrade(&state);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REDELIVERY);
+            loop {
+                tick.tick().await;
+                let Some(state) = state.upgrade() else { break };
+                for t in &state.config.tenants {
+                    state.spawn_delivery(&t.id);
+                }
+            }
+        })
+    };
     let task = tokio::spawn(async move {
+        let _redelivery = AbortOnDrop(redelivery);
         loop {
             let (stream, peer) = tokio::select! {
                 _ = &mut rx => break,
@@ -309,7 +338,6 @@ impl State {
                         }
                     }
                     Err(e) => {
-                        // TODO: retry on a timer too, not only on the next callback.
                         return log!("tenant={tenant} webhook delivery of #{seq} failed: {e:#}");
                     }
                 }
@@ -333,7 +361,8 @@ impl State {
         };
         match self.host.call(&tenant, &call).await {
             Ok(reply) => json_response(StatusCode::OK, &json::reply_to_json(&reply)),
-            Err(e) => status_json(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
+            // The outermost message says what failed (trap, deadline); the host log has the rest.
+            Err(e) => status_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         }
     }
 

@@ -8,14 +8,12 @@ use crate::log;
 use http_body_util::BodyExt;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
-use wasmtime::component::{HasData, Linker, Resource};
-use wasmtime_wasi_http::p2::HttpResult;
+use std::time::{Duration, Instant};
+use wasmtime::StoreContextMut;
+use wasmtime::component::{Linker, Resource};
 use wasmtime_wasi_http::p2::bindings::http::{outgoing_handler, types};
-use wasmtime_wasi_http::p2::types::{HostFutureIncomingResponse, HostOutgoingRequest};
-use wasmtime_wasi_http::{
-    Error, RequestOptions, WasiBody, WasiHttp, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
-};
+use wasmtime_wasi_http::p2::types::HostOutgoingRequest;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttp, WasiHttpHooks, WasiHttpView};
 
 /// The public API hosts of the supported platforms, always allowed (on the default port).
 pub const PLATFORM_HOSTS: &[&str] = &[
@@ -137,8 +135,11 @@ impl AllowList {
         let Some(authority) = uri.authority() else {
             return false;
         };
-        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-        let default_port = if https { 443 } else { 80 };
+        let default_port = match uri.scheme_str() {
+            Some("https") => 443,
+            Some("http") => 80,
+            _ => return false,
+        };
         let port = authority.port_u16().unwrap_or(default_port);
         let host = authority.host();
         let host = host
@@ -158,64 +159,71 @@ impl AllowList {
 /// after the guest has started writing the body; the guest then sees "body write failed"
 /// instead of the reason. Checking in `handle` refuses the request before any of that, with
 /// `HTTP-request-denied`. The `send_request` hook checks again, as the last line.
+///
+/// `handle` is defined by hand because the generated `add_to_linker` wants the whole
+/// `wasi:http/types` host implemented by whatever type carries the check.
 pub fn add_to_linker<T: WasiHttpView + 'static>(
     linker: &mut Linker<T>,
-    gate: fn(&mut T) -> Gate<'_>,
+    policy: fn(&T) -> &HttpPolicy,
 ) -> wasmtime::Result<()> {
     types::add_to_linker::<T, WasiHttp>(linker, &Default::default(), T::http)?;
-    outgoing_handler::add_to_linker::<T, HasGate>(linker, gate)?;
+    let mut instance = linker.instance(OUTGOING_HANDLER)?;
+    instance.func_wrap(
+        "handle",
+        move |mut store: StoreContextMut<'_, T>,
+              (request, options): (
+            Resource<HostOutgoingRequest>,
+            Option<Resource<RequestOptions>>,
+        )| {
+            let data = store.data_mut();
+            let (scheme, authority) = {
+                let view = data.http();
+                let req = view.table.get(&request)?;
+                let scheme = match &req.scheme {
+                    None | Some(types::Scheme::Https) => "https",
+                    Some(types::Scheme::Http) => "http",
+                    Some(types::Scheme::Other(_)) => "unsupported",
+                };
+                (scheme, req.authority.clone().unwrap_or_default())
+            };
+            let uri = format!("{scheme}://{authority}/").parse::<http::Uri>();
+            if !uri.is_ok_and(|uri| policy(data).allows(&uri)) {
+                policy(data).log_denied(&authority);
+                data.http().table.delete(request)?;
+                return Ok((Err(types::ErrorCode::HttpRequestDenied),));
+            }
+            match outgoing_handler::Host::handle(&mut data.http(), request, options) {
+                Ok(response) => Ok((Ok(response),)),
+                Err(e) => Ok((Err(e.downcast()?),)),
+            }
+        },
+    )?;
     Ok(())
 }
 
-/// `outgoing-handler` of one call: the allow-list in front of wasmtime-wasi-http's handler.
-pub struct Gate<'a> {
-    pub policy: &'a HttpPolicy,
-    pub http: WasiHttpCtxView<'a>,
-}
-
-struct HasGate;
-
-impl HasData for HasGate {
-    type Data<'a> = Gate<'a>;
-}
-
-impl outgoing_handler::Host for Gate<'_> {
-    fn handle(
-        &mut self,
-        request: Resource<HostOutgoingRequest>,
-        options: Option<Resource<RequestOptions>>,
-    ) -> HttpResult<Resource<HostFutureIncomingResponse>> {
-        let req = self.http.table.get(&request)?;
-        let scheme = match &req.scheme {
-            None | Some(types::Scheme::Https) => "https",
-            Some(types::Scheme::Http) => "http",
-            Some(types::Scheme::Other(_)) => "",
-        };
-        let authority = req.authority.as_deref().unwrap_or("");
-        let uri = format!("{scheme}://{authority}/").parse::<http::Uri>();
-        if !uri.is_ok_and(|uri| self.policy.allows(&uri)) {
-            self.policy.log_denied(authority);
-            self.http.table.delete(request)?;
-            return Err(types::ErrorCode::HttpRequestDenied.into());
-        }
-        outgoing_handler::Host::handle(&mut self.http, request, options)
-    }
-}
+/// The interface as the vendored WIT names it; the linker also serves older 0.2.x imports.
+const OUTGOING_HANDLER: &str = "wasi:http/outgoing-handler@0.2.12";
 
 /// The `wasi:http` hooks of one plugin call.
 pub struct HttpPolicy {
     pub tenant: Arc<str>,
     pub allow: AllowList,
-    /// Upper bound for every timeout the plugin asks for.
-    pub timeout_cap: Duration,
+    /// When the call must be over.
+    pub deadline: Instant,
+    /// Time left to the plugin after a request has timed out, to turn the timeout into a typed
+    /// `transport` error instead of being cut off by the call deadline.
+    pub margin: Duration,
 }
 
 impl HttpPolicy {
+    /// The plugin's timeouts (or defaults), none beyond the call deadline minus the margin.
     fn options(&self, asked: Option<RequestOptions>) -> RequestOptions {
         let asked = asked.unwrap_or_default();
-        let cap = |t: Option<Duration>, default: Duration| {
-            Some(t.unwrap_or(default).min(self.timeout_cap))
-        };
+        let left = self
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(self.margin);
+        let cap = |t: Option<Duration>, default: Duration| Some(t.unwrap_or(default).min(left));
         RequestOptions {
             connect_timeout: cap(asked.connect_timeout, DEFAULT_CONNECT),
             first_byte_timeout: cap(asked.first_byte_timeout, DEFAULT_FIRST_BYTE),
@@ -296,6 +304,7 @@ mod tests {
         assert!(!list.allows(&uri("https://evil.com/open.feishu.cn")));
         assert!(!list.allows(&uri("http://127.0.0.1:8080/")));
         assert!(!list.allows(&uri("/relative")));
+        assert!(!list.allows(&uri("ftp://open.feishu.cn/")));
     }
 
     #[test]
@@ -339,17 +348,23 @@ mod tests {
         let policy = HttpPolicy {
             tenant: "t".into(),
             allow: AllowList::default(),
-            timeout_cap: Duration::from_secs(5),
+            deadline: Instant::now() + Duration::from_secs(6),
+            margin: Duration::from_secs(1),
+        };
+        let near = |d: Option<Duration>, secs: u64| {
+            let d = d.unwrap();
+            d <= Duration::from_secs(secs)
+                && d > Duration::from_secs(secs) - Duration::from_millis(500)
         };
         let o = policy.options(None);
-        assert_eq!(o.connect_timeout, Some(Duration::from_secs(5)));
+        assert!(near(o.connect_timeout, 5));
         let o = policy.options(Some(RequestOptions {
             connect_timeout: Some(Duration::from_secs(1)),
             first_byte_timeout: Some(Duration::from_secs(600)),
             between_bytes_timeout: None,
         }));
         assert_eq!(o.connect_timeout, Some(Duration::from_secs(1)));
-        assert_eq!(o.first_byte_timeout, Some(Duration::from_secs(5)));
-        assert_eq!(o.between_bytes_timeout, Some(Duration::from_secs(5)));
+        assert!(near(o.first_byte_timeout, 5));
+        assert!(near(o.between_bytes_timeout, 5));
     }
 }

@@ -19,11 +19,18 @@ fn component() -> Option<PathBuf> {
     }
 }
 
+/// Compiled once for all tests (and test runs) instead of once per host.
+fn config(dir: &std::path::Path) -> HostConfig {
+    let mut cfg = HostConfig::new(dir);
+    cfg.cache_dir = Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("imbridge-cwasm"));
+    cfg
+}
+
 #[tokio::test]
 async fn feishu_url_verification() {
     let Some(wasm) = component() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let host = Host::new(HostConfig::new(dir.path())).unwrap();
+    let host = Host::new(config(dir.path())).unwrap();
     host.load_tenant("acme", &wasm, TenantPolicy::default())
         .await
         .unwrap();
@@ -64,7 +71,7 @@ async fn feishu_url_verification() {
 async fn same_plugin_two_tenants_separate_state() {
     let Some(wasm) = component() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let host = Host::new(HostConfig::new(dir.path())).unwrap();
+    let host = Host::new(config(dir.path())).unwrap();
     for t in ["a", "b"] {
         host.load_tenant(t, &wasm, TenantPolicy::default())
             .await
@@ -77,4 +84,69 @@ async fn same_plugin_two_tenants_separate_state() {
     );
     assert_eq!(host.kv_get("b", "probe").unwrap(), None);
     assert!(host.kv_keys("b").unwrap().is_empty());
+}
+
+fn notify_webhook(url: &str) -> serde_json::Value {
+    json!({"app": null, "notification": {
+        "target": {"webhook": {"platform": "feishu", "url": url}},
+        "title": "t", "markdown": "m", "level": "info"}})
+}
+
+#[tokio::test]
+async fn hosts_off_the_allow_list_are_refused() {
+    let Some(wasm) = component() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::new(config(dir.path())).unwrap();
+    host.load_tenant("t", &wasm, TenantPolicy::default())
+        .await
+        .unwrap();
+    let out = host
+        .invoke_json(
+            "t",
+            "notify",
+            notify_webhook("http://127.0.0.1:9/hook/SECRETKEY"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["err"]["kind"], "transport", "{out}");
+    assert!(
+        out["err"]["message"].as_str().unwrap().contains("denied"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_platform_is_a_transport_error_before_the_deadline() {
+    let Some(wasm) = component() else { return };
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.call_timeout = std::time::Duration::from_secs(2);
+    let host = Host::new(cfg).unwrap();
+    host.load_tenant("t", &wasm, TenantPolicy::default())
+        .await
+        .unwrap();
+    let app = json!({"id": "a1", "platform": "feishu", "app_id": "cli_x", "app_secret": "s",
+                     "api_base": format!("http://{addr}")});
+    let started = std::time::Instant::now();
+    let out = host
+        .invoke_json(
+            "t",
+            "start-approval",
+            json!({"app": app, "request": {"key": "k", "title": "t",
+                   "initiator": {"id": "u"},
+                   "nodes": [{"approvers": [{"id": "u2"}], "mode": "and"}]}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["err"]["kind"], "transport", "{out}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
 }

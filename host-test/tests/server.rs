@@ -25,6 +25,7 @@ async fn start(dir: &Path, extra: Value) -> ServerHandle {
         "listen": "127.0.0.1:0",
         "public_url": "https://ci.example.com",
         "state_dir": "state",
+        "component": "plugin.wasm",
         "tenants": [{"id": "acme", "apps": [
             {"id": "a1", "platform": "feishu", "app_id": "cli_x", "app_secret": "s3cr3t"}]}],
     });
@@ -32,7 +33,7 @@ async fn start(dir: &Path, extra: Value) -> ServerHandle {
         c.extend(e);
     }
     let cfg = ServeConfig::parse(&cfg.to_string(), dir).unwrap();
-    server::serve(cfg, &wasm).await.unwrap()
+    server::serve(cfg).await.unwrap()
 }
 
 /// A minimal HTTP/1.1 client: one request per connection, whole response read.
@@ -168,5 +169,92 @@ async fn engine_api() {
     assert_eq!(status, 400, "{body}");
     let (status, _) = request(addr, "POST", "/api/acme/zz/approvals", auth, b"{}").await;
     assert_eq!(status, 404);
+    server.shutdown().await;
+}
+
+/// Accepts POSTs, answers 200 and hands each body over.
+async fn engine_webhook() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let body = loop {
+                let n = s.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                    continue;
+                };
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    break Some(body.to_string());
+                }
+            };
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+            if let Some(body) = body {
+                let _ = tx.send(serde_json::from_str(&body).unwrap_or(Value::Null));
+            }
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn updates_are_posted_to_the_engine_webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, mut received) = engine_webhook().await;
+    let server = start(
+        dir.path(),
+        json!({"tenants": [{"id": "acme", "engine_webhook": format!("http://{hook}/imbridge"),
+            "apps": [{"id": "a1", "platform": "feishu", "app_id": "cli_x",
+                      "app_secret": "s3cr3t"}]}]}),
+    )
+    .await;
+    let (status, _) = request(server.addr(), "POST", "/callback/acme/a1", "", b"{}").await;
+    assert_eq!(status, 200);
+    let update = tokio::time::timeout(std::time::Duration::from_secs(10), received.recv())
+        .await
+        .expect("webhook called")
+        .unwrap();
+    assert_eq!(update["tenant"], "acme");
+    assert_eq!(update["app_id"], "a1");
+    assert_eq!(update["seq"], 1);
+    assert_eq!(update["approval"]["instance_id"], "i1");
+    // Delivered records leave the outbox.
+    for _ in 0..50 {
+        if server
+            .host()
+            .store()
+            .outbox_list("acme", 0)
+            .unwrap()
+            .is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        server
+            .host()
+            .store()
+            .outbox_list("acme", 0)
+            .unwrap()
+            .is_empty()
+    );
     server.shutdown().await;
 }

@@ -315,14 +315,16 @@ pub fn create(
         "/open-apis/approval/v4/instances",
         Some(&body),
     ) {
-        Err(Error::Platform { code, .. }) if code == UUID_CONFLICT => {
-            return Err(Error::platform(
-                UUID_CONFLICT,
-                "Feishu already has an instance for this key from an interrupted earlier \
-                 attempt; find it in Feishu, or use a new key",
-                false,
-            ));
-        }
+        // An earlier attempt created the instance but its outcome was lost; Feishu lets us
+        // read it back by the same uuid, so the retry adopts it instead of failing.
+        Err(Error::Platform { code, .. }) if code == UUID_CONFLICT => c.api(
+            Method::Get,
+            &format!(
+                "/open-apis/approval/v4/instances/{}",
+                http::percent_encode(uuid)
+            ),
+            None,
+        )?,
         other => other?,
     };
     let instance = data

@@ -1,12 +1,16 @@
 //! One module per IM platform behind the same few operations; `approval`, `notify` and
 //! `callback` dispatch here and never look at platform wire formats themselves.
 
+pub mod dingtalk;
 pub mod feishu;
+pub mod wecom;
 
 use crate::approval::{Inbound, Record};
 use crate::env::Env;
-use crate::error::{Error, Result};
-use crate::model::{ApprovalRequest, HttpResponse, ImApp, Notification, Platform, Receipt};
+use crate::error::Result;
+use crate::model::{
+    ApprovalRequest, HttpResponse, ImApp, Notification, Platform, Receipt, RobotWebhook,
+};
 
 /// A new instance on the platform, and what later calls need to address it.
 pub struct Created {
@@ -18,13 +22,6 @@ pub struct Created {
 pub struct Parsed {
     pub response: HttpResponse,
     pub events: Vec<Inbound>,
-}
-
-fn unsupported(p: Platform) -> Error {
-    Error::config(format!(
-        "{} is not supported by this build of imbridge yet",
-        p.name()
-    ))
 }
 
 /// Platforms that reject a second create with the same idempotency token, so a start whose
@@ -41,7 +38,8 @@ pub fn create(
 ) -> Result<Created> {
     match app.platform {
         Platform::Feishu | Platform::Lark => feishu::create(env, app, req, idempotency_token),
-        p => Err(unsupported(p)),
+        Platform::Dingtalk => dingtalk::create(env, app, req, idempotency_token),
+        Platform::Wecom => wecom::create(env, app, req, idempotency_token),
     }
 }
 
@@ -52,7 +50,8 @@ pub fn poll(
 ) -> Result<Vec<crate::approval::Event>> {
     match app.platform {
         Platform::Feishu | Platform::Lark => feishu::poll(env, app, rec),
-        p => Err(unsupported(p)),
+        Platform::Dingtalk => dingtalk::poll(env, app, rec),
+        Platform::Wecom => wecom::poll(env, app, rec),
     }
 }
 
@@ -64,7 +63,8 @@ pub fn cancel(
 ) -> Result<()> {
     match app.platform {
         Platform::Feishu | Platform::Lark => feishu::cancel(env, app, rec, reason),
-        p => Err(unsupported(p)),
+        Platform::Dingtalk => dingtalk::cancel(env, app, rec, reason),
+        Platform::Wecom => wecom::cancel(env, app, rec, reason),
     }
 }
 
@@ -75,7 +75,8 @@ pub fn parse_callback(
 ) -> Result<Parsed> {
     match app.platform {
         Platform::Feishu | Platform::Lark => feishu::parse_callback(env, app, req),
-        p => Err(unsupported(p)),
+        Platform::Dingtalk => dingtalk::parse_callback(env, app, req),
+        Platform::Wecom => wecom::parse_callback(env, app, req),
     }
 }
 
@@ -83,7 +84,24 @@ pub fn parse_callback(
 pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) -> Result<Receipt> {
     match app.platform {
         Platform::Feishu | Platform::Lark => feishu::send_message(env, app, n),
-        p => Err(unsupported(p)),
+        Platform::Dingtalk => dingtalk::send_message(env, app, n),
+        Platform::Wecom => wecom::send_message(env, app, n),
+    }
+}
+
+/// A group robot webhook; it carries its own credentials, so `app` is only needed to look up
+/// mentioned users.
+pub fn send_webhook(
+    env: &(impl Env + ?Sized),
+    app: Option<&ImApp>,
+    hook: &RobotWebhook,
+    n: &Notification,
+) -> Result<Receipt> {
+    let secret = hook.secret.as_deref().filter(|s| !s.is_empty());
+    match hook.platform {
+        Platform::Feishu | Platform::Lark => feishu::send_webhook(env, app, &hook.url, secret, n),
+        Platform::Dingtalk => dingtalk::send_webhook(env, app, &hook.url, secret, n),
+        Platform::Wecom => wecom::send_webhook(env, app, &hook.url, secret, n),
     }
 }
 

@@ -5,8 +5,10 @@
 //! and steer it, and implements its platform's crypto independently of the guest crate so that
 //! the two sides cross-check each other.
 
+pub mod dingtalk;
 pub mod feishu;
 pub mod http;
+pub mod wecom;
 
 pub use feishu::{
     BotHook, EventSchema, FeishuApp, FeishuConfig, FeishuSim, FeishuUser, PushReport, UuidReplay,

@@ -1,0 +1,1321 @@
+//! DingTalk: app token, the one-field approval form, process instances (AND / OR / single
+//! approver nodes), event callbacks in the WX frame, custom robots and work notifications.
+//!
+//! Two API generations are in use: the "new" API (`api.dingtalk.com`, token in the
+//! `x-acs-dingtalk-access-token` header, HTTP status + `{code, message}` errors) and the legacy
+//! one (`oapi.dingtalk.com`, `?access_token=`, `{errcode, errmsg}`). For self-built (internal)
+//! apps both accept the same app access token, so one token from `/v1.0/oauth2/accessToken`
+//! serves both and is cached once.
+
+use super::{Created, Parsed, form_text, json_u64};
+use crate::approval::{Event, Inbound, Record};
+use crate::callback::max_skew_ok;
+use crate::crypto::wx::WxKey;
+use crate::crypto::{self, ct_eq, sorted_sha1_hex};
+use crate::env::{Env, EnvExt, hex, key_segment};
+use crate::error::{Error, Result};
+use crate::http::{self, Method, call_json, percent_encode, status_is_retryable};
+use crate::model::{
+    ApprovalRequest, ApprovalStatus, Decision, HttpRequest, HttpResponse, ImApp, Level,
+    Notification, Receipt, SignMode, Target, UserRef,
+};
+use crate::token::{self, Issued};
+use serde_json::{Value, json};
+
+pub const NEW_BASE: &str = "https://api.dingtalk.com";
+pub const LEGACY_BASE: &str = "https://oapi.dingtalk.com";
+
+/// Name and label of the one form every instance uses; the request's fields go in as text.
+const FORM_NAME: &str = "imbridge 审批";
+const FIELD_LABEL: &str = "详情";
+const TOKEN_HEADER: &str = "x-acs-dingtalk-access-token";
+/// `asyncsend_v2` accepts at most 100 user ids per call.
+const NOTICE_BATCH: usize = 100;
+
+/// String code the new API answers for an expired or unknown access token.
+const NEW_TOKEN_INVALID: &str = "InvalidAuthentication";
+/// Legacy errcodes for a bad or expired access token.
+const LEGACY_TOKEN_INVALID: &[i64] = &[40014, 42001];
+/// Legacy errcodes worth retrying: system busy, API throttling, robot rate limit.
+const LEGACY_RETRYABLE: &[i64] = &[-1, 90002, 90018, 130101];
+/// Stand-in code for new-API errors, whose codes are strings (kept in the message).
+fn new_api_code(status: u16) -> i64 {
+    -i64::from(status)
+}
+
+fn is_token_invalid(e: &Error) -> bool {
+    match e {
+        Error::Platform { code, message, .. } => {
+            LEGACY_TOKEN_INVALID.contains(code) || message.starts_with(NEW_TOKEN_INVALID)
+        }
+        _ => false,
+    }
+}
+
+/// A new-API reply: any 2xx is success; otherwise `{code, message, requestid}`.
+fn check_new(reply: http::JsonReply) -> Result<Value> {
+    if (200..300).contains(&reply.status) {
+        return Ok(reply.body);
+    }
+    let code = reply
+        .body
+        .get("code")
+        .and_then(Value::as_str)
+        .unwrap_or("Unknown");
+    let msg = reply
+        .body
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let throttled = code.contains("Throttling") || code.contains("ServiceUnavailable");
+    Err(Error::platform(
+        new_api_code(reply.status),
+        format!("{code}: {msg} (HTTP {})", reply.status),
+        throttled || status_is_retryable(reply.status),
+    ))
+}
+
+/// A legacy reply: `errcode` 0 is success, anything else (or its absence) an error.
+fn check_legacy(reply: http::JsonReply) -> Result<Value> {
+    let code = reply.body.get("errcode").and_then(Value::as_i64);
+    let msg = reply
+        .body
+        .get("errmsg")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    match code {
+        Some(0) if reply.status < 400 => Ok(reply.body),
+        Some(c) if c != 0 => Err(Error::platform(
+            c,
+            msg,
+            LEGACY_RETRYABLE.contains(&c) || status_is_retryable(reply.status),
+        )),
+        // Gateways in front of oapi answer some failures in the new-API shape.
+        _ if reply.status >= 400 && reply.body.get("code").is_some() => check_new(reply),
+        _ => Err(Error::platform(
+            new_api_code(reply.status),
+            format!("HTTP {} without a DingTalk errcode {msg}", reply.status),
+            status_is_retryable(reply.status),
+        )),
+    }
+}
+
+struct Client<'a, E: Env + ?Sized> {
+    env: &'a E,
+    app: &'a ImApp,
+    base: String,
+    legacy: String,
+    token_key: String,
+}
+
+impl<'a, E: Env + ?Sized> Client<'a, E> {
+    fn new(env: &'a E, app: &'a ImApp) -> Result<Self> {
+        if app.app_id.trim().is_empty() || app.app_secret.trim().is_empty() {
+            return Err(Error::config(
+                "app-id (AppKey) and app-secret (AppSecret) are required",
+            ));
+        }
+        // A configured api-base (a private gateway or the simulator) serves both generations.
+        let base = http::api_base(app.api_base.as_deref(), NEW_BASE)?;
+        let legacy = http::api_base(app.api_base.as_deref(), LEGACY_BASE)?;
+        let token_key = token::cache_key(app, &base);
+        Ok(Client {
+            env,
+            app,
+            base,
+            legacy,
+            token_key,
+        })
+    }
+
+    fn fetch_token(&self) -> Result<Issued> {
+        let url = format!("{}/v1.0/oauth2/accessToken", self.base);
+        let body = json!({"appKey": self.app.app_id, "appSecret": self.app.app_secret});
+        let reply = check_new(call_json(self.env, Method::Post, &url, &[], Some(&body))?)?;
+        Ok(Issued {
+            token: reply
+                .get("accessToken")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            ttl_secs: json_u64(reply.get("expireIn")).unwrap_or(0),
+        })
+    }
+
+    /// A new-API call; `path` may carry a query string.
+    fn api(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        token::with_token(
+            self.env,
+            &self.token_key,
+            &|| self.fetch_token(),
+            is_token_invalid,
+            &mut |tok| {
+                let reply = call_json(self.env, method, &url, &[(TOKEN_HEADER, tok)], body)?;
+                check_new(reply)
+            },
+        )
+    }
+
+    /// A legacy (oapi) POST with the same app token in the query.
+    fn legacy_post(&self, path: &str, body: &Value) -> Result<Value> {
+        token::with_token(
+            self.env,
+            &self.token_key,
+            &|| self.fetch_token(),
+            is_token_invalid,
+            &mut |tok| {
+                let url = format!(
+                    "{}{}?access_token={}",
+                    self.legacy,
+                    path,
+                    percent_encode(tok)
+                );
+                check_legacy(call_json(self.env, Method::Post, &url, &[], Some(body))?)
+            },
+        )
+    }
+
+    /// DingTalk userIds; mobiles are looked up one by one (the only lookup DingTalk offers).
+    fn resolve(&self, users: &[UserRef]) -> Result<Vec<String>> {
+        users.iter().map(|u| self.resolve_one(u)).collect()
+    }
+
+    fn resolve_one(&self, user: &UserRef) -> Result<String> {
+        match user {
+            UserRef::Id(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+            UserRef::Id(_) => Err(Error::input("empty user id")),
+            UserRef::Email(_) => Err(Error::input(
+                "DingTalk has no user lookup by email; use a user id or a mobile",
+            )),
+            UserRef::Mobile(m) => {
+                let reply = match self
+                    .legacy_post("/topapi/v2/user/getbymobile", &json!({"mobile": m.trim()}))
+                {
+                    // 60121: no such user in this organisation.
+                    Err(Error::Platform { code: 60121, .. }) => {
+                        return Err(Error::input(format!("no DingTalk user found for {m}")));
+                    }
+                    other => other?,
+                };
+                reply
+                    .get("result")
+                    .and_then(|r| r.get("userid"))
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .ok_or_else(|| Error::input(format!("no DingTalk user found for {m}")))
+            }
+        }
+    }
+
+    fn form_cache_key(&self) -> String {
+        format!(
+            "a/{}/dform/{}",
+            key_segment(&self.app.id),
+            &hex(&crypto::sha256(&[
+                self.base.as_bytes(),
+                b"\0",
+                self.app.app_id.as_bytes()
+            ]))[..16]
+        )
+    }
+
+    /// The process code of our one-textarea form: from the KV cache, else found among the
+    /// templates the originator can see (a previous install of the plugin made it), else
+    /// created. Cached per app so this costs API calls once.
+    fn process_code(&self, originator: &str) -> Result<String> {
+        let cache = self.form_cache_key();
+        if let Some(code) = self.env.kv_get(&cache)? {
+            return String::from_utf8(code).map_err(|_| Error::storage("corrupt form cache"));
+        }
+        let code = match self.find_form(originator)? {
+            Some(code) => code,
+            None => {
+                let body = json!({
+                    "name": FORM_NAME,
+                    "description": "Created by imbridge for workflow-engine approvals",
+                    "formComponents": [{
+                        "componentType": "TextareaField",
+                        "props": {"componentId": "TextareaField_imbridge", "label": FIELD_LABEL,
+                                  "required": true},
+                    }],
+                });
+                let reply = self.api(Method::Post, "/v1.0/workflow/forms", Some(&body))?;
+                reply
+                    .get("result")
+                    .and_then(|r| r.get("processCode"))
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| Error::platform(-1, "form created without a processCode", true))?
+                    .to_string()
+            }
+        };
+        self.env.kv_set(&cache, code.as_bytes())?;
+        Ok(code)
+    }
+
+    fn find_form(&self, user_id: &str) -> Result<Option<String>> {
+        let mut next = "0".to_string();
+        // Organisations rarely have more than a few hundred templates; stop after 10 pages.
+        for _ in 0..10 {
+            let reply = self.api(
+                Method::Get,
+                &format!(
+                    "/v1.0/workflow/processes/userVisibilities/templates?userId={}&maxResults=100&nextToken={}",
+                    percent_encode(user_id),
+                    percent_encode(&next)
+                ),
+                None,
+            )?;
+            let result = reply.get("result");
+            for p in result
+                .and_then(|r| r.get("processList"))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if p.get("name").and_then(Value::as_str) == Some(FORM_NAME)
+                    && let Some(code) = p.get("processCode").and_then(Value::as_str)
+                {
+                    return Ok(Some(code.to_string()));
+                }
+            }
+            match result.and_then(|r| r.get("nextToken")) {
+                Some(Value::String(s)) if !s.is_empty() => next = s.clone(),
+                Some(Value::Number(n)) => next = n.to_string(),
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn mode_name(m: SignMode) -> &'static str {
+    match m {
+        SignMode::And => "and",
+        SignMode::Or => "or",
+    }
+}
+
+/// One approver entry per node; a single approver is `NONE` (DingTalk rejects AND/OR there).
+pub fn approvers_body(nodes: &[(SignMode, Vec<String>)]) -> Value {
+    Value::Array(
+        nodes
+            .iter()
+            .map(|(mode, ids)| {
+                let action = match (ids.len(), mode) {
+                    (1, _) => "NONE",
+                    (_, SignMode::And) => "AND",
+                    (_, SignMode::Or) => "OR",
+                };
+                json!({"actionType": action, "userIds": ids})
+            })
+            .collect(),
+    )
+}
+
+/// The text of the one form field: title first (DingTalk titles instances itself), then the
+/// request's fields and link.
+fn field_text(req: &ApprovalRequest) -> String {
+    let body = form_text(req);
+    if body == req.title {
+        body
+    } else {
+        format!("{}\n{}", req.title, body)
+    }
+}
+
+pub fn create(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    req: &ApprovalRequest,
+    _idempotency_token: &str,
+) -> Result<Created> {
+    let c = Client::new(env, app)?;
+    let originator = c.resolve_one(&req.initiator)?;
+    let nodes = req
+        .nodes
+        .iter()
+        .map(|n| Ok((n.mode, c.resolve(&n.approvers)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let cc = c.resolve(&req.cc)?;
+    let code = c.process_code(&originator)?;
+    let mut body = json!({
+        "processCode": code,
+        "originatorUserId": originator,
+        "approvers": approvers_body(&nodes),
+        "formComponentValues": [{"name": FIELD_LABEL, "value": field_text(req)}],
+    });
+    if !cc.is_empty() {
+        body["ccList"] = json!(cc);
+        body["ccPosition"] = json!("FINISH");
+    }
+    let reply = c.api(Method::Post, "/v1.0/workflow/processInstances", Some(&body))?;
+    let instance = reply
+        .get("instanceId")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Error::platform(-1, "instance created without an instanceId", true))?;
+    let layout: Vec<Value> = nodes
+        .iter()
+        .map(|(m, ids)| json!({"mode": mode_name(*m), "approvers": ids}))
+        .collect();
+    Ok(Created {
+        instance_id: instance.to_string(),
+        meta: json!({"nodes": layout, "originator": originator, "process_code": code}),
+    })
+}
+
+/// DingTalk's new API writes times like `2024-03-01T08:05Z` or `2024-03-01T08:05:09Z`
+/// (sometimes with a `+08:00` offset); legacy payloads use epoch milliseconds.
+pub fn parse_time_ms(v: Option<&Value>) -> Option<u64> {
+    if let Some(ms) = json_u64(v) {
+        return Some(ms);
+    }
+    let s = v?.as_str()?.trim();
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, mo, da) = (d.next()??, d.next()??, d.next()??);
+    let (clock, offset_min) = if let Some(c) = time.strip_suffix('Z') {
+        (c, 0)
+    } else if let Some(i) = time.rfind(['+', '-']) {
+        let (c, off) = time.split_at(i);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let (oh, om) = off[1..].split_once(':').unwrap_or((&off[1..], "0"));
+        (
+            c,
+            sign * (oh.parse::<i64>().ok()? * 60 + om.parse::<i64>().ok()?),
+        )
+    } else {
+        (time, 0)
+    };
+    let mut t = clock.split(':');
+    let h: i64 = t.next()?.parse().ok()?;
+    let mi: i64 = t.next()?.parse().ok()?;
+    let sec: f64 = t.next().map(str::parse).transpose().ok()?.unwrap_or(0.0);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 23 || mi > 59 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + da - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 - offset_min * 60;
+    let ms = secs * 1000 + (sec * 1000.0) as i64;
+    u64::try_from(ms).ok()
+}
+
+fn lower(v: Option<&Value>) -> String {
+    v.and_then(Value::as_str).unwrap_or("").to_ascii_lowercase()
+}
+
+/// Decisions from finished tasks, then the instance status.
+pub fn events_from_instance(result: &Value) -> Vec<Event> {
+    let mut events = Vec::new();
+    for t in result
+        .get("tasks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let approved = match lower(t.get("result")).as_str() {
+            "agree" => true,
+            "refuse" => false,
+            _ => continue,
+        };
+        let Some(user) = t.get("userId").and_then(Value::as_str) else {
+            continue;
+        };
+        let comment = result
+            .get("operationRecords")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|r| {
+                r.get("userId").and_then(Value::as_str) == Some(user)
+                    && lower(r.get("result")) == lower(t.get("result"))
+            })
+            .and_then(|r| r.get("remark"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        events.push(Event::Decision(Decision {
+            user: user.to_string(),
+            approved,
+            comment,
+            at_ms: parse_time_ms(t.get("finishTime")).unwrap_or(0),
+        }));
+    }
+    let status = match (
+        result
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_ascii_uppercase()
+            .as_str(),
+        lower(result.get("result")).as_str(),
+    ) {
+        ("COMPLETED", "agree") => Some(ApprovalStatus::Approved),
+        ("COMPLETED", "refuse") => Some(ApprovalStatus::Rejected),
+        ("TERMINATED" | "CANCELED", _) => Some(ApprovalStatus::Canceled),
+        _ => None,
+    };
+    events.extend(status.map(Event::Status));
+    events
+}
+
+pub fn poll(env: &(impl Env + ?Sized), app: &ImApp, rec: &Record) -> Result<Vec<Event>> {
+    let c = Client::new(env, app)?;
+    let reply = c.api(
+        Method::Get,
+        &format!(
+            "/v1.0/workflow/processInstances?processInstanceId={}",
+            percent_encode(&rec.approval.instance_id)
+        ),
+        None,
+    )?;
+    let result = reply
+        .get("result")
+        .ok_or_else(|| Error::platform(-1, "instance reply without a result", true))?;
+    Ok(events_from_instance(result))
+}
+
+pub fn cancel(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    rec: &Record,
+    reason: Option<&str>,
+) -> Result<()> {
+    let c = Client::new(env, app)?;
+    let mut body = json!({
+        "processInstanceId": rec.approval.instance_id,
+        "isSystem": true,
+        "remark": reason.filter(|r| !r.trim().is_empty()).unwrap_or("canceled by the workflow"),
+    });
+    if let Some(o) = rec.meta.get("originator").and_then(Value::as_str) {
+        body["operatingUserId"] = json!(o);
+    }
+    c.api(
+        Method::Post,
+        "/v1.0/workflow/processInstances/terminate",
+        Some(&body),
+    )?;
+    Ok(())
+}
+
+// ---- callbacks ----
+
+fn bad_signature() -> Error {
+    Error::unauthorized("callback signature is missing or invalid")
+}
+
+fn first<'q>(q: &'q [(String, String)], names: &[&str]) -> Option<&'q str> {
+    names
+        .iter()
+        .find_map(|n| q.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str()))
+}
+
+pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest) -> Result<Parsed> {
+    let token = app
+        .token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Error::config("a DingTalk callback token is required"))?;
+    let key = WxKey::new(
+        app.encrypt_key
+            .as_deref()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| Error::config("a DingTalk callback aes_key is required"))?,
+    )?;
+    if app.app_id.trim().is_empty() {
+        return Err(Error::config("app-id (AppKey) is required"));
+    }
+    if !req.method.eq_ignore_ascii_case("POST") {
+        return Err(Error::input("DingTalk callbacks are POST requests"));
+    }
+    let q = http::parse_query(&req.query)?;
+    let (Some(sig), Some(ts), Some(nonce)) = (
+        first(&q, &["msg_signature", "signature"]),
+        first(&q, &["timestamp", "timeStamp"]),
+        first(&q, &["nonce"]),
+    ) else {
+        return Err(bad_signature());
+    };
+    let outer: Value =
+        serde_json::from_slice(&req.body).map_err(|_| Error::input("callback body is not JSON"))?;
+    let encrypt = outer
+        .get("encrypt")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::input("callback body has no `encrypt` field"))?;
+    // Authenticate before touching the ciphertext, so nothing is learnt from decrypt errors.
+    let expected = sorted_sha1_hex(&[token, ts, nonce, encrypt]);
+    if !ct_eq(
+        expected.as_bytes(),
+        sig.trim().to_ascii_lowercase().as_bytes(),
+    ) {
+        return Err(bad_signature());
+    }
+    let ts_ms: u64 = ts
+        .trim()
+        .parse()
+        .map_err(|_| Error::unauthorized("callback timestamp is not a number"))?;
+    if !max_skew_ok(env.now_ms() / 1000, ts_ms / 1000) {
+        return Err(Error::unauthorized(
+            "callback timestamp is outside the allowed window",
+        ));
+    }
+    let plain = key.decrypt(encrypt, app.app_id.trim())?;
+    let event: Value = serde_json::from_slice(&plain)
+        .map_err(|_| Error::input("decrypted callback is not JSON"))?;
+    let events = match event.get("EventType").and_then(Value::as_str) {
+        Some("bpms_task_change") => task_event(env, &event),
+        Some("bpms_instance_change") => instance_event(&event),
+        // check_url and every other subscription are acknowledged and ignored.
+        _ => Vec::new(),
+    };
+    Ok(Parsed {
+        response: success_reply(env, &key, token, app.app_id.trim()),
+        events,
+    })
+}
+
+/// The encrypted "success" every accepted push must be answered with; DingTalk treats any
+/// other answer as a failed delivery (and disables callbacks that keep failing).
+fn success_reply(
+    env: &(impl Env + ?Sized),
+    key: &WxKey,
+    token: &str,
+    app_key: &str,
+) -> HttpResponse {
+    let mut random = [0u8; 16];
+    random.copy_from_slice(&env.random_bytes(16));
+    let encrypt = key.encrypt(random, b"success", app_key);
+    let ts = env.now_ms().to_string();
+    let nonce = env.random_hex(8);
+    let sig = sorted_sha1_hex(&[token, &ts, &nonce, &encrypt]);
+    HttpResponse::json(
+        200,
+        &json!({"msg_signature": sig, "timeStamp": ts, "nonce": nonce, "encrypt": encrypt}),
+    )
+}
+
+fn instance_id_of(ev: &Value) -> Option<String> {
+    ev.get("processInstanceId")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// `type: finish` with `result: agree|refuse` is a decision; start, redirect and cancel
+/// (a task withdrawn, e.g. the other OR approvers) say nothing about the outcome.
+fn task_event(env: &(impl Env + ?Sized), ev: &Value) -> Vec<Inbound> {
+    let Some(instance) = instance_id_of(ev) else {
+        return Vec::new();
+    };
+    if lower(ev.get("type")) != "finish" {
+        return Vec::new();
+    }
+    let result = lower(ev.get("result"));
+    let approved = match result.as_str() {
+        "agree" => true,
+        "refuse" => false,
+        _ => return Vec::new(),
+    };
+    let Some(user) = ev.get("staffId").and_then(Value::as_str) else {
+        return Vec::new();
+    };
+    let task = ev
+        .get("taskId")
+        .map(|t| match t {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .unwrap_or_default();
+    vec![Inbound {
+        dedup_id: Some(format!("dt:task:{instance}:{user}:{task}:{result}")),
+        instance_id: instance,
+        event: Event::Decision(Decision {
+            user: user.to_string(),
+            approved,
+            comment: ev
+                .get("remark")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+            at_ms: parse_time_ms(ev.get("finishTime"))
+                .or_else(|| parse_time_ms(ev.get("createTime")))
+                .unwrap_or_else(|| env.now_ms()),
+        }),
+    }]
+}
+
+/// `finish` carries the outcome; `terminate` is a revoke (in the app or through the API).
+fn instance_event(ev: &Value) -> Vec<Inbound> {
+    let Some(instance) = instance_id_of(ev) else {
+        return Vec::new();
+    };
+    let kind = lower(ev.get("type"));
+    let result = lower(ev.get("result"));
+    let status = match (kind.as_str(), result.as_str()) {
+        ("finish", "agree") => ApprovalStatus::Approved,
+        ("finish", "refuse") => ApprovalStatus::Rejected,
+        ("terminate", _) => ApprovalStatus::Canceled,
+        _ => return Vec::new(),
+    };
+    vec![Inbound {
+        dedup_id: Some(format!("dt:inst:{instance}:{kind}:{result}")),
+        instance_id: instance,
+        event: Event::Status(status),
+    }]
+}
+
+// ---- notifications ----
+
+fn level_style(level: Level) -> (&'static str, &'static str) {
+    match level {
+        Level::Info => ("ℹ️", "#1677FF"),
+        Level::Success => ("✅", "#52C41A"),
+        Level::Warning => ("⚠️", "#FA8C16"),
+        Level::Failure => ("❌", "#F5222D"),
+    }
+}
+
+/// Markdown for robots and work notices: a coloured title line, the body, then `@` mentions
+/// (DingTalk only highlights mentions that also appear in the text).
+pub fn markdown_text(n: &Notification, mentions: &[String]) -> String {
+    let (emoji, colour) = level_style(n.level);
+    let mut s = format!(
+        "### {emoji} <font color={colour}>{}</font>\n\n{}",
+        n.title, n.markdown
+    );
+    if let Some(link) = &n.link {
+        s.push_str(&format!("\n\n[{}]({})", link.text, link.url));
+    }
+    let mut tags: Vec<String> = mentions.iter().map(|m| format!("@{m}")).collect();
+    if n.mention_all {
+        tags.push("@all".into());
+    }
+    if !tags.is_empty() {
+        s.push_str("\n\n");
+        s.push_str(&tags.join(" "));
+    }
+    s
+}
+
+pub fn robot_body(n: &Notification, mobiles: &[String], user_ids: &[String]) -> Value {
+    let all: Vec<String> = mobiles.iter().chain(user_ids).cloned().collect();
+    let text = markdown_text(n, &all);
+    let mut body = match &n.link {
+        Some(link) => json!({"msgtype": "actionCard", "actionCard": {
+            "title": n.title, "text": text, "singleTitle": link.text, "singleURL": link.url,
+            "btnOrientation": "0",
+        }}),
+        None => json!({"msgtype": "markdown", "markdown": {"title": n.title, "text": text}}),
+    };
+    body["at"] = json!({"atMobiles": mobiles, "atUserIds": user_ids, "isAtAll": n.mention_all});
+    body
+}
+
+/// The robot URL with 加签 parameters appended when a secret is set.
+pub fn signed_url(url: &str, secret: Option<&str>, now_ms: u64) -> String {
+    match secret.filter(|s| !s.is_empty()) {
+        None => url.to_string(),
+        Some(secret) => {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!(
+                "{url}{sep}timestamp={now_ms}&sign={}",
+                percent_encode(&crypto::robot::dingtalk_sign(now_ms, secret))
+            )
+        }
+    }
+}
+
+pub fn send_webhook(
+    env: &(impl Env + ?Sized),
+    _app: Option<&ImApp>,
+    url: &str,
+    secret: Option<&str>,
+    n: &Notification,
+) -> Result<Receipt> {
+    let mut mobiles = Vec::new();
+    let mut ids = Vec::new();
+    for m in &n.mentions {
+        match m {
+            UserRef::Mobile(x) => mobiles.push(x.trim().to_string()),
+            UserRef::Id(x) => ids.push(x.trim().to_string()),
+            UserRef::Email(_) => {
+                return Err(Error::input(
+                    "DingTalk robots mention by mobile or user id, not by email",
+                ));
+            }
+        }
+    }
+    let body = robot_body(n, &mobiles, &ids);
+    let url = signed_url(url, secret, env.now_ms());
+    check_legacy(call_json(env, Method::Post, &url, &[], Some(&body))?)?;
+    Ok(Receipt { message_id: None })
+}
+
+/// Work notification from the app (`asyncsend_v2`); returns the task ids DingTalk assigned.
+pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) -> Result<Receipt> {
+    let users = match &n.target {
+        Target::Users(users) if !users.is_empty() => users,
+        Target::Users(_) => return Err(Error::input("no users to notify")),
+        Target::Chat(_) => {
+            return Err(Error::input(
+                "DingTalk chat targets are not supported; use a robot webhook or users",
+            ));
+        }
+        Target::Webhook(_) => return Err(Error::input("webhooks are not app messages")),
+    };
+    let agent = app
+        .agent_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| Error::config("agent-id is required for DingTalk work notifications"))?;
+    let agent: Value = agent
+        .parse::<u64>()
+        .map(Value::from)
+        .map_err(|_| Error::config("agent-id must be the app's numeric AgentId"))?;
+    let c = Client::new(env, app)?;
+    let ids = c.resolve(users)?;
+    let mentions = c.resolve(&n.mentions)?;
+    let msg = json!({"msgtype": "markdown", "markdown": {
+        "title": n.title, "text": markdown_text(n, &mentions),
+    }});
+    let mut tasks = Vec::new();
+    for chunk in ids.chunks(NOTICE_BATCH) {
+        let body = json!({"agent_id": agent, "userid_list": chunk.join(","), "msg": msg});
+        let reply = c.legacy_post("/topapi/message/corpconversation/asyncsend_v2", &body)?;
+        if let Some(t) = reply.get("task_id") {
+            tasks.push(match t {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            });
+        }
+    }
+    Ok(Receipt {
+        message_id: (!tasks.is_empty()).then(|| tasks.join(",")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::fake::{FakeEnv, json_response};
+    use crate::model::{ApprovalNode, Link, Platform};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    const AES: &str = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C";
+
+    fn app() -> ImApp {
+        ImApp {
+            id: "dt1".into(),
+            platform: Platform::Dingtalk,
+            app_id: "dingappkey".into(),
+            app_secret: "appsecret".into(),
+            agent_id: Some("12345".into()),
+            encrypt_key: Some(AES.into()),
+            token: Some("cbtoken".into()),
+            api_base: Some("http://127.0.0.1:1".into()),
+        }
+    }
+
+    fn push(env: &FakeEnv, plain: &Value, receive_id: &str) -> HttpRequest {
+        let enc =
+            WxKey::new(AES)
+                .unwrap()
+                .encrypt([7; 16], plain.to_string().as_bytes(), receive_id);
+        let ts = env.now_ms().to_string();
+        let sig = sorted_sha1_hex(&["cbtoken", &ts, "nonce1", &enc]);
+        HttpRequest {
+            method: "POST".into(),
+            path: "/cb".into(),
+            query: format!("signature={sig}&timestamp={ts}&nonce=nonce1&encrypt_type=aes"),
+            headers: vec![],
+            body: json!({ "encrypt": enc }).to_string().into_bytes(),
+        }
+    }
+
+    fn request() -> ApprovalRequest {
+        ApprovalRequest {
+            key: "k1".into(),
+            title: "Deploy".into(),
+            initiator: UserRef::Mobile("13800000000".into()),
+            nodes: vec![
+                ApprovalNode {
+                    approvers: vec![UserRef::Id("a".into()), UserRef::Id("b".into())],
+                    mode: SignMode::And,
+                },
+                ApprovalNode {
+                    approvers: vec![UserRef::Id("c".into())],
+                    mode: SignMode::Or,
+                },
+            ],
+            cc: vec![UserRef::Id("d".into())],
+            fields: vec![("env".into(), "prod".into())],
+            detail_url: None,
+        }
+    }
+
+    /// A scripted DingTalk: token, mobile lookup, empty template list, form, instance.
+    fn scripted(log: Rc<RefCell<Vec<(String, Value)>>>) -> FakeEnv {
+        FakeEnv::new(move |r| {
+            let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+            let path = r.url.split('?').next().unwrap_or("").to_string();
+            log.borrow_mut().push((r.url.clone(), body.clone()));
+            match path.trim_start_matches("http://127.0.0.1:1") {
+                "/v1.0/oauth2/accessToken" => {
+                    json_response(200, json!({"accessToken": "tok", "expireIn": 7200}))
+                }
+                "/topapi/v2/user/getbymobile" => {
+                    json_response(200, json!({"errcode": 0, "result": {"userid": "orig"}}))
+                }
+                "/v1.0/workflow/processes/userVisibilities/templates" => {
+                    json_response(200, json!({"result": {"processList": []}}))
+                }
+                "/v1.0/workflow/forms" => {
+                    json_response(200, json!({"result": {"processCode": "PROC-1"}}))
+                }
+                "/v1.0/workflow/processInstances" => {
+                    json_response(200, json!({"instanceId": "inst-1"}))
+                }
+                _ => json_response(404, json!({"code": "NotFound", "message": "no"})),
+            }
+        })
+    }
+
+    #[test]
+    fn create_builds_nodes_and_caches_the_form() {
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let env = scripted(log.clone());
+        let c = create(&env, &app(), &request(), "x").unwrap();
+        assert_eq!(c.instance_id, "inst-1");
+        assert_eq!(c.meta["originator"], "orig");
+        assert_eq!(c.meta["nodes"][0]["mode"], "and");
+        assert_eq!(c.meta["nodes"][1]["approvers"], json!(["c"]));
+        let (_, body) = log
+            .borrow()
+            .iter()
+            .find(|(u, _)| u.ends_with("/v1.0/workflow/processInstances"))
+            .cloned()
+            .unwrap();
+        assert_eq!(body["processCode"], "PROC-1");
+        assert_eq!(body["originatorUserId"], "orig");
+        assert_eq!(
+            body["approvers"],
+            json!([{"actionType": "AND", "userIds": ["a", "b"]},
+                   {"actionType": "NONE", "userIds": ["c"]}])
+        );
+        assert_eq!(body["ccList"], json!(["d"]));
+        assert_eq!(body["formComponentValues"][0]["name"], FIELD_LABEL);
+        assert_eq!(body["formComponentValues"][0]["value"], "Deploy\nenv: prod");
+        // Token header on new-API calls, access_token query on legacy ones.
+        let sent = env.sent.borrow();
+        let inst = sent
+            .iter()
+            .find(|r| r.url.ends_with("/processInstances"))
+            .unwrap();
+        assert!(
+            inst.headers
+                .iter()
+                .any(|(k, v)| k == TOKEN_HEADER && v == "tok")
+        );
+        assert!(
+            sent.iter()
+                .any(|r| r.url.contains("getbymobile?access_token=tok"))
+        );
+        drop(sent);
+        // Second start: the form comes from KV, the token from the cache.
+        log.borrow_mut().clear();
+        create(&env, &app(), &request(), "x").unwrap();
+        let urls: Vec<String> = log.borrow().iter().map(|(u, _)| u.clone()).collect();
+        assert!(
+            !urls
+                .iter()
+                .any(|u| u.contains("forms") || u.contains("accessToken"))
+        );
+    }
+
+    #[test]
+    fn errors_map_with_codes_and_retryability() {
+        let env = FakeEnv::new(|r| {
+            if r.url.contains("accessToken") {
+                json_response(200, json!({"accessToken": "t", "expireIn": 7200}))
+            } else {
+                json_response(
+                    429,
+                    json!({"code": "Throttling.Api", "message": "slow down", "requestid": "r"}),
+                )
+            }
+        });
+        let a = app();
+        let c = Client::new(&env, &a).unwrap();
+        let e = c.api(Method::Get, "/x", None).unwrap_err();
+        assert!(
+            matches!(&e, Error::Platform { code: -429, message, retryable: true } if message.starts_with("Throttling.Api"))
+        );
+        env.set_responder(|_| {
+            json_response(400, json!({"code": "InvalidParameter", "message": "bad"}))
+        });
+        let e = c.api(Method::Get, "/x", None).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Platform {
+                code: -400,
+                retryable: false,
+                ..
+            }
+        ));
+        env.set_responder(|_| json_response(200, json!({"errcode": 90018, "errmsg": "limit"})));
+        let e = c.legacy_post("/x", &json!({})).unwrap_err();
+        assert_eq!(e, Error::platform(90018, "limit", true));
+        env.set_responder(|_| json_response(200, json!({"errcode": 33012, "errmsg": "no"})));
+        let e = c.legacy_post("/x", &json!({})).unwrap_err();
+        assert_eq!(e, Error::platform(33012, "no", false));
+    }
+
+    #[test]
+    fn token_is_refreshed_once_on_invalid_authentication() {
+        let tokens = Rc::new(RefCell::new(0));
+        let t2 = tokens.clone();
+        let env = FakeEnv::new(move |r| {
+            if r.url.contains("accessToken") {
+                *t2.borrow_mut() += 1;
+                return json_response(
+                    200,
+                    json!({"accessToken": format!("t{}", t2.borrow()), "expireIn": 7200}),
+                );
+            }
+            let tok = r
+                .headers
+                .iter()
+                .find(|(k, _)| k == TOKEN_HEADER)
+                .map(|(_, v)| v.clone());
+            if tok.as_deref() == Some("t2") {
+                json_response(200, json!({"result": {"ok": true}}))
+            } else {
+                json_response(
+                    401,
+                    json!({"code": "InvalidAuthentication", "message": "不合法的access_token"}),
+                )
+            }
+        });
+        let a = app();
+        let c = Client::new(&env, &a).unwrap();
+        assert_eq!(
+            c.api(Method::Get, "/x", None).unwrap()["result"]["ok"],
+            true
+        );
+        assert_eq!(*tokens.borrow(), 2);
+    }
+
+    #[test]
+    fn instance_states_become_events() {
+        let r = json!({"status": "COMPLETED", "result": "agree", "tasks": [
+            {"userId": "a", "status": "COMPLETED", "result": "AGREE", "finishTime": "2024-03-01T08:05Z"},
+            {"userId": "b", "status": "CANCELED", "result": "NONE"},
+        ], "operationRecords": [{"userId": "a", "result": "AGREE", "remark": "ok"}]});
+        let ev = events_from_instance(&r);
+        assert_eq!(ev.len(), 2);
+        assert!(
+            matches!(&ev[0], Event::Decision(d) if d.user == "a" && d.approved && d.comment.as_deref() == Some("ok") && d.at_ms == 1_709_280_300_000)
+        );
+        assert_eq!(ev[1], Event::Status(ApprovalStatus::Approved));
+        let ev = events_from_instance(&json!({"status": "TERMINATED"}));
+        assert_eq!(ev, vec![Event::Status(ApprovalStatus::Canceled)]);
+        let ev = events_from_instance(&json!({"status": "COMPLETED", "result": "refuse"}));
+        assert_eq!(ev, vec![Event::Status(ApprovalStatus::Rejected)]);
+        assert!(events_from_instance(&json!({"status": "RUNNING"})).is_empty());
+    }
+
+    #[test]
+    fn time_parsing() {
+        assert_eq!(parse_time_ms(Some(&json!("1970-01-01T00:00Z"))), Some(0));
+        assert_eq!(
+            parse_time_ms(Some(&json!("2024-03-01T16:05:00+08:00"))),
+            Some(1_709_280_300_000)
+        );
+        assert_eq!(
+            parse_time_ms(Some(&json!(1_700_000_000_000u64))),
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(parse_time_ms(Some(&json!("garbage"))), None);
+    }
+
+    #[test]
+    fn callbacks_verify_decrypt_and_reply_encrypted_success() {
+        let env = FakeEnv::offline();
+        let ev = json!({"EventType": "bpms_task_change", "processInstanceId": "inst-1",
+            "type": "finish", "result": "agree", "staffId": "a", "taskId": 11,
+            "finishTime": 1_700_000_000_000u64, "remark": "fine"});
+        let p = parse_callback(&env, &app(), &push(&env, &ev, "dingappkey")).unwrap();
+        assert_eq!(p.events.len(), 1);
+        assert_eq!(
+            p.events[0].dedup_id.as_deref(),
+            Some("dt:task:inst-1:a:11:agree")
+        );
+        assert!(
+            matches!(&p.events[0].event, Event::Decision(d) if d.user == "a" && d.approved && d.comment.as_deref() == Some("fine"))
+        );
+        // The reply: signed over its own fields, decrypting to "success" for our AppKey.
+        let r: Value = serde_json::from_slice(&p.response.body).unwrap();
+        let (ts, nonce, enc) = (
+            r["timeStamp"].as_str().unwrap(),
+            r["nonce"].as_str().unwrap(),
+            r["encrypt"].as_str().unwrap(),
+        );
+        assert_eq!(
+            r["msg_signature"],
+            sorted_sha1_hex(&["cbtoken", ts, nonce, enc])
+        );
+        assert_eq!(
+            WxKey::new(AES).unwrap().decrypt(enc, "dingappkey").unwrap(),
+            b"success"
+        );
+
+        // Alternate parameter spellings.
+        let mut alt = push(&env, &json!({"EventType": "check_url"}), "dingappkey");
+        alt.query = alt
+            .query
+            .replace("signature=", "msg_signature=")
+            .replace("timestamp=", "timeStamp=");
+        let p = parse_callback(&env, &app(), &alt).unwrap();
+        assert!(p.events.is_empty());
+        assert_eq!(p.response.status, 200);
+    }
+
+    #[test]
+    fn instance_events_and_ignored_ones() {
+        let env = FakeEnv::offline();
+        let a = app();
+        let cases = [
+            (
+                json!({"type": "finish", "result": "agree"}),
+                Some(ApprovalStatus::Approved),
+            ),
+            (
+                json!({"type": "finish", "result": "refuse"}),
+                Some(ApprovalStatus::Rejected),
+            ),
+            (json!({"type": "terminate"}), Some(ApprovalStatus::Canceled)),
+            (json!({"type": "start"}), None),
+        ];
+        for (mut ev, want) in cases {
+            ev["EventType"] = json!("bpms_instance_change");
+            ev["processInstanceId"] = json!("inst-1");
+            let p = parse_callback(&env, &a, &push(&env, &ev, "dingappkey")).unwrap();
+            assert_eq!(
+                p.events.first().map(|e| e.event.clone()),
+                want.map(Event::Status)
+            );
+        }
+        for ev in [
+            json!({"EventType": "bpms_task_change", "processInstanceId": "i", "type": "redirect", "staffId": "a"}),
+            json!({"EventType": "bpms_task_change", "processInstanceId": "i", "type": "start", "staffId": "a"}),
+            json!({"EventType": "user_add_org", "UserId": ["x"]}),
+        ] {
+            let p = parse_callback(&env, &a, &push(&env, &ev, "dingappkey")).unwrap();
+            assert!(p.events.is_empty());
+        }
+    }
+
+    #[test]
+    fn bad_callbacks_are_typed_errors() {
+        let env = FakeEnv::offline();
+        let a = app();
+        let ev = json!({"EventType": "check_url"});
+        let good = push(&env, &ev, "dingappkey");
+
+        let mut tampered = good.clone();
+        tampered.query = tampered.query.replacen("signature=", "signature=0", 1);
+        assert!(matches!(
+            parse_callback(&env, &a, &tampered),
+            Err(Error::Unauthorized(_))
+        ));
+
+        let mut unsigned = good.clone();
+        unsigned.query = String::new();
+        assert!(matches!(
+            parse_callback(&env, &a, &unsigned),
+            Err(Error::Unauthorized(_))
+        ));
+
+        let other_owner = push(&env, &ev, "someone-else");
+        assert!(matches!(
+            parse_callback(&env, &a, &other_owner),
+            Err(Error::Unauthorized(_))
+        ));
+
+        let mut not_json = good.clone();
+        not_json.body = b"<xml/>".to_vec();
+        assert!(matches!(
+            parse_callback(&env, &a, &not_json),
+            Err(Error::InvalidInput(_))
+        ));
+
+        // Signed but undecryptable ciphertext.
+        let enc = "not base64!";
+        let ts = env.now_ms().to_string();
+        let sig = sorted_sha1_hex(&["cbtoken", &ts, "n", enc]);
+        let bad_b64 = HttpRequest {
+            method: "POST".into(),
+            query: format!("signature={sig}&timestamp={ts}&nonce=n"),
+            body: json!({ "encrypt": enc }).to_string().into_bytes(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            parse_callback(&env, &a, &bad_b64),
+            Err(Error::InvalidInput(_))
+        ));
+
+        let plain_text = {
+            let enc = WxKey::new(AES)
+                .unwrap()
+                .encrypt([1; 16], b"not json", "dingappkey");
+            let sig = sorted_sha1_hex(&["cbtoken", &ts, "n", &enc]);
+            HttpRequest {
+                method: "POST".into(),
+                query: format!("signature={sig}&timestamp={ts}&nonce=n"),
+                body: json!({ "encrypt": enc }).to_string().into_bytes(),
+                ..Default::default()
+            }
+        };
+        assert!(matches!(
+            parse_callback(&env, &a, &plain_text),
+            Err(Error::InvalidInput(_))
+        ));
+
+        env.now.set(env.now.get() + 3_600_000);
+        assert!(
+            matches!(parse_callback(&env, &a, &good), Err(Error::Unauthorized(m)) if m.contains("window"))
+        );
+
+        let mut no_token = app();
+        no_token.token = None;
+        assert!(matches!(
+            parse_callback(&env, &no_token, &good),
+            Err(Error::InvalidConfig(_))
+        ));
+        let mut no_key = app();
+        no_key.encrypt_key = None;
+        assert!(matches!(
+            parse_callback(&env, &no_key, &good),
+            Err(Error::InvalidConfig(_))
+        ));
+    }
+
+    fn note(target: Target) -> Notification {
+        Notification {
+            target,
+            title: "Build failed".into(),
+            markdown: "**wf 42**".into(),
+            level: Level::Failure,
+            link: None,
+            mentions: vec![UserRef::Mobile("138".into()), UserRef::Id("u9".into())],
+            mention_all: false,
+        }
+    }
+
+    #[test]
+    fn robot_is_signed_and_mentions_rendered() {
+        let env = FakeEnv::new(|_| json_response(200, json!({"errcode": 0, "errmsg": "ok"})));
+        let n = note(Target::Chat("x".into()));
+        send_webhook(
+            &env,
+            None,
+            "http://h/robot/send?access_token=abc",
+            Some("sec"),
+            &n,
+        )
+        .unwrap();
+        let sent = env.sent.borrow();
+        let url = &sent[0].url;
+        let ts = env.now_ms();
+        assert_eq!(
+            *url,
+            format!(
+                "http://h/robot/send?access_token=abc&timestamp={ts}&sign={}",
+                percent_encode(&crypto::robot::dingtalk_sign(ts, "sec"))
+            )
+        );
+        let body: Value = serde_json::from_slice(&sent[0].body).unwrap();
+        assert_eq!(body["msgtype"], "markdown");
+        assert_eq!(body["at"]["atMobiles"], json!(["138"]));
+        assert_eq!(body["at"]["atUserIds"], json!(["u9"]));
+        let text = body["markdown"]["text"].as_str().unwrap();
+        assert!(text.contains("@138") && text.contains("@u9") && text.contains("#F5222D"));
+        drop(sent);
+
+        let mut with_link = n.clone();
+        with_link.link = Some(Link {
+            text: "Open".into(),
+            url: "https://x/1".into(),
+        });
+        let b = robot_body(&with_link, &[], &[]);
+        assert_eq!(b["msgtype"], "actionCard");
+        assert_eq!(b["actionCard"]["singleURL"], "https://x/1");
+
+        env.set_responder(|_| {
+            json_response(200, json!({"errcode": 310000, "errmsg": "sign not match"}))
+        });
+        assert_eq!(
+            send_webhook(&env, None, "http://h/robot/send", None, &n).unwrap_err(),
+            Error::platform(310000, "sign not match", false)
+        );
+        let mut email = n;
+        email.mentions = vec![UserRef::Email("a@b".into())];
+        assert!(matches!(
+            send_webhook(&env, None, "http://h/r", None, &email),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+
+    #[test]
+    fn work_notice_needs_agent_and_users() {
+        let env = FakeEnv::new(|r| {
+            if r.url.contains("accessToken") {
+                json_response(200, json!({"accessToken": "t", "expireIn": 7200}))
+            } else if r.url.contains("getbymobile") {
+                json_response(200, json!({"errcode": 0, "result": {"userid": "m1"}}))
+            } else {
+                json_response(
+                    200,
+                    json!({"errcode": 0, "task_id": 256, "request_id": "r"}),
+                )
+            }
+        });
+        let mut n = note(Target::Users(vec![UserRef::Id("u1".into())]));
+        n.mentions.clear();
+        let r = send_message(&env, &app(), &n).unwrap();
+        assert_eq!(r.message_id.as_deref(), Some("256"));
+        let sent = env.sent.borrow();
+        let last = sent.last().unwrap();
+        assert!(last.url.contains("asyncsend_v2?access_token=t"));
+        let body: Value = serde_json::from_slice(&last.body).unwrap();
+        assert_eq!(body["agent_id"], 12345);
+        assert_eq!(body["userid_list"], "u1");
+        assert_eq!(body["msg"]["msgtype"], "markdown");
+        drop(sent);
+
+        let mut no_agent = app();
+        no_agent.agent_id = None;
+        assert!(matches!(
+            send_message(&env, &no_agent, &n),
+            Err(Error::InvalidConfig(_))
+        ));
+        let chat = note(Target::Chat("c".into()));
+        assert!(matches!(
+            send_message(&env, &app(), &chat),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+}

@@ -1,0 +1,1413 @@
+//! WeCom (WeChat Work): access token per app, approval template + `applyevent` instances,
+//! `getapprovaldetail` polling, WXBizMsgCrypt callbacks (GET URL check, POST XML or JSON), group
+//! robot webhooks and app messages.
+//!
+//! WeCom reports the overall `sp_status` of an approval, so this module emits `Event::Status`
+//! (plus the individual decisions for the record) and never evaluates nodes locally.
+
+use super::{Created, Parsed, form_text};
+use crate::approval::{Event, Inbound, Record};
+use crate::callback::max_skew_ok;
+use crate::crypto::{self, ct_eq, sorted_sha1_hex, wx::WxKey};
+use crate::env::{Env, EnvExt, hex, key_segment};
+use crate::error::{Error, Result};
+use crate::http::{self, Method, call_json, parse_query, percent_encode, status_is_retryable};
+use crate::model::{
+    ApprovalRequest, ApprovalStatus, Decision, HttpRequest, HttpResponse, ImApp, Level,
+    Notification, Receipt, SignMode, Target, UserRef,
+};
+use crate::token::{self, Issued};
+use quick_xml::events::Event as XmlEvent;
+use serde_json::{Value, json};
+
+pub const WECOM_BASE: &str = "https://qyapi.weixin.qq.com";
+
+/// The one control of the template every imbridge approval uses ("control-number" ids are
+/// what `create_template` requires).
+const DETAIL_CONTROL: &str = "Textarea-01";
+/// Codes that mean the access token is invalid or expired: refresh once and retry.
+/// 40014 invalid token, 42001 expired, 40001 invalid credential, 41001 token missing.
+const TOKEN_INVALID: &[i64] = &[40014, 42001, 40001, 41001];
+/// -1 "system busy", 45009 / 45011 call-frequency limits, 45033 too many concurrent calls.
+const RETRYABLE: &[i64] = &[-1, 45009, 45011, 45033];
+/// Robot markdown content limit (WeCom: 4096 bytes); text content is 2048.
+const MAX_ROBOT_MARKDOWN: usize = 4096;
+const MAX_ROBOT_TEXT: usize = 2048;
+/// WeCom summary lines are short; longer ones are rejected by `applyevent`.
+const MAX_SUMMARY_CHARS: usize = 20;
+
+/// Real WeCom callbacks are a few KiB; the XML parser refuses anything bigger than this, and
+/// any document deeper or wider than the bounds below.
+const MAX_XML_BYTES: usize = 256 * 1024;
+const MAX_XML_DEPTH: usize = 16;
+const MAX_XML_ELEMENTS: usize = 4096;
+
+fn is_token_invalid(e: &Error) -> bool {
+    matches!(e, Error::Platform { code, .. } if TOKEN_INVALID.contains(code))
+}
+
+/// Turns a WeCom reply into its body, or a typed error with WeCom's own `errcode`.
+fn check(reply: http::JsonReply) -> Result<Value> {
+    let code = reply.body.get("errcode").and_then(Value::as_i64);
+    let msg = reply
+        .body
+        .get("errmsg")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    match code {
+        Some(0) | None if reply.status < 400 => Ok(reply.body),
+        Some(c) if c != 0 => Err(Error::platform(
+            c,
+            msg,
+            RETRYABLE.contains(&c) || status_is_retryable(reply.status),
+        )),
+        _ => Err(Error::platform(
+            -i64::from(reply.status),
+            format!("HTTP {} from WeCom {msg}", reply.status),
+            status_is_retryable(reply.status),
+        )),
+    }
+}
+
+struct Client<'a, E: Env + ?Sized> {
+    env: &'a E,
+    app: &'a ImApp,
+    base: String,
+    token_key: String,
+}
+
+impl<'a, E: Env + ?Sized> Client<'a, E> {
+    fn new(env: &'a E, app: &'a ImApp) -> Result<Self> {
+        if app.app_id.trim().is_empty() || app.app_secret.trim().is_empty() {
+            return Err(Error::config(
+                "app-id (the CorpID) and app-secret (the app's Secret) are required",
+            ));
+        }
+        let base = http::api_base(app.api_base.as_deref(), WECOM_BASE)?;
+        // `cache_key` covers corp id, agent id and secret: two apps of one corp never share.
+        let token_key = token::cache_key(app, &base);
+        Ok(Client {
+            env,
+            app,
+            base,
+            token_key,
+        })
+    }
+
+    fn fetch_token(&self) -> Result<Issued> {
+        // The secret travels in the query (WeCom's only form); errors never echo the URL.
+        let url = format!(
+            "{}/cgi-bin/gettoken?corpid={}&corpsecret={}",
+            self.base,
+            percent_encode(self.app.app_id.trim()),
+            percent_encode(self.app.app_secret.trim())
+        );
+        let reply = check(call_json(self.env, Method::Get, &url, &[], None)?)?;
+        Ok(Issued {
+            token: reply
+                .get("access_token")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            ttl_secs: reply
+                .get("expires_in")
+                .and_then(Value::as_u64)
+                .unwrap_or(7200),
+        })
+    }
+
+    /// POSTs `body` to an authenticated endpoint and returns the whole reply.
+    fn api(&self, path: &str, body: &Value) -> Result<Value> {
+        token::with_token(
+            self.env,
+            &self.token_key,
+            &|| self.fetch_token(),
+            is_token_invalid,
+            &mut |tok| {
+                let url = format!("{}{}?access_token={}", self.base, path, percent_encode(tok));
+                check(call_json(self.env, Method::Post, &url, &[], Some(body))?)
+            },
+        )
+    }
+
+    fn resolve_one(&self, u: &UserRef) -> Result<String> {
+        let (path, body, what) = match u {
+            UserRef::Id(id) => {
+                let id = id.trim();
+                if id.is_empty() {
+                    return Err(Error::input("empty user id"));
+                }
+                return Ok(id.to_string());
+            }
+            UserRef::Mobile(m) => (
+                "/cgi-bin/user/getuserid",
+                json!({"mobile": normalize_mobile(m)?}),
+                m,
+            ),
+            UserRef::Email(e) => (
+                "/cgi-bin/user/get_userid_by_email",
+                // email_type 1: the corporate mailbox; WeCom also knows personal ones (2).
+                json!({"email": e.trim(), "email_type": 1}),
+                e,
+            ),
+        };
+        let reply = match self.api(path, &body) {
+            // 46004 "user not found" / 60111 "userid not found": say who.
+            Err(Error::Platform { code, .. }) if code == 46004 || code == 60111 => {
+                return Err(Error::input(format!("no WeCom user found for {what}")));
+            }
+            other => other?,
+        };
+        reply
+            .get("userid")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| Error::input(format!("no WeCom user found for {what}")))
+    }
+
+    fn resolve(&self, users: &[UserRef]) -> Result<Vec<String>> {
+        users.iter().map(|u| self.resolve_one(u)).collect()
+    }
+
+    /// The app's one approval template, created on first use and cached in KV.
+    fn template(&self) -> Result<String> {
+        let cache = format!(
+            "a/{}/wtpl/{}",
+            key_segment(&self.app.id),
+            &hex(&crypto::sha256(&[
+                self.base.as_bytes(),
+                b"\0",
+                self.app.app_id.as_bytes()
+            ]))[..16]
+        );
+        if let Some(id) = self.env.kv_get(&cache)? {
+            return String::from_utf8(id).map_err(|_| Error::storage("corrupt template cache"));
+        }
+        // Template names must be unique in the corp; a random suffix keeps two apps (or two
+        // racing first starts) from colliding forever on the same name.
+        let name = format!("imbridge {}", &self.env.random_hex(3));
+        let reply = self.api(
+            "/cgi-bin/oa/approval/create_template",
+            &template_body(&name),
+        )?;
+        let id = reply
+            .get("template_id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::platform(-1, "template created without a template_id", true))?
+            .to_string();
+        self.env.kv_set(&cache, id.as_bytes())?;
+        Ok(id)
+    }
+}
+
+/// Mobile numbers as WeCom's directory stores them: mainland numbers as 11 bare digits, others
+/// as `+<country code><number>`. Accepts spaces, dashes, dots, parentheses and `+86` / `0086` /
+/// `86` prefixes.
+pub fn normalize_mobile(raw: &str) -> Result<String> {
+    let t = raw.trim();
+    let mut plus = false;
+    let mut digits = String::with_capacity(t.len());
+    for c in t.chars() {
+        match c {
+            '0'..='9' => digits.push(c),
+            // "+86 …" and "(+86) …": a plus is only meaningful before the first digit.
+            '+' if digits.is_empty() && !plus => plus = true,
+            ' ' | '-' | '.' | '(' | ')' | '\u{a0}' => {}
+            _ => return Err(Error::input(format!("{raw:?} is not a mobile number"))),
+        }
+    }
+    let mainland = |d: &str| d.len() == 11 && d.starts_with('1');
+    let international = digits
+        .strip_prefix("00")
+        .map(str::to_string)
+        .or_else(|| plus.then(|| digits.clone()));
+    let out = match international {
+        Some(intl) => match intl.strip_prefix("86") {
+            Some(d) if mainland(d) => d.to_string(),
+            _ => format!("+{intl}"),
+        },
+        None => match digits.strip_prefix("86") {
+            Some(d) if mainland(d) => d.to_string(),
+            _ => digits,
+        },
+    };
+    let n = out.trim_start_matches('+').len();
+    if !(5..=20).contains(&n) {
+        return Err(Error::input(format!("{raw:?} is not a mobile number")));
+    }
+    Ok(out)
+}
+
+pub fn template_body(name: &str) -> Value {
+    let zh = |t: &str| json!([{"text": t, "lang": "zh_CN"}]);
+    json!({
+        "template_name": zh(name),
+        "template_content": {"controls": [{
+            "property": {
+                "control": "Textarea",
+                "id": DETAIL_CONTROL,
+                "title": zh("Details"),
+                "placeholder": zh("Filled in by imbridge"),
+                "require": 1,
+            },
+            "config": {},
+        }]},
+    })
+}
+
+pub fn applyevent_body(
+    template_id: &str,
+    creator: &str,
+    nodes: &[(SignMode, Vec<String>)],
+    cc: &[String],
+    req: &ApprovalRequest,
+) -> Value {
+    let mut node_list: Vec<Value> = nodes
+        .iter()
+        .map(|(mode, ids)| {
+            json!({
+                "type": 1,
+                "apv_rel": match mode { SignMode::And => 1, SignMode::Or => 2 },
+                "userid": ids,
+            })
+        })
+        .collect();
+    if !cc.is_empty() {
+        node_list.push(json!({"type": 2, "userid": cc}));
+    }
+    let summary: String = req.title.chars().take(MAX_SUMMARY_CHARS).collect();
+    let mut text = req.title.clone();
+    let body = form_text(req);
+    if body != req.title {
+        text.push_str("\n\n");
+        text.push_str(&body);
+    }
+    json!({
+        "creator_userid": creator,
+        "template_id": template_id,
+        "use_template_approver": 0,
+        "process": {"node_list": node_list},
+        "apply_data": {"contents": [{
+            "control": "Textarea", "id": DETAIL_CONTROL, "value": {"text": text},
+        }]},
+        "summary_list": [{"summary_info": [{"text": summary, "lang": "zh_CN"}]}],
+    })
+}
+
+pub fn create(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    req: &ApprovalRequest,
+    _idempotency_token: &str,
+) -> Result<Created> {
+    let c = Client::new(env, app)?;
+    let creator = c.resolve_one(&req.initiator)?;
+    let nodes = req
+        .nodes
+        .iter()
+        .map(|n| Ok((n.mode, c.resolve(&n.approvers)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let cc = c.resolve(&req.cc)?;
+    let template_id = c.template()?;
+    let reply = c.api(
+        "/cgi-bin/oa/applyevent",
+        &applyevent_body(&template_id, &creator, &nodes, &cc, req),
+    )?;
+    let sp_no = reply
+        .get("sp_no")
+        .and_then(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.as_u64().map(|n| n.to_string()))
+        })
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Error::platform(-1, "applyevent answered without an sp_no", true))?;
+    Ok(Created {
+        instance_id: sp_no,
+        meta: json!({"template_id": template_id, "creator": creator}),
+    })
+}
+
+/// WeCom's `sp_status` of a whole approval. 10 ("paid") follows an approval.
+pub fn map_status(code: i64) -> Option<ApprovalStatus> {
+    Some(match code {
+        1 => ApprovalStatus::Pending,
+        2 | 10 => ApprovalStatus::Approved,
+        3 => ApprovalStatus::Rejected,
+        4 | 6 | 7 => ApprovalStatus::Canceled,
+        _ => return None,
+    })
+}
+
+/// An approver's decision from a detail's `sp_status`: 2 agreed, 3 rejected; anything else
+/// (pending, forwarded, returned…) is not a decision.
+fn decision(user: &str, status: i64, speech: &str, sptime_secs: u64) -> Option<Decision> {
+    let approved = match status {
+        2 => true,
+        3 => false,
+        _ => return None,
+    };
+    if user.is_empty() {
+        return None;
+    }
+    Some(Decision {
+        user: user.to_string(),
+        approved,
+        comment: (!speech.trim().is_empty()).then(|| speech.to_string()),
+        at_ms: sptime_secs.saturating_mul(1000),
+    })
+}
+
+fn json_i64(v: Option<&Value>) -> Option<i64> {
+    match v? {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Decisions from `info.sp_record[].details[]`, then the overall status.
+pub fn events_from_detail(info: &Value) -> Vec<Event> {
+    let mut events = Vec::new();
+    for rec in info
+        .get("sp_record")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for d in rec
+            .get("details")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let user = d
+                .get("approver")
+                .and_then(|a| a.get("userid"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let status = json_i64(d.get("sp_status")).unwrap_or(0);
+            let speech = d.get("speech").and_then(Value::as_str).unwrap_or("");
+            let at = super::json_u64(d.get("sptime")).unwrap_or(0);
+            if let Some(dec) = decision(user, status, speech, at) {
+                events.push(Event::Decision(dec));
+            }
+        }
+    }
+    if let Some(s) = json_i64(info.get("sp_status")).and_then(map_status) {
+        events.push(Event::Status(s));
+    }
+    events
+}
+
+pub fn poll(env: &(impl Env + ?Sized), app: &ImApp, rec: &Record) -> Result<Vec<Event>> {
+    let c = Client::new(env, app)?;
+    let reply = c.api(
+        "/cgi-bin/oa/getapprovaldetail",
+        &json!({"sp_no": rec.approval.instance_id}),
+    )?;
+    let info = reply
+        .get("info")
+        .ok_or_else(|| Error::platform(-1, "getapprovaldetail answered without info", true))?;
+    Ok(events_from_detail(info))
+}
+
+/// WeCom's approval API has no call to withdraw an application (only the creator can, in the
+/// WeCom client, and an admin can delete it); so the state is left as it is and the caller is
+/// told how to do it. The withdrawal then arrives as a callback (sp_status 4) or on refresh.
+pub fn cancel(
+    _env: &(impl Env + ?Sized),
+    _app: &ImApp,
+    rec: &Record,
+    _reason: Option<&str>,
+) -> Result<()> {
+    Err(Error::platform(
+        -501,
+        format!(
+            "WeCom offers no API to withdraw approval {}: its creator must withdraw it in WeCom \
+             (or an admin delete it); the approval becomes canceled when WeCom reports that",
+            rec.approval.instance_id
+        ),
+        false,
+    ))
+}
+
+// ---- callbacks ----
+
+/// A parsed XML element: its name, its text (CDATA included) and its child elements.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub text: String,
+    pub children: Vec<Node>,
+}
+
+impl Node {
+    pub fn child(&self, name: &str) -> Option<&Node> {
+        self.children.iter().find(|c| c.name == name)
+    }
+    pub fn all<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s Node> + 's {
+        self.children.iter().filter(move |c| c.name == name)
+    }
+    /// Trimmed text of a child element, "" when absent.
+    pub fn get(&self, name: &str) -> &str {
+        self.child(name).map(|c| c.text.trim()).unwrap_or("")
+    }
+}
+
+fn bad_xml() -> Error {
+    Error::input("callback payload is not well-formed WeCom XML")
+}
+
+/// Parses XML without DTD processing: a DOCTYPE is refused outright, only the five predefined
+/// entities and character references are resolved (quick-xml never expands declared ones), and
+/// size, depth and element count are bounded.
+pub fn parse_xml(bytes: &[u8]) -> Result<Node> {
+    if bytes.len() > MAX_XML_BYTES {
+        return Err(Error::input(format!(
+            "XML payload exceeds {MAX_XML_BYTES} bytes"
+        )));
+    }
+    let s = core::str::from_utf8(bytes).map_err(|_| bad_xml())?;
+    let mut reader = quick_xml::Reader::from_str(s);
+    reader.config_mut().check_end_names = true;
+    let mut stack: Vec<Node> = Vec::new();
+    let mut root: Option<Node> = None;
+    let mut elements = 0usize;
+    loop {
+        let ev = reader.read_event().map_err(|_| bad_xml())?;
+        match ev {
+            XmlEvent::DocType(_) => {
+                return Err(Error::input("XML with a DOCTYPE is refused"));
+            }
+            XmlEvent::Start(e) | XmlEvent::Empty(e) if root.is_some() => {
+                let _ = e;
+                return Err(bad_xml());
+            }
+            XmlEvent::Start(e) => {
+                elements += 1;
+                if elements > MAX_XML_ELEMENTS || stack.len() >= MAX_XML_DEPTH {
+                    return Err(Error::input("XML payload is too deep or too large"));
+                }
+                let name = core::str::from_utf8(e.local_name().into_inner())
+                    .map_err(|_| bad_xml())?
+                    .to_string();
+                stack.push(Node {
+                    name,
+                    ..Node::default()
+                });
+            }
+            XmlEvent::Empty(e) => {
+                elements += 1;
+                if elements > MAX_XML_ELEMENTS || stack.len() >= MAX_XML_DEPTH {
+                    return Err(Error::input("XML payload is too deep or too large"));
+                }
+                let name = core::str::from_utf8(e.local_name().into_inner())
+                    .map_err(|_| bad_xml())?
+                    .to_string();
+                let node = Node {
+                    name,
+                    ..Node::default()
+                };
+                match stack.last_mut() {
+                    Some(parent) => parent.children.push(node),
+                    None => root = Some(node),
+                }
+            }
+            XmlEvent::End(_) => {
+                let node = stack.pop().ok_or_else(bad_xml)?;
+                match stack.last_mut() {
+                    Some(parent) => parent.children.push(node),
+                    None => root = Some(node),
+                }
+            }
+            XmlEvent::Text(t) => {
+                let text = t.decode().map_err(|_| bad_xml())?;
+                match stack.last_mut() {
+                    Some(n) => n.text.push_str(&text),
+                    None if text.trim().is_empty() => {}
+                    None => return Err(bad_xml()),
+                }
+            }
+            XmlEvent::CData(t) => {
+                let text = t.decode().map_err(|_| bad_xml())?;
+                stack.last_mut().ok_or_else(bad_xml)?.text.push_str(&text);
+            }
+            XmlEvent::GeneralRef(r) => {
+                let name = r.decode().map_err(|_| bad_xml())?;
+                let resolved = resolve_reference(&name).ok_or_else(|| {
+                    Error::input("XML refers to an undeclared entity (entities are not expanded)")
+                })?;
+                stack
+                    .last_mut()
+                    .ok_or_else(bad_xml)?
+                    .text
+                    .push_str(&resolved);
+            }
+            XmlEvent::Decl(_) | XmlEvent::PI(_) | XmlEvent::Comment(_) => {}
+            XmlEvent::Eof => break,
+        }
+    }
+    if !stack.is_empty() {
+        return Err(bad_xml());
+    }
+    root.ok_or_else(bad_xml)
+}
+
+fn resolve_reference(name: &str) -> Option<String> {
+    if let Some(num) = name.strip_prefix('#') {
+        let code = match num.strip_prefix('x').or_else(|| num.strip_prefix('X')) {
+            Some(h) => u32::from_str_radix(h, 16).ok()?,
+            None => num.parse().ok()?,
+        };
+        return char::from_u32(code)
+            .filter(|c| *c != '\0')
+            .map(String::from);
+    }
+    quick_xml::escape::resolve_predefined_entity(name).map(str::to_string)
+}
+
+/// The JSON variant's plaintext mapped onto the same tree: object keys become elements, arrays
+/// repeat their key, scalars become text.
+fn json_to_node(name: &str, v: &Value, depth: usize) -> Result<Node> {
+    if depth > MAX_XML_DEPTH {
+        return Err(Error::input("JSON payload is too deep"));
+    }
+    let mut node = Node {
+        name: name.to_string(),
+        ..Node::default()
+    };
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match v {
+                    Value::Array(items) => {
+                        for item in items {
+                            node.children.push(json_to_node(k, item, depth + 1)?);
+                        }
+                    }
+                    v => node.children.push(json_to_node(k, v, depth + 1)?),
+                }
+            }
+        }
+        Value::String(s) => node.text = s.clone(),
+        Value::Null => {}
+        other => node.text = other.to_string(),
+    }
+    Ok(node)
+}
+
+fn unsigned() -> Error {
+    Error::unauthorized("callback signature is missing or invalid")
+}
+
+struct Callback<'q> {
+    query: &'q [(String, String)],
+}
+
+impl Callback<'_> {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Checks `msg_signature` over [token, timestamp, nonce, encrypted] in constant time, then the
+/// timestamp's age (seconds).
+fn verify(
+    env: &(impl Env + ?Sized),
+    token: &str,
+    cb: &Callback<'_>,
+    encrypted: &str,
+) -> Result<()> {
+    let (Some(sig), Some(ts), Some(nonce)) = (
+        cb.param("msg_signature"),
+        cb.param("timestamp"),
+        cb.param("nonce"),
+    ) else {
+        return Err(unsigned());
+    };
+    let expected = sorted_sha1_hex(&[token, ts, nonce, encrypted]);
+    if !ct_eq(
+        expected.as_bytes(),
+        sig.trim().to_ascii_lowercase().as_bytes(),
+    ) {
+        return Err(unsigned());
+    }
+    let ts: u64 = ts
+        .trim()
+        .parse()
+        .map_err(|_| Error::unauthorized("callback timestamp is not a number"))?;
+    if !max_skew_ok(env.now_ms() / 1000, ts) {
+        return Err(Error::unauthorized(
+            "callback timestamp is outside the allowed window",
+        ));
+    }
+    Ok(())
+}
+
+/// WeCom only needs HTTP 200; an empty body is the documented "nothing to reply" and is safe
+/// in encrypted mode, where a plaintext body would be shown to users as an error.
+fn ack() -> HttpResponse {
+    HttpResponse::text(200, Vec::new())
+}
+
+pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest) -> Result<Parsed> {
+    let token = app
+        .token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Error::config("WeCom callbacks need the app's Token (token)"))?;
+    let key = app
+        .encrypt_key
+        .as_deref()
+        .filter(|k| !k.trim().is_empty())
+        .ok_or_else(|| {
+            Error::config("WeCom callbacks need the app's EncodingAESKey (encrypt-key)")
+        })?;
+    let key = WxKey::new(key)?;
+    let corp_id = app.app_id.trim();
+    if corp_id.is_empty() {
+        return Err(Error::config("app-id (the CorpID) is required"));
+    }
+    let query = parse_query(&req.query)?;
+    let cb = Callback { query: &query };
+
+    if req.method.eq_ignore_ascii_case("GET") {
+        // URL verification: echostr was decoded exactly once by parse_query, '+' kept.
+        let echostr = cb
+            .param("echostr")
+            .ok_or_else(|| Error::input("GET callback without echostr"))?;
+        verify(env, token, &cb, echostr)?;
+        let plain = key.decrypt(echostr, corp_id)?;
+        return Ok(Parsed {
+            response: HttpResponse::text(200, plain),
+            events: Vec::new(),
+        });
+    }
+    if !req.method.eq_ignore_ascii_case("POST") {
+        return Err(Error::input("WeCom callbacks are GET or POST requests"));
+    }
+    let body = trim_ascii(&req.body);
+    let encrypted = if body.first() == Some(&b'{') {
+        let outer: Value =
+            serde_json::from_slice(body).map_err(|_| Error::input("callback body is not JSON"))?;
+        outer
+            .get("encrypt")
+            .or_else(|| outer.get("Encrypt"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    } else {
+        parse_xml(body)?
+            .child("Encrypt")
+            .map(|n| n.text.trim().to_string())
+    }
+    .filter(|e| !e.is_empty())
+    .ok_or_else(|| Error::input("callback without an encrypted payload"))?;
+    // The signature is checked before any decryption: unauthenticated bytes never reach AES.
+    verify(env, token, &cb, &encrypted)?;
+    let plain = key.decrypt(&encrypted, corp_id)?;
+    let plain_trimmed = trim_ascii(&plain);
+    let msg = if plain_trimmed.first() == Some(&b'{') {
+        let v: Value = serde_json::from_slice(plain_trimmed)
+            .map_err(|_| Error::input("decrypted callback is neither XML nor JSON"))?;
+        json_to_node("xml", &v, 0)?
+    } else if plain_trimmed.first() == Some(&b'<') {
+        parse_xml(plain_trimmed)?
+    } else {
+        return Err(Error::input("decrypted callback is neither XML nor JSON"));
+    };
+    Ok(Parsed {
+        response: ack(),
+        events: inbound_events(&msg, plain_trimmed),
+    })
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    b.trim_ascii()
+}
+
+/// `sys_approval_change` → decisions and status; any other message or event → nothing.
+pub fn inbound_events(msg: &Node, raw: &[u8]) -> Vec<Inbound> {
+    if msg.get("Event") != "sys_approval_change" {
+        return Vec::new();
+    }
+    let Some(info) = msg.child("ApprovalInfo") else {
+        return Vec::new();
+    };
+    let sp_no = info.get("SpNo");
+    if sp_no.is_empty() {
+        return Vec::new();
+    }
+    let sp_status = info.get("SpStatus");
+    // WeCom retries carry the same MsgId, or for events the same sender + time; the digest of
+    // the plaintext separates two different changes of one approval within the same second.
+    let base = match msg.get("MsgId") {
+        "" => format!(
+            "wecom:ev:{}:{}:{}:{}:{}",
+            msg.get("FromUserName"),
+            msg.get("CreateTime"),
+            sp_no,
+            sp_status,
+            &hex(&crypto::sha256(&[raw]))[..16]
+        ),
+        id => format!("wecom:msg:{id}"),
+    };
+    let mut events = Vec::new();
+    for rec in info.all("SpRecord") {
+        for d in rec.all("Details") {
+            let user = d.child("Approver").map(|a| a.get("UserId")).unwrap_or("");
+            let status = d.get("SpStatus").parse().unwrap_or(0);
+            let at = d.get("SpTime").parse().unwrap_or(0);
+            if let Some(dec) = decision(user, status, d.get("Speech"), at) {
+                events.push(Event::Decision(dec));
+            }
+        }
+    }
+    if let Some(s) = sp_status.parse().ok().and_then(map_status) {
+        events.push(Event::Status(s));
+    }
+    // apply_inbound marks a dedup id as seen on first use, so each event gets its own.
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| Inbound {
+            dedup_id: Some(format!("{base}:{i}")),
+            instance_id: sp_no.to_string(),
+            event,
+        })
+        .collect()
+}
+
+// ---- notifications ----
+
+fn font_color(level: Level) -> &'static str {
+    match level {
+        Level::Info => "comment",
+        Level::Success => "info",
+        Level::Warning | Level::Failure => "warning",
+    }
+}
+
+fn level_word(level: Level) -> &'static str {
+    match level {
+        Level::Info => "Info",
+        Level::Success => "Success",
+        Level::Warning => "Warning",
+        Level::Failure => "Failure",
+    }
+}
+
+/// Title coloured by level, the body, then `<@userid>` mentions.
+pub fn markdown_content(n: &Notification, mention_ids: &[String]) -> String {
+    let mut s = format!(
+        "<font color=\"{}\">**{}**</font>\n\n{}",
+        font_color(n.level),
+        n.title,
+        n.markdown
+    );
+    if let Some(link) = &n.link {
+        s.push_str(&format!("\n\n[{}]({})", link.text, link.url));
+    }
+    if !mention_ids.is_empty() {
+        s.push_str("\n\n");
+        let tags: Vec<String> = mention_ids.iter().map(|id| format!("<@{id}>")).collect();
+        s.push_str(&tags.join(" "));
+    }
+    s
+}
+
+/// Robot mentions: user ids for `<@id>` / `mentioned_list`, mobiles for
+/// `mentioned_mobile_list`. Emails need the app to look them up.
+fn robot_mentions(
+    env: &(impl Env + ?Sized),
+    app: Option<&ImApp>,
+    n: &Notification,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let mut ids = Vec::new();
+    let mut mobiles = Vec::new();
+    for u in &n.mentions {
+        match u {
+            UserRef::Id(id) if !id.trim().is_empty() => ids.push(id.trim().to_string()),
+            UserRef::Id(_) => return Err(Error::input("empty user id in mentions")),
+            UserRef::Mobile(m) => mobiles.push(normalize_mobile(m)?),
+            UserRef::Email(_) => {
+                let app = app.ok_or_else(|| {
+                    Error::input("mentioning by email in a WeCom robot message needs an app")
+                })?;
+                ids.push(Client::new(env, app)?.resolve_one(u)?);
+            }
+        }
+    }
+    Ok((ids, mobiles))
+}
+
+/// The robot message(s) for `n`: a `template_card` when there is a link (plus a `text` carrying
+/// the mentions, which cards cannot), `text` when mentions need mobiles or @all (only text
+/// supports them), `markdown` otherwise.
+pub fn robot_bodies(n: &Notification, ids: &[String], mobiles: &[String]) -> Result<Vec<Value>> {
+    let mut mentioned: Vec<String> = ids.to_vec();
+    if n.mention_all {
+        mentioned.push("@all".into());
+    }
+    let text_body = |content: String| -> Result<Value> {
+        if content.len() > MAX_ROBOT_TEXT {
+            return Err(Error::input(format!(
+                "WeCom robot text messages are limited to {MAX_ROBOT_TEXT} bytes"
+            )));
+        }
+        let mut text = json!({"content": content});
+        if !mentioned.is_empty() {
+            text["mentioned_list"] = json!(mentioned);
+        }
+        if !mobiles.is_empty() {
+            text["mentioned_mobile_list"] = json!(mobiles);
+        }
+        Ok(json!({"msgtype": "text", "text": text}))
+    };
+    if let Some(link) = &n.link {
+        let card = json!({"msgtype": "template_card", "template_card": {
+            "card_type": "text_notice",
+            "main_title": {"title": n.title, "desc": level_word(n.level)},
+            "sub_title_text": n.markdown,
+            "jump_list": [{"type": 1, "url": link.url, "title": link.text}],
+            "card_action": {"type": 1, "url": link.url},
+        }});
+        let mut out = vec![card];
+        if !mentioned.is_empty() || !mobiles.is_empty() {
+            out.push(text_body(n.title.clone())?);
+        }
+        return Ok(out);
+    }
+    if n.mention_all || !mobiles.is_empty() {
+        return Ok(vec![text_body(format!("{}\n\n{}", n.title, n.markdown))?]);
+    }
+    let content = markdown_content(n, ids);
+    if content.len() > MAX_ROBOT_MARKDOWN {
+        return Err(Error::input(format!(
+            "WeCom robot markdown is limited to {MAX_ROBOT_MARKDOWN} bytes"
+        )));
+    }
+    Ok(vec![
+        json!({"msgtype": "markdown", "markdown": {"content": content}}),
+    ])
+}
+
+/// Group robots authenticate by the `key` in their URL; WeCom has no signing secret for them,
+/// so `secret` is not used.
+pub fn send_webhook(
+    env: &(impl Env + ?Sized),
+    app: Option<&ImApp>,
+    url: &str,
+    _secret: Option<&str>,
+    n: &Notification,
+) -> Result<Receipt> {
+    let (ids, mobiles) = robot_mentions(env, app, n)?;
+    for body in robot_bodies(n, &ids, &mobiles)? {
+        check(call_json(env, Method::Post, url, &[], Some(&body))?)?;
+    }
+    Ok(Receipt { message_id: None })
+}
+
+pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) -> Result<Receipt> {
+    let c = Client::new(env, app)?;
+    let mention_ids = c.resolve(&n.mentions)?;
+    let content = markdown_content(n, &mention_ids);
+    match &n.target {
+        Target::Users(users) => {
+            if users.is_empty() {
+                return Err(Error::input("no users to notify"));
+            }
+            let agent_id: u64 = app
+                .agent_id
+                .as_deref()
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .ok_or_else(|| Error::config("WeCom app messages need the app's agent-id"))?
+                .parse()
+                .map_err(|_| Error::config("agent-id must be a number"))?;
+            let to = c.resolve(users)?.join("|");
+            let reply = c.api(
+                "/cgi-bin/message/send",
+                &json!({"touser": to, "msgtype": "markdown", "agentid": agent_id,
+                        "markdown": {"content": content}}),
+            )?;
+            Ok(Receipt {
+                message_id: reply
+                    .get("msgid")
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
+            })
+        }
+        Target::Chat(chat) => {
+            if chat.trim().is_empty() {
+                return Err(Error::input("empty chat id"));
+            }
+            c.api(
+                "/cgi-bin/appchat/send",
+                &json!({"chatid": chat.trim(), "msgtype": "markdown",
+                        "markdown": {"content": content}}),
+            )?;
+            Ok(Receipt { message_id: None })
+        }
+        Target::Webhook(_) => Err(Error::input("webhooks are not app messages")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::fake::{FakeEnv, json_response};
+    use crate::model::{ApprovalNode, Link, Platform};
+
+    const AES: &str = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C";
+    const CORP: &str = "ww_corp";
+
+    fn app() -> ImApp {
+        ImApp {
+            id: "w1".into(),
+            platform: Platform::Wecom,
+            app_id: CORP.into(),
+            app_secret: "sec".into(),
+            agent_id: Some("1000002".into()),
+            encrypt_key: Some(AES.into()),
+            token: Some("tok".into()),
+            api_base: Some("http://127.0.0.1:1".into()),
+        }
+    }
+
+    fn signed(env: &FakeEnv, method: &str, plain: &str, xml: bool) -> HttpRequest {
+        let enc = WxKey::new(AES)
+            .unwrap()
+            .encrypt([7; 16], plain.as_bytes(), CORP);
+        let ts = (env.now_ms() / 1000).to_string();
+        let sig = sorted_sha1_hex(&["tok", &ts, "n1", &enc]);
+        let (query, body) = if method == "GET" {
+            (
+                format!(
+                    "msg_signature={sig}&timestamp={ts}&nonce=n1&echostr={}",
+                    percent_encode(&enc)
+                ),
+                Vec::new(),
+            )
+        } else if xml {
+            (
+                format!("msg_signature={sig}&timestamp={ts}&nonce=n1"),
+                format!(
+                    "<xml><ToUserName><![CDATA[{CORP}]]></ToUserName><Encrypt><![CDATA[{enc}]]></Encrypt><AgentID><![CDATA[1000002]]></AgentID></xml>"
+                )
+                .into_bytes(),
+            )
+        } else {
+            (
+                format!("msg_signature={sig}&timestamp={ts}&nonce=n1"),
+                json!({"encrypt": enc}).to_string().into_bytes(),
+            )
+        };
+        HttpRequest {
+            method: method.into(),
+            path: "/cb".into(),
+            query,
+            headers: vec![],
+            body,
+        }
+    }
+
+    fn approval_xml(sp_status: u8, details: &str) -> String {
+        format!(
+            "<xml><ToUserName><![CDATA[{CORP}]]></ToUserName><FromUserName><![CDATA[sys]]></FromUserName>\
+             <CreateTime>1700000000</CreateTime><MsgType><![CDATA[event]]></MsgType>\
+             <Event><![CDATA[sys_approval_change]]></Event><AgentID>1000002</AgentID>\
+             <ApprovalInfo><SpNo>202401010001</SpNo><SpName><![CDATA[imbridge]]></SpName>\
+             <SpStatus>{sp_status}</SpStatus><SpRecord><SpStatus>1</SpStatus><ApproverAttr>1</ApproverAttr>\
+             {details}</SpRecord></ApprovalInfo></xml>"
+        )
+    }
+
+    fn detail(user: &str, st: u8, speech: &str) -> String {
+        format!(
+            "<Details><Approver><UserId><![CDATA[{user}]]></UserId></Approver>\
+             <Speech><![CDATA[{speech}]]></Speech><SpStatus>{st}</SpStatus><SpTime>1700000001</SpTime></Details>"
+        )
+    }
+
+    #[test]
+    fn url_verification_replies_bare_plaintext() {
+        let env = FakeEnv::offline();
+        let p = parse_callback(
+            &env,
+            &app(),
+            &signed(&env, "GET", "1616140317555161061", true),
+        )
+        .unwrap();
+        assert_eq!(p.response.status, 200);
+        assert_eq!(p.response.body, b"1616140317555161061");
+        assert!(p.events.is_empty());
+    }
+
+    #[test]
+    fn approval_event_xml_and_json() {
+        let env = FakeEnv::offline();
+        let xml = approval_xml(
+            2,
+            &(detail("alice", 2, "ok &amp; fine") + &detail("bob", 1, "")),
+        );
+        for as_xml in [true, false] {
+            let p = parse_callback(&env, &app(), &signed(&env, "POST", &xml, as_xml)).unwrap();
+            assert_eq!(p.response.status, 200);
+            assert!(p.response.body.is_empty());
+            assert_eq!(p.events.len(), 2);
+            assert_eq!(p.events[0].instance_id, "202401010001");
+            match &p.events[0].event {
+                Event::Decision(d) => {
+                    assert_eq!(d.user, "alice");
+                    assert!(d.approved);
+                    assert_eq!(d.comment.as_deref(), Some("ok &amp; fine"));
+                    assert_eq!(d.at_ms, 1_700_000_001_000);
+                }
+                e => panic!("{e:?}"),
+            }
+            assert_eq!(p.events[1].event, Event::Status(ApprovalStatus::Approved));
+            assert_ne!(p.events[0].dedup_id, p.events[1].dedup_id);
+        }
+        for (code, want) in [
+            (4, ApprovalStatus::Canceled),
+            (6, ApprovalStatus::Canceled),
+            (7, ApprovalStatus::Canceled),
+            (3, ApprovalStatus::Rejected),
+        ] {
+            let p = parse_callback(
+                &env,
+                &app(),
+                &signed(&env, "POST", &approval_xml(code, ""), true),
+            )
+            .unwrap();
+            assert_eq!(p.events.last().unwrap().event, Event::Status(want));
+        }
+    }
+
+    #[test]
+    fn json_inner_payload_is_understood() {
+        let env = FakeEnv::offline();
+        let inner = json!({"Event": "sys_approval_change", "CreateTime": 1, "ApprovalInfo": {
+            "SpNo": "9", "SpStatus": 3, "SpRecord": [{"Details": [{"Approver": {"UserId": "u"},
+            "SpStatus": 3, "SpTime": 5, "Speech": "no"}]}]}});
+        let p = parse_callback(
+            &env,
+            &app(),
+            &signed(&env, "POST", &inner.to_string(), false),
+        )
+        .unwrap();
+        assert_eq!(p.events.len(), 2);
+        assert_eq!(p.events[1].event, Event::Status(ApprovalStatus::Rejected));
+    }
+
+    #[test]
+    fn other_messages_are_acknowledged() {
+        let env = FakeEnv::offline();
+        let msg = "<xml><ToUserName>x</ToUserName><MsgType>text</MsgType><Content>hi</Content><MsgId>1</MsgId></xml>";
+        let p = parse_callback(&env, &app(), &signed(&env, "POST", msg, true)).unwrap();
+        assert_eq!(p.response.status, 200);
+        assert!(p.events.is_empty());
+    }
+
+    #[test]
+    fn bad_callbacks_are_typed_errors() {
+        let env = FakeEnv::offline();
+        let good = signed(&env, "POST", &approval_xml(2, ""), true);
+        // Wrong signature.
+        let mut r = good.clone();
+        r.query = r.query.replacen("msg_signature=", "msg_signature=0", 1);
+        assert!(matches!(
+            parse_callback(&env, &app(), &r),
+            Err(Error::Unauthorized(_))
+        ));
+        // Stale timestamp.
+        env.now.set(env.now.get() + 3_600_000);
+        assert!(matches!(
+            parse_callback(&env, &app(), &good),
+            Err(Error::Unauthorized(_))
+        ));
+        env.now.set(1_700_000_000_000);
+        // Wrong CorpID.
+        let mut a = app();
+        a.app_id = "other".into();
+        assert!(matches!(
+            parse_callback(&env, &a, &good),
+            Err(Error::Unauthorized(_))
+        ));
+        // Missing config.
+        let mut a = app();
+        a.token = None;
+        assert!(matches!(
+            parse_callback(&env, &a, &good),
+            Err(Error::InvalidConfig(_))
+        ));
+        // Non-XML plaintext.
+        let r = signed(&env, "POST", "hello", true);
+        assert!(matches!(
+            parse_callback(&env, &app(), &r),
+            Err(Error::InvalidInput(_))
+        ));
+        // DOCTYPE and undeclared entities.
+        let bomb = "<?xml version=\"1.0\"?><!DOCTYPE lolz [<!ENTITY lol \"lol\"><!ENTITY lol2 \"&lol;&lol;\">]><xml><Event>&lol2;</Event></xml>";
+        let r = signed(&env, "POST", bomb, true);
+        assert!(
+            matches!(parse_callback(&env, &app(), &r), Err(Error::InvalidInput(m)) if m.contains("DOCTYPE"))
+        );
+        assert!(parse_xml(b"<xml><a>&lol;</a></xml>").is_err());
+        assert!(parse_xml(b"<xml><a></b></xml>").is_err());
+        assert!(parse_xml(b"<xml><a>").is_err());
+        assert!(parse_xml(b"<a/><b/>").is_err());
+        let deep = "<a>".repeat(40) + &"</a>".repeat(40);
+        assert!(parse_xml(deep.as_bytes()).is_err());
+        assert_eq!(
+            parse_xml(b"<xml><a>&#65;&lt;</a></xml>").unwrap().get("a"),
+            "A<"
+        );
+    }
+
+    #[test]
+    fn mobiles_normalise() {
+        for m in [
+            "13800000000",
+            "+86 138-0000-0000",
+            "8613800000000",
+            "0086 138 0000 0000",
+            "(+86) 138.0000.0000",
+        ] {
+            assert_eq!(normalize_mobile(m).unwrap(), "13800000000", "{m}");
+        }
+        assert_eq!(normalize_mobile("+852 9123 4567").unwrap(), "+85291234567");
+        assert!(normalize_mobile("call me").is_err());
+        assert!(normalize_mobile("12").is_err());
+    }
+
+    fn req() -> ApprovalRequest {
+        ApprovalRequest {
+            key: "k1".into(),
+            title: "Deploy".into(),
+            initiator: UserRef::Mobile("+86 138 0000 0000".into()),
+            nodes: vec![
+                ApprovalNode {
+                    approvers: vec![UserRef::Id("a".into()), UserRef::Id("b".into())],
+                    mode: SignMode::And,
+                },
+                ApprovalNode {
+                    approvers: vec![UserRef::Id("c".into())],
+                    mode: SignMode::Or,
+                },
+            ],
+            cc: vec![UserRef::Id("d".into())],
+            fields: vec![("env".into(), "prod".into())],
+            detail_url: None,
+        }
+    }
+
+    fn fake_wecom() -> FakeEnv {
+        FakeEnv::new(|r| {
+            let path = r.url.split('?').next().unwrap_or("");
+            let path = &path[path.find("/cgi-bin").unwrap_or(0)..];
+            match path {
+                "/cgi-bin/gettoken" => json_response(
+                    200,
+                    json!({"errcode": 0, "access_token": "T1", "expires_in": 7200}),
+                ),
+                "/cgi-bin/user/getuserid" => {
+                    json_response(200, json!({"errcode": 0, "userid": "zhang"}))
+                }
+                "/cgi-bin/oa/approval/create_template" => {
+                    json_response(200, json!({"errcode": 0, "template_id": "TPL"}))
+                }
+                "/cgi-bin/oa/applyevent" => {
+                    json_response(200, json!({"errcode": 0, "sp_no": "202401010001"}))
+                }
+                "/cgi-bin/oa/getapprovaldetail" => json_response(
+                    200,
+                    json!({"errcode": 0, "info": {
+                    "sp_no": "202401010001", "sp_status": 4, "sp_record": [{"details": [
+                        {"approver": {"userid": "a"}, "sp_status": 2, "speech": "", "sptime": 10}]}]}}),
+                ),
+                _ => json_response(200, json!({"errcode": 0, "errmsg": "ok", "msgid": "m1"})),
+            }
+        })
+    }
+
+    #[test]
+    fn create_builds_applyevent() {
+        let env = fake_wecom();
+        let c = create(&env, &app(), &req(), "").unwrap();
+        assert_eq!(c.instance_id, "202401010001");
+        let sent = env.sent.borrow();
+        assert!(
+            sent[0]
+                .url
+                .contains("/cgi-bin/gettoken?corpid=ww_corp&corpsecret=sec")
+        );
+        let getuid: Value = serde_json::from_slice(&sent[1].body).unwrap();
+        assert_eq!(getuid, json!({"mobile": "13800000000"}));
+        let apply = sent.iter().find(|r| r.url.contains("applyevent")).unwrap();
+        assert!(apply.url.ends_with("?access_token=T1"));
+        let b: Value = serde_json::from_slice(&apply.body).unwrap();
+        assert_eq!(b["creator_userid"], "zhang");
+        assert_eq!(b["template_id"], "TPL");
+        assert_eq!(b["use_template_approver"], 0);
+        assert_eq!(
+            b["process"]["node_list"],
+            json!([
+                {"type": 1, "apv_rel": 1, "userid": ["a", "b"]},
+                {"type": 1, "apv_rel": 2, "userid": ["c"]},
+                {"type": 2, "userid": ["d"]},
+            ])
+        );
+        assert_eq!(
+            b["apply_data"]["contents"][0]["value"]["text"],
+            "Deploy\n\nenv: prod"
+        );
+        drop(sent);
+        // The template is created once.
+        create(&env, &app(), &req(), "").unwrap();
+        let n = env
+            .sent
+            .borrow()
+            .iter()
+            .filter(|r| r.url.contains("create_template"))
+            .count();
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn poll_maps_detail_and_cancel_is_refused() {
+        let env = fake_wecom();
+        let rec = Record {
+            approval: crate::model::Approval {
+                instance_id: "202401010001".into(),
+                key: "k".into(),
+                status: ApprovalStatus::Pending,
+                decisions: vec![],
+                updated_at_ms: 0,
+            },
+            meta: Value::Null,
+        };
+        let ev = poll(&env, &app(), &rec).unwrap();
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[1], Event::Status(ApprovalStatus::Canceled));
+        assert!(matches!(
+            cancel(&env, &app(), &rec, None),
+            Err(Error::Platform {
+                code: -501,
+                retryable: false,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn errors_carry_codes_and_token_is_refreshed_once() {
+        let env = FakeEnv::new(|r| {
+            if r.url.contains("gettoken") {
+                json_response(
+                    200,
+                    json!({"errcode": 0, "access_token": "T", "expires_in": 7200}),
+                )
+            } else {
+                json_response(
+                    200,
+                    json!({"errcode": 42001, "errmsg": "access_token expired"}),
+                )
+            }
+        });
+        let a = app();
+        let c = Client::new(&env, &a).unwrap();
+        let e = c.api("/x", &json!({})).unwrap_err();
+        assert!(matches!(e, Error::Platform { code: 42001, .. }));
+        assert_eq!(
+            env.sent
+                .borrow()
+                .iter()
+                .filter(|r| r.url.contains("gettoken"))
+                .count(),
+            2
+        );
+        env.set_responder(|_| json_response(200, json!({"errcode": 45009, "errmsg": "freq"})));
+        assert_eq!(
+            c.api("/x", &json!({})).unwrap_err(),
+            Error::platform(45009, "freq", true)
+        );
+        env.set_responder(|_| json_response(200, json!({"errcode": 60020, "errmsg": "ip"})));
+        assert_eq!(
+            c.api("/x", &json!({})).unwrap_err(),
+            Error::platform(60020, "ip", false)
+        );
+        let mut a = app();
+        a.app_secret = String::new();
+        assert!(matches!(
+            create(&env, &a, &req(), ""),
+            Err(Error::InvalidConfig(_))
+        ));
+    }
+
+    fn note(link: bool, mentions: Vec<UserRef>, all: bool) -> Notification {
+        Notification {
+            target: Target::Users(vec![UserRef::Id("u1".into())]),
+            title: "Build".into(),
+            markdown: "**ok**".into(),
+            level: Level::Failure,
+            link: link.then(|| Link {
+                text: "Open".into(),
+                url: "https://x/1".into(),
+            }),
+            mentions,
+            mention_all: all,
+        }
+    }
+
+    #[test]
+    fn robot_message_shapes() {
+        let n = note(false, vec![UserRef::Id("zhang".into())], false);
+        let b = robot_bodies(&n, &["zhang".into()], &[]).unwrap();
+        assert_eq!(b[0]["msgtype"], "markdown");
+        let c = b[0]["markdown"]["content"].as_str().unwrap();
+        assert!(c.contains("<font color=\"warning\">**Build**</font>") && c.contains("<@zhang>"));
+
+        let n = note(false, vec![], true);
+        let b = robot_bodies(&n, &[], &["13800000000".into()]).unwrap();
+        assert_eq!(b[0]["msgtype"], "text");
+        assert_eq!(b[0]["text"]["mentioned_list"], json!(["@all"]));
+        assert_eq!(
+            b[0]["text"]["mentioned_mobile_list"],
+            json!(["13800000000"])
+        );
+
+        let n = note(true, vec![], false);
+        let b = robot_bodies(&n, &[], &[]).unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0]["template_card"]["card_type"], "text_notice");
+        assert_eq!(b[0]["template_card"]["card_action"]["url"], "https://x/1");
+    }
+
+    #[test]
+    fn app_message_needs_agent_id() {
+        let env = fake_wecom();
+        let r = send_message(&env, &app(), &note(false, vec![], false)).unwrap();
+        assert_eq!(r.message_id.as_deref(), Some("m1"));
+        let sent = env.sent.borrow();
+        let b: Value = serde_json::from_slice(&sent.last().unwrap().body).unwrap();
+        assert_eq!(b["agentid"], 1000002);
+        assert_eq!(b["touser"], "u1");
+        drop(sent);
+        let mut a = app();
+        a.agent_id = None;
+        assert!(matches!(
+            send_message(&env, &a, &note(false, vec![], false)),
+            Err(Error::InvalidConfig(_))
+        ));
+    }
+}

@@ -273,20 +273,22 @@ pub fn cancel(
 }
 
 /// Applies authenticated callback events; returns the approvals that changed. Events for
-/// instances this plugin did not start are acknowledged and dropped.
+/// instances this plugin has not stored are acknowledged and dropped, but not marked as seen:
+/// a redelivery after the start has been recorded still applies. Dedup marks are written only
+/// after every record is saved, so a failed call leaves no mark that would swallow the retry.
 pub fn apply_inbound(
     env: &(impl Env + ?Sized),
     app: &ImApp,
     events: &[Inbound],
 ) -> Result<Vec<Approval>> {
     let mut changed: Vec<Record> = Vec::new();
+    let mut marks: Vec<String> = Vec::new();
     for ev in events {
-        if let Some(id) = &ev.dedup_id {
-            let k = seen_key(app, id);
-            if env.kv_get(&k)?.is_some() {
-                continue;
-            }
-            env.kv_set(&k, env.now_ms().to_string().as_bytes())?;
+        let mark = ev.dedup_id.as_deref().map(|id| seen_key(app, id));
+        if let Some(k) = &mark
+            && (marks.contains(k) || env.kv_get(k)?.is_some())
+        {
+            continue;
         }
         let pos = changed
             .iter()
@@ -298,6 +300,7 @@ pub fn apply_inbound(
                 None => continue,
             },
         };
+        marks.extend(mark);
         let did = rec.apply(&ev.event);
         if did || pos.is_some() {
             changed.push(rec);
@@ -307,6 +310,10 @@ pub fn apply_inbound(
     for mut rec in changed {
         save(env, app, &mut rec)?;
         out.push(rec.approval);
+    }
+    let now = env.now_ms().to_string();
+    for k in marks {
+        env.kv_set(&k, now.as_bytes())?;
     }
     Ok(out)
 }
@@ -410,6 +417,58 @@ mod tests {
         let mut r = rec();
         r.apply(&dec("a", false, 1));
         assert_eq!(r.approval.status, ApprovalStatus::Pending);
+    }
+
+    fn inbound(id: &str, instance: &str, event: Event) -> Inbound {
+        Inbound {
+            dedup_id: Some(id.into()),
+            instance_id: instance.into(),
+            event,
+        }
+    }
+
+    #[test]
+    fn dedup_marks_follow_successful_saves_only() {
+        use crate::env::fake::FakeEnv;
+        let env = FakeEnv::offline();
+        let app = crate::platform::feishu::tests::app();
+        // An event for an instance not stored yet: dropped, but not marked, so the platform's
+        // redelivery after the start is recorded still applies.
+        let ev = inbound("e1", "i1", Event::Status(ApprovalStatus::Approved));
+        assert!(
+            apply_inbound(&env, &app, std::slice::from_ref(&ev))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(env.snapshot().is_empty());
+        let mut r = rec();
+        save(&env, &app, &mut r).unwrap();
+        let got = apply_inbound(&env, &app, std::slice::from_ref(&ev)).unwrap();
+        assert_eq!(got[0].status, ApprovalStatus::Approved);
+        // The redelivery after that is a duplicate, even within one call.
+        let before = env.snapshot();
+        assert!(
+            apply_inbound(&env, &app, &[ev.clone(), ev])
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(env.snapshot(), before);
+    }
+
+    #[test]
+    fn a_failed_save_leaves_no_dedup_mark() {
+        use crate::env::fake::FakeEnv;
+        let env = FakeEnv::offline();
+        let app = crate::platform::feishu::tests::app();
+        // A corrupt record makes loading fail: the call errs and marks nothing.
+        env.kv_set(&instance_key(&app, "i1"), b"{not json").unwrap();
+        let before = env.snapshot();
+        let ev = inbound("e2", "i1", Event::Status(ApprovalStatus::Approved));
+        assert!(matches!(
+            apply_inbound(&env, &app, &[ev]),
+            Err(Error::Storage(_))
+        ));
+        assert_eq!(env.snapshot(), before);
     }
 
     #[test]

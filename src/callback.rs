@@ -32,6 +32,22 @@ pub fn handle(
     })
 }
 
+/// An event from a persistent connection the host holds; returns the approvals it changed.
+pub fn handle_event(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    event: &[u8],
+) -> Result<Vec<crate::model::Approval>> {
+    if event.len() > MAX_BODY_BYTES {
+        return Err(Error::input(format!(
+            "event of {} bytes exceeds the {MAX_BODY_BYTES}-byte limit",
+            event.len()
+        )));
+    }
+    let events = platform::parse_event(env, app, event)?;
+    approval::apply_inbound(env, app, &events)
+}
+
 /// First value of a header, by case-insensitive name.
 pub fn header<'r>(req: &'r HttpRequest, name: &str) -> Option<&'r str> {
     req.headers

@@ -84,6 +84,13 @@ impl bindings::Guest for Component {
             })
             .map_err(Into::into)
     }
+
+    fn handle_event(app: w::ImApp, event: Vec<u8>) -> Result<Vec<w::Approval>, w::Error> {
+        let env = WasiEnv::new();
+        crate::callback::handle_event(&env, &app.into(), &event)
+            .map(|updates| updates.into_iter().map(Into::into).collect())
+            .map_err(Into::into)
+    }
 }
 
 impl From<Error> for w::Error {

@@ -103,6 +103,8 @@ pub fn percent_decode(s: &str) -> Result<String> {
         if bytes[i] == b'%' {
             let hex = bytes
                 .get(i + 1..i + 3)
+                // from_str_radix would also take a sign ("%+f").
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                 .and_then(|h| core::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or_else(|| Error::input("malformed %-escape in query string"))?;
@@ -151,6 +153,7 @@ mod tests {
         assert_eq!(q[1], ("timestamp".into(), "1".into()));
         assert!(parse_query("x=%zz").is_err());
         assert!(parse_query("x=%f").is_err());
+        assert!(parse_query("x=%+f").is_err());
     }
 
     #[test]

@@ -17,15 +17,17 @@ pub enum Export {
     CancelApproval,
     Notify,
     HandleCallback,
+    HandleEvent,
 }
 
 impl Export {
-    pub const ALL: [Export; 5] = [
+    pub const ALL: [Export; 6] = [
         Export::StartApproval,
         Export::GetApproval,
         Export::CancelApproval,
         Export::Notify,
         Export::HandleCallback,
+        Export::HandleEvent,
     ];
 
     /// The WIT name.
@@ -36,6 +38,7 @@ impl Export {
             Export::CancelApproval => "cancel-approval",
             Export::Notify => "notify",
             Export::HandleCallback => "handle-callback",
+            Export::HandleEvent => "handle-event",
         }
     }
 }
@@ -56,7 +59,7 @@ impl FromStr for Export {
             Some(e) => Ok(e),
             None => bail!(
                 "unknown export `{s}` (expected one of: start-approval, get-approval, \
-                 cancel-approval, notify, handle-callback)"
+                 cancel-approval, notify, handle-callback, handle-event)"
             ),
         }
     }
@@ -87,6 +90,11 @@ pub enum Call {
         app: ImApp,
         request: HttpRequest,
     },
+    /// An event received over a persistent connection (plaintext event JSON).
+    HandleEvent {
+        app: ImApp,
+        event: Vec<u8>,
+    },
 }
 
 /// Shows only which export: the arguments may hold secrets.
@@ -104,6 +112,7 @@ impl Call {
             Call::CancelApproval { .. } => Export::CancelApproval,
             Call::Notify { .. } => Export::Notify,
             Call::HandleCallback { .. } => Export::HandleCallback,
+            Call::HandleEvent { .. } => Export::HandleEvent,
         }
     }
 
@@ -112,7 +121,8 @@ impl Call {
             Call::StartApproval { app, .. }
             | Call::GetApproval { app, .. }
             | Call::CancelApproval { app, .. }
-            | Call::HandleCallback { app, .. } => Some(app),
+            | Call::HandleCallback { app, .. }
+            | Call::HandleEvent { app, .. } => Some(app),
             Call::Notify { app, .. } => app.as_ref(),
         }
     }
@@ -153,6 +163,9 @@ impl Call {
             Call::HandleCallback { app, request } => {
                 Reply::Callback(plugin.call_handle_callback(store, app, request).await?)
             }
+            Call::HandleEvent { app, event } => {
+                Reply::Event(plugin.call_handle_event(store, app, event).await?)
+            }
         })
     }
 }
@@ -163,13 +176,18 @@ pub enum Reply {
     Approval(Result<Approval, Error>),
     Receipt(Result<Receipt, Error>),
     Callback(Result<CallbackOutcome, Error>),
+    /// `handle-event`: the approvals the event changed.
+    Event(Result<Vec<Approval>, Error>),
 }
 
 impl Reply {
     /// The plugin's error, if it returned one.
     pub fn error(&self) -> Option<&Error> {
         match self {
-            Reply::Approval(Err(e)) | Reply::Receipt(Err(e)) | Reply::Callback(Err(e)) => Some(e),
+            Reply::Approval(Err(e))
+            | Reply::Receipt(Err(e))
+            | Reply::Callback(Err(e))
+            | Reply::Event(Err(e)) => Some(e),
             _ => None,
         }
     }

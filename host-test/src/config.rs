@@ -17,6 +17,12 @@
 //!
 //! Relative paths are resolved against the directory of the configuration file, so a config
 //! means the same thing whatever directory the host is started from.
+//!
+//! Each app may also say how platform events reach it: `"callback": "http"` (the default: the
+//! platform calls `/callback/{tenant}/{app}`) or `"callback": "persistent"` (the host dials out
+//! over Feishu's long connection / DingTalk's Stream mode, for engines the platform cannot
+//! reach). That option belongs to the host, not to the plugin's `im-app`, so it is taken out of
+//! the app object before the rest is parsed; [`Config`] carries it next to the [`ServeConfig`].
 
 use crate::bindings::types::ImApp;
 use crate::json::Json as _;
@@ -89,6 +95,46 @@ impl TenantConfig {
     }
 }
 
+/// How platform events reach an app.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallbackMode {
+    /// The platform POSTs to the host's callback URL.
+    Http,
+    /// The host holds a WebSocket to the platform (Feishu long connection, DingTalk Stream).
+    Persistent,
+}
+
+/// An app whose events arrive over a persistent connection the host opens.
+#[derive(Clone)]
+pub struct PersistentApp {
+    pub tenant: String,
+    pub app: ImApp,
+    /// Where to ask for the connection endpoint, when not the app's `api_base` or the
+    /// platform's public host (a proxy, a private deployment, a simulator). Config key
+    /// `endpoint_base`, host-only like `callback`.
+    pub endpoint_base: Option<String>,
+}
+
+/// A whole configuration file: the HTTP server's part and the persistent connections.
+pub struct Config {
+    pub serve: ServeConfig,
+    pub persistent: Vec<PersistentApp>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).with_context(|| format!("in config {}", path.display()))
+    }
+
+    /// Parses configuration text; relative paths are taken relative to `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config> {
+        parse_config(text, base)
+    }
+}
+
 impl ServeConfig {
     pub fn tenant(&self, id: &str) -> Option<&TenantConfig> {
         self.tenants.iter().find(|t| t.id == id)
@@ -106,50 +152,98 @@ impl ServeConfig {
         Self::parse(&text, base).with_context(|| format!("in config {}", path.display()))
     }
 
-    /// Parses configuration text; relative paths are taken relative to `base`.
+    /// Parses configuration text; relative paths are taken relative to `base`. Refuses apps in
+    /// persistent mode, which only [`Config::parse`] can carry: silently serving them over
+    /// HTTP instead would lose their events.
     pub fn parse(text: &str, base: &Path) -> Result<ServeConfig> {
-        let raw: RawConfig = serde_json::from_str(text).context("invalid JSON")?;
-        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
-
-        let public_url = raw.public_url.trim_end_matches('/').to_string();
-        if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
-            bail!("`public_url` must start with http:// or https://");
+        let config = parse_config(text, base)?;
+        if let Some(p) = config.persistent.first() {
+            bail!(
+                "app `{}` of tenant `{}` has \"callback\": \"persistent\"; load this \
+                 configuration with `Config::parse` so its connection is opened",
+                p.app.id,
+                p.tenant
+            );
         }
-        let mut seen = HashSet::new();
-        let mut tenants = Vec::new();
-        for (i, t) in raw.tenants.into_iter().enumerate() {
-            check_id("tenant", &t.id)?;
-            if !seen.insert(t.id.clone()) {
-                bail!("tenant `{}` is configured twice", t.id);
-            }
-            let mut apps = Vec::new();
-            for (j, app) in t.apps.iter().enumerate() {
-                let app = ImApp::from_json(app, &format!("tenants[{i}].apps[{j}]"))?;
-                check_id("app", &app.id)?;
-                if apps.iter().any(|a: &ImApp| a.id == app.id) {
-                    bail!("app `{}` of tenant `{}` is configured twice", app.id, t.id);
-                }
-                apps.push(app);
-            }
-            tenants.push(TenantConfig {
-                id: t.id,
-                policy: TenantPolicy {
-                    allow_hosts: t.allow_hosts,
-                },
-                apps,
-                engine_webhook: t.engine_webhook,
-            });
-        }
-        Ok(ServeConfig {
-            listen: raw.listen,
-            public_url,
-            state_dir: resolve(raw.state_dir),
-            component: raw.component.map(resolve),
-            call_timeout: raw.call_timeout_secs.map(Duration::from_secs),
-            api_token: raw.api_token.filter(|t| !t.is_empty()),
-            tenants,
-        })
+        Ok(config.serve)
     }
+}
+
+/// Takes the host-only `callback` option out of an app object.
+fn take_callback_mode(
+    app: &serde_json::Value,
+    path: &str,
+) -> Result<(serde_json::Value, CallbackMode, Option<String>)> {
+    let mut app = app.clone();
+    let base = match app.as_object_mut().and_then(|o| o.remove("endpoint_base")) {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(_) => bail!("`{path}.endpoint_base` must be a URL"),
+    };
+    let mode = match app.as_object_mut().and_then(|o| o.remove("callback")) {
+        None | Some(serde_json::Value::Null) => CallbackMode::Http,
+        Some(v) => match v.as_str() {
+            Some("http") => CallbackMode::Http,
+            Some("persistent") => CallbackMode::Persistent,
+            _ => bail!("`{path}.callback` must be \"http\" or \"persistent\""),
+        },
+    };
+    Ok((app, mode, base))
+}
+
+fn parse_config(text: &str, base: &Path) -> Result<Config> {
+    let raw: RawConfig = serde_json::from_str(text).context("invalid JSON")?;
+    let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+    let public_url = raw.public_url.trim_end_matches('/').to_string();
+    if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
+        bail!("`public_url` must start with http:// or https://");
+    }
+    let mut seen = HashSet::new();
+    let mut tenants = Vec::new();
+    let mut persistent = Vec::new();
+    for (i, t) in raw.tenants.into_iter().enumerate() {
+        check_id("tenant", &t.id)?;
+        if !seen.insert(t.id.clone()) {
+            bail!("tenant `{}` is configured twice", t.id);
+        }
+        let mut apps = Vec::new();
+        for (j, app) in t.apps.iter().enumerate() {
+            let path = format!("tenants[{i}].apps[{j}]");
+            let (app, mode, endpoint_base) = take_callback_mode(app, &path)?;
+            let app = ImApp::from_json(&app, &path)?;
+            check_id("app", &app.id)?;
+            if apps.iter().any(|a: &ImApp| a.id == app.id) {
+                bail!("app `{}` of tenant `{}` is configured twice", app.id, t.id);
+            }
+            if mode == CallbackMode::Persistent {
+                persistent.push(PersistentApp {
+                    tenant: t.id.clone(),
+                    app: app.clone(),
+                    endpoint_base,
+                });
+            }
+            apps.push(app);
+        }
+        tenants.push(TenantConfig {
+            id: t.id,
+            policy: TenantPolicy {
+                allow_hosts: t.allow_hosts,
+            },
+            apps,
+            engine_webhook: t.engine_webhook,
+        });
+    }
+    let serve = ServeConfig {
+        listen: raw.listen,
+        public_url,
+        state_dir: resolve(raw.state_dir),
+        component: raw.component.map(resolve),
+        call_timeout: raw.call_timeout_secs.map(Duration::from_secs),
+        api_token: raw.api_token.filter(|t| !t.is_empty()),
+        tenants,
+    };
+    Ok(Config { serve, persistent })
 }
 
 #[cfg(test)]
@@ -204,6 +298,12 @@ mod tests {
                 r#"{"public_url": "http://x", "state_dir": "s", "tenant": []}"#,
                 "unknown field",
             ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a", "apps": [
+                {"id": "x", "platform": "feishu", "app_id": "i", "app_secret": "s3cr3t",
+                 "callback": "s3cr3t"}]}]}"#,
+                "tenants[0].apps[0].callback",
+            ),
         ] {
             let err = match ServeConfig::parse(text, base) {
                 Ok(_) => panic!("accepted {text}"),
@@ -212,5 +312,27 @@ mod tests {
             assert!(err.contains(want), "{err}");
             assert!(!err.contains("s3cr3t"), "{err}");
         }
+    }
+
+    #[test]
+    fn callback_mode_is_per_app_and_defaults_to_http() {
+        let text = r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "t",
+            "apps": [
+              {"id": "a", "platform": "feishu", "app_id": "i", "app_secret": "s"},
+              {"id": "b", "platform": "feishu", "app_id": "j", "app_secret": "s",
+               "callback": "http"},
+              {"id": "c", "platform": "dingtalk", "app_id": "k", "app_secret": "s",
+               "callback": "persistent"}]}]}"#;
+        let cfg = Config::parse(text, Path::new(".")).unwrap();
+        assert_eq!(cfg.serve.tenant("t").unwrap().apps.len(), 3);
+        let ids: Vec<_> = cfg
+            .persistent
+            .iter()
+            .map(|p| (p.tenant.as_str(), p.app.id.as_str()))
+            .collect();
+        assert_eq!(ids, [("t", "c")]);
+        // The server-only parser refuses what it could not serve.
+        let err = ServeConfig::parse(text, Path::new(".")).err().unwrap();
+        assert!(err.to_string().contains("persistent"), "{err}");
     }
 }

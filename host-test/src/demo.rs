@@ -3,7 +3,9 @@
 
 use crate::config::ServeConfig;
 use crate::server::serve_with;
+use crate::sim::dingtalk::{DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser, Robot};
 use crate::sim::feishu::{BotHook, FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
+use crate::sim::wecom::{WecomApp, WecomConfig, WecomSim, WecomUser};
 use crate::{Host, HostConfig, TenantPolicy};
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
@@ -28,7 +30,7 @@ pub async fn run(component: &Path) -> Result<()> {
 }
 
 async fn run_in(component: &Path, state: &Path) -> Result<()> {
-    println!("imbridge demo: a Feishu approval through the sandboxed plugin");
+    println!("imbridge demo: approvals and notifications through the sandboxed plugin");
     println!("component: {}", component.display());
 
     let mut acme = FeishuApp::new("cli_acme", "acme-secret");
@@ -51,12 +53,47 @@ async fn run_in(component: &Path, state: &Path) -> Result<()> {
     })
     .await?;
     let sim_base = sim.base_url();
-    let sim_host = sim_base.trim_start_matches("http://").to_string();
+
+    let ding_app = DingtalkApp::new("dingacme");
+    let ding = DingtalkSim::start(DingtalkConfig {
+        apps: vec![ding_app.clone()],
+        users: [
+            ("alice", "13800000000"),
+            ("bob", "13800000001"),
+            ("carol", "13800000002"),
+        ]
+        .iter()
+        .map(|(u, m)| DingtalkUser::new(u, Some(m)))
+        .collect(),
+        robots: vec![Robot {
+            access_token: "ops".into(),
+            secret: Some("SECdemo".into()),
+        }],
+        ..DingtalkConfig::default()
+    })
+    .await?;
+    let wecom_app = WecomApp::new("wwacme", "wecom-secret", 1000002);
+    let wecom = WecomSim::start(WecomConfig {
+        apps: vec![wecom_app.clone()],
+        users: ["alice", "bob", "carol"]
+            .into_iter()
+            .map(WecomUser::new)
+            .collect(),
+        robot_keys: vec!["ops".into()],
+        ..WecomConfig::default()
+    })
+    .await?;
+    let ding_base = ding.base_url();
+    let wecom_base = wecom.base_url();
+    let allow: Vec<String> = [&sim_base, &ding_base, &wecom_base]
+        .iter()
+        .map(|b| b.trim_start_matches("http://").to_string())
+        .collect();
 
     step(1, "Load the same plugin file for two tenants");
     let host = Host::new(HostConfig::new(state))?;
     let policy = TenantPolicy {
-        allow_hosts: vec![sim_host.clone()],
+        allow_hosts: allow.clone(),
     };
     for t in ["acme", "globex"] {
         host.load_tenant(t, component, policy.clone()).await?;
@@ -67,10 +104,17 @@ async fn run_in(component: &Path, state: &Path) -> Result<()> {
     let globex_app = json!({"id": "feishu", "platform": "feishu", "app_id": "cli_globex",
         "app_secret": "globex-secret", "encrypt_key": "globex-encrypt-key",
         "api_base": sim_base});
+    let ding_json = json!({"id": "dingtalk", "platform": "dingtalk", "app_id": ding_app.app_key,
+        "app_secret": ding_app.app_secret, "agent_id": ding_app.agent_id.to_string(),
+        "encrypt_key": ding_app.aes_key, "token": ding_app.token, "api_base": ding_base});
+    let wecom_json = json!({"id": "wecom", "platform": "wecom", "app_id": wecom_app.corp_id,
+        "app_secret": wecom_app.secret, "agent_id": wecom_app.agent_id.to_string(),
+        "encrypt_key": wecom_app.encoding_aes_key, "token": wecom_app.token,
+        "api_base": wecom_base});
     let cfg = json!({"listen": "127.0.0.1:0", "public_url": "http://127.0.0.1",
         "state_dir": state, "tenants": [
-            {"id": "acme", "allow_hosts": [sim_host], "apps": [acme_app]},
-            {"id": "globex", "allow_hosts": [sim_host], "apps": [globex_app]}]});
+            {"id": "acme", "allow_hosts": allow, "apps": [acme_app, ding_json, wecom_json]},
+            {"id": "globex", "allow_hosts": allow, "apps": [globex_app]}]});
     let cfg = ServeConfig::parse(&cfg.to_string(), state)?;
     let server = serve_with(host.clone(), cfg).await?;
     let url = format!("http://{}/callback/acme/feishu", server.addr());
@@ -177,7 +221,113 @@ async fn run_in(component: &Path, state: &Path) -> Result<()> {
         bail!("globex could see acme's approval");
     }
 
+    let addr = server.addr();
+    step(
+        7,
+        "DingTalk: signed robot message, then an approval decided by encrypted pushes",
+    );
+    let robot = format!("{ding_base}/robot/send?access_token=ops");
+    let note = json!({"app": null, "notification": {
+        "target": {"webhook": {"platform": "dingtalk", "url": robot, "secret": "SECdemo"}},
+        "title": "Workflow #43 is waiting for approval", "level": "info",
+        "markdown": "**release-43** wants to deploy", "link": null,
+        "mentions": [], "mention_all": false}});
+    ok(host.invoke_json("acme", "notify", note).await?)?;
+    println!(
+        "    DingTalk accepted the robot message (加签 verified): errcode {}",
+        ding.state()
+            .robot_messages
+            .last()
+            .map(|m| m.errcode)
+            .unwrap_or(-1)
+    );
+    ding.set_callback_url(
+        &ding_app.app_key,
+        Some(&format!("http://{addr}/callback/acme/dingtalk")),
+    );
+    let request = json!({"key": "wf-43/deploy", "title": "Deploy release-43?",
+        "initiator": {"mobile": "+86 138 0000 0000"},
+        "nodes": [{"approvers": [{"id": "bob"}, {"id": "carol"}], "mode": "and"}],
+        "cc": [], "fields": [["workflow", "release-43"]]});
+    let approval = ok(host
+        .invoke_json(
+            "acme",
+            "start-approval",
+            json!({"app": ding_json, "request": request}),
+        )
+        .await?)?;
+    let id = approval["instance_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let get = json!({"app": ding_json, "instance_id": id, "refresh": false});
+    for who in ["bob", "carol"] {
+        let reports = ding.decide(&id, who, true, "ok").await?;
+        let delivered = reports.iter().filter(|r| r.delivered).count();
+        let now = ok(host
+            .invoke_json("acme", "get-approval", get.clone())
+            .await?)?;
+        println!(
+            "    {who} agrees -> {delivered}/{} pushes answered with an encrypted \"success\" -> {}",
+            reports.len(),
+            now["status"]
+        );
+    }
+
+    step(
+        8,
+        "WeCom: URL check, robot markdown, then an approval decided by encrypted XML",
+    );
+    let url = format!("http://{addr}/callback/acme/wecom");
+    let check = wecom.url_check(wecom_app.agent_id, &url).await?;
+    println!(
+        "    GET URL verification answered with the bare echostr: {}",
+        check.verified
+    );
+    let robot = format!("{wecom_base}/cgi-bin/webhook/send?key=ops");
+    let note = json!({"app": null, "notification": {
+        "target": {"webhook": {"platform": "wecom", "url": robot, "secret": null}},
+        "title": "Workflow #44 failed", "level": "failure", "markdown": "step **deploy** failed",
+        "link": null, "mentions": [{"id": "bob"}], "mention_all": false}});
+    ok(host.invoke_json("acme", "notify", note).await?)?;
+    println!("    robot message accepted");
+    wecom.set_callback_url(wecom_app.agent_id, Some(&url));
+    let request = json!({"key": "wf-44/deploy", "title": "Deploy release-44?",
+        "initiator": {"id": "alice"},
+        "nodes": [{"approvers": [{"id": "bob"}], "mode": "and"},
+                  {"approvers": [{"id": "carol"}, {"id": "alice"}], "mode": "or"}],
+        "cc": [], "fields": [["workflow", "release-44"]]});
+    let approval = ok(host
+        .invoke_json(
+            "acme",
+            "start-approval",
+            json!({"app": wecom_json, "request": request}),
+        )
+        .await?)?;
+    let id = approval["instance_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let get = json!({"app": wecom_json, "instance_id": id, "refresh": false});
+    for who in ["bob", "carol"] {
+        let report = wecom.decide(&id, who, true, "ok").await?;
+        let delivered = report.as_ref().is_some_and(|r| r.delivered);
+        let now = ok(host
+            .invoke_json("acme", "get-approval", get.clone())
+            .await?)?;
+        println!(
+            "    {who} approves -> push answered 200: {delivered} -> {}",
+            now["status"]
+        );
+    }
+    let last = ok(host.invoke_json("acme", "get-approval", get).await?)?;
+    if last["status"] != "approved" {
+        bail!("expected the WeCom approval to be approved, got {last}");
+    }
+
     server.shutdown().await;
-    println!("\ndone: notification sent, approval approved via callbacks, tenants isolated.");
+    println!(
+        "\ndone: notifications sent, approvals decided via callbacks on three platforms, tenants isolated."
+    );
     Ok(())
 }

@@ -205,6 +205,12 @@ impl Host {
             .await
     }
 
+    /// `handle-event` with typed arguments, as the persistent connections use it: `event` is
+    /// the plaintext event JSON received over the connection.
+    pub async fn handle_event(&self, tenant: &str, app: ImApp, event: Vec<u8>) -> Result<Reply> {
+        self.call(tenant, &Call::HandleEvent { app, event }).await
+    }
+
     /// Calls one export in a fresh instance of the tenant's plugin.
     pub async fn call(&self, tenant: &str, call: &Call) -> Result<Reply> {
         let export = call.export();

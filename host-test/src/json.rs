@@ -46,6 +46,10 @@ pub fn parse_call(export: Export, input: &Value) -> Result<Call> {
             app: args.req("app")?,
             request: args.req("request")?,
         },
+        Export::HandleEvent => Call::HandleEvent {
+            app: args.req("app")?,
+            event: event_from_json(&args)?,
+        },
     })
 }
 
@@ -71,6 +75,22 @@ pub fn call_to_json(call: &Call) -> Value {
         Call::HandleCallback { app, request } => {
             json!({"app": app.to_json(), "request": request.to_json()})
         }
+        Call::HandleEvent { app, event } => {
+            // The event as the JSON value it holds, so the round trip gives back what came in.
+            let event =
+                serde_json::from_slice::<Value>(event).unwrap_or_else(|_| bytes_to_json(event));
+            json!({"app": app.to_json(), "event": event})
+        }
+    }
+}
+
+/// `handle-event`'s `event`: the event JSON itself (an object, passed on as its compact
+/// serialisation) or a string holding it (passed on byte for byte).
+fn event_from_json(args: &Obj<'_>) -> Result<Vec<u8>> {
+    match args.get("event") {
+        None => bail!("missing `event`"),
+        Some(Value::String(s)) => Ok(s.clone().into_bytes()),
+        Some(v) => Ok(v.to_string().into_bytes()),
     }
 }
 
@@ -80,6 +100,7 @@ pub fn reply_to_json(reply: &Reply) -> Value {
         Reply::Approval(r) => result_to_json(r),
         Reply::Receipt(r) => result_to_json(r),
         Reply::Callback(r) => result_to_json(r),
+        Reply::Event(r) => result_to_json(r),
     }
 }
 
@@ -732,6 +753,10 @@ mod tests {
                 json!({"app": app(), "request": {"method": "GET",
                 "path": "/", "query": "", "headers": [], "body": ""}}),
             ),
+            (
+                Export::HandleEvent,
+                json!({"app": app(), "event": {"uuid": "u1", "event": {"type": "x"}}}),
+            ),
         ] {
             let call = parse_call(export, &input).unwrap();
             assert_eq!(strip_nulls(call_to_json(&call)), strip_nulls(input));
@@ -775,5 +800,16 @@ mod tests {
         assert!(err.contains("request.nodes[0].approvers[0]"), "{err}");
         assert!(parse_call(Export::Notify, &json!([1])).is_err());
         assert!(parse_call(Export::GetApproval, &json!({"app": app()})).is_err());
+        assert!(parse_call(Export::HandleEvent, &json!({"app": app()})).is_err());
+    }
+
+    #[test]
+    fn event_as_string_is_passed_byte_for_byte() {
+        let raw = "{ \"uuid\" : \"u1\" }";
+        let call = parse_call(Export::HandleEvent, &json!({"app": app(), "event": raw})).unwrap();
+        let Call::HandleEvent { event, .. } = call else {
+            panic!("wrong call")
+        };
+        assert_eq!(event, raw.as_bytes());
     }
 }

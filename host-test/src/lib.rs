@@ -18,6 +18,7 @@ pub mod host;
 pub mod json;
 pub mod kv;
 pub mod log;
+pub mod persistent;
 pub mod sandbox;
 pub mod server;
 pub mod sim;

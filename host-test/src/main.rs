@@ -2,7 +2,7 @@
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use imbridge_host::config::ServeConfig;
+use imbridge_host::config::Config;
 use imbridge_host::json::Json as _;
 use imbridge_host::{Export, Host, HostConfig, TenantPolicy, server};
 use serde_json::Value;
@@ -32,13 +32,15 @@ enum Command {
     ///
     /// Exits 0 whenever the plugin answered (ok or err), non-zero when the host failed.
     Invoke {
-        /// start-approval, get-approval, cancel-approval, notify or handle-callback
+        /// start-approval, get-approval, cancel-approval, notify, handle-callback or
+        /// handle-event
         export: String,
         /// The im-app JSON file.
         #[arg(long)]
         app: Option<PathBuf>,
-        /// The arguments: for handle-callback the http-request, otherwise an object keyed by
-        /// parameter name (e.g. {"request": ...}). `-` reads standard input.
+        /// The arguments: for handle-callback the http-request, for handle-event the event
+        /// JSON, otherwise an object keyed by parameter name (e.g. {"request": ...}). `-` reads
+        /// standard input.
         #[arg(long)]
         input: Option<PathBuf>,
         /// State directory [default: target/imbridge-state in the workspace]
@@ -132,13 +134,14 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Serve { config, component } => {
-            let mut config = ServeConfig::load(&config)?;
+            let mut config = Config::load(&config)?;
             let component = component
-                .or_else(|| config.component.clone())
+                .or_else(|| config.serve.component.clone())
                 .unwrap_or_else(|| workspace_path(COMPONENT));
-            config.component = Some(component.clone());
-            // The server logs the address it bound; Ctrl-C stops it.
-            let handle = server::serve(config)
+            config.serve.component = Some(component.clone());
+            // The server logs the address it bound; Ctrl-C stops it (and releases the
+            // persistent connections' leases).
+            let handle = server::serve_config(config)
                 .await
                 .with_context(|| component_hint(&component))?;
             tokio::signal::ctrl_c()
@@ -148,9 +151,22 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Urls { config } => {
-            let config = ServeConfig::load(&config)?;
+            let Config {
+                serve: config,
+                persistent,
+            } = Config::load(&config)?;
             for t in &config.tenants {
                 for app in &t.apps {
+                    if persistent
+                        .iter()
+                        .any(|p| p.tenant == t.id && p.app.id == app.id)
+                    {
+                        println!(
+                            "{} {} persistent connection (no callback address)",
+                            t.id, app.id
+                        );
+                        continue;
+                    }
                     let platform = app.platform.to_json();
                     let platform = platform.as_str().unwrap_or("?");
                     println!(
@@ -179,6 +195,12 @@ fn merge_args(export: Export, app: Option<Value>, input: Value) -> Result<Value>
             bail!("handle-callback needs --app");
         };
         return Ok(serde_json::json!({"app": app, "request": input}));
+    }
+    if export == Export::HandleEvent {
+        let Some(app) = app else {
+            bail!("handle-event needs --app");
+        };
+        return Ok(serde_json::json!({"app": app, "event": input}));
     }
     let Value::Object(mut args) = input else {
         bail!("--input must hold a JSON object keyed by parameter name");

@@ -17,7 +17,7 @@ use crate::bindings::types::{
     Approval, ApprovalRequest, Error as PluginError, HttpRequest, ImApp, Notification,
 };
 use crate::call::{Call, Reply};
-use crate::config::ServeConfig;
+use crate::config::{Config, PersistentApp, ServeConfig};
 use crate::host::{Host, HostConfig};
 use crate::json::{self, Json as _};
 use crate::log;
@@ -58,6 +58,8 @@ pub struct ServerHandle {
     host: Host,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    /// The persistent connections (apps with `"callback": "persistent"`).
+    connections: Option<crate::persistent::Connections>,
 }
 
 impl ServerHandle {
@@ -70,8 +72,12 @@ impl ServerHandle {
         &self.host
     }
 
-    /// Stops accepting connections and waits for the accept loop to end.
+    /// Stops accepting connections and waits for the accept loop to end; closes the
+    /// persistent connections and releases their leases.
     pub async fn shutdown(mut self) {
+        if let Some(c) = self.connections.take() {
+            c.shutdown().await;
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -84,8 +90,26 @@ impl ServerHandle {
     }
 }
 
+/// Creates the host, loads the configured component for every tenant and starts serving,
+/// HTTP callbacks and persistent connections alike.
+pub async fn serve_config(config: Config) -> Result<ServerHandle> {
+    let host = load_host(&config.serve).await?;
+    serve_with_persistent(
+        host,
+        config.serve,
+        config.persistent,
+        crate::persistent::Options::default(),
+    )
+    .await
+}
+
 /// Creates the host, loads the configured component for every tenant and starts serving.
 pub async fn serve(config: ServeConfig) -> Result<ServerHandle> {
+    let host = load_host(&config).await?;
+    serve_with(host, config).await
+}
+
+async fn load_host(config: &ServeConfig) -> Result<Host> {
     let Some(component) = config.component.clone() else {
         anyhow::bail!("no component configured");
     };
@@ -102,11 +126,34 @@ pub async fn serve(config: ServeConfig) -> Result<ServerHandle> {
             .await
             .with_context(|| format!("loading tenant `{}`", t.id))?;
     }
-    serve_with(host, config).await
+    Ok(host)
 }
 
 /// Serves `config` with an existing host whose tenants are already loaded.
 pub async fn serve_with(host: Host, config: ServeConfig) -> Result<ServerHandle> {
+    serve_with_persistent(host, config, Vec::new(), Default::default()).await
+}
+
+/// [`serve_with`], plus a persistent connection for each of `persistent` (which must be
+/// among `config`'s apps). Their updates go to the same outbox and engine webhook as HTTP
+/// callbacks'.
+pub async fn serve_with_persistent(
+    host: Host,
+    config: ServeConfig,
+    persistent: Vec<PersistentApp>,
+    options: crate::persistent::Options,
+) -> Result<ServerHandle> {
+    for p in &persistent {
+        anyhow::ensure!(
+            config
+                .tenant(&p.tenant)
+                .and_then(|t| t.app(&p.app.id))
+                .is_some(),
+            "persistent app `{}` of tenant `{}` is not in the configuration",
+            p.app.id,
+            p.tenant
+        );
+    }
     let listener = TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -120,6 +167,22 @@ pub async fn serve_with(host: Host, config: ServeConfig) -> Result<ServerHandle>
         host: host.clone(),
         config,
         delivery,
+    });
+    let connections = (!persistent.is_empty()).then(|| {
+        let weak = Arc::downgrade(&state);
+        let sink: crate::persistent::UpdateSink = Arc::new(move |tenant, app_id, updates| {
+            let state = weak.upgrade().context("server stopped")?;
+            state.record_updates(tenant, app_id, updates)?;
+            state.spawn_delivery(tenant);
+            Ok(())
+        });
+        let leases: Arc<dyn crate::persistent::LeaseStore> = host.store().clone();
+        crate::persistent::spawn(
+            persistent,
+            crate::persistent::Dispatcher::new(host.clone(), sink),
+            leases,
+            options,
+        )
     });
     let (tx, mut rx) = oneshot::channel();
     // Records left over from a failed delivery (or a restart) go out on this timer as well as
@@ -173,6 +236,7 @@ pub async fn serve_with(host: Host, config: ServeConfig) -> Result<ServerHandle>
         host,
         shutdown: Some(tx),
         task,
+        connections,
     })
 }
 

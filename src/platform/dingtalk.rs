@@ -190,9 +190,10 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
                 "DingTalk has no user lookup by email; use a user id or a mobile",
             )),
             UserRef::Mobile(m) => {
-                let reply = match self
-                    .legacy_post("/topapi/v2/user/getbymobile", &json!({"mobile": m.trim()}))
-                {
+                let reply = match self.legacy_post(
+                    "/topapi/v2/user/getbymobile",
+                    &json!({"mobile": super::normalize_mobile(m)?}),
+                ) {
                     // 60121: no such user in this organisation.
                     Err(Error::Platform { code: 60121, .. }) => {
                         return Err(Error::input(format!("no DingTalk user found for {m}")));
@@ -573,16 +574,27 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
     let plain = key.decrypt(encrypt, app.app_id.trim())?;
     let event: Value = serde_json::from_slice(&plain)
         .map_err(|_| Error::input("decrypted callback is not JSON"))?;
-    let events = match event.get("EventType").and_then(Value::as_str) {
-        Some("bpms_task_change") => task_event(env, &event),
-        Some("bpms_instance_change") => instance_event(&event),
-        // check_url and every other subscription are acknowledged and ignored.
-        _ => Vec::new(),
-    };
     Ok(Parsed {
         response: success_reply(env, &key, token, app.app_id.trim()),
-        events,
+        events: approval_events(env, &event),
     })
+}
+
+/// An event delivered over Stream mode, as the plaintext a callback would decrypt to
+/// (`{"EventType": …, …}`), already authenticated by the connection the host opened.
+pub fn parse_event(env: &(impl Env + ?Sized), event: &[u8]) -> Result<Vec<Inbound>> {
+    let event: Value =
+        serde_json::from_slice(event).map_err(|_| Error::input("event is not JSON"))?;
+    Ok(approval_events(env, &event))
+}
+
+fn approval_events(env: &(impl Env + ?Sized), event: &Value) -> Vec<Inbound> {
+    match event.get("EventType").and_then(Value::as_str) {
+        Some("bpms_task_change") => task_event(env, event),
+        Some("bpms_instance_change") => instance_event(event),
+        // check_url and every other subscription are acknowledged and ignored.
+        _ => Vec::new(),
+    }
 }
 
 /// The encrypted "success" every accepted push must be answered with; DingTalk treats any

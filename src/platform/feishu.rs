@@ -136,13 +136,15 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
                 _ => None,
             })
             .collect();
-        let mobiles: Vec<&str> = users
+        // Feishu wants mainland numbers bare and others with their country code, like the rest.
+        let mobiles: Vec<String> = users
             .iter()
             .filter_map(|u| match u {
-                UserRef::Mobile(m) => Some(m.trim()),
+                UserRef::Mobile(m) => Some(super::normalize_mobile(m)),
                 _ => None,
             })
-            .collect();
+            .collect::<Result<_>>()?;
+        let mobiles: Vec<&str> = mobiles.iter().map(String::as_str).collect();
         let mut found: Vec<(String, String)> = Vec::new();
         for (kind, list) in [("emails", &emails), ("mobiles", &mobiles)] {
             for chunk in list.chunks(BATCH_GET_ID_LIMIT) {
@@ -173,11 +175,19 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
             .map(|u| match u {
                 UserRef::Id(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
                 UserRef::Id(_) => Err(Error::input("empty user id")),
-                UserRef::Email(e) | UserRef::Mobile(e) => found
+                UserRef::Email(e) => found
                     .iter()
                     .find(|(who, _)| who.eq_ignore_ascii_case(e.trim()))
                     .map(|(_, id)| id.clone())
                     .ok_or_else(|| Error::input(format!("no Feishu user found for {e}"))),
+                UserRef::Mobile(m) => {
+                    let want = super::normalize_mobile(m)?;
+                    found
+                        .iter()
+                        .find(|(who, _)| super::normalize_mobile(who).is_ok_and(|w| w == want))
+                        .map(|(_, id)| id.clone())
+                        .ok_or_else(|| Error::input(format!("no Feishu user found for {m}")))
+                }
             })
             .collect()
     }
@@ -500,8 +510,26 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
         return Err(unsigned());
     }
 
-    let (dedup, event_type, event) = if is_v2 {
-        let h = header_obj.ok_or_else(|| Error::input("v2 event without a header"))?;
+    Ok(Parsed {
+        response: HttpResponse::json(200, &json!({"code": 0, "msg": "success"})),
+        events: envelope_events(env, &inner)?,
+    })
+}
+
+/// An event delivered over the long connection: the same envelope as a callback's plaintext,
+/// already authenticated by the connection the host opened with the app's credentials.
+pub fn parse_event(env: &(impl Env + ?Sized), event: &[u8]) -> Result<Vec<Inbound>> {
+    let inner: Value =
+        serde_json::from_slice(event).map_err(|_| Error::input("event is not JSON"))?;
+    envelope_events(env, &inner)
+}
+
+/// The approval events in a v1 or v2 envelope; anything else is none.
+fn envelope_events(env: &(impl Env + ?Sized), inner: &Value) -> Result<Vec<Inbound>> {
+    let (dedup, event_type, event) = if inner.get("schema").and_then(Value::as_str) == Some("2.0") {
+        let h = inner
+            .get("header")
+            .ok_or_else(|| Error::input("v2 event without a header"))?;
         (
             h.get("event_id").and_then(Value::as_str),
             h.get("event_type").and_then(Value::as_str),
@@ -515,14 +543,10 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
             ev,
         )
     };
-    let events = match (event_type, event) {
-        (Some(t), Some(ev)) => approval_event(env, t, ev, dedup)?,
-        _ => Vec::new(),
-    };
-    Ok(Parsed {
-        response: HttpResponse::json(200, &json!({"code": 0, "msg": "success"})),
-        events,
-    })
+    match (event_type, event) {
+        (Some(t), Some(ev)) => approval_event(env, t, ev, dedup),
+        _ => Ok(Vec::new()),
+    }
 }
 
 fn unsigned() -> Error {
@@ -866,6 +890,20 @@ pub(crate) mod tests {
         let p = parse_callback(&env, &app(), &signed_request(&env, "ekey", &other)).unwrap();
         assert!(p.events.is_empty());
         assert_eq!(p.response.status, 200);
+    }
+
+    #[test]
+    fn long_connection_events_use_the_same_envelopes() {
+        let env = FakeEnv::offline();
+        let ev = json!({"schema": "2.0", "header": {"event_id": "e1", "event_type": "approval_instance"},
+            "event": {"instance_code": "I3", "status": "REJECTED"}});
+        let got = parse_event(&env, ev.to_string().as_bytes()).unwrap();
+        assert_eq!(got[0].event, Event::Status(ApprovalStatus::Rejected));
+        assert_eq!(got[0].dedup_id.as_deref(), Some("feishu:e1"));
+        assert!(matches!(
+            parse_event(&env, b"{"),
+            Err(Error::InvalidInput(_))
+        ));
     }
 
     #[test]

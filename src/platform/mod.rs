@@ -7,7 +7,7 @@ pub mod wecom;
 
 use crate::approval::{Inbound, Record};
 use crate::env::Env;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{
     ApprovalRequest, HttpResponse, ImApp, Notification, Platform, Receipt, RobotWebhook,
 };
@@ -80,6 +80,22 @@ pub fn parse_callback(
     }
 }
 
+/// An event the host received over a persistent connection it holds for `app` (Feishu's
+/// long connection, DingTalk's Stream mode): plaintext, already authenticated.
+pub fn parse_event(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    event: &[u8],
+) -> Result<Vec<crate::approval::Inbound>> {
+    match app.platform {
+        Platform::Feishu | Platform::Lark => feishu::parse_event(env, event),
+        Platform::Dingtalk => dingtalk::parse_event(env, event),
+        Platform::Wecom => Err(crate::error::Error::input(
+            "WeCom has no persistent-connection mode; use HTTP callbacks",
+        )),
+    }
+}
+
 /// A message from the app itself to a chat or to users.
 pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) -> Result<Receipt> {
     match app.platform {
@@ -124,11 +140,70 @@ pub fn form_text(req: &ApprovalRequest) -> String {
     s.trim_end().to_string()
 }
 
+/// Mobile numbers as the platforms' directories look them up: mainland numbers as 11 bare
+/// digits, others as `+<country code><number>`. Accepts spaces, dashes, dots, parentheses and `+86` / `0086` /
+/// `86` prefixes.
+pub fn normalize_mobile(raw: &str) -> Result<String> {
+    let t = raw.trim();
+    let mut plus = false;
+    let mut digits = String::with_capacity(t.len());
+    for c in t.chars() {
+        match c {
+            '0'..='9' => digits.push(c),
+            // "+86 …" and "(+86) …": a plus is only meaningful before the first digit.
+            '+' if digits.is_empty() && !plus => plus = true,
+            ' ' | '-' | '.' | '(' | ')' | '\u{a0}' => {}
+            _ => return Err(Error::input(format!("{raw:?} is not a mobile number"))),
+        }
+    }
+    let mainland = |d: &str| d.len() == 11 && d.starts_with('1');
+    let international = digits
+        .strip_prefix("00")
+        .map(str::to_string)
+        .or_else(|| plus.then(|| digits.clone()));
+    let out = match international {
+        Some(intl) => match intl.strip_prefix("86") {
+            Some(d) if mainland(d) => d.to_string(),
+            _ => format!("+{intl}"),
+        },
+        None => match digits.strip_prefix("86") {
+            Some(d) if mainland(d) => d.to_string(),
+            _ => digits,
+        },
+    };
+    let n = out.trim_start_matches('+').len();
+    if !(5..=20).contains(&n) {
+        return Err(Error::input(format!("{raw:?} is not a mobile number")));
+    }
+    Ok(out)
+}
+
 /// Accepts the platforms' mix of numeric and string timestamps.
 pub fn json_u64(v: Option<&serde_json::Value>) -> Option<u64> {
     match v? {
         serde_json::Value::Number(n) => n.as_u64(),
         serde_json::Value::String(s) => s.split('.').next()?.parse().ok(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mobiles_normalise() {
+        for m in [
+            "13800000000",
+            "+86 138-0000-0000",
+            "8613800000000",
+            "0086 138 0000 0000",
+            "(+86) 138.0000.0000",
+        ] {
+            assert_eq!(normalize_mobile(m).unwrap(), "13800000000", "{m}");
+        }
+        assert_eq!(normalize_mobile("+852 9123 4567").unwrap(), "+85291234567");
+        assert!(normalize_mobile("call me").is_err());
+        assert!(normalize_mobile("12").is_err());
     }
 }

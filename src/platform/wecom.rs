@@ -5,7 +5,7 @@
 //! WeCom reports the overall `sp_status` of an approval, so this module emits `Event::Status`
 //! (plus the individual decisions for the record) and never evaluates nodes locally.
 
-use super::{Created, Parsed, form_text};
+use super::{Created, Parsed, form_text, normalize_mobile};
 use crate::approval::{Event, Inbound, Record};
 use crate::callback::max_skew_ok;
 use crate::crypto::{self, ct_eq, sorted_sha1_hex, wx::WxKey};
@@ -201,44 +201,6 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
         self.env.kv_set(&cache, id.as_bytes())?;
         Ok(id)
     }
-}
-
-/// Mobile numbers as WeCom's directory stores them: mainland numbers as 11 bare digits, others
-/// as `+<country code><number>`. Accepts spaces, dashes, dots, parentheses and `+86` / `0086` /
-/// `86` prefixes.
-pub fn normalize_mobile(raw: &str) -> Result<String> {
-    let t = raw.trim();
-    let mut plus = false;
-    let mut digits = String::with_capacity(t.len());
-    for c in t.chars() {
-        match c {
-            '0'..='9' => digits.push(c),
-            // "+86 …" and "(+86) …": a plus is only meaningful before the first digit.
-            '+' if digits.is_empty() && !plus => plus = true,
-            ' ' | '-' | '.' | '(' | ')' | '\u{a0}' => {}
-            _ => return Err(Error::input(format!("{raw:?} is not a mobile number"))),
-        }
-    }
-    let mainland = |d: &str| d.len() == 11 && d.starts_with('1');
-    let international = digits
-        .strip_prefix("00")
-        .map(str::to_string)
-        .or_else(|| plus.then(|| digits.clone()));
-    let out = match international {
-        Some(intl) => match intl.strip_prefix("86") {
-            Some(d) if mainland(d) => d.to_string(),
-            _ => format!("+{intl}"),
-        },
-        None => match digits.strip_prefix("86") {
-            Some(d) if mainland(d) => d.to_string(),
-            _ => digits,
-        },
-    };
-    let n = out.trim_start_matches('+').len();
-    if !(5..=20).contains(&n) {
-        return Err(Error::input(format!("{raw:?} is not a mobile number")));
-    }
-    Ok(out)
 }
 
 pub fn template_body(name: &str) -> Value {
@@ -1172,22 +1134,6 @@ mod tests {
             parse_xml(b"<xml><a>&#65;&lt;</a></xml>").unwrap().get("a"),
             "A<"
         );
-    }
-
-    #[test]
-    fn mobiles_normalise() {
-        for m in [
-            "13800000000",
-            "+86 138-0000-0000",
-            "8613800000000",
-            "0086 138 0000 0000",
-            "(+86) 138.0000.0000",
-        ] {
-            assert_eq!(normalize_mobile(m).unwrap(), "13800000000", "{m}");
-        }
-        assert_eq!(normalize_mobile("+852 9123 4567").unwrap(), "+85291234567");
-        assert!(normalize_mobile("call me").is_err());
-        assert!(normalize_mobile("12").is_err());
     }
 
     fn req() -> ApprovalRequest {

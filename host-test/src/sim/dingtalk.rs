@@ -191,6 +191,8 @@ pub struct DingtalkState {
     /// Events waiting for delivery: `(app_key, plaintext event)`.
     pub outbox: VecDeque<(String, Value)>,
     pub callback_urls: HashMap<String, String>,
+    /// Apps whose events go to a persistent-connection simulator instead of a callback URL.
+    event_sinks: HashMap<String, tokio::sync::mpsc::UnboundedSender<Value>>,
     tokens: HashMap<String, (String, u64)>,
     next_id: u64,
 }
@@ -305,6 +307,20 @@ impl DingtalkSim {
         };
     }
 
+    /// Sends the app's events to `sink` (the Stream simulator) instead of its callback URL;
+    /// `None` goes back to the URL.
+    pub fn set_event_sink(
+        &self,
+        app_key: &str,
+        sink: Option<tokio::sync::mpsc::UnboundedSender<Value>>,
+    ) {
+        let mut s = self.inner.lock();
+        match sink {
+            Some(x) => s.event_sinks.insert(app_key.into(), x),
+            None => s.event_sinks.remove(app_key),
+        };
+    }
+
     pub fn expire_all_tokens(&self) {
         for t in self.inner.lock().tokens.values_mut() {
             t.1 = 0;
@@ -361,10 +377,17 @@ impl DingtalkSim {
                 let mut s = self.inner.lock();
                 s.outbox.pop_front().map(|(app, ev)| {
                     let url = s.callback_urls.get(&app).cloned();
-                    (app, ev, url)
+                    let sink = s.event_sinks.get(&app).cloned();
+                    (app, ev, url, sink)
                 })
             };
-            let Some((app, ev, url)) = next else { break };
+            let Some((app, ev, url, sink)) = next else {
+                break;
+            };
+            if let Some(sink) = sink {
+                let _ = sink.send(ev);
+                continue;
+            }
             let Some(url) = url else { continue };
             if let Ok(r) = self.push_json(&app, &url, &ev).await {
                 reports.push(r);

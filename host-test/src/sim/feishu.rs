@@ -283,6 +283,8 @@ pub struct FeishuState {
     /// Events waiting for [`FeishuSim::flush_events`]: `(app_id, envelope)`.
     pub outbox: VecDeque<(String, Value)>,
     pub callback_urls: HashMap<String, String>,
+    /// Apps whose events go to a persistent-connection simulator instead of a callback URL.
+    event_sinks: HashMap<String, tokio::sync::mpsc::UnboundedSender<Value>>,
     tokens: HashMap<String, IssuedToken>,
 }
 
@@ -423,6 +425,20 @@ impl FeishuSim {
         };
     }
 
+    /// Sends the app's events to `sink` (a persistent-connection simulator) instead of its
+    /// callback URL; `None` goes back to the URL.
+    pub fn set_event_sink(
+        &self,
+        app_id: &str,
+        sink: Option<tokio::sync::mpsc::UnboundedSender<Value>>,
+    ) {
+        let mut state = self.inner.lock();
+        match sink {
+            Some(s) => state.event_sinks.insert(app_id.into(), s),
+            None => state.event_sinks.remove(app_id),
+        };
+    }
+
     /// Makes every issued tenant token invalid, as if they had all expired.
     pub fn expire_all_tokens(&self) {
         for t in self.inner.lock().tokens.values_mut() {
@@ -506,12 +522,17 @@ impl FeishuSim {
                 let mut state = self.inner.lock();
                 state.outbox.pop_front().map(|(app_id, payload)| {
                     let url = state.callback_urls.get(&app_id).cloned();
-                    (app_id, payload, url)
+                    let sink = state.event_sinks.get(&app_id).cloned();
+                    (app_id, payload, url, sink)
                 })
             };
-            let Some((app_id, payload, url)) = next else {
+            let Some((app_id, payload, url, sink)) = next else {
                 break;
             };
+            if let Some(sink) = sink {
+                let _ = sink.send(payload);
+                continue;
+            }
             let Some(url) = url else { continue };
             if let Ok(report) = self.push_json(&app_id, &url, &payload).await {
                 reports.push(report);

@@ -6,7 +6,9 @@
 //! the two sides cross-check each other.
 
 pub mod dingtalk;
+pub mod dingtalk_stream;
 pub mod feishu;
+pub mod feishu_ws;
 pub mod http;
 pub mod wecom;
 

@@ -1,0 +1,182 @@
+//! DingTalk Stream mode: `POST {base}/v1.0/gateway/connections/open` with the app's client id
+//! (AppKey) and secret and the subscriptions gives `{endpoint, ticket}`; the socket at
+//! `endpoint?ticket=` carries JSON frames `{specVersion, type, headers, data}`. `SYSTEM`
+//! frames: `ping` is answered with the same `messageId` and `data`, `disconnect` announces that
+//! the server will close (reconnect now). `EVENT` frames carry the event's JSON in `data` and
+//! its type in `headers.eventType`; they are acknowledged with `{"status": "SUCCESS"}`.
+
+use super::{Session, SessionEnd, Verdict, post_json};
+use crate::log;
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{Map, Value, json};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+const DEFAULT_BASE: &str = "https://api.dingtalk.com";
+/// The server pings about every 30 s; this much silence means the connection is dead.
+const IDLE_LIMIT: Duration = Duration::from_secs(120);
+
+fn end(connected: bool, reason: impl Into<String>) -> SessionEnd {
+    SessionEnd {
+        connected,
+        asked_to_reconnect: false,
+        reason: reason.into(),
+    }
+}
+
+/// The acknowledgement frame for `message_id` carrying `data`.
+pub fn ack(message_id: &str, data: &str) -> Value {
+    json!({
+        "code": 200,
+        "headers": {"contentType": "application/json", "messageId": message_id},
+        "message": "OK",
+        "data": data,
+    })
+}
+
+/// The decrypted-callback shape the plugin parses: the frame's `data` object plus
+/// `EventType` from `headers.eventType`.
+pub fn event_json(headers: &Value, data: &Value) -> Option<Vec<u8>> {
+    let event_type = headers.get("eventType")?.as_str()?;
+    let data: Value = match data {
+        Value::String(s) => serde_json::from_str(s).ok()?,
+        v => v.clone(),
+    };
+    let mut obj: Map<String, Value> = data.as_object()?.clone();
+    obj.insert("EventType".into(), json!(event_type));
+    Some(Value::Object(obj).to_string().into_bytes())
+}
+
+pub async fn run(session: &Session<'_>) -> SessionEnd {
+    let app = session.app;
+    let url = format!(
+        "{}/v1.0/gateway/connections/open",
+        session.base(DEFAULT_BASE)
+    );
+    let body = json!({
+        "clientId": app.app_id,
+        "clientSecret": app.app_secret,
+        "subscriptions": [{"type": "EVENT", "topic": "*"}],
+        "ua": concat!("imbridge-host/", env!("CARGO_PKG_VERSION")),
+    });
+    let answer = match post_json(&url, &body).await {
+        Ok((200, v)) => v,
+        Ok((status, v)) => {
+            return end(
+                false,
+                format!("connections/open answered HTTP {status} ({})", v["code"]),
+            );
+        }
+        Err(e) => return end(false, format!("connections/open failed: {e:#}")),
+    };
+    let (Some(endpoint), Some(ticket)) = (answer["endpoint"].as_str(), answer["ticket"].as_str())
+    else {
+        return end(false, "connections/open answer lacks endpoint or ticket");
+    };
+    let ws_url = format!("{endpoint}?ticket={}", form_encode(ticket));
+    let (ws, _) = match tokio_tungstenite::connect_async(ws_url.as_str()).await {
+        Ok(c) => c,
+        Err(e) => return end(false, format!("WebSocket connect failed: {e}")),
+    };
+    log!(
+        "tenant={} app={} DingTalk Stream connection open",
+        session.tenant,
+        app.id
+    );
+    let (mut tx, mut rx) = ws.split();
+    loop {
+        let msg = match tokio::time::timeout(IDLE_LIMIT, rx.next()).await {
+            Err(_) => return end(true, "no frames from the server for two minutes"),
+            Ok(None) => return end(true, "closed by the server"),
+            Ok(Some(Err(e))) => return end(true, format!("read failed: {e}")),
+            Ok(Some(Ok(m))) => m,
+        };
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Close(_) => return end(true, "closed by the server"),
+            _ => continue,
+        };
+        let frame: Value = match serde_json::from_str(text.as_str()) {
+            Ok(v) => v,
+            Err(e) => {
+                log!("DingTalk Stream: unparsable frame ignored: {e}");
+                continue;
+            }
+        };
+        let headers = &frame["headers"];
+        let message_id = headers["messageId"].as_str().unwrap_or("").to_string();
+        let reply = match (frame["type"].as_str(), headers["topic"].as_str()) {
+            (Some("SYSTEM"), Some("ping")) => {
+                Some(ack(&message_id, frame["data"].as_str().unwrap_or("")))
+            }
+            (Some("SYSTEM"), Some("disconnect")) => {
+                return SessionEnd {
+                    connected: true,
+                    asked_to_reconnect: true,
+                    reason: "server asked to reconnect".into(),
+                };
+            }
+            (Some("EVENT"), _) => {
+                let verdict = match event_json(headers, &frame["data"]) {
+                    Some(event) => {
+                        session
+                            .dispatcher
+                            .dispatch(session.tenant, app, event)
+                            .await
+                    }
+                    None => {
+                        log!("DingTalk Stream: event {message_id} without eventType/data acked");
+                        Verdict::Ack
+                    }
+                };
+                match verdict {
+                    Verdict::Ack => Some(ack(&message_id, r#"{"status":"SUCCESS"}"#)),
+                    // No ack: DingTalk redelivers what was not acknowledged.
+                    Verdict::Retry => None,
+                }
+            }
+            (kind, topic) => {
+                log!(
+                    "DingTalk Stream: ignoring {} frame (topic {})",
+                    kind.unwrap_or("?"),
+                    topic.unwrap_or("?")
+                );
+                None
+            }
+        };
+        if let Some(reply) = reply
+            && let Err(e) = tx.send(Message::Text(reply.to_string().into())).await
+        {
+            return end(true, format!("sending ack failed: {e}"));
+        }
+    }
+}
+
+/// Percent-encodes a query value (tickets are opaque tokens).
+fn form_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_json_adds_the_type() {
+        let headers = json!({"eventType": "bpms_task_change", "messageId": "m"});
+        let data = json!(r#"{"processInstanceId": "p1", "type": "finish"}"#);
+        let ev: Value = serde_json::from_slice(&event_json(&headers, &data).unwrap()).unwrap();
+        assert_eq!(ev["EventType"], "bpms_task_change");
+        assert_eq!(ev["processInstanceId"], "p1");
+        assert!(event_json(&json!({}), &data).is_none());
+        assert!(event_json(&headers, &json!("not json")).is_none());
+        assert_eq!(form_encode("a+b/c="), "a%2Bb%2Fc%3D");
+    }
+}

@@ -1,0 +1,385 @@
+//! Feishu / Lark long connection ("长连接"): `POST {base}/callback/ws/endpoint` with the App ID
+//! and Secret gives a WebSocket URL and reconnect hints; the socket carries protobuf `pbbp2`
+//! frames. The client pings (control frame, `type: ping`) and the server answers `pong`,
+//! possibly with new hints; data frames (`type: event`) carry the same event JSON a webhook
+//! would, split into `sum` fragments (`seq` 0..sum) for large payloads; every data frame is
+//! answered with the same frame whose payload is `{"code": 200}` (or 500 to have it redelivered)
+//! and a `biz_rt` header (processing time in ms).
+
+use super::{Hints, Session, SessionEnd, Verdict, post_json};
+use crate::bindings::types::Platform;
+use crate::log;
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+/// `pbbp2.Header`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Header {
+    #[prost(string, required, tag = "1")]
+    pub key: String,
+    #[prost(string, required, tag = "2")]
+    pub value: String,
+}
+
+/// `pbbp2.Frame` (proto2: the required fields are always encoded, which the official SDKs'
+/// decoders insist on).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Frame {
+    #[prost(uint64, required, tag = "1")]
+    pub seq_id: u64,
+    #[prost(uint64, required, tag = "2")]
+    pub log_id: u64,
+    #[prost(int32, required, tag = "3")]
+    pub service: i32,
+    #[prost(int32, required, tag = "4")]
+    pub method: i32,
+    #[prost(message, repeated, tag = "5")]
+    pub headers: Vec<Header>,
+    #[prost(string, optional, tag = "6")]
+    pub payload_encoding: Option<String>,
+    #[prost(string, optional, tag = "7")]
+    pub payload_type: Option<String>,
+    #[prost(bytes = "vec", optional, tag = "8")]
+    pub payload: Option<Vec<u8>>,
+    #[prost(string, optional, tag = "9")]
+    pub log_id_new: Option<String>,
+}
+
+/// `method` of control frames (ping, pong).
+pub const METHOD_CONTROL: i32 = 0;
+/// `method` of data frames (event, card).
+pub const METHOD_DATA: i32 = 1;
+
+impl Frame {
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|h| h.key == key)
+            .map(|h| h.value.as_str())
+    }
+
+    pub fn set_header(&mut self, key: &str, value: &str) {
+        match self.headers.iter_mut().find(|h| h.key == key) {
+            Some(h) => h.value = value.to_string(),
+            None => self.headers.push(Header {
+                key: key.into(),
+                value: value.into(),
+            }),
+        }
+    }
+
+    pub fn header_int(&self, key: &str) -> Option<i64> {
+        self.header(key).and_then(|v| v.parse().ok())
+    }
+
+    /// A control frame of `kind` (`ping` / `pong`).
+    pub fn control(service: i32, kind: &str) -> Frame {
+        let mut f = Frame {
+            method: METHOD_CONTROL,
+            service,
+            ..Frame::default()
+        };
+        f.set_header("type", kind);
+        f
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        prost::Message::encode_to_vec(self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Frame, prost::DecodeError> {
+        <Frame as prost::Message>::decode(bytes)
+    }
+}
+
+/// Most fragments one message may announce, and the largest reassembled payload.
+const MAX_FRAGMENTS: i64 = 64;
+const MAX_PAYLOAD: usize = 4 << 20;
+/// Fragments of a message that does not complete within this are dropped (the platform
+/// redelivers the un-acked message).
+const FRAGMENT_TTL: Duration = Duration::from_secs(5);
+
+/// When a message's first fragment arrived, and the fragments so far (by `seq`).
+type Partial = (Instant, Vec<Option<Vec<u8>>>);
+
+/// Collects the fragments of split messages.
+#[derive(Default)]
+pub struct Reassembler {
+    parts: HashMap<String, Partial>,
+}
+
+impl Reassembler {
+    /// Adds one fragment; returns the whole payload once every fragment is there. Bad
+    /// fragment headers are an `Err` with a reason for the log.
+    pub fn add(
+        &mut self,
+        message_id: &str,
+        sum: i64,
+        seq: i64,
+        payload: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let now = Instant::now();
+        self.parts
+            .retain(|_, (started, _)| now.duration_since(*started) < FRAGMENT_TTL);
+        if sum <= 1 {
+            return Ok(Some(payload));
+        }
+        if sum > MAX_FRAGMENTS || seq < 0 || seq >= sum {
+            return Err(format!("fragment {seq} of {sum} is out of range"));
+        }
+        let entry = self
+            .parts
+            .entry(message_id.to_string())
+            .or_insert_with(|| (now, vec![None; sum as usize]));
+        if entry.1.len() != sum as usize {
+            self.parts.remove(message_id);
+            return Err("fragments disagree on their count".into());
+        }
+        entry.1[seq as usize] = Some(payload);
+        let size: usize = entry.1.iter().flatten().map(Vec::len).sum();
+        if size > MAX_PAYLOAD {
+            self.parts.remove(message_id);
+            return Err(format!("message exceeds {MAX_PAYLOAD} bytes"));
+        }
+        if entry.1.iter().any(Option::is_none) {
+            return Ok(None);
+        }
+        let parts = self
+            .parts
+            .remove(message_id)
+            .map(|(_, p)| p)
+            .unwrap_or_default();
+        Ok(Some(parts.into_iter().flatten().flatten().collect()))
+    }
+}
+
+fn default_base(platform: Platform) -> &'static str {
+    match platform {
+        Platform::Lark => "https://open.larksuite.com",
+        _ => "https://open.feishu.cn",
+    }
+}
+
+/// Applies a `ClientConfig` object (seconds; 0 or absent means "no advice").
+fn apply_client_config(hints: &mut Hints, config: &Value) {
+    let secs = |k: &str| {
+        config
+            .get(k)
+            .and_then(Value::as_u64)
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs)
+    };
+    if let Some(d) = secs("ReconnectInterval") {
+        hints.reconnect_interval = Some(d);
+    }
+    if let Some(d) = secs("ReconnectNonce") {
+        hints.reconnect_nonce = Some(d);
+    }
+    if let Some(d) = secs("PingInterval") {
+        hints.ping_interval = Some(d);
+    }
+}
+
+fn end(connected: bool, reason: impl Into<String>) -> SessionEnd {
+    SessionEnd {
+        connected,
+        asked_to_reconnect: false,
+        reason: reason.into(),
+    }
+}
+
+/// Default ping interval when the platform gives none (the SDKs use two minutes).
+const DEFAULT_PING: Duration = Duration::from_secs(120);
+
+/// One connection: endpoint, socket, frames, until it closes.
+pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
+    let app = session.app;
+    let url = format!(
+        "{}/callback/ws/endpoint",
+        session.base(default_base(app.platform))
+    );
+    let body = json!({"AppID": app.app_id, "AppSecret": app.app_secret});
+    let answer = match post_json(&url, &body).await {
+        Ok((200, v)) => v,
+        Ok((status, v)) => {
+            return end(
+                false,
+                format!("endpoint answered HTTP {status} (code {})", v["code"]),
+            );
+        }
+        Err(e) => return end(false, format!("endpoint request failed: {e:#}")),
+    };
+    if answer["code"].as_i64() != Some(0) {
+        // `msg` is the platform's own text (e.g. "app secret invalid"), not the secret.
+        return end(
+            false,
+            format!(
+                "endpoint refused: code {} {}",
+                answer["code"],
+                answer["msg"].as_str().unwrap_or("")
+            ),
+        );
+    }
+    apply_client_config(hints, &answer["data"]["ClientConfig"]);
+    let Some(ws_url) = answer["data"]["URL"].as_str() else {
+        return end(false, "endpoint answer has no URL");
+    };
+    // The service id goes into every ping; it is a query parameter of the URL.
+    let service = ws_url
+        .split_once('?')
+        .map(|(_, q)| q)
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("service_id="))
+        .and_then(|v| v.parse::<i32>().ok())
+        .unwrap_or(0);
+    let (ws, _) = match tokio_tungstenite::connect_async(ws_url).await {
+        Ok(c) => c,
+        // The URL carries an access ticket: do not log it.
+        Err(e) => return end(false, format!("WebSocket connect failed: {e}")),
+    };
+    log!(
+        "tenant={} app={} Feishu long connection open",
+        session.tenant,
+        app.id
+    );
+    let (mut tx, mut rx) = ws.split();
+    let mut fragments = Reassembler::default();
+    let mut ping_every = hints.ping_interval.unwrap_or(DEFAULT_PING);
+    let mut next_ping = tokio::time::Instant::now();
+    let mut last_seen = Instant::now();
+    loop {
+        // Silence for three ping intervals means the connection is dead without a close.
+        if last_seen.elapsed() > ping_every * 3 {
+            return end(true, "no frames from the server for three ping intervals");
+        }
+        let msg = tokio::select! {
+            _ = tokio::time::sleep_until(next_ping) => {
+                next_ping = tokio::time::Instant::now() + ping_every;
+                let ping = Frame::control(service, "ping").encode();
+                if let Err(e) = tx.send(Message::Binary(ping.into())).await {
+                    return end(true, format!("sending ping failed: {e}"));
+                }
+                continue;
+            }
+            msg = rx.next() => msg,
+        };
+        let msg = match msg {
+            None => return end(true, "closed by the server"),
+            Some(Err(e)) => return end(true, format!("read failed: {e}")),
+            Some(Ok(m)) => m,
+        };
+        last_seen = Instant::now();
+        let bytes = match msg {
+            Message::Binary(b) => b,
+            Message::Close(_) => return end(true, "closed by the server"),
+            // WebSocket-level pings are answered by tungstenite when it next writes.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            Message::Text(_) => {
+                log!("Feishu long connection: ignoring a text message");
+                continue;
+            }
+        };
+        let frame = match Frame::decode(&bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                log!("Feishu long connection: undecodable frame ignored: {e}");
+                continue;
+            }
+        };
+        if frame.method == METHOD_CONTROL {
+            match frame.header("type") {
+                Some("pong") => {
+                    if let Some(config) = frame
+                        .payload
+                        .as_deref()
+                        .filter(|p| !p.is_empty())
+                        .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+                    {
+                        apply_client_config(hints, &config);
+                        ping_every = hints.ping_interval.unwrap_or(DEFAULT_PING);
+                    }
+                }
+                Some("ping") => {
+                    let pong = Frame::control(frame.service, "pong").encode();
+                    if let Err(e) = tx.send(Message::Binary(pong.into())).await {
+                        return end(true, format!("sending pong failed: {e}"));
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        if frame.method != METHOD_DATA {
+            continue;
+        }
+        let message_id = frame.header("message_id").unwrap_or("").to_string();
+        let sum = frame.header_int("sum").unwrap_or(1);
+        let seq = frame.header_int("seq").unwrap_or(0);
+        let started = Instant::now();
+        let payload = frame.payload.clone().unwrap_or_default();
+        let payload = match fragments.add(&message_id, sum, seq, payload) {
+            Ok(Some(p)) => p,
+            Ok(None) => continue,
+            Err(reason) => {
+                log!("Feishu long connection: message {message_id} dropped: {reason}");
+                continue;
+            }
+        };
+        if frame.header("type") != Some("event") {
+            // Card callbacks are not ours to answer; the SDKs leave them unanswered too.
+            continue;
+        }
+        let verdict = session
+            .dispatcher
+            .dispatch(session.tenant, app, payload)
+            .await;
+        let code = match verdict {
+            Verdict::Ack => 200,
+            Verdict::Retry => 500,
+        };
+        let mut ack = frame;
+        ack.payload = Some(json!({"code": code}).to_string().into_bytes());
+        ack.set_header("biz_rt", &started.elapsed().as_millis().to_string());
+        if let Err(e) = tx.send(Message::Binary(ack.encode().into())).await {
+            return end(true, format!("sending ack failed: {e}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_roundtrip_and_keep_zero_required_fields() {
+        let mut f = Frame::control(0, "ping");
+        f.payload = Some(b"{}".to_vec());
+        let bytes = f.encode();
+        // Tags 1-4 are present even though they are zero (proto2 `required`).
+        assert_eq!(&bytes[..8], &[0x08, 0, 0x10, 0, 0x18, 0, 0x20, 0]);
+        assert_eq!(Frame::decode(&bytes).unwrap(), f);
+        assert!(Frame::decode(&[0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn reassembles_fragments_in_any_order_and_rejects_nonsense() {
+        let mut r = Reassembler::default();
+        assert_eq!(r.add("m", 3, 2, b"c".to_vec()).unwrap(), None);
+        assert_eq!(r.add("m", 3, 0, b"a".to_vec()).unwrap(), None);
+        assert_eq!(
+            r.add("m", 3, 1, b"b".to_vec()).unwrap(),
+            Some(b"abc".to_vec())
+        );
+        assert_eq!(
+            r.add("x", 1, 0, b"x".to_vec()).unwrap(),
+            Some(b"x".to_vec())
+        );
+        assert!(r.add("m", 3, 3, vec![]).is_err());
+        assert!(r.add("m", 1000, 0, vec![]).is_err());
+        assert!(r.add("m", 3, -1, vec![]).is_err());
+    }
+}

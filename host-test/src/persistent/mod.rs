@@ -1,0 +1,345 @@
+//! Persistent connections for engines the platforms cannot reach: the host dials out and
+//! receives the events over a WebSocket (Feishu's long connection, DingTalk's Stream mode)
+//! instead of serving a callback URL.
+//!
+//! Per app configured with `"callback": "persistent"`, one task:
+//! 1. takes the app's [`Lease`] (so only one host process holds the connection; the others
+//!    wait for it to expire or be released),
+//! 2. asks the platform for an endpoint and opens the WebSocket ([`feishu`], [`dingtalk`]),
+//! 3. hands every event to the plugin's `handle-event` and acknowledges it only after the
+//!    plugin's writes and the outbox records are durable: an event the host could not process
+//!    stays un-acked and the platform redelivers it (the plugin deduplicates redeliveries),
+//! 4. renews the lease while connected and reconnects with exponential backoff and jitter,
+//!    never sooner than the platform asks.
+
+pub mod dingtalk;
+pub mod feishu;
+pub mod lease;
+
+pub use lease::{Lease, LeaseStore};
+
+use crate::bindings::types::{Approval, Error as PluginError, ImApp, Platform};
+use crate::call::Reply;
+use crate::config::PersistentApp;
+use crate::host::Host;
+use crate::log;
+use anyhow::{Context as _, Result, anyhow};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use rand::Rng as _;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// What to do with an event after the plugin saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Processed (or never processable): acknowledge.
+    Ack,
+    /// Not durable: leave un-acked so the platform redelivers it.
+    Retry,
+}
+
+/// Called with the approvals an event changed; must make them durable (the outbox) before
+/// returning `Ok`.
+pub type UpdateSink = Arc<dyn Fn(&str, &str, &[Approval]) -> Result<()> + Send + Sync>;
+
+/// Hands events to the plugin and their updates to the sink.
+#[derive(Clone)]
+pub struct Dispatcher {
+    host: Host,
+    sink: UpdateSink,
+}
+
+impl Dispatcher {
+    pub fn new(host: Host, sink: UpdateSink) -> Dispatcher {
+        Dispatcher { host, sink }
+    }
+
+    pub async fn dispatch(&self, tenant: &str, app: &ImApp, event: Vec<u8>) -> Verdict {
+        match self.host.handle_event(tenant, app.clone(), event).await {
+            Ok(Reply::Event(Ok(updates))) => {
+                if updates.is_empty() {
+                    return Verdict::Ack;
+                }
+                match (self.sink)(tenant, &app.id, &updates) {
+                    Ok(()) => Verdict::Ack,
+                    Err(e) => {
+                        log!("tenant={tenant} app={} outbox write failed: {e:#}", app.id);
+                        Verdict::Retry
+                    }
+                }
+            }
+            // Malformed or foreign events never get better by redelivery: acknowledge them so
+            // the platform does not send them forever.
+            Ok(Reply::Event(Err(PluginError::InvalidInput(_)))) => Verdict::Ack,
+            // The host already logged the error kind; the platform will redeliver.
+            Ok(_) | Err(_) => Verdict::Retry,
+        }
+    }
+}
+
+/// Timing of the connection tasks.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// This process's lease owner id.
+    pub owner: String,
+    pub lease_ttl: Duration,
+    /// How often a host that does not hold the lease checks it again.
+    pub lease_poll: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            owner: default_owner(),
+            lease_ttl: Duration::from_secs(30),
+            lease_poll: Duration::from_secs(5),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(120),
+        }
+    }
+}
+
+/// `pid-random`: unique per process start, so a restarted host is a new owner and waits for
+/// (or finds released) the lease of its previous life.
+pub fn default_owner() -> String {
+    format!(
+        "{}-{:08x}",
+        std::process::id(),
+        rand::thread_rng().r#gen::<u32>()
+    )
+}
+
+/// Why a session ended, for the reconnect policy.
+#[derive(Debug)]
+pub struct SessionEnd {
+    /// The WebSocket was open at some point (resets the backoff).
+    pub connected: bool,
+    /// The platform asked to reconnect (DingTalk `disconnect`): no backoff beyond the minimum.
+    pub asked_to_reconnect: bool,
+    /// What happened, for the log (never carries secrets).
+    pub reason: String,
+}
+
+/// Reconnect hints the platform sent (Feishu `ClientConfig`).
+#[derive(Debug, Clone, Default)]
+pub struct Hints {
+    pub reconnect_interval: Option<Duration>,
+    pub reconnect_nonce: Option<Duration>,
+    pub ping_interval: Option<Duration>,
+}
+
+/// The running connection tasks; dropping them (or [`Connections::shutdown`]) stops them.
+pub struct Connections {
+    tasks: Vec<(JoinHandle<()>, Lease)>,
+}
+
+impl Connections {
+    /// Stops every connection and releases the leases, so another host can take over at once.
+    pub async fn shutdown(mut self) {
+        for (task, lease) in std::mem::take(&mut self.tasks) {
+            task.abort();
+            let _ = task.await;
+            if let Err(e) = tokio::task::spawn_blocking(move || lease.release()).await {
+                log!("lease release failed: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Connections {
+    fn drop(&mut self) {
+        for (task, _) in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Starts one connection task per app.
+pub fn spawn(
+    apps: Vec<PersistentApp>,
+    dispatcher: Dispatcher,
+    leases: Arc<dyn LeaseStore>,
+    options: Options,
+) -> Connections {
+    let mut tasks = Vec::new();
+    for p in apps {
+        let name = format!("{}/{}", p.tenant, p.app.id);
+        let lease = Lease::new(leases.clone(), &name, &options.owner, options.lease_ttl);
+        let task = tokio::spawn(run_app(
+            p,
+            dispatcher.clone(),
+            lease.clone(),
+            options.clone(),
+        ));
+        tasks.push((task, lease));
+    }
+    Connections { tasks }
+}
+
+/// Holds one app's connection forever: lease, connect, serve, back off, again.
+async fn run_app(p: PersistentApp, dispatcher: Dispatcher, lease: Lease, options: Options) {
+    let (tenant, app) = (p.tenant.as_str(), &p.app);
+    let tag = format!("tenant={tenant} app={}", app.id);
+    let mut hints = Hints::default();
+    let mut failures: u32 = 0;
+    let mut waiting_logged = false;
+    loop {
+        match acquire(&lease).await {
+            Ok(true) => waiting_logged = false,
+            Ok(false) => {
+                if !waiting_logged {
+                    log!("{tag} persistent connection held by another host; waiting");
+                    waiting_logged = true;
+                }
+                tokio::time::sleep(options.lease_poll).await;
+                continue;
+            }
+            Err(e) => {
+                log!("{tag} lease check failed: {e:#}");
+                tokio::time::sleep(options.lease_poll).await;
+                continue;
+            }
+        }
+        let session = Session {
+            tenant,
+            app,
+            dispatcher: &dispatcher,
+            base: p.endpoint_base.clone(),
+        };
+        let end = tokio::select! {
+            end = run_session(&session, &mut hints) => end,
+            lost = keep_lease(&lease) => SessionEnd {
+                connected: true,
+                asked_to_reconnect: false,
+                reason: lost,
+            },
+        };
+        log!("{tag} persistent connection ended: {}", end.reason);
+        failures = if end.connected { 0 } else { failures + 1 };
+        let delay = if end.asked_to_reconnect {
+            options.backoff_min
+        } else {
+            reconnect_delay(&options, &hints, failures)
+        };
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn acquire(lease: &Lease) -> Result<bool> {
+    let lease = lease.clone();
+    tokio::task::spawn_blocking(move || lease.acquire())
+        .await
+        .context("lease task failed")?
+}
+
+/// Renews the lease every third of its TTL; returns when it is lost.
+async fn keep_lease(lease: &Lease) -> String {
+    let every = lease.ttl() / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match acquire(lease).await {
+            Ok(true) => {}
+            Ok(false) => return "lease taken over by another host".into(),
+            // A store hiccup is not a reason to drop a healthy connection yet: the lease stays
+            // ours until it expires, and the next renewal may succeed.
+            Err(e) => log!("lease renewal failed: {e:#}"),
+        }
+    }
+}
+
+/// Exponential backoff with full jitter, never below what the platform asked for.
+fn reconnect_delay(options: &Options, hints: &Hints, failures: u32) -> Duration {
+    let exp = options
+        .backoff_min
+        .saturating_mul(1u32 << failures.min(16))
+        .min(options.backoff_max);
+    let mut rng = rand::thread_rng();
+    let jittered = options.backoff_min
+        + exp
+            .saturating_sub(options.backoff_min)
+            .mul_f64(rng.r#gen::<f64>());
+    let floor = hints.reconnect_interval.unwrap_or_default();
+    let nonce = hints
+        .reconnect_nonce
+        .map(|n| n.mul_f64(rng.r#gen::<f64>()))
+        .unwrap_or_default();
+    jittered.max(floor) + nonce
+}
+
+/// One connection attempt's context.
+pub struct Session<'a> {
+    pub tenant: &'a str,
+    pub app: &'a ImApp,
+    pub dispatcher: &'a Dispatcher,
+    /// Overrides where the endpoint is requested (default: the app's api-base, else the
+    /// platform's public API host).
+    pub base: Option<String>,
+}
+
+impl Session<'_> {
+    fn base(&self, default: &str) -> String {
+        self.base
+            .clone()
+            .or_else(|| self.app.api_base.clone())
+            .unwrap_or_else(|| default.to_string())
+            .trim_end_matches('/')
+            .to_string()
+    }
+}
+
+async fn run_session(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
+    match session.app.platform {
+        Platform::Feishu | Platform::Lark => feishu::run(session, hints).await,
+        Platform::Dingtalk => dingtalk::run(session).await,
+        Platform::Wecom => {
+            // WeCom has no persistent-connection mode; wait long so the log is not flooded.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            SessionEnd {
+                connected: false,
+                asked_to_reconnect: false,
+                reason: "WeCom has no persistent connection mode; use \"callback\": \"http\""
+                    .into(),
+            }
+        }
+    }
+}
+
+/// POSTs JSON and returns the status and the JSON answer. The body carries credentials and is
+/// never logged.
+async fn post_json(url: &str, body: &Value) -> Result<(u16, Value)> {
+    let uri: http::Uri = url.parse().context("endpoint URL is invalid")?;
+    let authority = uri
+        .authority()
+        .context("endpoint URL has no host")?
+        .to_string();
+    let body = Full::new(Bytes::from(body.to_string()))
+        .map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} });
+    let request = http::Request::post(uri)
+        .header(http::header::HOST, authority)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header("locale", "zh")
+        .header(http::header::USER_AGENT, "imbridge-host")
+        .body(body)?;
+    let timeout = Some(Duration::from_secs(10));
+    let options = wasmtime_wasi_http::RequestOptions {
+        connect_timeout: timeout,
+        first_byte_timeout: timeout,
+        between_bytes_timeout: timeout,
+    };
+    let (response, _io) = wasmtime_wasi_http::default_send_request(request, Some(options))
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let status = response.status().as_u16();
+    let bytes = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .context("endpoint answer timed out")?
+        .map_err(|e| anyhow!("reading endpoint answer: {e}"))?
+        .to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Ok((status, json))
+}

@@ -1,0 +1,234 @@
+//! DingTalk Stream-mode simulator: `POST /v1.0/gateway/connections/open` and a WebSocket
+//! server speaking Stream's JSON frames on loopback.
+//!
+//! Events go out as `EVENT` frames (`headers.eventType`, `data` = the event JSON as a string)
+//! and stay queued until acked with `{"status": "SUCCESS"}`; un-acked events are redelivered
+//! on reconnect. Tests can send `SYSTEM` pings (answered with the same `messageId`), ask the
+//! client to reconnect (`disconnect`), or drop the connection. [`DingtalkStreamSim::attach`]
+//! routes a [`DingtalkSim`]'s approval events here instead of to a callback URL.
+
+use super::dingtalk::DingtalkSim;
+use super::feishu_ws::{ConnStats, Hub, OnMessage};
+use super::http::{Faults, Handler, Request, Response, Server};
+use rand::Rng as _;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+struct Inner {
+    /// clientId (AppKey) → clientSecret.
+    apps: HashMap<String, String>,
+    hub: Arc<Hub>,
+    ws_addr: SocketAddr,
+}
+
+/// A running Stream gateway; stops when dropped.
+pub struct DingtalkStreamSim {
+    server: Server,
+    inner: Arc<Inner>,
+    accept: JoinHandle<()>,
+    forwarders: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for DingtalkStreamSim {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for f in self
+            .forwarders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            f.abort();
+        }
+    }
+}
+
+fn id() -> String {
+    format!("{:032x}", rand::thread_rng().r#gen::<u128>())
+}
+
+impl DingtalkStreamSim {
+    /// `apps`: `(clientId, clientSecret)` pairs allowed to connect.
+    pub async fn start(apps: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let ws_addr = listener.local_addr()?;
+        let hub = Arc::new(Hub::default());
+        let inner = Arc::new(Inner {
+            apps: apps
+                .iter()
+                .map(|(a, s)| (a.to_string(), s.to_string()))
+                .collect(),
+            hub: hub.clone(),
+            ws_addr,
+        });
+        let on_message: OnMessage = Arc::new(on_client_message);
+        let accept = hub.serve(listener, on_message);
+        let handler_inner = inner.clone();
+        let handler: Handler = Arc::new(move |req: Request| {
+            let inner = handler_inner.clone();
+            Box::pin(async move { open(&inner, req) })
+        });
+        let server = Server::start(handler, Arc::new(Mutex::new(Faults::default()))).await?;
+        Ok(DingtalkStreamSim {
+            server,
+            inner,
+            accept,
+            forwarders: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The gateway base (`{base}/v1.0/gateway/connections/open`).
+    pub fn base_url(&self) -> String {
+        self.server.base_url()
+    }
+
+    /// Delivers an event in the decrypted-callback shape (`EventType` + fields) as an
+    /// `EVENT` frame; returns its message id.
+    pub fn push_event(&self, app_key: &str, event: &Value) -> String {
+        push_event(&self.inner, app_key, event)
+    }
+
+    /// Routes `sim`'s events for `app_key` here instead of to a callback URL.
+    pub fn attach(&self, sim: &DingtalkSim, app_key: &str) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
+        sim.set_event_sink(app_key, Some(tx));
+        let app = app_key.to_string();
+        let inner = self.inner.clone();
+        let task = tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                push_event(&inner, &app, &ev);
+            }
+        });
+        self.forwarders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+    }
+
+    /// Sends a `SYSTEM` ping; the answer is counted in [`ConnStats::pings`].
+    pub fn ping(&self, app_key: &str) -> bool {
+        let frame = json!({"specVersion": "1.0", "type": "SYSTEM",
+            "headers": {"contentType": "application/json", "messageId": id(), "topic": "ping",
+                        "time": now_ms().to_string()},
+            "data": json!({"opaque": id()}).to_string()});
+        self.inner
+            .hub
+            .send(app_key, Message::Text(frame.to_string().into()))
+    }
+
+    /// Tells the client the server will close soon (it should reconnect).
+    pub fn send_disconnect(&self, app_key: &str) -> bool {
+        let frame = json!({"specVersion": "1.0", "type": "SYSTEM",
+            "headers": {"contentType": "application/json", "messageId": id(),
+                        "topic": "disconnect"},
+            "data": json!({"reason": "server restart"}).to_string()});
+        self.inner
+            .hub
+            .send(app_key, Message::Text(frame.to_string().into()))
+    }
+
+    pub fn drop_connections(&self, app_key: &str) {
+        self.inner.hub.drop_connections(app_key);
+    }
+
+    pub fn stats(&self, app_key: &str) -> ConnStats {
+        self.inner.hub.stats(app_key)
+    }
+
+    pub fn pending(&self, app_key: &str) -> usize {
+        self.inner.hub.pending(app_key)
+    }
+
+    pub fn live(&self, app_key: &str) -> usize {
+        self.inner.hub.live(app_key)
+    }
+}
+
+fn now_ms() -> u64 {
+    crate::persistent::lease::now_ms()
+}
+
+fn push_event(inner: &Inner, app_key: &str, event: &Value) -> String {
+    let message_id = id();
+    let mut data = event.clone();
+    let event_type = data
+        .as_object_mut()
+        .and_then(|o| o.remove("EventType"))
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    let frame = json!({
+        "specVersion": "1.0",
+        "type": "EVENT",
+        "headers": {
+            "appId": app_key, "connectionId": id(), "contentType": "application/json",
+            "eventBornTime": now_ms().to_string(), "eventCorpId": "ding-corp",
+            "eventId": id(), "eventType": event_type, "eventUnifiedAppId": app_key,
+            "messageId": message_id, "time": now_ms().to_string(), "topic": "*",
+        },
+        "data": data.to_string(),
+    });
+    inner.hub.enqueue(
+        app_key,
+        &message_id,
+        vec![Message::Text(frame.to_string().into())],
+    );
+    message_id
+}
+
+fn open(inner: &Inner, req: Request) -> Response {
+    if req.method != "POST" || req.path != "/v1.0/gateway/connections/open" {
+        return Response::json(404, &json!({"code": "NotFound", "message": "not found"}));
+    }
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    let (Some(id), Some(secret)) = (body["clientId"].as_str(), body["clientSecret"].as_str())
+    else {
+        return Response::json(
+            400,
+            &json!({"code": "InvalidParameter", "message": "missing"}),
+        );
+    };
+    if inner.apps.get(id).map(String::as_str) != Some(secret) {
+        return Response::json(
+            401,
+            &json!({"code": "InvalidAuthentication", "message": "bad client"}),
+        );
+    }
+    let subscribed = body["subscriptions"]
+        .as_array()
+        .is_some_and(|s| s.iter().any(|x| x["type"] == "EVENT" && x["topic"] == "*"));
+    if !subscribed {
+        return Response::json(
+            400,
+            &json!({"code": "InvalidParameter", "message": "subscriptions"}),
+        );
+    }
+    let ticket = inner.hub.issue_ticket(id);
+    Response::json(
+        200,
+        &json!({"endpoint": format!("ws://{}/connect", inner.ws_addr), "ticket": ticket}),
+    )
+}
+
+fn on_client_message(hub: &Hub, app: &str, _tx: &mpsc::UnboundedSender<Message>, m: Message) {
+    let Message::Text(text) = m else { return };
+    let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else {
+        return;
+    };
+    let id = v["headers"]["messageId"].as_str().unwrap_or("");
+    let data: Value = v["data"]
+        .as_str()
+        .and_then(|d| serde_json::from_str(d).ok())
+        .unwrap_or(Value::Null);
+    if data.get("opaque").is_some() {
+        // The answer to a SYSTEM ping echoes its data.
+        hub.count_ping(app);
+    } else {
+        hub.answer(app, id, v["code"] == 200 && data["status"] == "SUCCESS");
+    }
+}

@@ -79,9 +79,9 @@ pub fn key_segment(s: &str) -> String {
     out
 }
 
-#[cfg(test)]
 pub mod fake {
-    //! An in-memory `Env` whose HTTP side is a scripted responder.
+    //! An in-memory `Env` whose HTTP side is a scripted responder: for unit tests, fuzzing
+    //! and benchmarks (which must not each grow their own copy).
     use super::*;
     use std::cell::{Cell, RefCell};
     use std::collections::BTreeMap;
@@ -117,6 +117,14 @@ pub mod fake {
 
         pub fn snapshot(&self) -> BTreeMap<String, Vec<u8>> {
             self.kv.borrow().clone()
+        }
+
+        /// An offline environment whose store starts as `kv`, at `now_ms`.
+        pub fn with_store(kv: BTreeMap<String, Vec<u8>>, now_ms: u64) -> Self {
+            let env = Self::offline();
+            *env.kv.borrow_mut() = kv;
+            env.now.set(now_ms);
+            env
         }
     }
 

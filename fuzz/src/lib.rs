@@ -7,10 +7,8 @@
 //! payload. `seeds` builds real-format samples in the same framing for `fuzz/corpus/`.
 
 use imbridge::approval::Record;
-use imbridge::env::{Env, Request, Response};
-use imbridge::error::{Error, Result};
+use imbridge::error::Result;
 use imbridge::model::{Approval, ApprovalStatus, CallbackOutcome, HttpRequest, ImApp, Platform};
-use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
@@ -37,91 +35,43 @@ pub const APPROVED: &str = "I2";
 
 pub type Kv = BTreeMap<String, Vec<u8>>;
 
-/// In-memory `Env`: a KV map, a fixed clock, deterministic "randomness" and no network (every
-/// request fails with a transport error, so no callback path may depend on one succeeding).
-pub struct MemEnv {
-    pub kv: RefCell<Kv>,
-    counter: Cell<u8>,
-}
+/// The guest crate's in-memory `Env`, offline (every request fails with a transport error, so
+/// no callback path may depend on one succeeding), at a fixed clock.
+pub type MemEnv = imbridge::env::fake::FakeEnv;
 
-impl MemEnv {
-    /// A store holding the two seeded approvals of `APP_ID`.
-    pub fn seeded() -> MemEnv {
-        static BASE: OnceLock<Kv> = OnceLock::new();
-        let base = BASE.get_or_init(|| {
-            let mut kv = Kv::new();
-            let rec = |id: &str, status, meta| Record {
-                approval: Approval {
-                    instance_id: id.into(),
-                    key: format!("key-{id}"),
-                    status,
-                    decisions: vec![],
-                    updated_at_ms: NOW_MS - 60_000,
-                },
-                meta,
-            };
-            let nodes = serde_json::json!({"nodes": [{"mode": "and", "approvers": ["u1", "u2"]}]});
-            for r in [
-                rec(PENDING, ApprovalStatus::Pending, nodes),
-                rec(APPROVED, ApprovalStatus::Approved, serde_json::Value::Null),
-            ] {
-                kv.insert(
-                    instance_key(&r.approval.instance_id),
-                    serde_json::to_vec(&r).expect("record serializes"),
-                );
-            }
-            kv
-        });
-        MemEnv {
-            kv: RefCell::new(base.clone()),
-            counter: Cell::new(0),
+/// A store holding the two seeded approvals of `APP_ID`.
+pub fn seeded_env() -> MemEnv {
+    static BASE: OnceLock<Kv> = OnceLock::new();
+    let base = BASE.get_or_init(|| {
+        let mut kv = Kv::new();
+        let rec = |id: &str, status, meta| Record {
+            approval: Approval {
+                instance_id: id.into(),
+                key: format!("key-{id}"),
+                status,
+                decisions: vec![],
+                updated_at_ms: NOW_MS - 60_000,
+            },
+            meta,
+        };
+        let nodes = serde_json::json!({"nodes": [{"mode": "and", "approvers": ["u1", "u2"]}]});
+        for r in [
+            rec(PENDING, ApprovalStatus::Pending, nodes),
+            rec(APPROVED, ApprovalStatus::Approved, serde_json::Value::Null),
+        ] {
+            kv.insert(
+                instance_key(&r.approval.instance_id),
+                serde_json::to_vec(&r).expect("record serializes"),
+            );
         }
-    }
-
-    pub fn snapshot(&self) -> Kv {
-        self.kv.borrow().clone()
-    }
+        kv
+    });
+    MemEnv::with_store(base.clone(), NOW_MS)
 }
 
 /// Mirrors `approval::instance_key` (private) for ids without '/' or '%'.
 pub fn instance_key(id: &str) -> String {
     format!("a/{APP_ID}/i/{id}")
-}
-
-impl Env for MemEnv {
-    fn send(&self, _request: &Request) -> Result<Response> {
-        Err(Error::transport("the fuzz environment is offline"))
-    }
-    fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.kv.borrow().get(key).cloned())
-    }
-    fn kv_set(&self, key: &str, value: &[u8]) -> Result<()> {
-        self.kv.borrow_mut().insert(key.into(), value.into());
-        Ok(())
-    }
-    fn kv_delete(&self, key: &str) -> Result<()> {
-        self.kv.borrow_mut().remove(key);
-        Ok(())
-    }
-    fn kv_increment(&self, key: &str, delta: u64) -> Result<u64> {
-        let cur = self
-            .kv_get(key)?
-            .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
-            .unwrap_or(0);
-        let new = cur + delta;
-        self.kv_set(key, new.to_string().as_bytes())?;
-        Ok(new)
-    }
-    fn now_ms(&self) -> u64 {
-        NOW_MS
-    }
-    fn random_bytes(&self, len: usize) -> Vec<u8> {
-        let c = self.counter.get().wrapping_add(1);
-        self.counter.set(c);
-        (0..len)
-            .map(|i| c.wrapping_mul(31).wrapping_add(i as u8))
-            .collect()
-    }
 }
 
 pub fn app(
@@ -232,7 +182,7 @@ pub fn run_callback(
     expect: Expect,
     secrets: &[&str],
 ) -> Result<usize> {
-    let env = MemEnv::seeded();
+    let env = seeded_env();
     let before = env.snapshot();
     let result = imbridge::callback::handle(&env, app, req);
     check(&env, &before, &result, secrets);

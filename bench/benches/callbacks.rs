@@ -1,0 +1,323 @@
+//! Callback hot path (verify + decrypt + parse + state update + reply) per platform, natively
+//! and inside the component, side by side; and payload building for start-approval and notify.
+//!
+//! Ids: `callback/{platform}/{native|component|component-disk}/{fresh|duplicate}`.
+//! - `fresh`: every iteration is a new event about a new pending instance (seeded, untimed),
+//!   so it takes the real path: dedup miss, seen-mark, load, apply, save, reply.
+//! - `duplicate`: the same delivery again (a platform retry): verify, decrypt, parse, then the
+//!   "seen" hit; nothing is written.
+//! - `component`: `Host::call` (= `Host::handle_callback`), a fresh instance per call from
+//!   `InstancePre`, state in redb on tmpfs so the number is the sandbox, not the disk;
+//!   `component-disk` is the same with the database on the real disk (fsync per commit).
+
+use criterion::{BenchmarkId, Criterion};
+use imbridge::model::{ApprovalNode, ApprovalRequest, Level, Link, Notification, Platform};
+use imbridge::model::{SignMode, Target, UserRef};
+use imbridge_bench::{PLATFORMS, app_native, callback, instance_id, mem_env, now_ms, seed_record};
+use imbridge_host::json::parse_call;
+use imbridge_host::{Call, Export, Host, HostConfig, Reply, TenantPolicy};
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Inputs are generated (and records seeded) in batches outside the timed region, so memory
+/// stays bounded however many iterations criterion asks for.
+const BATCH: u64 = 256;
+
+fn main() {
+    // SAFETY: first statement of main, before any other thread exists. The host logs one line
+    // per call to stderr unless told otherwise, which would be measured too.
+    unsafe { std::env::set_var("IMBRIDGE_QUIET", "1") };
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    callbacks(&mut c);
+    payloads(&mut c);
+    c.final_summary();
+}
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn component_path() -> PathBuf {
+    std::env::var_os("IMBRIDGE_COMPONENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/imbridge.wasm"))
+}
+
+struct InComponent {
+    rt: tokio::runtime::Runtime,
+    host: Host,
+    _dir: tempfile::TempDir,
+}
+
+impl InComponent {
+    /// A host with tenant `t` loaded from the built component, its database under `parent`.
+    fn new(parent: &Path) -> InComponent {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let dir = tempfile::tempdir_in(parent).expect("state dir");
+        let mut cfg = HostConfig::new(dir.path().join("state"));
+        cfg.cache_dir = Some(workspace().join("target/bench-cache"));
+        let host = Host::new(cfg).expect("host");
+        rt.block_on(host.load_tenant("t", &component_path(), TenantPolicy::default()))
+            .expect("load the component (run ./dev build first)");
+        InComponent {
+            rt,
+            host,
+            _dir: dir,
+        }
+    }
+
+    fn call(&self, call: &Call) -> Reply {
+        self.rt
+            .block_on(self.host.call("t", call))
+            .expect("host call")
+    }
+}
+
+fn host_call(p: Platform, push: &imbridge_bench::Push) -> Call {
+    parse_call(Export::HandleCallback, &push.host_input(p)).expect("handle-callback input")
+}
+
+fn updates(reply: &Reply) -> usize {
+    match reply {
+        Reply::Callback(Ok(o)) => o.updates.len(),
+        other => panic!("callback failed: {other:?}"),
+    }
+}
+
+fn tmpfs() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+fn callbacks(c: &mut Criterion) {
+    let mem = InComponent::new(&tmpfs());
+    let disk_parent = workspace().join("target");
+    let disk = InComponent::new(&disk_parent);
+    for (pi, p) in PLATFORMS.into_iter().enumerate() {
+        let mut g = c.benchmark_group(format!("callback/{}", p.name()));
+        let app = app_native(p);
+        // Separate id spaces per variant, so no variant ever sees another's events as seen.
+        let run = |variant: u32| 1000 * (pi as u32 + 1) + variant;
+
+        // Check once, untimed, that each label really takes the path it names.
+        {
+            let env = mem_env();
+            let inst = instance_id(p, run(9), 0);
+            let (k, v) = seed_record(p, &inst);
+            env.kv.borrow_mut().insert(k, v);
+            let req = callback(p, run(9), 0, &inst, now_ms()).native();
+            let first = imbridge::callback::handle(&env, &app, &req).expect("native callback");
+            assert_eq!(first.updates.len(), 1, "fresh must update");
+            let again = imbridge::callback::handle(&env, &app, &req).expect("native callback");
+            assert!(again.updates.is_empty(), "duplicate must not update");
+        }
+
+        let native_env = mem_env();
+        let mut n = 0u64;
+        g.bench_function(BenchmarkId::new("native", "fresh"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let k = left.min(BATCH);
+                    native_env.now.set(now_ms());
+                    let reqs: Vec<_> = (0..k)
+                        .map(|_| {
+                            n += 1;
+                            let inst = instance_id(p, run(1), n);
+                            let (key, val) = seed_record(p, &inst);
+                            native_env.kv.borrow_mut().insert(key, val);
+                            callback(p, run(1), n, &inst, now_ms()).native()
+                        })
+                        .collect();
+                    let t = Instant::now();
+                    for r in &reqs {
+                        black_box(imbridge::callback::handle(&native_env, &app, r).ok());
+                    }
+                    total += t.elapsed();
+                    left -= k;
+                }
+                total
+            })
+        });
+
+        for (label, host, variant) in [("component", &mem, 2), ("component-disk", &disk, 3)] {
+            // The on-disk variant only for Feishu: it shows the commit cost, which is the same
+            // for every platform; the load test covers all three on disk.
+            if label == "component-disk" && p != Platform::Feishu {
+                continue;
+            }
+            let inst = instance_id(p, run(8 + variant), 0);
+            let (k, v) = seed_record(p, &inst);
+            host.host.kv_set("t", &k, &v).expect("seed");
+            let check = host_call(p, &callback(p, run(8 + variant), 0, &inst, now_ms()));
+            assert_eq!(updates(&host.call(&check)), 1, "fresh must update");
+            assert_eq!(updates(&host.call(&check)), 0, "duplicate must not");
+
+            let mut n = 0u64;
+            g.bench_function(BenchmarkId::new(label, "fresh"), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    let mut left = iters;
+                    while left > 0 {
+                        let k = left.min(BATCH);
+                        let mut seeds = Vec::new();
+                        let calls: Vec<Call> = (0..k)
+                            .map(|_| {
+                                n += 1;
+                                let inst = instance_id(p, run(variant), n);
+                                let (key, val) = seed_record(p, &inst);
+                                seeds.push((key, Some(val)));
+                                host_call(p, &callback(p, run(variant), n, &inst, now_ms()))
+                            })
+                            .collect();
+                        host.host.store().commit("t", seeds).expect("seed");
+                        let t = Instant::now();
+                        host.rt.block_on(async {
+                            for call in &calls {
+                                black_box(host.host.call("t", call).await.ok());
+                            }
+                        });
+                        total += t.elapsed();
+                        left -= k;
+                    }
+                    total
+                })
+            });
+        }
+
+        // Duplicates: one delivery, applied once untimed, then replayed.
+        let dup_env = mem_env();
+        let inst = instance_id(p, run(4), 0);
+        let (k, v) = seed_record(p, &inst);
+        dup_env.kv.borrow_mut().insert(k.clone(), v.clone());
+        let push = callback(p, run(4), 0, &inst, now_ms());
+        let req = push.native();
+        imbridge::callback::handle(&dup_env, &app, &req).expect("first delivery");
+        g.bench_function(BenchmarkId::new("native", "duplicate"), |b| {
+            b.iter(|| black_box(imbridge::callback::handle(&dup_env, &app, &req).ok()))
+        });
+        mem.host.kv_set("t", &k, &v).expect("seed");
+        let call = host_call(p, &push);
+        assert_eq!(updates(&mem.call(&call)), 1);
+        g.bench_function(BenchmarkId::new("component", "duplicate"), |b| {
+            b.iter_custom(|iters| {
+                mem.rt.block_on(async {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        black_box(mem.host.call("t", &call).await.ok());
+                    }
+                    t.elapsed()
+                })
+            })
+        });
+        g.finish();
+    }
+}
+
+fn request() -> ApprovalRequest {
+    ApprovalRequest {
+        key: "wf-42-deploy".into(),
+        title: "Deploy release #42 to prod?".into(),
+        initiator: UserRef::Email("alice@example.com".into()),
+        nodes: vec![
+            ApprovalNode {
+                approvers: vec![UserRef::Id("bob".into()), UserRef::Id("carol".into())],
+                mode: SignMode::And,
+            },
+            ApprovalNode {
+                approvers: vec![UserRef::Id("dave".into()), UserRef::Id("erin".into())],
+                mode: SignMode::Or,
+            },
+        ],
+        cc: vec![UserRef::Id("frank".into())],
+        fields: vec![
+            ("workflow".into(), "release #42".into()),
+            ("env".into(), "prod".into()),
+            ("commit".into(), "3f9c2e1".into()),
+        ],
+        detail_url: Some("https://ci.example.com/wf/42".into()),
+    }
+}
+
+fn notification() -> Notification {
+    Notification {
+        target: Target::Chat("oc_ops".into()),
+        title: "workflow #42 failed".into(),
+        markdown: "**deploy** failed at step `migrate`\n\n- exit code 1\n- 3 retries".into(),
+        level: Level::Failure,
+        link: Some(Link {
+            text: "Open".into(),
+            url: "https://ci.example.com/42".into(),
+        }),
+        mentions: vec![UserRef::Id("bob".into())],
+        mention_all: false,
+    }
+}
+
+/// The pure payload builders behind start-approval and notify (no network, no state).
+fn payloads(c: &mut Criterion) {
+    use imbridge::platform::{dingtalk, feishu, wecom};
+    let req = request();
+    let n = notification();
+    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let nodes_ids = vec![ids(&["ou_bob", "ou_carol"]), ids(&["ou_dave", "ou_erin"])];
+    let nodes_mode = vec![
+        (SignMode::And, ids(&["bob", "carol"])),
+        (SignMode::Or, ids(&["dave", "erin"])),
+    ];
+    let cc = ids(&["frank"]);
+    let mentions = ids(&["<at id=ou_bob></at>"]);
+    let mut g = c.benchmark_group("payload");
+    g.bench_function("feishu/start/instance_body", |b| {
+        b.iter(|| {
+            black_box(feishu::instance_body(
+                "CODE",
+                "ou_alice",
+                &nodes_ids,
+                &cc,
+                &req,
+                "8c5f0a4e-0000-4000-8000-000000000042",
+            ))
+        })
+    });
+    g.bench_function("feishu/notify/webhook_body", |b| {
+        b.iter(|| {
+            black_box(feishu::webhook_body(
+                &n,
+                &mentions,
+                1_700_000_000,
+                Some("s"),
+            ))
+        })
+    });
+    g.bench_function("dingtalk/start/approvers_body", |b| {
+        b.iter(|| black_box(dingtalk::approvers_body(&nodes_mode)))
+    });
+    g.bench_function("dingtalk/notify/robot_body", |b| {
+        b.iter(|| black_box(dingtalk::robot_body(&n, &ids(&["13800000000"]), &cc)))
+    });
+    g.bench_function("wecom/start/applyevent_body", |b| {
+        b.iter(|| {
+            black_box(wecom::applyevent_body(
+                "tpl",
+                "alice",
+                &nodes_mode,
+                &cc,
+                &req,
+            ))
+        })
+    });
+    g.bench_function("wecom/notify/robot_bodies", |b| {
+        b.iter(|| black_box(wecom::robot_bodies(&n, &cc, &[]).ok()))
+    });
+    g.finish();
+}

@@ -1,0 +1,292 @@
+//! Load test of `imbridge-host serve` with a real HTTP load generator (wrk), and of the
+//! official Feishu SDK (lark-oapi) as a peer, in one run.
+//!
+//! 1. Pre-generates, per platform, `--requests` valid, signed, encrypted callbacks, each with
+//!    its own event id about its own pending instance, and seeds those instances' records into
+//!    the state database (so every callback takes the full update path: dedup, load, apply,
+//!    save, outbox).
+//! 2. Starts `imbridge-host serve` (durable redb state, default config and logging, stderr
+//!    to a file) and fires each platform's callbacks with wrk through `bench/loadtest.lua`.
+//! 3. Starts `bench/peer/feishu_peer.py` (lark-oapi's `EventDispatcherHandler` behind
+//!    Python's `ThreadingHTTPServer`) and fires the same Feishu callbacks at it.
+//! 4. Stops the server and counts the outbox records the run produced (each update is one).
+//!
+//! Writes one JSON object to `--out`.
+
+use anyhow::{Context as _, Result, bail};
+use imbridge::model::Platform;
+use imbridge_bench::{PLATFORMS, app_json, callback, instance_id, now_ms, seed_record};
+use imbridge_host::store::Store;
+use serde_json::{Value, json};
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Args {
+    duration: u64,
+    connections: u64,
+    threads: u64,
+    requests: u64,
+    host_bin: PathBuf,
+    out: PathBuf,
+}
+
+fn args() -> Result<Args> {
+    let ws = workspace();
+    let mut a = Args {
+        duration: 10,
+        connections: 16,
+        threads: 2,
+        requests: 40_000,
+        host_bin: ws.join("target/release/imbridge-host"),
+        out: ws.join("target/bench/load.json"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().context("missing value");
+        match flag.as_str() {
+            "--duration" => a.duration = val()?.parse()?,
+            "--connections" => a.connections = val()?.parse()?,
+            "--threads" => a.threads = val()?.parse()?,
+            "--requests" => a.requests = val()?.parse()?,
+            "--host-bin" => a.host_bin = val()?.into(),
+            "--out" => a.out = val()?.into(),
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Kills the child (ours, by pid) when dropped, so a failed run leaves no server behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_healthy(port: u16, path: &str) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(120) {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            if s.write_all(req.as_bytes()).is_ok() {
+                let mut buf = String::new();
+                let _ = std::io::Read::read_to_string(&mut s, &mut buf);
+                if buf.starts_with("HTTP/1.1 200") || buf.starts_with("HTTP/1.0 200") {
+                    return Ok(());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("server on port {port} did not become healthy")
+}
+
+/// One request per line for the Lua script: `target \t headers (0x1f-separated) \t body`.
+fn write_requests(path: &Path, target: &str, pushes: &[imbridge_bench::Push]) -> Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for p in pushes {
+        let t = if p.query.is_empty() {
+            target.to_string()
+        } else {
+            format!("{target}?{}", p.query)
+        };
+        let h: Vec<String> = p.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let body = String::from_utf8(p.body.clone())?;
+        anyhow::ensure!(
+            !body.contains(['\t', '\n']),
+            "bodies must be one line for the request file"
+        );
+        writeln!(f, "{t}\t{}\t{body}", h.join("\x1f"))?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn wrk(a: &Args, url: &str, reqs: &Path, generated: u64) -> Result<Value> {
+    let script = workspace().join("bench/loadtest.lua");
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            &a.threads.to_string(),
+            "-c",
+            &a.connections.to_string(),
+        ])
+        .args(["-d", &format!("{}s", a.duration), "--timeout", "10s"])
+        .arg("-s")
+        .arg(&script)
+        .arg(url)
+        .env("REQS", reqs)
+        .env("THREADS", a.threads.to_string())
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("JSON "))
+        .with_context(|| {
+            format!(
+                "no result from wrk: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let mut v: Value = serde_json::from_str(line)?;
+    let requests = v["requests"].as_f64().unwrap_or(0.0);
+    let secs = v["duration_us"].as_f64().unwrap_or(1.0) / 1e6;
+    v["rps"] = json!(requests / secs);
+    // Past the pre-generated set the script starts over, and repeats are duplicates.
+    v["generated"] = json!(generated);
+    v["wrapped"] = json!(requests as u64 > generated);
+    Ok(v)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn main() -> Result<()> {
+    let a = args()?;
+    let dir = workspace().join("target/bench/load");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let state = dir.join("state");
+    let tenant = "bench";
+    let run = (now_ms() / 1000 % 100_000) as u32;
+
+    // Requests and seeded records. Signed now: the run must start within the 10-minute window.
+    let t0 = Instant::now();
+    let mut files = Vec::new();
+    {
+        let store = Store::open(&state)?;
+        for p in PLATFORMS {
+            let now = now_ms();
+            let mut seeds = Vec::new();
+            let pushes: Vec<_> = (0..a.requests)
+                .map(|n| {
+                    let inst = instance_id(p, run, n);
+                    let (k, v) = seed_record(p, &inst);
+                    seeds.push((k, Some(v)));
+                    callback(p, run, n, &inst, now)
+                })
+                .collect();
+            store.commit(tenant, seeds)?;
+            let app = app_json(p)["id"].as_str().unwrap_or_default().to_string();
+            let file = dir.join(format!("{}.reqs", p.name()));
+            write_requests(&file, &format!("/callback/{tenant}/{app}"), &pushes)?;
+            files.push((p, app, file));
+        }
+    }
+    eprintln!(
+        "generated {} requests per platform in {:.1?}",
+        a.requests,
+        t0.elapsed()
+    );
+
+    let port = free_port()?;
+    let component = workspace().join("target/imbridge.wasm").canonicalize()?;
+    let config = json!({
+        "listen": format!("127.0.0.1:{port}"),
+        "public_url": format!("http://127.0.0.1:{port}"),
+        "state_dir": state,
+        "component": component,
+        "tenants": [{"id": tenant, "apps": PLATFORMS.map(app_json)}],
+    });
+    let cfg_path = dir.join("config.json");
+    std::fs::write(&cfg_path, config.to_string())?;
+    let log = std::fs::File::create(dir.join("serve.log"))?;
+    let server = Guard(
+        Command::new(&a.host_bin)
+            .args(["serve", "--config"])
+            .arg(&cfg_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", a.host_bin.display()))?,
+    );
+    wait_healthy(port, "/healthz")?;
+
+    let mut results = serde_json::Map::new();
+    for (p, app, file) in &files {
+        let url = format!("http://127.0.0.1:{port}/callback/{tenant}/{app}");
+        let load_before = loadavg();
+        let mut r = wrk(&a, &url, file, a.requests)?;
+        r["loadavg_before"] = json!(load_before);
+        eprintln!("imbridge {}: {r}", p.name());
+        results.insert(format!("imbridge/{}", p.name()), r);
+    }
+    drop(server);
+
+    // What the run did to durable state: each applied update leaves one outbox record.
+    let store = Store::open(&state)?;
+    let outbox = store.outbox_list(tenant, 0)?.len();
+    drop(store);
+
+    // The peer: the same Feishu callbacks through lark-oapi.
+    let peer_port = free_port()?;
+    let feishu = app_json(Platform::Feishu);
+    let peer = Guard(
+        Command::new("python3")
+            .arg(workspace().join("bench/peer/feishu_peer.py"))
+            .args(["--port", &peer_port.to_string()])
+            .args([
+                "--encrypt-key",
+                feishu["encrypt_key"].as_str().unwrap_or_default(),
+            ])
+            .args(["--token", feishu["token"].as_str().unwrap_or_default()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("peer.log"))?)
+            .spawn()
+            .context("starting the Python peer")?,
+    );
+    wait_healthy(peer_port, "/healthz")?;
+    let (_, _, feishu_file) = &files[0];
+    let load_before = loadavg();
+    let mut r = wrk(
+        &a,
+        &format!("http://127.0.0.1:{peer_port}/callback"),
+        feishu_file,
+        a.requests,
+    )?;
+    r["loadavg_before"] = json!(load_before);
+    eprintln!("lark-oapi feishu: {r}");
+    results.insert("lark-oapi/feishu".into(), r);
+    drop(peer);
+
+    let lark_version = Command::new("python3")
+        .args(["-c", "import lark_oapi; print(lark_oapi.__version__)"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let out = json!({
+        "results": results,
+        "outbox_records": outbox,
+        "wrk": {"threads": a.threads, "connections": a.connections, "duration_s": a.duration},
+        "requests_per_platform": a.requests,
+        "lark_oapi_version": lark_version,
+        "command": format!(
+            "wrk -t{} -c{} -d{}s --timeout 10s -s bench/loadtest.lua http://127.0.0.1:PORT/callback/bench/APP",
+            a.threads, a.connections, a.duration
+        ),
+    });
+    if let Some(parent) = a.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&out)?)?;
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Shared fixtures for the benchmarks and the load test: the three platforms' apps, valid
+//! signed + encrypted callbacks with fresh event ids, the stored records those callbacks
+//! update, and a small in-memory [`Env`] for running the component's logic natively.
+//!
+//! Callbacks are built with the simulators' crypto (`imbridge_host::sim`), which is written
+//! independently of the guest crate, so every benchmarked input is one the real platforms'
+//! wire format would produce, not one the code under test made for itself.
+
+use imbridge::approval::Record;
+use imbridge::env::key_segment;
+use imbridge::model::{Approval, ApprovalStatus, HttpRequest, ImApp, Platform};
+use imbridge_host::sim::{dingtalk, feishu, wecom};
+use serde_json::{Value, json};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub const PLATFORMS: [Platform; 3] = [Platform::Feishu, Platform::Dingtalk, Platform::Wecom];
+
+const FEISHU_KEY: &str = "bench-encrypt-key";
+const FEISHU_TOKEN: &str = "vt-bench";
+// Fixed 43-character EncodingAESKeys (base64 of 32 bytes without '='), so the load test's
+// config, its pre-generated requests and the benches all agree without passing keys around.
+const DINGTALK_AES: &str = "YmVuY2gtZGluZ3RhbGstYWVzLWtleS0zMi1ieXRlcyE";
+const WECOM_AES: &str = "YmVuY2gtd2Vjb20tYWVzLWtleS0zMi1ieXRlcy4uLiE";
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The app of `platform`, in the host's JSON form (`ImApp` of the WIT contract).
+pub fn app_json(platform: Platform) -> Value {
+    match platform {
+        Platform::Feishu | Platform::Lark => json!({
+            "id": "fs", "platform": "feishu", "app_id": "cli_bench", "app_secret": "s",
+            "encrypt_key": FEISHU_KEY, "token": FEISHU_TOKEN,
+        }),
+        Platform::Dingtalk => json!({
+            "id": "dt", "platform": "dingtalk", "app_id": "dingbench", "app_secret": "s",
+            "agent_id": "1001", "encrypt_key": DINGTALK_AES, "token": "tok-bench",
+        }),
+        Platform::Wecom => json!({
+            "id": "wc", "platform": "wecom", "app_id": "wwbench", "app_secret": "s",
+            "agent_id": "1000002", "encrypt_key": WECOM_AES, "token": "tokbench",
+        }),
+    }
+}
+
+/// The same app as the guest crate's native type.
+pub fn app_native(platform: Platform) -> ImApp {
+    let j = app_json(platform);
+    let s = |k: &str| j[k].as_str().map(str::to_string);
+    ImApp {
+        id: s("id").unwrap_or_default(),
+        platform,
+        app_id: s("app_id").unwrap_or_default(),
+        app_secret: s("app_secret").unwrap_or_default(),
+        agent_id: s("agent_id"),
+        encrypt_key: s("encrypt_key"),
+        token: s("token"),
+        api_base: None,
+    }
+}
+
+/// One platform push as it arrives at `/callback/{tenant}/{app}`.
+#[derive(Clone, Debug)]
+pub struct Push {
+    pub query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Push {
+    pub fn native(&self) -> HttpRequest {
+        HttpRequest {
+            method: "POST".into(),
+            path: "/callback".into(),
+            query: self.query.clone(),
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+        }
+    }
+
+    /// `handle-callback` input for `Host::invoke_json` / `imbridge_host::json::parse_call`.
+    pub fn host_input(&self, platform: Platform) -> Value {
+        json!({
+            "app": app_json(platform),
+            "request": {
+                "method": "POST", "path": "/callback", "query": self.query,
+                "headers": self.headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+                "body": String::from_utf8_lossy(&self.body),
+            },
+        })
+    }
+}
+
+/// The instance the `n`-th callback of a run is about; every callback gets its own instance
+/// (and event id), so each one takes the full path: dedup miss, load, apply, save.
+pub fn instance_id(platform: Platform, run: u32, n: u64) -> String {
+    match platform {
+        // WeCom approval numbers are numeric.
+        Platform::Wecom => format!("20{run:06}{n:010}"),
+        _ => format!("bench-{run}-{n}"),
+    }
+}
+
+/// A valid, signed, encrypted decision callback ("approver approved") for `instance`, with
+/// an event id unique to `(run, n)`, signed at `now_ms`.
+pub fn callback(platform: Platform, run: u32, n: u64, instance: &str, now_ms: u64) -> Push {
+    let secs = now_ms / 1000;
+    match platform {
+        Platform::Feishu | Platform::Lark => {
+            // A v1 `approval_task` event, the shape Feishu pushes per approver decision.
+            let plain = json!({
+                "uuid": format!("{run}-{n}"), "token": FEISHU_TOKEN, "ts": secs.to_string(),
+                "type": "event_callback",
+                "event": {"app_id": "cli_bench", "tenant_key": "t", "type": "approval_task",
+                    "approval_code": "BENCH-CODE", "instance_code": instance,
+                    "task_id": format!("task-{n}"), "open_id": "ou_bob", "user_id": "bob",
+                    "status": "APPROVED", "operate_time": now_ms.to_string()},
+            });
+            let body = json!({"encrypt": feishu::crypto::encrypt(FEISHU_KEY, plain.to_string().as_bytes())})
+                .to_string()
+                .into_bytes();
+            let ts = secs.to_string();
+            let nonce = format!("n{n}");
+            let sig = feishu::crypto::signature(&ts, &nonce, FEISHU_KEY, &body);
+            Push {
+                query: String::new(),
+                headers: vec![
+                    (
+                        "Content-Type".into(),
+                        "application/json; charset=utf-8".into(),
+                    ),
+                    ("X-Lark-Signature".into(), sig),
+                    ("X-Lark-Request-Timestamp".into(), ts),
+                    ("X-Lark-Request-Nonce".into(), nonce),
+                ],
+                body,
+            }
+        }
+        Platform::Dingtalk => {
+            let plain = json!({
+                "EventType": "bpms_task_change", "processInstanceId": instance,
+                "corpId": "dingcorp", "processCode": "PROC-BENCH", "title": "Deploy to prod?",
+                "type": "finish", "result": "agree", "staffId": "u_bob", "remark": "lgtm",
+                "taskId": format!("{run}{n}"), "createTime": now_ms - 1000, "finishTime": now_ms,
+            });
+            let enc =
+                dingtalk::crypto::encrypt(DINGTALK_AES, plain.to_string().as_bytes(), "dingbench");
+            let ts = now_ms.to_string();
+            let nonce = format!("n{n}");
+            let sig = dingtalk::crypto::signature("tok-bench", &ts, &nonce, &enc);
+            Push {
+                query: format!("signature={sig}&timestamp={ts}&nonce={nonce}"),
+                headers: vec![("Content-Type".into(), "application/json".into())],
+                body: json!({ "encrypt": enc }).to_string().into_bytes(),
+            }
+        }
+        Platform::Wecom => {
+            // `sys_approval_change` with one approver's decision and the resulting status:
+            // two events, each with its own dedup id, as WeCom sends it.
+            let xml = format!(
+                "<xml><ToUserName><![CDATA[wwbench]]></ToUserName><FromUserName><![CDATA[sys]]></FromUserName>\
+                 <CreateTime>{secs}</CreateTime><MsgType><![CDATA[event]]></MsgType>\
+                 <Event><![CDATA[sys_approval_change]]></Event><AgentID>1000002</AgentID>\
+                 <ApprovalInfo><SpNo>{instance}</SpNo><SpName><![CDATA[imbridge]]></SpName>\
+                 <SpStatus>2</SpStatus><TemplateId><![CDATA[tpl-bench]]></TemplateId>\
+                 <ApplyTime>{secs}</ApplyTime><Applyer><UserId><![CDATA[alice]]></UserId>\
+                 <Party><![CDATA[1]]></Party></Applyer><SpRecord><SpStatus>2</SpStatus>\
+                 <ApproverAttr>2</ApproverAttr><Details><Approver><UserId><![CDATA[bob]]></UserId>\
+                 </Approver><Speech><![CDATA[lgtm]]></Speech><SpStatus>2</SpStatus>\
+                 <SpTime>{secs}</SpTime></Details></SpRecord><StatuChangeEvent>2</StatuChangeEvent>\
+                 </ApprovalInfo></xml>"
+            );
+            let mut app = wecom::WecomApp::new("wwbench", "s", 1_000_002);
+            app.token = "tokbench".into();
+            app.encoding_aes_key = WECOM_AES.into();
+            let p = wecom::build_push(&app, &xml, secs);
+            Push {
+                query: p.query,
+                headers: vec![("Content-Type".into(), "text/xml".into())],
+                body: p.body,
+            }
+        }
+    }
+}
+
+/// The stored record a pending approval has right after `start-approval`, as `(key, value)`
+/// in the plugin's key space. The key layout mirrors `approval::instance_key` (private there).
+pub fn seed_record(platform: Platform, instance: &str) -> (String, Vec<u8>) {
+    let app = app_native(platform);
+    let meta = match platform {
+        // DingTalk and WeCom report single decisions; the plugin keeps the node layout.
+        Platform::Dingtalk | Platform::Wecom => json!({
+            "nodes": [{"mode": "or", "approvers": ["u_bob", "bob", "u_carol"]}],
+        }),
+        _ => json!({"approval_code": "BENCH-CODE", "initiator": "ou_alice"}),
+    };
+    let rec = Record {
+        approval: Approval {
+            instance_id: instance.to_string(),
+            key: format!("key-{instance}"),
+            status: ApprovalStatus::Pending,
+            decisions: Vec::new(),
+            updated_at_ms: 0,
+        },
+        meta,
+    };
+    let key = format!(
+        "a/{}/i/{}",
+        key_segment(&app.id),
+        key_segment(&rec.approval.instance_id)
+    );
+    (key, serde_json::to_vec(&rec).unwrap_or_default())
+}
+
+/// The guest crate's in-memory [`Env`] (no network, counter-based "randomness").
+pub type MemEnv = imbridge::env::fake::FakeEnv;
+
+/// An empty in-memory environment whose clock reads the real time now.
+pub fn mem_env() -> MemEnv {
+    MemEnv::with_store(Default::default(), now_ms())
+}

@@ -247,12 +247,27 @@ pub async fn post(
     body: Vec<u8>,
     timeout: Duration,
 ) -> Reply {
+    request(hyper::Method::POST, url, headers, body, timeout).await
+}
+
+/// A GET with a deadline (e.g. WeCom's URL check); like [`post`], the outcome is the [`Reply`].
+pub async fn get(url: &str, timeout: Duration) -> Reply {
+    request(hyper::Method::GET, url, &[], Vec::new(), timeout).await
+}
+
+async fn request(
+    method: hyper::Method,
+    url: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Reply {
     let failed = |error: String| Reply {
         status: None,
         body: Vec::new(),
         error: Some(error),
     };
-    let mut builder = hyper::Request::post(url);
+    let mut builder = hyper::Request::builder().method(method).uri(url);
     for (name, value) in headers {
         builder = builder.header(name.as_str(), value.as_str());
     }

@@ -21,9 +21,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 use serde_json::{Value, json};
 
@@ -488,7 +485,7 @@ impl WecomSim {
     ) -> anyhow::Result<UrlCheckReport> {
         let app = self.inner.app_by_agent(agent_id)?;
         let query = url_check_query(app, echo, now_ms() / 1000);
-        let reply = get(&with_query(url, &query), Duration::from_secs(1)).await;
+        let reply = http::get(&with_query(url, &query), Duration::from_secs(1)).await;
         let verified = reply.status == Some(200) && reply.body == echo.as_bytes();
         Ok(UrlCheckReport {
             echo: echo.into(),
@@ -1072,40 +1069,6 @@ fn with_query(url: &str, query: &str) -> String {
     }
 }
 
-/// A GET with a deadline, for the URL check.
-async fn get(url: &str, timeout: Duration) -> Reply {
-    let failed = |error: String| Reply {
-        status: None,
-        body: Vec::new(),
-        error: Some(error),
-    };
-    let request = match hyper::Request::get(url).body(Empty::<Bytes>::new()) {
-        Ok(r) => r,
-        Err(e) => return failed(format!("bad request: {e}")),
-    };
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .build_http::<Empty<Bytes>>();
-    let exchange = async {
-        let response = client.request(request).await.map_err(|e| e.to_string())?;
-        let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), http::MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok::<_, String>((status, body.to_vec()))
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok((status, body))) => Reply {
-            status: Some(status),
-            body,
-            error: None,
-        },
-        Ok(Err(e)) => failed(e),
-        Err(_) => failed(format!("timed out after {timeout:?}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1143,7 +1106,7 @@ mod tests {
         let base = sim.base_url();
         let client = |url: String, body: Option<Value>| async move {
             match body {
-                None => get(&url, Duration::from_secs(2)).await,
+                None => http::get(&url, Duration::from_secs(2)).await,
                 Some(b) => {
                     http::post(
                         &url,

@@ -56,6 +56,26 @@ pub fn header<'r>(req: &'r HttpRequest, name: &str) -> Option<&'r str> {
         .map(|(_, v)| v.as_str())
 }
 
-pub fn max_skew_ok(now_secs: u64, ts_secs: u64) -> bool {
-    now_secs.abs_diff(ts_secs) <= MAX_SKEW_SECS
+/// Whether a hex signature as presented matches the expected one (case-insensitive, in
+/// constant time).
+pub fn signature_matches(expected_hex: &str, presented: &str) -> bool {
+    crate::crypto::ct_eq(
+        expected_hex.as_bytes(),
+        presented.trim().to_ascii_lowercase().as_bytes(),
+    )
+}
+
+/// Rejects a signed timestamp that is not a number or is more than `MAX_SKEW_SECS` from our
+/// clock. `units_per_sec` is 1 for platforms that sign seconds, 1000 for milliseconds.
+pub fn check_timestamp(now_ms: u64, ts: &str, units_per_sec: u64) -> Result<()> {
+    let ts: u64 = ts
+        .trim()
+        .parse()
+        .map_err(|_| Error::unauthorized("callback timestamp is not a number"))?;
+    if (now_ms / 1000).abs_diff(ts / units_per_sec) > MAX_SKEW_SECS {
+        return Err(Error::unauthorized(
+            "callback timestamp is outside the allowed window",
+        ));
+    }
+    Ok(())
 }

@@ -9,9 +9,9 @@
 
 use super::{Created, Parsed, form_text, json_u64};
 use crate::approval::{Event, Inbound, Record};
-use crate::callback::max_skew_ok;
+use crate::callback::{check_timestamp, signature_matches};
 use crate::crypto::wx::WxKey;
-use crate::crypto::{self, ct_eq, sorted_sha1_hex};
+use crate::crypto::{self, sorted_sha1_hex};
 use crate::env::{Env, EnvExt, hex, key_segment};
 use crate::error::{Error, Result};
 use crate::http::{self, Method, call_json, percent_encode, status_is_retryable};
@@ -556,21 +556,10 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
         .ok_or_else(|| Error::input("callback body has no `encrypt` field"))?;
     // Authenticate before touching the ciphertext, so nothing is learnt from decrypt errors.
     let expected = sorted_sha1_hex(&[token, ts, nonce, encrypt]);
-    if !ct_eq(
-        expected.as_bytes(),
-        sig.trim().to_ascii_lowercase().as_bytes(),
-    ) {
+    if !signature_matches(&expected, sig) {
         return Err(bad_signature());
     }
-    let ts_ms: u64 = ts
-        .trim()
-        .parse()
-        .map_err(|_| Error::unauthorized("callback timestamp is not a number"))?;
-    if !max_skew_ok(env.now_ms() / 1000, ts_ms / 1000) {
-        return Err(Error::unauthorized(
-            "callback timestamp is outside the allowed window",
-        ));
-    }
+    check_timestamp(env.now_ms(), ts, 1000)?;
     let plain = key.decrypt(encrypt, app.app_id.trim())?;
     let event: Value = serde_json::from_slice(&plain)
         .map_err(|_| Error::input("decrypted callback is not JSON"))?;

@@ -3,7 +3,7 @@
 
 use super::{Created, Parsed, form_text, json_u64};
 use crate::approval::{Event, Inbound, Record};
-use crate::callback::{header, max_skew_ok};
+use crate::callback::{check_timestamp, header, signature_matches};
 use crate::crypto::{self, ct_eq};
 use crate::env::{Env, hex, key_segment};
 use crate::error::{Error, Result};
@@ -562,21 +562,10 @@ fn verify_signature(env: &(impl Env + ?Sized), key: &str, req: &HttpRequest) -> 
         return Ok(false);
     };
     let expected = crypto::feishu::signature(ts, nonce, key, &req.body);
-    if !ct_eq(
-        expected.as_bytes(),
-        sig.trim().to_ascii_lowercase().as_bytes(),
-    ) {
+    if !signature_matches(&expected, sig) {
         return Err(unsigned());
     }
-    let ts: u64 = ts
-        .trim()
-        .parse()
-        .map_err(|_| Error::unauthorized("callback timestamp is not a number"))?;
-    if !max_skew_ok(env.now_ms() / 1000, ts) {
-        return Err(Error::unauthorized(
-            "callback timestamp is outside the allowed window",
-        ));
-    }
+    check_timestamp(env.now_ms(), ts, 1)?;
     Ok(true)
 }
 

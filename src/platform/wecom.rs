@@ -7,8 +7,8 @@
 
 use super::{Created, Parsed, form_text, normalize_mobile};
 use crate::approval::{Event, Inbound, Record};
-use crate::callback::max_skew_ok;
-use crate::crypto::{self, ct_eq, sorted_sha1_hex, wx::WxKey};
+use crate::callback::{check_timestamp, signature_matches};
+use crate::crypto::{self, sorted_sha1_hex, wx::WxKey};
 use crate::env::{Env, EnvExt, hex, key_segment};
 use crate::error::{Error, Result};
 use crate::http::{self, Method, call_json, parse_query, percent_encode, status_is_retryable};
@@ -595,21 +595,10 @@ fn verify(
         return Err(unsigned());
     };
     let expected = sorted_sha1_hex(&[token, ts, nonce, encrypted]);
-    if !ct_eq(
-        expected.as_bytes(),
-        sig.trim().to_ascii_lowercase().as_bytes(),
-    ) {
+    if !signature_matches(&expected, sig) {
         return Err(unsigned());
     }
-    let ts: u64 = ts
-        .trim()
-        .parse()
-        .map_err(|_| Error::unauthorized("callback timestamp is not a number"))?;
-    if !max_skew_ok(env.now_ms() / 1000, ts) {
-        return Err(Error::unauthorized(
-            "callback timestamp is outside the allowed window",
-        ));
-    }
+    check_timestamp(env.now_ms(), ts, 1)?;
     Ok(())
 }
 

@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 if ! command -v wasm-opt >/dev/null && [[ $(id -u) -eq 0 ]]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binaryen >/dev/null
 fi
-componentize() { cargo run -q -p imbridge-host --bin componentize -- "$1" "$2"; }
+componentize() { cargo run -q -p imbridge-componentize -- "$1" "$2"; }
 entries=()
 # name | opt-level | lto
 for v in "s-fat|s|fat" "z-fat|z|fat"; do

@@ -1,7 +1,9 @@
 //! Persistent connections end to end: the built component in the reference host, receiving
-//! approval events over the Feishu long-connection and DingTalk Stream simulators.
+//! approval events over the Feishu long-connection and DingTalk Stream simulators, and the
+//! official Feishu Node SDK's long-connection client against the same simulator.
 
 use imbridge_host::config::ServeConfig;
+use imbridge_host::persistent::feishu::{Frame, METHOD_CONTROL, METHOD_DATA};
 use imbridge_host::persistent::{self, Lease, LeaseStore, Options};
 use imbridge_host::server::{ServerHandle, serve_with_persistent};
 use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser};
@@ -119,6 +121,7 @@ async fn feishu_long_connection_survives_a_drop_and_applies_each_decision_once()
         ping_interval_secs: 1,
         reconnect_interval_secs: 1,
         fragment_size: 100,
+        ..FeishuWsConfig::default()
     })
     .await;
     let server = serve(&fx.h, &fx.app, &fx.ws.base_url(), "host-a").await;
@@ -139,11 +142,7 @@ async fn feishu_long_connection_survives_a_drop_and_applies_each_decision_once()
     // Dropped; carol decides while the host is away; the host reconnects and gets it.
     fx.ws.drop_connections("cli_ws");
     fx.sim.decide(&id, "ou_carol", true, None).await.unwrap();
-    // (The simulator forwards events asynchronously, hence the wait.)
-    until("queued while disconnected", 5, || {
-        fx.ws.pending("cli_ws") > 0
-    })
-    .await;
+    assert!(fx.ws.pending("cli_ws") > 0, "queued while disconnected");
     assert_eq!(fx.ws.live("cli_ws"), 0);
     until("redelivered and acked", 15, || fx.ws.pending("cli_ws") == 0).await;
     assert_eq!(
@@ -246,8 +245,15 @@ fn lease_passes_to_a_second_owner_only_after_expiry() {
     let _ = persistent::default_owner();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dingtalk_stream_end_to_end() {
+struct Dingtalk {
+    sim: DingtalkSim,
+    stream: DingtalkStreamSim,
+    h: Harness,
+    app: Value,
+    key: String,
+}
+
+async fn dingtalk() -> Dingtalk {
     let app = DingtalkApp::new("ding_stream");
     let sim = DingtalkSim::start(DingtalkConfig {
         apps: vec![app.clone()],
@@ -269,20 +275,40 @@ async fn dingtalk_stream_end_to_end() {
     let app_json = json!({"id": "dt", "platform": "dingtalk", "app_id": app.app_key,
         "app_secret": app.app_secret, "agent_id": app.agent_id.to_string(),
         "encrypt_key": app.aes_key, "token": app.token, "api_base": sim.base_url()});
-    let server = serve(&h, &app_json, &stream.base_url(), "host-a").await;
-    let key = app.app_key.as_str();
+    Dingtalk {
+        sim,
+        stream,
+        h,
+        app: app_json,
+        key: app.app_key,
+    }
+}
+
+impl Dingtalk {
+    /// Starts an approval: a AND b.
+    async fn start(&self, key: &str) -> String {
+        let req = json!({"app": self.app, "request": {
+            "key": key, "title": "Deploy", "initiator": {"id": "orig"},
+            "nodes": [{"approvers": [{"id": "a"}, {"id": "b"}], "mode": "and"}]}});
+        ok(&self.h.invoke("t1", "start-approval", req).await)["instance_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dingtalk_stream_end_to_end() {
+    let dt = dingtalk().await;
+    let (stream, sim, h, app_json) = (&dt.stream, &dt.sim, &dt.h, &dt.app);
+    let server = serve(h, app_json, &stream.base_url(), "host-a").await;
+    let key = dt.key.as_str();
     until("connected", 10, || stream.live(key) == 1).await;
 
     assert!(stream.ping(key));
     until("ping answered", 10, || stream.stats(key).pings == 1).await;
 
-    let req = json!({"app": app_json, "request": {
-        "key": "wf-9", "title": "Deploy", "initiator": {"id": "orig"},
-        "nodes": [{"approvers": [{"id": "a"}, {"id": "b"}], "mode": "and"}]}});
-    let id = ok(&h.invoke("t1", "start-approval", req).await)["instance_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = dt.start("wf-9").await;
     sim.decide(&id, "a", true, "ok").await.unwrap();
     until("a acked", 10, || {
         stream.pending(key) == 0 && !stream.stats(key).acks.is_empty()
@@ -302,11 +328,328 @@ async fn dingtalk_stream_end_to_end() {
     })
     .await;
 
-    let a = get(&h, &app_json, &id).await;
+    let a = get(h, app_json, &id).await;
     assert_eq!(a["status"], "approved", "{a}");
     let mut who = deciders(&a);
     who.sort();
     assert_eq!(who, ["a", "b"]);
     assert!(stream.stats(key).nacks.is_empty());
     server.shutdown().await;
+}
+
+/// Number of outbox records of tenant `t1` (one per approval change the host recorded).
+fn outbox_len(h: &Harness) -> usize {
+    h.host.store().outbox_list("t1", 0).unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feishu_event_whose_ack_is_lost_is_redelivered_on_a_timer_and_applied_once() {
+    let fx = feishu(FeishuWsConfig {
+        redeliver_after: Duration::from_millis(300),
+        ..FeishuWsConfig::default()
+    })
+    .await;
+    let server = serve(&fx.h, &fx.app, &fx.ws.base_url(), "host-a").await;
+    until("connected", 10, || fx.ws.live("cli_ws") == 1).await;
+    let id = fx.start("wf-lost").await;
+    // Whatever the start produced is delivered and acked before the ack loss is armed.
+    fx.sim.flush_events().await;
+    until("earlier events acked", 10, || fx.ws.pending("cli_ws") == 0).await;
+    let before = outbox_len(&fx.h);
+
+    // The host applies bob's decision and acks it, but the ack never reaches the service.
+    fx.ws.lose_acks("cli_ws", 1);
+    fx.sim.decide(&id, "ou_bob", true, None).await.unwrap();
+    until("ack lost", 10, || {
+        fx.ws.stats("cli_ws").lost_acks.len() == 1
+    })
+    .await;
+    let lost = fx.ws.stats("cli_ws").lost_acks[0].clone();
+    // The lost ack is the one of bob's decision (the first event the decision produced).
+    let payload: Vec<u8> = fx
+        .ws
+        .sent_frames(&lost)
+        .into_iter()
+        .flat_map(|f| f.payload.unwrap_or_default())
+        .collect();
+    let event: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(
+        (&event["event"]["open_id"], &event["event"]["status"]),
+        (&json!("ou_bob"), &json!("APPROVED"))
+    );
+    // Still connected: the service pushes it again once the ack is overdue.
+    until("redelivered and acked", 10, || {
+        fx.ws.pending("cli_ws") == 0 && fx.ws.stats("cli_ws").acks.contains(&lost)
+    })
+    .await;
+    let stats = fx.ws.stats("cli_ws");
+    assert!(stats.redelivered.contains(&lost), "{stats:?}");
+    assert_eq!(
+        stats.connects, 1,
+        "redelivered on the same connection: {stats:?}"
+    );
+    assert!(stats.nacks.is_empty(), "{stats:?}");
+    // Applied once: one decision, one outbox record.
+    assert_eq!(deciders(&get(&fx.h, &fx.app, &id).await), ["ou_bob"]);
+    assert_eq!(outbox_len(&fx.h), before + 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dingtalk_event_whose_ack_is_lost_is_redelivered_on_a_timer_and_applied_once() {
+    let dt = dingtalk().await;
+    dt.stream.set_redeliver_after(Duration::from_millis(300));
+    let key = dt.key.as_str();
+    let server = serve(&dt.h, &dt.app, &dt.stream.base_url(), "host-a").await;
+    until("connected", 10, || dt.stream.live(key) == 1).await;
+    let id = dt.start("wf-lost").await;
+    // The start's events are delivered and acked before the ack loss is armed.
+    dt.sim.flush_events().await;
+    until("earlier events acked", 10, || dt.stream.pending(key) == 0).await;
+    let before = outbox_len(&dt.h);
+    let acked_before = dt.stream.stats(key).acks.len();
+
+    dt.stream.lose_acks(key, 1);
+    dt.sim.decide(&id, "a", true, "ok").await.unwrap();
+    until("ack lost", 10, || dt.stream.stats(key).lost_acks.len() == 1).await;
+    let lost = dt.stream.stats(key).lost_acks[0].clone();
+    until("redelivered and acked", 10, || {
+        dt.stream.pending(key) == 0 && dt.stream.stats(key).acks.contains(&lost)
+    })
+    .await;
+    let stats = dt.stream.stats(key);
+    assert!(stats.redelivered.contains(&lost), "{stats:?}");
+    assert_eq!(stats.connects, 1, "{stats:?}");
+    assert!(stats.acks.len() > acked_before);
+    assert!(stats.nacks.is_empty(), "{stats:?}");
+    let a = get(&dt.h, &dt.app, &id).await;
+    assert_eq!(deciders(&a), ["a"], "{a}");
+    assert_eq!(a["status"], "pending");
+    assert_eq!(outbox_len(&dt.h), before + 1);
+    server.shutdown().await;
+}
+
+/// The official Feishu Node SDK's long-connection client (`WSClient` + `EventDispatcher` from
+/// `@larksuiteoapi/node-sdk`, run by `tests/interop/feishu_ws_client.mjs`) as a live peer.
+struct NodeSdk {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl NodeSdk {
+    /// Fails (never skips) when node or the SDK is missing, naming the install step.
+    fn start(domain: &str, app_id: &str, secret: &str, fail_once: &str) -> NodeSdk {
+        use tokio::io::AsyncBufReadExt as _;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("interop");
+        let mut cmd = tokio::process::Command::new("node");
+        cmd.args(["feishu_ws_client.mjs", domain, app_id, secret, fail_once])
+            .current_dir(dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        // axios would send even loopback requests through a configured proxy.
+        for var in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
+            cmd.env_remove(var).env_remove(var.to_lowercase());
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "node not runnable ({e}); install the interop peers: npm ci --prefix tests/interop"
+            )
+        });
+        let stdout = child.stdout.take().expect("piped stdout");
+        NodeSdk {
+            child,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// The next JSON line the SDK script printed (`what` we wait for, for the failure).
+    async fn next(&mut self, what: &str) -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("the SDK printed nothing for 30 s: {what}"))
+            .expect("reading the SDK's output")
+            .expect("the SDK script exited; is it installed? npm ci --prefix tests/interop");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("SDK printed {line:?}: {e}"))
+    }
+
+    /// Closes its stdin: the script closes the client and exits.
+    async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("the SDK script exits when its stdin closes")
+            .expect("waiting for node");
+        assert!(status.success(), "{status}");
+    }
+}
+
+/// How a client echoed a frame's 64-bit `LogID` in its ack.
+#[derive(Debug, PartialEq)]
+enum LogId {
+    Exact,
+    /// Rounded to the nearest double: JavaScript clients decode uint64 into a `Number`.
+    AsDouble,
+}
+
+/// The pings and acks in `frames` (a client's binary messages, as received). Every ping must be
+/// the one Feishu's SDKs send (`type: ping` control frame for the URL's `service_id`, which
+/// the simulator sets to 42); every ack must be the message's last fragment sent back
+/// unchanged (ids, service, method, headers) plus a `biz_rt` header, with `{"code": …}` as
+/// payload. Returns the number of pings and `(message id, code, how LogID came back)` per ack.
+fn check_client_frames(ws: &FeishuWsSim, frames: &[Vec<u8>]) -> (usize, Vec<(String, i64, LogId)>) {
+    let ping = Frame::control(42, "ping").encode();
+    let (mut pings, mut acks) = (0, Vec::new());
+    for raw in frames {
+        let ack = Frame::decode(raw).expect("client frames decode as pbbp2.Frame");
+        if ack.method == METHOD_CONTROL {
+            assert_eq!(raw, &ping, "ping frame {ack:?}");
+            pings += 1;
+            continue;
+        }
+        assert_eq!(ack.method, METHOD_DATA, "{ack:?}");
+        let id = ack
+            .header("message_id")
+            .expect("ack has message_id")
+            .to_string();
+        let sent = ws.sent_frames(&id);
+        let last = sent.last().expect("ack of a message the simulator sent");
+        let biz_rt = ack.header("biz_rt").expect("ack has biz_rt");
+        assert!(biz_rt.parse::<i64>().is_ok(), "biz_rt {biz_rt:?}");
+        let payload: Value =
+            serde_json::from_slice(ack.payload.as_deref().unwrap_or_default()).expect("JSON");
+        let code = payload["code"].as_i64().expect("payload has a code");
+        assert_eq!(payload, json!({"code": code}), "nothing but the code");
+        let log_id = if ack.log_id == last.log_id {
+            LogId::Exact
+        } else {
+            assert_eq!(ack.log_id, last.log_id as f64 as u64, "LogID of {id}");
+            LogId::AsDouble
+        };
+        let mut expected = last.clone();
+        expected.set_header("biz_rt", biz_rt);
+        expected.payload = ack.payload.clone();
+        expected.log_id = ack.log_id;
+        assert_eq!(ack, expected, "ack of {id}");
+        acks.push((id, code, log_id));
+    }
+    (pings, acks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_node_sdk_and_the_host_speak_the_same_long_connection_frames() {
+    // The SDK insists on a real-looking App ID (cli_ + 16 hex digits).
+    const APP: &str = "cli_a1b2c3d4e5f60718";
+    let config = FeishuWsConfig {
+        ping_interval_secs: 1,
+        reconnect_interval_secs: 1,
+        // Every event below arrives in several frames, split inside UTF-8 characters.
+        fragment_size: 100,
+        // Short, so the step that wants a redelivery does not wait long.
+        redeliver_after: Duration::from_secs(1),
+    };
+    let ws = FeishuWsSim::start(&[(APP, "sdk-secret")], config.clone())
+        .await
+        .expect("ws sim");
+    let text = "审批通过 ✅ ".repeat(40);
+    let message = |event_id: &str| {
+        json!({"schema": "2.0", "header": {"event_id": event_id,
+            "event_type": "im.message.receive_v1", "token": "vt", "app_id": APP,
+            "create_time": "1700000000000", "tenant_key": "tk"},
+            "event": {"message": {"message_id": "om_1", "message_type": "text",
+                "content": json!({"text": text}).to_string()}}})
+    };
+    let approval = json!({"uuid": "u-1", "token": "vt", "ts": "1700000000.0",
+        "type": "event_callback", "event": {"type": "approval_instance", "app_id": APP,
+        "instance_code": "INST-1", "status": "APPROVED", "note": text}});
+
+    let mut sdk = NodeSdk::start(&ws.base_url(), APP, "sdk-secret", "approval_instance");
+    let ready = sdk.next("ready").await;
+    assert_eq!(ready["ready"], true, "{ready}");
+    assert!(ready["sdk_version"].is_string(), "{ready}");
+    until("SDK connected", 10, || ws.live(APP) == 1).await;
+
+    // A fragmented v2 event: the SDK reassembles it byte for byte.
+    let m1 = ws.push_event(APP, &message("ev-1"));
+    assert!(ws.sent_frames(&m1).len() > 5);
+    let got = sdk.next("the fragmented event").await;
+    assert_eq!(got["event"], "im.message.receive_v1", "{got}");
+    assert_eq!(got["data"]["event_id"], "ev-1");
+    let content: Value = serde_json::from_str(got["data"]["message"]["content"].as_str().unwrap())
+        .expect("content is JSON");
+    assert_eq!(content["text"], text.as_str());
+
+    // A v1 event whose handler throws once: the SDK answers code 500, the service keeps it
+    // and pushes it again when the ack is overdue; the second attempt is acked.
+    let m2 = ws.push_event(APP, &approval);
+    let first = sdk.next("the first attempt").await;
+    assert_eq!(
+        (first["event"].as_str(), first["attempt"].as_i64()),
+        (Some("approval_instance"), Some(1))
+    );
+    assert_eq!(first["data"]["instance_code"], "INST-1");
+    let second = sdk.next("the redelivery").await;
+    assert_eq!(second["attempt"], 2, "{second}");
+    until("all acked", 10, || ws.pending(APP) == 0).await;
+    let stats = ws.stats(APP);
+    assert_eq!(stats.nacks, std::slice::from_ref(&m2), "{stats:?}");
+    assert!(stats.redelivered.contains(&m2), "{stats:?}");
+    // The SDK took the ping interval from the endpoint's ClientConfig (its own default is
+    // two minutes) and pings again.
+    until("SDK pinged twice", 10, || ws.stats(APP).pings >= 2).await;
+
+    // A connection dropped without a close frame: the SDK reconnects through the endpoint
+    // again and gets what was queued meanwhile. (SDK 1.74.0 attaches its message listener
+    // only after the socket's `open` promise settled, so it misses frames that arrive with
+    // the handshake answer — the simulator sends the backlog at once — and gets them from
+    // the overdue-ack redelivery, as it would from Feishu.)
+    ws.drop_connections(APP);
+    let m3 = ws.push_event(APP, &message("ev-3"));
+    let got = sdk.next("the event after the reconnect").await;
+    assert_eq!(got["data"]["event_id"], "ev-3", "{got}");
+    until("acked after reconnect", 10, || ws.pending(APP) == 0).await;
+    assert_eq!(ws.stats(APP).connects, 2);
+    sdk.stop().await;
+
+    let sdk_frames = ws.client_frames(APP);
+    let (sdk_pings, sdk_acks) = check_client_frames(&ws, &sdk_frames);
+    assert!(sdk_pings >= 2);
+    let sdk_acks: Vec<(String, i64)> = sdk_acks.into_iter().map(|(m, c, _)| (m, c)).collect();
+    assert_eq!(
+        sdk_acks,
+        [(m1, 200), (m2.clone(), 500), (m2, 200), (m3, 200)],
+        "one ack per message (after its last fragment), 500 when the handler threw"
+    );
+
+    // The host on the same service: its pings and acks pass the same checks, byte for byte
+    // for pings. (A long redelivery delay: one ack per message even on a slow machine.)
+    ws.set_config(FeishuWsConfig {
+        redeliver_after: Duration::from_secs(60),
+        ..config
+    });
+    let h = Harness::new(&["t1"], &[]).await.expect("harness");
+    let app = json!({"id": "fs", "platform": "feishu", "app_id": APP,
+        "app_secret": "sdk-secret", "token": "vt"});
+    let server = serve(&h, &app, &ws.base_url(), "host-a").await;
+    until("host connected", 10, || ws.live(APP) == 1).await;
+    let m4 = ws.push_event(APP, &message("ev-4"));
+    until("host acked", 10, || ws.pending(APP) == 0).await;
+    until("host pinged", 10, || ws.stats(APP).pings > sdk_pings).await;
+    // Unlike the SDK, the host reads the backlog that comes with the handshake answer.
+    ws.drop_connections(APP);
+    let m5 = ws.push_event(APP, &message("ev-5"));
+    until("host acked after reconnect", 15, || ws.pending(APP) == 0).await;
+    assert!(
+        !ws.stats(APP).redelivered.contains(&m5),
+        "{:?}",
+        ws.stats(APP)
+    );
+    server.shutdown().await;
+    let host_frames = ws.client_frames(APP)[sdk_frames.len()..].to_vec();
+    let (host_pings, host_acks) = check_client_frames(&ws, &host_frames);
+    assert!(host_pings >= 1);
+    assert_eq!(
+        host_acks,
+        [(m4, 200, LogId::Exact), (m5, 200, LogId::Exact)]
+    );
 }

@@ -217,6 +217,8 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
                 bail!("app `{}` of tenant `{}` is configured twice", app.id, t.id);
             }
             if mode == CallbackMode::Persistent {
+                crate::persistent::check_platform(&app)
+                    .with_context(|| format!("`{path}.callback`"))?;
                 persistent.push(PersistentApp {
                     tenant: t.id.clone(),
                     app: app.clone(),
@@ -334,5 +336,24 @@ mod tests {
         // The server-only parser refuses what it could not serve.
         let err = ServeConfig::parse(text, Path::new(".")).err().unwrap();
         assert!(err.to_string().contains("persistent"), "{err}");
+    }
+
+    #[test]
+    fn wecom_in_persistent_mode_is_refused() {
+        let text = r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "t",
+            "apps": [{"id": "w", "platform": "wecom", "app_id": "ww1", "app_secret": "s3cr3t",
+                      "agent_id": "1000002", "callback": "persistent"}]}]}"#;
+        let err = match Config::parse(text, Path::new(".")) {
+            Ok(_) => panic!("accepted WeCom in persistent mode"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("tenants[0].apps[0].callback"), "{err}");
+        assert!(
+            err.contains("WeCom has no persistent connection mode"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cr3t"), "{err}");
+        let http = text.replace("persistent", "http");
+        assert!(Config::parse(&http, Path::new(".")).is_ok());
     }
 }

@@ -1,18 +1,45 @@
-//! `imbridge-host demo`: one Feishu approval end to end through the sandboxed plugin, against
-//! the simulator on loopback, with callbacks arriving over HTTP exactly as Feishu sends them.
+//! `imbridge-host demo`: approvals and notifications end to end through the sandboxed plugin,
+//! against the simulators on loopback: callbacks arriving over HTTP exactly as the platforms
+//! send them, and one app in persistent mode (DingTalk Stream) whose events come over the
+//! WebSocket the host opens.
 
-use crate::config::ServeConfig;
-use crate::server::serve_with;
+use crate::config::Config;
+use crate::persistent::Options;
+use crate::server::serve_with_persistent;
 use crate::sim::dingtalk::{DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser, Robot};
+use crate::sim::dingtalk_stream::DingtalkStreamSim;
 use crate::sim::feishu::{BotHook, FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use crate::sim::wecom::{WecomApp, WecomConfig, WecomSim, WecomUser};
 use crate::{Host, HostConfig, TenantPolicy};
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
+}
+
+/// Polls `done` until it holds (the persistent connection works in the background).
+async fn wait_for(what: &str, done: impl Fn() -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Starts an approval for tenant acme through `app`; returns the instance id.
+async fn start_approval(host: &Host, app: &Value, request: Value) -> Result<String> {
+    let start = json!({"app": app, "request": request});
+    let approval = ok(host.invoke_json("acme", "start-approval", start).await?)?;
+    approval["instance_id"]
+        .as_str()
+        .map(String::from)
+        .context("start-approval returned no instance id")
 }
 
 fn ok(reply: Value) -> Result<Value> {
@@ -55,8 +82,9 @@ async fn run_in(component: &Path, state: &Path) -> Result<()> {
     let sim_base = sim.base_url();
 
     let ding_app = DingtalkApp::new("dingacme");
+    let stream_app = DingtalkApp::new("dingstream");
     let ding = DingtalkSim::start(DingtalkConfig {
-        apps: vec![ding_app.clone()],
+        apps: vec![ding_app.clone(), stream_app.clone()],
         users: [
             ("alice", "13800000000"),
             ("bob", "13800000001"),
@@ -83,6 +111,10 @@ async fn run_in(component: &Path, state: &Path) -> Result<()> {
         ..WecomConfig::default()
     })
     .await?;
+    // DingTalk's Stream gateway; the `dingstream` app's events go there instead of to a
+    // callback address.
+    let stream = DingtalkStreamSim::start(&[(&stream_app.app_key, &stream_app.app_secret)]).await?;
+    stream.attach(&ding, &stream_app.app_key);
     let ding_base = ding.base_url();
     let wecom_base = wecom.base_url();
     let allow: Vec<String> = [&sim_base, &ding_base, &wecom_base]
@@ -107,16 +139,26 @@ async fn run_in(component: &Path, state: &Path) -> Result<()> {
     let ding_json = json!({"id": "dingtalk", "platform": "dingtalk", "app_id": ding_app.app_key,
         "app_secret": ding_app.app_secret, "agent_id": ding_app.agent_id.to_string(),
         "encrypt_key": ding_app.aes_key, "token": ding_app.token, "api_base": ding_base});
+    let stream_json = json!({"id": "dingtalk-stream", "platform": "dingtalk",
+        "app_id": stream_app.app_key, "app_secret": stream_app.app_secret,
+        "agent_id": stream_app.agent_id.to_string(), "api_base": ding_base});
     let wecom_json = json!({"id": "wecom", "platform": "wecom", "app_id": wecom_app.corp_id,
         "app_secret": wecom_app.secret, "agent_id": wecom_app.agent_id.to_string(),
         "encrypt_key": wecom_app.encoding_aes_key, "token": wecom_app.token,
         "api_base": wecom_base});
+    // Host-only keys: events over a connection the host opens, and where to ask for it (the
+    // simulated gateway instead of api.dingtalk.com).
+    let mut stream_cfg = stream_json.clone();
+    stream_cfg["callback"] = json!("persistent");
+    stream_cfg["endpoint_base"] = json!(stream.base_url());
     let cfg = json!({"listen": "127.0.0.1:0", "public_url": "http://127.0.0.1",
         "state_dir": state, "tenants": [
-            {"id": "acme", "allow_hosts": allow, "apps": [acme_app, ding_json, wecom_json]},
+            {"id": "acme", "allow_hosts": allow, "apps": [acme_app, ding_json, wecom_json,
+                stream_cfg]},
             {"id": "globex", "allow_hosts": allow, "apps": [globex_app]}]});
-    let cfg = ServeConfig::parse(&cfg.to_string(), state)?;
-    let server = serve_with(host.clone(), cfg).await?;
+    let cfg = Config::parse(&cfg.to_string(), state)?;
+    let server =
+        serve_with_persistent(host.clone(), cfg.serve, cfg.persistent, Options::default()).await?;
     let url = format!("http://{}/callback/acme/feishu", server.addr());
     println!(
         "    tenants loaded: acme, globex; callback server on {}",
@@ -249,17 +291,7 @@ async fn run_in(component: &Path, state: &Path) -> Result<()> {
         "initiator": {"mobile": "+86 138 0000 0000"},
         "nodes": [{"approvers": [{"id": "bob"}, {"id": "carol"}], "mode": "and"}],
         "cc": [], "fields": [["workflow", "release-43"]]});
-    let approval = ok(host
-        .invoke_json(
-            "acme",
-            "start-approval",
-            json!({"app": ding_json, "request": request}),
-        )
-        .await?)?;
-    let id = approval["instance_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = start_approval(&host, &ding_json, request).await?;
     let get = json!({"app": ding_json, "instance_id": id, "refresh": false});
     for who in ["bob", "carol"] {
         let reports = ding.decide(&id, who, true, "ok").await?;
@@ -297,17 +329,7 @@ async fn run_in(component: &Path, state: &Path) -> Result<()> {
         "nodes": [{"approvers": [{"id": "bob"}], "mode": "and"},
                   {"approvers": [{"id": "carol"}, {"id": "alice"}], "mode": "or"}],
         "cc": [], "fields": [["workflow", "release-44"]]});
-    let approval = ok(host
-        .invoke_json(
-            "acme",
-            "start-approval",
-            json!({"app": wecom_json, "request": request}),
-        )
-        .await?)?;
-    let id = approval["instance_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = start_approval(&host, &wecom_json, request).await?;
     let get = json!({"app": wecom_json, "instance_id": id, "refresh": false});
     for who in ["bob", "carol"] {
         let report = wecom.decide(&id, who, true, "ok").await?;
@@ -325,9 +347,60 @@ async fn run_in(component: &Path, state: &Path) -> Result<()> {
         bail!("expected the WeCom approval to be approved, got {last}");
     }
 
+    step(
+        9,
+        "DingTalk Stream mode: no callback address; the host dials out and holds a WebSocket",
+    );
+    let key = stream_app.app_key.as_str();
+    wait_for("the Stream connection", || stream.live(key) == 1).await?;
+    stream.ping(key);
+    wait_for("the ping answer", || stream.stats(key).pings == 1).await?;
+    println!(
+        "    Stream connection open (connections/open, then the socket); server ping answered"
+    );
+    let request = json!({"key": "wf-45/deploy", "title": "Deploy release-45?",
+        "initiator": {"id": "alice"},
+        "nodes": [{"approvers": [{"id": "bob"}, {"id": "carol"}], "mode": "and"}],
+        "cc": [], "fields": [["workflow", "release-45"]]});
+    let id = start_approval(&host, &stream_json, request).await?;
+    let get = json!({"app": stream_json, "instance_id": id, "refresh": false});
+    ding.decide(&id, "bob", true, "ok").await?;
+    wait_for("bob's event to be acked", || {
+        stream.pending(key) == 0 && !stream.stats(key).acks.is_empty()
+    })
+    .await?;
+    let now = ok(host
+        .invoke_json("acme", "get-approval", get.clone())
+        .await?)?;
+    println!(
+        "    bob agrees -> EVENT frame over the WebSocket, applied, acked -> {}",
+        now["status"]
+    );
+    stream.drop_connections(key);
+    ding.decide(&id, "carol", true, "ok").await?;
+    println!(
+        "    the connection drops; carol agrees meanwhile -> {} event(s) waiting for an ack",
+        stream.pending(key)
+    );
+    wait_for("the redelivery", || {
+        stream.pending(key) == 0 && stream.live(key) == 1
+    })
+    .await?;
+    let last = ok(host.invoke_json("acme", "get-approval", get).await?)?;
+    let stats = stream.stats(key);
+    println!(
+        "    the host reconnects ({} connections so far, never two at once); what was queued \
+         is redelivered and acked -> {}",
+        stats.connects, last["status"]
+    );
+    if last["status"] != "approved" || stats.max_live != 1 {
+        bail!("expected the Stream approval to be approved over one connection, got {last}");
+    }
+
     server.shutdown().await;
     println!(
-        "\ndone: notifications sent, approvals decided via callbacks on three platforms, tenants isolated."
+        "\ndone: notifications sent, approvals decided via callbacks on three platforms and over \
+         a persistent connection, tenants isolated."
     );
     Ok(())
 }

@@ -153,6 +153,8 @@ pub async fn serve_with_persistent(
             p.app.id,
             p.tenant
         );
+        crate::persistent::check_platform(&p.app)
+            .with_context(|| format!("persistent app `{}` of tenant `{}`", p.app.id, p.tenant))?;
     }
     let listener = TcpListener::bind(&config.listen)
         .await

@@ -159,6 +159,19 @@ impl Drop for Connections {
     }
 }
 
+/// Why an app on a platform without a persistent-connection mode cannot have one.
+const NO_PERSISTENT_MODE: &str = "WeCom has no persistent connection mode (only Feishu/Lark \
+    and DingTalk do): configure this app with \"callback\": \"http\"";
+
+/// Refuses apps whose platform only delivers events as HTTP callbacks (WeCom), so a
+/// misconfiguration fails at load time instead of waiting for events that never come.
+pub fn check_platform(app: &ImApp) -> Result<()> {
+    match app.platform {
+        Platform::Feishu | Platform::Lark | Platform::Dingtalk => Ok(()),
+        Platform::Wecom => Err(anyhow!(NO_PERSISTENT_MODE)),
+    }
+}
+
 /// Starts one connection task per app.
 pub fn spawn(
     apps: Vec<PersistentApp>,
@@ -185,6 +198,11 @@ pub fn spawn(
 async fn run_app(p: PersistentApp, dispatcher: Dispatcher, lease: Lease, options: Options) {
     let (tenant, app) = (p.tenant.as_str(), &p.app);
     let tag = format!("tenant={tenant} app={}", app.id);
+    // The configuration loaders refuse these already; a library caller gets one log line.
+    if let Err(e) = check_platform(app) {
+        log!("{tag} no persistent connection: {e}");
+        return;
+    }
     let mut hints = Hints::default();
     let mut failures: u32 = 0;
     let mut waiting_logged = false;
@@ -296,16 +314,12 @@ async fn run_session(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
     match session.app.platform {
         Platform::Feishu | Platform::Lark => feishu::run(session, hints).await,
         Platform::Dingtalk => dingtalk::run(session).await,
-        Platform::Wecom => {
-            // WeCom has no persistent-connection mode; wait long so the log is not flooded.
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            SessionEnd {
-                connected: false,
-                asked_to_reconnect: false,
-                reason: "WeCom has no persistent connection mode; use \"callback\": \"http\""
-                    .into(),
-            }
-        }
+        // Never started (see `check_platform`).
+        Platform::Wecom => SessionEnd {
+            connected: false,
+            asked_to_reconnect: false,
+            reason: NO_PERSISTENT_MODE.into(),
+        },
     }
 }
 

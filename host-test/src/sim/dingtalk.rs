@@ -192,7 +192,7 @@ pub struct DingtalkState {
     pub outbox: VecDeque<(String, Value)>,
     pub callback_urls: HashMap<String, String>,
     /// Apps whose events go to a persistent-connection simulator instead of a callback URL.
-    event_sinks: HashMap<String, tokio::sync::mpsc::UnboundedSender<Value>>,
+    event_sinks: HashMap<String, super::ws_hub::EventSink>,
     tokens: HashMap<String, (String, u64)>,
     next_id: u64,
 }
@@ -309,11 +309,7 @@ impl DingtalkSim {
 
     /// Sends the app's events to `sink` (the Stream simulator) instead of its callback URL;
     /// `None` goes back to the URL.
-    pub fn set_event_sink(
-        &self,
-        app_key: &str,
-        sink: Option<tokio::sync::mpsc::UnboundedSender<Value>>,
-    ) {
+    pub fn set_event_sink(&self, app_key: &str, sink: Option<super::ws_hub::EventSink>) {
         let mut s = self.inner.lock();
         match sink {
             Some(x) => s.event_sinks.insert(app_key.into(), x),
@@ -385,7 +381,7 @@ impl DingtalkSim {
                 break;
             };
             if let Some(sink) = sink {
-                let _ = sink.send(ev);
+                sink.send(ev);
                 continue;
             }
             let Some(url) = url else { continue };

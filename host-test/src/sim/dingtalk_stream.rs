@@ -3,13 +3,14 @@
 //!
 //! Events go out as `EVENT` frames (`headers.eventType`, `data` = the event JSON as a string)
 //! and stay queued until acked with `{"status": "SUCCESS"}`; un-acked events are redelivered
-//! on reconnect. Tests can send `SYSTEM` pings (answered with the same `messageId`), ask the
+//! on reconnect and when their ack is overdue ([`DingtalkStreamSim::set_redeliver_after`]). Tests can send `SYSTEM` pings (answered with the same `messageId`), ask the
 //! client to reconnect (`disconnect`), or drop the connection. [`DingtalkStreamSim::attach`]
 //! routes a [`DingtalkSim`]'s approval events here instead of to a callback URL.
 
 use super::dingtalk::DingtalkSim;
-use super::feishu_ws::{ConnStats, Hub, OnMessage};
 use super::http::{Faults, Handler, Request, Response, Server};
+pub use super::ws_hub::ConnStats;
+use super::ws_hub::{EventSink, Hub, OnMessage};
 use rand::Rng as _;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -32,20 +33,11 @@ pub struct DingtalkStreamSim {
     server: Server,
     inner: Arc<Inner>,
     accept: JoinHandle<()>,
-    forwarders: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for DingtalkStreamSim {
     fn drop(&mut self) {
         self.accept.abort();
-        for f in self
-            .forwarders
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            f.abort();
-        }
     }
 }
 
@@ -79,7 +71,6 @@ impl DingtalkStreamSim {
             server,
             inner,
             accept,
-            forwarders: Mutex::new(Vec::new()),
         })
     }
 
@@ -96,19 +87,12 @@ impl DingtalkStreamSim {
 
     /// Routes `sim`'s events for `app_key` here instead of to a callback URL.
     pub fn attach(&self, sim: &DingtalkSim, app_key: &str) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
-        sim.set_event_sink(app_key, Some(tx));
         let app = app_key.to_string();
         let inner = self.inner.clone();
-        let task = tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                push_event(&inner, &app, &ev);
-            }
+        let sink = EventSink::new(move |ev| {
+            push_event(&inner, &app, &ev);
         });
-        self.forwarders
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(task);
+        sim.set_event_sink(app_key, Some(sink));
     }
 
     /// Sends a `SYSTEM` ping; the answer is counted in [`ConnStats::pings`].
@@ -147,6 +131,16 @@ impl DingtalkStreamSim {
 
     pub fn live(&self, app_key: &str) -> usize {
         self.inner.hub.live(app_key)
+    }
+
+    /// How long an un-acked event waits on a live connection before it is pushed again.
+    pub fn set_redeliver_after(&self, after: std::time::Duration) {
+        self.inner.hub.set_redeliver_after(after);
+    }
+
+    /// Drops the app's next `n` success acks, so those events are redelivered.
+    pub fn lose_acks(&self, app_key: &str, n: usize) {
+        self.inner.hub.lose_acks(app_key, n);
     }
 }
 

@@ -284,7 +284,7 @@ pub struct FeishuState {
     pub outbox: VecDeque<(String, Value)>,
     pub callback_urls: HashMap<String, String>,
     /// Apps whose events go to a persistent-connection simulator instead of a callback URL.
-    event_sinks: HashMap<String, tokio::sync::mpsc::UnboundedSender<Value>>,
+    event_sinks: HashMap<String, super::ws_hub::EventSink>,
     tokens: HashMap<String, IssuedToken>,
 }
 
@@ -427,11 +427,7 @@ impl FeishuSim {
 
     /// Sends the app's events to `sink` (a persistent-connection simulator) instead of its
     /// callback URL; `None` goes back to the URL.
-    pub fn set_event_sink(
-        &self,
-        app_id: &str,
-        sink: Option<tokio::sync::mpsc::UnboundedSender<Value>>,
-    ) {
+    pub fn set_event_sink(&self, app_id: &str, sink: Option<super::ws_hub::EventSink>) {
         let mut state = self.inner.lock();
         match sink {
             Some(s) => state.event_sinks.insert(app_id.into(), s),
@@ -530,7 +526,7 @@ impl FeishuSim {
                 break;
             };
             if let Some(sink) = sink {
-                let _ = sink.send(payload);
+                sink.send(payload);
                 continue;
             }
             let Some(url) = url else { continue };

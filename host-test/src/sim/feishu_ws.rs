@@ -3,249 +3,28 @@
 //!
 //! Like the real service it answers the client's pings with `pong` + `ClientConfig`, splits
 //! large payloads into `sum`/`seq` fragments, requires an ack (`{"code": 200}`) per message and
-//! redelivers every un-acked message when the app reconnects. Tests can drop the connection at
-//! any moment. [`FeishuWsSim::attach`] routes a [`FeishuSim`]'s approval events here instead of
-//! to a callback URL. The generic connection bookkeeping ([`Hub`]) is shared with the DingTalk
-//! Stream simulator.
+//! redelivers an un-acked message when the app reconnects and when its ack is overdue
+//! ([`FeishuWsConfig::redeliver_after`]). Tests can drop the connection or lose acks at any
+//! moment, and read back every frame sent and received ([`FeishuWsSim::sent_frames`],
+//! [`FeishuWsSim::client_frames`]) to compare clients. [`FeishuWsSim::attach`] routes a
+//! [`FeishuSim`]'s approval events here instead of to a callback URL. The connection
+//! bookkeeping ([`Hub`]) is shared with the DingTalk Stream simulator.
 
 use super::feishu::FeishuSim;
 use super::http::{Faults, Handler, Request, Response, Server};
+pub use super::ws_hub::ConnStats;
+use super::ws_hub::{DEFAULT_REDELIVER_AFTER, EventSink, Hub, OnMessage};
 use crate::persistent::feishu::{Frame, METHOD_CONTROL, METHOD_DATA};
-use futures_util::{SinkExt as _, StreamExt as _};
 use rand::Rng as _;
 use serde_json::{Value, json};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{
-    Request as WsRequest, Response as WsResponse,
-};
-
-/// What happened on one app's connections.
-#[derive(Debug, Default, Clone)]
-pub struct ConnStats {
-    /// WebSocket connections accepted.
-    pub connects: usize,
-    /// Most connections of the app open at the same time.
-    pub max_live: usize,
-    /// Client pings answered (Feishu) / server pings the client answered (DingTalk).
-    pub pings: usize,
-    /// Message ids acknowledged with success, in order (redeliveries acked again appear again).
-    pub acks: Vec<String>,
-    /// Message ids answered with a failure code.
-    pub nacks: Vec<String>,
-    /// Messages sent (first deliveries and redeliveries).
-    pub deliveries: usize,
-}
-
-struct Conn {
-    id: u64,
-    tx: mpsc::UnboundedSender<Message>,
-    /// Makes the connection task drop the socket.
-    kill: Arc<tokio::sync::Notify>,
-}
-
-#[derive(Default)]
-struct HubState {
-    /// Un-acked messages per app: `(message id, the WebSocket messages carrying it)`.
-    pending: HashMap<String, VecDeque<(String, Vec<Message>)>>,
-    conns: HashMap<String, Vec<Conn>>,
-    tickets: HashMap<String, String>,
-    stats: HashMap<String, ConnStats>,
-    next_id: u64,
-}
-
-/// Connection bookkeeping shared by the persistent-connection simulators.
-#[derive(Default)]
-pub struct Hub {
-    state: Mutex<HubState>,
-}
-
-/// Decides what to do with a message a client sent.
-pub type OnMessage =
-    Arc<dyn Fn(&Hub, &str, &mpsc::UnboundedSender<Message>, Message) + Send + Sync>;
-
-impl Hub {
-    fn lock(&self) -> MutexGuard<'_, HubState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A one-time ticket that identifies `app` when it connects.
-    pub fn issue_ticket(&self, app: &str) -> String {
-        let ticket = format!("{:032x}", rand::thread_rng().r#gen::<u128>());
-        self.lock().tickets.insert(ticket.clone(), app.into());
-        ticket
-    }
-
-    /// Queues a message until acked and sends it on the app's newest connection, if any.
-    pub fn enqueue(&self, app: &str, id: &str, messages: Vec<Message>) {
-        let mut s = self.lock();
-        s.pending
-            .entry(app.into())
-            .or_default()
-            .push_back((id.into(), messages.clone()));
-        let sent = s
-            .conns
-            .get(app)
-            .and_then(|c| c.last())
-            .map(|c| messages.into_iter().all(|m| c.tx.send(m).is_ok()))
-            .unwrap_or(false);
-        if sent {
-            s.stats.entry(app.into()).or_default().deliveries += 1;
-        }
-    }
-
-    /// Records the client's answer to message `id`; a success removes it from the queue.
-    pub fn answer(&self, app: &str, id: &str, ok: bool) {
-        let mut s = self.lock();
-        let stats = s.stats.entry(app.into()).or_default();
-        if ok {
-            stats.acks.push(id.into());
-            if let Some(q) = s.pending.get_mut(app) {
-                q.retain(|(m, _)| m != id);
-            }
-        } else {
-            stats.nacks.push(id.into());
-        }
-    }
-
-    pub fn count_ping(&self, app: &str) {
-        self.lock().stats.entry(app.into()).or_default().pings += 1;
-    }
-
-    /// Sends a message on the app's newest connection (not queued: control traffic).
-    pub fn send(&self, app: &str, message: Message) -> bool {
-        let s = self.lock();
-        s.conns
-            .get(app)
-            .and_then(|c| c.last())
-            .is_some_and(|c| c.tx.send(message).is_ok())
-    }
-
-    /// Cuts every connection of the app at once, without a close frame (like a network drop).
-    pub fn drop_connections(&self, app: &str) {
-        let conns = self.lock().conns.remove(app).unwrap_or_default();
-        for c in conns {
-            c.kill.notify_one();
-        }
-    }
-
-    pub fn stats(&self, app: &str) -> ConnStats {
-        self.lock().stats.get(app).cloned().unwrap_or_default()
-    }
-
-    pub fn pending(&self, app: &str) -> usize {
-        self.lock().pending.get(app).map_or(0, VecDeque::len)
-    }
-
-    pub fn live(&self, app: &str) -> usize {
-        self.lock().conns.get(app).map_or(0, Vec::len)
-    }
-
-    /// Accepts WebSocket clients on `listener`; `?ticket=` names the app.
-    pub fn serve(self: &Arc<Self>, listener: TcpListener, on_message: OnMessage) -> JoinHandle<()> {
-        let hub = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let hub = hub.clone();
-                let on_message = on_message.clone();
-                tokio::spawn(async move {
-                    let mut query = String::new();
-                    let ws = tokio_tungstenite::accept_hdr_async(
-                        stream,
-                        // tungstenite fixes the callback's error type; it is never returned here.
-                        #[allow(clippy::result_large_err)]
-                        |req: &WsRequest, resp: WsResponse| {
-                            query = req.uri().query().unwrap_or("").to_string();
-                            Ok(resp)
-                        },
-                    )
-                    .await;
-                    let Ok(ws) = ws else { return };
-                    let ticket = query
-                        .split('&')
-                        .find_map(|kv| kv.strip_prefix("ticket="))
-                        .unwrap_or("")
-                        .to_string();
-                    let Some(app) = hub.lock().tickets.remove(&ticket) else {
-                        return; // unknown ticket: just hang up
-                    };
-                    let (mut sink, mut stream) = ws.split();
-                    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
-                    let kill = Arc::new(tokio::sync::Notify::new());
-                    let id = hub.register(&app, tx.clone(), kill.clone());
-                    let writer = tokio::spawn(async move {
-                        while let Some(m) = rx.recv().await {
-                            if sink.send(m).await.is_err() {
-                                break;
-                            }
-                        }
-                        sink
-                    });
-                    loop {
-                        let m = tokio::select! {
-                            _ = kill.notified() => break,
-                            m = stream.next() => m,
-                        };
-                        match m {
-                            Some(Ok(m)) if !m.is_close() => on_message(&hub, &app, &tx, m),
-                            _ => break,
-                        }
-                    }
-                    // Dropping both halves closes the TCP connection without a close frame.
-                    writer.abort();
-                    hub.unregister(&app, id);
-                });
-            }
-        })
-    }
-
-    fn register(
-        &self,
-        app: &str,
-        tx: mpsc::UnboundedSender<Message>,
-        kill: Arc<tokio::sync::Notify>,
-    ) -> u64 {
-        let mut s = self.lock();
-        s.next_id += 1;
-        let id = s.next_id;
-        let conns = s.conns.entry(app.into()).or_default();
-        conns.push(Conn {
-            id,
-            tx: tx.clone(),
-            kill,
-        });
-        let live = conns.len();
-        let backlog: Vec<Message> = s
-            .pending
-            .get(app)
-            .map(|q| q.iter().flat_map(|(_, m)| m.clone()).collect())
-            .unwrap_or_default();
-        let redelivered = s.pending.get(app).map_or(0, VecDeque::len);
-        let stats = s.stats.entry(app.into()).or_default();
-        stats.connects += 1;
-        stats.max_live = stats.max_live.max(live);
-        stats.deliveries += redelivered;
-        // Everything not acked yet goes out again on the new connection, in order.
-        for m in backlog {
-            let _ = tx.send(m);
-        }
-        id
-    }
-
-    fn unregister(&self, app: &str, id: u64) {
-        if let Some(c) = self.lock().conns.get_mut(app) {
-            c.retain(|c| c.id != id);
-        }
-    }
-}
 
 /// Timing and framing of the simulated service.
 #[derive(Debug, Clone)]
@@ -256,6 +35,8 @@ pub struct FeishuWsConfig {
     pub reconnect_interval_secs: u64,
     /// Payloads longer than this are split into fragments.
     pub fragment_size: usize,
+    /// An event not acked this long after it went out is pushed again (Feishu: 3 s).
+    pub redeliver_after: Duration,
 }
 
 impl Default for FeishuWsConfig {
@@ -264,8 +45,18 @@ impl Default for FeishuWsConfig {
             ping_interval_secs: 120,
             reconnect_interval_secs: 1,
             fragment_size: 64 * 1024,
+            redeliver_after: DEFAULT_REDELIVER_AFTER,
         }
     }
+}
+
+/// Every frame that crossed the simulator, for comparing clients' behaviour.
+#[derive(Default)]
+struct FrameLog {
+    /// Data frames sent, per message id (each fragment once).
+    sent: HashMap<String, Vec<Frame>>,
+    /// Binary messages received, per app, as the client encoded them.
+    received: HashMap<String, Vec<Vec<u8>>>,
 }
 
 struct Inner {
@@ -273,6 +64,13 @@ struct Inner {
     config: Mutex<FeishuWsConfig>,
     hub: Arc<Hub>,
     ws_addr: SocketAddr,
+    log: Mutex<FrameLog>,
+}
+
+impl Inner {
+    fn log(&self) -> std::sync::MutexGuard<'_, FrameLog> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A running long-connection service; stops when dropped.
@@ -280,20 +78,11 @@ pub struct FeishuWsSim {
     server: Server,
     inner: Arc<Inner>,
     accept: JoinHandle<()>,
-    forwarders: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for FeishuWsSim {
     fn drop(&mut self) {
         self.accept.abort();
-        for f in self
-            .forwarders
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            f.abort();
-        }
     }
 }
 
@@ -303,6 +92,7 @@ impl FeishuWsSim {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let ws_addr = listener.local_addr()?;
         let hub = Arc::new(Hub::default());
+        hub.set_redeliver_after(config.redeliver_after);
         let inner = Arc::new(Inner {
             apps: apps
                 .iter()
@@ -311,6 +101,7 @@ impl FeishuWsSim {
             config: Mutex::new(config),
             hub: hub.clone(),
             ws_addr,
+            log: Mutex::default(),
         });
         let on_message: OnMessage = {
             let inner = inner.clone();
@@ -327,7 +118,6 @@ impl FeishuWsSim {
             server,
             inner,
             accept,
-            forwarders: Mutex::new(Vec::new()),
         })
     }
 
@@ -337,6 +127,7 @@ impl FeishuWsSim {
     }
 
     pub fn set_config(&self, config: FeishuWsConfig) {
+        self.inner.hub.set_redeliver_after(config.redeliver_after);
         *self.inner.config.lock().unwrap_or_else(|e| e.into_inner()) = config;
     }
 
@@ -348,19 +139,12 @@ impl FeishuWsSim {
     /// Routes `sim`'s events for `app_id` here (as long connection deliveries) instead of to
     /// a callback URL.
     pub fn attach(&self, sim: &FeishuSim, app_id: &str) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
-        sim.set_event_sink(app_id, Some(tx));
         let app = app_id.to_string();
         let inner = self.inner.clone();
-        let task = tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                push_event(&inner, &app, &ev);
-            }
+        let sink = EventSink::new(move |ev| {
+            push_event(&inner, &app, &ev);
         });
-        self.forwarders
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(task);
+        sim.set_event_sink(app_id, Some(sink));
     }
 
     /// Cuts the app's connections now (no close frame).
@@ -381,6 +165,32 @@ impl FeishuWsSim {
     pub fn live(&self, app_id: &str) -> usize {
         self.inner.hub.live(app_id)
     }
+
+    /// Drops the app's next `n` success acks (the client sent them; the service never got
+    /// them), so those events are redelivered.
+    pub fn lose_acks(&self, app_id: &str, n: usize) {
+        self.inner.hub.lose_acks(app_id, n);
+    }
+
+    /// The data frames that carried message `message_id`, one per fragment.
+    pub fn sent_frames(&self, message_id: &str) -> Vec<Frame> {
+        self.inner
+            .log()
+            .sent
+            .get(message_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every binary message the app's clients sent (pings, acks), bytes as received.
+    pub fn client_frames(&self, app_id: &str) -> Vec<Vec<u8>> {
+        self.inner
+            .log()
+            .received
+            .get(app_id)
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 fn push_event(inner: &Inner, app_id: &str, event: &Value) -> String {
@@ -394,7 +204,7 @@ fn push_event(inner: &Inner, app_id: &str, event: &Value) -> String {
         .max(1);
     let chunks: Vec<&[u8]> = payload.chunks(size).collect();
     let trace = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
-    let messages = chunks
+    let frames: Vec<Frame> = chunks
         .iter()
         .enumerate()
         .map(|(seq, chunk)| {
@@ -415,9 +225,14 @@ fn push_event(inner: &Inner, app_id: &str, event: &Value) -> String {
             ] {
                 f.set_header(k, v);
             }
-            Message::Binary(f.encode().into())
+            f
         })
         .collect();
+    let messages = frames
+        .iter()
+        .map(|f| Message::Binary(f.encode().into()))
+        .collect();
+    inner.log().sent.insert(message_id.clone(), frames);
     inner.hub.enqueue(app_id, &message_id, messages);
     message_id
 }
@@ -466,6 +281,12 @@ fn on_client_message(
     m: Message,
 ) {
     let Message::Binary(bytes) = m else { return };
+    inner
+        .log()
+        .received
+        .entry(app.into())
+        .or_default()
+        .push(bytes.to_vec());
     // A client's garbage is its problem: ignore what does not decode.
     let Ok(frame) = Frame::decode(&bytes) else {
         return;

@@ -11,6 +11,7 @@ pub mod feishu;
 pub mod feishu_ws;
 pub mod http;
 pub mod wecom;
+pub mod ws_hub;
 
 pub use feishu::{
     BotHook, EventSchema, FeishuApp, FeishuConfig, FeishuSim, FeishuUser, PushReport, UuidReplay,

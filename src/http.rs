@@ -2,8 +2,8 @@
 //! turn the reply's own error codes into `Error::Platform`.
 
 use crate::env::{Env, Request, Response};
-use crate::retry::{self, Attempt, Repeat};
 use crate::error::{Error, Result};
+use crate::retry::{self, Attempt, Repeat};
 use serde_json::Value;
 
 /// Platforms answer in well under a second; 10 s leaves room for a slow network without
@@ -56,17 +56,17 @@ pub fn call_checked(
     repeat: Repeat,
     check: fn(JsonReply) -> Result<Value>,
 ) -> Result<Value> {
-    retry::run(env, repeat, DEFAULT_TIMEOUT_MS, &mut |timeout_ms| {
-        match env.send(&json_request(method, url, headers, body, timeout_ms)) {
-            Ok(response) => Attempt {
-                retry_after_ms: retry::requested_pause_ms(&response.headers),
-                result: parse_reply(response).and_then(check),
-            },
-            Err(e) => Attempt {
-                result: Err(e),
-                retry_after_ms: None,
-            },
-        }
+    retry::run(env, repeat, DEFAULT_TIMEOUT_MS, &mut |timeout_ms| match env
+        .send(&json_request(method, url, headers, body, timeout_ms))
+    {
+        Ok(response) => Attempt {
+            retry_after_ms: retry::requested_pause_ms(&response.headers),
+            result: parse_reply(response).and_then(check),
+        },
+        Err(e) => Attempt {
+            result: Err(e),
+            retry_after_ms: None,
+        },
     })
 }
 

@@ -35,10 +35,13 @@ pub struct Attempt<T> {
 /// errors are not retried: a timeout has used up the budget already, and a refusal by the
 /// host will not change.
 fn worth_retrying(e: &Error) -> bool {
-    matches!(e, Error::Platform {
-        retryable: true,
-        ..
-    })
+    matches!(
+        e,
+        Error::Platform {
+            retryable: true,
+            ..
+        }
+    )
 }
 
 /// Runs `attempt` (given the timeout it may use) until it succeeds, fails for good, or the
@@ -123,7 +126,11 @@ mod tests {
     fn retries_safe_calls_with_doubling_backoff() {
         let (r, timeouts, slept) = script(
             Repeat::Safe,
-            vec![(Err(busy()), None, 10), (Err(busy()), None, 10), (Ok(7), None, 10)],
+            vec![
+                (Err(busy()), None, 10),
+                (Err(busy()), None, 10),
+                (Ok(7), None, 10),
+            ],
         );
         assert_eq!(r, Ok(7));
         assert_eq!(slept, [250, 500]);
@@ -137,7 +144,11 @@ mod tests {
     fn gives_up_after_max_attempts_with_the_last_error() {
         let (r, timeouts, slept) = script(
             Repeat::Safe,
-            vec![(Err(busy()), None, 1), (Err(busy()), None, 1), (Err(busy()), None, 1)],
+            vec![
+                (Err(busy()), None, 1),
+                (Err(busy()), None, 1),
+                (Err(busy()), None, 1),
+            ],
         );
         assert_eq!(r, Err(busy()));
         assert_eq!(timeouts.len(), MAX_ATTEMPTS as usize);
@@ -179,7 +190,10 @@ mod tests {
     fn pause_headers() {
         let h = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
         assert_eq!(requested_pause_ms(&h("Retry-After", " 2 ")), Some(2_000));
-        assert_eq!(requested_pause_ms(&h("x-ogw-ratelimit-reset", "52")), Some(52_000));
+        assert_eq!(
+            requested_pause_ms(&h("x-ogw-ratelimit-reset", "52")),
+            Some(52_000)
+        );
         assert_eq!(
             requested_pause_ms(&h("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")),
             None

@@ -8,6 +8,7 @@ use crate::log;
 use http_body_util::{BodyExt, Limited};
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use wasmtime::StoreContextMut;
 use wasmtime::component::{Linker, Resource};
@@ -305,12 +306,16 @@ impl WasiHttpHooks for HttpPolicy {
         let options = self.options(options);
         let tenant = self.tenant.clone();
         let host = request.uri().host().unwrap_or_default().to_string();
-        // Streamed bodies are counted as they go: past the cap the request is aborted.
+        // Streamed bodies are counted as they go: past the cap the request is aborted. hyper
+        // reports that as a protocol error, so the flag turns it back into the reason.
+        let over = Arc::new(AtomicBool::new(false));
+        let flag = over.clone();
         let request = request.map(move |body| {
             Limited::new(body, MAX_REQUEST_BODY as usize)
                 .map_err(move |e| match e.downcast::<Error>() {
                     Ok(e) => *e,
                     Err(_) => {
+                        flag.store(true, Ordering::Relaxed);
                         log!(
                             "tenant={tenant} http request to host={host} aborted: body over \
                              {MAX_REQUEST_BODY} bytes"
@@ -321,8 +326,25 @@ impl WasiHttpHooks for HttpPolicy {
                 .boxed_unsync()
         });
         Box::new(async move {
-            let (response, io) =
-                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            let too_big = || Error::HttpRequestBodySize(Some(MAX_REQUEST_BODY));
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options))
+                .await
+                .map_err(|e| {
+                    if over.load(Ordering::Relaxed) {
+                        too_big()
+                    } else {
+                        e
+                    }
+                })?;
+            let io = async move {
+                io.await.map_err(|e| {
+                    if over.load(Ordering::Relaxed) {
+                        too_big()
+                    } else {
+                        e
+                    }
+                })
+            };
             Ok((
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
@@ -342,7 +364,10 @@ impl HttpPolicy {
     }
 
     fn log_prohibited(&self, authority: &str) {
-        self.log_refused(authority, "link-local or unspecified address, never allowed");
+        self.log_refused(
+            authority,
+            "link-local or unspecified address, never allowed",
+        );
     }
 
     fn log_too_big(&self, authority: &str) {

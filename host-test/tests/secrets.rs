@@ -52,7 +52,9 @@ async fn serve(config: &Path, log: PathBuf) -> Served {
         .args(["serve", "--config"])
         .arg(config)
         .env_remove("IMBRIDGE_QUIET")
-        .stdout(Stdio::from(std::fs::File::create(log.with_extension("out")).unwrap()))
+        .stdout(Stdio::from(
+            std::fs::File::create(log.with_extension("out")).unwrap(),
+        ))
         .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
         .spawn()
         .expect("spawn imbridge-host serve");
@@ -83,7 +85,15 @@ async fn api(base: &str, method: &str, path: &str, body: Value, bearer: bool) ->
     let url = format!("{base}{path}");
     match method {
         "GET" => http::get_with(&url, &headers, Duration::from_secs(40)).await,
-        _ => http::post(&url, &headers, body.to_string().into_bytes(), Duration::from_secs(40)).await,
+        _ => {
+            http::post(
+                &url,
+                &headers,
+                body.to_string().into_bytes(),
+                Duration::from_secs(40),
+            )
+            .await
+        }
     }
 }
 
@@ -153,9 +163,12 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
         .output()
         .expect("run urls");
     assert!(urls.status.success());
-    let urls_out = String::from_utf8_lossy(&urls.stdout).into_owned()
-        + &String::from_utf8_lossy(&urls.stderr);
-    assert!(urls_out.contains("https://ci.example.com/callback/acme/fs"), "{urls_out}");
+    let urls_out =
+        String::from_utf8_lossy(&urls.stdout).into_owned() + &String::from_utf8_lossy(&urls.stderr);
+    assert!(
+        urls_out.contains("https://ci.example.com/callback/acme/fs"),
+        "{urls_out}"
+    );
 
     let served = serve(&config_path, dir.path().join("serve.log")).await;
     let base = served.base.clone();
@@ -163,7 +176,10 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
 
     // Genuine traffic: handshakes of all three platforms, an approval through its decision.
     let cb = |app: &str| format!("{base}/callback/acme/{app}");
-    let v = feishu.url_verification(&fa.app_id, &cb("fs")).await.unwrap();
+    let v = feishu
+        .url_verification(&fa.app_id, &cb("fs"))
+        .await
+        .unwrap();
     assert!(v.echoed, "{v:?}");
     answers.push(v.reply.clone());
     let check = wecom.url_check(wa.agent_id, &cb("wa")).await.unwrap();
@@ -182,13 +198,25 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
     )
     .await;
     let reply: Value = serde_json::from_slice(&started.body).unwrap();
-    let instance = reply["ok"]["instance_id"].as_str().expect("started").to_string();
+    let instance = reply["ok"]["instance_id"]
+        .as_str()
+        .expect("started")
+        .to_string();
     answers.push(started);
-    let decided = feishu.decide(&instance, "ou_bob", true, None).await.unwrap();
+    let decided = feishu
+        .decide(&instance, "ou_bob", true, None)
+        .await
+        .unwrap();
     assert!(decided.reports.iter().all(|r| r.delivered), "{decided:?}");
     answers.push(
-        api(&base, "GET", &format!("/api/acme/fs/approvals/{instance}?refresh=true"), json!({}), true)
-            .await,
+        api(
+            &base,
+            "GET",
+            &format!("/api/acme/fs/approvals/{instance}?refresh=true"),
+            json!({}),
+            true,
+        )
+        .await,
     );
 
     // Hostile and failing traffic: forged callbacks, no bearer token, a webhook whose host is
@@ -196,8 +224,11 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
     answers.push(
         http::post(
             &cb("fs"),
-            &[("X-Lark-Signature".into(), "00".into()), ("X-Lark-Request-Timestamp".into(), "1".into()),
-              ("X-Lark-Request-Nonce".into(), "n".into())],
+            &[
+                ("X-Lark-Signature".into(), "00".into()),
+                ("X-Lark-Request-Timestamp".into(), "1".into()),
+                ("X-Lark-Request-Nonce".into(), "n".into()),
+            ],
             br#"{"encrypt":"AAAA"}"#.to_vec(),
             Duration::from_secs(10),
         )
@@ -205,7 +236,10 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
     );
     answers.push(
         http::get(
-            &format!("{}?msg_signature=00&timestamp=1&nonce=n&echostr=AAAA", cb("wa")),
+            &format!(
+                "{}?msg_signature=00&timestamp=1&nonce=n&echostr=AAAA",
+                cb("wa")
+            ),
             Duration::from_secs(10),
         )
         .await,
@@ -241,8 +275,14 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
         "no permission",
     );
     answers.push(
-        api(&base, "GET", &format!("/api/acme/fs/approvals/{instance}?refresh=true"), json!({}), true)
-            .await,
+        api(
+            &base,
+            "GET",
+            &format!("/api/acme/fs/approvals/{instance}?refresh=true"),
+            json!({}),
+            true,
+        )
+        .await,
     );
     drop(served);
 
@@ -278,15 +318,28 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
     assert!(secrets.len() > 12, "the run used access tokens");
     let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap()
         + &std::fs::read_to_string(dir.path().join("serve.out")).unwrap();
-    assert!(log.contains("tenant=acme call=handle-callback"), "the log has per-call lines: {log}");
-    assert!(log.contains("http denied host=hooks.example.invalid"), "{log}");
+    assert!(
+        log.contains("tenant=acme call=handle-callback"),
+        "the log has per-call lines: {log}"
+    );
+    assert!(
+        log.contains("http denied host=hooks.example.invalid"),
+        "{log}"
+    );
     let answered: String = answers
         .iter()
         .map(|a| format!("{:?} {}\n", a.status, String::from_utf8_lossy(&a.body)))
         .collect();
     for secret in secrets.iter().filter(|s| s.len() >= 8) {
-        for (what, text) in [("urls output", &urls_out), ("host log", &log), ("HTTP answers", &answered)] {
-            assert!(!text.contains(secret.as_str()), "a secret appears in the {what}:\n{text}");
+        for (what, text) in [
+            ("urls output", &urls_out),
+            ("host log", &log),
+            ("HTTP answers", &answered),
+        ] {
+            assert!(
+                !text.contains(secret.as_str()),
+                "a secret appears in the {what}:\n{text}"
+            );
         }
     }
 }

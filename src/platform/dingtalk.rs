@@ -16,11 +16,11 @@ use crate::crypto::{self, sorted_sha1_hex};
 use crate::env::{Env, EnvExt, hex, key_segment};
 use crate::error::{Error, Result};
 use crate::http::{self, Method, call_checked, call_json, percent_encode, status_is_retryable};
-use crate::retry::Repeat;
 use crate::model::{
     ApprovalRequest, ApprovalStatus, Decision, HttpRequest, HttpResponse, ImApp, Level,
     Notification, Receipt, SignMode, Target, UserRef,
 };
+use crate::retry::Repeat;
 use crate::token::{self, Issued};
 use serde_json::{Value, json};
 

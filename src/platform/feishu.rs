@@ -8,11 +8,11 @@ use crate::crypto::{self, ct_eq};
 use crate::env::{Env, hex, key_segment};
 use crate::error::{Error, Result};
 use crate::http::{self, Method, call_checked, call_json, status_is_retryable};
-use crate::retry::Repeat;
 use crate::model::{
     ApprovalNode, ApprovalRequest, ApprovalStatus, Decision, HttpRequest, HttpResponse, ImApp,
     Notification, Platform, Receipt, SignMode, Target, UserRef,
 };
+use crate::retry::Repeat;
 use crate::token::{self, Issued};
 use serde_json::{Value, json};
 

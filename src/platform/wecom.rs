@@ -14,11 +14,11 @@ use crate::error::{Error, Result};
 use crate::http::{
     self, Method, call_checked, call_json, parse_query, percent_encode, status_is_retryable,
 };
-use crate::retry::Repeat;
 use crate::model::{
     ApprovalRequest, ApprovalStatus, Decision, HttpRequest, HttpResponse, ImApp, Level,
     Notification, Receipt, SignMode, Target, UserRef,
 };
+use crate::retry::Repeat;
 use crate::token::{self, Issued};
 use quick_xml::events::Event as XmlEvent;
 use serde_json::{Value, json};
@@ -139,15 +139,7 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
             is_token_invalid,
             &mut |tok| {
                 let url = format!("{}{}?access_token={}", self.base, path, percent_encode(tok));
-                call_checked(
-                    self.env,
-                    Method::Post,
-                    &url,
-                    &[],
-                    Some(body),
-                    repeat,
-                    check,
-                )
+                call_checked(self.env, Method::Post, &url, &[], Some(body), repeat, check)
             },
         )
     }
@@ -1140,7 +1132,9 @@ mod tests {
         ));
         // DOCTYPE and undeclared entities.
         let bomb = "<?xml version=\"1.0\"?><!DOCTYPE lolz [<!ENTITY lol \"lol\"><!ENTITY lol2 \"&lol;&lol;\">]><xml><Event>&lol2;</Event></xml>";
-        assert!(matches!(parse_xml(bomb.as_bytes()), Err(Error::InvalidInput(m)) if m.contains("DOCTYPE")));
+        assert!(
+            matches!(parse_xml(bomb.as_bytes()), Err(Error::InvalidInput(m)) if m.contains("DOCTYPE"))
+        );
         // Inside a signed message it is refused like any unreadable plaintext (no oracle).
         let r = signed(&env, "POST", bomb, true);
         assert_eq!(

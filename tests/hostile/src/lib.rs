@@ -2,7 +2,7 @@
 //!
 //! - `notify`: streams 100 MB (generated chunk by chunk, so its own memory stays small) to the
 //!   webhook URL it is given;
-//! - `start-approval`: sends a request with 1 MiB of headers to the app's `api-base`;
+//! - `start-approval`: builds a request with 1 MiB of headers for the app's `api-base`;
 //! - `get-approval`: requests the "instance id" as a URL (e.g. the cloud metadata service);
 //! - `cancel-approval`: reads and overwrites the key named by the "instance id", and tries to
 //!   open other buckets (another tenant's keys, if the host let it);

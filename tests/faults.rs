@@ -7,11 +7,11 @@
 //! retryable errors instead. Every outcome is a result or a typed error, never a hang: the host's
 //! deadline is short here, and a platform that stops answering ends in a `transport` error.
 
-use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser};
+use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkSim};
 use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::sim::http::{Faults, Response};
 use imbridge_host::sim::wecom::{WecomApp, WecomConfig, WecomSim, WecomUser};
-use imbridge_tests::{Harness, err_kind, ok};
+use imbridge_tests::{Harness, dingtalk_sim, err_kind, ok};
 use serde_json::{Value, json};
 use std::sync::MutexGuard;
 use std::time::Duration;
@@ -153,17 +153,7 @@ async fn feishu() -> Fx {
 
 async fn dingtalk() -> Fx {
     let app = DingtalkApp::new("dingfaults");
-    let sim = DingtalkSim::start(DingtalkConfig {
-        apps: vec![app.clone()],
-        users: ["orig", "a"]
-            .iter()
-            .enumerate()
-            .map(|(i, u)| DingtalkUser::new(u, Some(&format!("1380000000{i}"))))
-            .collect(),
-        ..Default::default()
-    })
-    .await
-    .expect("sim");
+    let sim = dingtalk_sim(&app, &["orig", "a"]).await;
     let h = harness(&sim.base_url()).await;
     let app = json!({"id": "dt", "platform": "dingtalk", "app_id": app.app_key,
         "app_secret": app.app_secret, "agent_id": app.agent_id.to_string(),

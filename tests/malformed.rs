@@ -18,10 +18,10 @@ use imbridge::crypto::{b64_decode, b64_encode};
 use imbridge::http::{parse_query, percent_encode};
 use imbridge_host::Reply;
 use imbridge_host::bindings::types::{HttpRequest, ImApp, Platform};
-use imbridge_host::sim::dingtalk::{self, DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser};
+use imbridge_host::sim::dingtalk::{self, DingtalkApp, DingtalkSim};
 use imbridge_host::sim::feishu::{self, FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::sim::wecom::{self, WecomApp, WecomConfig, WecomSim, WecomUser};
-use imbridge_tests::{Harness, ok};
+use imbridge_tests::{Harness, dingtalk_sim, ok};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -884,178 +884,201 @@ async fn feishu_world() -> (FeishuSim, Feishu, Harness, Vec<Base>) {
 
 // ---- DingTalk and WeCom: the WXBizMsgCrypt frame, signatures in the query ----
 
-/// DingTalk and WeCom sign the same way: SHA-1 over the sorted token, timestamp, nonce and
-/// ciphertext, in the query; only names, units and envelopes differ.
-fn wx_authentic(
-    req: &HttpRequest,
-    base: &Base,
-    token: &str,
-    names: [&[&str]; 3],
-    units: u64,
+/// DingTalk and WeCom sign and encrypt the same way (SHA-1 over the sorted token, timestamp,
+/// nonce and ciphertext, in the query; the WX frame with the AppKey / CorpID as receive id);
+/// a dialect holds what differs.
+struct Dialect {
+    name: &'static str,
+    /// Signature, timestamp and nonce as the simulators send them.
+    fields: [&'static str; 3],
+    /// The names the plugin accepts for each, the first present one counting.
+    accepted: [&'static [&'static str]; 3],
+    ts_units: u64,
+    content_type: &'static str,
+    /// Each simulator's own crypto (independent of the plugin's).
+    encrypt: fn(&str, &[u8], &str) -> String,
     signature: fn(&str, &str, &str, &str) -> String,
-) -> bool {
-    let (Some(Some(sig)), Some(Some(ts)), Some(Some(nonce))) = (
-        query_param(req, names[0]),
-        query_param(req, names[1]),
-        query_param(req, names[2]),
-    ) else {
-        return false;
-    };
-    req.method.eq_ignore_ascii_case(&base.req.method)
-        && req.body.len() <= MAX_BODY
-        && sig.trim().to_ascii_lowercase() == signature(token, &ts, &nonce, &base.enc)
-        && fresh_ts(&ts, units)
-        && (base.req.method != "GET"
-            || query_param(req, &["echostr"]) == Some(Some(base.enc.clone())))
+    envelope: fn(&Wx, &str) -> Vec<u8>,
+    /// A plaintext that decrypts fine but cannot be read.
+    unreadable: &'static [u8],
+    wrong_field: fn(&mut Rng, &Base) -> (Vec<u8>, Expect),
+    targeted: fn(&Wx, &[Base]) -> Vec<Case>,
+}
+
+struct Wx {
+    dialect: &'static Dialect,
+    app: ImApp,
+    agent_id: u64,
+}
+
+impl Wx {
+    fn token(&self) -> &str {
+        self.app.token.as_deref().expect("token")
+    }
+    fn key(&self) -> &str {
+        self.app.encrypt_key.as_deref().expect("key")
+    }
+    fn owner(&self) -> &str {
+        &self.app.app_id
+    }
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
-struct Dingtalk {
-    app: DingtalkApp,
-    base_url: String,
-}
-
-impl Spec for Dingtalk {
+impl Spec for Wx {
     fn name(&self) -> &'static str {
-        "dingtalk"
+        self.dialect.name
     }
     fn app(&self) -> ImApp {
-        ImApp {
-            id: "dt".into(),
-            platform: Platform::Dingtalk,
-            app_id: self.app.app_key.clone(),
-            app_secret: self.app.app_secret.clone(),
-            agent_id: Some(self.app.agent_id.to_string()),
-            encrypt_key: Some(self.app.aes_key.clone()),
-            token: Some(self.app.token.clone()),
-            api_base: Some(self.base_url.clone()),
-            max_clock_skew_secs: None,
-        }
+        self.app.clone()
     }
     fn place(&self) -> Place {
         Place::Query
     }
     fn fields(&self) -> [&'static str; 3] {
-        ["signature", "timestamp", "nonce"]
+        self.dialect.fields
     }
     fn ts_units(&self) -> u64 {
-        1000
+        self.dialect.ts_units
     }
     fn signed(&self, method: &str, body: Vec<u8>, enc: &str, ts: &str) -> HttpRequest {
         let nonce = "n0nce";
-        let sig = dingtalk::crypto::signature(&self.app.token, ts, nonce, enc);
+        let sig = (self.dialect.signature)(self.token(), ts, nonce, enc);
+        let [sig_name, ts_name, nonce_name] = self.dialect.fields;
         let query = format!(
-            "signature={sig}&timestamp={}&nonce={nonce}",
+            "{sig_name}={sig}&{ts_name}={}&{nonce_name}={nonce}",
             percent_encode(ts)
         );
         request(
             method,
             query,
-            vec![("Content-Type".into(), "application/json".into())],
+            vec![("Content-Type".into(), self.dialect.content_type.into())],
             body,
         )
     }
     fn envelope(&self, enc: &str) -> Vec<u8> {
-        json!({ "encrypt": enc }).to_string().into_bytes()
+        (self.dialect.envelope)(self, enc)
     }
     fn encrypt(&self, plaintext: &[u8]) -> String {
-        dingtalk::crypto::encrypt(&self.app.aes_key, plaintext, &self.app.app_key)
+        (self.dialect.encrypt)(self.key(), plaintext, self.owner())
     }
     fn authentic(&self, req: &HttpRequest, base: &Base) -> bool {
-        wx_authentic(
-            req,
-            base,
-            &self.app.token,
-            [
-                &["msg_signature", "signature"],
-                &["timestamp", "timeStamp"],
-                &["nonce"],
-            ],
-            1000,
-            dingtalk::crypto::signature,
-        )
+        let [sig, ts, nonce] = self.dialect.accepted.map(|names| query_param(req, names));
+        let (Some(Some(sig)), Some(Some(ts)), Some(Some(nonce))) = (sig, ts, nonce) else {
+            return false;
+        };
+        req.method.eq_ignore_ascii_case(&base.req.method)
+            && req.body.len() <= MAX_BODY
+            && sig.trim().to_ascii_lowercase()
+                == (self.dialect.signature)(self.token(), &ts, &nonce, &base.enc)
+            && fresh_ts(&ts, self.dialect.ts_units)
+            && (base.req.method != "GET"
+                || query_param(req, &["echostr"]) == Some(Some(base.enc.clone())))
     }
-    /// The body must still be JSON whose `encrypt` is the signed ciphertext.
+    /// The signature covers only the ciphertext: changed bytes elsewhere may still carry it.
     fn may_find(&self, req: &HttpRequest, base: &Base) -> bool {
         contains(&req.body, base.enc.as_bytes())
     }
     fn wrong_field(&self, rng: &mut Rng, base: &Base) -> (Vec<u8>, Expect) {
-        let mut p: Value = serde_json::from_slice(&base.plaintext).expect("plaintext is JSON");
-        let fields = [
-            "EventType",
-            "processInstanceId",
-            "type",
-            "result",
-            "staffId",
-            "taskId",
-            "finishTime",
-            "remark",
-        ];
-        p[fields[rng.below(fields.len())]] = wrong_type(rng);
-        (p.to_string().into_bytes(), Expect::Either)
+        (self.dialect.wrong_field)(rng, base)
     }
     fn corrupt_ciphertexts(&self, base: &Base) -> [(&'static str, String); 3] {
-        let key = &self.app.aes_key;
         [
+            // The WX frame pads to 32 bytes; a last byte of 0 is never valid.
             (
                 "bad padding",
-                dingtalk::crypto::encrypt_raw(key, &[0u8; 32]),
+                dingtalk::crypto::encrypt_raw(self.key(), &[0u8; 32]),
             ),
-            ("good padding, not JSON", self.encrypt(b"not json <")),
+            (
+                "good padding, unreadable",
+                self.encrypt(self.dialect.unreadable),
+            ),
             (
                 "another app's",
-                dingtalk::crypto::encrypt(key, &base.plaintext, "someone-else"),
+                (self.dialect.encrypt)(self.key(), &base.plaintext, "someone-else"),
             ),
         ]
     }
     fn targeted(&self, bases: &[Base]) -> Vec<Case> {
-        let event = &bases[0];
-        let mut padded = event.req.body.clone();
-        padded.splice(
-            1..1,
-            std::iter::repeat_n(b' ', MAX_BODY - event.req.body.len()),
-        );
-        let ts = self.now_ts();
-        let mut out = vec![Case {
-            class: "body at the limit",
-            req: self.signed("POST", padded, &event.enc, &ts),
-            expect: Expect::Accept,
-        }];
-        // Authentic frames addressed to another app, and frames with broken padding.
-        let other = dingtalk::crypto::encrypt(&self.app.aes_key, &event.plaintext, "otherapp");
-        let raw = dingtalk::crypto::encrypt_raw(&self.app.aes_key, &[7u8; 64]);
-        for enc in [other, raw] {
-            out.push(Case {
-                class: "misaddressed or unframed ciphertext",
-                req: self.signed("POST", self.envelope(&enc), &enc, &ts),
-                expect: Expect::Reject,
-            });
-        }
-        out
+        (self.dialect.targeted)(self, bases)
     }
 }
 
-async fn dingtalk_world() -> (DingtalkSim, Dingtalk, Harness, Vec<Base>) {
+static DINGTALK: Dialect = Dialect {
+    name: "dingtalk",
+    fields: ["signature", "timestamp", "nonce"],
+    accepted: [
+        &["msg_signature", "signature"],
+        &["timestamp", "timeStamp"],
+        &["nonce"],
+    ],
+    ts_units: 1000,
+    content_type: "application/json",
+    encrypt: dingtalk::crypto::encrypt,
+    signature: dingtalk::crypto::signature,
+    envelope: |_, enc| json!({ "encrypt": enc }).to_string().into_bytes(),
+    unreadable: b"not json <",
+    wrong_field: dingtalk_wrong_field,
+    targeted: dingtalk_targeted,
+};
+
+fn dingtalk_wrong_field(rng: &mut Rng, base: &Base) -> (Vec<u8>, Expect) {
+    let mut p: Value = serde_json::from_slice(&base.plaintext).expect("plaintext is JSON");
+    let fields = [
+        "EventType",
+        "processInstanceId",
+        "type",
+        "result",
+        "staffId",
+        "taskId",
+        "finishTime",
+        "remark",
+    ];
+    p[fields[rng.below(fields.len())]] = wrong_type(rng);
+    (p.to_string().into_bytes(), Expect::Either)
+}
+
+fn dingtalk_targeted(wx: &Wx, bases: &[Base]) -> Vec<Case> {
+    let event = &bases[0];
+    let mut padded = event.req.body.clone();
+    padded.splice(
+        1..1,
+        std::iter::repeat_n(b' ', MAX_BODY - event.req.body.len()),
+    );
+    let ts = wx.now_ts();
+    let mut out = vec![Case {
+        class: "body at the limit",
+        req: wx.signed("POST", padded, &event.enc, &ts),
+        expect: Expect::Accept,
+    }];
+    // Authentic frames addressed to another app, and frames with broken padding.
+    let other = dingtalk::crypto::encrypt(wx.key(), &event.plaintext, "otherapp");
+    let raw = dingtalk::crypto::encrypt_raw(wx.key(), &[7u8; 64]);
+    for enc in [other, raw] {
+        out.push(Case {
+            class: "misaddressed or unframed ciphertext",
+            req: wx.signed("POST", wx.envelope(&enc), &enc, &ts),
+            expect: Expect::Reject,
+        });
+    }
+    out
+}
+
+async fn dingtalk_world() -> (DingtalkSim, Wx, Harness, Vec<Base>) {
     let app = DingtalkApp::new("dingfz");
-    let sim = DingtalkSim::start(DingtalkConfig {
-        apps: vec![app.clone()],
-        users: ["orig", "a"]
-            .iter()
-            .enumerate()
-            .map(|(i, u)| DingtalkUser::new(u, Some(&format!("1380000000{i}"))))
-            .collect(),
-        ..Default::default()
-    })
-    .await
-    .expect("sim");
-    let spec = Dingtalk {
-        app: app.clone(),
-        base_url: sim.base_url(),
+    let sim = dingtalk_sim(&app, &["orig", "a"]).await;
+    let spec = Wx {
+        dialect: &DINGTALK,
+        app: im_app(
+            json!({"id": "dt", "platform": "dingtalk", "app_id": app.app_key,
+            "app_secret": app.app_secret, "agent_id": app.agent_id.to_string(),
+            "encrypt_key": app.aes_key, "token": app.token, "api_base": sim.base_url()}),
+        ),
+        agent_id: app.agent_id,
     };
-    let h = harness(&spec.base_url).await;
+    let h = harness(&sim.base_url()).await;
     let instance = start(
         &h,
         &spec,
@@ -1101,244 +1124,180 @@ async fn dingtalk_world() -> (DingtalkSim, Dingtalk, Harness, Vec<Base>) {
     (sim, spec, h, bases)
 }
 
-struct Wecom {
-    app: WecomApp,
-    base_url: String,
-}
-
-impl Wecom {
-    fn xml_envelope(&self, enc: &str) -> Vec<u8> {
-        format!(
-            "<xml><ToUserName><![CDATA[{}]]></ToUserName><Encrypt><![CDATA[{enc}]]></Encrypt>\
-             <AgentID><![CDATA[{}]]></AgentID></xml>",
-            self.app.corp_id, self.app.agent_id
-        )
-        .into_bytes()
-    }
-    fn json_envelope(&self, enc: &str) -> Vec<u8> {
-        json!({"tousername": self.app.corp_id, "encrypt": enc, "agentid": self.app.agent_id})
-            .to_string()
-            .into_bytes()
-    }
-    fn sealed_xml_case(&self, class: &'static str, plaintext: &str, expect: Expect) -> Case {
-        Case {
-            class,
-            req: self.seal(plaintext.as_bytes()),
-            expect,
-        }
-    }
-}
-
 const BOMB: &str = "<?xml version=\"1.0\"?><!DOCTYPE lolz [<!ENTITY lol \"lol\">\
     <!ENTITY lol1 \"&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;\">\
     <!ENTITY lol2 \"&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;\">]>";
 
-impl Spec for Wecom {
-    fn name(&self) -> &'static str {
-        "wecom"
-    }
-    fn app(&self) -> ImApp {
-        ImApp {
-            id: "wa".into(),
-            platform: Platform::Wecom,
-            app_id: self.app.corp_id.clone(),
-            app_secret: self.app.secret.clone(),
-            agent_id: Some(self.app.agent_id.to_string()),
-            encrypt_key: Some(self.app.encoding_aes_key.clone()),
-            token: Some(self.app.token.clone()),
-            api_base: Some(self.base_url.clone()),
-            max_clock_skew_secs: None,
-        }
-    }
-    fn place(&self) -> Place {
-        Place::Query
-    }
-    fn fields(&self) -> [&'static str; 3] {
-        ["msg_signature", "timestamp", "nonce"]
-    }
-    fn ts_units(&self) -> u64 {
-        1
-    }
-    fn signed(&self, method: &str, body: Vec<u8>, enc: &str, ts: &str) -> HttpRequest {
-        let nonce = "n0nce";
-        let sig = wecom::crypto::signature(&self.app.token, ts, nonce, enc);
-        let query = format!(
-            "msg_signature={sig}&timestamp={}&nonce={nonce}",
-            percent_encode(ts)
-        );
-        request(
-            method,
-            query,
-            vec![("Content-Type".into(), "text/xml".into())],
-            body,
-        )
-    }
-    fn envelope(&self, enc: &str) -> Vec<u8> {
-        self.xml_envelope(enc)
-    }
-    fn encrypt(&self, plaintext: &[u8]) -> String {
-        wecom::crypto::encrypt(&self.app.encoding_aes_key, plaintext, &self.app.corp_id)
-    }
-    fn authentic(&self, req: &HttpRequest, base: &Base) -> bool {
-        wx_authentic(
-            req,
-            base,
-            &self.app.token,
-            [&["msg_signature"], &["timestamp"], &["nonce"]],
-            1,
-            wecom::crypto::signature,
-        )
-    }
-    fn may_find(&self, req: &HttpRequest, base: &Base) -> bool {
-        contains(&req.body, base.enc.as_bytes())
-    }
-    /// One element's content replaced by something of the wrong shape: nested markup, empty,
-    /// text where a number belongs, a huge number, an entity, CDATA.
-    fn wrong_field(&self, rng: &mut Rng, base: &Base) -> (Vec<u8>, Expect) {
-        let xml = String::from_utf8(base.plaintext.clone()).expect("plaintext is UTF-8");
-        let names = [
-            "Event",
-            "SpNo",
-            "SpStatus",
-            "UserId",
-            "SpTime",
-            "MsgType",
-            "CreateTime",
-            "ApprovalInfo",
-        ];
-        let name = names[rng.below(names.len())];
-        let junk = [
-            "",
-            "<a/>",
-            "abc",
-            "99999999999999999999999",
-            "&amp;",
-            "<![CDATA[]]>",
-        ][rng.below(6)];
-        let (open, close) = (format!("<{name}>"), format!("</{name}>"));
-        let out = match (xml.find(&open), xml.find(&close)) {
-            (Some(a), Some(b)) if a < b => {
-                format!("{}{open}{junk}{}", &xml[..a], &xml[b..])
-            }
-            _ => xml,
-        };
-        (out.into_bytes(), Expect::Either)
-    }
-    fn corrupt_ciphertexts(&self, base: &Base) -> [(&'static str, String); 3] {
-        let key = &self.app.encoding_aes_key;
-        [
-            // The same WX frame and key derivation as DingTalk's.
-            (
-                "bad padding",
-                dingtalk::crypto::encrypt_raw(key, &[0u8; 32]),
-            ),
-            ("good padding, not XML", self.encrypt(b"not xml <")),
-            (
-                "another corp's",
-                wecom::crypto::encrypt(key, &base.plaintext, "wwsomeoneelse"),
-            ),
-        ]
-    }
-    fn targeted(&self, bases: &[Base]) -> Vec<Case> {
-        let ts = self.now_ts();
-        let event = &bases[0];
-        let mut out = Vec::new();
-        // Entity bombs, DOCTYPEs and undeclared entities: outside (the envelope, signed over
-        // the real ciphertext) and inside (the decrypted message).
-        let outer_bomb = format!(
-            "{BOMB}<xml><Encrypt><![CDATA[{}]]></Encrypt><X>&lol2;</X></xml>",
-            event.enc
-        );
-        let outer_doctype = format!(
-            "<!DOCTYPE xml SYSTEM \"http://169.254.169.254/x.dtd\"><xml><Encrypt><![CDATA[{}]]></Encrypt></xml>",
-            event.enc
-        );
-        let outer_undeclared = format!(
-            "<xml><Encrypt><![CDATA[{}]]></Encrypt><X>&lol2;</X></xml>",
-            event.enc
-        );
-        for body in [outer_bomb, outer_doctype, outer_undeclared] {
-            out.push(Case {
-                class: "XML entity bomb / DOCTYPE (envelope)",
-                req: self.signed("POST", body.into_bytes(), &event.enc, &ts),
-                expect: Expect::Reject,
-            });
-        }
-        let inner = String::from_utf8(event.plaintext.clone()).expect("UTF-8");
-        let inner_body = inner.trim_start_matches("<xml>");
-        for (class, plaintext) in [
-            (
-                "XML entity bomb / DOCTYPE (message)",
-                format!("{BOMB}<xml><Event>&lol2;</Event>{inner_body}"),
-            ),
-            (
-                "XML entity bomb / DOCTYPE (message)",
-                format!(
-                    "<!DOCTYPE xml [<!ENTITY x SYSTEM \"file:///etc/passwd\">]><xml><Event>&x;</Event>{inner_body}"
-                ),
-            ),
-            (
-                "undeclared entity (message)",
-                format!("<xml><Event>&lol2;</Event>{inner_body}"),
-            ),
-            ("deep XML (message)", {
-                let mut s = "<a>".repeat(10_000);
-                s.push_str(&"</a>".repeat(10_000));
-                s
-            }),
-            (
-                "wide XML (message)",
-                format!("<xml>{}</xml>", "<a/>".repeat(10_000)),
-            ),
-            ("unclosed XML (message)", inner.replace("</xml>", "")),
-            ("two roots (message)", format!("{inner}{inner}")),
-        ] {
-            out.push(self.sealed_xml_case(class, &plaintext, Expect::Reject));
-        }
-        // The envelope's own limit (256 KiB) and its JSON variant.
-        let mut padded = self.xml_envelope(&event.enc);
-        padded.splice(5..5, std::iter::repeat_n(b' ', 256 * 1024 - padded.len()));
-        out.push(Case {
-            class: "XML envelope at its limit",
-            req: self.signed("POST", padded.clone(), &event.enc, &ts),
-            expect: Expect::Accept,
-        });
-        padded.insert(5, b' ');
-        out.push(Case {
-            class: "XML envelope over its limit",
-            req: self.signed("POST", padded, &event.enc, &ts),
-            expect: Expect::Reject,
-        });
-        // URL checks: no echostr, an echostr the signature does not cover, a misaddressed one.
-        let get = &bases[bases.len() - 1];
-        let mut no_echo = get.req.clone();
-        remove_field(Place::Query, &mut no_echo, "echostr");
-        let other = wecom::crypto::encrypt(&self.app.encoding_aes_key, b"123", "wwother");
-        let mut misaddressed = self.signed("GET", Vec::new(), &other, &ts);
-        misaddressed.query = format!("{}&echostr={}", misaddressed.query, percent_encode(&other));
-        let mut swapped = get.req.clone();
-        set_field(
-            Place::Query,
-            &mut swapped,
-            "echostr",
-            percent_encode(&other),
-        );
-        for (class, req) in [
-            ("URL check without echostr", no_echo),
-            ("URL check for another corp", misaddressed),
-            ("URL check with a swapped echostr", swapped),
-        ] {
-            out.push(Case {
-                class,
-                req,
-                expect: Expect::Reject,
-            });
-        }
-        out
+static WECOM: Dialect = Dialect {
+    name: "wecom",
+    fields: ["msg_signature", "timestamp", "nonce"],
+    accepted: [&["msg_signature"], &["timestamp"], &["nonce"]],
+    ts_units: 1,
+    content_type: "text/xml",
+    encrypt: wecom::crypto::encrypt,
+    signature: wecom::crypto::signature,
+    envelope: wecom_xml_envelope,
+    unreadable: b"not xml <",
+    wrong_field: wecom_wrong_field,
+    targeted: wecom_targeted,
+};
+
+fn wecom_xml_envelope(wx: &Wx, enc: &str) -> Vec<u8> {
+    format!(
+        "<xml><ToUserName><![CDATA[{}]]></ToUserName><Encrypt><![CDATA[{enc}]]></Encrypt>\
+         <AgentID><![CDATA[{}]]></AgentID></xml>",
+        wx.owner(),
+        wx.agent_id
+    )
+    .into_bytes()
+}
+
+fn wecom_json_envelope(wx: &Wx, enc: &str) -> Vec<u8> {
+    json!({"tousername": wx.owner(), "encrypt": enc, "agentid": wx.agent_id})
+        .to_string()
+        .into_bytes()
+}
+
+fn sealed_case(wx: &Wx, class: &'static str, plaintext: &str, expect: Expect) -> Case {
+    Case {
+        class,
+        req: wx.seal(plaintext.as_bytes()),
+        expect,
     }
 }
 
-async fn wecom_world() -> (WecomSim, Wecom, Harness, Vec<Base>) {
+/// One element's content replaced by something of the wrong shape: nested markup, empty,
+/// text where a number belongs, a huge number, an entity, CDATA.
+fn wecom_wrong_field(rng: &mut Rng, base: &Base) -> (Vec<u8>, Expect) {
+    let xml = String::from_utf8(base.plaintext.clone()).expect("plaintext is UTF-8");
+    let names = [
+        "Event",
+        "SpNo",
+        "SpStatus",
+        "UserId",
+        "SpTime",
+        "MsgType",
+        "CreateTime",
+        "ApprovalInfo",
+    ];
+    let name = names[rng.below(names.len())];
+    let junk = [
+        "",
+        "<a/>",
+        "abc",
+        "99999999999999999999999",
+        "&amp;",
+        "<![CDATA[]]>",
+    ][rng.below(6)];
+    let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+    let out = match (xml.find(&open), xml.find(&close)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{open}{junk}{}", &xml[..a], &xml[b..])
+        }
+        _ => xml,
+    };
+    (out.into_bytes(), Expect::Either)
+}
+
+fn wecom_targeted(wx: &Wx, bases: &[Base]) -> Vec<Case> {
+    let ts = wx.now_ts();
+    let event = &bases[0];
+    let mut out = Vec::new();
+    // Entity bombs, DOCTYPEs and undeclared entities: outside (the envelope, signed over
+    // the real ciphertext) and inside (the decrypted message).
+    let outer_bomb = format!(
+        "{BOMB}<xml><Encrypt><![CDATA[{}]]></Encrypt><X>&lol2;</X></xml>",
+        event.enc
+    );
+    let outer_doctype = format!(
+        "<!DOCTYPE xml SYSTEM \"http://169.254.169.254/x.dtd\"><xml><Encrypt><![CDATA[{}]]></Encrypt></xml>",
+        event.enc
+    );
+    let outer_undeclared = format!(
+        "<xml><Encrypt><![CDATA[{}]]></Encrypt><X>&lol2;</X></xml>",
+        event.enc
+    );
+    for body in [outer_bomb, outer_doctype, outer_undeclared] {
+        out.push(Case {
+            class: "XML entity bomb / DOCTYPE (envelope)",
+            req: wx.signed("POST", body.into_bytes(), &event.enc, &ts),
+            expect: Expect::Reject,
+        });
+    }
+    let inner = String::from_utf8(event.plaintext.clone()).expect("UTF-8");
+    let inner_body = inner.trim_start_matches("<xml>");
+    for (class, plaintext) in [
+        (
+            "XML entity bomb / DOCTYPE (message)",
+            format!("{BOMB}<xml><Event>&lol2;</Event>{inner_body}"),
+        ),
+        (
+            "XML entity bomb / DOCTYPE (message)",
+            format!(
+                "<!DOCTYPE xml [<!ENTITY x SYSTEM \"file:///etc/passwd\">]><xml><Event>&x;</Event>{inner_body}"
+            ),
+        ),
+        (
+            "undeclared entity (message)",
+            format!("<xml><Event>&lol2;</Event>{inner_body}"),
+        ),
+        ("deep XML (message)", {
+            let mut s = "<a>".repeat(10_000);
+            s.push_str(&"</a>".repeat(10_000));
+            s
+        }),
+        (
+            "wide XML (message)",
+            format!("<xml>{}</xml>", "<a/>".repeat(10_000)),
+        ),
+        ("unclosed XML (message)", inner.replace("</xml>", "")),
+        ("two roots (message)", format!("{inner}{inner}")),
+    ] {
+        out.push(sealed_case(wx, class, &plaintext, Expect::Reject));
+    }
+    // The envelope's own limit (256 KiB) and its JSON variant.
+    let mut padded = wecom_xml_envelope(wx, &event.enc);
+    padded.splice(5..5, std::iter::repeat_n(b' ', 256 * 1024 - padded.len()));
+    out.push(Case {
+        class: "XML envelope at its limit",
+        req: wx.signed("POST", padded.clone(), &event.enc, &ts),
+        expect: Expect::Accept,
+    });
+    padded.insert(5, b' ');
+    out.push(Case {
+        class: "XML envelope over its limit",
+        req: wx.signed("POST", padded, &event.enc, &ts),
+        expect: Expect::Reject,
+    });
+    // URL checks: no echostr, an echostr the signature does not cover, a misaddressed one.
+    let get = &bases[bases.len() - 1];
+    let mut no_echo = get.req.clone();
+    remove_field(Place::Query, &mut no_echo, "echostr");
+    let other = wecom::crypto::encrypt(wx.key(), b"123", "wwother");
+    let mut misaddressed = wx.signed("GET", Vec::new(), &other, &ts);
+    misaddressed.query = format!("{}&echostr={}", misaddressed.query, percent_encode(&other));
+    let mut swapped = get.req.clone();
+    set_field(
+        Place::Query,
+        &mut swapped,
+        "echostr",
+        percent_encode(&other),
+    );
+    for (class, req) in [
+        ("URL check without echostr", no_echo),
+        ("URL check for another corp", misaddressed),
+        ("URL check with a swapped echostr", swapped),
+    ] {
+        out.push(Case {
+            class,
+            req,
+            expect: Expect::Reject,
+        });
+    }
+    out
+}
+
+async fn wecom_world() -> (WecomSim, Wx, Harness, Vec<Base>) {
     let app = WecomApp::new("wwfz0001", "secret-fz", 1000002);
     let users = ["zhangsan", "u1"]
         .iter()
@@ -1351,11 +1310,16 @@ async fn wecom_world() -> (WecomSim, Wecom, Harness, Vec<Base>) {
     })
     .await
     .expect("sim");
-    let spec = Wecom {
-        app: app.clone(),
-        base_url: sim.base_url(),
+    let spec = Wx {
+        dialect: &WECOM,
+        app: im_app(
+            json!({"id": "wa", "platform": "wecom", "app_id": app.corp_id,
+            "app_secret": app.secret, "agent_id": app.agent_id.to_string(),
+            "encrypt_key": app.encoding_aes_key, "token": app.token, "api_base": sim.base_url()}),
+        ),
+        agent_id: app.agent_id,
     };
-    let h = harness(&spec.base_url).await;
+    let h = harness(&sim.base_url()).await;
     let sp_no = start(
         &h,
         &spec,
@@ -1374,7 +1338,7 @@ async fn wecom_world() -> (WecomSim, Wecom, Harness, Vec<Base>) {
                          "SpTime": now_s()}]}]}})
     .to_string();
     let ts = spec.now_ts();
-    let base = |plaintext: &str, envelope: fn(&Wecom, &str) -> Vec<u8>| {
+    let base = |plaintext: &str, envelope: fn(&Wx, &str) -> Vec<u8>| {
         let enc = spec.encrypt(plaintext.as_bytes());
         Base {
             req: spec.signed("POST", envelope(&spec, &enc), &enc, &ts),
@@ -1384,9 +1348,9 @@ async fn wecom_world() -> (WecomSim, Wecom, Harness, Vec<Base>) {
         }
     };
     let mut bases = vec![
-        base(&approved, Wecom::xml_envelope),
-        base(&approved, Wecom::json_envelope),
-        base(&unknown, Wecom::xml_envelope),
+        base(&approved, wecom_xml_envelope),
+        base(&approved, wecom_json_envelope),
+        base(&unknown, wecom_xml_envelope),
     ];
     // The GET URL check last (`targeted` relies on it).
     let echo = spec.encrypt(b"1234567890123456789");
@@ -1399,6 +1363,12 @@ async fn wecom_world() -> (WecomSim, Wecom, Harness, Vec<Base>) {
         effectful: false,
     });
     (sim, spec, h, bases)
+}
+
+/// An app as the plugin is configured with it, from the JSON mapping engines use.
+fn im_app(app: Value) -> ImApp {
+    use imbridge_host::json::Json;
+    ImApp::from_json(&app, "app").expect("app")
 }
 
 // ---- the runner ----

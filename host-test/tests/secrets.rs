@@ -5,6 +5,9 @@
 //! secret, encrypt key, verification token, issued access token, webhook token and the API
 //! bearer token. Skipped, with a note, until the component has been built.
 
+mod common;
+
+use common::component;
 use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser};
 use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::sim::http::{self, Reply};
@@ -18,20 +21,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_imbridge-host");
 const API_TOKEN: &str = "bearer-s3cret-api-token";
 const HOOK_TOKEN: &str = "hook-access-token-s3cret";
 const HOOK_SECRET: &str = "SEChook-signing-s3cret";
-
-fn component() -> Option<PathBuf> {
-    let path = std::env::var_os("IMBRIDGE_COMPONENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/imbridge.wasm")
-        });
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!("skipping: {} not built", path.display());
-        None
-    }
-}
 
 /// The running `serve` child; killed (by its own pid) when dropped.
 struct Served {
@@ -198,6 +187,10 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
     )
     .await;
     let reply: Value = serde_json::from_slice(&started.body).unwrap();
+    let refresh = async |id: &str| {
+        let path = format!("/api/acme/fs/approvals/{id}?refresh=true");
+        api(&base, "GET", &path, json!({}), true).await
+    };
     let instance = reply["ok"]["instance_id"]
         .as_str()
         .expect("started")
@@ -208,16 +201,7 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
         .await
         .unwrap();
     assert!(decided.reports.iter().all(|r| r.delivered), "{decided:?}");
-    answers.push(
-        api(
-            &base,
-            "GET",
-            &format!("/api/acme/fs/approvals/{instance}?refresh=true"),
-            json!({}),
-            true,
-        )
-        .await,
-    );
+    answers.push(refresh(&instance).await);
 
     // Hostile and failing traffic: forged callbacks, no bearer token, a webhook whose host is
     // not allowed (its URL carries the hook's token), a platform error on refresh.
@@ -274,16 +258,7 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
         99991672,
         "no permission",
     );
-    answers.push(
-        api(
-            &base,
-            "GET",
-            &format!("/api/acme/fs/approvals/{instance}?refresh=true"),
-            json!({}),
-            true,
-        )
-        .await,
-    );
+    answers.push(refresh(&instance).await);
     drop(served);
 
     // Every secret, including the access tokens the simulators issued during the run.

@@ -55,7 +55,9 @@ pub fn run<T>(
 ) -> Result<T> {
     let start = env.now_ms();
     let mut timeout_ms = default_timeout_ms;
-    for n in 1.. {
+    let mut n = 0;
+    loop {
+        n += 1;
         let Attempt {
             result,
             retry_after_ms,
@@ -73,7 +75,6 @@ pub fn run<T>(
         env.sleep_ms(wait);
         timeout_ms = default_timeout_ms.min(left);
     }
-    unreachable!("the loop returns")
 }
 
 /// The pause a reply asks for, in ms: `Retry-After` in seconds (the HTTP-date form is not

@@ -9,9 +9,10 @@ use crate::platform;
 
 /// Real callbacks are a few KiB; anything near this is hostile or broken.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
-/// How far a signed timestamp may be from our clock. Platforms sign each delivery (retries
-/// included) when it is sent; replays inside the window are caught by deduplication.
-pub const MAX_SKEW_SECS: u64 = 600;
+/// How far a signed timestamp may be from our clock unless the app configures its own
+/// `max-clock-skew-secs`. Platforms sign each delivery (retries included) when it is sent;
+/// replays inside the window are caught by deduplication.
+pub const DEFAULT_MAX_SKEW_SECS: u32 = 600;
 
 pub fn handle(
     env: &(impl Env + ?Sized),
@@ -65,17 +66,68 @@ pub fn signature_matches(expected_hex: &str, presented: &str) -> bool {
     )
 }
 
-/// Rejects a signed timestamp that is not a number or is more than `MAX_SKEW_SECS` from our
-/// clock. `units_per_sec` is 1 for platforms that sign seconds, 1000 for milliseconds.
-pub fn check_timestamp(now_ms: u64, ts: &str, units_per_sec: u64) -> Result<()> {
+/// Rejects a signed timestamp that is not a number or is further from our clock than the app's
+/// window. `units_per_sec` is 1 for platforms that sign seconds, 1000 for milliseconds.
+pub fn check_timestamp(app: &ImApp, now_ms: u64, ts: &str, units_per_sec: u64) -> Result<()> {
     let ts: u64 = ts
         .trim()
         .parse()
         .map_err(|_| Error::unauthorized("callback timestamp is not a number"))?;
-    if (now_ms / 1000).abs_diff(ts / units_per_sec) > MAX_SKEW_SECS {
+    let window = app.max_clock_skew_secs.unwrap_or(DEFAULT_MAX_SKEW_SECS);
+    if (now_ms / 1000).abs_diff(ts / units_per_sec) > u64::from(window) {
         return Err(Error::unauthorized(
             "callback timestamp is outside the allowed window",
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Platform;
+
+    fn app(window: Option<u32>) -> ImApp {
+        ImApp {
+            id: "a".into(),
+            platform: Platform::Feishu,
+            app_id: "x".into(),
+            app_secret: "s".into(),
+            agent_id: None,
+            encrypt_key: None,
+            token: None,
+            api_base: None,
+            max_clock_skew_secs: window,
+        }
+    }
+
+    #[test]
+    fn timestamp_window_is_the_apps_or_600_seconds() {
+        let now_ms = 1_700_000_000_000;
+        let now = now_ms / 1000;
+        let ok = |a: &ImApp, ts: u64, units: u64| {
+            check_timestamp(a, now_ms, &(ts * units).to_string(), units).is_ok()
+        };
+        let default = app(None);
+        for units in [1, 1000] {
+            assert!(ok(&default, now - 600, units));
+            assert!(ok(&default, now + 600, units));
+            assert!(!ok(&default, now - 601, units));
+            assert!(!ok(&default, now + 601, units));
+        }
+        let narrow = app(Some(30));
+        assert!(ok(&narrow, now - 30, 1));
+        assert!(!ok(&narrow, now - 31, 1));
+        assert!(!ok(&narrow, now + 31, 1000));
+        let wide = app(Some(3600));
+        assert!(ok(&wide, now - 3600, 1000));
+        assert!(!ok(&wide, now + 3601, 1));
+        let exact = app(Some(0));
+        assert!(ok(&exact, now, 1));
+        assert!(!ok(&exact, now - 1, 1));
+        for bad in ["", "abc", "-5", "1.0", "99999999999999999999999"] {
+            let e = check_timestamp(&default, now_ms, bad, 1).unwrap_err();
+            assert!(matches!(e, Error::Unauthorized(_)), "{bad:?}: {e}");
+        }
+    }
 }

@@ -136,6 +136,7 @@ impl From<w::ImApp> for m::ImApp {
             encrypt_key: a.encrypt_key,
             token: a.token,
             api_base: a.api_base,
+            max_clock_skew_secs: a.max_clock_skew_secs,
         }
     }
 }

@@ -31,6 +31,8 @@ pub trait Env {
     /// Atomic across concurrent calls; returns the new value (a missing key counts as 0).
     fn kv_increment(&self, key: &str, delta: u64) -> Result<u64>;
     fn now_ms(&self) -> u64;
+    /// Blocks for `ms` (retry backoff); the host's call deadline still applies.
+    fn sleep_ms(&self, ms: u64);
     fn random_bytes(&self, len: usize) -> Vec<u8>;
 }
 
@@ -92,6 +94,8 @@ pub mod fake {
         pub kv: RefCell<BTreeMap<String, Vec<u8>>>,
         pub sent: RefCell<Vec<Request>>,
         pub now: Cell<u64>,
+        /// Every `sleep_ms`, in order; sleeping advances `now` instead of waiting.
+        pub slept: RefCell<Vec<u64>>,
         responder: RefCell<Responder>,
         counter: Cell<u8>,
     }
@@ -102,6 +106,7 @@ pub mod fake {
                 kv: RefCell::default(),
                 sent: RefCell::default(),
                 now: Cell::new(1_700_000_000_000),
+                slept: RefCell::default(),
                 responder: RefCell::new(Box::new(responder)),
                 counter: Cell::new(0),
             }
@@ -163,6 +168,10 @@ pub mod fake {
         }
         fn now_ms(&self) -> u64 {
             self.now.get()
+        }
+        fn sleep_ms(&self, ms: u64) {
+            self.slept.borrow_mut().push(ms);
+            self.now.set(self.now.get() + ms);
         }
         fn random_bytes(&self, len: usize) -> Vec<u8> {
             let c = self.counter.get().wrapping_add(1);

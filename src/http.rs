@@ -1,8 +1,9 @@
 //! A small JSON-over-HTTP client on top of `Env::send`, plus URL helpers. Platform modules
 //! turn the reply's own error codes into `Error::Platform`.
 
-use crate::env::{Env, Request};
+use crate::env::{Env, Request, Response};
 use crate::error::{Error, Result};
+use crate::retry::{self, Attempt, Repeat};
 use serde_json::Value;
 
 /// Platforms answer in well under a second; 10 s leaves room for a slow network without
@@ -34,6 +35,48 @@ pub fn call_json(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> Result<JsonReply> {
+    parse_reply(env.send(&json_request(
+        method,
+        url,
+        headers,
+        body,
+        DEFAULT_TIMEOUT_MS,
+    ))?)
+}
+
+/// `call_json` followed by the platform's `check` of the reply; a call that is safe to
+/// repeat is retried on retryable errors with backoff (`retry::run`), honouring the pause the
+/// platform asks for.
+pub fn call_checked(
+    env: &(impl Env + ?Sized),
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+    repeat: Repeat,
+    check: fn(JsonReply) -> Result<Value>,
+) -> Result<Value> {
+    retry::run(env, repeat, DEFAULT_TIMEOUT_MS, &mut |timeout_ms| match env
+        .send(&json_request(method, url, headers, body, timeout_ms))
+    {
+        Ok(response) => Attempt {
+            retry_after_ms: retry::requested_pause_ms(&response.headers),
+            result: parse_reply(response).and_then(check),
+        },
+        Err(e) => Attempt {
+            result: Err(e),
+            retry_after_ms: None,
+        },
+    })
+}
+
+fn json_request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+    timeout_ms: u64,
+) -> Request {
     let mut hs: Vec<(String, String)> = headers
         .iter()
         .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
@@ -49,7 +92,7 @@ pub fn call_json(
         }
         None => Vec::new(),
     };
-    let request = Request {
+    Request {
         method: match method {
             Method::Get => "GET",
             Method::Post => "POST",
@@ -57,9 +100,11 @@ pub fn call_json(
         url: url.to_string(),
         headers: hs,
         body,
-        timeout_ms: DEFAULT_TIMEOUT_MS,
-    };
-    let response = env.send(&request)?;
+        timeout_ms,
+    }
+}
+
+fn parse_reply(response: Response) -> Result<JsonReply> {
     match serde_json::from_slice::<Value>(&response.body) {
         Ok(body) => Ok(JsonReply {
             status: response.status,

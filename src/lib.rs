@@ -13,6 +13,7 @@ pub mod http;
 pub mod model;
 pub mod notify;
 pub mod platform;
+pub mod retry;
 pub mod token;
 
 #[cfg(target_arch = "wasm32")]

@@ -33,6 +33,8 @@ pub struct ImApp {
     pub encrypt_key: Option<String>,
     pub token: Option<String>,
     pub api_base: Option<String>,
+    /// `None`: the default window, `callback::DEFAULT_MAX_SKEW_SECS`.
+    pub max_clock_skew_secs: Option<u32>,
 }
 
 // Secrets must never reach logs or error messages, so Debug shows only the public fields.
@@ -44,6 +46,7 @@ impl core::fmt::Debug for ImApp {
             .field("app_id", &self.app_id)
             .field("agent_id", &self.agent_id)
             .field("api_base", &self.api_base)
+            .field("max_clock_skew_secs", &self.max_clock_skew_secs)
             .finish_non_exhaustive()
     }
 }

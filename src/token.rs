@@ -171,6 +171,7 @@ mod tests {
             encrypt_key: None,
             token: None,
             api_base: None,
+            max_clock_skew_secs: None,
         };
         let k1 = cache_key(&a, "https://x");
         a.agent_id = Some("2".into());

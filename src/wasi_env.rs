@@ -1,6 +1,6 @@
 //! `Env` over the WASI imports: wasi:http outgoing, wasi:keyvalue, wasi:clocks, wasi:random.
 
-use crate::component::wasi::clocks::wall_clock;
+use crate::component::wasi::clocks::{monotonic_clock, wall_clock};
 use crate::component::wasi::http::outgoing_handler;
 use crate::component::wasi::http::types::{
     ErrorCode, Fields, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme,
@@ -68,6 +68,13 @@ fn transport(e: ErrorCode, authority: &str) -> Error {
         | ErrorCode::HttpResponseTimeout => "timed out".to_string(),
         ErrorCode::ConnectionRefused => "connection refused".to_string(),
         ErrorCode::DnsError(_) => "DNS lookup failed".to_string(),
+        ErrorCode::DestinationIpProhibited => {
+            "refused by the host (link-local or metadata address)".to_string()
+        }
+        ErrorCode::HttpRequestBodySize(limit) => match limit {
+            Some(n) => format!("request body exceeds the host's limit of {n} bytes"),
+            None => "request body exceeds the host's limit".to_string(),
+        },
         other => format!("{other:?}"),
     };
     Error::transport(format!("request to {authority}: {what}"))
@@ -102,20 +109,28 @@ impl Env for WasiEnv {
         let body = req.body().map_err(bad)?;
         let future =
             outgoing_handler::handle(req, Some(opts)).map_err(|e| transport(e, authority))?;
-        {
+        let written = {
             let out = body.write().map_err(bad)?;
-            for chunk in r.body.chunks(CHUNK) {
-                out.blocking_write_and_flush(chunk).map_err(|_| {
-                    Error::transport(format!("request to {authority}: body write failed"))
-                })?;
-            }
+            r.body
+                .chunks(CHUNK)
+                .try_for_each(|chunk| out.blocking_write_and_flush(chunk))
+        };
+        match written {
+            Ok(()) => OutgoingBody::finish(body, None).map_err(|e| transport(e, authority))?,
+            // The host aborted the request (e.g. its body cap); the reason comes with the
+            // response future, so the body is abandoned and the future read below.
+            Err(_) => drop(body),
         }
-        OutgoingBody::finish(body, None).map_err(|e| transport(e, authority))?;
 
         future.subscribe().block();
         let resp = match future.get() {
-            Some(Ok(Ok(resp))) => resp,
+            Some(Ok(Ok(resp))) if written.is_ok() => resp,
             Some(Ok(Err(e))) => return Err(transport(e, authority)),
+            Some(Ok(Ok(_))) if written.is_err() => {
+                return Err(Error::transport(format!(
+                    "request to {authority}: body write failed"
+                )));
+            }
             _ => {
                 return Err(Error::transport(format!(
                     "request to {authority}: no response"
@@ -189,6 +204,10 @@ impl Env for WasiEnv {
     fn now_ms(&self) -> u64 {
         let t = wall_clock::now();
         t.seconds * 1000 + u64::from(t.nanoseconds / 1_000_000)
+    }
+
+    fn sleep_ms(&self, ms: u64) {
+        monotonic_clock::subscribe_duration(ms.saturating_mul(1_000_000)).block();
     }
 
     fn random_bytes(&self, len: usize) -> Vec<u8> {

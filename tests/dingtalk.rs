@@ -423,7 +423,8 @@ async fn bad_callbacks_are_typed_errors_and_change_nothing() {
         fx.sim
             .build_raw_push(APP_KEY, &sim_app_key("another-app"), now)
             .unwrap(),
-        "unauthorized",
+        // The same answer as any unreadable ciphertext (no padding oracle).
+        "invalid-input",
     ));
     cases.push((
         "non-JSON plaintext",
@@ -489,10 +490,10 @@ async fn platform_and_transport_errors_are_typed() {
             .unwrap()
             .contains("Brand.NewError")
     );
-    // Throttling is retryable.
+    // Throttling is retryable (the plugin's own three attempts all throttled).
     fx.sim.fail_next(
         "/v1.0/workflow/processInstances",
-        1,
+        3,
         429,
         json!({"code": "Throttling.Api", "message": "slow down"}),
     );

@@ -488,7 +488,8 @@ async fn bad_input_is_typed_and_changes_nothing() {
     cases.push(("stale timestamp", q, b, "unauthorized"));
     let other_corp = crypto::encrypt(key, event.as_bytes(), "wwother");
     let (q, b) = post(&other_corp, &ts);
-    cases.push(("wrong CorpID", q, b, "unauthorized"));
+    // The same answer as any unreadable ciphertext (no padding oracle).
+    cases.push(("wrong CorpID", q, b, "invalid-input"));
     let (q, b) = post(&crypto::encrypt(key, b"just text", CORP), &ts);
     cases.push(("non-XML plaintext", q, b, "invalid-input"));
     let bomb = "<?xml version=\"1.0\"?><!DOCTYPE lolz [<!ENTITY lol \"lol\"><!ENTITY lol1 \"&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;\">]><xml><Event>&lol1;</Event></xml>";
@@ -555,9 +556,9 @@ async fn bad_input_is_typed_and_changes_nothing() {
     assert_eq!(err_kind(&r), "platform");
     assert_eq!(r["err"]["code"], 12345);
     assert_eq!(r["err"]["retryable"], false);
-    // System busy is retryable.
+    // System busy is retryable (the plugin's own three attempts all busy).
     w.sim
-        .fail_next("/cgi-bin/oa/getapprovaldetail", 1, 200, -1, "system busy");
+        .fail_next("/cgi-bin/oa/getapprovaldetail", 3, 200, -1, "system busy");
     assert_eq!(w.get(&sp_no, true).await["err"]["retryable"], true);
     assert_eq!(w.h.kv_dump("t1"), before);
 

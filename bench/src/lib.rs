@@ -59,6 +59,7 @@ pub fn app_native(platform: Platform) -> ImApp {
         encrypt_key: s("encrypt_key"),
         token: s("token"),
         api_base: None,
+        max_clock_skew_secs: None,
     }
 }
 

@@ -90,6 +90,7 @@ pub fn app(
         token: token.map(str::to_string),
         // Never contacted: MemEnv has no network.
         api_base: Some("http://127.0.0.1:9".into()),
+        max_clock_skew_secs: None,
     }
 }
 

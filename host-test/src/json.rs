@@ -212,17 +212,23 @@ impl Json for i64 {
     }
 }
 
-impl Json for u16 {
-    fn to_json(&self) -> Value {
-        json!(self)
-    }
-    fn from_json(value: &Value, path: &str) -> Result<Self> {
-        value
-            .as_u64()
-            .and_then(|n| u16::try_from(n).ok())
-            .ok_or_else(|| anyhow!("`{path}` must be an integer from 0 to 65535"))
-    }
+/// Unsigned integers narrower than u64, range-checked.
+macro_rules! json_narrow_uint {
+    ($($t:ty),*) => {$(
+        impl Json for $t {
+            fn to_json(&self) -> Value {
+                json!(self)
+            }
+            fn from_json(value: &Value, path: &str) -> Result<Self> {
+                value
+                    .as_u64()
+                    .and_then(|n| <$t>::try_from(n).ok())
+                    .ok_or_else(|| anyhow!("`{path}` must be an integer from 0 to {}", <$t>::MAX))
+            }
+        }
+    )*};
 }
+json_narrow_uint!(u16, u32);
 
 impl<T: Json> Json for Option<T> {
     fn to_json(&self) -> Value {
@@ -340,6 +346,7 @@ impl Json for ImApp {
             "encrypt_key": self.encrypt_key,
             "token": self.token,
             "api_base": self.api_base,
+            "max_clock_skew_secs": self.max_clock_skew_secs,
         })
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
@@ -353,6 +360,7 @@ impl Json for ImApp {
             encrypt_key: o.opt("encrypt_key")?,
             token: o.opt("token")?,
             api_base: o.opt("api_base")?,
+            max_clock_skew_secs: o.opt("max_clock_skew_secs")?,
         })
     }
 }
@@ -689,6 +697,13 @@ mod tests {
     #[test]
     fn inputs_roundtrip() {
         roundtrip::<ImApp>(app());
+        let mut windowed = app();
+        windowed["max_clock_skew_secs"] = json!(30);
+        roundtrip::<ImApp>(windowed.clone());
+        windowed["max_clock_skew_secs"] = json!(-1);
+        assert!(ImApp::from_json(&windowed, "app").is_err());
+        windowed["max_clock_skew_secs"] = json!(u64::from(u32::MAX) + 1);
+        assert!(ImApp::from_json(&windowed, "app").is_err());
         roundtrip::<ApprovalRequest>(json!({
             "key": "wf-42/run-7/deploy", "title": "Deploy", "initiator": {"id": "ou_1"},
             "nodes": [{"approvers": [{"email": "a@x.com"}, {"mobile": "+86 1"}], "mode": "and"},

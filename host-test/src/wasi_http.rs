@@ -5,9 +5,10 @@
 //! the tenant, and the `api-base` the engine passed with the current call.
 
 use crate::log;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Limited};
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use wasmtime::StoreContextMut;
 use wasmtime::component::{Linker, Resource};
@@ -141,17 +142,44 @@ impl AllowList {
             _ => return false,
         };
         let port = authority.port_u16().unwrap_or(default_port);
-        let host = authority.host();
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let host = normalize_host(host);
-        self.patterns
-            .iter()
-            .any(|p| p.matches(&host, port, default_port))
+        let host = uri_host(uri).unwrap_or_default();
+        !is_prohibited_ip(&host)
+            && self
+                .patterns
+                .iter()
+                .any(|p| p.matches(&host, port, default_port))
     }
 }
+
+/// The host of `uri`, lower-cased, without a trailing dot or IPv6 brackets.
+fn uri_host(uri: &http::Uri) -> Option<String> {
+    let host = uri.host()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Some(normalize_host(host))
+}
+
+/// Link-local addresses (cloud metadata services such as 169.254.169.254 live there) and the
+/// unspecified address are refused even when allow-listed: no IM platform is reached that way,
+/// and a plugin talking to the metadata service could steal the host's cloud credentials.
+/// (Names are not resolved here; the allow-list admits only names the operator chose.)
+pub fn is_prohibited_ip(host: &str) -> bool {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => v4.is_link_local() || v4.is_unspecified(),
+        Ok(std::net::IpAddr::V6(v6)) => {
+            (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6.is_unspecified()
+                || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+        }
+        Err(_) => false,
+    }
+}
+
+/// Bodies the plugin sends are capped: platform API requests are a few KiB, and a plugin
+/// streaming gigabytes would tie up the host's bandwidth on behalf of one tenant.
+pub const MAX_REQUEST_BODY: u64 = 2 * 1024 * 1024;
 
 /// Adds `wasi:http/types` and an `outgoing-handler` that checks the allow-list.
 ///
@@ -187,10 +215,30 @@ pub fn add_to_linker<T: WasiHttpView + 'static>(
                 (scheme, req.authority.clone().unwrap_or_default())
             };
             let uri = format!("{scheme}://{authority}/").parse::<http::Uri>();
+            if let Ok(uri) = &uri
+                && uri_host(uri).is_some_and(|h| is_prohibited_ip(&h))
+            {
+                policy(data).log_prohibited(&authority);
+                data.http().table.delete(request)?;
+                return Ok((Err(types::ErrorCode::DestinationIpProhibited),));
+            }
             if !uri.is_ok_and(|uri| policy(data).allows(&uri)) {
                 policy(data).log_denied(&authority);
                 data.http().table.delete(request)?;
                 return Ok((Err(types::ErrorCode::HttpRequestDenied),));
+            }
+            let declared = {
+                let view = data.http();
+                let req = view.table.get(&request)?;
+                req.headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            if declared.is_some_and(|n| n > MAX_REQUEST_BODY) {
+                policy(data).log_too_big(&authority);
+                data.http().table.delete(request)?;
+                return Ok((Err(types::ErrorCode::HttpRequestBodySize(declared)),));
             }
             match outgoing_handler::Host::handle(&mut data.http(), request, options) {
                 Ok(response) => Ok((Ok(response),)),
@@ -256,9 +304,47 @@ impl WasiHttpHooks for HttpPolicy {
             return Box::new(async { Err(Error::HttpRequestDenied) });
         }
         let options = self.options(options);
+        let tenant = self.tenant.clone();
+        let host = request.uri().host().unwrap_or_default().to_string();
+        // Streamed bodies are counted as they go: past the cap the request is aborted. hyper
+        // reports that as a protocol error, so the flag turns it back into the reason.
+        let over = Arc::new(AtomicBool::new(false));
+        let flag = over.clone();
+        let request = request.map(move |body| {
+            Limited::new(body, MAX_REQUEST_BODY as usize)
+                .map_err(move |e| match e.downcast::<Error>() {
+                    Ok(e) => *e,
+                    Err(_) => {
+                        flag.store(true, Ordering::Relaxed);
+                        log!(
+                            "tenant={tenant} http request to host={host} aborted: body over \
+                             {MAX_REQUEST_BODY} bytes"
+                        );
+                        Error::HttpRequestBodySize(Some(MAX_REQUEST_BODY))
+                    }
+                })
+                .boxed_unsync()
+        });
         Box::new(async move {
-            let (response, io) =
-                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            let too_big = || Error::HttpRequestBodySize(Some(MAX_REQUEST_BODY));
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options))
+                .await
+                .map_err(|e| {
+                    if over.load(Ordering::Relaxed) {
+                        too_big()
+                    } else {
+                        e
+                    }
+                })?;
+            let io = async move {
+                io.await.map_err(|e| {
+                    if over.load(Ordering::Relaxed) {
+                        too_big()
+                    } else {
+                        e
+                    }
+                })
+            };
             Ok((
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
@@ -274,11 +360,26 @@ impl HttpPolicy {
 
     /// Logs the host only: paths and queries of webhook URLs carry access tokens.
     fn log_denied(&self, authority: &str) {
-        let host = split_authority(authority).map_or("?", |(host, _)| host);
-        log!(
-            "tenant={} http denied host={host} (not in the allow-list)",
-            self.tenant
+        self.log_refused(authority, "not in the allow-list");
+    }
+
+    fn log_prohibited(&self, authority: &str) {
+        self.log_refused(
+            authority,
+            "link-local or unspecified address, never allowed",
         );
+    }
+
+    fn log_too_big(&self, authority: &str) {
+        self.log_refused(
+            authority,
+            &format!("content-length over {MAX_REQUEST_BODY} bytes"),
+        );
+    }
+
+    fn log_refused(&self, authority: &str, why: &str) {
+        let host = split_authority(authority).map_or("?", |(host, _)| host);
+        log!("tenant={} http denied host={host} ({why})", self.tenant);
     }
 }
 
@@ -325,6 +426,31 @@ mod tests {
         assert!(!v6.allows(&uri("http://[::1]:7001/")));
         let bare = list.with("https://private.feishu.corp").unwrap();
         assert!(bare.allows(&uri("https://private.feishu.corp/open-apis")));
+    }
+
+    #[test]
+    fn link_local_and_unspecified_addresses_are_never_allowed() {
+        let list = AllowList::new(&[
+            "169.254.169.254".into(),
+            "169.254.169.254:80".into(),
+            "[fe80::1]:80".into(),
+            "0.0.0.0:8080".into(),
+            "[::ffff:169.254.169.254]:80".into(),
+            "10.0.0.1:80".into(),
+        ])
+        .unwrap();
+        for refused in [
+            "http://169.254.169.254/latest/meta-data/",
+            "http://169.254.1.2:80/",
+            "http://[fe80::1]:80/",
+            "http://0.0.0.0:8080/",
+            "http://[::ffff:169.254.169.254]:80/",
+        ] {
+            assert!(!list.allows(&uri(refused)), "{refused}");
+        }
+        assert!(list.allows(&uri("http://10.0.0.1/")));
+        assert!(!is_prohibited_ip("open.feishu.cn"));
+        assert!(!is_prohibited_ip("127.0.0.1"));
     }
 
     #[test]

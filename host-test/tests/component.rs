@@ -1,23 +1,12 @@
 //! The host with the real component (`target/imbridge.wasm`). Skipped, with a note, until the
 //! component has been built.
 
+mod common;
+
+use common::component;
 use imbridge_host::{Host, HostConfig, TenantPolicy};
 use serde_json::json;
 use std::path::PathBuf;
-
-fn component() -> Option<PathBuf> {
-    let path = std::env::var_os("IMBRIDGE_COMPONENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/imbridge.wasm")
-        });
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!("skipping: {} not built", path.display());
-        None
-    }
-}
 
 /// Compiled once for all tests (and test runs) instead of once per host.
 fn config(dir: &std::path::Path) -> HostConfig {

@@ -59,8 +59,13 @@ pub fn b64_encode(bytes: &[u8]) -> String {
 }
 
 /// One message for every way decryption can fail, so responses reveal nothing about padding.
-pub(crate) fn undecryptable() -> Error {
-    Error::input("payload cannot be decrypted with the configured key")
+/// The one answer to every failure between a verified signature and a readable message: bad
+/// base64, length, padding, frame, receive id, or a plaintext that does not parse. WX
+/// signatures use the callback token, not the AES key, so someone holding only the token could
+/// otherwise tell "bad padding" from "padding fine, content wrong" and decrypt captured
+/// callbacks through that oracle.
+pub fn undecryptable() -> Error {
+    Error::input("payload cannot be decrypted and read with the configured key and app id")
 }
 
 #[cfg(test)]

@@ -7,11 +7,12 @@ use crate::callback::{check_timestamp, header, signature_matches};
 use crate::crypto::{self, ct_eq};
 use crate::env::{Env, hex, key_segment};
 use crate::error::{Error, Result};
-use crate::http::{self, Method, call_json, status_is_retryable};
+use crate::http::{self, Method, call_checked, call_json, status_is_retryable};
 use crate::model::{
     ApprovalNode, ApprovalRequest, ApprovalStatus, Decision, HttpRequest, HttpResponse, ImApp,
     Notification, Platform, Receipt, SignMode, Target, UserRef,
 };
+use crate::retry::Repeat;
 use crate::token::{self, Issued};
 use serde_json::{Value, json};
 
@@ -100,7 +101,15 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
             self.base
         );
         let body = json!({"app_id": self.app.app_id, "app_secret": self.app.app_secret});
-        let reply = check(call_json(self.env, Method::Post, &url, &[], Some(&body))?)?;
+        let reply = call_checked(
+            self.env,
+            Method::Post,
+            &url,
+            &[],
+            Some(&body),
+            Repeat::Safe,
+            check,
+        )?;
         Ok(Issued {
             token: reply
                 .get("tenant_access_token")
@@ -111,8 +120,24 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
         })
     }
 
-    /// Calls an authenticated endpoint and returns its `data`.
+    /// Calls an authenticated endpoint that changes something (sent once) and returns its
+    /// `data`.
     fn api(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        self.call(Repeat::Never, method, path, body)
+    }
+
+    /// Like `api`, for a lookup: retried on rate limits and 5xx.
+    fn read(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        self.call(Repeat::Safe, method, path, body)
+    }
+
+    fn call(
+        &self,
+        repeat: Repeat,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value> {
         let url = format!("{}{}", self.base, path);
         token::with_token(
             self.env,
@@ -121,8 +146,9 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
             is_token_invalid,
             &mut |tok| {
                 let auth = format!("Bearer {tok}");
-                let reply = call_json(self.env, method, &url, &[("authorization", &auth)], body)?;
-                Ok(check(reply)?.get("data").cloned().unwrap_or(Value::Null))
+                let headers = [("authorization", auth.as_str())];
+                let reply = call_checked(self.env, method, &url, &headers, body, repeat, check)?;
+                Ok(reply.get("data").cloned().unwrap_or(Value::Null))
             },
         )
     }
@@ -148,7 +174,7 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
         let mut found: Vec<(String, String)> = Vec::new();
         for (kind, list) in [("emails", &emails), ("mobiles", &mobiles)] {
             for chunk in list.chunks(BATCH_GET_ID_LIMIT) {
-                let data = self.api(
+                let data = self.read(
                     Method::Post,
                     "/open-apis/contact/v3/users/batch_get_id?user_id_type=open_id",
                     Some(&json!({ kind: chunk })),
@@ -327,7 +353,7 @@ pub fn create(
     ) {
         // An earlier attempt created the instance but its outcome was lost; Feishu lets us
         // read it back by the same uuid, so the retry adopts it instead of failing.
-        Err(Error::Platform { code, .. }) if code == UUID_CONFLICT => c.api(
+        Err(Error::Platform { code, .. }) if code == UUID_CONFLICT => c.read(
             Method::Get,
             &format!(
                 "/open-apis/approval/v4/instances/{}",
@@ -371,7 +397,7 @@ fn meta_str<'r>(rec: &'r Record, field: &str) -> Result<&'r str> {
 
 pub fn poll(env: &(impl Env + ?Sized), app: &ImApp, rec: &Record) -> Result<Vec<Event>> {
     let c = Client::new(env, app)?;
-    let data = c.api(
+    let data = c.read(
         Method::Get,
         &format!(
             "/open-apis/approval/v4/instances/{}?user_id_type=open_id",
@@ -464,18 +490,19 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
             ));
         }
         (Some(enc), Some(key)) => {
-            let signed = verify_signature(env, key, req)?;
-            let plain = crypto::feishu::decrypt(key, enc).map_err(|e| {
-                // Without a verified signature, every failure looks the same (no oracle).
-                if signed { e } else { unsigned() }
-            })?;
-            let inner: Value = serde_json::from_slice(&plain).map_err(|_| {
-                if signed {
-                    Error::input("decrypted callback is not JSON")
-                } else {
-                    unsigned()
-                }
-            })?;
+            let signed = verify_signature(env, app, key, req)?;
+            // Every failure to decrypt and read looks the same (no padding oracle); without a
+            // verified signature it is the signature error.
+            let inner: Value = crypto::feishu::decrypt(key, enc)
+                .ok()
+                .and_then(|plain| serde_json::from_slice(&plain).ok())
+                .ok_or_else(|| {
+                    if signed {
+                        crypto::undecryptable()
+                    } else {
+                        unsigned()
+                    }
+                })?;
             (inner, signed)
         }
         (None, Some(_)) => {
@@ -555,7 +582,12 @@ fn unsigned() -> Error {
 
 /// Returns whether a valid signature was present. A present but wrong or stale one is an error;
 /// an absent one is allowed only for the URL handshake, which Feishu does not sign.
-fn verify_signature(env: &(impl Env + ?Sized), key: &str, req: &HttpRequest) -> Result<bool> {
+fn verify_signature(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    key: &str,
+    req: &HttpRequest,
+) -> Result<bool> {
     let (Some(sig), Some(ts), Some(nonce)) =
         (header(req, SIG), header(req, TS), header(req, NONCE))
     else {
@@ -565,7 +597,7 @@ fn verify_signature(env: &(impl Env + ?Sized), key: &str, req: &HttpRequest) -> 
     if !signature_matches(&expected, sig) {
         return Err(unsigned());
     }
-    check_timestamp(env.now_ms(), ts, 1)?;
+    check_timestamp(app, env.now_ms(), ts, 1)?;
     Ok(true)
 }
 
@@ -775,6 +807,7 @@ pub(crate) mod tests {
             encrypt_key: Some("ekey".into()),
             token: Some("vtoken".into()),
             api_base: Some("http://127.0.0.1:1".into()),
+            max_clock_skew_secs: None,
         }
     }
 

@@ -11,11 +11,14 @@ use crate::callback::{check_timestamp, signature_matches};
 use crate::crypto::{self, sorted_sha1_hex, wx::WxKey};
 use crate::env::{Env, EnvExt, hex, key_segment};
 use crate::error::{Error, Result};
-use crate::http::{self, Method, call_json, parse_query, percent_encode, status_is_retryable};
+use crate::http::{
+    self, Method, call_checked, call_json, parse_query, percent_encode, status_is_retryable,
+};
 use crate::model::{
     ApprovalRequest, ApprovalStatus, Decision, HttpRequest, HttpResponse, ImApp, Level,
     Notification, Receipt, SignMode, Target, UserRef,
 };
+use crate::retry::Repeat;
 use crate::token::{self, Issued};
 use quick_xml::events::Event as XmlEvent;
 use serde_json::{Value, json};
@@ -103,7 +106,7 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
             percent_encode(self.app.app_id.trim()),
             percent_encode(self.app.app_secret.trim())
         );
-        let reply = check(call_json(self.env, Method::Get, &url, &[], None)?)?;
+        let reply = call_checked(self.env, Method::Get, &url, &[], None, Repeat::Safe, check)?;
         Ok(Issued {
             token: reply
                 .get("access_token")
@@ -117,8 +120,18 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
         })
     }
 
-    /// POSTs `body` to an authenticated endpoint and returns the whole reply.
+    /// POSTs `body` to an authenticated endpoint that changes something (sent once) and
+    /// returns the whole reply.
     fn api(&self, path: &str, body: &Value) -> Result<Value> {
+        self.call(path, body, Repeat::Never)
+    }
+
+    /// Like `api`, for a lookup (WeCom's reads are POSTs too): retried on rate limits and 5xx.
+    fn read(&self, path: &str, body: &Value) -> Result<Value> {
+        self.call(path, body, Repeat::Safe)
+    }
+
+    fn call(&self, path: &str, body: &Value, repeat: Repeat) -> Result<Value> {
         token::with_token(
             self.env,
             &self.token_key,
@@ -126,7 +139,7 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
             is_token_invalid,
             &mut |tok| {
                 let url = format!("{}{}?access_token={}", self.base, path, percent_encode(tok));
-                check(call_json(self.env, Method::Post, &url, &[], Some(body))?)
+                call_checked(self.env, Method::Post, &url, &[], Some(body), repeat, check)
             },
         )
     }
@@ -152,7 +165,7 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
                 e,
             ),
         };
-        let reply = match self.api(path, &body) {
+        let reply = match self.read(path, &body) {
             // 46004 "user not found" / 60111 "userid not found": say who.
             Err(Error::Platform { code, .. }) if code == 46004 || code == 60111 => {
                 return Err(Error::input(format!("no WeCom user found for {what}")));
@@ -367,7 +380,7 @@ pub fn events_from_detail(info: &Value) -> Vec<Event> {
 
 pub fn poll(env: &(impl Env + ?Sized), app: &ImApp, rec: &Record) -> Result<Vec<Event>> {
     let c = Client::new(env, app)?;
-    let reply = c.api(
+    let reply = c.read(
         "/cgi-bin/oa/getapprovaldetail",
         &json!({"sp_no": rec.approval.instance_id}),
     )?;
@@ -583,6 +596,7 @@ impl Callback<'_> {
 /// timestamp's age (seconds).
 fn verify(
     env: &(impl Env + ?Sized),
+    app: &ImApp,
     token: &str,
     cb: &Callback<'_>,
     encrypted: &str,
@@ -598,7 +612,7 @@ fn verify(
     if !signature_matches(&expected, sig) {
         return Err(unsigned());
     }
-    check_timestamp(env.now_ms(), ts, 1)?;
+    check_timestamp(app, env.now_ms(), ts, 1)?;
     Ok(())
 }
 
@@ -635,8 +649,10 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
         let echostr = cb
             .param("echostr")
             .ok_or_else(|| Error::input("GET callback without echostr"))?;
-        verify(env, token, &cb, echostr)?;
-        let plain = key.decrypt(echostr, corp_id)?;
+        verify(env, app, token, &cb, echostr)?;
+        let plain = key
+            .decrypt(echostr, corp_id)
+            .map_err(|_| crypto::undecryptable())?;
         return Ok(Parsed {
             response: HttpResponse::text(200, plain),
             events: Vec::new(),
@@ -662,22 +678,28 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
     .filter(|e| !e.is_empty())
     .ok_or_else(|| Error::input("callback without an encrypted payload"))?;
     // The signature is checked before any decryption: unauthenticated bytes never reach AES.
-    verify(env, token, &cb, &encrypted)?;
-    let plain = key.decrypt(&encrypted, corp_id)?;
+    verify(env, app, token, &cb, &encrypted)?;
+    let plain = key
+        .decrypt(&encrypted, corp_id)
+        .map_err(|_| crypto::undecryptable())?;
     let plain_trimmed = trim_ascii(&plain);
-    let msg = if plain_trimmed.first() == Some(&b'{') {
-        let v: Value = serde_json::from_slice(plain_trimmed)
-            .map_err(|_| Error::input("decrypted callback is neither XML nor JSON"))?;
-        json_to_node("xml", &v, 0)?
-    } else if plain_trimmed.first() == Some(&b'<') {
-        parse_xml(plain_trimmed)?
-    } else {
-        return Err(Error::input("decrypted callback is neither XML nor JSON"));
-    };
+    let msg = read_message(plain_trimmed).map_err(|_| crypto::undecryptable())?;
     Ok(Parsed {
         response: ack(),
         events: inbound_events(&msg, plain_trimmed),
     })
+}
+
+/// The decrypted message, XML or its JSON variant.
+fn read_message(plain: &[u8]) -> Result<Node> {
+    match plain.first() {
+        Some(b'{') => {
+            let v: Value = serde_json::from_slice(plain)?;
+            json_to_node("xml", &v, 0)
+        }
+        Some(b'<') => parse_xml(plain),
+        _ => Err(Error::input("decrypted callback is neither XML nor JSON")),
+    }
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
@@ -931,6 +953,7 @@ mod tests {
             encrypt_key: Some(AES.into()),
             token: Some("tok".into()),
             api_base: Some("http://127.0.0.1:1".into()),
+            max_clock_skew_secs: None,
         }
     }
 
@@ -1087,13 +1110,13 @@ mod tests {
             Err(Error::Unauthorized(_))
         ));
         env.now.set(1_700_000_000_000);
-        // Wrong CorpID.
+        // Wrong CorpID: the same answer as any other unreadable ciphertext.
         let mut a = app();
         a.app_id = "other".into();
-        assert!(matches!(
-            parse_callback(&env, &a, &good),
-            Err(Error::Unauthorized(_))
-        ));
+        assert_eq!(
+            parse_callback(&env, &a, &good).err(),
+            Some(crypto::undecryptable())
+        );
         // Missing config.
         let mut a = app();
         a.token = None;
@@ -1109,9 +1132,14 @@ mod tests {
         ));
         // DOCTYPE and undeclared entities.
         let bomb = "<?xml version=\"1.0\"?><!DOCTYPE lolz [<!ENTITY lol \"lol\"><!ENTITY lol2 \"&lol;&lol;\">]><xml><Event>&lol2;</Event></xml>";
-        let r = signed(&env, "POST", bomb, true);
         assert!(
-            matches!(parse_callback(&env, &app(), &r), Err(Error::InvalidInput(m)) if m.contains("DOCTYPE"))
+            matches!(parse_xml(bomb.as_bytes()), Err(Error::InvalidInput(m)) if m.contains("DOCTYPE"))
+        );
+        // Inside a signed message it is refused like any unreadable plaintext (no oracle).
+        let r = signed(&env, "POST", bomb, true);
+        assert_eq!(
+            parse_callback(&env, &app(), &r).err(),
+            Some(crypto::undecryptable())
         );
         assert!(parse_xml(b"<xml><a>&lol;</a></xml>").is_err());
         assert!(parse_xml(b"<xml><a></b></xml>").is_err());

@@ -4,6 +4,7 @@
 //! each other's keys. The component must have been built first (`./dev build` or `./dev test`).
 
 use anyhow::{Context, Result, bail};
+use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser};
 use imbridge_host::{Host, HostConfig, TenantPolicy};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -113,4 +114,19 @@ pub fn http_request(method: &str, query: &str, headers: &[(String, String)], bod
         "headers": headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
         "body": String::from_utf8_lossy(body),
     })
+}
+
+/// A DingTalk simulator with `app` and `users` (each with a distinct mainland mobile).
+pub async fn dingtalk_sim(app: &DingtalkApp, users: &[&str]) -> DingtalkSim {
+    DingtalkSim::start(DingtalkConfig {
+        apps: vec![app.clone()],
+        users: users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| DingtalkUser::new(u, Some(&format!("1380000000{i}"))))
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .expect("DingTalk simulator")
 }

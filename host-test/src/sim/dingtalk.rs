@@ -323,6 +323,12 @@ impl DingtalkSim {
         }
     }
 
+    /// The fault injection itself: canned responses with any status, headers and body, and
+    /// delays, for paths (exact, no query).
+    pub fn faults(&self) -> MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The next `n` requests to `path` get HTTP `status` with `body` and change nothing.
     pub fn fail_next(&self, path: &str, n: usize, status: u16, body: Value) {
         self.faults

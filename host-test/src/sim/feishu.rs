@@ -435,6 +435,12 @@ impl FeishuSim {
         };
     }
 
+    /// The fault injection itself: canned responses with any status, headers and body, and
+    /// delays, for paths (exact, no query).
+    pub fn faults(&self) -> MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Makes every issued tenant token invalid, as if they had all expired.
     pub fn expire_all_tokens(&self) {
         for t in self.inner.lock().tokens.values_mut() {

@@ -84,6 +84,8 @@ impl Response {
 pub struct Faults {
     next: HashMap<String, VecDeque<Response>>,
     delays: HashMap<String, Duration>,
+    /// Injected responses served so far, per path (those requests never reach the handler).
+    served: HashMap<String, usize>,
 }
 
 impl Faults {
@@ -102,15 +104,29 @@ impl Faults {
         };
     }
 
-    /// Drops every pending fault and delay.
+    /// How many injected responses `path` has served (to count a client's retries).
+    pub fn served(&self, path: &str) -> usize {
+        self.served.get(path).copied().unwrap_or(0)
+    }
+
+    /// Injected responses still waiting for `path`.
+    pub fn pending(&self, path: &str) -> usize {
+        self.next.get(path).map_or(0, VecDeque::len)
+    }
+
+    /// Drops every pending fault and delay, and the counts of served ones.
     pub fn clear(&mut self) {
         self.next.clear();
         self.delays.clear();
+        self.served.clear();
     }
 
     fn take(&mut self, path: &str) -> (Option<Duration>, Option<Response>) {
         let delay = self.delays.get(path).copied();
         let fault = self.next.get_mut(path).and_then(VecDeque::pop_front);
+        if fault.is_some() {
+            *self.served.entry(path.to_string()).or_default() += 1;
+        }
         (delay, fault)
     }
 }
@@ -253,6 +269,11 @@ pub async fn post(
 /// A GET with a deadline (e.g. WeCom's URL check); like [`post`], the outcome is the [`Reply`].
 pub async fn get(url: &str, timeout: Duration) -> Reply {
     request(hyper::Method::GET, url, &[], Vec::new(), timeout).await
+}
+
+/// [`get`] with request headers (e.g. an engine's bearer token).
+pub async fn get_with(url: &str, headers: &[(String, String)], timeout: Duration) -> Reply {
+    request(hyper::Method::GET, url, headers, Vec::new(), timeout).await
 }
 
 async fn request(

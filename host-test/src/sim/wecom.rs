@@ -326,6 +326,12 @@ impl WecomSim {
         };
     }
 
+    /// The fault injection itself: canned responses with any status, headers and body, and
+    /// delays, for paths (exact, no query).
+    pub fn faults(&self) -> MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Every issued token becomes invalid (WeCom then answers 42001).
     pub fn expire_all_tokens(&self) {
         for t in &mut self.inner.lock().tokens {

@@ -1,0 +1,344 @@
+//! Faults from the platforms, per platform, through the built component against the
+//! simulators' fault injection: 5xx, 429 and the platforms' rate-limit codes, `Retry-After`,
+//! timeouts, and token expiry mid-call.
+//!
+//! Reads (status polls, token fetches, user lookups) are retried with bounded backoff; creates
+//! are never repeated by the plugin (a lost answer may mean the platform acted) and come back as
+//! retryable errors instead. Every outcome is a result or a typed error, never a hang: the host's
+//! deadline is short here, and a platform that stops answering ends in a `transport` error.
+
+use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkSim};
+use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
+use imbridge_host::sim::http::{Faults, Response};
+use imbridge_host::sim::wecom::{WecomApp, WecomConfig, WecomSim, WecomUser};
+use imbridge_tests::{Harness, dingtalk_sim, err_kind, ok};
+use serde_json::{Value, json};
+use std::sync::MutexGuard;
+use std::time::Duration;
+
+const TENANT: &str = "t1";
+
+enum Sim {
+    Feishu(FeishuSim),
+    Dingtalk(DingtalkSim),
+    Wecom(WecomSim),
+}
+
+/// One platform's fixture: simulator, host, app, and where its calls go.
+struct Fx {
+    sim: Sim,
+    h: Harness,
+    app: Value,
+    /// The pending approval every test polls.
+    instance: String,
+    /// Request paths (exact, no query) of the status poll, the create and the token fetch.
+    poll: String,
+    create: &'static str,
+    token: &'static str,
+    /// The platform's own rate-limit answer.
+    rate_limited: Response,
+}
+
+impl Fx {
+    fn faults(&self) -> MutexGuard<'_, Faults> {
+        match &self.sim {
+            Sim::Feishu(s) => s.faults(),
+            Sim::Dingtalk(s) => s.faults(),
+            Sim::Wecom(s) => s.faults(),
+        }
+    }
+
+    fn expire_tokens(&self) {
+        match &self.sim {
+            Sim::Feishu(s) => s.expire_all_tokens(),
+            Sim::Dingtalk(s) => s.expire_all_tokens(),
+            Sim::Wecom(s) => s.expire_all_tokens(),
+        }
+    }
+
+    /// Token requests that reached the simulator's handler.
+    fn token_fetches(&self) -> usize {
+        match &self.sim {
+            Sim::Feishu(s) => s.calls(&format!("POST {}", self.token)),
+            Sim::Dingtalk(s) => s.calls(self.token),
+            Sim::Wecom(s) => s.calls(self.token),
+        }
+    }
+
+    fn inject(&self, path: &str, n: usize, response: Response) {
+        self.faults().fail_next(path, n, response);
+    }
+
+    /// Injected answers `path` has served and still holds.
+    fn served(&self, path: &str) -> (usize, usize) {
+        let f = self.faults();
+        (f.served(path), f.pending(path))
+    }
+
+    async fn poll(&self) -> Value {
+        self.h
+            .invoke(
+                TENANT,
+                "get-approval",
+                json!({"app": self.app, "instance_id": self.instance, "refresh": true}),
+            )
+            .await
+    }
+
+    async fn start(&self, key: &str, initiator: Value, approver: Value) -> Value {
+        self.h
+            .invoke(
+                TENANT,
+                "start-approval",
+                json!({"app": self.app, "request": {"key": key, "title": "Deploy?",
+                    "initiator": initiator,
+                    "nodes": [{"approvers": [approver], "mode": "and"}]}}),
+            )
+            .await
+    }
+}
+
+fn unavailable() -> Response {
+    Response {
+        status: 503,
+        headers: vec![("content-type".into(), "text/html".into())],
+        body: b"<html>503 Service Temporarily Unavailable</html>".to_vec(),
+    }
+}
+
+async fn harness(base_url: &str) -> Harness {
+    let allow = [base_url.trim_start_matches("http://").to_string()];
+    // A short deadline: whatever a platform does, a call must end (typed) well before it.
+    Harness::with_config(&[TENANT], &allow, |c| {
+        c.call_timeout = Duration::from_secs(5)
+    })
+    .await
+    .expect("harness")
+}
+
+async fn feishu() -> Fx {
+    let sim = FeishuSim::start(FeishuConfig {
+        apps: vec![FeishuApp::new("cli_faults", "s3cr3t")],
+        users: ["alice", "bob"].into_iter().map(FeishuUser::new).collect(),
+        ..FeishuConfig::default()
+    })
+    .await
+    .expect("sim");
+    let h = harness(&sim.base_url()).await;
+    let app = json!({"id": "fs", "platform": "feishu", "app_id": "cli_faults",
+                     "app_secret": "s3cr3t", "api_base": sim.base_url()});
+    let mut fx = Fx {
+        sim: Sim::Feishu(sim),
+        h,
+        app,
+        instance: String::new(),
+        poll: String::new(),
+        create: "/open-apis/approval/v4/instances",
+        token: "/open-apis/auth/v3/tenant_access_token/internal",
+        // As Feishu documents it: HTTP 429, code 99991400, the pause in x-ogw-ratelimit-reset.
+        rate_limited: Response::json(
+            429,
+            &json!({"code": 99991400, "msg": "request trigger frequency limit"}),
+        )
+        .with_header("x-ogw-ratelimit-limit", "100")
+        .with_header("x-ogw-ratelimit-reset", "1"),
+    };
+    let started = fx
+        .start("wf-1", json!({"id": "ou_alice"}), json!({"id": "ou_bob"}))
+        .await;
+    fx.instance = ok(&started)["instance_id"].as_str().unwrap().to_string();
+    fx.poll = format!("/open-apis/approval/v4/instances/{}", fx.instance);
+    fx
+}
+
+async fn dingtalk() -> Fx {
+    let app = DingtalkApp::new("dingfaults");
+    let sim = dingtalk_sim(&app, &["orig", "a"]).await;
+    let h = harness(&sim.base_url()).await;
+    let app = json!({"id": "dt", "platform": "dingtalk", "app_id": app.app_key,
+        "app_secret": app.app_secret, "agent_id": app.agent_id.to_string(),
+        "api_base": sim.base_url()});
+    let mut fx = Fx {
+        sim: Sim::Dingtalk(sim),
+        h,
+        app,
+        instance: String::new(),
+        poll: "/v1.0/workflow/processInstances".into(),
+        create: "/v1.0/workflow/processInstances",
+        token: "/v1.0/oauth2/accessToken",
+        // The new API's throttling answer (code prefix "Throttling"; the exact code and the
+        // header are not documented publicly, Retry-After is honoured when present).
+        rate_limited: Response::json(
+            429,
+            &json!({"code": "Throttling.Api", "message": "request was denied due to flow control"}),
+        )
+        .with_header("Retry-After", "1"),
+    };
+    let started = fx
+        .start("wf-1", json!({"id": "orig"}), json!({"id": "a"}))
+        .await;
+    fx.instance = ok(&started)["instance_id"].as_str().unwrap().to_string();
+    fx
+}
+
+async fn wecom() -> Fx {
+    let app = WecomApp::new("wwfaults01", "s3cr3t", 1000002);
+    let sim = WecomSim::start(WecomConfig {
+        apps: vec![app.clone()],
+        users: vec![WecomUser::new("zhangsan"), WecomUser::new("u1")],
+        ..Default::default()
+    })
+    .await
+    .expect("sim");
+    let h = harness(&sim.base_url()).await;
+    let app = json!({"id": "wa", "platform": "wecom", "app_id": app.corp_id,
+        "app_secret": app.secret, "agent_id": app.agent_id.to_string(),
+        "api_base": sim.base_url()});
+    let mut fx = Fx {
+        sim: Sim::Wecom(sim),
+        h,
+        app,
+        instance: String::new(),
+        poll: "/cgi-bin/oa/getapprovaldetail".into(),
+        create: "/cgi-bin/oa/applyevent",
+        token: "/cgi-bin/gettoken",
+        // WeCom answers rate limits with HTTP 200 and errcode 45009.
+        rate_limited: Response::json(
+            200,
+            &json!({"errcode": 45009, "errmsg": "api freq out of limit"}),
+        ),
+    };
+    let started = fx
+        .start("wf-1", json!({"id": "zhangsan"}), json!({"id": "u1"}))
+        .await;
+    fx.instance = ok(&started)["instance_id"].as_str().unwrap().to_string();
+    fx
+}
+
+/// The whole list, for one platform.
+async fn faults_are_retried_or_typed(fx: Fx) {
+    let before = fx.h.kv_dump(TENANT);
+
+    // A 5xx (HTML body) on a poll: retried, then served.
+    fx.inject(&fx.poll, 1, unavailable());
+    let r = fx.poll().await;
+    assert_eq!(ok(&r)["status"], "pending", "{r}");
+    assert_eq!(fx.served(&fx.poll), (1, 0));
+
+    // The platform's rate limit with a pause to honour: retried after it, then served.
+    fx.inject(&fx.poll, 1, fx.rate_limited.clone());
+    let r = fx.poll().await;
+    assert_eq!(ok(&r)["status"], "pending", "{r}");
+    assert_eq!(fx.served(&fx.poll), (2, 0));
+
+    // Still failing after three attempts: a retryable platform error, the fourth fault unused.
+    fx.inject(&fx.poll, 4, unavailable());
+    let r = fx.poll().await;
+    assert_eq!(err_kind(&r), "platform", "{r}");
+    assert_eq!(r["err"]["retryable"], true, "{r}");
+    assert_eq!(fx.served(&fx.poll), (5, 1));
+    fx.faults().clear();
+
+    // A pause longer than the plugin waits: passed on as retryable at once, one attempt.
+    let mut long_pause = fx.rate_limited.clone();
+    long_pause.headers.retain(|(k, _)| {
+        !k.eq_ignore_ascii_case("retry-after") && !k.eq_ignore_ascii_case("x-ogw-ratelimit-reset")
+    });
+    fx.inject(&fx.poll, 2, long_pause.with_header("Retry-After", "120"));
+    let r = fx.poll().await;
+    assert_eq!(err_kind(&r), "platform", "{r}");
+    assert_eq!(r["err"]["retryable"], true, "{r}");
+    assert_eq!(fx.served(&fx.poll), (1, 1));
+    fx.faults().clear();
+    assert_eq!(fx.h.kv_dump(TENANT), before, "failed polls stored nothing");
+
+    // A create is never repeated by the plugin: one 5xx is one attempt and a retryable error;
+    // the engine's retry with the same key then creates exactly one approval.
+    fx.inject(fx.create, 1, unavailable());
+    let r = fx.start_second().await;
+    assert_eq!(err_kind(&r), "platform", "{r}");
+    assert_eq!(r["err"]["retryable"], true, "{r}");
+    assert_eq!(fx.served(fx.create), (1, 0));
+    let first = ok(&fx.start_second().await)["instance_id"].clone();
+    assert_eq!(ok(&fx.start_second().await)["instance_id"], first);
+
+    // Token expiry mid-call: the platform refuses the cached token, the plugin fetches one new
+    // token and the poll succeeds.
+    let fetched = fx.token_fetches();
+    fx.expire_tokens();
+    let r = fx.poll().await;
+    assert_eq!(ok(&r)["status"], "pending", "{r}");
+    assert_eq!(fx.token_fetches(), fetched + 1);
+    // The refresh itself hits a 5xx: the token fetch is retried too.
+    fx.expire_tokens();
+    fx.inject(fx.token, 1, unavailable());
+    let r = fx.poll().await;
+    assert_eq!(ok(&r)["status"], "pending", "{r}");
+    assert_eq!(fx.served(fx.token), (1, 0));
+    assert_eq!(fx.token_fetches(), fetched + 2);
+
+    // The platform stops answering: the request is cut off inside the host's deadline and
+    // comes back as a retryable transport error (not retried: its time is spent).
+    fx.faults()
+        .set_delay(&fx.poll, Some(Duration::from_secs(60)));
+    let r = fx.poll().await;
+    assert_eq!(err_kind(&r), "transport", "{r}");
+    assert!(
+        r["err"]["message"].as_str().unwrap().contains("timed out"),
+        "{r}"
+    );
+    fx.faults().clear();
+    assert_eq!(ok(&fx.poll().await)["status"], "pending");
+}
+
+impl Fx {
+    /// A second approval, so the create path is exercised after the fixture's.
+    async fn start_second(&self) -> Value {
+        let (initiator, approver) = match &self.sim {
+            Sim::Feishu(_) => (json!({"id": "ou_alice"}), json!({"id": "ou_bob"})),
+            Sim::Dingtalk(_) => (json!({"id": "orig"}), json!({"id": "a"})),
+            Sim::Wecom(_) => (json!({"id": "zhangsan"}), json!({"id": "u1"})),
+        };
+        self.start("wf-2", initiator, approver).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn feishu_faults_are_retried_or_typed() {
+    faults_are_retried_or_typed(feishu().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dingtalk_faults_are_retried_or_typed() {
+    faults_are_retried_or_typed(dingtalk().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wecom_faults_are_retried_or_typed() {
+    faults_are_retried_or_typed(wecom().await).await;
+}
+
+/// DingTalk's legacy API answers throttling with HTTP 200 and errcode 90018; a user lookup
+/// (a read) is retried through it.
+#[tokio::test(flavor = "multi_thread")]
+async fn dingtalk_legacy_throttling_code_is_retried_on_reads() {
+    let fx = dingtalk().await;
+    let lookup = "/topapi/v2/user/getbymobile";
+    fx.inject(
+        lookup,
+        1,
+        Response::json(
+            200,
+            &json!({"errcode": 90018, "errmsg": "调用频率超出限制"}),
+        ),
+    );
+    let r = fx
+        .start(
+            "wf-mobile",
+            json!({"mobile": "13800000000"}),
+            json!({"id": "a"}),
+        )
+        .await;
+    ok(&r);
+    assert_eq!(fx.served(lookup), (1, 0));
+}

@@ -27,7 +27,7 @@ const TOKEN: &str = "vt-crash";
 /// Approvals decided during the burst (two approvers each: 4 callbacks per approval).
 const DECIDED: usize = 8;
 /// Approvals started during the burst.
-const STARTED: usize = 10;
+const STARTED: usize = 24;
 
 fn request(key: &str) -> Value {
     json!({"key": key, "title": "Deploy?", "initiator": {"id": "ou_alice"},
@@ -104,17 +104,9 @@ async fn crash_in_a_burst(store: Value, dir: &Path) {
         }
     }
 
-    // The burst: every callback and every start at once; the host dies when half of the
-    // callbacks have been answered.
+    // The burst: the starts, then (once some have reached the platform) every callback; the
+    // host dies when half of the callbacks have been answered, with starts still in flight.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let url = before.callback_url("t1", "fs");
-    for (i, (push, _)) in pushes.iter().enumerate() {
-        let (tx, url, push) = (tx.clone(), url.clone(), push.clone());
-        tokio::spawn(async move {
-            let r = http::post(&url, &push.headers, push.body, Duration::from_secs(30)).await;
-            let _ = tx.send((Some(i), r.status == Some(200), String::new()));
-        });
-    }
     let base = before.base.clone();
     for i in 0..STARTED {
         let (tx, base) = (tx.clone(), base.clone());
@@ -131,12 +123,25 @@ async fn crash_in_a_burst(store: Value, dir: &Path) {
             let _ = tx.send((None, r.status == Some(200) && !id.is_empty(), id));
         });
     }
+    replica::until("starts reach the platform", 60, || {
+        sim.state().instances.len() >= DECIDED + 3
+    })
+    .await;
+    let url = before.callback_url("t1", "fs");
+    for (i, (push, _)) in pushes.iter().enumerate() {
+        let (tx, url, push) = (tx.clone(), url.clone(), push.clone());
+        tokio::spawn(async move {
+            let r = http::post(&url, &push.headers, push.body, Duration::from_secs(30)).await;
+            let _ = tx.send((Some(i), r.status == Some(200), String::new()));
+        });
+    }
     drop(tx);
     let mut accepted = BTreeSet::new();
     // Instances whose start was answered before the kill.
     let mut ids_before = BTreeSet::new();
     let mut answered = 0;
     let mut killed = false;
+    let mut created_at_kill = 0;
     while let Some((callback, good, id)) = rx.recv().await {
         match callback {
             Some(i) => {
@@ -154,6 +159,7 @@ async fn crash_in_a_burst(store: Value, dir: &Path) {
         if !killed && answered * 2 >= pushes.len() {
             before.kill();
             killed = true;
+            created_at_kill = sim.state().instances.len() - DECIDED;
         }
     }
     assert!(killed);
@@ -239,8 +245,8 @@ async fn crash_in_a_burst(store: Value, dir: &Path) {
 
     eprintln!(
         "crash ({}): {} callbacks in the burst, {} acknowledged before kill -9 ({} with an \
-         effect, all {} found after restart); {} starts in the burst, {} answered before the \
-         kill; {} instances on the platform for {} keys",
+         effect, all {} found after restart); {} starts in the burst, {} created on the \
+         platform and {} answered before the kill; {} instances on the platform for {} keys",
         cfg.get("store")
             .map_or("embedded".into(), |s| s.to_string()),
         pushes.len(),
@@ -248,6 +254,7 @@ async fn crash_in_a_burst(store: Value, dir: &Path) {
         found,
         found,
         STARTED,
+        created_at_kill,
         ids_before.len(),
         instances,
         DECIDED + STARTED,

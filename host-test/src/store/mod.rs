@@ -83,11 +83,9 @@ pub trait Backend: LeaseStore {
     fn outbox_remove(&self, tenant: &str, seq: u64) -> Result<()>;
     /// Where the state lives, for the log (no credentials).
     fn describe(&self) -> String;
-}
 
-impl dyn Backend {
-    /// Writes without conditions (tests and tooling).
-    pub fn put(&self, ns: &str, writes: Vec<Write>) -> Result<()> {
+    /// Writes without conditions (tests, tooling, seeding).
+    fn put(&self, ns: &str, writes: Vec<Write>) -> Result<()> {
         let commit = Commit {
             writes,
             ..Commit::default()

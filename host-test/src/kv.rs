@@ -10,7 +10,8 @@
 //! Every value the call read from the store is remembered (as a digest), and the commit
 //! applies only if those keys still hold what was read: a concurrent call that changed one of
 //! them in between makes this commit a [`Outcome::Conflict`](crate::store::Outcome) instead
-//! of a lost update.
+//! of a lost update. (`list-keys` is not validated: key listings are for tooling, and the
+//! plugin's decisions never rest on one.)
 
 use crate::bindings::wasi::keyvalue::{atomics, store};
 use crate::store::{Backend, Commit, Seen, Write, digest};

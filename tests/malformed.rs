@@ -1414,7 +1414,7 @@ fn restore(h: &Harness, baseline: &Dump) {
             writes.push((k.clone(), Some(v.clone())));
         }
     }
-    h.host.store().commit(TENANT, writes).expect("restore");
+    h.host.store().put(TENANT, writes).expect("restore");
     assert_eq!(&h.kv_dump(TENANT), baseline);
 }
 

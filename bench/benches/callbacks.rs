@@ -179,7 +179,7 @@ fn callbacks(c: &mut Criterion) {
                                 host_call(p, &callback(p, run(variant), n, &inst, now_ms()))
                             })
                             .collect();
-                        host.host.store().commit("t", seeds).expect("seed");
+                        host.host.store().put("t", seeds).expect("seed");
                         let t = Instant::now();
                         host.rt.block_on(async {
                             for call in &calls {

@@ -5,6 +5,7 @@
 //!   "listen": "127.0.0.1:8080",
 //!   "public_url": "https://ci.example.com",
 //!   "state_dir": "state",
+//!   "store": {"redis": "redis://127.0.0.1:6379/0"},
 //!   "component": "target/imbridge.wasm",
 //!   "tenants": [{
 //!     "id": "acme",
@@ -14,6 +15,10 @@
 //!   }]
 //! }
 //! ```
+//!
+//! `store` is optional: without it the state lives in an embedded database in `state_dir`
+//! (one host process per directory); with `{"redis": URL}` in Redis, shared by every host
+//! replica configured with the same URL.
 //!
 //! Relative paths are resolved against the directory of the configuration file, so a config
 //! means the same thing whatever directory the host is started from.
@@ -26,6 +31,7 @@
 
 use crate::bindings::types::ImApp;
 use crate::json::Json as _;
+use crate::store::StoreConfig;
 use crate::tenants::{TenantPolicy, check_id};
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
@@ -41,6 +47,12 @@ struct RawConfig {
     public_url: String,
     state_dir: PathBuf,
     #[serde(default)]
+    store: Option<RawStore>,
+    #[serde(default)]
+    cache_dir: Option<PathBuf>,
+    #[serde(default)]
+    lease_ttl_secs: Option<u64>,
+    #[serde(default)]
     component: Option<PathBuf>,
     #[serde(default)]
     call_timeout_secs: Option<u64>,
@@ -48,6 +60,14 @@ struct RawConfig {
     api_token: Option<String>,
     #[serde(default)]
     tenants: Vec<RawTenant>,
+}
+
+/// `"store": {"redis": "redis://…"}`; the URL may carry a password, so it is never echoed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum RawStore {
+    Embedded {},
+    Redis(String),
 }
 
 #[derive(Deserialize)]
@@ -73,6 +93,14 @@ pub struct ServeConfig {
     /// The externally visible origin, e.g. `https://ci.example.com`, without trailing slash.
     pub public_url: String,
     pub state_dir: PathBuf,
+    /// Where the state lives: the embedded database in `state_dir` (default) or Redis.
+    pub store: StoreConfig,
+    /// Where compiled components are cached (default `state_dir/cache`); replicas may share
+    /// one.
+    pub cache_dir: Option<PathBuf>,
+    /// How long a persistent connection's lease lasts without renewal, i.e. how soon another
+    /// replica takes the connection over when its holder dies (default 30 s).
+    pub lease_ttl: Option<Duration>,
     /// The plugin every tenant runs; `None` means the CLI default.
     pub component: Option<PathBuf>,
     pub call_timeout: Option<Duration>,
@@ -240,6 +268,15 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
         listen: raw.listen,
         public_url,
         state_dir: resolve(raw.state_dir),
+        store: match raw.store {
+            None | Some(RawStore::Embedded {}) => StoreConfig::Embedded,
+            Some(RawStore::Redis(url)) => StoreConfig::Redis(url),
+        },
+        cache_dir: raw.cache_dir.map(resolve),
+        lease_ttl: match raw.lease_ttl_secs {
+            Some(0) => bail!("`lease_ttl_secs` must be at least 1"),
+            t => t.map(Duration::from_secs),
+        },
         component: raw.component.map(resolve),
         call_timeout: raw.call_timeout_secs.map(Duration::from_secs),
         api_token: raw.api_token.filter(|t| !t.is_empty()),
@@ -273,6 +310,24 @@ mod tests {
             "https://ci.example.com/callback/acme/a1"
         );
         assert!(cfg.tenant("acme").unwrap().app("a1").is_some());
+        assert_eq!(cfg.store, StoreConfig::Embedded);
+    }
+
+    #[test]
+    fn store_is_embedded_or_redis() {
+        let parse = |store: &str| {
+            let text =
+                format!(r#"{{"public_url": "http://x", "state_dir": "s", "store": {store}}}"#);
+            ServeConfig::parse(&text, Path::new(".")).map(|c| c.store)
+        };
+        assert_eq!(
+            parse(r#"{"redis": "redis://127.0.0.1:6379/0"}"#).unwrap(),
+            StoreConfig::Redis("redis://127.0.0.1:6379/0".into())
+        );
+        assert_eq!(parse(r#"{"embedded": {}}"#).unwrap(), StoreConfig::Embedded);
+        for bad in [r#"{"redis": 5}"#, r#"{"mysql": "x"}"#, r#""redis""#] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

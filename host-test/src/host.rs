@@ -8,13 +8,14 @@ use crate::engine::{self, ComponentCache};
 use crate::kv::KvCtx;
 use crate::log;
 use crate::sandbox::{self, CallState};
-use crate::store::Store;
+use crate::store::{Backend, Outcome, StoreConfig};
 use crate::tenants::{self, Registry, Tenant, TenantPolicy};
 use crate::wasi_http::{AllowList, HttpPolicy};
 use anyhow::{Context as _, Result, anyhow};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use wasmtime::component::Linker;
@@ -26,10 +27,16 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MEMORY_LIMIT: usize = 64 << 20;
 /// Default number of calls running at once; further calls wait for a slot.
 pub const DEFAULT_MAX_CONCURRENT_CALLS: u32 = 32;
+/// How often a call whose reads were changed by a concurrent call is run again before the
+/// host gives up with a `storage` error. Each conflict means another call committed, so
+/// running out takes that many commits to the same keys during one call.
+const MAX_RUNS: u32 = 8;
 
 pub struct HostConfig {
-    /// Where the database lives.
+    /// Where the embedded database lives (with the default `store`) and the component cache.
     pub state_dir: PathBuf,
+    /// Where the key-value state, outbox and leases live.
+    pub store: StoreConfig,
     /// Where compiled components are cached; `state_dir/cache` when `None`.
     pub cache_dir: Option<PathBuf>,
     pub call_timeout: Duration,
@@ -44,6 +51,7 @@ impl HostConfig {
     pub fn new(state_dir: impl Into<PathBuf>) -> HostConfig {
         HostConfig {
             state_dir: state_dir.into(),
+            store: StoreConfig::default(),
             cache_dir: None,
             call_timeout: DEFAULT_CALL_TIMEOUT,
             memory_limit_bytes: DEFAULT_MEMORY_LIMIT,
@@ -75,7 +83,10 @@ struct Inner {
     engine: Engine,
     linker: Linker<CallState>,
     components: ComponentCache,
-    store: Arc<Store>,
+    store: Arc<dyn Backend>,
+    /// Whether approval updates from callbacks and events go to the outbox (set once a
+    /// server fronts this host; see [`Host::enable_outbox`]).
+    outbox: AtomicBool,
     tenants: Registry,
     clock: Option<ReplayClock>,
     call_timeout: Duration,
@@ -93,7 +104,8 @@ impl Host {
         let engine = engine::new_engine(cfg.memory_limit_bytes, cfg.max_concurrent_calls)?;
         engine::start_epoch_ticker(&engine)?;
         let linker = sandbox::linker(&engine)?;
-        let store = Arc::new(Store::open(&cfg.state_dir)?);
+        let store = cfg.store.open(&cfg.state_dir)?;
+        log!("state in {}", store.describe());
         let cache_dir = cfg
             .cache_dir
             .clone()
@@ -104,6 +116,7 @@ impl Host {
                 linker,
                 components: ComponentCache::new(cache_dir),
                 store,
+                outbox: AtomicBool::new(false),
                 tenants: Registry::default(),
                 clock: cfg.now_unix_secs.map(ReplayClock::starting_at),
                 call_timeout: cfg.call_timeout,
@@ -220,7 +233,20 @@ impl Host {
             .get(tenant)
             .ok_or_else(|| anyhow!("unknown tenant `{tenant}`"))?;
         let started = Instant::now();
-        let result = self.run(plugin, call).await;
+        let mut runs = 0;
+        let result = loop {
+            runs += 1;
+            match self.run(plugin.clone(), call).await {
+                Ok(Run::Committed(reply)) => break Ok(reply),
+                Ok(Run::Conflict) if runs < MAX_RUNS => {
+                    log!(
+                        "tenant={tenant} call={export} conflicted with a concurrent call; running it again"
+                    );
+                }
+                Ok(Run::Conflict) => break Ok(conflict_reply(export, runs)),
+                Err(e) => break Err(e),
+            }
+        };
         let ms = started.elapsed().as_millis();
         match &result {
             Ok(reply) => match reply.error() {
@@ -232,7 +258,10 @@ impl Host {
         result
     }
 
-    async fn run(&self, tenant: Arc<Tenant>, call: &Call) -> Result<Reply> {
+    /// Runs the call once and commits its effect: the plugin's writes and, when the outbox is
+    /// on, the approvals a callback or event changed, in one atomic commit. An acknowledged
+    /// callback is therefore durable together with its notification for the engine.
+    async fn run(&self, tenant: Arc<Tenant>, call: &Call) -> Result<Run> {
         let inner = &self.inner;
         let export = call.export();
         // The engine operator supplied the app, so its api-base is trusted for this call.
@@ -292,12 +321,26 @@ impl Host {
         };
 
         // The export returned normally (with `ok` or `err`): its writes become durable.
-        let kv = store.into_data().kv;
-        tokio::task::spawn_blocking(move || kv.commit())
+        let (backend, ns, mut commit) = store.into_data().kv.into_commit(rerun_on_conflict(export));
+        if inner.outbox.load(Ordering::Acquire)
+            && let Some(app) = call.app()
+        {
+            commit.outbox = outbox_records(&tenant.id, &app.id, &reply);
+        }
+        let outcome = tokio::task::spawn_blocking(move || backend.commit(&ns, &commit))
             .await
             .context("commit task failed")?
             .with_context(|| format!("committing the state written by `{export}`"))?;
-        Ok(reply)
+        Ok(match outcome {
+            Outcome::Applied => Run::Committed(reply),
+            Outcome::Conflict => Run::Conflict,
+        })
+    }
+
+    /// From now on, approval updates that callbacks and events return are appended to the
+    /// tenant's outbox in the same commit as the plugin's writes. The server turns this on.
+    pub fn enable_outbox(&self) {
+        self.inner.outbox.store(true, Ordering::Release);
     }
 
     /// Reads a key from a tenant's store, for tests and tooling.
@@ -314,17 +357,75 @@ impl Host {
     pub fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<()> {
         self.inner
             .store
-            .commit(tenant, [(key.to_string(), Some(value.to_vec()))])
+            .put(tenant, vec![(key.to_string(), Some(value.to_vec()))])
     }
 
-    /// The host's database, shared with the server's outbox.
-    pub fn store(&self) -> &Arc<Store> {
+    /// The host's state, shared with the server's outbox and the persistent connections'
+    /// leases.
+    pub fn store(&self) -> &Arc<dyn Backend> {
         &self.inner.store
     }
 
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
     }
+}
+
+/// One run of a call.
+enum Run {
+    Committed(Reply),
+    /// What the call read changed before it could commit; nothing was written.
+    Conflict,
+}
+
+/// Whether an export's commit is validated against concurrent calls, and re-run when it
+/// conflicts. Yes for the exports whose only effect is on the store: callbacks and events
+/// (the double-delivery case), and `get-approval` (which at most polls the platform with
+/// reads). No for those that changed the platform before committing, which must not be
+/// redone; their writes are safe without validation:
+/// - `start-approval` writes the record and index of a key it claimed through the counter
+///   (committed at once, so no concurrent start can claim it too), and the token cache;
+/// - `cancel-approval` marks an approval the platform has just withdrawn as canceled;
+/// - `notify` writes only the token cache, where the last writer is as right as the first.
+fn rerun_on_conflict(export: Export) -> bool {
+    match export {
+        Export::HandleCallback | Export::HandleEvent | Export::GetApproval => true,
+        Export::StartApproval | Export::CancelApproval | Export::Notify => false,
+    }
+}
+
+/// The typed error of a call that kept conflicting: `storage`, which callers treat as
+/// retryable (a callback answered with it gets a 500, so the platform redelivers).
+fn conflict_reply(export: Export, runs: u32) -> Reply {
+    let e = crate::bindings::types::Error::Storage(format!(
+        "`{export}` conflicted with concurrent calls {runs} time(s) and was not applied; retry"
+    ));
+    match export {
+        Export::StartApproval | Export::GetApproval | Export::CancelApproval => {
+            Reply::Approval(Err(e))
+        }
+        Export::Notify => Reply::Receipt(Err(e)),
+        Export::HandleCallback => Reply::Callback(Err(e)),
+        Export::HandleEvent => Reply::Event(Err(e)),
+    }
+}
+
+/// The outbox records for the approvals a callback or event changed.
+fn outbox_records(tenant: &str, app_id: &str, reply: &Reply) -> Vec<Vec<u8>> {
+    use crate::json::Json as _;
+    let updates = match reply {
+        Reply::Callback(Ok(outcome)) => &outcome.updates,
+        Reply::Event(Ok(updates)) => updates,
+        _ => return Vec::new(),
+    };
+    updates
+        .iter()
+        .map(|u| {
+            serde_json::json!({"tenant": tenant, "app_id": app_id, "approval": u.to_json()})
+                .to_string()
+                .into_bytes()
+        })
+        .collect()
 }
 
 fn deadline_error(export: Export, timeout: Duration) -> anyhow::Error {

@@ -1,13 +1,20 @@
-//! `wasi:keyvalue/store` and `wasi:keyvalue/atomics` (0.2.0-draft) over the host [`Store`].
+//! `wasi:keyvalue/store` and `wasi:keyvalue/atomics` (0.2.0-draft) over the host's
+//! [`Backend`].
 //!
 //! Each plugin call gets its own [`KvCtx`]: writes are buffered in an overlay the call reads
 //! back, and the host commits the overlay in one transaction only when the export returns
 //! normally. A trap or a missed deadline therefore leaves no half-applied state behind.
 //! `increment` is the exception: it is how concurrent calls coordinate, so it is committed at
 //! once.
+//!
+//! Every value the call read from the store is remembered (as a digest), and the commit
+//! applies only if those keys still hold what was read: a concurrent call that changed one of
+//! them in between makes this commit a [`Outcome::Conflict`](crate::store::Outcome) instead
+//! of a lost update. (`list-keys` is not validated: key listings are for tooling, and the
+//! plugin's decisions never rest on one.)
 
 use crate::bindings::wasi::keyvalue::{atomics, store};
-use crate::store::{Store, Write};
+use crate::store::{Backend, Commit, Seen, Write, digest};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTableError};
@@ -48,27 +55,36 @@ impl From<anyhow::Error> for KvError {
 
 /// Per-call key-value state of one tenant.
 pub struct KvCtx {
-    store: Arc<Store>,
+    store: Arc<dyn Backend>,
     tenant: Arc<str>,
     overlay: BTreeMap<String, Option<Vec<u8>>>,
+    /// What each key read from the store held at its first read.
+    reads: BTreeMap<String, Seen>,
     buffered: usize,
 }
 
 impl KvCtx {
-    pub fn new(store: Arc<Store>, tenant: Arc<str>) -> KvCtx {
+    pub fn new(store: Arc<dyn Backend>, tenant: Arc<str>) -> KvCtx {
         KvCtx {
             store,
             tenant,
             overlay: BTreeMap::new(),
+            reads: BTreeMap::new(),
             buffered: 0,
         }
     }
 
-    fn get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        match self.overlay.get(key) {
-            Some(pending) => Ok(pending.clone()),
-            None => self.store.get(&self.tenant, key),
+    fn get(&mut self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        if let Some(pending) = self.overlay.get(key) {
+            return Ok(pending.clone());
         }
+        let value = self.store.get(&self.tenant, key)?;
+        // The first read is what the call's decisions rest on; a later read of a key that
+        // changed meanwhile will fail validation all the same.
+        self.reads
+            .entry(key.to_string())
+            .or_insert_with(|| digest(value.as_deref()));
+        Ok(value)
     }
 
     fn set(&mut self, key: String, value: Option<Vec<u8>>) -> Result<(), KvError> {
@@ -104,23 +120,27 @@ impl KvCtx {
     fn increment(&mut self, key: &str, delta: u64) -> anyhow::Result<u64> {
         let pending = self.overlay.get(key).map(Option::as_deref);
         let new = self.store.increment(&self.tenant, key, delta, pending)?;
-        // The counter is now durable; a buffered write must not overwrite it at commit.
+        // The counter is now durable; a buffered write must not overwrite it at commit, and
+        // the call's own increment must not count as a concurrent change to what it read
+        // (the increment is itself the atomic read-modify-write).
         self.overlay.remove(key);
+        self.reads.remove(key);
         Ok(new)
     }
 
-    /// The buffered writes, to be committed once the call has returned normally.
-    pub fn into_writes(self) -> (Arc<Store>, Arc<str>, Vec<Write>) {
-        (self.store, self.tenant, self.overlay.into_iter().collect())
-    }
-
-    /// Commits the buffered writes in one durable transaction.
-    pub fn commit(self) -> anyhow::Result<()> {
-        let (store, tenant, writes) = self.into_writes();
-        if writes.is_empty() {
-            return Ok(());
-        }
-        store.commit(&tenant, writes)
+    /// The call's effect: `validate` keeps the read set (committed only if it still holds);
+    /// without it the writes are applied whatever happened meanwhile.
+    pub fn into_commit(self, validate: bool) -> (Arc<dyn Backend>, Arc<str>, Commit) {
+        let commit = Commit {
+            reads: if validate {
+                self.reads.into_iter().collect()
+            } else {
+                Vec::new()
+            },
+            writes: self.overlay.into_iter().collect::<Vec<Write>>(),
+            outbox: Vec::new(),
+        };
+        (self.store, self.tenant, commit)
     }
 }
 
@@ -229,15 +249,28 @@ mod tests {
     use atomics::Host as _;
     use store::{Host as _, HostBucket as _};
 
+    use crate::store::{Outcome, Store};
+
     struct Fixture {
         _dir: tempfile::TempDir,
-        store: Arc<Store>,
+        store: Arc<dyn Backend>,
     }
 
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         Fixture { _dir: dir, store }
+    }
+
+    fn commit(ctx: KvCtx) -> Outcome {
+        let (store, tenant, commit) = ctx.into_commit(true);
+        store.commit(&tenant, &commit).unwrap()
+    }
+
+    fn put(store: &Arc<dyn Backend>, tenant: &str, key: &str, value: &[u8]) {
+        store
+            .put(tenant, vec![(key.to_string(), Some(value.to_vec()))])
+            .unwrap();
     }
 
     fn open(view: &mut KvView<'_>) -> Resource<Bucket> {
@@ -284,16 +317,14 @@ mod tests {
         assert_eq!(keys.keys, ["k"]);
         assert_eq!(f.store.get("t", "k").unwrap(), None, "not yet committed");
 
-        ctx.commit().unwrap();
+        assert_eq!(commit(ctx), Outcome::Applied);
         assert_eq!(f.store.get("t", "k").unwrap(), Some(b"v".to_vec()));
     }
 
     #[test]
     fn a_dropped_call_leaves_no_writes() {
         let f = fixture();
-        f.store
-            .commit("t", [("keep".to_string(), Some(b"1".to_vec()))])
-            .unwrap();
+        put(&f.store, "t", "keep", b"1");
         {
             // A trap or deadline drops the store, and with it the context, uncommitted.
             let mut ctx = KvCtx::new(f.store.clone(), "t".into());
@@ -339,7 +370,7 @@ mod tests {
         let f = fixture();
         let mut a = KvCtx::new(f.store.clone(), "a".into());
         a.set("secret".into(), Some(b"a-only".to_vec())).unwrap();
-        a.commit().unwrap();
+        assert_eq!(commit(a), Outcome::Applied);
 
         let mut ctx = KvCtx::new(f.store.clone(), "b".into());
         let mut table = ResourceTable::new();
@@ -372,7 +403,7 @@ mod tests {
         let writes: Vec<Write> = (0..LIST_PAGE + 5)
             .map(|i| (format!("k{i:05}"), Some(vec![1])))
             .collect();
-        f.store.commit("t", writes).unwrap();
+        f.store.put("t", writes).unwrap();
         let mut ctx = KvCtx::new(f.store.clone(), "t".into());
         let mut table = ResourceTable::new();
         let mut view = KvView {
@@ -387,5 +418,44 @@ mod tests {
         assert_eq!(second.cursor, None);
         let past = view.list_keys(borrow(&b), Some(u64::MAX)).unwrap();
         assert!(past.keys.is_empty());
+    }
+
+    /// Two deliveries of one callback, interleaved: both read "not seen", both write. The
+    /// second commit must not apply.
+    #[test]
+    fn a_commit_whose_reads_changed_conflicts() {
+        let f = fixture();
+        let mut first = KvCtx::new(f.store.clone(), "t".into());
+        let mut second = KvCtx::new(f.store.clone(), "t".into());
+        for ctx in [&mut first, &mut second] {
+            assert_eq!(ctx.get("seen/e1").unwrap(), None);
+            ctx.set("seen/e1".into(), Some(b"1".to_vec())).unwrap();
+            ctx.set("rec".into(), Some(b"decided".to_vec())).unwrap();
+        }
+        assert_eq!(commit(first), Outcome::Applied);
+        assert_eq!(commit(second), Outcome::Conflict);
+
+        // Unvalidated commits (exports whose effect cannot be redone) apply regardless.
+        let mut blind = KvCtx::new(f.store.clone(), "t".into());
+        assert_eq!(blind.get("rec").unwrap(), Some(b"decided".to_vec()));
+        put(&f.store, "t", "rec", b"changed");
+        blind.set("other".into(), Some(b"x".to_vec())).unwrap();
+        let (store, tenant, c) = blind.into_commit(false);
+        assert_eq!(store.commit(&tenant, &c).unwrap(), Outcome::Applied);
+        assert_eq!(f.store.get("t", "other").unwrap(), Some(b"x".to_vec()));
+    }
+
+    #[test]
+    fn reads_of_unchanged_keys_and_own_increments_do_not_conflict() {
+        let f = fixture();
+        put(&f.store, "t", "a", b"1");
+        let mut ctx = KvCtx::new(f.store.clone(), "t".into());
+        assert_eq!(ctx.get("a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(ctx.get("claim").unwrap(), None);
+        assert_eq!(ctx.increment("claim", 1).unwrap(), 1);
+        // Rewritten with the same value by someone else: what was read still holds.
+        put(&f.store, "t", "a", b"1");
+        ctx.set("b".into(), Some(b"2".to_vec())).unwrap();
+        assert_eq!(commit(ctx), Outcome::Applied);
     }
 }

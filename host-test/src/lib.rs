@@ -19,6 +19,7 @@ pub mod json;
 pub mod kv;
 pub mod log;
 pub mod persistent;
+pub mod redis_server;
 pub mod sandbox;
 pub mod server;
 pub mod sim;

@@ -2,7 +2,8 @@
 //!
 //! Routes:
 //! - `GET|POST /callback/{tenant}/{app}`: the address platforms call; answered with the
-//!   plugin's response. Approval updates go to a durable outbox and, when the tenant has an
+//!   plugin's response. Approval updates go to a durable outbox (in the same commit as the
+//!   plugin's writes, before the answer goes out) and, when the tenant has an
 //!   `engine_webhook`, are POSTed there.
 //! - `POST /api/{tenant}/{app}/approvals` (body: approval-request)
 //! - `GET  /api/{tenant}/{app}/approvals/{instance-id}?refresh=true`
@@ -14,7 +15,7 @@
 //! The API answers `{"ok": ...}` / `{"err": ...}` exactly as `invoke` prints them.
 
 use crate::bindings::types::{
-    Approval, ApprovalRequest, Error as PluginError, HttpRequest, ImApp, Notification,
+    ApprovalRequest, Error as PluginError, HttpRequest, ImApp, Notification,
 };
 use crate::call::{Call, Reply};
 use crate::config::{Config, PersistentApp, ServeConfig};
@@ -94,13 +95,13 @@ impl ServerHandle {
 /// HTTP callbacks and persistent connections alike.
 pub async fn serve_config(config: Config) -> Result<ServerHandle> {
     let host = load_host(&config.serve).await?;
-    serve_with_persistent(
-        host,
-        config.serve,
-        config.persistent,
-        crate::persistent::Options::default(),
-    )
-    .await
+    let mut options = crate::persistent::Options::default();
+    if let Some(ttl) = config.serve.lease_ttl {
+        // A waiting replica looks often enough to take over soon after the expiry.
+        options.lease_poll = options.lease_poll.min(ttl / 6);
+        options.lease_ttl = ttl;
+    }
+    serve_with_persistent(host, config.serve, config.persistent, options).await
 }
 
 /// Creates the host, loads the configured component for every tenant and starts serving.
@@ -114,6 +115,8 @@ async fn load_host(config: &ServeConfig) -> Result<Host> {
         anyhow::bail!("no component configured");
     };
     let mut host_cfg = HostConfig::new(&config.state_dir);
+    host_cfg.store = config.store.clone();
+    host_cfg.cache_dir = config.cache_dir.clone();
     if let Some(t) = config.call_timeout {
         host_cfg.call_timeout = t;
     }
@@ -160,6 +163,7 @@ pub async fn serve_with_persistent(
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
+    host.enable_outbox();
     let delivery = config
         .tenants
         .iter()
@@ -172,9 +176,9 @@ pub async fn serve_with_persistent(
     });
     let connections = (!persistent.is_empty()).then(|| {
         let weak = Arc::downgrade(&state);
-        let sink: crate::persistent::UpdateSink = Arc::new(move |tenant, app_id, updates| {
+        // The host has already put the updates in the outbox, in the event's own commit.
+        let sink: crate::persistent::UpdateSink = Arc::new(move |tenant, _app_id, _updates| {
             let state = weak.upgrade().context("server stopped")?;
-            state.record_updates(tenant, app_id, updates)?;
             state.spawn_delivery(tenant);
             Ok(())
         });
@@ -331,12 +335,9 @@ impl State {
             // Already logged by the host; the platform learns nothing beyond the status.
             Err(_) => return status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
         };
+        // The updates are already in the outbox: the host committed them with the plugin's
+        // writes, so nothing between here and the answer can lose them.
         if !outcome.updates.is_empty() {
-            if let Err(e) = self.record_updates(tenant, app_id, &outcome.updates) {
-                // The platform will retry a callback it sees failing; the plugin dedups it.
-                log!("tenant={tenant} outbox write failed: {e:#}");
-                return status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
-            }
             self.spawn_delivery(tenant);
         }
         let r = outcome.response;
@@ -358,16 +359,6 @@ impl State {
                 log!("tenant={tenant} app={app_id} plugin returned an invalid HTTP response");
                 status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             })
-    }
-
-    fn record_updates(&self, tenant: &str, app_id: &str, updates: &[Approval]) -> Result<()> {
-        for u in updates {
-            let record = json!({"tenant": tenant, "app_id": app_id, "approval": u.to_json()});
-            self.host
-                .store()
-                .outbox_push(tenant, record.to_string().as_bytes())?;
-        }
-        Ok(())
     }
 
     /// Delivers the tenant's pending outbox records to its engine webhook, oldest first,

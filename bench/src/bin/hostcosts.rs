@@ -15,7 +15,7 @@ use imbridge_host::engine::{ComponentCache, new_engine};
 use imbridge_host::json::parse_call;
 use imbridge_host::kv::KvCtx;
 use imbridge_host::sandbox::{CallState, linker};
-use imbridge_host::store::Store;
+use imbridge_host::store::{Backend as _, Store};
 use imbridge_host::wasi_http::{AllowList, HttpPolicy};
 use imbridge_host::{Call, Export, Host, HostConfig, TenantPolicy};
 use serde_json::{Value, json};
@@ -149,7 +149,7 @@ async fn memory(wasm: &[u8], n: u32) -> Result<Value> {
     let p = Platform::Feishu;
     let inst = instance_id(p, 1, 0);
     let (k, v) = seed_record(p, &inst);
-    store.commit("t", [(k, Some(v))])?;
+    store.put("t", vec![(k, Some(v))])?;
     let Call::HandleCallback { app, request } = parse_call(
         Export::HandleCallback,
         &callback(p, 1, 0, &inst, now_ms()).host_input(p),

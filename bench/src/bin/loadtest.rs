@@ -16,7 +16,7 @@
 use anyhow::{Context as _, Result, bail};
 use imbridge::model::Platform;
 use imbridge_bench::{PLATFORMS, app_json, callback, instance_id, now_ms, seed_record};
-use imbridge_host::store::Store;
+use imbridge_host::store::{Backend as _, Store};
 use serde_json::{Value, json};
 use std::io::Write as _;
 use std::net::TcpListener;
@@ -185,7 +185,7 @@ fn main() -> Result<()> {
                     callback(p, run, n, &inst, now)
                 })
                 .collect();
-            store.commit(tenant, seeds)?;
+            store.put(tenant, seeds)?;
             let app = app_json(p)["id"].as_str().unwrap_or_default().to_string();
             let file = dir.join(format!("{}.reqs", p.name()));
             write_requests(&file, &format!("/callback/{tenant}/{app}"), &pushes)?;

@@ -495,7 +495,7 @@ fn main() -> Result<()> {
              regardless of work, against a native handler of a few tens of µs. The guest itself \
              also runs slower than native (cranelift code, no SIMD-accelerated AES/SHA in wasm32, \
              the WIT copy of request and reply, the per-call redb read transactions behind every \
-             `kv_get` — host-test/src/kv.rs `KvCtx::get` → store.rs `Store::get` opens one read \
+             `kv_get` — host-test/src/kv.rs `KvCtx::get` → store/embedded.rs `Store::get` opens one read \
              transaction per key). What would lift it: reuse instances across calls for the same \
              tenant (pre-instantiated pool with a reset), batch KV reads in one transaction per \
              call, and enable wasm SIMD (`+simd128`) so aes/sha2 use their vectorised backends.\n",
@@ -535,16 +535,15 @@ fn main() -> Result<()> {
         writeln!(
             w,
             "- **≥ 5,000 durable callbacks/s, p99 ≤ 10 ms — missed.** {fsync}. Each callback that \
-             changes state pays two fsync'd redb write transactions, serialised by redb's single \
-             writer: the plugin's writes in host-test/src/host.rs `Host::run` → \
-             `kv.commit()` (store.rs `Store::commit`, `Durability::Immediate` by default) and the \
-             outbox record in host-test/src/server.rs `State::record_updates` → \
-             `Store::outbox_push` (its own transaction, run on the async worker). Commits do not \
-             overlap, so throughput is at most 1 / (2 × fsync latency) regardless of cores, and \
-             latency under load is queueing behind the writer. What would lift it: group commit \
-             (collect the writes of concurrent calls and commit them in one transaction, one \
-             fsync per batch, acknowledging each callback once its batch is durable), and put the \
-             outbox record into the same transaction as the plugin's writes. Platforms retry \
+             changes state pays one fsync'd redb write transaction, serialised by redb's single \
+             writer: the plugin's writes together with the outbox record, in host-test/src/host.rs \
+             `Host::run` → `Backend::commit` (store/embedded.rs `Store::commit`, \
+             `Durability::Immediate` by default). Commits do not overlap, so throughput is at most \
+             1 / fsync latency regardless of cores, and latency under load is queueing behind \
+             the writer. What would lift it: group commit (collect the commits of concurrent \
+             calls into one transaction, one fsync per batch, acknowledging each callback once \
+             its batch is durable), or the Redis store (serve config `store`), whose \
+             durability is Redis's own `appendfsync` policy. Platforms retry \
              unacknowledged callbacks and the plugin deduplicates, so acknowledging only after \
              the batch commit keeps the durability guarantee.\n"
         )?;

@@ -1,0 +1,277 @@
+//! The host's durable state behind one small trait, [`Backend`]: plugin key-value data,
+//! the outbox of approval updates, and the leases of persistent connections.
+//!
+//! Two implementations: [`Store`] (an embedded redb database, the default; one process per
+//! state directory) and [`RedisStore`] (one Redis shared by several host replicas).
+//!
+//! Plugin calls are not serialized. Each call records what every key it read held
+//! ([`Commit::reads`]), and its writes commit only if those reads still hold, atomically with
+//! the writes and the outbox records ([`Backend::commit`]): optimistic concurrency. Two
+//! deliveries of one callback, on one host or on two, therefore cannot both see "not seen yet"
+//! and both apply; the loser learns of the conflict and is re-run (see `host.rs`).
+
+mod embedded;
+mod redis;
+
+pub use self::embedded::{DB_FILE, Store};
+pub use self::redis::RedisStore;
+
+use crate::persistent::LeaseStore;
+use anyhow::{Context as _, Result, bail};
+use sha1::{Digest as _, Sha1};
+use std::sync::Arc;
+
+/// A pending change to one key: `Some` writes the value, `None` deletes the key.
+pub type Write = (String, Option<Vec<u8>>);
+
+/// What a read saw: the SHA-1 of the value, or `None` for an absent key. A digest keeps the
+/// read set small; SHA-1 because Redis scripts can compute it (`redis.sha1hex`), and a
+/// plugin that forged a collision could only confuse its own tenant's data.
+pub type Seen = Option<[u8; 20]>;
+
+pub fn digest(value: Option<&[u8]>) -> Seen {
+    value.map(|v| Sha1::digest(v).into())
+}
+
+/// One plugin call's effect, applied all or nothing.
+#[derive(Default, Debug)]
+pub struct Commit {
+    /// Keys the call read from the store, with what they held then.
+    pub reads: Vec<(String, Seen)>,
+    pub writes: Vec<Write>,
+    /// Records appended to the tenant's outbox (approval updates for the engine).
+    pub outbox: Vec<Vec<u8>>,
+}
+
+impl Commit {
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.outbox.is_empty()
+    }
+}
+
+/// Whether a [`Commit`] was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// A key in the read set changed since it was read; nothing was written.
+    Conflict,
+}
+
+/// Durable state shared by the plugin KV, the outbox and the leases. `ns` is a tenant id
+/// (`[A-Za-z0-9._-]`, checked when tenants load) or a host-internal namespace starting with
+/// `#`, which no tenant id can.
+pub trait Backend: LeaseStore {
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>>;
+    /// All keys of one namespace, sorted.
+    fn keys(&self, ns: &str) -> Result<Vec<String>>;
+    /// Applies `commit` atomically if every read in it still holds.
+    fn commit(&self, ns: &str, commit: &Commit) -> Result<Outcome>;
+    /// Adds `delta` to the decimal counter at `key` and makes it durable at once; returns the
+    /// new value. `pending` is the calling plugin's own uncommitted write to the key, if any:
+    /// the plugin must see its own writes, so that value (or its deletion) is the base. A
+    /// missing key counts as 0.
+    fn increment(
+        &self,
+        ns: &str,
+        key: &str,
+        delta: u64,
+        pending: Option<Option<&[u8]>>,
+    ) -> Result<u64>;
+    /// The outbox records of a tenant with sequence number above `after`, oldest first.
+    fn outbox_list(&self, tenant: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>>;
+    /// Removes a delivered outbox record.
+    fn outbox_remove(&self, tenant: &str, seq: u64) -> Result<()>;
+    /// Where the state lives, for the log (no credentials).
+    fn describe(&self) -> String;
+
+    /// Writes without conditions (tests, tooling, seeding).
+    fn put(&self, ns: &str, writes: Vec<Write>) -> Result<()> {
+        let commit = Commit {
+            writes,
+            ..Commit::default()
+        };
+        match self.commit(ns, &commit)? {
+            Outcome::Applied => Ok(()),
+            Outcome::Conflict => bail!("unconditional write reported a conflict"),
+        }
+    }
+}
+
+/// Where the host keeps its state (serve config key `store`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// redb in the state directory.
+    #[default]
+    Embedded,
+    /// A Redis server, e.g. `redis://127.0.0.1:6379/0`, shared by several hosts.
+    Redis(String),
+}
+
+impl StoreConfig {
+    pub fn open(&self, state_dir: &std::path::Path) -> Result<Arc<dyn Backend>> {
+        let store: Arc<dyn Backend> = match self {
+            StoreConfig::Embedded => Arc::new(Store::open(state_dir)?),
+            StoreConfig::Redis(url) => Arc::new(RedisStore::open(url)?),
+        };
+        Ok(store)
+    }
+}
+
+/// The counter arithmetic both backends share: `base` is what the key holds (or the caller's
+/// pending write), `None` when absent.
+pub fn next_counter(key: &str, base: Option<&[u8]>, delta: u64) -> Result<u64> {
+    let current = match base {
+        None => 0,
+        Some(bytes) => {
+            parse_counter(bytes).with_context(|| format!("key `{key}` does not hold a counter"))?
+        }
+    };
+    match current.checked_add(delta) {
+        Some(new) => Ok(new),
+        None => bail!("counter `{key}` would overflow"),
+    }
+}
+
+fn parse_counter(bytes: &[u8]) -> Result<u64> {
+    let text = std::str::from_utf8(bytes).context("not UTF-8")?;
+    text.trim()
+        .parse::<u64>()
+        .context("not a decimal unsigned integer")
+}
+
+#[cfg(test)]
+pub(crate) mod conformance {
+    //! The behaviour every backend must have, run against each of them.
+    use super::*;
+
+    fn w(k: &str, v: Option<&[u8]>) -> Write {
+        (k.to_string(), v.map(<[u8]>::to_vec))
+    }
+
+    pub fn kv_is_per_namespace(s: Arc<dyn Backend>) {
+        s.put("a", vec![w("k1", Some(b"v1")), w("k2", Some(b"v2"))])
+            .unwrap();
+        s.put("ab", vec![w("k1", Some(b"other"))]).unwrap();
+        assert_eq!(s.get("a", "k1").unwrap().as_deref(), Some(&b"v1"[..]));
+        assert_eq!(s.get("b", "k1").unwrap(), None);
+        assert_eq!(s.keys("a").unwrap(), ["k1", "k2"]);
+        assert_eq!(s.keys("ab").unwrap(), ["k1"]);
+        // Keys may contain anything, including what looks like another namespace's prefix.
+        s.put(
+            "a",
+            vec![w("x:{ab}:kv:k1", Some(b"odd")), w("*", Some(b"star"))],
+        )
+        .unwrap();
+        assert_eq!(s.get("ab", "k1").unwrap().as_deref(), Some(&b"other"[..]));
+        assert_eq!(s.keys("ab").unwrap(), ["k1"]);
+        assert_eq!(s.keys("a").unwrap(), ["*", "k1", "k2", "x:{ab}:kv:k1"]);
+        s.put("a", vec![w("k1", None)]).unwrap();
+        assert_eq!(s.get("a", "k1").unwrap(), None);
+        assert!(s.keys("nobody").unwrap().is_empty());
+    }
+
+    pub fn commit_validates_reads(s: Arc<dyn Backend>) {
+        s.put("t", vec![w("seen", Some(b"1"))]).unwrap();
+        let stale = Commit {
+            reads: vec![("seen".into(), None)],
+            writes: vec![w("rec", Some(b"applied"))],
+            outbox: vec![b"update".to_vec()],
+        };
+        assert_eq!(s.commit("t", &stale).unwrap(), Outcome::Conflict);
+        assert_eq!(s.get("t", "rec").unwrap(), None, "nothing written");
+        assert!(
+            s.outbox_list("t", 0).unwrap().is_empty(),
+            "no outbox record"
+        );
+        let fresh = Commit {
+            reads: vec![("seen".into(), digest(Some(b"1"))), ("absent".into(), None)],
+            ..stale
+        };
+        assert_eq!(s.commit("t", &fresh).unwrap(), Outcome::Applied);
+        assert_eq!(s.get("t", "rec").unwrap().as_deref(), Some(&b"applied"[..]));
+        assert_eq!(s.outbox_list("t", 0).unwrap(), [(1, b"update".to_vec())]);
+        let changed = Commit {
+            reads: vec![("seen".into(), digest(Some(b"2")))],
+            writes: vec![w("rec", None)],
+            outbox: vec![],
+        };
+        assert_eq!(s.commit("t", &changed).unwrap(), Outcome::Conflict);
+        assert!(s.get("t", "rec").unwrap().is_some());
+    }
+
+    pub fn increment_counts_and_sees_pending_writes(s: Arc<dyn Backend>) {
+        assert_eq!(s.increment("t", "c", 1, None).unwrap(), 1);
+        assert_eq!(s.increment("t", "c", 2, None).unwrap(), 3);
+        assert_eq!(s.get("t", "c").unwrap().as_deref(), Some(&b"3"[..]));
+        assert_eq!(s.increment("t", "c", 1, Some(Some(b"10"))).unwrap(), 11);
+        assert_eq!(s.increment("t", "c", 1, Some(None)).unwrap(), 1);
+        assert_eq!(s.increment("u", "c", 5, None).unwrap(), 5);
+        s.put("t", vec![w("s", Some(b"text"))]).unwrap();
+        assert!(s.increment("t", "s", 1, None).is_err());
+        s.put("t", vec![w("m", Some(u64::MAX.to_string().as_bytes()))])
+            .unwrap();
+        assert!(s.increment("t", "m", 1, None).is_err());
+        assert_eq!(
+            s.get("t", "m").unwrap(),
+            Some(u64::MAX.to_string().into_bytes()),
+            "a failed increment changes nothing"
+        );
+    }
+
+    pub fn outbox_is_ordered_per_tenant(s: Arc<dyn Backend>) {
+        let push = |t: &str, r: &[u8]| {
+            let c = Commit {
+                outbox: vec![r.to_vec()],
+                ..Commit::default()
+            };
+            assert_eq!(s.commit(t, &c).unwrap(), Outcome::Applied);
+        };
+        push("t", b"one");
+        push("t", b"two");
+        push("u", b"x");
+        assert_eq!(
+            s.outbox_list("t", 0).unwrap(),
+            [(1, b"one".to_vec()), (2, b"two".to_vec())]
+        );
+        assert_eq!(s.outbox_list("t", 1).unwrap(), [(2, b"two".to_vec())]);
+        assert_eq!(s.outbox_list("u", 0).unwrap(), [(1, b"x".to_vec())]);
+        s.outbox_remove("t", 1).unwrap();
+        assert_eq!(s.outbox_list("t", 0).unwrap(), [(2, b"two".to_vec())]);
+        push("t", b"three");
+        assert_eq!(s.outbox_list("t", 2).unwrap(), [(3, b"three".to_vec())]);
+        assert!(s.outbox_list("t", u64::MAX).unwrap().is_empty());
+    }
+
+    /// Leases: one owner at a time, renewals, release, expiry by the store's own clock.
+    pub fn leases(s: Arc<dyn Backend>) {
+        use std::time::Duration;
+        let ttl = Duration::from_millis(400);
+        assert!(s.try_acquire("t/app", "a", ttl).unwrap());
+        assert!(!s.try_acquire("t/app", "b", ttl).unwrap(), "held by a");
+        assert!(s.try_acquire("t/other", "b", ttl).unwrap(), "per name");
+        assert!(s.try_acquire("t/app", "a", ttl).unwrap(), "renewed by a");
+        assert_eq!(s.holder("t/app").unwrap().unwrap().0, "a");
+        s.release("t/app", "b").unwrap();
+        assert_eq!(
+            s.holder("t/app").unwrap().unwrap().0,
+            "a",
+            "not b's to release"
+        );
+        s.release("t/app", "a").unwrap();
+        assert!(s.holder("t/app").unwrap().is_none());
+        assert!(s.try_acquire("t/app", "b", ttl).unwrap(), "free at once");
+        // Expiry is a property of the store, not of a caller's clock: wait it out.
+        std::thread::sleep(ttl + Duration::from_millis(200));
+        assert!(s.try_acquire("t/app", "a", ttl).unwrap(), "expired: taken");
+        // Leases are invisible to tenants' key-value data.
+        assert!(s.keys("t").unwrap().is_empty());
+    }
+
+    pub fn all(make: impl Fn() -> Arc<dyn Backend>) {
+        kv_is_per_namespace(make());
+        commit_validates_reads(make());
+        increment_counts_and_sees_pending_writes(make());
+        outbox_is_ordered_per_tenant(make());
+        leases(make());
+    }
+}

@@ -1,0 +1,397 @@
+//! [`Backend`] over Redis, for several host replicas sharing one state.
+//!
+//! Key layout (every key starts with [`PREFIX`]; `ns` is a tenant id or a `#`-namespace and
+//! can contain neither `{` nor `}`, so the first `}` ends it and no namespace's keys can be
+//! spelled inside another's):
+//! - `imbridge:{ns}:kv:<key>`: plugin data, one string per key
+//! - `imbridge:{ns}:outbox`: sorted set, score = sequence number, member = `seq:record`
+//! - `imbridge:{ns}:outbox-seq`: last sequence number given out
+//! - `imbridge:lease:<name>`: lease owner, with a `PX` expiry
+//!
+//! The braces are Redis Cluster hash tags: one tenant's keys share a slot, so the commit
+//! script's multi-key access stays legal there too.
+//!
+//! A commit is one Lua script (Redis runs scripts atomically): check the read set, apply the
+//! writes, append the outbox records. `increment` is WATCH/GET/MULTI/SET/EXEC, so the counter
+//! arithmetic is the same Rust code as the embedded store's. Lease expiry is Redis's own
+//! (`SET … PX`), so replicas' clocks do not matter.
+//!
+//! The plugin's key-value imports are synchronous, so each call blocks its thread for one
+//! round trip; on loopback or a LAN that is well under a millisecond.
+
+use super::{Backend, Commit, Outcome, next_counter};
+use crate::persistent::LeaseStore;
+use anyhow::{Context as _, Result, anyhow, bail};
+use redis::{Connection, Script};
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+pub const PREFIX: &str = "imbridge:";
+
+/// Idle connections kept for reuse; more may be open while calls run concurrently.
+const MAX_IDLE: usize = 16;
+/// A Redis that does not answer within this is treated as down (the call fails, typed).
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// KEYS: the read keys, then the write keys, then the outbox and its sequence key.
+/// ARGV: #reads, #writes, #records, then per read its SHA-1 hex ("" = absent), per write
+/// "s" + value or "d", then the records.
+static COMMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local nr, nw, no = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local a = 4
+for i = 1, nr do
+  local v = redis.call('GET', KEYS[i])
+  local seen = ''
+  if v then seen = redis.sha1hex(v) end
+  if seen ~= ARGV[a] then return 0 end
+  a = a + 1
+end
+for i = 1, nw do
+  local k = KEYS[nr + i]
+  if ARGV[a] == 's' then
+    redis.call('SET', k, ARGV[a + 1])
+    a = a + 2
+  else
+    redis.call('DEL', k)
+    a = a + 1
+  end
+end
+for i = 1, no do
+  local seq = redis.call('INCR', KEYS[nr + nw + 2])
+  redis.call('ZADD', KEYS[nr + nw + 1], seq, seq .. ':' .. ARGV[a])
+  a = a + 1
+end
+return 1
+",
+    )
+});
+
+/// KEYS[1] lease; ARGV owner, ttl ms. Free or ours: (re)set with expiry.
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// KEYS[1] lease; ARGV owner. Deletes only our own lease.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+",
+    )
+});
+
+pub struct RedisStore {
+    client: redis::Client,
+    idle: Mutex<Vec<Connection>>,
+    /// The URL without credentials, for the log.
+    shown: String,
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://[user:password@]host:port/db`, or `rediss://`) and checks
+    /// that the server answers.
+    pub fn open(url: &str) -> Result<RedisStore> {
+        let shown = redact(url);
+        let client = redis::Client::open(url)
+            .map_err(|e| anyhow!("invalid Redis URL {shown}: {:?}", e.kind()))?;
+        let store = RedisStore {
+            client,
+            idle: Mutex::new(Vec::new()),
+            shown,
+        };
+        store
+            .with(|c| Ok(redis::cmd("PING").query::<String>(c)?))
+            .with_context(|| format!("connecting to Redis at {}", store.shown))?;
+        Ok(store)
+    }
+
+    /// Runs `f` on a pooled connection. A connection that saw any error is dropped rather
+    /// than reused: it may be broken, or still WATCHing.
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut con = match pooled {
+            Some(c) => c,
+            None => {
+                let c = self.client.get_connection_with_timeout(IO_TIMEOUT)?;
+                c.set_read_timeout(Some(IO_TIMEOUT))?;
+                c.set_write_timeout(Some(IO_TIMEOUT))?;
+                c
+            }
+        };
+        let out = f(&mut con)?;
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(con);
+        }
+        Ok(out)
+    }
+}
+
+/// `redis://user:secret@host/0` → `redis://…@host/0`.
+fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://…@{host}"),
+        _ => url.to_string(),
+    }
+}
+
+/// The key prefix of a namespace. Namespaces come from validated tenant ids, but a wrong one
+/// here would silently share keys, so it is checked again.
+fn ns_prefix(ns: &str) -> Result<String> {
+    let ok = !ns.is_empty()
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'#'));
+    if !ok {
+        bail!("invalid store namespace {ns:?}");
+    }
+    Ok(format!("{PREFIX}{{{ns}}}:"))
+}
+
+fn kv_key(ns: &str, key: &str) -> Result<Vec<u8>> {
+    let mut k = ns_prefix(ns)?.into_bytes();
+    k.extend_from_slice(b"kv:");
+    k.extend_from_slice(key.as_bytes());
+    Ok(k)
+}
+
+fn lease_key(name: &str) -> String {
+    format!("{PREFIX}lease:{name}")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Backend for RedisStore {
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let k = kv_key(ns, key)?;
+        self.with(|c| Ok(redis::cmd("GET").arg(&k).query(c)?))
+    }
+
+    fn keys(&self, ns: &str) -> Result<Vec<String>> {
+        let prefix = format!("{}kv:", ns_prefix(ns)?);
+        // Nothing in the prefix is a glob character (see `ns_prefix`).
+        let pattern = format!("{prefix}*");
+        let raw: Vec<Vec<u8>> = self.with(|c| {
+            let iter = redis::cmd("SCAN")
+                .cursor_arg(0)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .clone()
+                .iter::<Vec<u8>>(c)?;
+            Ok(iter.collect::<redis::RedisResult<Vec<_>>>()?)
+        })?;
+        let mut keys = raw
+            .into_iter()
+            .map(|k| {
+                let rest = k[prefix.len()..].to_vec();
+                String::from_utf8(rest).context("a stored key is not UTF-8")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // SCAN may return a key twice.
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    fn commit(&self, ns: &str, commit: &Commit) -> Result<Outcome> {
+        if commit.is_empty() {
+            return Ok(Outcome::Applied);
+        }
+        let prefix = ns_prefix(ns)?;
+        let mut inv = COMMIT.prepare_invoke();
+        for (key, _) in &commit.reads {
+            inv.key(kv_key(ns, key)?);
+        }
+        for (key, _) in &commit.writes {
+            inv.key(kv_key(ns, key)?);
+        }
+        inv.key(format!("{prefix}outbox"));
+        inv.key(format!("{prefix}outbox-seq"));
+        inv.arg(commit.reads.len())
+            .arg(commit.writes.len())
+            .arg(commit.outbox.len());
+        for (_, seen) in &commit.reads {
+            inv.arg(seen.map(|d| hex(&d)).unwrap_or_default());
+        }
+        for (_, value) in &commit.writes {
+            match value {
+                Some(v) => inv.arg("s").arg(v.as_slice()),
+                None => inv.arg("d"),
+            };
+        }
+        for record in &commit.outbox {
+            inv.arg(record.as_slice());
+        }
+        let applied: i64 = self.with(|c| Ok(inv.invoke(c)?))?;
+        Ok(if applied == 1 {
+            Outcome::Applied
+        } else {
+            Outcome::Conflict
+        })
+    }
+
+    fn increment(
+        &self,
+        ns: &str,
+        key: &str,
+        delta: u64,
+        pending: Option<Option<&[u8]>>,
+    ) -> Result<u64> {
+        let k = kv_key(ns, key)?;
+        self.with(|c| {
+            loop {
+                redis::cmd("WATCH").arg(&k).exec(c)?;
+                let stored: Option<Vec<u8>> = redis::cmd("GET").arg(&k).query(c)?;
+                let base = match pending {
+                    Some(p) => p,
+                    None => stored.as_deref(),
+                };
+                // An error here leaves the WATCH on the connection, which `with` then drops.
+                let new = next_counter(key, base, delta)?;
+                let done: Option<()> = redis::pipe()
+                    .atomic()
+                    .set(&k, new.to_string())
+                    .ignore()
+                    .query(c)?;
+                if done.is_some() {
+                    return Ok(new);
+                }
+                // Someone else moved the counter between GET and EXEC: read it again.
+            }
+        })
+    }
+
+    fn outbox_list(&self, tenant: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        let key = format!("{}outbox", ns_prefix(tenant)?);
+        let members: Vec<Vec<u8>> = self.with(|c| {
+            Ok(redis::cmd("ZRANGEBYSCORE")
+                .arg(&key)
+                .arg(format!("({after}"))
+                .arg("+inf")
+                .query(c)?)
+        })?;
+        members
+            .into_iter()
+            .map(|m| {
+                let colon = m
+                    .iter()
+                    .position(|&b| b == b':')
+                    .context("malformed outbox member")?;
+                let seq = std::str::from_utf8(&m[..colon])
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .context("malformed outbox sequence number")?;
+                Ok((seq, m[colon + 1..].to_vec()))
+            })
+            .filter(|r| !matches!(r, Ok((seq, _)) if *seq <= after))
+            .collect()
+    }
+
+    fn outbox_remove(&self, tenant: &str, seq: u64) -> Result<()> {
+        let key = format!("{}outbox", ns_prefix(tenant)?);
+        self.with(|c| {
+            Ok(redis::cmd("ZREMRANGEBYSCORE")
+                .arg(&key)
+                .arg(seq)
+                .arg(seq)
+                .exec(c)?)
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("Redis at {}", self.shown)
+    }
+}
+
+impl LeaseStore for RedisStore {
+    fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let got: i64 = self.with(|c| {
+            Ok(ACQUIRE
+                .key(lease_key(name))
+                .arg(owner)
+                .arg(ttl_ms)
+                .invoke(c)?)
+        })?;
+        Ok(got == 1)
+    }
+
+    fn release(&self, name: &str, owner: &str) -> Result<()> {
+        self.with(|c| {
+            let _: i64 = RELEASE.key(lease_key(name)).arg(owner).invoke(c)?;
+            Ok(())
+        })
+    }
+
+    fn holder(&self, name: &str) -> Result<Option<(String, u64)>> {
+        let (owner, pttl, (secs, micros)): (Option<String>, i64, (u64, u64)) = self.with(|c| {
+            Ok(redis::pipe()
+                .atomic()
+                .get(lease_key(name))
+                .pttl(lease_key(name))
+                .cmd("TIME")
+                .query(c)?)
+        })?;
+        let now_ms = secs * 1000 + micros / 1000;
+        Ok(owner.map(|o| (o, now_ms + u64::try_from(pttl.max(0)).unwrap_or(0))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn redaction_hides_credentials() {
+        assert_eq!(redact("redis://u:pw@h:1/0"), "redis://…@h:1/0");
+        assert_eq!(
+            redact("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+        assert!(ns_prefix("a}b").is_err());
+        assert!(ns_prefix("").is_err());
+        assert_eq!(ns_prefix("acme.1").unwrap(), "imbridge:{acme.1}:");
+    }
+
+    #[test]
+    fn conforms() {
+        let server = crate::redis_server::RedisServer::start().expect("redis-server");
+        super::super::conformance::all(|| {
+            let store = RedisStore::open(&server.url()).unwrap();
+            store.with(|c| Ok(redis::cmd("FLUSHDB").exec(c)?)).unwrap();
+            let store: Arc<dyn Backend> = Arc::new(store);
+            store
+        });
+    }
+
+    #[test]
+    fn a_bad_url_or_a_dead_server_is_a_clear_error() {
+        let err = RedisStore::open("redis://u:s3cr3t@127.0.0.1:1/0")
+            .err()
+            .unwrap();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("connecting to Redis at redis://…@127.0.0.1:1/0"),
+            "{msg}"
+        );
+        assert!(!msg.contains("s3cr3t"), "{msg}");
+        assert!(RedisStore::open("not a url").is_err());
+    }
+}

@@ -6,12 +6,12 @@ use imbridge_host::config::ServeConfig;
 use imbridge_host::persistent::feishu::{Frame, METHOD_CONTROL, METHOD_DATA};
 use imbridge_host::persistent::{self, Lease, LeaseStore, Options};
 use imbridge_host::server::{ServerHandle, serve_with_persistent};
-use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser};
+use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkSim};
 use imbridge_host::sim::dingtalk_stream::DingtalkStreamSim;
 use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::sim::feishu_ws::{FeishuWsConfig, FeishuWsSim};
 use imbridge_host::store::Store;
-use imbridge_tests::{Harness, ok};
+use imbridge_tests::{Harness, dingtalk_sim, ok};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -255,17 +255,7 @@ struct Dingtalk {
 
 async fn dingtalk() -> Dingtalk {
     let app = DingtalkApp::new("ding_stream");
-    let sim = DingtalkSim::start(DingtalkConfig {
-        apps: vec![app.clone()],
-        users: ["orig", "a", "b"]
-            .iter()
-            .enumerate()
-            .map(|(i, u)| DingtalkUser::new(u, Some(&format!("1380000000{i}"))))
-            .collect(),
-        ..Default::default()
-    })
-    .await
-    .expect("sim");
+    let sim = dingtalk_sim(&app, &["orig", "a", "b"]).await;
     let stream = DingtalkStreamSim::start(&[(&app.app_key, &app.app_secret)])
         .await
         .expect("stream sim");

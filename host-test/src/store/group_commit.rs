@@ -128,14 +128,18 @@ mod tests {
         }
     }
 
-    fn request(ns: &str, commit: Commit) -> (Request, Receiver<Result<Outcome>>) {
-        let (answer, result) = mpsc::channel();
-        let r = Request {
-            ns: ns.to_string(),
-            commit,
-            answer,
-        };
-        (r, result)
+    /// Runs `commits` as one batch, as the committer would, and returns their outcomes.
+    fn batch(store: &Store, commits: Vec<(&str, Commit)>) -> Vec<Outcome> {
+        let requests: Vec<Request> = commits
+            .into_iter()
+            .map(|(ns, commit)| Request {
+                ns: ns.to_string(),
+                commit,
+                answer: mpsc::channel().0,
+            })
+            .collect();
+        let db = store.db_for_tests();
+        commit_batch(&db, super::super::embedded::apply, &requests).unwrap()
     }
 
     /// Two requests in one transaction that both read the key absent: the first applies, the
@@ -145,13 +149,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            let db = store.db_for_tests();
-            let (a, _) = request("t", claim("seen", "a"));
-            let (b, _) = request("t", claim("seen", "b"));
-            let (other, _) = request("u", claim("seen", "c"));
-            let outcomes = commit_batch(&db, super::super::embedded::apply, &[a, b, other]);
+            let outcomes = batch(
+                &store,
+                vec![
+                    ("t", claim("seen", "a")),
+                    ("t", claim("seen", "b")),
+                    ("u", claim("seen", "c")),
+                ],
+            );
             assert_eq!(
-                outcomes.unwrap(),
+                outcomes,
                 [Outcome::Applied, Outcome::Conflict, Outcome::Applied]
             );
         }
@@ -169,15 +176,12 @@ mod tests {
     fn a_request_may_rest_on_an_earlier_one_in_its_batch() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let db = store.db_for_tests();
-        let (a, _) = request("t", claim("k", "a"));
         let then = Commit {
             reads: vec![("k".into(), digest(Some(b"a")))],
             writes: vec![("k".into(), Some(b"a2".to_vec()))],
             outbox: vec![],
         };
-        let (b, _) = request("t", then);
-        let outcomes = commit_batch(&db, super::super::embedded::apply, &[a, b]).unwrap();
+        let outcomes = batch(&store, vec![("t", claim("k", "a")), ("t", then)]);
         assert_eq!(outcomes, [Outcome::Applied, Outcome::Applied]);
         assert_eq!(store.get("t", "k").unwrap().as_deref(), Some(&b"a2"[..]));
     }

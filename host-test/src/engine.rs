@@ -9,11 +9,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use wasmtime::component::Component;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// How often the epoch advances. Running guests are checked (and yield to the executor) once
 /// per tick, so this is also the resolution of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Bytes of each linear memory and table kept mapped between the calls that reuse a pool
+/// slot; a callback touches well under this (about 80 KiB, see BENCHMARKS.md).
+const KEEP_RESIDENT: usize = 1 << 20;
 
 /// Builds an engine whose instances are preallocated from a pool, each limited to
 /// `memory_limit` bytes of linear memory, with at most `max_instances` alive at once.
@@ -25,7 +29,15 @@ pub fn new_engine(memory_limit: usize, max_instances: u32) -> Result<Engine> {
         .total_memories(max_instances * 2)
         .total_tables(max_instances * 8)
         .total_stacks(max_instances)
-        .max_memory_size(memory_limit);
+        .max_memory_size(memory_limit)
+        // Every call gets a fresh instance, so slots are reused all the time. Resetting the
+        // pages a call touched with memset (found with the PAGEMAP_SCAN ioctl where the
+        // kernel has it) instead of madvise keeps them mapped: no syscall per reuse and no
+        // page faults in the next call. The reset is the same either way, so one call
+        // still never sees another's memory.
+        .linear_memory_keep_resident(KEEP_RESIDENT)
+        .table_keep_resident(KEEP_RESIDENT)
+        .pagemap_scan(Enabled::Auto);
 
     let mut config = Config::new();
     config

@@ -3,13 +3,19 @@
 //! Plugin key-value data lives in one table keyed by `(namespace, key)`. Keying by tuple
 //! rather than by a prefixed string means no tenant id or key can ever collide with another
 //! tenant's namespace, whatever characters it contains.
+//!
+//! Plugin commits go through the group committer (`group_commit.rs`), which shares one
+//! durable transaction among concurrent commits; increments, leases and outbox removals are
+//! rare and keep their own transactions.
 
+use super::group_commit::Committer;
 use super::{Backend, Commit, Outcome, digest, next_counter};
 use crate::persistent::LeaseStore;
 use crate::persistent::lease::{self, LeaseRecord};
 use anyhow::{Context as _, Result};
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 const KV: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("kv");
@@ -24,7 +30,9 @@ const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 pub const DB_FILE: &str = "imbridge.redb";
 
 pub struct Store {
-    db: Database,
+    // Declared first so it is dropped (and its thread joined) before `db`.
+    committer: Committer,
+    db: Arc<Database>,
     path: PathBuf,
 }
 
@@ -47,7 +55,18 @@ impl Store {
         txn.open_table(OUTBOX_SEQ)?;
         txn.open_table(LEASES)?;
         txn.commit()?;
-        Ok(Store { db, path })
+        let db = Arc::new(db);
+        let committer = Committer::start(db.clone(), apply).context("starting the committer")?;
+        Ok(Store {
+            committer,
+            db,
+            path,
+        })
+    }
+
+    #[cfg(test)]
+    pub(super) fn db_for_tests(&self) -> Arc<Database> {
+        self.db.clone()
     }
 
     pub fn path(&self) -> &Path {
@@ -85,6 +104,39 @@ fn outbox_append(txn: &WriteTransaction, tenant: &str, record: &[u8]) -> Result<
     Ok(seq)
 }
 
+/// Validates `commit` inside `txn` and applies it if its reads hold. Run by the group
+/// committer for each request of a batch: the transaction already holds the writes of the
+/// requests before this one, so a read they changed is a conflict here too. redb has one
+/// writer at a time, so checking the reads inside the write transaction makes check and
+/// write one atomic step.
+pub(super) fn apply(txn: &WriteTransaction, ns: &str, commit: &Commit) -> Result<Outcome> {
+    let mut table = txn.open_table(KV)?;
+    for (key, seen) in &commit.reads {
+        let now = table
+            .get((ns, key.as_str()))?
+            .map(|v| digest(Some(v.value())));
+        if now.flatten() != *seen {
+            // Checked before any write: a conflicting request leaves the batch untouched.
+            return Ok(Outcome::Conflict);
+        }
+    }
+    for (key, value) in &commit.writes {
+        match value {
+            Some(v) => {
+                table.insert((ns, key.as_str()), v.as_slice())?;
+            }
+            None => {
+                table.remove((ns, key.as_str()))?;
+            }
+        }
+    }
+    drop(table);
+    for record in &commit.outbox {
+        outbox_append(txn, ns, record)?;
+    }
+    Ok(Outcome::Applied)
+}
+
 impl Backend for Store {
     fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
         let txn = self.db.begin_read()?;
@@ -107,40 +159,11 @@ impl Backend for Store {
         Ok(keys)
     }
 
-    /// redb has one writer at a time, so checking the reads inside the write transaction
-    /// makes check and write one atomic step.
     fn commit(&self, ns: &str, commit: &Commit) -> Result<Outcome> {
         if commit.is_empty() {
             return Ok(Outcome::Applied);
         }
-        let txn = self.db.begin_write()?;
-        {
-            let mut table = txn.open_table(KV)?;
-            for (key, seen) in &commit.reads {
-                let now = table
-                    .get((ns, key.as_str()))?
-                    .map(|v| digest(Some(v.value())));
-                if now.flatten() != *seen {
-                    // Dropping the transaction aborts it.
-                    return Ok(Outcome::Conflict);
-                }
-            }
-            for (key, value) in &commit.writes {
-                match value {
-                    Some(v) => {
-                        table.insert((ns, key.as_str()), v.as_slice())?;
-                    }
-                    None => {
-                        table.remove((ns, key.as_str()))?;
-                    }
-                }
-            }
-        }
-        for record in &commit.outbox {
-            outbox_append(&txn, ns, record)?;
-        }
-        txn.commit()?;
-        Ok(Outcome::Applied)
+        self.committer.commit(ns, commit.clone())
     }
 
     fn increment(

@@ -11,6 +11,7 @@
 //! and both apply; the loser learns of the conflict and is re-run (see `host.rs`).
 
 mod embedded;
+mod group_commit;
 mod redis;
 
 pub use self::embedded::{DB_FILE, Store};
@@ -34,7 +35,7 @@ pub fn digest(value: Option<&[u8]>) -> Seen {
 }
 
 /// One plugin call's effect, applied all or nothing.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct Commit {
     /// Keys the call read from the store, with what they held then.
     pub reads: Vec<(String, Seen)>,

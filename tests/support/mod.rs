@@ -10,6 +10,8 @@ use std::path::PathBuf;
 
 pub use imbridge_host;
 
+pub mod wave;
+
 /// `target/imbridge.wasm`, or `$IMBRIDGE_COMPONENT`.
 pub fn component_path() -> PathBuf {
     std::env::var_os("IMBRIDGE_COMPONENT")

@@ -42,7 +42,8 @@ export const store = {
   },
 };
 
-// Counters are decimal text, as in the reference host's store, so state moves between the two.
+// Counters are decimal text, as in the reference host's store and wasmtime's wasi-keyvalue, so state
+// moves between hosts.
 export const atomics = {
   increment(_bucket, key, delta) {
     const old = data.get(key);

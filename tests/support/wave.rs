@@ -244,3 +244,64 @@ fn payload_json(ty: Option<Type>, v: Option<Cow<'_, Wave>>) -> Result<Value> {
         _ => Ok(Value::Null),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exports() -> Exports {
+        Exports::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit")).unwrap()
+    }
+
+    #[test]
+    fn calls_are_wave_typed_by_the_world() {
+        let args = json!({
+            "app": {"id": "a", "platform": "feishu", "app_id": "cli", "app_secret": "s",
+                    "token": "t"},
+            "request": {"method": "POST", "path": "/cb", "query": "",
+                        "headers": [["X-A", "\"q\""]], "body": "hi"},
+        });
+        let call = exports().call("handle-callback", &args).unwrap();
+        assert_eq!(
+            call,
+            r#"handle-callback({id: "a", platform: feishu, app-id: "cli", app-secret: "s", token: some("t")}, {method: "POST", path: "/cb", query: "", headers: [("X-A", "\"q\"")], body: [104, 105]})"#
+        );
+        // What wasmtime does with it: parse untyped, then type against the export.
+        let untyped = wasm_wave::untyped::UntypedFuncCall::parse(&call).unwrap();
+        let func = exports().func("handle-callback").unwrap();
+        let types: Vec<Type> = func.params().collect();
+        untyped.to_wasm_params::<Wave>(&types).unwrap();
+
+        let bad = json!({"app": {"id": "a", "platform": "msn"}, "request": {}});
+        let e = exports().call("handle-callback", &bad).unwrap_err();
+        assert!(format!("{e:#}").contains("`app`"), "{e:#}");
+    }
+
+    #[test]
+    fn results_read_back_in_the_reference_hosts_json_form() {
+        let ex = exports();
+        let printed = r#"ok({response: {status: 200, headers: [("content-type", "application/json")], body: [123, 125]}, updates: []})"#;
+        assert_eq!(
+            ex.result("handle-callback", printed).unwrap(),
+            json!({"ok": {"response": {"status": 200,
+                "headers": [["content-type", "application/json"]], "body": "{}"}, "updates": []}})
+        );
+        let printed =
+            r#"err(platform({code: 19021, message: "sign match fail", retryable: false}))"#;
+        assert_eq!(
+            ex.result("notify", printed).unwrap(),
+            json!({"err": {"kind": "platform", "code": 19021, "message": "sign match fail",
+                           "retryable": false}})
+        );
+        let printed = r#"err(unauthorized("verification token mismatch"))"#;
+        assert_eq!(
+            ex.result("notify", printed).unwrap(),
+            json!({"err": {"kind": "unauthorized", "message": "verification token mismatch"}})
+        );
+        assert_eq!(
+            ex.result("notify", "ok({message-id: none})").unwrap(),
+            json!({"ok": {"message_id": null}})
+        );
+        assert!(ex.result("notify", "ok({message-id: 7})").is_err());
+    }
+}

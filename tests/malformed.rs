@@ -12,8 +12,8 @@
 
 use imbridge_host::Reply;
 use imbridge_host::bindings::types::{HttpRequest, ImApp, Platform};
-use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser, crypto};
-use imbridge_tests::{Harness, ok};
+use imbridge_host::sim::feishu::{FeishuSim, crypto};
+use imbridge_tests::{Harness, encrypted_feishu_app, feishu_sim, ok};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -747,16 +747,11 @@ async fn run(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mutated_feishu_callbacks_never_trap_and_never_change_state() {
-    let mut fa = FeishuApp::new(APP_ID, "fz-secret");
-    fa.encrypt_key = Some(KEY.into());
-    fa.verification_token = TOKEN.into();
-    let sim = FeishuSim::start(FeishuConfig {
-        apps: vec![fa],
-        users: ["alice", "bob"].into_iter().map(FeishuUser::new).collect(),
-        ..FeishuConfig::default()
-    })
-    .await
-    .expect("sim");
+    let sim = feishu_sim(
+        encrypted_feishu_app(APP_ID, "fz-secret", KEY, TOKEN),
+        &["alice", "bob"],
+    )
+    .await;
     let base_url = sim.base_url();
     let h = Harness::new(
         &[TENANT],

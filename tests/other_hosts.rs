@@ -7,9 +7,11 @@
 //! Needs `wasmtime` 48 on PATH (or `$WASMTIME`) and `npm ci --prefix tests/interop`; `./dev test`
 //! installs both. Fails, never skips, when they are missing.
 
-use imbridge_host::sim::feishu::{BotHook, FeishuApp, FeishuConfig, FeishuSim, FeishuUser, crypto};
+use imbridge_host::sim::feishu::{FeishuConfig, FeishuSim, crypto};
 use imbridge_tests::wave::Exports;
-use imbridge_tests::{Harness, component_path, http_request, ok};
+use imbridge_tests::{
+    Harness, component_path, encrypted_feishu_app, feishu_sim, http_request, ok, signed_hook,
+};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -102,11 +104,7 @@ async fn wasmtime_cli_decrypts_url_verification_like_the_reference_host() {
 #[tokio::test(flavor = "multi_thread")]
 async fn wasmtime_cli_posts_a_signed_card_the_simulator_accepts() {
     let sim = FeishuSim::start(FeishuConfig {
-        hooks: vec![BotHook {
-            token: "hook1".into(),
-            secret: Some(HOOK_SECRET.into()),
-            keywords: vec![],
-        }],
+        hooks: vec![signed_hook("hook1", HOOK_SECRET)],
         ..FeishuConfig::default()
     })
     .await
@@ -240,16 +238,8 @@ async fn jco_in_node_decrypts_url_verification_like_the_reference_host() {
 /// events and flips the approval to approved, deduplicating a redelivery.
 #[tokio::test(flavor = "multi_thread")]
 async fn jco_in_node_decides_an_approval_the_reference_host_started() {
-    let mut fa = FeishuApp::new("cli_other", "s3cret");
-    fa.encrypt_key = Some(ENCRYPT_KEY.into());
-    fa.verification_token = TOKEN.into();
-    let sim = FeishuSim::start(FeishuConfig {
-        apps: vec![fa],
-        users: ["alice", "bob"].into_iter().map(FeishuUser::new).collect(),
-        ..FeishuConfig::default()
-    })
-    .await
-    .expect("simulator");
+    let fa = encrypted_feishu_app("cli_other", "s3cret", ENCRYPT_KEY, TOKEN);
+    let sim = feishu_sim(fa, &["alice", "bob"]).await;
     let base = sim.base_url();
     let app = app(Some(&base));
     let h = Harness::new(&["t"], &[base.trim_start_matches("http://").to_string()])

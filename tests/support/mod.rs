@@ -4,6 +4,7 @@
 //! each other's keys. The component must have been built first (`./dev build` or `./dev test`).
 
 use anyhow::{Context, Result, bail};
+use imbridge_host::sim::feishu::{BotHook, FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::{Host, HostConfig, TenantPolicy};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -115,4 +116,37 @@ pub fn http_request(method: &str, query: &str, headers: &[(String, String)], bod
         "headers": headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
         "body": String::from_utf8_lossy(body),
     })
+}
+
+/// A Feishu app whose pushes are encrypted with `encrypt_key` and carry `token`.
+pub fn encrypted_feishu_app(
+    app_id: &str,
+    secret: &str,
+    encrypt_key: &str,
+    token: &str,
+) -> FeishuApp {
+    let mut app = FeishuApp::new(app_id, secret);
+    app.encrypt_key = Some(encrypt_key.into());
+    app.verification_token = token.into();
+    app
+}
+
+/// A Feishu simulator with one app and the named users (`ou_{name}`).
+pub async fn feishu_sim(app: FeishuApp, users: &[&str]) -> FeishuSim {
+    FeishuSim::start(FeishuConfig {
+        apps: vec![app],
+        users: users.iter().map(|u| FeishuUser::new(u)).collect(),
+        ..FeishuConfig::default()
+    })
+    .await
+    .expect("Feishu simulator")
+}
+
+/// A custom bot webhook that requires signed messages.
+pub fn signed_hook(token: &str, secret: &str) -> BotHook {
+    BotHook {
+        token: token.into(),
+        secret: Some(secret.into()),
+        keywords: vec![],
+    }
 }

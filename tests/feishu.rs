@@ -3,8 +3,8 @@
 
 use imbridge_host::config::ServeConfig;
 use imbridge_host::server::{ServerHandle, serve_with};
-use imbridge_host::sim::feishu::{BotHook, FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
-use imbridge_tests::{Harness, err_kind, http_request, ok};
+use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
+use imbridge_tests::{Harness, err_kind, http_request, ok, signed_hook};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -36,11 +36,7 @@ impl Fixture {
                 .chain([erin])
                 .collect(),
             chats: vec!["oc_ops".into()],
-            hooks: vec![BotHook {
-                token: "hook1".into(),
-                secret: Some(HOOK_SECRET.into()),
-                keywords: vec![],
-            }],
+            hooks: vec![signed_hook("hook1", HOOK_SECRET)],
             ..FeishuConfig::default()
         })
         .await

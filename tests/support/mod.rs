@@ -5,11 +5,14 @@
 
 use anyhow::{Context, Result, bail};
 use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser};
+use imbridge_host::sim::feishu::{BotHook, FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::{Host, HostConfig, TenantPolicy};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 
 pub use imbridge_host;
+
+pub mod wave;
 
 /// `target/imbridge.wasm`, or `$IMBRIDGE_COMPONENT`.
 pub fn component_path() -> PathBuf {
@@ -129,4 +132,37 @@ pub async fn dingtalk_sim(app: &DingtalkApp, users: &[&str]) -> DingtalkSim {
     })
     .await
     .expect("DingTalk simulator")
+}
+
+/// A Feishu app whose pushes are encrypted with `encrypt_key` and carry `token`.
+pub fn encrypted_feishu_app(
+    app_id: &str,
+    secret: &str,
+    encrypt_key: &str,
+    token: &str,
+) -> FeishuApp {
+    let mut app = FeishuApp::new(app_id, secret);
+    app.encrypt_key = Some(encrypt_key.into());
+    app.verification_token = token.into();
+    app
+}
+
+/// A Feishu simulator with one app and the named users (`ou_{name}`).
+pub async fn feishu_sim(app: FeishuApp, users: &[&str]) -> FeishuSim {
+    FeishuSim::start(FeishuConfig {
+        apps: vec![app],
+        users: users.iter().map(|u| FeishuUser::new(u)).collect(),
+        ..FeishuConfig::default()
+    })
+    .await
+    .expect("Feishu simulator")
+}
+
+/// A custom bot webhook that requires signed messages.
+pub fn signed_hook(token: &str, secret: &str) -> BotHook {
+    BotHook {
+        token: token.into(),
+        secret: Some(secret.into()),
+        keywords: vec![],
+    }
 }

@@ -3,68 +3,23 @@
 //! forged), engine API calls, a refused webhook and platform errors go through it, and then
 //! its stdout, its log (stderr) and every HTTP answer it gave are searched for each app
 //! secret, encrypt key, verification token, issued access token, webhook token and the API
-//! bearer token. Skipped, with a note, until the component has been built.
+//! bearer token. Fails, saying so, until the component has been built.
 
-mod common;
+mod replica;
 
-use common::component;
 use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser};
 use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::sim::http::{self, Reply};
 use imbridge_host::sim::wecom::{WecomApp, WecomConfig, WecomSim, WecomUser};
+use replica::{Replica, component};
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_imbridge-host");
 const API_TOKEN: &str = "bearer-s3cret-api-token";
 const HOOK_TOKEN: &str = "hook-access-token-s3cret";
 const HOOK_SECRET: &str = "SEChook-signing-s3cret";
-
-/// The running `serve` child; killed (by its own pid) when dropped.
-struct Served {
-    child: Child,
-    log: PathBuf,
-    base: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn serve(config: &Path, log: PathBuf) -> Served {
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .env_remove("IMBRIDGE_QUIET")
-        .stdout(Stdio::from(
-            std::fs::File::create(log.with_extension("out")).unwrap(),
-        ))
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .spawn()
-        .expect("spawn imbridge-host serve");
-    let mut served = Served {
-        child,
-        log,
-        base: String::new(),
-    };
-    for _ in 0..600 {
-        let text = std::fs::read_to_string(&served.log).unwrap_or_default();
-        if let Some(rest) = text.split("serving on ").nth(1) {
-            served.base = rest.split_whitespace().next().unwrap().to_string();
-            return served;
-        }
-        if let Ok(Some(status)) = served.child.try_wait() {
-            panic!("serve exited with {status}: {text}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("serve did not come up")
-}
 
 async fn api(base: &str, method: &str, path: &str, body: Value, bearer: bool) -> Reply {
     let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
@@ -88,7 +43,7 @@ async fn api(base: &str, method: &str, path: &str, body: Value, bearer: bool) ->
 
 #[tokio::test(flavor = "multi_thread")]
 async fn secrets_never_appear_in_logs_errors_or_urls() {
-    let Some(wasm) = component() else { return };
+    let wasm = component();
     let dir = tempfile::tempdir().unwrap();
 
     let mut fa = FeishuApp::new("cli_secrets", "feishu-app-s3cret");
@@ -159,7 +114,7 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
         "{urls_out}"
     );
 
-    let served = serve(&config_path, dir.path().join("serve.log")).await;
+    let mut served = Replica::spawn("serve", &config_path);
     let base = served.base.clone();
     let mut answers: Vec<Reply> = Vec::new();
 
@@ -259,7 +214,7 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
         "no permission",
     );
     answers.push(refresh(&instance).await);
-    drop(served);
+    served.kill();
 
     // Every secret, including the access tokens the simulators issued during the run.
     let mut secrets: Vec<String> = vec![
@@ -291,8 +246,7 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
             .filter_map(|r| r.access_token.clone()),
     );
     assert!(secrets.len() > 12, "the run used access tokens");
-    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap()
-        + &std::fs::read_to_string(dir.path().join("serve.out")).unwrap();
+    let log = served.log_text();
     assert!(
         log.contains("tenant=acme call=handle-callback"),
         "the log has per-call lines: {log}"

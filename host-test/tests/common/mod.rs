@@ -212,17 +212,3 @@ pub fn standard(name: &str) -> Behaviour {
         _ => Behaviour::Err,
     }
 }
-
-/// The real component (`target/imbridge.wasm`, or `$IMBRIDGE_COMPONENT`), or `None` with a note
-/// when it has not been built yet.
-pub fn component() -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("IMBRIDGE_COMPONENT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/imbridge.wasm"));
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!("skipping: {} not built", path.display());
-        None
-    }
-}

@@ -35,6 +35,7 @@ pub struct Replica {
     pub base: String,
     pub pid: u32,
     log: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Replica {
@@ -48,16 +49,25 @@ impl Replica {
             .arg(component())
             .env_remove("IMBRIDGE_QUIET")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawning imbridge-host serve");
         let pid = child.id();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
+        // stdout is kept too: whatever the host prints must be searchable like its log.
+        let stdout = child.stdout.take().expect("stdout");
+        let (sink, tag) = (log.clone(), name.to_string());
+        let out_reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                eprintln!("[{tag} stdout] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
         let stderr = child.stderr.take().expect("stderr");
         let (sink, tag) = (log.clone(), name.to_string());
-        std::thread::spawn(move || {
+        let err_reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.split("serving on ").nth(1) {
                     let _ = tx.send(addr.trim().to_string());
@@ -79,6 +89,7 @@ impl Replica {
             base,
             pid,
             log,
+            readers: vec![out_reader, err_reader],
         }
     }
 
@@ -86,10 +97,19 @@ impl Replica {
     pub fn kill(&mut self) {
         self.child.kill().expect("kill -9");
         let _ = self.child.wait();
+        // The pipes are closed now; once the readers have drained them the log is complete.
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
     }
 
     pub fn callback_url(&self, tenant: &str, app: &str) -> String {
         format!("{}/callback/{tenant}/{app}", self.base)
+    }
+
+    /// Everything the process printed so far (stderr and stdout lines).
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
     }
 
     /// Log lines containing `needle`.

@@ -333,7 +333,7 @@ impl Host {
         let outcome = if commit.is_empty() {
             Outcome::Applied
         } else {
-            tokio::task::spawn_blocking(move || backend.commit(&ns, &commit))
+            tokio::task::spawn_blocking(move || backend.commit(&ns, commit))
                 .await
                 .context("commit task failed")?
                 .with_context(|| format!("committing the state written by `{export}`"))?

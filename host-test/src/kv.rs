@@ -264,7 +264,7 @@ mod tests {
 
     fn commit(ctx: KvCtx) -> Outcome {
         let (store, tenant, commit) = ctx.into_commit(true);
-        store.commit(&tenant, &commit).unwrap()
+        store.commit(&tenant, commit).unwrap()
     }
 
     fn put(store: &Arc<dyn Backend>, tenant: &str, key: &str, value: &[u8]) {
@@ -441,7 +441,7 @@ mod tests {
         put(&f.store, "t", "rec", b"changed");
         blind.set("other".into(), Some(b"x".to_vec())).unwrap();
         let (store, tenant, c) = blind.into_commit(false);
-        assert_eq!(store.commit(&tenant, &c).unwrap(), Outcome::Applied);
+        assert_eq!(store.commit(&tenant, c).unwrap(), Outcome::Applied);
         assert_eq!(f.store.get("t", "other").unwrap(), Some(b"x".to_vec()));
     }
 

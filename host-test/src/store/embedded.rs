@@ -159,11 +159,11 @@ impl Backend for Store {
         Ok(keys)
     }
 
-    fn commit(&self, ns: &str, commit: &Commit) -> Result<Outcome> {
+    fn commit(&self, ns: &str, commit: Commit) -> Result<Outcome> {
         if commit.is_empty() {
             return Ok(Outcome::Applied);
         }
-        self.committer.commit(ns, commit.clone())
+        self.committer.commit(ns, commit)
     }
 
     fn increment(
@@ -272,7 +272,7 @@ mod tests {
                 outbox: vec![b"r".to_vec()],
                 ..Commit::default()
             };
-            assert_eq!(store.commit("t", &c).unwrap(), Outcome::Applied);
+            assert_eq!(store.commit("t", c).unwrap(), Outcome::Applied);
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.get("t", "k").unwrap().as_deref(), Some(&b"v"[..]));

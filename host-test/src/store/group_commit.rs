@@ -205,9 +205,9 @@ mod tests {
                                 writes: vec![(format!("k{t}-{i}"), Some(vec![t as u8]))],
                                 ..Commit::default()
                             };
-                            assert_eq!(store.commit("t", &own).unwrap(), Outcome::Applied);
+                            assert_eq!(store.commit("t", own).unwrap(), Outcome::Applied);
                             let race = claim(&format!("race{i}"), &t.to_string());
-                            if store.commit("r", &race).unwrap() == Outcome::Applied {
+                            if store.commit("r", race).unwrap() == Outcome::Applied {
                                 won += 1;
                             }
                         }

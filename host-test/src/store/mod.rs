@@ -66,7 +66,7 @@ pub trait Backend: LeaseStore {
     /// All keys of one namespace, sorted.
     fn keys(&self, ns: &str) -> Result<Vec<String>>;
     /// Applies `commit` atomically if every read in it still holds.
-    fn commit(&self, ns: &str, commit: &Commit) -> Result<Outcome>;
+    fn commit(&self, ns: &str, commit: Commit) -> Result<Outcome>;
     /// Adds `delta` to the decimal counter at `key` and makes it durable at once; returns the
     /// new value. `pending` is the calling plugin's own uncommitted write to the key, if any:
     /// the plugin must see its own writes, so that value (or its deletion) is the base. A
@@ -91,7 +91,7 @@ pub trait Backend: LeaseStore {
             writes,
             ..Commit::default()
         };
-        match self.commit(ns, &commit)? {
+        match self.commit(ns, commit)? {
             Outcome::Applied => Ok(()),
             Outcome::Conflict => bail!("unconditional write reported a conflict"),
         }
@@ -178,7 +178,7 @@ pub(crate) mod conformance {
             writes: vec![w("rec", Some(b"applied"))],
             outbox: vec![b"update".to_vec()],
         };
-        assert_eq!(s.commit("t", &stale).unwrap(), Outcome::Conflict);
+        assert_eq!(s.commit("t", stale.clone()).unwrap(), Outcome::Conflict);
         assert_eq!(s.get("t", "rec").unwrap(), None, "nothing written");
         assert!(
             s.outbox_list("t", 0).unwrap().is_empty(),
@@ -188,7 +188,7 @@ pub(crate) mod conformance {
             reads: vec![("seen".into(), digest(Some(b"1"))), ("absent".into(), None)],
             ..stale
         };
-        assert_eq!(s.commit("t", &fresh).unwrap(), Outcome::Applied);
+        assert_eq!(s.commit("t", fresh).unwrap(), Outcome::Applied);
         assert_eq!(s.get("t", "rec").unwrap().as_deref(), Some(&b"applied"[..]));
         assert_eq!(s.outbox_list("t", 0).unwrap(), [(1, b"update".to_vec())]);
         let changed = Commit {
@@ -196,7 +196,7 @@ pub(crate) mod conformance {
             writes: vec![w("rec", None)],
             outbox: vec![],
         };
-        assert_eq!(s.commit("t", &changed).unwrap(), Outcome::Conflict);
+        assert_eq!(s.commit("t", changed).unwrap(), Outcome::Conflict);
         assert!(s.get("t", "rec").unwrap().is_some());
     }
 
@@ -225,7 +225,7 @@ pub(crate) mod conformance {
                 outbox: vec![r.to_vec()],
                 ..Commit::default()
             };
-            assert_eq!(s.commit(t, &c).unwrap(), Outcome::Applied);
+            assert_eq!(s.commit(t, c).unwrap(), Outcome::Applied);
         };
         push("t", b"one");
         push("t", b"two");

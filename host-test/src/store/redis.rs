@@ -209,7 +209,7 @@ impl Backend for RedisStore {
         Ok(keys)
     }
 
-    fn commit(&self, ns: &str, commit: &Commit) -> Result<Outcome> {
+    fn commit(&self, ns: &str, commit: Commit) -> Result<Outcome> {
         if commit.is_empty() {
             return Ok(Outcome::Applied);
         }

@@ -493,12 +493,14 @@ fn main() -> Result<()> {
             "- **In-component ≤ 2× native — missed.** The per-call floor is the host's fresh \
              instance plus call machinery ({} through `Host::call`), paid on every callback \
              regardless of work, against a native handler of a few tens of µs. The guest itself \
-             also runs slower than native (cranelift code, no SIMD-accelerated AES/SHA in wasm32, \
+             also runs slower than native (cranelift code; the aes and sha2 crates have no \
+             wasm32 backend besides their portable software one, while natively they use \
+             AES-NI/SHA-NI; \
              the WIT copy of request and reply, the per-call redb read transactions behind every \
              `kv_get` — host-test/src/kv.rs `KvCtx::get` → store/embedded.rs `Store::get` opens one read \
              transaction per key). What would lift it: reuse instances across calls for the same \
-             tenant (pre-instantiated pool with a reset), batch KV reads in one transaction per \
-             call, and enable wasm SIMD (`+simd128`) so aes/sha2 use their vectorised backends.\n",
+             tenant (pre-instantiated pool with a reset) and batch KV reads in one transaction per \
+             call. Hardware crypto stays out of reach inside wasm32.\n",
             time(inst)
         )?;
     }
@@ -548,7 +550,7 @@ fn main() -> Result<()> {
              shares, so roughly 2 cores / that time is the ceiling whatever the disk does. The \
              p99 is a request's wait for the cores behind the other connections' callbacks plus \
              one batch's fsync. What would lift it: make the callback itself cheaper (see the \
-             first bullet: fewer KV round trips per call, SIMD crypto in the guest), and more \
+             first bullet: fewer KV round trips per call), and more \
              cores; the Redis store (serve config `store`) moves the fsync to Redis's \
              `appendfsync` policy but not the CPU.\n"
         )?;

@@ -17,6 +17,8 @@ pub mod retry;
 pub mod token;
 
 #[cfg(target_arch = "wasm32")]
+mod alloc;
+#[cfg(target_arch = "wasm32")]
 mod component;
 #[cfg(target_arch = "wasm32")]
 mod wasi_env;

@@ -7,14 +7,16 @@
 //! - `duplicate`: the same delivery again (a platform retry): verify, decrypt, parse, then the
 //!   "seen" hit; nothing is written.
 //! - `component`: `Host::call` (= `Host::handle_callback`), a fresh instance per call from
-//!   `InstancePre`, state in redb on tmpfs so the number is the sandbox, not the disk;
-//!   `component-disk` is the same with the database on the real disk (fsync per commit).
+//!   `InstancePre`, state in the host's in-memory store, as the native side's is in memory: the
+//!   ratio is the sandbox's cost, not the disk's. `component-disk` is the same with the
+//!   embedded redb database on the real disk (a durable commit per call).
 
 use criterion::{BenchmarkId, Criterion};
 use imbridge::model::{ApprovalNode, ApprovalRequest, Level, Link, Notification, Platform};
 use imbridge::model::{SignMode, Target, UserRef};
 use imbridge_bench::{PLATFORMS, app_native, callback, instance_id, mem_env, now_ms, seed_record};
 use imbridge_host::json::parse_call;
+use imbridge_host::store::StoreConfig;
 use imbridge_host::{Call, Export, Host, HostConfig, Reply, TenantPolicy};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -54,11 +56,13 @@ struct InComponent {
 }
 
 impl InComponent {
-    /// A host with tenant `t` loaded from the built component, its database under `parent`.
-    fn new(parent: &Path) -> InComponent {
+    /// A host with tenant `t` loaded from the built component, its state in `store` (an
+    /// embedded database goes under `parent`).
+    fn new(store: StoreConfig, parent: &Path) -> InComponent {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let dir = tempfile::tempdir_in(parent).expect("state dir");
         let mut cfg = HostConfig::new(dir.path().join("state"));
+        cfg.store = store;
         cfg.cache_dir = Some(workspace().join("target/bench-cache"));
         let host = Host::new(cfg).expect("host");
         rt.block_on(host.load_tenant("t", &component_path(), TenantPolicy::default()))
@@ -88,19 +92,10 @@ fn updates(reply: &Reply) -> usize {
     }
 }
 
-fn tmpfs() -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        shm.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    }
-}
-
 fn callbacks(c: &mut Criterion) {
-    let mem = InComponent::new(&tmpfs());
-    let disk_parent = workspace().join("target");
-    let disk = InComponent::new(&disk_parent);
+    let parent = workspace().join("target");
+    let mem = InComponent::new(StoreConfig::Memory, &parent);
+    let disk = InComponent::new(StoreConfig::Embedded, &parent);
     for (pi, p) in PLATFORMS.into_iter().enumerate() {
         let mut g = c.benchmark_group(format!("callback/{}", p.name()));
         let app = app_native(p);

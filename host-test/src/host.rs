@@ -330,14 +330,22 @@ impl Host {
         // Every backend applies an empty commit without looking at it (nothing to write, so
         // nothing to validate); most calls (duplicates, refusals, reads) have one, and the
         // hop to a blocking thread would cost more than the call's own work.
-        let outcome = if commit.is_empty() {
-            Outcome::Applied
+        let committed = if commit.is_empty() {
+            Ok(Outcome::Applied)
         } else {
-            tokio::task::spawn_blocking(move || backend.commit(&ns, commit))
-                .await
-                .context("commit task failed")?
-                .with_context(|| format!("committing the state written by `{export}`"))?
+            match backend.submit(&ns, commit) {
+                Ok(queued) => match queued {
+                    Ok(submitted) => submitted.outcome().await,
+                    Err(e) => Err(e),
+                },
+                // A backend that blocks on its own I/O (Redis) gets a blocking thread.
+                Err(commit) => tokio::task::spawn_blocking(move || backend.commit(&ns, commit))
+                    .await
+                    .context("commit task failed")?,
+            }
         };
+        let outcome =
+            committed.with_context(|| format!("committing the state written by `{export}`"))?;
         Ok(match outcome {
             Outcome::Applied => Run::Committed(reply),
             Outcome::Conflict => Run::Conflict,

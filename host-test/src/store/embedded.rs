@@ -9,7 +9,7 @@
 //! rare and keep their own transactions.
 
 use super::group_commit::Committer;
-use super::{Backend, Commit, Outcome, digest, next_counter};
+use super::{Backend, Commit, Outcome, Submitted, digest, next_counter};
 use crate::persistent::LeaseStore;
 use crate::persistent::lease::{self, LeaseRecord};
 use anyhow::{Context as _, Result};
@@ -164,6 +164,10 @@ impl Backend for Store {
             return Ok(Outcome::Applied);
         }
         self.committer.commit(ns, commit)
+    }
+
+    fn submit(&self, ns: &str, commit: Commit) -> std::result::Result<Result<Submitted>, Commit> {
+        Ok(self.committer.submit(ns, commit))
     }
 
     fn increment(

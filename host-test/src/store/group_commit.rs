@@ -16,6 +16,7 @@ use redb::{Database, WriteTransaction};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
+use tokio::sync::oneshot;
 
 /// Most requests one transaction carries; bounds the latency a request adds to its batch.
 pub const MAX_BATCH: usize = 256;
@@ -27,7 +28,24 @@ pub type Apply = fn(&WriteTransaction, &str, &Commit) -> Result<Outcome>;
 struct Request {
     ns: String,
     commit: Commit,
-    answer: Sender<Result<Outcome>>,
+    answer: Answer,
+}
+
+/// Where a request's outcome goes: a thread blocked in [`Committer::commit`], or a task
+/// awaiting [`Committer::submit`] (which then needs no thread of its own to wait on).
+enum Answer {
+    Blocking(Sender<Result<Outcome>>),
+    Async(oneshot::Sender<Result<Outcome>>),
+}
+
+impl Answer {
+    fn send(self, outcome: Result<Outcome>) {
+        // A caller that went away needs no answer.
+        let _ = match self {
+            Answer::Blocking(tx) => tx.send(outcome).map_err(drop),
+            Answer::Async(tx) => tx.send(outcome).map_err(drop),
+        };
+    }
 }
 
 /// The handle callers use; dropping it stops the committer after it has answered everything
@@ -52,6 +70,18 @@ impl Committer {
     /// Queues `commit` and waits until its batch is durable (or failed).
     pub fn commit(&self, ns: &str, commit: Commit) -> Result<Outcome> {
         let (answer, result) = mpsc::channel();
+        self.queue(ns, commit, Answer::Blocking(answer))?;
+        result.recv().map_err(|_| stopped())?
+    }
+
+    /// Queues `commit`; the receiver yields its outcome once its batch is durable (or failed).
+    pub fn submit(&self, ns: &str, commit: Commit) -> Result<Submitted> {
+        let (answer, result) = oneshot::channel();
+        self.queue(ns, commit, Answer::Async(answer))?;
+        Ok(Submitted(result))
+    }
+
+    fn queue(&self, ns: &str, commit: Commit, answer: Answer) -> Result<()> {
         let request = Request {
             ns: ns.to_string(),
             commit,
@@ -60,10 +90,27 @@ impl Committer {
         self.queue
             .as_ref()
             .and_then(|q| q.send(request).ok())
-            .ok_or_else(|| anyhow!("the store's committer has stopped"))?;
-        result
-            .recv()
-            .map_err(|_| anyhow!("the store's committer stopped before answering"))?
+            .ok_or_else(|| anyhow!("the store's committer has stopped"))
+    }
+}
+
+fn stopped() -> anyhow::Error {
+    anyhow!("the store's committer stopped before answering")
+}
+
+/// A queued commit's outcome, to be awaited.
+pub struct Submitted(oneshot::Receiver<Result<Outcome>>);
+
+impl Submitted {
+    /// A commit that is already done (a backend that commits without I/O).
+    pub fn ready(outcome: Result<Outcome>) -> Submitted {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(outcome);
+        Submitted(rx)
+    }
+
+    pub async fn outcome(self) -> Result<Outcome> {
+        self.0.await.map_err(|_| stopped())?
     }
 }
 
@@ -90,13 +137,12 @@ fn run(db: &Database, apply: Apply, pending: &Receiver<Request>) {
         match commit_batch(db, apply, &batch) {
             Ok(outcomes) => {
                 for (request, outcome) in batch.into_iter().zip(outcomes) {
-                    // A caller that went away needs no answer.
-                    let _ = request.answer.send(Ok(outcome));
+                    request.answer.send(Ok(outcome));
                 }
             }
             Err(e) => {
                 for request in batch {
-                    let _ = request.answer.send(Err(anyhow!("{e:#}")));
+                    request.answer.send(Err(anyhow!("{e:#}")));
                 }
             }
         }
@@ -135,7 +181,7 @@ mod tests {
             .map(|(ns, commit)| Request {
                 ns: ns.to_string(),
                 commit,
-                answer: mpsc::channel().0,
+                answer: Answer::Blocking(mpsc::channel().0),
             })
             .collect();
         let db = store.db_for_tests();

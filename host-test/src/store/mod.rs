@@ -1,8 +1,9 @@
 //! The host's durable state behind one small trait, [`Backend`]: plugin key-value data,
 //! the outbox of approval updates, and the leases of persistent connections.
 //!
-//! Two implementations: [`Store`] (an embedded redb database, the default; one process per
-//! state directory) and [`RedisStore`] (one Redis shared by several host replicas).
+//! Three implementations: [`Store`] (an embedded redb database, the default; one process per
+//! state directory), [`RedisStore`] (one Redis shared by several host replicas) and
+//! [`MemoryStore`] (process memory, not durable: tests, benchmarks, ephemeral embedders).
 //!
 //! Plugin calls are not serialized. Each call records what every key it read held
 //! ([`Commit::reads`]), and its writes commit only if those reads still hold, atomically with
@@ -12,9 +13,12 @@
 
 mod embedded;
 mod group_commit;
+mod memory;
 mod redis;
 
 pub use self::embedded::{DB_FILE, Store};
+pub use self::group_commit::Submitted;
+pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
 use crate::persistent::LeaseStore;
@@ -67,6 +71,14 @@ pub trait Backend: LeaseStore {
     fn keys(&self, ns: &str) -> Result<Vec<String>>;
     /// Applies `commit` atomically if every read in it still holds.
     fn commit(&self, ns: &str, commit: Commit) -> Result<Outcome>;
+    /// The same as [`Backend::commit`] for a backend that commits on a thread of its own (the
+    /// embedded group committer): the commit is queued and its outcome awaited, so an async
+    /// caller needs no blocking thread to wait on it. `Err(commit)` hands the commit back to a
+    /// caller of a backend that commits only synchronously.
+    fn submit(&self, ns: &str, commit: Commit) -> std::result::Result<Result<Submitted>, Commit> {
+        let _ = ns;
+        Err(commit)
+    }
     /// Adds `delta` to the decimal counter at `key` and makes it durable at once; returns the
     /// new value. `pending` is the calling plugin's own uncommitted write to the key, if any:
     /// the plugin must see its own writes, so that value (or its deletion) is the base. A
@@ -106,6 +118,10 @@ pub enum StoreConfig {
     Embedded,
     /// A Redis server, e.g. `redis://127.0.0.1:6379/0`, shared by several hosts.
     Redis(String),
+    /// Process memory: lost when the host stops, so only for embedders, tests and benchmarks.
+    /// Deliberately not offered by the `serve` configuration: a server acknowledges callbacks
+    /// the platform will not send again, and those must survive a crash.
+    Memory,
 }
 
 impl StoreConfig {
@@ -113,6 +129,7 @@ impl StoreConfig {
         let store: Arc<dyn Backend> = match self {
             StoreConfig::Embedded => Arc::new(Store::open(state_dir)?),
             StoreConfig::Redis(url) => Arc::new(RedisStore::open(url)?),
+            StoreConfig::Memory => Arc::new(MemoryStore::new()),
         };
         Ok(store)
     }

@@ -31,6 +31,8 @@ struct Args {
     requests: u64,
     host_bin: PathBuf,
     out: PathBuf,
+    /// Which platforms, in this order (default: all three).
+    platforms: Vec<Platform>,
 }
 
 fn args() -> Result<Args> {
@@ -39,9 +41,10 @@ fn args() -> Result<Args> {
         duration: 10,
         connections: 16,
         threads: 2,
-        requests: 40_000,
+        requests: 150_000,
         host_bin: ws.join("target/release/imbridge-host"),
         out: ws.join("target/bench/load.json"),
+        platforms: PLATFORMS.to_vec(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,6 +56,17 @@ fn args() -> Result<Args> {
             "--requests" => a.requests = val()?.parse()?,
             "--host-bin" => a.host_bin = val()?.into(),
             "--out" => a.out = val()?.into(),
+            "--platforms" => {
+                a.platforms = val()?
+                    .split(',')
+                    .map(|name| {
+                        PLATFORMS
+                            .into_iter()
+                            .find(|p| p.name() == name)
+                            .with_context(|| format!("unknown platform {name}"))
+                    })
+                    .collect::<Result<_>>()?
+            }
             other => bail!("unknown flag {other}"),
         }
     }
@@ -153,6 +167,24 @@ fn wrk(a: &Args, url: &str, reqs: &Path, generated: u64) -> Result<Value> {
     Ok(v)
 }
 
+/// The server's `store: slow commit` lines written after byte `from` of its log: each is one
+/// batch of commits whose durable transaction (fsync) took at least 20 ms.
+fn slow_commits(log: &Path, from: u64) -> Result<Vec<Value>> {
+    let text = std::fs::read(log)?;
+    let tail = text.get(from as usize..).unwrap_or_default();
+    Ok(String::from_utf8_lossy(tail)
+        .lines()
+        .filter_map(|l| l.split_once("store: slow commit: ").map(|(_, rest)| rest))
+        .filter_map(|rest| {
+            // "N call(s) waited M ms for one durable transaction"
+            let mut words = rest.split_whitespace();
+            let calls: u64 = words.next()?.parse().ok()?;
+            let ms: u64 = words.nth(2)?.parse().ok()?;
+            Some(json!({"calls": calls, "ms": ms}))
+        })
+        .collect())
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -174,7 +206,7 @@ fn main() -> Result<()> {
     let mut files = Vec::new();
     {
         let store = Store::open(&state)?;
-        for p in PLATFORMS {
+        for &p in &a.platforms {
             let now = now_ms();
             let mut seeds = Vec::new();
             let pushes: Vec<_> = (0..a.requests)
@@ -209,7 +241,8 @@ fn main() -> Result<()> {
     });
     let cfg_path = dir.join("config.json");
     std::fs::write(&cfg_path, config.to_string())?;
-    let log = std::fs::File::create(dir.join("serve.log"))?;
+    let log_path = dir.join("serve.log");
+    let log = std::fs::File::create(&log_path)?;
     let server = Guard(
         Command::new(&a.host_bin)
             .args(["serve", "--config"])
@@ -222,12 +255,17 @@ fn main() -> Result<()> {
     wait_healthy(port, "/healthz")?;
 
     let mut results = serde_json::Map::new();
+    // The map sorts its keys; the report needs the order the runs happened in.
+    let mut order = Vec::new();
     for (p, app, file) in &files {
         let url = format!("http://127.0.0.1:{port}/callback/{tenant}/{app}");
         let load_before = loadavg();
+        let log_before = std::fs::metadata(&log_path).map_or(0, |m| m.len());
         let mut r = wrk(&a, &url, file, a.requests)?;
         r["loadavg_before"] = json!(load_before);
+        r["slow_commits"] = json!(slow_commits(&log_path, log_before)?);
         eprintln!("imbridge {}: {r}", p.name());
+        order.push(format!("imbridge/{}", p.name()));
         results.insert(format!("imbridge/{}", p.name()), r);
     }
     drop(server);
@@ -255,7 +293,9 @@ fn main() -> Result<()> {
             .context("starting the Python peer")?,
     );
     wait_healthy(peer_port, "/healthz")?;
-    let (_, _, feishu_file) = &files[0];
+    let Some((_, _, feishu_file)) = files.iter().find(|(p, ..)| *p == Platform::Feishu) else {
+        bail!("the peer comparison needs the Feishu callbacks (--platforms feishu,…)");
+    };
     let load_before = loadavg();
     let mut r = wrk(
         &a,
@@ -265,6 +305,7 @@ fn main() -> Result<()> {
     )?;
     r["loadavg_before"] = json!(load_before);
     eprintln!("lark-oapi feishu: {r}");
+    order.push("lark-oapi/feishu".to_string());
     results.insert("lark-oapi/feishu".into(), r);
     drop(peer);
 
@@ -274,6 +315,7 @@ fn main() -> Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let out = json!({
+        "order": order,
         "results": results,
         "outbox_records": outbox,
         "wrk": {"threads": a.threads, "connections": a.connections, "duration_s": a.duration},

@@ -16,10 +16,14 @@ use redb::{Database, WriteTransaction};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Most requests one transaction carries; bounds the latency a request adds to its batch.
 pub const MAX_BATCH: usize = 256;
+
+/// A batch commit slower than this is logged (`store: slow commit`).
+pub const SLOW_COMMIT: Duration = Duration::from_millis(20);
 
 /// Validates one request inside the batch's transaction and, if its reads hold, applies it.
 /// Must write nothing when it returns `Conflict`.
@@ -134,7 +138,19 @@ fn run(db: &Database, apply: Apply, pending: &Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        match commit_batch(db, apply, &batch) {
+        let started = Instant::now();
+        let result = commit_batch(db, apply, &batch);
+        let took = started.elapsed();
+        if took >= SLOW_COMMIT {
+            // Every call of the batch waited this long for its answer: the usual cause of a
+            // latency tail, and a disk (fsync) problem rather than the plugin's.
+            crate::log!(
+                "store: slow commit: {} call(s) waited {} ms for one durable transaction",
+                batch.len(),
+                took.as_millis()
+            );
+        }
+        match result {
             Ok(outcomes) => {
                 for (request, outcome) in batch.into_iter().zip(outcomes) {
                     request.answer.send(Ok(outcome));

@@ -590,12 +590,13 @@ fn main() -> Result<()> {
              is durable, so throughput is bounded by CPU (the in-component time above plus HTTP \
              handling, on 2 cores that wrk shares). The latency tail is not: where a p99 \
              exceeds 10 ms, the *slow commits* column shows batches whose one fsync took tens \
-             of ms while every call in flight waited. In the runs made for this file the tail \
-             followed the database's size — it moved with whichever platform ran last (loadtest \
-             `--platforms` reorders them), not with the platform — and it held more requests \
-             than those stalls alone account for (each holds at most one request per \
-             connection), so part of it is still unexplained; profiling that last phase (redb's \
-             page cache and file growth, kernel writeback) is the next step.\n"
+             of ms while every call in flight waited. Those explain only part of it (each holds \
+             at most one request per connection). In the runs made for this file the tail \
+             appeared once the database had taken tens of thousands of updates — it moved with \
+             whichever platform ran later (loadtest `--platforms` reorders them), not with the \
+             platform — while the server's own time per request stayed low (the per-call `ms` \
+             in its log: p99 at most 4 ms in every phase), so most slow requests waited outside the \
+             handler or in the load generator; where exactly is still open (issue 7).\n"
         )?;
     }
     if peer_ratio.is_some_and(|r| r < 10.0) {

@@ -334,10 +334,7 @@ impl Host {
             Ok(Outcome::Applied)
         } else {
             match backend.submit(&ns, commit) {
-                Ok(queued) => match queued {
-                    Ok(submitted) => submitted.outcome().await,
-                    Err(e) => Err(e),
-                },
+                Ok(submitted) => submitted.outcome().await,
                 // A backend that blocks on its own I/O (Redis) gets a blocking thread.
                 Err(commit) => tokio::task::spawn_blocking(move || backend.commit(&ns, commit))
                     .await

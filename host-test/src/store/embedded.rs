@@ -166,7 +166,7 @@ impl Backend for Store {
         self.committer.commit(ns, commit)
     }
 
-    fn submit(&self, ns: &str, commit: Commit) -> std::result::Result<Result<Submitted>, Commit> {
+    fn submit(&self, ns: &str, commit: Commit) -> std::result::Result<Submitted, Commit> {
         Ok(self.committer.submit(ns, commit))
     }
 

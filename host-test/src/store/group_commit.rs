@@ -78,11 +78,14 @@ impl Committer {
         result.recv().map_err(|_| stopped())?
     }
 
-    /// Queues `commit`; the receiver yields its outcome once its batch is durable (or failed).
-    pub fn submit(&self, ns: &str, commit: Commit) -> Result<Submitted> {
+    /// Queues `commit`; the outcome arrives once its batch is durable (or failed), or at once
+    /// as an error when the committer has stopped.
+    pub fn submit(&self, ns: &str, commit: Commit) -> Submitted {
         let (answer, result) = oneshot::channel();
-        self.queue(ns, commit, Answer::Async(answer))?;
-        Ok(Submitted(result))
+        match self.queue(ns, commit, Answer::Async(answer)) {
+            Ok(()) => Submitted(result),
+            Err(e) => Submitted::ready(Err(e)),
+        }
     }
 
     fn queue(&self, ns: &str, commit: Commit, answer: Answer) -> Result<()> {

@@ -81,8 +81,8 @@ impl Backend for MemoryStore {
     }
 
     /// No I/O, so no thread to wait on: the commit is applied on the caller's.
-    fn submit(&self, ns: &str, commit: Commit) -> std::result::Result<Result<Submitted>, Commit> {
-        Ok(Ok(Submitted::ready(self.commit(ns, commit))))
+    fn submit(&self, ns: &str, commit: Commit) -> std::result::Result<Submitted, Commit> {
+        Ok(Submitted::ready(self.commit(ns, commit)))
     }
 
     fn increment(

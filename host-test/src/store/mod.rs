@@ -75,7 +75,7 @@ pub trait Backend: LeaseStore {
     /// embedded group committer): the commit is queued and its outcome awaited, so an async
     /// caller needs no blocking thread to wait on it. `Err(commit)` hands the commit back to a
     /// caller of a backend that commits only synchronously.
-    fn submit(&self, ns: &str, commit: Commit) -> std::result::Result<Result<Submitted>, Commit> {
+    fn submit(&self, ns: &str, commit: Commit) -> std::result::Result<Submitted, Commit> {
         let _ = ns;
         Err(commit)
     }

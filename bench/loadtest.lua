@@ -1,8 +1,9 @@
--- wrk script for the callback load test (bench/src/bin/loadtest.rs writes the request file).
--- Each line of $REQS is one pre-generated, signed, encrypted callback:
---   target \t header: value (0x1f-separated) \t body
--- Thread k of $THREADS takes lines k, k+THREADS, ..., so no two threads ever send the same
--- event; a thread that runs out starts over (the load test reports that as "wrapped").
+-- wrk script for the callback load test (bench/src/bin/loadtest.rs writes the request files).
+-- Thread k of $THREADS sends the requests in "$REQS.k": pre-generated, signed, encrypted
+-- callbacks, already formatted for the wire, each as a decimal length, a newline and that many
+-- bytes. So no two threads ever send the same event, and `init` (which wrk runs for one thread
+-- after the other while the first is already sending) only reads. A thread that runs out
+-- starts over (the load test reports that as "wrapped").
 
 local counter = 0
 
@@ -15,21 +16,15 @@ local reqs = {}
 local i = 0
 
 function init(args)
-  local n = tonumber(os.getenv("THREADS") or "1")
-  local me = tid or 0
-  local k = 0
-  for line in io.lines(os.getenv("REQS")) do
-    if k % n == me then
-      local target, hdrs, body = line:match("^([^\t]*)\t([^\t]*)\t(.*)$")
-      local headers = {}
-      for h in hdrs:gmatch("[^\31]+") do
-        local name, value = h:match("^([^:]+): ?(.*)$")
-        headers[name] = value
-      end
-      reqs[#reqs + 1] = wrk.format("POST", target, headers, body)
+  local f = assert(io.open(os.getenv("REQS") .. "." .. (tid or 0), "rb"))
+  while true do
+    local len = f:read("*l")
+    if not len then
+      break
     end
-    k = k + 1
+    reqs[#reqs + 1] = f:read(tonumber(len))
   end
+  f:close()
 end
 
 function request()

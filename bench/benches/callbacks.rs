@@ -10,16 +10,26 @@
 //!   `InstancePre`, state in the host's in-memory store, as the native side's is in memory: the
 //!   ratio is the sandbox's cost, not the disk's. `component-disk` is the same with the
 //!   embedded redb database on the real disk (a durable commit per call).
+//! - `component-warm`: the export called on an instance that is already there (one instance
+//!   per batch of 256 calls, instantiated untimed; its writes stay in the call's buffer, as the
+//!   native side's stay in its map): the sandbox's cost for the handling alone, without the
+//!   per-call instance that `host/instantiate+call` measures on its own.
 
 use criterion::{BenchmarkId, Criterion};
 use imbridge::model::{ApprovalNode, ApprovalRequest, Level, Link, Notification, Platform};
 use imbridge::model::{SignMode, Target, UserRef};
 use imbridge_bench::{PLATFORMS, app_native, callback, instance_id, mem_env, now_ms, seed_record};
+use imbridge_host::bindings::PluginPre;
+use imbridge_host::engine::new_engine;
 use imbridge_host::json::parse_call;
-use imbridge_host::store::StoreConfig;
+use imbridge_host::kv::KvCtx;
+use imbridge_host::sandbox::{CallState, linker};
+use imbridge_host::store::{Backend, StoreConfig};
+use imbridge_host::wasi_http::{AllowList, HttpPolicy};
 use imbridge_host::{Call, Export, Host, HostConfig, Reply, TenantPolicy};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Inputs are generated (and records seeded) in batches outside the timed region, so memory
@@ -81,6 +91,64 @@ impl InComponent {
     }
 }
 
+/// Instances of the component made by hand, so one can serve many calls (the host never does
+/// that: every call gets a fresh instance).
+struct Warm {
+    engine: wasmtime::Engine,
+    pre: PluginPre<CallState>,
+    store: Arc<dyn Backend>,
+}
+
+impl Warm {
+    /// Instances whose state lives in `store`.
+    fn new(store: Arc<dyn Backend>) -> Warm {
+        let engine = new_engine(64 << 20, 32).expect("engine");
+        let wasm = std::fs::read(component_path()).expect("target/imbridge.wasm (./dev build)");
+        let component = wasmtime::component::Component::new(&engine, &wasm).expect("compile");
+        let linker = linker(&engine).expect("linker");
+        let pre = PluginPre::new(linker.instantiate_pre(&component).expect("pre")).expect("pre");
+        Warm { engine, pre, store }
+    }
+
+    async fn instance(&self) -> (wasmtime::Store<CallState>, imbridge_host::bindings::Plugin) {
+        let state = CallState::new(
+            KvCtx::new(self.store.clone(), "t".into()),
+            HttpPolicy {
+                tenant: "t".into(),
+                allow: AllowList::new(&[]).expect("allow"),
+                deadline: Instant::now() + Duration::from_secs(3600),
+                margin: Duration::from_secs(3),
+            },
+            None,
+            64 << 20,
+        );
+        let mut store = wasmtime::Store::new(&self.engine, state);
+        // No epoch ticker here: a deadline far away keeps the guest from being interrupted.
+        store.set_epoch_deadline(u64::MAX / 2);
+        let plugin = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .expect("instance");
+        (store, plugin)
+    }
+}
+
+async fn warm_call(
+    store: &mut wasmtime::Store<CallState>,
+    plugin: &imbridge_host::bindings::Plugin,
+    call: &Call,
+) -> usize {
+    let Call::HandleCallback { app, request } = call else {
+        unreachable!("callbacks only")
+    };
+    let r = plugin
+        .call_handle_callback(&mut *store, app, request)
+        .await
+        .expect("call");
+    updates(&Reply::Callback(r))
+}
+
 fn host_call(p: Platform, push: &imbridge_bench::Push) -> Call {
     parse_call(Export::HandleCallback, &push.host_input(p)).expect("handle-callback input")
 }
@@ -96,6 +164,7 @@ fn callbacks(c: &mut Criterion) {
     let parent = workspace().join("target");
     let mem = InComponent::new(StoreConfig::Memory, &parent);
     let disk = InComponent::new(StoreConfig::Embedded, &parent);
+    let warm = Warm::new(mem.host.store().clone());
     for (pi, p) in PLATFORMS.into_iter().enumerate() {
         let mut g = c.benchmark_group(format!("callback/{}", p.name()));
         let app = app_native(p);
@@ -189,6 +258,58 @@ fn callbacks(c: &mut Criterion) {
             });
         }
 
+        {
+            let variant = 5;
+            let inst = instance_id(p, run(8 + variant), 0);
+            let (k, v) = seed_record(p, &inst);
+            warm.store.put("t", vec![(k, Some(v))]).expect("seed");
+            let check = host_call(p, &callback(p, run(8 + variant), 0, &inst, now_ms()));
+            mem.rt.block_on(async {
+                let (mut store, plugin) = warm.instance().await;
+                assert_eq!(
+                    warm_call(&mut store, &plugin, &check).await,
+                    1,
+                    "fresh must update"
+                );
+                assert_eq!(
+                    warm_call(&mut store, &plugin, &check).await,
+                    0,
+                    "duplicate must not"
+                );
+            });
+            let mut n = 0u64;
+            g.bench_function(BenchmarkId::new("component-warm", "fresh"), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    let mut left = iters;
+                    while left > 0 {
+                        let k = left.min(BATCH);
+                        let mut seeds = Vec::new();
+                        let calls: Vec<Call> = (0..k)
+                            .map(|_| {
+                                n += 1;
+                                let inst = instance_id(p, run(variant), n);
+                                let (key, val) = seed_record(p, &inst);
+                                seeds.push((key, Some(val)));
+                                host_call(p, &callback(p, run(variant), n, &inst, now_ms()))
+                            })
+                            .collect();
+                        warm.store.put("t", seeds).expect("seed");
+                        total += mem.rt.block_on(async {
+                            let (mut store, plugin) = warm.instance().await;
+                            let t = Instant::now();
+                            for call in &calls {
+                                black_box(warm_call(&mut store, &plugin, call).await);
+                            }
+                            t.elapsed()
+                        });
+                        left -= k;
+                    }
+                    total
+                })
+            });
+        }
+
         // Duplicates: one delivery, applied once untimed, then replayed.
         let dup_env = mem_env();
         let inst = instance_id(p, run(4), 0);
@@ -212,6 +333,30 @@ fn callbacks(c: &mut Criterion) {
                     }
                     t.elapsed()
                 })
+            })
+        });
+        // `warm` shares `mem`'s store, where this delivery was just applied: a duplicate.
+        mem.rt.block_on(async {
+            let (mut store, plugin) = warm.instance().await;
+            assert_eq!(warm_call(&mut store, &plugin, &call).await, 0);
+        });
+        g.bench_function(BenchmarkId::new("component-warm", "duplicate"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let k = left.min(BATCH);
+                    total += mem.rt.block_on(async {
+                        let (mut store, plugin) = warm.instance().await;
+                        let t = Instant::now();
+                        for _ in 0..k {
+                            black_box(warm_call(&mut store, &plugin, &call).await);
+                        }
+                        t.elapsed()
+                    });
+                    left -= k;
+                }
+                total
             })
         });
         g.finish();

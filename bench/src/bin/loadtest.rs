@@ -6,7 +6,8 @@
 //!    the state database (so every callback takes the full update path: dedup, load, apply,
 //!    save, outbox).
 //! 2. Starts `imbridge-host serve` (durable redb state, default config and logging, stderr
-//!    to a file) and fires each platform's callbacks with wrk through `bench/loadtest.lua`.
+//!    to a file) and fires each platform's callbacks with wrk through `bench/loadtest.lua`
+//!    (or, with `--client loadgen`, with `loadgen`, which keeps every request's timing).
 //! 3. Starts `bench/peer/feishu_peer.py` (lark-oapi's `EventDispatcherHandler` behind
 //!    Python's `ThreadingHTTPServer`) and fires the same Feishu callbacks at it.
 //! 4. Stops the server and counts the outbox records the run produced (each update is one).
@@ -33,6 +34,9 @@ struct Args {
     out: PathBuf,
     /// Which platforms, in this order (default: all three).
     platforms: Vec<Platform>,
+    /// `wrk`, or `loadgen` (bench/src/bin/loadgen.rs), which also keeps every request's
+    /// timing in `target/bench/load/<platform>.trace.csv`.
+    client: String,
 }
 
 fn args() -> Result<Args> {
@@ -45,6 +49,7 @@ fn args() -> Result<Args> {
         host_bin: ws.join("target/release/imbridge-host"),
         out: ws.join("target/bench/load.json"),
         platforms: PLATFORMS.to_vec(),
+        client: "wrk".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,6 +61,7 @@ fn args() -> Result<Args> {
             "--requests" => a.requests = val()?.parse()?,
             "--host-bin" => a.host_bin = val()?.into(),
             "--out" => a.out = val()?.into(),
+            "--client" => a.client = val()?,
             "--platforms" => {
                 a.platforms = val()?
                     .split(',')
@@ -109,44 +115,86 @@ fn wait_healthy(port: u16, path: &str) -> Result<()> {
     bail!("server on port {port} did not become healthy")
 }
 
-/// One request per line for the Lua script: `target \t headers (0x1f-separated) \t body`.
-fn write_requests(path: &Path, target: &str, pushes: &[imbridge_bench::Push]) -> Result<()> {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    for p in pushes {
+/// The requests as they go on the wire, split the way the clients' threads take them: thread
+/// k of `threads` sends requests k, k+threads, … from `{prefix}.{k}`, each record a decimal
+/// length, a newline and that many bytes. Formatted here rather than in wrk's Lua `init`, which
+/// wrk runs for one thread after another while the threads already started are sending: with a
+/// 200 MB file that took over a second per thread and skewed the first second of every run.
+fn write_requests(
+    prefix: &Path,
+    threads: u64,
+    target: &str,
+    host: &str,
+    pushes: &[imbridge_bench::Push],
+) -> Result<()> {
+    let mut files = (0..threads)
+        .map(|k| {
+            let name = format!("{}.{k}", prefix.display());
+            Ok(std::io::BufWriter::new(std::fs::File::create(name)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (i, p) in pushes.iter().enumerate() {
         let t = if p.query.is_empty() {
             target.to_string()
         } else {
             format!("{target}?{}", p.query)
         };
-        let h: Vec<String> = p.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-        let body = String::from_utf8(p.body.clone())?;
-        anyhow::ensure!(
-            !body.contains(['\t', '\n']),
-            "bodies must be one line for the request file"
-        );
-        writeln!(f, "{t}\t{}\t{body}", h.join("\x1f"))?;
+        let mut req = format!("POST {t} HTTP/1.1\r\nHost: {host}\r\n");
+        for (k, v) in &p.headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str(&format!("Content-Length: {}\r\n\r\n", p.body.len()));
+        let mut req = req.into_bytes();
+        req.extend_from_slice(&p.body);
+        let n = files.len();
+        let f = &mut files[i % n];
+        writeln!(f, "{}", req.len())?;
+        f.write_all(&req)?;
     }
-    f.flush()?;
+    // Durable before the server starts: otherwise the kernel writes these hundreds of MB back
+    // 30 s later (vm.dirty_expire_centisecs), in the middle of a measured phase, where that
+    // disk traffic slowed the server's fsyncs and showed as a p99 tail in whichever phase it hit.
+    for f in files {
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    }
     Ok(())
 }
 
-fn wrk(a: &Args, url: &str, reqs: &Path, generated: u64) -> Result<Value> {
-    let script = workspace().join("bench/loadtest.lua");
-    let out = Command::new("wrk")
-        .args([
-            "-t",
-            &a.threads.to_string(),
-            "-c",
-            &a.connections.to_string(),
-        ])
-        .args(["-d", &format!("{}s", a.duration), "--timeout", "10s"])
-        .arg("-s")
-        .arg(&script)
-        .arg(url)
-        .env("REQS", reqs)
-        .env("THREADS", a.threads.to_string())
-        .output()
-        .context("running wrk (apt-get install wrk)")?;
+/// Runs the load generator against `url` with the requests in `reqs` (see `write_requests`);
+/// `loadgen` also writes every request's timing to `trace`.
+fn wrk(a: &Args, url: &str, reqs: &Path, trace: &Path, generated: u64) -> Result<Value> {
+    let out = if a.client == "loadgen" {
+        let addr = url
+            .strip_prefix("http://")
+            .and_then(|u| u.split('/').next())
+            .context("url")?;
+        Command::new(workspace().join("target/release/loadgen"))
+            .args(["--addr", addr, "--duration", &a.duration.to_string()])
+            .args(["--connections", &a.connections.to_string()])
+            .args(["--threads", &a.threads.to_string()])
+            .arg("--reqs")
+            .arg(reqs)
+            .arg("--trace")
+            .arg(trace)
+            .output()
+            .context("running target/release/loadgen")?
+    } else {
+        let script = workspace().join("bench/loadtest.lua");
+        Command::new("wrk")
+            .args([
+                "-t",
+                &a.threads.to_string(),
+                "-c",
+                &a.connections.to_string(),
+            ])
+            .args(["-d", &format!("{}s", a.duration), "--timeout", "10s"])
+            .arg("-s")
+            .arg(&script)
+            .arg(url)
+            .env("REQS", reqs)
+            .output()
+            .context("running wrk (apt-get install wrk)")?
+    };
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
@@ -203,6 +251,7 @@ fn main() -> Result<()> {
 
     // Requests and seeded records. Signed now: the run must start within the 10-minute window.
     let t0 = Instant::now();
+    let port = free_port()?;
     let mut files = Vec::new();
     {
         let store = Store::open(&state)?;
@@ -220,7 +269,14 @@ fn main() -> Result<()> {
             store.put(tenant, seeds)?;
             let app = app_json(p)["id"].as_str().unwrap_or_default().to_string();
             let file = dir.join(format!("{}.reqs", p.name()));
-            write_requests(&file, &format!("/callback/{tenant}/{app}"), &pushes)?;
+            let target = format!("/callback/{tenant}/{app}");
+            write_requests(
+                &file,
+                a.threads,
+                &target,
+                &format!("127.0.0.1:{port}"),
+                &pushes,
+            )?;
             files.push((p, app, file));
         }
     }
@@ -230,7 +286,6 @@ fn main() -> Result<()> {
         t0.elapsed()
     );
 
-    let port = free_port()?;
     let component = workspace().join("target/imbridge.wasm").canonicalize()?;
     let config = json!({
         "listen": format!("127.0.0.1:{port}"),
@@ -261,7 +316,8 @@ fn main() -> Result<()> {
         let url = format!("http://127.0.0.1:{port}/callback/{tenant}/{app}");
         let load_before = loadavg();
         let log_before = std::fs::metadata(&log_path).map_or(0, |m| m.len());
-        let mut r = wrk(&a, &url, file, a.requests)?;
+        let trace = dir.join(format!("imbridge-{}.trace.csv", p.name()));
+        let mut r = wrk(&a, &url, file, &trace, a.requests)?;
         r["loadavg_before"] = json!(load_before);
         r["slow_commits"] = json!(slow_commits(&log_path, log_before)?);
         eprintln!("imbridge {}: {r}", p.name());
@@ -301,6 +357,7 @@ fn main() -> Result<()> {
         &a,
         &format!("http://127.0.0.1:{peer_port}/callback"),
         feishu_file,
+        &dir.join("lark-oapi-feishu.trace.csv"),
         a.requests,
     )?;
     r["loadavg_before"] = json!(load_before);
@@ -310,7 +367,11 @@ fn main() -> Result<()> {
     drop(peer);
 
     let lark_version = Command::new("python3")
-        .args(["-c", "import lark_oapi; print(lark_oapi.__version__)"])
+        // lark_oapi has no __version__; the installed distribution's metadata does.
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('lark-oapi'))",
+        ])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();

@@ -1,0 +1,280 @@
+//! A closed-loop HTTP/1.1 load generator that keeps every request's timing, to see *where* a
+//! latency tail comes from (which connection, when), which wrk's summary cannot show.
+//!
+//! It reads the load test's request files (thread k sends the requests in `{--reqs}.k`, each a
+//! decimal length, a newline and the request's bytes) and works like wrk: `--threads` OS
+//! threads, each an event loop (a current-thread tokio runtime) driving its share of
+//! `--connections` keep-alive connections, one request in flight per connection.
+//!
+//! Prints one `JSON {…}` line in the shape the load test reads from wrk, plus per-connection
+//! statistics and, with `--trace FILE`, writes every request as `conn,start_us,latency_us,status`.
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+struct Args {
+    addr: SocketAddr,
+    reqs: PathBuf,
+    connections: usize,
+    threads: usize,
+    duration: Duration,
+    timeout: Duration,
+    trace: Option<PathBuf>,
+}
+
+fn args() -> Result<Args> {
+    let mut addr = None;
+    let mut reqs = None;
+    let mut a = Args {
+        addr: "127.0.0.1:1".parse()?,
+        reqs: PathBuf::new(),
+        connections: 16,
+        threads: 2,
+        duration: Duration::from_secs(10),
+        timeout: Duration::from_secs(10),
+        trace: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().context("missing value");
+        match flag.as_str() {
+            "--addr" => addr = Some(val()?.parse()?),
+            "--reqs" => reqs = Some(PathBuf::from(val()?)),
+            "--connections" => a.connections = val()?.parse()?,
+            "--threads" => a.threads = val()?.parse()?,
+            "--duration" => a.duration = Duration::from_secs_f64(val()?.parse()?),
+            "--timeout" => a.timeout = Duration::from_secs_f64(val()?.parse()?),
+            "--trace" => a.trace = Some(val()?.into()),
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    a.addr = addr.context("--addr HOST:PORT is required")?;
+    a.reqs = reqs.context("--reqs FILE is required")?;
+    if a.threads == 0 || a.connections < a.threads {
+        bail!("need at least one connection per thread");
+    }
+    Ok(a)
+}
+
+/// The records of one request file: a decimal length, a newline, that many bytes.
+fn read_requests(path: &std::path::Path) -> Result<Vec<Vec<u8>>> {
+    let data = std::fs::read(path).with_context(|| path.display().to_string())?;
+    let mut out = Vec::new();
+    let mut rest = &data[..];
+    while !rest.is_empty() {
+        let nl = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .context("record without a length line")?;
+        let len: usize = std::str::from_utf8(&rest[..nl])?.trim().parse()?;
+        let end = nl + 1 + len;
+        out.push(rest.get(nl + 1..end).context("truncated record")?.to_vec());
+        rest = &rest[end..];
+    }
+    if out.is_empty() {
+        bail!("{}: no requests", path.display());
+    }
+    Ok(out)
+}
+
+struct Sample {
+    start_us: u64,
+    latency_us: u32,
+    status: u16,
+}
+
+#[derive(Default)]
+struct ConnResult {
+    samples: Vec<Sample>,
+    errors: u64,
+}
+
+/// Reads one response; returns its status. Responses carry Content-Length (hyper's `Full`).
+async fn read_response(sock: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Result<u16> {
+    buf.clear();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).context("response head")?;
+    let status: u16 = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .context("status line")?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .context("no content-length")?;
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 4096];
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed mid-body");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(status)
+}
+
+async fn connection(
+    addr: SocketAddr,
+    reqs: Arc<Vec<Vec<u8>>>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+    epoch: Instant,
+    stop: Instant,
+    timeout: Duration,
+) -> ConnResult {
+    let mut r = ConnResult::default();
+    let mut buf = Vec::with_capacity(8192);
+    'reconnect: while Instant::now() < stop {
+        let Ok(mut sock) = tokio::net::TcpStream::connect(addr).await else {
+            r.errors += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        while Instant::now() < stop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % reqs.len();
+            let t0 = Instant::now();
+            let res = tokio::time::timeout(timeout, async {
+                sock.write_all(&reqs[i]).await?;
+                read_response(&mut sock, &mut buf).await
+            })
+            .await;
+            let latency = t0.elapsed();
+            match res {
+                Ok(Ok(status)) => r.samples.push(Sample {
+                    start_us: (t0 - epoch).as_micros() as u64,
+                    latency_us: latency.as_micros().min(u32::MAX as u128) as u32,
+                    status,
+                }),
+                _ => {
+                    r.errors += 1;
+                    continue 'reconnect;
+                }
+            }
+        }
+    }
+    r
+}
+
+fn pct(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 * p / 100.0).ceil() as usize).clamp(1, sorted.len());
+    sorted[i - 1]
+}
+
+fn main() -> Result<()> {
+    let a = args()?;
+    let mut per_thread = Vec::new();
+    for t in 0..a.threads {
+        let path = PathBuf::from(format!("{}.{t}", a.reqs.display()));
+        per_thread.push(Arc::new(read_requests(&path)?));
+    }
+    let epoch = Instant::now();
+    // To line the trace up with the server's log, whose lines carry wall-clock times.
+    let epoch_unix_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_micros() as u64;
+    let stop = epoch + a.duration;
+    let mut handles = Vec::new();
+    for (t, reqs) in per_thread.into_iter().enumerate() {
+        let conns = a.connections / a.threads + usize::from(t < a.connections % a.threads);
+        let (addr, timeout) = (a.addr, a.timeout);
+        handles.push(std::thread::spawn(move || -> Result<Vec<ConnResult>> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let tasks: Vec<_> = (0..conns)
+                    .map(|_| {
+                        tokio::spawn(connection(
+                            addr,
+                            reqs.clone(),
+                            next.clone(),
+                            epoch,
+                            stop,
+                            timeout,
+                        ))
+                    })
+                    .collect();
+                let mut out = Vec::new();
+                for t in tasks {
+                    out.push(t.await?);
+                }
+                Ok(out)
+            })
+        }));
+    }
+    let mut conns = Vec::new();
+    for h in handles {
+        conns.extend(h.join().map_err(|_| anyhow::anyhow!("thread panicked"))??);
+    }
+    let elapsed = epoch.elapsed();
+
+    let mut all: Vec<u32> = conns
+        .iter()
+        .flat_map(|c| c.samples.iter().map(|s| s.latency_us))
+        .collect();
+    all.sort_unstable();
+    let errors: u64 = conns.iter().map(|c| c.errors).sum();
+    let bad_status = conns
+        .iter()
+        .flat_map(|c| &c.samples)
+        .filter(|s| s.status >= 400)
+        .count();
+    let per_conn: Vec<Value> = conns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut l: Vec<u32> = c.samples.iter().map(|s| s.latency_us).collect();
+            l.sort_unstable();
+            json!({"conn": i, "requests": l.len(), "p50_us": pct(&l, 50.0),
+                   "p99_us": pct(&l, 99.0), "max_us": pct(&l, 100.0),
+                   "over_10ms": l.iter().filter(|&&x| x > 10_000).count()})
+        })
+        .collect();
+    let summary = json!({
+        "requests": all.len(),
+        "epoch_unix_us": epoch_unix_us,
+        "duration_us": elapsed.as_micros() as u64,
+        "errors_connect": 0, "errors_read": errors, "errors_write": 0,
+        "errors_status": bad_status, "errors_timeout": 0,
+        "p50_us": pct(&all, 50.0), "p90_us": pct(&all, 90.0), "p99_us": pct(&all, 99.0),
+        "p999_us": pct(&all, 99.9), "max_us": pct(&all, 100.0),
+        "mean_us": all.iter().map(|&x| x as f64).sum::<f64>() / all.len().max(1) as f64,
+    });
+    println!("JSON {summary}");
+    println!("CONNS {}", Value::Array(per_conn));
+    if let Some(path) = &a.trace {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        writeln!(f, "conn,start_us,latency_us,status")?;
+        for (i, c) in conns.iter().enumerate() {
+            for s in &c.samples {
+                writeln!(f, "{i},{},{},{}", s.start_us, s.latency_us, s.status)?;
+            }
+        }
+        f.flush()?;
+    }
+    Ok(())
+}

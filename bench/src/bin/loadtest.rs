@@ -12,7 +12,9 @@
 //!    Python's `ThreadingHTTPServer`) and fires the same Feishu callbacks at it.
 //! 4. Stops the server and counts the outbox records the run produced (each update is one).
 //!
-//! Writes one JSON object to `--out`.
+//!
+//! Does all of it `--runs` times (default 3, each on a fresh database) and writes one JSON
+//! object to `--out`: every run, and per server/platform the median and range over the runs.
 
 use anyhow::{Context as _, Result, bail};
 use imbridge::model::Platform;
@@ -34,6 +36,8 @@ struct Args {
     out: PathBuf,
     /// Which platforms, in this order (default: all three).
     platforms: Vec<Platform>,
+    /// Complete runs (each on a fresh database); the report shows the median and the range.
+    runs: u64,
     /// `wrk`, or `loadgen` (bench/src/bin/loadgen.rs), which also keeps every request's
     /// timing in `target/bench/load/<platform>.trace.csv`.
     client: String,
@@ -50,6 +54,7 @@ fn args() -> Result<Args> {
         out: ws.join("target/bench/load.json"),
         platforms: PLATFORMS.to_vec(),
         client: "wrk".into(),
+        runs: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -62,6 +67,7 @@ fn args() -> Result<Args> {
             "--host-bin" => a.host_bin = val()?.into(),
             "--out" => a.out = val()?.into(),
             "--client" => a.client = val()?,
+            "--runs" => a.runs = val()?.parse::<u64>()?.max(1),
             "--platforms" => {
                 a.platforms = val()?
                     .split(',')
@@ -240,8 +246,9 @@ fn loadavg() -> String {
         .to_string()
 }
 
-fn main() -> Result<()> {
-    let a = args()?;
+/// One complete run: fresh state, requests, server, every platform, then the peer. Returns
+/// `{order, results, outbox_records}`.
+fn one_run(a: &Args) -> Result<Value> {
     let dir = workspace().join("target/bench/load");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -317,7 +324,7 @@ fn main() -> Result<()> {
         let load_before = loadavg();
         let log_before = std::fs::metadata(&log_path).map_or(0, |m| m.len());
         let trace = dir.join(format!("imbridge-{}.trace.csv", p.name()));
-        let mut r = wrk(&a, &url, file, &trace, a.requests)?;
+        let mut r = wrk(a, &url, file, &trace, a.requests)?;
         r["loadavg_before"] = json!(load_before);
         r["slow_commits"] = json!(slow_commits(&log_path, log_before)?);
         eprintln!("imbridge {}: {r}", p.name());
@@ -354,7 +361,7 @@ fn main() -> Result<()> {
     };
     let load_before = loadavg();
     let mut r = wrk(
-        &a,
+        a,
         &format!("http://127.0.0.1:{peer_port}/callback"),
         feishu_file,
         &dir.join("lark-oapi-feishu.trace.csv"),
@@ -366,6 +373,76 @@ fn main() -> Result<()> {
     results.insert("lark-oapi/feishu".into(), r);
     drop(peer);
 
+    Ok(json!({"order": order, "results": results, "outbox_records": outbox}))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Per server/platform over all runs: the median of each figure, the smallest and largest
+/// throughput and p99, the errors and slow commits of all runs together.
+fn aggregate(runs: &[Value]) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    let keys = runs[0]["order"].as_array().cloned().unwrap_or_default();
+    for key in keys.iter().filter_map(Value::as_str) {
+        let each: Vec<&Value> = runs.iter().map(|r| &r["results"][key]).collect();
+        let nums = |f: &str| -> Vec<f64> { each.iter().filter_map(|r| r[f].as_f64()).collect() };
+        let min = |v: Vec<f64>| v.into_iter().fold(f64::INFINITY, f64::min);
+        let max = |v: Vec<f64>| v.into_iter().fold(f64::NEG_INFINITY, f64::max);
+        let mut m = serde_json::Map::new();
+        for f in ["rps", "p50_us", "p90_us", "p99_us", "max_us", "mean_us"] {
+            m.insert(f.into(), json!(median(nums(f))));
+        }
+        for f in [
+            "requests",
+            "errors_connect",
+            "errors_read",
+            "errors_write",
+            "errors_status",
+            "errors_timeout",
+        ] {
+            m.insert(
+                f.into(),
+                json!(each.iter().filter_map(|r| r[f].as_u64()).sum::<u64>()),
+            );
+        }
+        m.insert("rps_min".into(), json!(min(nums("rps"))));
+        m.insert("rps_max".into(), json!(max(nums("rps"))));
+        m.insert("p99_min_us".into(), json!(min(nums("p99_us"))));
+        m.insert("p99_max_us".into(), json!(max(nums("p99_us"))));
+        m.insert(
+            "wrapped".into(),
+            json!(each.iter().any(|r| r["wrapped"].as_bool() == Some(true))),
+        );
+        if each.iter().any(|r| r.get("slow_commits").is_some()) {
+            let all: Vec<Value> = each
+                .iter()
+                .filter_map(|r| r["slow_commits"].as_array())
+                .flatten()
+                .cloned()
+                .collect();
+            m.insert("slow_commits".into(), Value::Array(all));
+        }
+        let loads: Vec<Value> = each.iter().map(|r| r["loadavg_before"].clone()).collect();
+        m.insert("loadavg_before".into(), Value::Array(loads));
+        out.insert(key.to_string(), Value::Object(m));
+    }
+    out
+}
+
+fn main() -> Result<()> {
+    let a = args()?;
+    let mut runs = Vec::new();
+    for i in 0..a.runs {
+        eprintln!("run {} of {}", i + 1, a.runs);
+        runs.push(one_run(&a)?);
+    }
     let lark_version = Command::new("python3")
         // lark_oapi has no __version__; the installed distribution's metadata does.
         .args([
@@ -376,11 +453,12 @@ fn main() -> Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let out = json!({
-        "order": order,
-        "results": results,
-        "outbox_records": outbox,
+        "order": runs[0]["order"],
+        "results": aggregate(&runs),
+        "runs": runs,
         "wrk": {"threads": a.threads, "connections": a.connections, "duration_s": a.duration},
         "requests_per_platform": a.requests,
+        "client": a.client,
         "lark_oapi_version": lark_version,
         "command": format!(
             "wrk -t{} -c{} -d{}s --timeout 10s -s bench/loadtest.lua http://127.0.0.1:PORT/callback/bench/APP",

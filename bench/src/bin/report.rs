@@ -407,6 +407,16 @@ fn main() -> Result<()> {
             l["command"].as_str().unwrap_or(""),
             l["lark_oapi_version"].as_str().unwrap_or("?")
         )?;
+        let runs = l["runs"].as_array().map_or(1, Vec::len);
+        if runs > 1 {
+            writeln!(
+                w,
+                "Each figure is the median over {runs} complete runs, each on a fresh database \
+                 (this machine's throughput varies by ±15% from run to run); requests/s and p99 \
+                 give the smallest and largest run in brackets; non-2xx responses, socket errors \
+                 and slow commits are those of all runs together.\n"
+            )?;
+        }
         writeln!(
             w,
             "| server | platform | requests/s | p50 | p90 | p99 | max | non-2xx | socket errors | slow commits | load before |\n|---|---|---|---|---|---|---|---|---|---|---|"
@@ -414,6 +424,25 @@ fn main() -> Result<()> {
         for (k, r) in in_run_order(l) {
             let (server, platform) = k.split_once('/').unwrap_or((k, ""));
             let ms = |f: &str| format!("{:.2} ms", r[f].as_f64().unwrap_or(0.0) / 1000.0);
+            // Over several runs: the median, then the smallest and largest in brackets.
+            let range = |lo: &str, hi: &str, scale: f64, digits: usize| match (
+                r[lo].as_f64(),
+                r[hi].as_f64(),
+            ) {
+                (Some(lo), Some(hi)) if runs > 1 => {
+                    format!(" ({:.digits$}–{:.digits$})", lo / scale, hi / scale)
+                }
+                _ => String::new(),
+            };
+            let load_before = match &r["loadavg_before"] {
+                Value::Array(each) => each
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(|l| l.split(' ').take(3).collect::<Vec<_>>().join(" "))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                other => other.as_str().unwrap_or("").to_string(),
+            };
             let sock = [
                 "errors_connect",
                 "errors_read",
@@ -425,8 +454,9 @@ fn main() -> Result<()> {
             .sum::<u64>();
             writeln!(
                 w,
-                "| {server} | {platform} | {:.0}{} | {} | {} | {} | {} | {} | {sock} | {} | {} |",
+                "| {server} | {platform} | {:.0}{}{} | {} | {} | {}{} | {} | {} | {sock} | {} | {load_before} |",
                 r["rps"].as_f64().unwrap_or(0.0),
+                range("rps_min", "rps_max", 1.0, 0),
                 if r["wrapped"].as_bool() == Some(true) {
                     " (wrapped: repeats are duplicates)"
                 } else {
@@ -435,20 +465,27 @@ fn main() -> Result<()> {
                 ms("p50_us"),
                 ms("p90_us"),
                 ms("p99_us"),
+                range("p99_min_us", "p99_max_us", 1000.0, 2),
                 ms("max_us"),
                 r["errors_status"],
                 slow_commits(&r["slow_commits"]),
-                r["loadavg_before"].as_str().unwrap_or("")
             )?;
         }
         writeln!(
             w,
-            "\nOutbox records written during the run (one per applied update): {}. *Slow \
-             commits*: the server's `store: slow commit` log lines during that platform's run, \
+            "\nOutbox records written (one per applied update), per run: {}. *Slow \
+             commits*: the server's `store: slow commit` log lines during that platform's runs, \
              each a batch of calls whose one durable redb transaction took ≥ 20 ms (as calls × \
-             ms); every call in flight waits for it. Rows are in the order the platforms ran, on \
-             one server and one growing database.\n",
-            l["outbox_records"]
+             ms); every call in flight waits for it. Rows are in the order the platforms ran; \
+             within a run they share one server and one growing database.\n",
+            l["runs"]
+                .as_array()
+                .map(|each| each
+                    .iter()
+                    .map(|r| r["outbox_records"].to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_else(|| l["outbox_records"].to_string())
         )?;
     }
 

@@ -24,7 +24,7 @@ use imbridge_host::engine::new_engine;
 use imbridge_host::json::parse_call;
 use imbridge_host::kv::KvCtx;
 use imbridge_host::sandbox::{CallState, linker};
-use imbridge_host::store::{Backend, StoreConfig};
+use imbridge_host::store::{Backend, StoreConfig, Write};
 use imbridge_host::wasi_http::{AllowList, HttpPolicy};
 use imbridge_host::{Call, Export, Host, HostConfig, Reply, TenantPolicy};
 use std::hint::black_box;
@@ -149,6 +149,33 @@ async fn warm_call(
     updates(&Reply::Callback(r))
 }
 
+/// Runs `iters` iterations in batches of at most [`BATCH`]: `timed(k)` prepares k of them
+/// untimed, runs them and returns the time the running took.
+fn batched(iters: u64, mut timed: impl FnMut(u64) -> Duration) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let k = left.min(BATCH);
+        total += timed(k);
+        left -= k;
+    }
+    total
+}
+
+/// `k` fresh callbacks (events n+1..=n+k about new pending instances) and the records to seed
+/// for them.
+fn fresh_calls(p: Platform, run: u32, n: &mut u64, k: u64) -> (Vec<Write>, Vec<Call>) {
+    (0..k)
+        .map(|_| {
+            *n += 1;
+            let inst = instance_id(p, run, *n);
+            let (key, val) = seed_record(p, &inst);
+            let call = host_call(p, &callback(p, run, *n, &inst, now_ms()));
+            ((key, Some(val)), call)
+        })
+        .unzip()
+}
+
 fn host_call(p: Platform, push: &imbridge_bench::Push) -> Call {
     parse_call(Export::HandleCallback, &push.host_input(p)).expect("handle-callback input")
 }
@@ -188,10 +215,7 @@ fn callbacks(c: &mut Criterion) {
         let mut n = 0u64;
         g.bench_function(BenchmarkId::new("native", "fresh"), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                let mut left = iters;
-                while left > 0 {
-                    let k = left.min(BATCH);
+                batched(iters, |k| {
                     native_env.now.set(now_ms());
                     let reqs: Vec<_> = (0..k)
                         .map(|_| {
@@ -206,10 +230,8 @@ fn callbacks(c: &mut Criterion) {
                     for r in &reqs {
                         black_box(imbridge::callback::handle(&native_env, &app, r).ok());
                     }
-                    total += t.elapsed();
-                    left -= k;
-                }
-                total
+                    t.elapsed()
+                })
             })
         });
 
@@ -229,20 +251,8 @@ fn callbacks(c: &mut Criterion) {
             let mut n = 0u64;
             g.bench_function(BenchmarkId::new(label, "fresh"), |b| {
                 b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    let mut left = iters;
-                    while left > 0 {
-                        let k = left.min(BATCH);
-                        let mut seeds = Vec::new();
-                        let calls: Vec<Call> = (0..k)
-                            .map(|_| {
-                                n += 1;
-                                let inst = instance_id(p, run(variant), n);
-                                let (key, val) = seed_record(p, &inst);
-                                seeds.push((key, Some(val)));
-                                host_call(p, &callback(p, run(variant), n, &inst, now_ms()))
-                            })
-                            .collect();
+                    batched(iters, |k| {
+                        let (seeds, calls) = fresh_calls(p, run(variant), &mut n, k);
                         host.host.store().put("t", seeds).expect("seed");
                         let t = Instant::now();
                         host.rt.block_on(async {
@@ -250,10 +260,8 @@ fn callbacks(c: &mut Criterion) {
                                 black_box(host.host.call("t", call).await.ok());
                             }
                         });
-                        total += t.elapsed();
-                        left -= k;
-                    }
-                    total
+                        t.elapsed()
+                    })
                 })
             });
         }
@@ -280,32 +288,18 @@ fn callbacks(c: &mut Criterion) {
             let mut n = 0u64;
             g.bench_function(BenchmarkId::new("component-warm", "fresh"), |b| {
                 b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    let mut left = iters;
-                    while left > 0 {
-                        let k = left.min(BATCH);
-                        let mut seeds = Vec::new();
-                        let calls: Vec<Call> = (0..k)
-                            .map(|_| {
-                                n += 1;
-                                let inst = instance_id(p, run(variant), n);
-                                let (key, val) = seed_record(p, &inst);
-                                seeds.push((key, Some(val)));
-                                host_call(p, &callback(p, run(variant), n, &inst, now_ms()))
-                            })
-                            .collect();
+                    batched(iters, |k| {
+                        let (seeds, calls) = fresh_calls(p, run(variant), &mut n, k);
                         warm.store.put("t", seeds).expect("seed");
-                        total += mem.rt.block_on(async {
+                        mem.rt.block_on(async {
                             let (mut store, plugin) = warm.instance().await;
                             let t = Instant::now();
                             for call in &calls {
                                 black_box(warm_call(&mut store, &plugin, call).await);
                             }
                             t.elapsed()
-                        });
-                        left -= k;
-                    }
-                    total
+                        })
+                    })
                 })
             });
         }
@@ -342,21 +336,16 @@ fn callbacks(c: &mut Criterion) {
         });
         g.bench_function(BenchmarkId::new("component-warm", "duplicate"), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                let mut left = iters;
-                while left > 0 {
-                    let k = left.min(BATCH);
-                    total += mem.rt.block_on(async {
+                batched(iters, |k| {
+                    mem.rt.block_on(async {
                         let (mut store, plugin) = warm.instance().await;
                         let t = Instant::now();
                         for _ in 0..k {
                             black_box(warm_call(&mut store, &plugin, &call).await);
                         }
                         t.elapsed()
-                    });
-                    left -= k;
-                }
-                total
+                    })
+                })
             })
         });
         g.finish();

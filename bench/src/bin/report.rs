@@ -492,26 +492,21 @@ fn main() -> Result<()> {
     // ---- targets ----
     writeln!(w, "## Targets\n")?;
     writeln!(w, "| target | measured | status |\n|---|---|---|")?;
-    let worst_ratio = ratios
-        .iter()
-        .filter(|r| r.1 == "fresh")
-        .map(|r| r.2)
-        .fold(None::<f64>, |a, r| Some(a.map_or(r, |a: f64| a.max(r))));
-    let ratio_text = ratios
-        .iter()
-        .map(|(p, path, r)| format!("{p} {path} {r:.1}×"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let warm_worst = warm_ratios
-        .iter()
-        .filter(|r| r.1 == "fresh")
-        .map(|r| r.2)
-        .fold(None::<f64>, |a, r| Some(a.map_or(r, |a: f64| a.max(r))));
-    let warm_text = warm_ratios
-        .iter()
-        .map(|(p, path, r)| format!("{p} {path} {r:.1}×"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    // The largest ratio on the fresh path, and every ratio as text.
+    let worst = |rs: &[(&str, &str, f64)]| {
+        rs.iter()
+            .filter(|r| r.1 == "fresh")
+            .map(|r| r.2)
+            .fold(None::<f64>, |a, r| Some(a.map_or(r, |a: f64| a.max(r))))
+    };
+    let listed = |rs: &[(&str, &str, f64)]| {
+        rs.iter()
+            .map(|(p, path, r)| format!("{p} {path} {r:.1}×"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (worst_ratio, ratio_text) = (worst(&ratios), listed(&ratios));
+    let (warm_worst, warm_text) = (worst(&warm_ratios), listed(&warm_ratios));
     writeln!(
         w,
         "| in-component callback handling ≤ 2× native | fresh instance per call (as served): \

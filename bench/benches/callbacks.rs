@@ -19,13 +19,12 @@ use criterion::{BenchmarkId, Criterion};
 use imbridge::model::{ApprovalNode, ApprovalRequest, Level, Link, Notification, Platform};
 use imbridge::model::{SignMode, Target, UserRef};
 use imbridge_bench::{PLATFORMS, app_native, callback, instance_id, mem_env, now_ms, seed_record};
+use imbridge_bench::{bench_store, plugin_pre};
 use imbridge_host::bindings::PluginPre;
 use imbridge_host::engine::new_engine;
 use imbridge_host::json::parse_call;
-use imbridge_host::kv::KvCtx;
-use imbridge_host::sandbox::{CallState, linker};
+use imbridge_host::sandbox::CallState;
 use imbridge_host::store::{Backend, StoreConfig, Write};
-use imbridge_host::wasi_http::{AllowList, HttpPolicy};
 use imbridge_host::{Call, Export, Host, HostConfig, Reply, TenantPolicy};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -105,26 +104,12 @@ impl Warm {
         let engine = new_engine(64 << 20, 32).expect("engine");
         let wasm = std::fs::read(component_path()).expect("target/imbridge.wasm (./dev build)");
         let component = wasmtime::component::Component::new(&engine, &wasm).expect("compile");
-        let linker = linker(&engine).expect("linker");
-        let pre = PluginPre::new(linker.instantiate_pre(&component).expect("pre")).expect("pre");
+        let pre = plugin_pre(&engine, &component).expect("pre");
         Warm { engine, pre, store }
     }
 
     async fn instance(&self) -> (wasmtime::Store<CallState>, imbridge_host::bindings::Plugin) {
-        let state = CallState::new(
-            KvCtx::new(self.store.clone(), "t".into()),
-            HttpPolicy {
-                tenant: "t".into(),
-                allow: AllowList::new(&[]).expect("allow"),
-                deadline: Instant::now() + Duration::from_secs(3600),
-                margin: Duration::from_secs(3),
-            },
-            None,
-            64 << 20,
-        );
-        let mut store = wasmtime::Store::new(&self.engine, state);
-        // No epoch ticker here: a deadline far away keeps the guest from being interrupted.
-        store.set_epoch_deadline(u64::MAX / 2);
+        let mut store = bench_store(&self.engine, self.store.clone()).expect("store");
         let plugin = self
             .pre
             .instantiate_async(&mut store)

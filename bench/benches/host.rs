@@ -6,14 +6,10 @@
 //! `host/instantiate`, `host/instantiate+call`, `host/host-call`.
 
 use criterion::Criterion;
-use imbridge_bench::{Push, app_json};
-use imbridge_host::bindings::PluginPre;
+use imbridge_bench::{Push, app_json, bench_store, plugin_pre};
 use imbridge_host::engine::{ComponentCache, new_engine};
 use imbridge_host::json::parse_call;
-use imbridge_host::kv::KvCtx;
-use imbridge_host::sandbox::{CallState, linker};
 use imbridge_host::store::Store;
-use imbridge_host::wasi_http::{AllowList, HttpPolicy};
 use imbridge_host::{Call, Export, Host, HostConfig, TenantPolicy};
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -97,27 +93,9 @@ fn host(c: &mut Criterion) {
         })
     });
 
-    let linker = linker(&engine).expect("linker");
-    let pre = PluginPre::new(linker.instantiate_pre(&component).expect("pre")).expect("pre");
+    let pre = plugin_pre(&engine, &component).expect("pre");
     let kv_store = Arc::new(Store::open(&dir.path().join("state")).expect("store"));
-    let allow = AllowList::new(&[]).expect("allow");
-    let new_store = || {
-        let state = CallState::new(
-            KvCtx::new(kv_store.clone(), "t".into()),
-            HttpPolicy {
-                tenant: "t".into(),
-                allow: allow.clone(),
-                deadline: Instant::now() + Duration::from_secs(30),
-                margin: Duration::from_secs(3),
-            },
-            None,
-            64 << 20,
-        );
-        let mut store = wasmtime::Store::new(&engine, state);
-        // No epoch ticker here: a deadline far away keeps the guest from being interrupted.
-        store.set_epoch_deadline(u64::MAX / 2);
-        store
-    };
+    let new_store = || bench_store(&engine, kv_store.clone()).expect("store");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     g.bench_function("instantiate", |b| {
         b.iter_custom(|iters| {

@@ -223,3 +223,38 @@ pub type MemEnv = imbridge::env::fake::FakeEnv;
 pub fn mem_env() -> MemEnv {
     MemEnv::with_store(Default::default(), now_ms())
 }
+
+/// What the host assembles for a tenant, done by hand for benchmarks that instantiate the
+/// component without `Host` (to time the parts, or to keep an instance for many calls).
+pub fn plugin_pre(
+    engine: &wasmtime::Engine,
+    component: &wasmtime::component::Component,
+) -> anyhow::Result<imbridge_host::bindings::PluginPre<imbridge_host::sandbox::CallState>> {
+    let linker = imbridge_host::sandbox::linker(engine)?;
+    Ok(imbridge_host::bindings::PluginPre::new(
+        linker.instantiate_pre(component)?,
+    )?)
+}
+
+/// A store for one instance of tenant `t` with its state in `kv`, no outbound HTTP allowed and
+/// no epoch ticker: a deadline far away keeps the guest from being interrupted.
+pub fn bench_store(
+    engine: &wasmtime::Engine,
+    kv: std::sync::Arc<dyn imbridge_host::store::Backend>,
+) -> anyhow::Result<wasmtime::Store<imbridge_host::sandbox::CallState>> {
+    use std::time::{Duration, Instant};
+    let state = imbridge_host::sandbox::CallState::new(
+        imbridge_host::kv::KvCtx::new(kv, "t".into()),
+        imbridge_host::wasi_http::HttpPolicy {
+            tenant: "t".into(),
+            allow: imbridge_host::wasi_http::AllowList::new(&[])?,
+            deadline: Instant::now() + Duration::from_secs(3600),
+            margin: Duration::from_secs(3),
+        },
+        None,
+        64 << 20,
+    );
+    let mut store = wasmtime::Store::new(engine, state);
+    store.set_epoch_deadline(u64::MAX / 2);
+    Ok(store)
+}

@@ -9,14 +9,10 @@
 
 use anyhow::{Context as _, Result};
 use imbridge::model::Platform;
-use imbridge_bench::{Push, callback, instance_id, now_ms, seed_record};
-use imbridge_host::bindings::PluginPre;
+use imbridge_bench::{Push, bench_store, callback, instance_id, now_ms, plugin_pre, seed_record};
 use imbridge_host::engine::{ComponentCache, new_engine};
 use imbridge_host::json::parse_call;
-use imbridge_host::kv::KvCtx;
-use imbridge_host::sandbox::{CallState, linker};
 use imbridge_host::store::{Backend as _, Store};
-use imbridge_host::wasi_http::{AllowList, HttpPolicy};
 use imbridge_host::{Call, Export, Host, HostConfig, TenantPolicy};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -143,9 +139,8 @@ async fn memory(wasm: &[u8], n: u32) -> Result<Value> {
     let dir = tempfile::tempdir()?;
     let engine = new_engine(64 << 20, n)?;
     let (component, _) = ComponentCache::new(dir.path().join("cache")).load(&engine, wasm)?;
-    let pre = PluginPre::new(linker(&engine)?.instantiate_pre(&component)?)?;
+    let pre = plugin_pre(&engine, &component)?;
     let store = Arc::new(Store::open(&dir.path().join("state"))?);
-    let allow = AllowList::new(&[])?;
     let p = Platform::Feishu;
     let inst = instance_id(p, 1, 0);
     let (k, v) = seed_record(p, &inst);
@@ -160,24 +155,9 @@ async fn memory(wasm: &[u8], n: u32) -> Result<Value> {
 
     // One instance and call first, so one-time costs (code pages, lazy init) are not
     // charged to the per-instance numbers.
-    let new_store = || {
-        let state = CallState::new(
-            KvCtx::new(store.clone(), "t".into()),
-            HttpPolicy {
-                tenant: "t".into(),
-                allow: allow.clone(),
-                deadline: Instant::now() + Duration::from_secs(60),
-                margin: Duration::from_secs(3),
-            },
-            None,
-            64 << 20,
-        );
-        let mut s = wasmtime::Store::new(&engine, state);
-        s.set_epoch_deadline(u64::MAX / 2);
-        s
-    };
+    let new_store = || bench_store(&engine, store.clone());
     {
-        let mut s = new_store();
+        let mut s = new_store()?;
         let plugin = pre.instantiate_async(&mut s).await?;
         plugin
             .call_handle_callback(&mut s, &app, &request)
@@ -188,7 +168,7 @@ async fn memory(wasm: &[u8], n: u32) -> Result<Value> {
     let before = rss_bytes();
     let mut live = Vec::new();
     for _ in 0..n {
-        let mut s = new_store();
+        let mut s = new_store()?;
         let plugin = pre.instantiate_async(&mut s).await?;
         live.push((s, plugin));
     }

@@ -89,10 +89,14 @@ struct Sample {
     status: u16,
 }
 
+/// Failures by kind, as wrk counts them; after one the connection is replaced.
 #[derive(Default)]
 struct ConnResult {
     samples: Vec<Sample>,
-    errors: u64,
+    connect_errors: u64,
+    /// A failed write or read (reported as wrk's read errors).
+    read_errors: u64,
+    timeouts: u64,
 }
 
 /// Reads one response; returns its status. Responses carry Content-Length (hyper's `Full`).
@@ -145,7 +149,7 @@ async fn connection(
     let mut buf = Vec::with_capacity(8192);
     'reconnect: while Instant::now() < stop {
         let Ok(mut sock) = tokio::net::TcpStream::connect(addr).await else {
-            r.errors += 1;
+            r.connect_errors += 1;
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
@@ -165,8 +169,12 @@ async fn connection(
                     latency_us: latency.as_micros().min(u32::MAX as u128) as u32,
                     status,
                 }),
-                _ => {
-                    r.errors += 1;
+                Ok(Err(_)) => {
+                    r.read_errors += 1;
+                    continue 'reconnect;
+                }
+                Err(_) => {
+                    r.timeouts += 1;
                     continue 'reconnect;
                 }
             }
@@ -237,7 +245,7 @@ fn main() -> Result<()> {
         .flat_map(|c| c.samples.iter().map(|s| s.latency_us))
         .collect();
     all.sort_unstable();
-    let errors: u64 = conns.iter().map(|c| c.errors).sum();
+    let count = |f: fn(&ConnResult) -> u64| conns.iter().map(f).sum::<u64>();
     let bad_status = conns
         .iter()
         .flat_map(|c| &c.samples)
@@ -258,8 +266,11 @@ fn main() -> Result<()> {
         "requests": all.len(),
         "epoch_unix_us": epoch_unix_us,
         "duration_us": elapsed.as_micros() as u64,
-        "errors_connect": 0, "errors_read": errors, "errors_write": 0,
-        "errors_status": bad_status, "errors_timeout": 0,
+        "errors_connect": count(|c| c.connect_errors),
+        "errors_read": count(|c| c.read_errors),
+        "errors_write": 0,
+        "errors_status": bad_status,
+        "errors_timeout": count(|c| c.timeouts),
         "p50_us": pct(&all, 50.0), "p90_us": pct(&all, 90.0), "p99_us": pct(&all, 99.0),
         "p999_us": pct(&all, 99.9), "max_us": pct(&all, 100.0),
         "mean_us": all.iter().map(|&x| x as f64).sum::<f64>() / all.len().max(1) as f64,

@@ -12,7 +12,6 @@
 //!    Python's `ThreadingHTTPServer`) and fires the same Feishu callbacks at it.
 //! 4. Stops the server and counts the outbox records the run produced (each update is one).
 //!
-//!
 //! Does all of it `--runs` times (default 3, each on a fresh database) and writes one JSON
 //! object to `--out`: every run, and per server/platform the median and range over the runs.
 
@@ -38,9 +37,16 @@ struct Args {
     platforms: Vec<Platform>,
     /// Complete runs (each on a fresh database); the report shows the median and the range.
     runs: u64,
-    /// `wrk`, or `loadgen` (bench/src/bin/loadgen.rs), which also keeps every request's
-    /// timing in `target/bench/load/<platform>.trace.csv`.
-    client: String,
+    client: Client,
+}
+
+/// The load generator.
+#[derive(Clone, Copy, PartialEq)]
+enum Client {
+    Wrk,
+    /// bench/src/bin/loadgen.rs, which also writes every request's timing to
+    /// `target/bench/load/<server>-<platform>.trace.csv`.
+    Loadgen,
 }
 
 fn args() -> Result<Args> {
@@ -53,7 +59,7 @@ fn args() -> Result<Args> {
         host_bin: ws.join("target/release/imbridge-host"),
         out: ws.join("target/bench/load.json"),
         platforms: PLATFORMS.to_vec(),
-        client: "wrk".into(),
+        client: Client::Wrk,
         runs: 3,
     };
     let mut it = std::env::args().skip(1);
@@ -66,7 +72,13 @@ fn args() -> Result<Args> {
             "--requests" => a.requests = val()?.parse()?,
             "--host-bin" => a.host_bin = val()?.into(),
             "--out" => a.out = val()?.into(),
-            "--client" => a.client = val()?,
+            "--client" => {
+                a.client = match val()?.as_str() {
+                    "wrk" => Client::Wrk,
+                    "loadgen" => Client::Loadgen,
+                    other => bail!("unknown client {other} (wrk or loadgen)"),
+                }
+            }
             "--runs" => a.runs = val()?.parse::<u64>()?.max(1),
             "--platforms" => {
                 a.platforms = val()?
@@ -168,8 +180,8 @@ fn write_requests(
 
 /// Runs the load generator against `url` with the requests in `reqs` (see `write_requests`);
 /// `loadgen` also writes every request's timing to `trace`.
-fn wrk(a: &Args, url: &str, reqs: &Path, trace: &Path, generated: u64) -> Result<Value> {
-    let out = if a.client == "loadgen" {
+fn fire(a: &Args, url: &str, reqs: &Path, trace: &Path, generated: u64) -> Result<Value> {
+    let out = if a.client == Client::Loadgen {
         let addr = url
             .strip_prefix("http://")
             .and_then(|u| u.split('/').next())
@@ -324,7 +336,7 @@ fn one_run(a: &Args) -> Result<Value> {
         let load_before = loadavg();
         let log_before = std::fs::metadata(&log_path).map_or(0, |m| m.len());
         let trace = dir.join(format!("imbridge-{}.trace.csv", p.name()));
-        let mut r = wrk(a, &url, file, &trace, a.requests)?;
+        let mut r = fire(a, &url, file, &trace, a.requests)?;
         r["loadavg_before"] = json!(load_before);
         r["slow_commits"] = json!(slow_commits(&log_path, log_before)?);
         eprintln!("imbridge {}: {r}", p.name());
@@ -360,7 +372,7 @@ fn one_run(a: &Args) -> Result<Value> {
         bail!("the peer comparison needs the Feishu callbacks (--platforms feishu,…)");
     };
     let load_before = loadavg();
-    let mut r = wrk(
+    let mut r = fire(
         a,
         &format!("http://127.0.0.1:{peer_port}/callback"),
         feishu_file,
@@ -458,12 +470,17 @@ fn main() -> Result<()> {
         "runs": runs,
         "wrk": {"threads": a.threads, "connections": a.connections, "duration_s": a.duration},
         "requests_per_platform": a.requests,
-        "client": a.client,
         "lark_oapi_version": lark_version,
-        "command": format!(
-            "wrk -t{} -c{} -d{}s --timeout 10s -s bench/loadtest.lua http://127.0.0.1:PORT/callback/bench/APP",
-            a.threads, a.connections, a.duration
-        ),
+        "command": match a.client {
+            Client::Wrk => format!(
+                "wrk -t{} -c{} -d{}s --timeout 10s -s bench/loadtest.lua http://127.0.0.1:PORT/callback/bench/APP",
+                a.threads, a.connections, a.duration
+            ),
+            Client::Loadgen => format!(
+                "target/release/loadgen --threads {} --connections {} --duration {} --addr 127.0.0.1:PORT --reqs PLATFORM.reqs",
+                a.threads, a.connections, a.duration
+            ),
+        },
     });
     if let Some(parent) = a.out.parent() {
         std::fs::create_dir_all(parent)?;

@@ -411,9 +411,8 @@ fn main() -> Result<()> {
         if runs > 1 {
             writeln!(
                 w,
-                "Each figure is the median over {runs} complete runs, each on a fresh database \
-                 (this machine's throughput varies by ±15% from run to run); requests/s and p99 \
-                 give the smallest and largest run in brackets; non-2xx responses, socket errors \
+                "Each figure is the median over {runs} complete runs, each on a fresh database; \
+                 requests/s and p99 give the smallest and largest run in brackets; non-2xx responses, socket errors \
                  and slow commits are those of all runs together.\n"
             )?;
         }
@@ -649,8 +648,8 @@ fn main() -> Result<()> {
              in one redb write transaction with one fsync and answers each call once its batch \
              is durable, so throughput is bounded by CPU: the plugin calls and HTTP handling on \
              the tokio workers, and the committer's copy-on-write B-tree updates, page \
-             checksums and the block I/O of its fsyncs (in this VM every I/O submission is a \
-             virtio notification, i.e. a VM exit), on 2 cores that the load generator shares. \
+             checksums and the block I/O of its fsyncs (in a VM each I/O submission can also \
+             cost a VM exit), on 2 cores that the load generator shares. \
              The *slow commits* column shows batches whose one fsync took ≥ 20 ms while every \
              call in flight waited (up to one request per connection each). (A p99 of 25–90 ms that \
              earlier runs showed in whichever phase ran third was the load test's own request \

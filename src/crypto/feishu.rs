@@ -7,16 +7,21 @@ use crate::error::Result;
 use aes::Aes256;
 use cbc::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit, block_padding::Pkcs7};
 
+/// Decrypts in the buffer base64 decoded into (one allocation per callback, not two).
 pub fn decrypt(encrypt_key: &str, encrypted_b64: &str) -> Result<Vec<u8>> {
-    let raw = b64_decode(encrypted_b64)?;
+    let mut raw = b64_decode(encrypted_b64)?;
     if raw.len() < 32 || raw.len() % 16 != 0 {
         return Err(undecryptable());
     }
-    let (iv, ct) = raw.split_at(16);
+    let (iv, ct) = raw.split_at_mut(16);
     let key = sha256(&[encrypt_key.as_bytes()]);
-    cbc::Decryptor::<Aes256>::new(&key.into(), iv.into())
-        .decrypt_padded_vec_mut::<Pkcs7>(ct)
-        .map_err(|_| undecryptable())
+    let len = cbc::Decryptor::<Aes256>::new(&key.into(), (&*iv).into())
+        .decrypt_padded_mut::<Pkcs7>(ct)
+        .map_err(|_| undecryptable())?
+        .len();
+    raw.truncate(16 + len);
+    raw.drain(..16);
+    Ok(raw)
 }
 
 pub fn encrypt(encrypt_key: &str, iv: [u8; 16], plaintext: &[u8]) -> String {

@@ -43,16 +43,17 @@ impl WxKey {
     }
 
     /// Returns the message after checking the frame and that the trailing receive id equals
-    /// `receive_id` (the AppKey / CorpID the callback must be addressed to).
+    /// `receive_id` (the AppKey / CorpID the callback must be addressed to). Decrypts in the
+    /// buffer base64 decoded into, so a callback costs one allocation here, not three.
     pub fn decrypt(&self, encrypted_b64: &str, receive_id: &str) -> Result<Vec<u8>> {
-        let ct = b64_decode(encrypted_b64)?;
-        if ct.is_empty() || ct.len() % 16 != 0 {
+        let mut buf = b64_decode(encrypted_b64)?;
+        if buf.is_empty() || buf.len() % 16 != 0 {
             return Err(undecryptable());
         }
         let pt = cbc::Decryptor::<Aes256>::new(&self.0.into(), &self.iv().into())
-            .decrypt_padded_vec_mut::<NoPadding>(&ct)
+            .decrypt_padded_mut::<NoPadding>(&mut buf)
             .map_err(|_| undecryptable())?;
-        let body = unpad32(&pt).ok_or_else(undecryptable)?;
+        let body = unpad32(pt).ok_or_else(undecryptable)?;
         if body.len() < 20 {
             return Err(undecryptable());
         }
@@ -61,13 +62,14 @@ impl WxKey {
         if len > rest.len() {
             return Err(undecryptable());
         }
-        let (msg, rid) = rest.split_at(len);
-        if !ct_eq(rid, receive_id.as_bytes()) {
+        if !ct_eq(&rest[len..], receive_id.as_bytes()) {
             return Err(Error::unauthorized(
                 "callback is addressed to another app (receive id mismatch)",
             ));
         }
-        Ok(msg.to_vec())
+        buf.truncate(20 + len);
+        buf.drain(..20);
+        Ok(buf)
     }
 
     pub fn encrypt(&self, random: [u8; 16], msg: &[u8], receive_id: &str) -> String {

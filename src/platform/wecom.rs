@@ -22,6 +22,7 @@ use crate::retry::Repeat;
 use crate::token::{self, Issued};
 use quick_xml::events::Event as XmlEvent;
 use serde_json::{Value, json};
+use std::borrow::Cow;
 
 pub const WECOM_BASE: &str = "https://qyapi.weixin.qq.com";
 
@@ -412,24 +413,39 @@ pub fn cancel(
 
 // ---- callbacks ----
 
-/// A parsed XML element: its name, its text (CDATA included) and its child elements.
+/// A parsed XML element: its name, its text (CDATA included) and its child elements. Names
+/// and text borrow from the document wherever it holds them verbatim (no entity or character
+/// reference inside), so parsing a callback allocates little more than the child lists.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Node {
-    pub name: String,
-    pub text: String,
-    pub children: Vec<Node>,
+pub struct Node<'a> {
+    pub name: Cow<'a, str>,
+    pub text: Cow<'a, str>,
+    pub children: Vec<Node<'a>>,
 }
 
-impl Node {
-    pub fn child(&self, name: &str) -> Option<&Node> {
+impl<'a> Node<'a> {
+    fn named(name: Cow<'a, str>) -> Self {
+        Node {
+            name,
+            ..Node::default()
+        }
+    }
+    pub fn child(&self, name: &str) -> Option<&Node<'a>> {
         self.children.iter().find(|c| c.name == name)
     }
-    pub fn all<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s Node> + 's {
+    pub fn all<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s Node<'a>> + 's {
         self.children.iter().filter(move |c| c.name == name)
     }
     /// Trimmed text of a child element, "" when absent.
     pub fn get(&self, name: &str) -> &str {
         self.child(name).map(|c| c.text.trim()).unwrap_or("")
+    }
+    fn push_text(&mut self, piece: Cow<'a, str>) {
+        if self.text.is_empty() {
+            self.text = piece;
+        } else {
+            self.text.to_mut().push_str(&piece);
+        }
     }
 }
 
@@ -437,10 +453,23 @@ fn bad_xml() -> Error {
     Error::input("callback payload is not well-formed WeCom XML")
 }
 
+/// `piece` as a slice of `doc` when that is where it lives (quick-xml hands out borrowed
+/// slices of a `&str` input), so the text needs neither a copy nor a second UTF-8 check;
+/// otherwise a checked copy.
+fn text_of<'a>(doc: &'a str, piece: &[u8]) -> Result<Cow<'a, str>> {
+    let at = (piece.as_ptr() as usize).wrapping_sub(doc.as_ptr() as usize);
+    if let Some(s) = at.checked_add(piece.len()).and_then(|end| doc.get(at..end)) {
+        return Ok(Cow::Borrowed(s));
+    }
+    core::str::from_utf8(piece)
+        .map(|s| Cow::Owned(s.to_string()))
+        .map_err(|_| bad_xml())
+}
+
 /// Parses XML without DTD processing: a DOCTYPE is refused outright, only the five predefined
 /// entities and character references are resolved (quick-xml never expands declared ones), and
 /// size, depth and element count are bounded.
-pub fn parse_xml(bytes: &[u8]) -> Result<Node> {
+pub fn parse_xml(bytes: &[u8]) -> Result<Node<'_>> {
     if bytes.len() > MAX_XML_BYTES {
         return Err(Error::input(format!(
             "XML payload exceeds {MAX_XML_BYTES} bytes"
@@ -449,8 +478,8 @@ pub fn parse_xml(bytes: &[u8]) -> Result<Node> {
     let s = core::str::from_utf8(bytes).map_err(|_| bad_xml())?;
     let mut reader = quick_xml::Reader::from_str(s);
     reader.config_mut().check_end_names = true;
-    let mut stack: Vec<Node> = Vec::new();
-    let mut root: Option<Node> = None;
+    let mut stack: Vec<Node<'_>> = Vec::new();
+    let mut root: Option<Node<'_>> = None;
     let mut elements = 0usize;
     loop {
         let ev = reader.read_event().map_err(|_| bad_xml())?;
@@ -458,38 +487,22 @@ pub fn parse_xml(bytes: &[u8]) -> Result<Node> {
             XmlEvent::DocType(_) => {
                 return Err(Error::input("XML with a DOCTYPE is refused"));
             }
-            XmlEvent::Start(e) | XmlEvent::Empty(e) if root.is_some() => {
-                let _ = e;
+            XmlEvent::Start(_) | XmlEvent::Empty(_) if root.is_some() => {
                 return Err(bad_xml());
             }
-            XmlEvent::Start(e) => {
+            XmlEvent::Start(ref e) | XmlEvent::Empty(ref e) => {
                 elements += 1;
                 if elements > MAX_XML_ELEMENTS || stack.len() >= MAX_XML_DEPTH {
                     return Err(Error::input("XML payload is too deep or too large"));
                 }
-                let name = core::str::from_utf8(e.local_name().into_inner())
-                    .map_err(|_| bad_xml())?
-                    .to_string();
-                stack.push(Node {
-                    name,
-                    ..Node::default()
-                });
-            }
-            XmlEvent::Empty(e) => {
-                elements += 1;
-                if elements > MAX_XML_ELEMENTS || stack.len() >= MAX_XML_DEPTH {
-                    return Err(Error::input("XML payload is too deep or too large"));
-                }
-                let name = core::str::from_utf8(e.local_name().into_inner())
-                    .map_err(|_| bad_xml())?
-                    .to_string();
-                let node = Node {
-                    name,
-                    ..Node::default()
-                };
-                match stack.last_mut() {
-                    Some(parent) => parent.children.push(node),
-                    None => root = Some(node),
+                let node = Node::named(text_of(s, e.local_name().into_inner())?);
+                if matches!(ev, XmlEvent::Start(_)) {
+                    stack.push(node);
+                } else {
+                    match stack.last_mut() {
+                        Some(parent) => parent.children.push(node),
+                        None => root = Some(node),
+                    }
                 }
             }
             XmlEvent::End(_) => {
@@ -500,16 +513,16 @@ pub fn parse_xml(bytes: &[u8]) -> Result<Node> {
                 }
             }
             XmlEvent::Text(t) => {
-                let text = t.decode().map_err(|_| bad_xml())?;
+                let text = text_of(s, &t[..])?;
                 match stack.last_mut() {
-                    Some(n) => n.text.push_str(&text),
+                    Some(n) => n.push_text(text),
                     None if text.trim().is_empty() => {}
                     None => return Err(bad_xml()),
                 }
             }
             XmlEvent::CData(t) => {
-                let text = t.decode().map_err(|_| bad_xml())?;
-                stack.last_mut().ok_or_else(bad_xml)?.text.push_str(&text);
+                let text = text_of(s, &t[..])?;
+                stack.last_mut().ok_or_else(bad_xml)?.push_text(text);
             }
             XmlEvent::GeneralRef(r) => {
                 let name = r.decode().map_err(|_| bad_xml())?;
@@ -519,8 +532,7 @@ pub fn parse_xml(bytes: &[u8]) -> Result<Node> {
                 stack
                     .last_mut()
                     .ok_or_else(bad_xml)?
-                    .text
-                    .push_str(&resolved);
+                    .push_text(Cow::Owned(resolved));
             }
             XmlEvent::Decl(_) | XmlEvent::PI(_) | XmlEvent::Comment(_) => {}
             XmlEvent::Eof => break,
@@ -547,14 +559,11 @@ fn resolve_reference(name: &str) -> Option<String> {
 
 /// The JSON variant's plaintext mapped onto the same tree: object keys become elements, arrays
 /// repeat their key, scalars become text.
-fn json_to_node(name: &str, v: &Value, depth: usize) -> Result<Node> {
+fn json_to_node<'a>(name: &str, v: &Value, depth: usize) -> Result<Node<'a>> {
     if depth > MAX_XML_DEPTH {
         return Err(Error::input("JSON payload is too deep"));
     }
-    let mut node = Node {
-        name: name.to_string(),
-        ..Node::default()
-    };
+    let mut node = Node::named(Cow::Owned(name.to_string()));
     match v {
         Value::Object(map) => {
             for (k, v) in map {
@@ -568,9 +577,9 @@ fn json_to_node(name: &str, v: &Value, depth: usize) -> Result<Node> {
                 }
             }
         }
-        Value::String(s) => node.text = s.clone(),
+        Value::String(s) => node.text = Cow::Owned(s.clone()),
         Value::Null => {}
-        other => node.text = other.to_string(),
+        other => node.text = Cow::Owned(other.to_string()),
     }
     Ok(node)
 }
@@ -662,25 +671,24 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
         return Err(Error::input("WeCom callbacks are GET or POST requests"));
     }
     let body = trim_ascii(&req.body);
+    let (outer_json, outer_xml): (Value, Node<'_>);
     let encrypted = if body.first() == Some(&b'{') {
-        let outer: Value =
+        outer_json =
             serde_json::from_slice(body).map_err(|_| Error::input("callback body is not JSON"))?;
-        outer
+        outer_json
             .get("encrypt")
-            .or_else(|| outer.get("Encrypt"))
+            .or_else(|| outer_json.get("Encrypt"))
             .and_then(Value::as_str)
-            .map(str::to_string)
     } else {
-        parse_xml(body)?
-            .child("Encrypt")
-            .map(|n| n.text.trim().to_string())
+        outer_xml = parse_xml(body)?;
+        outer_xml.child("Encrypt").map(|n| n.text.trim())
     }
     .filter(|e| !e.is_empty())
     .ok_or_else(|| Error::input("callback without an encrypted payload"))?;
     // The signature is checked before any decryption: unauthenticated bytes never reach AES.
-    verify(env, app, token, &cb, &encrypted)?;
+    verify(env, app, token, &cb, encrypted)?;
     let plain = key
-        .decrypt(&encrypted, corp_id)
+        .decrypt(encrypted, corp_id)
         .map_err(|_| crypto::undecryptable())?;
     let plain_trimmed = trim_ascii(&plain);
     let msg = read_message(plain_trimmed).map_err(|_| crypto::undecryptable())?;
@@ -691,7 +699,7 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
 }
 
 /// The decrypted message, XML or its JSON variant.
-fn read_message(plain: &[u8]) -> Result<Node> {
+fn read_message(plain: &[u8]) -> Result<Node<'_>> {
     match plain.first() {
         Some(b'{') => {
             let v: Value = serde_json::from_slice(plain)?;
@@ -707,7 +715,7 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
 }
 
 /// `sys_approval_change` → decisions and status; any other message or event → nothing.
-pub fn inbound_events(msg: &Node, raw: &[u8]) -> Vec<Inbound> {
+pub fn inbound_events(msg: &Node<'_>, raw: &[u8]) -> Vec<Inbound> {
     if msg.get("Event") != "sys_approval_change" {
         return Vec::new();
     }
@@ -1010,6 +1018,20 @@ mod tests {
             "<Details><Approver><UserId><![CDATA[{user}]]></UserId></Approver>\
              <Speech><![CDATA[{speech}]]></Speech><SpStatus>{st}</SpStatus><SpTime>1700000001</SpTime></Details>"
         )
+    }
+
+    #[test]
+    fn xml_text_is_borrowed_unless_a_reference_was_resolved() {
+        let doc = "<xml><A><![CDATA[x<y]]></A><B>a &amp; b&#x4E2D;</B><C/><D>plain</D></xml>";
+        let n = parse_xml(doc.as_bytes()).unwrap();
+        assert!(matches!(n.name, Cow::Borrowed("xml")));
+        assert!(matches!(n.child("A").unwrap().text, Cow::Borrowed("x<y")));
+        assert!(matches!(n.child("D").unwrap().text, Cow::Borrowed("plain")));
+        assert_eq!(n.get("B"), "a & b\u{4e2d}");
+        assert!(matches!(n.child("B").unwrap().text, Cow::Owned(_)));
+        assert_eq!(n.get("C"), "");
+        assert!(n.child("C").unwrap().children.is_empty());
+        assert_eq!(n.children.len(), 4);
     }
 
     #[test]

@@ -15,7 +15,7 @@ fi
 componentize() { cargo run -q -p imbridge-componentize -- "$1" "$2"; }
 entries=()
 # name | opt-level | lto
-for v in "s-fat|s|fat" "z-fat|z|fat"; do
+for v in "s-fat|s|fat" "z-fat|z|fat" "3-fat|3|fat"; do
   IFS='|' read -r name opt lto <<<"$v"
   echo "==> variant $name (opt-level=$opt, lto=$lto, codegen-units=1)" >&2
   CARGO_PROFILE_COMPONENT_OPT_LEVEL=$opt CARGO_PROFILE_COMPONENT_LTO=$lto \

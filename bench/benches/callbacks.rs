@@ -15,7 +15,8 @@
 //!   native side's stay in its map): the sandbox's cost for the handling alone, without the
 //!   per-call instance that `host/instantiate+call` measures on its own.
 
-use criterion::{BenchmarkId, Criterion};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 use imbridge::model::{ApprovalNode, ApprovalRequest, Level, Link, Notification, Platform};
 use imbridge::model::{SignMode, Target, UserRef};
 use imbridge_bench::{PLATFORMS, app_native, callback, instance_id, mem_env, now_ms, seed_record};
@@ -42,9 +43,16 @@ fn main() {
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
+        // The software-crypto build has a target dir of its own; its results still belong
+        // next to the others, for the report.
+        .output_directory(&workspace().join("target/criterion"))
         .configure_from_args();
-    callbacks(&mut c);
-    payloads(&mut c);
+    if cfg!(feature = "soft-crypto") {
+        native_soft(&mut c);
+    } else {
+        callbacks(&mut c);
+        payloads(&mut c);
+    }
     c.final_summary();
 }
 
@@ -179,46 +187,10 @@ fn callbacks(c: &mut Criterion) {
     let warm = Warm::new(mem.host.store().clone());
     for (pi, p) in PLATFORMS.into_iter().enumerate() {
         let mut g = c.benchmark_group(format!("callback/{}", p.name()));
-        let app = app_native(p);
         // Separate id spaces per variant, so no variant ever sees another's events as seen.
         let run = |variant: u32| 1000 * (pi as u32 + 1) + variant;
 
-        // Check once, untimed, that each label really takes the path it names.
-        {
-            let env = mem_env();
-            let inst = instance_id(p, run(9), 0);
-            let (k, v) = seed_record(p, &inst);
-            env.kv.borrow_mut().insert(k, v);
-            let req = callback(p, run(9), 0, &inst, now_ms()).native();
-            let first = imbridge::callback::handle(&env, &app, &req).expect("native callback");
-            assert_eq!(first.updates.len(), 1, "fresh must update");
-            let again = imbridge::callback::handle(&env, &app, &req).expect("native callback");
-            assert!(again.updates.is_empty(), "duplicate must not update");
-        }
-
-        let native_env = mem_env();
-        let mut n = 0u64;
-        g.bench_function(BenchmarkId::new("native", "fresh"), |b| {
-            b.iter_custom(|iters| {
-                batched(iters, |k| {
-                    native_env.now.set(now_ms());
-                    let reqs: Vec<_> = (0..k)
-                        .map(|_| {
-                            n += 1;
-                            let inst = instance_id(p, run(1), n);
-                            let (key, val) = seed_record(p, &inst);
-                            native_env.kv.borrow_mut().insert(key, val);
-                            callback(p, run(1), n, &inst, now_ms()).native()
-                        })
-                        .collect();
-                    let t = Instant::now();
-                    for r in &reqs {
-                        black_box(imbridge::callback::handle(&native_env, &app, r).ok());
-                    }
-                    t.elapsed()
-                })
-            })
-        });
+        native(&mut g, p, "native", run);
 
         for (label, host, variant) in [("component", &mem, 2), ("component-disk", &disk, 3)] {
             // The on-disk variant only for Feishu: it shows the commit cost, which is the same
@@ -290,16 +262,9 @@ fn callbacks(c: &mut Criterion) {
         }
 
         // Duplicates: one delivery, applied once untimed, then replayed.
-        let dup_env = mem_env();
         let inst = instance_id(p, run(4), 0);
         let (k, v) = seed_record(p, &inst);
-        dup_env.kv.borrow_mut().insert(k.clone(), v.clone());
         let push = callback(p, run(4), 0, &inst, now_ms());
-        let req = push.native();
-        imbridge::callback::handle(&dup_env, &app, &req).expect("first delivery");
-        g.bench_function(BenchmarkId::new("native", "duplicate"), |b| {
-            b.iter(|| black_box(imbridge::callback::handle(&dup_env, &app, &req).ok()))
-        });
         mem.host.kv_set("t", &k, &v).expect("seed");
         let call = host_call(p, &push);
         assert_eq!(updates(&mem.call(&call)), 1);
@@ -335,6 +300,76 @@ fn callbacks(c: &mut Criterion) {
         });
         g.finish();
     }
+}
+
+/// The software-crypto build's only measurements: `callback/{platform}/native-soft/...`, the
+/// native path in the build whose AES, SHA-1 and SHA-256 are the portable software code the
+/// component runs (feature `soft-crypto`, `--cfg aes_force_soft`). The component is the same
+/// in either build, so it is not measured again.
+fn native_soft(c: &mut Criterion) {
+    for (pi, p) in PLATFORMS.into_iter().enumerate() {
+        let mut g = c.benchmark_group(format!("callback/{}", p.name()));
+        native(&mut g, p, "native-soft", |variant| {
+            1000 * (pi as u32 + 1) + variant
+        });
+        g.finish();
+    }
+}
+
+/// `{label}/fresh` and `{label}/duplicate`: `imbridge::callback::handle` over an in-memory
+/// `Env`, after checking once, untimed, that each really takes the path it names.
+fn native(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    p: Platform,
+    label: &str,
+    run: impl Fn(u32) -> u32,
+) {
+    let app = app_native(p);
+    {
+        let env = mem_env();
+        let inst = instance_id(p, run(9), 0);
+        let (k, v) = seed_record(p, &inst);
+        env.kv.borrow_mut().insert(k, v);
+        let req = callback(p, run(9), 0, &inst, now_ms()).native();
+        let first = imbridge::callback::handle(&env, &app, &req).expect("native callback");
+        assert_eq!(first.updates.len(), 1, "fresh must update");
+        let again = imbridge::callback::handle(&env, &app, &req).expect("native callback");
+        assert!(again.updates.is_empty(), "duplicate must not update");
+    }
+
+    let env = mem_env();
+    let mut n = 0u64;
+    g.bench_function(BenchmarkId::new(label, "fresh"), |b| {
+        b.iter_custom(|iters| {
+            batched(iters, |k| {
+                env.now.set(now_ms());
+                let reqs: Vec<_> = (0..k)
+                    .map(|_| {
+                        n += 1;
+                        let inst = instance_id(p, run(1), n);
+                        let (key, val) = seed_record(p, &inst);
+                        env.kv.borrow_mut().insert(key, val);
+                        callback(p, run(1), n, &inst, now_ms()).native()
+                    })
+                    .collect();
+                let t = Instant::now();
+                for r in &reqs {
+                    black_box(imbridge::callback::handle(&env, &app, r).ok());
+                }
+                t.elapsed()
+            })
+        })
+    });
+
+    // Duplicates: one delivery, applied once untimed, then replayed.
+    let inst = instance_id(p, run(4), 0);
+    let (k, v) = seed_record(p, &inst);
+    env.kv.borrow_mut().insert(k, v);
+    let req = callback(p, run(4), 0, &inst, now_ms()).native();
+    imbridge::callback::handle(&env, &app, &req).expect("first delivery");
+    g.bench_function(BenchmarkId::new(label, "duplicate"), |b| {
+        b.iter(|| black_box(imbridge::callback::handle(&env, &app, &req).ok()))
+    });
 }
 
 fn request() -> ApprovalRequest {

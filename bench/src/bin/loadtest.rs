@@ -350,40 +350,42 @@ fn one_run(a: &Args) -> Result<Value> {
     let outbox = store.outbox_list(tenant, 0)?.len();
     drop(store);
 
-    // The peer: the same Feishu callbacks through lark-oapi.
-    let peer_port = free_port()?;
-    let feishu = app_json(Platform::Feishu);
-    let peer = Guard(
-        Command::new("python3")
-            .arg(workspace().join("bench/peer/feishu_peer.py"))
-            .args(["--port", &peer_port.to_string()])
-            .args([
-                "--encrypt-key",
-                feishu["encrypt_key"].as_str().unwrap_or_default(),
-            ])
-            .args(["--token", feishu["token"].as_str().unwrap_or_default()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("peer.log"))?)
-            .spawn()
-            .context("starting the Python peer")?,
-    );
-    wait_healthy(peer_port, "/healthz")?;
-    let Some((_, _, feishu_file)) = files.iter().find(|(p, ..)| *p == Platform::Feishu) else {
-        bail!("the peer comparison needs the Feishu callbacks (--platforms feishu,…)");
-    };
-    let load_before = loadavg();
-    let mut r = fire(
-        a,
-        &format!("http://127.0.0.1:{peer_port}/callback"),
-        feishu_file,
-        &dir.join("lark-oapi-feishu.trace.csv"),
-        a.requests,
-    )?;
-    r["loadavg_before"] = json!(load_before);
-    eprintln!("lark-oapi feishu: {r}");
-    order.push("lark-oapi/feishu".to_string());
-    results.insert("lark-oapi/feishu".into(), r);
-    drop(peer);
+    // The peer: the same Feishu callbacks through lark-oapi (only Feishu has a peer, so a run
+    // without Feishu has none).
+    if let Some((_, _, feishu_file)) = files.iter().find(|(p, ..)| *p == Platform::Feishu) {
+        let peer_port = free_port()?;
+        let feishu = app_json(Platform::Feishu);
+        let peer = Guard(
+            Command::new("python3")
+                .arg(workspace().join("bench/peer/feishu_peer.py"))
+                .args(["--port", &peer_port.to_string()])
+                .args([
+                    "--encrypt-key",
+                    feishu["encrypt_key"].as_str().unwrap_or_default(),
+                ])
+                .args(["--token", feishu["token"].as_str().unwrap_or_default()])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("peer.log"))?)
+                .spawn()
+                .context("starting the Python peer")?,
+        );
+        wait_healthy(peer_port, "/healthz")?;
+        let load_before = loadavg();
+        let mut r = fire(
+            a,
+            &format!("http://127.0.0.1:{peer_port}/callback"),
+            feishu_file,
+            &dir.join("lark-oapi-feishu.trace.csv"),
+            a.requests,
+        )?;
+        r["loadavg_before"] = json!(load_before);
+        eprintln!("lark-oapi feishu: {r}");
+        order.push("lark-oapi/feishu".to_string());
+        results.insert("lark-oapi/feishu".into(), r);
+        drop(peer);
+    } else {
+        eprintln!("no Feishu callbacks in this run: no lark-oapi peer");
+    }
 
     Ok(json!({"order": order, "results": results, "outbox_records": outbox}))
 }

@@ -241,28 +241,33 @@ fn main() -> Result<()> {
     let mut warm_ratios = Vec::new();
     let ratio = |n: Option<&Est>, c: Option<&Est>| n.zip(c).map(|(n, c)| c.median / n.median);
     let cell = |r: Option<f64>| r.map_or("–".into(), |r| format!("{r:.1}×"));
-    for p in ["feishu", "dingtalk", "wecom"] {
-        for path in ["fresh", "duplicate"] {
-            let n = get(&format!("callback/{p}/native/{path}"));
-            let c = get(&format!("callback/{p}/component/{path}"));
-            let warm = get(&format!("callback/{p}/component-warm/{path}"));
-            let (r, rw) = (ratio(n, c), ratio(n, warm));
-            if let Some(r) = r {
-                ratios.push((p, path, r));
-            }
-            if let Some(r) = rw {
-                warm_ratios.push((p, path, r));
-            }
-            writeln!(
-                w,
-                "| {p} | {path} | {} | {} | {} | {} | {} |",
-                est_cell(n),
-                est_cell(c),
-                cell(r),
-                est_cell(warm),
-                cell(rw)
-            )?;
+    // One row per platform and path: native, component, warm instance, software-crypto native.
+    let rows: Vec<_> = ["feishu", "dingtalk", "wecom"]
+        .into_iter()
+        .flat_map(|p| ["fresh", "duplicate"].map(|path| (p, path)))
+        .map(|(p, path)| {
+            let at = |variant: &str| get(&format!("callback/{p}/{variant}/{path}"));
+            let variants = ["native", "component", "component-warm", "native-soft"].map(at);
+            (p, path, variants)
+        })
+        .collect();
+    for &(p, path, [n, c, warm, _]) in &rows {
+        let (r, rw) = (ratio(n, c), ratio(n, warm));
+        if let Some(r) = r {
+            ratios.push((p, path, r));
         }
+        if let Some(r) = rw {
+            warm_ratios.push((p, path, r));
+        }
+        writeln!(
+            w,
+            "| {p} | {path} | {} | {} | {} | {} | {} |",
+            est_cell(n),
+            est_cell(c),
+            cell(r),
+            est_cell(warm),
+            cell(rw)
+        )?;
     }
     // The same native path built with the software AES/SHA the guest is limited to (./dev
     // bench builds it separately): what is left of the ratio is the sandbox's own cost.
@@ -284,24 +289,19 @@ fn main() -> Result<()> {
             "| platform | path | native | native, software crypto | warm instance | warm ÷ software-crypto native |\n\
              |---|---|---|---|---|---|"
         )?;
-        for p in ["feishu", "dingtalk", "wecom"] {
-            for path in ["fresh", "duplicate"] {
-                let n = get(&format!("callback/{p}/native/{path}"));
-                let soft = get(&format!("callback/{p}/native-soft/{path}"));
-                let warm = get(&format!("callback/{p}/component-warm/{path}"));
-                let r = ratio(soft, warm);
-                if let Some(r) = r {
-                    soft_ratios.push((p, path, r));
-                }
-                writeln!(
-                    w,
-                    "| {p} | {path} | {} | {} | {} | {} |",
-                    est_cell(n),
-                    est_cell(soft),
-                    est_cell(warm),
-                    cell(r)
-                )?;
+        for &(p, path, [n, _, warm, soft]) in &rows {
+            let r = ratio(soft, warm);
+            if let Some(r) = r {
+                soft_ratios.push((p, path, r));
             }
+            writeln!(
+                w,
+                "| {p} | {path} | {} | {} | {} | {} |",
+                est_cell(n),
+                est_cell(soft),
+                est_cell(warm),
+                cell(r)
+            )?;
         }
     }
     let disk = get("callback/feishu/component-disk/fresh");

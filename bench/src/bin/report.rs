@@ -253,12 +253,8 @@ fn main() -> Result<()> {
         .collect();
     for &(p, path, [n, c, warm, _]) in &rows {
         let (r, rw) = (ratio(n, c), ratio(n, warm));
-        if let Some(r) = r {
-            ratios.push((p, path, r));
-        }
-        if let Some(r) = rw {
-            warm_ratios.push((p, path, r));
-        }
+        ratios.extend(r.map(|r| (p, path, r)));
+        warm_ratios.extend(rw.map(|r| (p, path, r)));
         writeln!(
             w,
             "| {p} | {path} | {} | {} | {} | {} | {} |",
@@ -291,9 +287,7 @@ fn main() -> Result<()> {
         )?;
         for &(p, path, [n, _, warm, soft]) in &rows {
             let r = ratio(soft, warm);
-            if let Some(r) = r {
-                soft_ratios.push((p, path, r));
-            }
+            soft_ratios.extend(r.map(|r| (p, path, r)));
             writeln!(
                 w,
                 "| {p} | {path} | {} | {} | {} | {} |",

@@ -133,12 +133,12 @@ fn slow_commits(v: &Value) -> String {
 /// The sentence that splits the warm ratio into the sandbox's part and the crypto's part, when
 /// the software-crypto reference was measured.
 fn soft_split(soft: &[(&str, &str, f64)]) -> String {
-    let (lo, hi) = soft.iter().fold((f64::MAX, f64::MIN), |(lo, hi), r| {
-        (lo.min(r.2), hi.max(r.2))
-    });
     if soft.is_empty() {
         return String::new();
     }
+    let (lo, hi) = soft.iter().fold((f64::MAX, f64::MIN), |(lo, hi), r| {
+        (lo.min(r.2), hi.max(r.2))
+    });
     format!(
         " Against the native path built with the same software crypto (second table) the warm \
          instance is {lo:.1}–{hi:.1}×: that is the sandbox's own share, and the rest of the \

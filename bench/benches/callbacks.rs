@@ -112,7 +112,9 @@ impl Warm {
         let engine = new_engine(64 << 20, 32).expect("engine");
         let wasm = std::fs::read(component_path()).expect("target/imbridge.wasm (./dev build)");
         let component = wasmtime::component::Component::new(&engine, &wasm).expect("compile");
-        let pre = plugin_pre(&engine, &component).expect("pre");
+        let pre = plugin_pre(&engine, &component)
+            .and_then(|p| p.bindings())
+            .expect("pre");
         Warm { engine, pre, store }
     }
 

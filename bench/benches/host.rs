@@ -103,34 +103,21 @@ fn host(c: &mut Criterion) {
                 let t = Instant::now();
                 for _ in 0..iters {
                     let mut store = new_store();
-                    black_box(
-                        pre.instantiate_async(&mut store)
-                            .await
-                            .expect("instantiate"),
-                    );
+                    black_box(pre.instantiate(&mut store).await.expect("instantiate"));
                 }
                 t.elapsed()
             })
         })
     });
-    let Call::HandleCallback { app, request } = empty_call() else {
-        unreachable!()
-    };
+    let call = empty_call();
     g.bench_function("instantiate+call", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
                 let t = Instant::now();
                 for _ in 0..iters {
                     let mut store = new_store();
-                    let plugin = pre
-                        .instantiate_async(&mut store)
-                        .await
-                        .expect("instantiate");
-                    let r = plugin
-                        .call_handle_callback(&mut store, &app, &request)
-                        .await
-                        .expect("call");
-                    black_box(r.is_err());
+                    let r = call.invoke(&pre, &mut store).await.expect("call");
+                    black_box(r.error().is_some());
                 }
                 t.elapsed()
             })
@@ -144,7 +131,6 @@ fn host(c: &mut Criterion) {
     let h = Host::new(cfg).expect("host");
     rt.block_on(h.load_tenant_bytes("t", wasm.clone(), TenantPolicy::default()))
         .expect("load");
-    let call = empty_call();
     g.bench_function("host-call", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {

@@ -225,15 +225,14 @@ pub fn mem_env() -> MemEnv {
 }
 
 /// What the host assembles for a tenant, done by hand for benchmarks that instantiate the
-/// component without `Host` (to time the parts, or to keep an instance for many calls).
+/// component without `Host` (to time the parts, or, through its `bindings()`, to keep an
+/// instance for many calls).
 pub fn plugin_pre(
     engine: &wasmtime::Engine,
     component: &wasmtime::component::Component,
-) -> anyhow::Result<imbridge_host::bindings::PluginPre<imbridge_host::sandbox::CallState>> {
+) -> anyhow::Result<imbridge_host::call::PluginPre> {
     let linker = imbridge_host::sandbox::linker(engine)?;
-    Ok(imbridge_host::bindings::PluginPre::new(
-        linker.instantiate_pre(component)?,
-    )?)
+    imbridge_host::call::PluginPre::new(linker.instantiate_pre(component)?)
 }
 
 /// A store for one instance of tenant `t` with its state in `kv`, no outbound HTTP allowed and

@@ -1,7 +1,7 @@
 //! [`Host`]: tenants, their plugins, and calls into them.
 
-use crate::bindings::PluginPre;
 use crate::bindings::types::{HttpRequest, ImApp};
+use crate::call::PluginPre;
 use crate::call::{Call, Export, Reply};
 use crate::clock::ReplayClock;
 use crate::engine::{self, ComponentCache};
@@ -154,7 +154,6 @@ impl Host {
                 .map_err(anyhow::Error::from)
                 .context("the component does not fit the imbridge:plugin world")?;
             let pre = PluginPre::new(pre)
-                .map_err(anyhow::Error::from)
                 .context("the component does not fit the imbridge:plugin world")?;
             Ok((pre, digest))
         })
@@ -308,8 +307,7 @@ impl Host {
 
         let pre = tenant.pre.clone();
         let run = async move {
-            let plugin = pre.instantiate_async(&mut store).await?;
-            let reply = call.invoke(&plugin, &mut store).await?;
+            let reply = call.invoke(&pre, &mut store).await?;
             wasmtime::Result::Ok((reply, store))
         };
         // The epoch only interrupts running wasm; this also bounds time spent waiting on the

@@ -3,8 +3,7 @@
 //! Entries are immutable and shared by `Arc`: loading a new plugin for a tenant swaps the
 //! entry, while calls already running keep the `Arc` of the version they started with.
 
-use crate::bindings::PluginPre;
-use crate::sandbox::CallState;
+use crate::call::PluginPre;
 use crate::wasi_http::AllowList;
 use anyhow::{Result, bail};
 use std::collections::HashMap;
@@ -21,7 +20,7 @@ pub struct TenantPolicy {
 /// One loaded plugin version of one tenant.
 pub struct Tenant {
     pub id: Arc<str>,
-    pub pre: PluginPre<CallState>,
+    pub pre: PluginPre,
     pub policy: TenantPolicy,
     pub allow: AllowList,
     /// sha256 of the component bytes, to tell versions apart in logs.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Behaviour, plugin, standard};
+use common::{Behaviour, plugin, plugin_of_world, standard, wit_dir};
 use imbridge_host::{Host, HostConfig, TenantPolicy};
 use serde_json::{Value, json};
 use std::path::Path;
@@ -183,6 +183,72 @@ async fn host_errors_are_clear() {
         )
         .await;
     assert!(bad.is_err());
+}
+
+/// An export whose name fits the world but whose type does not: the plugin is refused when it
+/// is loaded, with an error that names the export, rather than failing (or misreading its
+/// arguments) on every call; the tenant's loaded version stays in place.
+#[tokio::test]
+async fn an_export_of_the_wrong_type_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let wit = dir.path().join("wit");
+    copy_dir(&wit_dir(), &wit);
+    let world = wit.join("world.wit");
+    let text = std::fs::read_to_string(&world).unwrap();
+    let right = "export handle-callback: func(app: im-app, request: http-request) \
+                 -> result<callback-outcome, error>;";
+    let wrong = "export handle-callback: func(app: im-app, request: string) \
+                 -> result<callback-outcome, error>;";
+    assert!(
+        text.contains(right),
+        "wit/world.wit changed: update this test"
+    );
+    std::fs::write(&world, text.replace(right, wrong)).unwrap();
+
+    let host = host(&dir.path().join("host"), Duration::from_secs(5)).await;
+    host.load_tenant_bytes("t", plugin(standard, "1"), TenantPolicy::default())
+        .await
+        .unwrap();
+    let err = host
+        .load_tenant_bytes(
+            "t",
+            plugin_of_world(&wit, |_| Behaviour::Err, "2"),
+            TenantPolicy::default(),
+        )
+        .await
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("does not fit the imbridge:plugin world"),
+        "{msg}"
+    );
+    assert!(msg.contains("`handle-callback`"), "{msg}");
+
+    let out = host
+        .invoke_json(
+            "t",
+            "handle-callback",
+            json!({"app": app(), "request": {"body": "{}"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        json!({"err": {"kind": "invalid-input", "message": "x"}})
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 #[tokio::test]

@@ -139,7 +139,7 @@ async fn memory(wasm: &[u8], n: u32) -> Result<Value> {
     let dir = tempfile::tempdir()?;
     let engine = new_engine(64 << 20, n)?;
     let (component, _) = ComponentCache::new(dir.path().join("cache")).load(&engine, wasm)?;
-    let pre = plugin_pre(&engine, &component)?;
+    let pre = plugin_pre(&engine, &component)?.bindings()?;
     let store = Arc::new(Store::open(&dir.path().join("state"))?);
     let p = Platform::Feishu;
     let inst = instance_id(p, 1, 0);

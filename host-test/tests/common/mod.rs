@@ -37,9 +37,22 @@ const APPROVAL: i32 = 640;
 const HEAP: i32 = 1024;
 
 pub fn plugin(behaviour: impl Fn(&str) -> Behaviour, version: &str) -> Vec<u8> {
-    let wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+    plugin_of_world(&wit_dir(), behaviour, version)
+}
+
+/// The plugin world's WIT (`wit/`).
+pub fn wit_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit")
+}
+
+/// The synthetic plugin built against the WIT package in `wit` (a changed copy of `wit/`).
+pub fn plugin_of_world(
+    wit: &Path,
+    behaviour: impl Fn(&str) -> Behaviour,
+    version: &str,
+) -> Vec<u8> {
     let mut resolve = Resolve::default();
-    let (pkg, _) = resolve.push_dir(&wit).unwrap();
+    let (pkg, _) = resolve.push_dir(wit).unwrap();
     let world = resolve.select_world(&[pkg], Some("plugin")).unwrap();
     let mangling = ManglingAndAbi::Legacy(LiftLowerAbi::Sync);
 

@@ -30,18 +30,7 @@ async fn plugin_errors_are_json_results() {
     host.load_tenant_bytes("t", plugin(standard, "1"), TenantPolicy::default())
         .await
         .unwrap();
-    let out = host
-        .invoke_json(
-            "t",
-            "handle-callback",
-            json!({"app": app(), "request": {"body": "{}"}}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        out,
-        json!({"err": {"kind": "invalid-input", "message": "x"}})
-    );
+    assert_callback_gives_the_plugins_error(&host).await;
     assert!(
         std::fs::read_dir(dir.path().join("cache"))
             .unwrap()
@@ -224,6 +213,11 @@ async fn an_export_of_the_wrong_type_is_refused_at_load() {
     );
     assert!(msg.contains("`handle-callback`"), "{msg}");
 
+    assert_callback_gives_the_plugins_error(&host).await;
+}
+
+/// `handle-callback` on tenant `t`, whose plugin answers it with `err(invalid-input("x"))`.
+async fn assert_callback_gives_the_plugins_error(host: &Host) {
     let out = host
         .invoke_json(
             "t",

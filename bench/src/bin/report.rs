@@ -408,8 +408,8 @@ fn main() -> Result<()> {
         writeln!(
             w,
             "`target/imbridge.wasm` as built by `./dev build`: **{b} bytes** ({:.1} KB). \
-             Where `./dev build` builds std itself (Debian's Rust, as here), panics abort \
-             immediately and carry no location (`-Cpanic=immediate-abort \
+             Where `./dev build` builds std itself (Debian's Rust; not with rustup's \
+             prebuilt std), panics abort immediately and carry no location (`-Cpanic=immediate-abort \
              -Zlocation-detail=none`): wasm32-unknown-unknown has no stderr, so a panic \
              message was never seen, only the trap; dropping the formatting saved 21,496 \
              bytes (391,927 → 370,431 on 2026-12-03).\n",

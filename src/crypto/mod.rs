@@ -31,7 +31,15 @@ pub fn sha256(parts: &[&[u8]]) -> [u8; 32] {
 /// values, concatenated without separators, as lowercase hex.
 pub fn sorted_sha1_hex(values: &[&str]) -> String {
     let mut sorted: Vec<&str> = values.to_vec();
-    sorted.sort_unstable();
+    // Four values: an insertion sort. `sort_unstable` instantiates ~9 KB of wasm for them, and
+    // the component's size budget is what keeps its hot paths from being built for speed.
+    for i in 1..sorted.len() {
+        let mut j = i;
+        while j > 0 && sorted[j - 1] > sorted[j] {
+            sorted.swap(j - 1, j);
+            j -= 1;
+        }
+    }
     let mut h = Sha1::new();
     for v in sorted {
         h.update(v.as_bytes());

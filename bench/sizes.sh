@@ -14,12 +14,12 @@ if ! command -v wasm-opt >/dev/null && [[ $(id -u) -eq 0 ]]; then
 fi
 componentize() { cargo run -q -p imbridge-componentize -- "$1" "$2"; }
 entries=()
-# name | opt-level | lto
-for v in "s-fat|s|fat" "z-fat|z|fat" "3-fat|3|fat"; do
-  IFS='|' read -r name opt lto <<<"$v"
-  echo "==> variant $name (opt-level=$opt, lto=$lto, codegen-units=1)" >&2
+# name | opt-level | lto | LLVM inline threshold (empty: LLVM's default for the opt-level)
+for v in "3-fat-i120|3|fat|120" "3-fat|3|fat|" "s-fat|s|fat|" "z-fat|z|fat|"; do
+  IFS='|' read -r name opt lto threshold <<<"$v"
+  echo "==> variant $name (opt-level=$opt, lto=$lto, codegen-units=1, inline threshold ${threshold:-default})" >&2
   CARGO_PROFILE_COMPONENT_OPT_LEVEL=$opt CARGO_PROFILE_COMPONENT_LTO=$lto \
-    CARGO_PROFILE_COMPONENT_CODEGEN_UNITS=1 ./dev build >/dev/null
+    CARGO_PROFILE_COMPONENT_CODEGEN_UNITS=1 IMBRIDGE_INLINE_THRESHOLD=$threshold ./dev build >/dev/null
   cp "$CORE" "$OUT/$name.core.wasm"
   componentize "$OUT/$name.core.wasm" "$OUT/$name.wasm"
   opt_bytes=null
@@ -31,7 +31,7 @@ for v in "s-fat|s|fat" "z-fat|z|fat" "3-fat|3|fat"; do
     componentize "$OUT/$name.core.opt.wasm" "$OUT/$name.opt.wasm"
     opt_bytes=$(stat -c %s "$OUT/$name.opt.wasm")
   fi
-  entries+=("{\"name\":\"$name (opt-level $opt, lto $lto)\",\"bytes\":$(stat -c %s "$OUT/$name.wasm"),\"wasm_opt_bytes\":$opt_bytes}")
+  entries+=("{\"name\":\"$name (opt-level $opt, lto $lto, inline threshold ${threshold:-LLVM default})\",\"bytes\":$(stat -c %s "$OUT/$name.wasm"),\"wasm_opt_bytes\":$opt_bytes}")
 done
 ver=$(wasm-opt --version 2>/dev/null | head -1 || echo none)
 (IFS=,; echo "{\"wasm_opt_version\":\"$ver\",\"variants\":[${entries[*]}]}") > target/bench/sizes.json

@@ -643,9 +643,10 @@ fn main() -> Result<()> {
          (with Rust's default allocator that `mprotect` made the kernel flush the TLB of every \
          core on every call, ~8% of a call's time, and the heap pages were refaulted each time). \
          The engine keeps wasmtime's default 4 GiB reservation per memory slot so compiled code \
-         needs no bounds checks, and what every callback runs (the crypto crates aes, cbc, \
-         sha1, sha2, base64 and their glue, the XML parser quick-xml with memchr, the allocator \
-         talc) is built at opt-level 3 inside the otherwise size-optimised component; the WeCom \
+         needs no bounds checks, and the component is built at opt-level 3 with LLVM's inline \
+         threshold at 120 instead of that level's 225 (Cargo.toml, ./dev): as fast on the \
+         callback path and under 400 KB, where opt-level s was about 20% slower on a warm \
+         instance (interleaved A/B with `target/release/abwarm`, 2026-12-03); the WeCom \
          XML tree borrows its names and text from the decrypted document, and decryption runs \
          in the buffer base64 decoded into. Commits are awaited on the \
          group committer directly instead of from a blocking thread.\n"
@@ -661,8 +662,8 @@ fn main() -> Result<()> {
              column) the guest's work alone is {} native. The \
              guest's work is slower because the aes and sha2 crates have no wasm32 backend \
              besides their portable software one (natively they use AES-NI/SHA-NI; wasm has no \
-             such instructions), cranelift's code is less optimised than LLVM's, most of the \
-             component is built for size (opt-level s, to stay under 400 KB; see Cargo.toml), \
+             such instructions), cranelift's code is less optimised than LLVM's, the inliner \
+             is held below opt-level 3's default to stay under 400 KB, \
              and request, reply and every KV value cross the WIT boundary by copy.{} What \
              would lift it: \
              reusing instances (removes only the first part, and this host refuses it on purpose: \

@@ -20,13 +20,12 @@ use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 use imbridge::model::{ApprovalNode, ApprovalRequest, Level, Link, Notification, Platform};
 use imbridge::model::{SignMode, Target, UserRef};
 use imbridge_bench::{PLATFORMS, app_native, callback, instance_id, mem_env, now_ms, seed_record};
-use imbridge_bench::{bench_store, plugin_pre};
+use imbridge_bench::{bench_store, fresh_calls, host_call, plugin_pre};
 use imbridge_host::bindings::PluginPre;
 use imbridge_host::engine::new_engine;
-use imbridge_host::json::parse_call;
 use imbridge_host::sandbox::CallState;
-use imbridge_host::store::{Backend, StoreConfig, Write};
-use imbridge_host::{Call, Export, Host, HostConfig, Reply, TenantPolicy};
+use imbridge_host::store::{Backend, StoreConfig};
+use imbridge_host::{Call, Host, HostConfig, Reply, TenantPolicy};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -155,24 +154,6 @@ fn batched(iters: u64, mut timed: impl FnMut(u64) -> Duration) -> Duration {
         left -= k;
     }
     total
-}
-
-/// `k` fresh callbacks (events n+1..=n+k about new pending instances) and the records to seed
-/// for them.
-fn fresh_calls(p: Platform, run: u32, n: &mut u64, k: u64) -> (Vec<Write>, Vec<Call>) {
-    (0..k)
-        .map(|_| {
-            *n += 1;
-            let inst = instance_id(p, run, *n);
-            let (key, val) = seed_record(p, &inst);
-            let call = host_call(p, &callback(p, run, *n, &inst, now_ms()));
-            ((key, Some(val)), call)
-        })
-        .unzip()
-}
-
-fn host_call(p: Platform, push: &imbridge_bench::Push) -> Call {
-    parse_call(Export::HandleCallback, &push.host_input(p)).expect("handle-callback input")
 }
 
 fn updates(reply: &Reply) -> usize {

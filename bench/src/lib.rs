@@ -9,7 +9,10 @@
 use imbridge::approval::Record;
 use imbridge::env::key_segment;
 use imbridge::model::{Approval, ApprovalStatus, HttpRequest, ImApp, Platform};
+use imbridge_host::json::parse_call;
 use imbridge_host::sim::{dingtalk, feishu, wecom};
+use imbridge_host::store::Write;
+use imbridge_host::{Call, Export};
 use serde_json::{Value, json};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -185,6 +188,25 @@ pub fn callback(platform: Platform, run: u32, n: u64, instance: &str, now_ms: u6
             }
         }
     }
+}
+
+/// `k` fresh callbacks (events n+1..=n+k about new pending instances) as `handle-callback`
+/// calls, and the records to seed for them.
+pub fn fresh_calls(p: Platform, run: u32, n: &mut u64, k: u64) -> (Vec<Write>, Vec<Call>) {
+    (0..k)
+        .map(|_| {
+            *n += 1;
+            let inst = instance_id(p, run, *n);
+            let (key, val) = seed_record(p, &inst);
+            let call = host_call(p, &callback(p, run, *n, &inst, now_ms()));
+            ((key, Some(val)), call)
+        })
+        .unzip()
+}
+
+/// `push` as the host's `handle-callback` call.
+pub fn host_call(p: Platform, push: &Push) -> Call {
+    parse_call(Export::HandleCallback, &push.host_input(p)).expect("handle-callback input")
 }
 
 /// The stored record a pending approval has right after `start-approval`, as `(key, value)`

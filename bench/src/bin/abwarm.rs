@@ -8,12 +8,9 @@
 //! alike; the per-build minimum and median over the rounds' batch means are what to compare.
 //! The calls are those of `callback/{platform}/component-warm/fresh` in `benches/callbacks.rs`.
 
-use imbridge::model::Platform;
-use imbridge_bench::{PLATFORMS, bench_store, callback, instance_id, now_ms, plugin_pre};
-use imbridge_bench::{Push, seed_record};
-use imbridge_host::json::parse_call;
-use imbridge_host::store::{Backend, MemoryStore, Write};
-use imbridge_host::{Call, Export};
+use imbridge_bench::{PLATFORMS, bench_store, fresh_calls, plugin_pre};
+use imbridge_host::Call;
+use imbridge_host::store::{Backend, MemoryStore};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -63,7 +60,7 @@ fn main() -> anyhow::Result<()> {
                 order.swap(i, (seed % (i as u64 + 1)) as usize);
             }
             for &b in &order {
-                let (seeds, calls) = fresh(p, 900 + pi as u32, &mut n);
+                let (seeds, calls) = fresh_calls(p, 900 + pi as u32, &mut n, BATCH);
                 store.put("t", seeds)?;
                 let mut kv = bench_store(&engine, store.clone())?;
                 let elapsed = rt.block_on(async {
@@ -99,19 +96,4 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// `BATCH` fresh callbacks about new pending instances, and the records to seed for them.
-fn fresh(p: Platform, run: u32, n: &mut u64) -> (Vec<Write>, Vec<Call>) {
-    (0..BATCH)
-        .map(|_| {
-            *n += 1;
-            let inst = instance_id(p, run, *n);
-            let (key, val) = seed_record(p, &inst);
-            let push: Push = callback(p, run, *n, &inst, now_ms());
-            let call = parse_call(Export::HandleCallback, &push.host_input(p))
-                .expect("handle-callback input");
-            ((key, Some(val)), call)
-        })
-        .unzip()
 }

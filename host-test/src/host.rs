@@ -152,8 +152,7 @@ impl Host {
                 .linker
                 .instantiate_pre(&component)
                 .map_err(anyhow::Error::from)
-                .context("the component does not fit the imbridge:plugin world")?;
-            let pre = PluginPre::new(pre)
+                .and_then(PluginPre::new)
                 .context("the component does not fit the imbridge:plugin world")?;
             Ok((pre, digest))
         })

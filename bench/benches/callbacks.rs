@@ -19,16 +19,10 @@ use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 use imbridge::model::{ApprovalNode, ApprovalRequest, Level, Link, Notification, Platform};
 use imbridge::model::{SignMode, Target, UserRef};
-use imbridge_bench::{PLATFORMS, app_native, callback, instance_id, mem_env, now_ms, seed_record};
-use imbridge_bench::{bench_store, fresh_calls, host_call, plugin_pre};
-use imbridge_host::bindings::PluginPre;
-use imbridge_host::engine::new_engine;
-use imbridge_host::sandbox::CallState;
-use imbridge_host::store::{Backend, StoreConfig};
-use imbridge_host::{Call, Host, HostConfig, Reply, TenantPolicy};
+use imbridge_bench::{InComponent, PLATFORMS, Warm, app_native, callback, fresh_calls, host_call};
+use imbridge_bench::{instance_id, mem_env, now_ms, seed_record, updates, warm_call, workspace};
+use imbridge_host::store::StoreConfig;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Inputs are generated (and records seeded) in batches outside the timed region, so memory
@@ -55,94 +49,6 @@ fn main() {
     c.final_summary();
 }
 
-pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-pub fn component_path() -> PathBuf {
-    std::env::var_os("IMBRIDGE_COMPONENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/imbridge.wasm"))
-}
-
-struct InComponent {
-    rt: tokio::runtime::Runtime,
-    host: Host,
-    _dir: tempfile::TempDir,
-}
-
-impl InComponent {
-    /// A host with tenant `t` loaded from the built component, its state in `store` (an
-    /// embedded database goes under `parent`).
-    fn new(store: StoreConfig, parent: &Path) -> InComponent {
-        let rt = tokio::runtime::Runtime::new().expect("runtime");
-        let dir = tempfile::tempdir_in(parent).expect("state dir");
-        let mut cfg = HostConfig::new(dir.path().join("state"));
-        cfg.store = store;
-        cfg.cache_dir = Some(workspace().join("target/bench-cache"));
-        let host = Host::new(cfg).expect("host");
-        rt.block_on(host.load_tenant("t", &component_path(), TenantPolicy::default()))
-            .expect("load the component (run ./dev build first)");
-        InComponent {
-            rt,
-            host,
-            _dir: dir,
-        }
-    }
-
-    fn call(&self, call: &Call) -> Reply {
-        self.rt
-            .block_on(self.host.call("t", call))
-            .expect("host call")
-    }
-}
-
-/// Instances of the component made by hand, so one can serve many calls (the host never does
-/// that: every call gets a fresh instance).
-struct Warm {
-    engine: wasmtime::Engine,
-    pre: PluginPre<CallState>,
-    store: Arc<dyn Backend>,
-}
-
-impl Warm {
-    /// Instances whose state lives in `store`.
-    fn new(store: Arc<dyn Backend>) -> Warm {
-        let engine = new_engine(64 << 20, 32).expect("engine");
-        let wasm = std::fs::read(component_path()).expect("target/imbridge.wasm (./dev build)");
-        let component = wasmtime::component::Component::new(&engine, &wasm).expect("compile");
-        let pre = plugin_pre(&engine, &component)
-            .and_then(|p| p.bindings())
-            .expect("pre");
-        Warm { engine, pre, store }
-    }
-
-    async fn instance(&self) -> (wasmtime::Store<CallState>, imbridge_host::bindings::Plugin) {
-        let mut store = bench_store(&self.engine, self.store.clone()).expect("store");
-        let plugin = self
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .expect("instance");
-        (store, plugin)
-    }
-}
-
-async fn warm_call(
-    store: &mut wasmtime::Store<CallState>,
-    plugin: &imbridge_host::bindings::Plugin,
-    call: &Call,
-) -> usize {
-    let Call::HandleCallback { app, request } = call else {
-        unreachable!("callbacks only")
-    };
-    let r = plugin
-        .call_handle_callback(&mut *store, app, request)
-        .await
-        .expect("call");
-    updates(&Reply::Callback(r))
-}
-
 /// Runs `iters` iterations in batches of at most [`BATCH`]: `timed(k)` prepares k of them
 /// untimed, runs them and returns the time the running took.
 fn batched(iters: u64, mut timed: impl FnMut(u64) -> Duration) -> Duration {
@@ -154,13 +60,6 @@ fn batched(iters: u64, mut timed: impl FnMut(u64) -> Duration) -> Duration {
         left -= k;
     }
     total
-}
-
-fn updates(reply: &Reply) -> usize {
-    match reply {
-        Reply::Callback(Ok(o)) => o.updates.len(),
-        other => panic!("callback failed: {other:?}"),
-    }
 }
 
 fn callbacks(c: &mut Criterion) {

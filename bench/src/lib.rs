@@ -279,3 +279,108 @@ pub fn bench_store(
     store.set_epoch_deadline(u64::MAX / 2);
     Ok(store)
 }
+
+/// The repository root.
+pub fn workspace() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The component under test: `target/imbridge.wasm`, or `$IMBRIDGE_COMPONENT`.
+pub fn component_path() -> std::path::PathBuf {
+    std::env::var_os("IMBRIDGE_COMPONENT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/imbridge.wasm"))
+}
+
+/// A host with tenant `t` loaded from the built component, and the runtime to drive it.
+pub struct InComponent {
+    pub rt: tokio::runtime::Runtime,
+    pub host: imbridge_host::Host,
+    _dir: tempfile::TempDir,
+}
+
+impl InComponent {
+    /// State in `store`; an embedded database goes under `parent`.
+    pub fn new(store: imbridge_host::store::StoreConfig, parent: &std::path::Path) -> InComponent {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let dir = tempfile::tempdir_in(parent).expect("state dir");
+        let mut cfg = imbridge_host::HostConfig::new(dir.path().join("state"));
+        cfg.store = store;
+        cfg.cache_dir = Some(workspace().join("target/bench-cache"));
+        let host = imbridge_host::Host::new(cfg).expect("host");
+        let policy = imbridge_host::TenantPolicy::default();
+        rt.block_on(host.load_tenant("t", &component_path(), policy))
+            .expect("load the component (run ./dev build first)");
+        InComponent {
+            rt,
+            host,
+            _dir: dir,
+        }
+    }
+
+    pub fn call(&self, call: &Call) -> imbridge_host::Reply {
+        self.rt
+            .block_on(self.host.call("t", call))
+            .expect("host call")
+    }
+}
+
+/// Instances of the component made by hand, so one can serve many calls (the host never does
+/// that: every call gets a fresh instance).
+pub struct Warm {
+    engine: wasmtime::Engine,
+    pre: imbridge_host::bindings::PluginPre<imbridge_host::sandbox::CallState>,
+    pub store: std::sync::Arc<dyn imbridge_host::store::Backend>,
+}
+
+impl Warm {
+    /// Instances whose state lives in `store`.
+    pub fn new(store: std::sync::Arc<dyn imbridge_host::store::Backend>) -> Warm {
+        let engine = imbridge_host::engine::new_engine(64 << 20, 32).expect("engine");
+        let wasm = std::fs::read(component_path()).expect("target/imbridge.wasm (./dev build)");
+        let component = wasmtime::component::Component::new(&engine, &wasm).expect("compile");
+        let pre = plugin_pre(&engine, &component)
+            .and_then(|p| p.bindings())
+            .expect("pre");
+        Warm { engine, pre, store }
+    }
+
+    pub async fn instance(
+        &self,
+    ) -> (
+        wasmtime::Store<imbridge_host::sandbox::CallState>,
+        imbridge_host::bindings::Plugin,
+    ) {
+        let mut store = bench_store(&self.engine, self.store.clone()).expect("store");
+        let plugin = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .expect("instance");
+        (store, plugin)
+    }
+}
+
+/// `call` (a handle-callback) on an existing instance; the number of approval updates.
+pub async fn warm_call(
+    store: &mut wasmtime::Store<imbridge_host::sandbox::CallState>,
+    plugin: &imbridge_host::bindings::Plugin,
+    call: &Call,
+) -> usize {
+    let Call::HandleCallback { app, request } = call else {
+        unreachable!("callbacks only")
+    };
+    let r = plugin
+        .call_handle_callback(&mut *store, app, request)
+        .await
+        .expect("call");
+    updates(&imbridge_host::Reply::Callback(r))
+}
+
+/// The number of approval updates a successful callback reply carries.
+pub fn updates(reply: &imbridge_host::Reply) -> usize {
+    match reply {
+        imbridge_host::Reply::Callback(Ok(o)) => o.updates.len(),
+        other => panic!("callback failed: {other:?}"),
+    }
+}

@@ -9,6 +9,7 @@
 
 use anyhow::{Context as _, Result};
 use imbridge::model::Platform;
+use imbridge_bench::workspace;
 use imbridge_bench::{Push, bench_store, callback, instance_id, now_ms, plugin_pre, seed_record};
 use imbridge_host::engine::{ComponentCache, new_engine};
 use imbridge_host::json::parse_call;
@@ -19,10 +20,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn empty_call() -> Call {
     let mut input = Push {

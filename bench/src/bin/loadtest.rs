@@ -17,6 +17,7 @@
 
 use anyhow::{Context as _, Result, bail};
 use imbridge::model::Platform;
+use imbridge_bench::workspace;
 use imbridge_bench::{PLATFORMS, app_json, callback, instance_id, now_ms, seed_record};
 use imbridge_host::store::{Backend as _, Store};
 use serde_json::{Value, json};
@@ -95,10 +96,6 @@ fn args() -> Result<Args> {
         }
     }
     Ok(a)
-}
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn free_port() -> Result<u16> {

@@ -1,0 +1,265 @@
+//! The callback ratios of BENCHMARKS.md measured in pairs: native vs the component.
+//!
+//! `target/release/ratio [--rounds N]` writes `target/bench/ratio.json` (with feature
+//! `soft-crypto`, built as `./dev bench` builds it: `target/bench/ratio-soft.json`).
+//!
+//! Criterion measures the native path and the component one after the other, seconds apart,
+//! and this VM's speed drifts by up to ±40% over seconds, so a ratio of two criterion medians
+//! can be off by that much (BENCHMARKS.md). Here every round runs one batch of each variant —
+//! native, a fresh instance per call through `Host::call`, and a warm instance — in a new order
+//! each round, and takes the ratio within the round: drift moves both sides of a ratio alike.
+//! The paths and calls are those of `benches/callbacks.rs` (`fresh`: a new event about a new
+//! pending instance; `duplicate`: one delivery replayed).
+
+use anyhow::{Context as _, Result, ensure};
+use imbridge::model::Platform;
+use imbridge_bench::workspace;
+use imbridge_bench::{InComponent, MemEnv, PLATFORMS, Warm, app_native, callback, fresh_calls};
+use imbridge_bench::{host_call, instance_id, mem_env, now_ms, seed_record, updates, warm_call};
+use imbridge_host::store::StoreConfig;
+use serde_json::{Value, json};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+/// Calls per batch: a few ms, long enough to dwarf the timer, short enough to interleave.
+const BATCH: u64 = 64;
+
+#[derive(Clone, Copy)]
+enum Path {
+    Fresh,
+    Duplicate,
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Fresh => "fresh",
+            Path::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// What is measured, in the order of the output's columns.
+const VARIANTS: [&str; 3] = ["native", "component", "component-warm"];
+
+struct Bench {
+    host: InComponent,
+    warm: Warm,
+    /// One run id per (platform, path, variant), so no batch sees another's events as seen.
+    next_event: u64,
+}
+
+impl Bench {
+    /// One batch of `variant` on `p`'s `path`, prepared untimed; the time per call.
+    fn batch(&mut self, pi: usize, path: Path, variant: usize, fixed: &Fixed) -> Duration {
+        let p = PLATFORMS[pi];
+        let run = 3000 + pi as u32 * 10;
+        let want = match path {
+            Path::Fresh => 1,
+            Path::Duplicate => 0,
+        };
+        let elapsed = match (variant, path) {
+            (0, Path::Fresh) => {
+                let env = &fixed.native_env;
+                env.now.set(now_ms());
+                let reqs: Vec<_> = (0..BATCH)
+                    .map(|_| {
+                        self.next_event += 1;
+                        let inst = instance_id(p, run, self.next_event);
+                        let (key, val) = seed_record(p, &inst);
+                        env.kv.borrow_mut().insert(key, val);
+                        callback(p, run, self.next_event, &inst, now_ms()).native()
+                    })
+                    .collect();
+                let t = Instant::now();
+                for r in &reqs {
+                    let out = imbridge::callback::handle(env, &fixed.app, r).expect("native");
+                    assert_eq!(black_box(out).updates.len(), want);
+                }
+                t.elapsed()
+            }
+            (0, Path::Duplicate) => {
+                let req = &fixed.native_dup;
+                let t = Instant::now();
+                for _ in 0..BATCH {
+                    let out = imbridge::callback::handle(&fixed.dup_env, &fixed.app, req)
+                        .expect("native");
+                    assert_eq!(black_box(out).updates.len(), want);
+                }
+                t.elapsed()
+            }
+            (1, _) => {
+                let fresh = self.fresh(p, path, run + 1);
+                let calls = batch_of(path, &fresh, fixed);
+                let h = &self.host;
+                h.rt.block_on(async {
+                    let t = Instant::now();
+                    for call in calls.iter().copied() {
+                        let reply = h.host.call("t", call).await.expect("host call");
+                        assert_eq!(updates(black_box(&reply)), want);
+                    }
+                    t.elapsed()
+                })
+            }
+            _ => {
+                let fresh = self.fresh(p, path, run + 2);
+                let calls = batch_of(path, &fresh, fixed);
+                let (warm, rt) = (&self.warm, &self.host.rt);
+                rt.block_on(async {
+                    let (mut store, plugin) = warm.instance().await;
+                    let t = Instant::now();
+                    for call in calls.iter().copied() {
+                        assert_eq!(black_box(warm_call(&mut store, &plugin, call).await), want);
+                    }
+                    t.elapsed()
+                })
+            }
+        };
+        elapsed / BATCH as u32
+    }
+
+    /// New events for the component's fresh path, their records seeded; none for duplicates.
+    fn fresh(&mut self, p: Platform, path: Path, run: u32) -> Vec<imbridge_host::Call> {
+        match path {
+            Path::Fresh => {
+                let (seeds, calls) = fresh_calls(p, run, &mut self.next_event, BATCH);
+                self.host.host.store().put("t", seeds).expect("seed");
+                calls
+            }
+            Path::Duplicate => Vec::new(),
+        }
+    }
+}
+
+/// The component's calls of one batch: the new events, or the applied delivery again.
+fn batch_of<'a>(
+    path: Path,
+    fresh: &'a [imbridge_host::Call],
+    fixed: &'a Fixed,
+) -> Vec<&'a imbridge_host::Call> {
+    match path {
+        Path::Fresh => fresh.iter().collect(),
+        Path::Duplicate => vec![&fixed.component_dup; BATCH as usize],
+    }
+}
+
+/// Per platform: the app, the native environments and the duplicate deliveries (each applied
+/// once, untimed, where it is replayed).
+struct Fixed {
+    app: imbridge::model::ImApp,
+    native_env: MemEnv,
+    dup_env: MemEnv,
+    native_dup: imbridge::model::HttpRequest,
+    component_dup: imbridge_host::Call,
+}
+
+impl Fixed {
+    fn new(pi: usize, bench: &mut Bench) -> Result<Fixed> {
+        let p = PLATFORMS[pi];
+        let app = app_native(p);
+        let run = 3900 + pi as u32;
+        let inst = instance_id(p, run, 0);
+        let (k, v) = seed_record(p, &inst);
+        let dup_env = mem_env();
+        dup_env.kv.borrow_mut().insert(k.clone(), v.clone());
+        let push = callback(p, run, 0, &inst, now_ms());
+        let native_dup = push.native();
+        let first = imbridge::callback::handle(&dup_env, &app, &native_dup)?;
+        ensure!(first.updates.len() == 1, "the first delivery must update");
+        // The component's store holds its own copy of the record and sees the delivery once.
+        let component_dup = host_call(p, &push);
+        bench.host.host.store().put("t", vec![(k, Some(v))])?;
+        ensure!(updates(&bench.host.call(&component_dup)) == 1);
+        Ok(Fixed {
+            app,
+            native_env: mem_env(),
+            dup_env,
+            native_dup,
+            component_dup,
+        })
+    }
+}
+
+/// The `q`-quantile of sorted `v` (nearest rank).
+fn quantile(v: &[f64], q: f64) -> f64 {
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+fn summary(mut v: Vec<f64>) -> Value {
+    v.sort_by(f64::total_cmp);
+    json!({"median": quantile(&v, 0.5), "p10": quantile(&v, 0.1), "p90": quantile(&v, 0.9)})
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut rounds = 100usize;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--rounds" => rounds = args.next().context("--rounds N")?.parse()?,
+            other => anyhow::bail!("unknown argument {other}; usage: ratio [--rounds N]"),
+        }
+    }
+    ensure!(rounds >= 10, "--rounds must be at least 10");
+    let soft = cfg!(feature = "soft-crypto");
+    let host = InComponent::new(StoreConfig::Memory, &workspace().join("target"));
+    let warm = Warm::new(host.host.store().clone());
+    let mut bench = Bench {
+        host,
+        warm,
+        next_event: 0,
+    };
+    let mut out = serde_json::Map::new();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for (pi, p) in PLATFORMS.into_iter().enumerate() {
+        let fixed = Fixed::new(pi, &mut bench)?;
+        for path in [Path::Fresh, Path::Duplicate] {
+            let mut times: [Vec<f64>; 3] = Default::default();
+            let mut order = [0usize, 1, 2];
+            for _ in 0..rounds {
+                for i in (1..order.len()).rev() {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    order.swap(i, (seed % (i as u64 + 1)) as usize);
+                }
+                for &v in &order {
+                    let t = bench.batch(pi, path, v, &fixed);
+                    times[v].push(t.as_secs_f64() * 1e6);
+                }
+            }
+            let per_round = |v: usize| -> Vec<f64> {
+                times[v].iter().zip(&times[0]).map(|(c, n)| c / n).collect()
+            };
+            let entry = json!({
+                "us": VARIANTS.iter().zip(&times)
+                    .map(|(name, t)| (name.to_string(), summary(t.clone())))
+                    .collect::<serde_json::Map<_, _>>(),
+                "ratio": summary(per_round(1)),
+                "warm_ratio": summary(per_round(2)),
+            });
+            println!(
+                "{:<9} {:<9} native {:>6.1} µs  component {:>6.1} µs  ×{:.1}  warm {:>6.1} µs  ×{:.1}",
+                p.name(),
+                path.name(),
+                entry["us"]["native"]["median"].as_f64().unwrap_or(0.0),
+                entry["us"]["component"]["median"].as_f64().unwrap_or(0.0),
+                entry["ratio"]["median"].as_f64().unwrap_or(0.0),
+                entry["us"]["component-warm"]["median"]
+                    .as_f64()
+                    .unwrap_or(0.0),
+                entry["warm_ratio"]["median"].as_f64().unwrap_or(0.0),
+            );
+            out.insert(format!("{}/{}", p.name(), path.name()), entry);
+        }
+    }
+    let file = if soft {
+        "ratio-soft.json"
+    } else {
+        "ratio.json"
+    };
+    let dir = workspace().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let doc = json!({"rounds": rounds, "batch": BATCH, "soft_crypto": soft, "results": out});
+    std::fs::write(dir.join(file), serde_json::to_string_pretty(&doc)?)?;
+    Ok(())
+}

@@ -384,3 +384,25 @@ pub fn updates(reply: &imbridge_host::Reply) -> usize {
         other => panic!("callback failed: {other:?}"),
     }
 }
+
+/// A cheap, deterministic shuffle for interleaved measurements (abwarm, ratio): the variant
+/// that runs first in a round must not be the same every round.
+pub struct Shuffler(u64);
+
+impl Default for Shuffler {
+    fn default() -> Shuffler {
+        Shuffler(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+impl Shuffler {
+    /// Reorders `order` in place (Fisher–Yates over xorshift64).
+    pub fn shuffle(&mut self, order: &mut [usize]) {
+        for i in (1..order.len()).rev() {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            order.swap(i, (self.0 % (i as u64 + 1)) as usize);
+        }
+    }
+}

@@ -47,18 +47,13 @@ fn main() -> anyhow::Result<()> {
     let store: Arc<dyn Backend> = Arc::new(MemoryStore::new());
     let rt = tokio::runtime::Runtime::new()?;
     let mut n = 0u64;
-    // A cheap, deterministic shuffle: which build goes first must not be the same every round.
+    // Which build goes first must not be the same every round.
     let mut order: Vec<usize> = (0..builds.len()).collect();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut shuffler = imbridge_bench::Shuffler::default();
     for (pi, p) in PLATFORMS.into_iter().enumerate() {
         let mut means: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
         for _ in 0..rounds {
-            for i in (1..order.len()).rev() {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                order.swap(i, (seed % (i as u64 + 1)) as usize);
-            }
+            shuffler.shuffle(&mut order);
             for &b in &order {
                 let (seeds, calls) = fresh_calls(p, 900 + pi as u32, &mut n, BATCH);
                 store.put("t", seeds)?;

@@ -209,19 +209,14 @@ fn main() -> Result<()> {
         next_event: 0,
     };
     let mut out = serde_json::Map::new();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut shuffler = imbridge_bench::Shuffler::default();
     for (pi, p) in PLATFORMS.into_iter().enumerate() {
         let fixed = Fixed::new(pi, &mut bench)?;
         for path in [Path::Fresh, Path::Duplicate] {
             let mut times: [Vec<f64>; 3] = Default::default();
             let mut order = [0usize, 1, 2];
             for _ in 0..rounds {
-                for i in (1..order.len()).rev() {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    order.swap(i, (seed % (i as u64 + 1)) as usize);
-                }
+                shuffler.shuffle(&mut order);
                 for &v in &order {
                     let t = bench.batch(pi, path, v, &fixed);
                     times[v].push(t.as_secs_f64() * 1e6);

@@ -45,12 +45,14 @@ const VARIANTS: [&str; 3] = ["native", "component", "component-warm"];
 struct Bench {
     host: InComponent,
     warm: Warm,
-    /// One run id per (platform, path, variant), so no batch sees another's events as seen.
+    /// The last event number handed out. Together with a run id per platform and variant it
+    /// keeps every fresh event new: no batch sees another's events as seen.
     next_event: u64,
 }
 
 impl Bench {
-    /// One batch of `variant` on `p`'s `path`, prepared untimed; the time per call.
+    /// One batch of `VARIANTS[variant]` on platform `pi`'s `path`, prepared untimed; the time
+    /// per call.
     fn batch(&mut self, pi: usize, path: Path, variant: usize, fixed: &Fixed) -> Duration {
         let p = PLATFORMS[pi];
         let run = 3000 + pi as u32 * 10;

@@ -19,7 +19,10 @@ use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 use imbridge::model::{ApprovalNode, ApprovalRequest, Level, Link, Notification, Platform};
 use imbridge::model::{SignMode, Target, UserRef};
-use imbridge_bench::{InComponent, PLATFORMS, Warm, app_native, callback, fresh_calls, host_call};
+use imbridge_bench::host_call;
+use imbridge_bench::{
+    InComponent, PLATFORMS, Warm, app_native, callback, fresh_calls, fresh_native,
+};
 use imbridge_bench::{instance_id, mem_env, now_ms, seed_record, updates, warm_call, workspace};
 use imbridge_host::store::StoreConfig;
 use std::hint::black_box;
@@ -227,16 +230,7 @@ fn native(
     g.bench_function(BenchmarkId::new(label, "fresh"), |b| {
         b.iter_custom(|iters| {
             batched(iters, |k| {
-                env.now.set(now_ms());
-                let reqs: Vec<_> = (0..k)
-                    .map(|_| {
-                        n += 1;
-                        let inst = instance_id(p, run(1), n);
-                        let (key, val) = seed_record(p, &inst);
-                        env.kv.borrow_mut().insert(key, val);
-                        callback(p, run(1), n, &inst, now_ms()).native()
-                    })
-                    .collect();
+                let reqs = fresh_native(&env, p, run(1), &mut n, k);
                 let t = Instant::now();
                 for r in &reqs {
                     black_box(imbridge::callback::handle(&env, &app, r).ok());

@@ -204,6 +204,21 @@ pub fn fresh_calls(p: Platform, run: u32, n: &mut u64, k: u64) -> (Vec<Write>, V
         .unzip()
 }
 
+/// The native side's [`fresh_calls`]: `k` fresh callbacks as requests for
+/// `imbridge::callback::handle`, their records seeded into `env` (whose clock is set to now).
+pub fn fresh_native(env: &MemEnv, p: Platform, run: u32, n: &mut u64, k: u64) -> Vec<HttpRequest> {
+    env.now.set(now_ms());
+    (0..k)
+        .map(|_| {
+            *n += 1;
+            let inst = instance_id(p, run, *n);
+            let (key, val) = seed_record(p, &inst);
+            env.kv.borrow_mut().insert(key, val);
+            callback(p, run, *n, &inst, now_ms()).native()
+        })
+        .collect()
+}
+
 /// `push` as the host's `handle-callback` call.
 pub fn host_call(p: Platform, push: &Push) -> Call {
     parse_call(Export::HandleCallback, &push.host_input(p)).expect("handle-callback input")
@@ -334,15 +349,20 @@ pub struct Warm {
 }
 
 impl Warm {
-    /// Instances whose state lives in `store`.
+    /// Instances of the built component whose state lives in `store`.
     pub fn new(store: std::sync::Arc<dyn imbridge_host::store::Backend>) -> Warm {
-        let engine = imbridge_host::engine::new_engine(64 << 20, 32).expect("engine");
-        let wasm = std::fs::read(component_path()).expect("target/imbridge.wasm (./dev build)");
-        let component = wasmtime::component::Component::new(&engine, &wasm).expect("compile");
-        let pre = plugin_pre(&engine, &component)
-            .and_then(|p| p.bindings())
-            .expect("pre");
-        Warm { engine, pre, store }
+        Warm::load(&component_path(), store).expect("target/imbridge.wasm (./dev build)")
+    }
+
+    /// Instances of the component at `path` whose state lives in `store`.
+    pub fn load(
+        path: &std::path::Path,
+        store: std::sync::Arc<dyn imbridge_host::store::Backend>,
+    ) -> anyhow::Result<Warm> {
+        let engine = imbridge_host::engine::new_engine(64 << 20, 32)?;
+        let component = wasmtime::component::Component::from_file(&engine, path)?;
+        let pre = plugin_pre(&engine, &component)?.bindings()?;
+        Ok(Warm { engine, pre, store })
     }
 
     pub async fn instance(
@@ -405,4 +425,9 @@ impl Shuffler {
             order.swap(i, (self.0 % (i as u64 + 1)) as usize);
         }
     }
+}
+
+/// The `q`-quantile of `sorted` (nearest rank).
+pub fn quantile<T: Copy>(sorted: &[T], q: f64) -> T {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }

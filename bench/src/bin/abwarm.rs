@@ -8,19 +8,14 @@
 //! alike; the per-build minimum and median over the rounds' batch means are what to compare.
 //! The calls are those of `callback/{platform}/component-warm/fresh` in `benches/callbacks.rs`.
 
-use imbridge_bench::{PLATFORMS, bench_store, fresh_calls, plugin_pre};
-use imbridge_host::Call;
+use imbridge_bench::{PLATFORMS, Shuffler, Warm, fresh_calls, quantile, warm_call};
 use imbridge_host::store::{Backend, MemoryStore};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Calls per batch: long enough (a few ms) to dwarf the timer, short enough to interleave.
 const BATCH: u64 = 64;
-
-struct Build {
-    path: String,
-    pre: imbridge_host::bindings::PluginPre<imbridge_host::sandbox::CallState>,
-}
 
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,24 +27,16 @@ fn main() -> anyhow::Result<()> {
     if args.len() < 2 {
         anyhow::bail!("usage: abwarm [--rounds N] A.wasm B.wasm ...");
     }
-    let engine = imbridge_host::engine::new_engine(64 << 20, 32)?;
+    let store: Arc<dyn Backend> = Arc::new(MemoryStore::new());
     let builds = args
         .iter()
-        .map(|path| {
-            let component = wasmtime::component::Component::from_file(&engine, path)?;
-            let pre = plugin_pre(&engine, &component)?.bindings()?;
-            Ok(Build {
-                path: path.clone(),
-                pre,
-            })
-        })
+        .map(|path| Warm::load(Path::new(path), store.clone()))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let store: Arc<dyn Backend> = Arc::new(MemoryStore::new());
     let rt = tokio::runtime::Runtime::new()?;
     let mut n = 0u64;
     // Which build goes first must not be the same every round.
     let mut order: Vec<usize> = (0..builds.len()).collect();
-    let mut shuffler = imbridge_bench::Shuffler::default();
+    let mut shuffler = Shuffler::default();
     for (pi, p) in PLATFORMS.into_iter().enumerate() {
         let mut means: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
         for _ in 0..rounds {
@@ -57,35 +44,27 @@ fn main() -> anyhow::Result<()> {
             for &b in &order {
                 let (seeds, calls) = fresh_calls(p, 900 + pi as u32, &mut n, BATCH);
                 store.put("t", seeds)?;
-                let mut kv = bench_store(&engine, store.clone())?;
                 let elapsed = rt.block_on(async {
-                    let plugin = builds[b].pre.instantiate_async(&mut kv).await?;
+                    let (mut kv, plugin) = builds[b].instance().await;
                     let t = Instant::now();
                     for call in &calls {
-                        let Call::HandleCallback { app, request } = call else {
-                            unreachable!("callbacks only")
-                        };
-                        let r = plugin.call_handle_callback(&mut kv, app, request).await?;
-                        let path = &builds[b].path;
-                        match r {
-                            Ok(o) if o.updates.len() == 1 => {}
-                            other => anyhow::bail!("{path}: callback failed: {other:?}"),
-                        }
+                        let updates = warm_call(&mut kv, &plugin, call).await;
+                        assert_eq!(updates, 1, "{}: a fresh callback must update", args[b]);
                     }
-                    Ok(t.elapsed())
-                })?;
+                    t.elapsed()
+                });
                 means[b].push(elapsed.as_secs_f64() * 1e6 / BATCH as f64);
             }
         }
-        for (b, m) in builds.iter().zip(&mut means) {
+        for (path, m) in args.iter().zip(&mut means) {
             m.sort_by(f64::total_cmp);
             println!(
                 "{:<9} {:<40} min {:>6.1} µs  p25 {:>6.1} µs  median {:>6.1} µs  ({} batches of {BATCH})",
                 p.name(),
-                b.path,
+                path,
                 m[0],
-                m[m.len() / 4],
-                m[m.len() / 2],
+                quantile(m, 0.25),
+                quantile(m, 0.5),
                 m.len()
             );
         }

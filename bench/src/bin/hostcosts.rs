@@ -9,8 +9,8 @@
 
 use anyhow::{Context as _, Result};
 use imbridge::model::Platform;
-use imbridge_bench::workspace;
 use imbridge_bench::{Push, bench_store, callback, instance_id, now_ms, plugin_pre, seed_record};
+use imbridge_bench::{quantile, workspace};
 use imbridge_host::engine::{ComponentCache, new_engine};
 use imbridge_host::json::parse_call;
 use imbridge_host::store::{Backend as _, Store};
@@ -38,7 +38,7 @@ fn summary(mut d: Vec<Duration>) -> Value {
     if d.is_empty() {
         return json!({"n": 0});
     }
-    let q = |p: f64| d[((d.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6;
+    let q = |p: f64| quantile(&d, p).as_secs_f64() * 1e6;
     json!({"n": d.len(), "p50_us": q(0.5), "p99_us": q(0.99), "max_us": q(1.0)})
 }
 

@@ -13,8 +13,8 @@
 
 use anyhow::{Context as _, Result, ensure};
 use imbridge::model::Platform;
-use imbridge_bench::workspace;
 use imbridge_bench::{InComponent, MemEnv, PLATFORMS, Warm, app_native, callback, fresh_calls};
+use imbridge_bench::{fresh_native, quantile, workspace};
 use imbridge_bench::{host_call, instance_id, mem_env, now_ms, seed_record, updates, warm_call};
 use imbridge_host::store::StoreConfig;
 use serde_json::{Value, json};
@@ -63,16 +63,7 @@ impl Bench {
         let elapsed = match (variant, path) {
             (0, Path::Fresh) => {
                 let env = &fixed.native_env;
-                env.now.set(now_ms());
-                let reqs: Vec<_> = (0..BATCH)
-                    .map(|_| {
-                        self.next_event += 1;
-                        let inst = instance_id(p, run, self.next_event);
-                        let (key, val) = seed_record(p, &inst);
-                        env.kv.borrow_mut().insert(key, val);
-                        callback(p, run, self.next_event, &inst, now_ms()).native()
-                    })
-                    .collect();
+                let reqs = fresh_native(env, p, run, &mut self.next_event, BATCH);
                 let t = Instant::now();
                 for r in &reqs {
                     let out = imbridge::callback::handle(env, &fixed.app, r).expect("native");
@@ -180,11 +171,6 @@ impl Fixed {
             component_dup,
         })
     }
-}
-
-/// The `q`-quantile of sorted `v` (nearest rank).
-fn quantile(v: &[f64], q: f64) -> f64 {
-    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 fn summary(mut v: Vec<f64>) -> Value {

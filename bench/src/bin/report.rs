@@ -730,9 +730,9 @@ fn main() -> Result<()> {
          core on every call, ~8% of a call's time, and the heap pages were refaulted each time). \
          The engine keeps wasmtime's default 4 GiB reservation per memory slot so compiled code \
          needs no bounds checks, and the component is built at opt-level 3 with LLVM's inline \
-         threshold at 120 instead of that level's 225 (Cargo.toml, ./dev): as fast on the \
-         callback path and under 400 KB, where opt-level s was about 20% slower on a warm \
-         instance (interleaved A/B with `target/release/abwarm`, 2026-12-03); the WeCom \
+         threshold at 120 instead of that level's 225 (Cargo.toml, ./dev): 3–10% slower on a \
+         warm instance than with 225 but under 400 KB, where opt-level s was about 20% slower \
+         than 120 on a warm instance (interleaved A/B with `target/release/abwarm`, 2026-12-03); the WeCom \
          XML tree borrows its names and text from the decrypted document, and decryption runs \
          in the buffer base64 decoded into. Commits are awaited on the \
          group committer directly instead of from a blocking thread.\n"

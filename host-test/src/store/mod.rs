@@ -17,7 +17,7 @@ mod memory;
 mod redis;
 
 pub use self::embedded::{DB_FILE, Store};
-pub use self::group_commit::Submitted;
+pub use self::group_commit::{SLOW_COMMIT, Submitted};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 

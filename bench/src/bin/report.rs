@@ -773,6 +773,8 @@ fn main() -> Result<()> {
         met(pl.map(|t| t <= 5e6))
     )?;
     let mut load_ok = None;
+    // Single runs that missed the load target, whatever the medians say.
+    let mut runs_missed = Vec::new();
     let mut load_text = Vec::new();
     let mut feishu_rps = None;
     let mut peer_rps = None;
@@ -791,8 +793,23 @@ fn main() -> Result<()> {
                 "{} {rps:.0}/s p99 {p99:.1} ms",
                 k.trim_start_matches("imbridge/")
             ));
-            let ok = rps >= 5000.0 && p99 <= 10.0;
+            let ok = rps >= 5000.0 && p99 <= P99_TARGET_MS;
             load_ok = Some(load_ok.unwrap_or(true) && ok);
+        }
+        for (i, run) in l["runs"].as_array().into_iter().flatten().enumerate() {
+            for (k, r) in in_run_order(run) {
+                let Some(platform) = k.strip_prefix("imbridge/") else {
+                    continue;
+                };
+                let rps = r["rps"].as_f64().unwrap_or(0.0);
+                let p99 = r["p99_us"].as_f64().unwrap_or(f64::MAX) / 1000.0;
+                if rps < 5000.0 || p99 > P99_TARGET_MS {
+                    runs_missed.push(format!(
+                        "run {} {platform} {rps:.0}/s p99 {p99:.1} ms",
+                        i + 1
+                    ));
+                }
+            }
         }
     }
     writeln!(
@@ -881,7 +898,16 @@ fn main() -> Result<()> {
             "- **Precompiled load ≤ 5 ms — missed.** Bounded by mapping and relocating the artifact; see the deserialize row.\n"
         )?;
     }
-    if load_ok == Some(false) {
+    if load_ok == Some(false) || !runs_missed.is_empty() {
+        let verdict = if load_ok == Some(false) {
+            "missed".to_string()
+        } else {
+            format!(
+                "met in the median of the runs, missed in {} of them ({})",
+                runs_missed.len(),
+                runs_missed.join("; ")
+            )
+        };
         let fsync = match (disk, in_memory) {
             (Some(d), Some(t)) => format!(
                 "The same Feishu callback costs {} in the component with the in-memory store \
@@ -895,7 +921,7 @@ fn main() -> Result<()> {
         };
         writeln!(
             w,
-            "- **≥ 5,000 durable callbacks/s, p99 ≤ 10 ms — missed.** {fsync}. Under load that \
+            "- **≥ 5,000 durable callbacks/s, p99 ≤ 10 ms — {verdict}.** {fsync}. Under load that \
              commit is shared: the embedded store's group committer \
              (host-test/src/store/group_commit.rs) applies the commits of all concurrent calls \
              in one redb write transaction with one fsync and answers each call once its batch \

@@ -112,6 +112,18 @@ fn in_run_order(load: &Value) -> Vec<(&String, &Value)> {
     rows
 }
 
+/// Every single run's imbridge results, in run order, as (run number from 1, platform, result).
+fn imbridge_runs(load: &Value) -> Vec<(usize, &str, &Value)> {
+    let runs = load["runs"].as_array().into_iter().flatten();
+    runs.enumerate()
+        .flat_map(|(i, run)| {
+            in_run_order(run)
+                .into_iter()
+                .filter_map(move |(k, r)| Some((i + 1, k.strip_prefix("imbridge/")?, r)))
+        })
+        .collect()
+}
+
 /// The load test's slow commits of one run, as `calls×ms` entries.
 fn slow_commits(v: &Value) -> String {
     match v.as_array() {
@@ -254,32 +266,22 @@ fn paired_section(
 /// Per run and imbridge platform: the p99 wrk measured against what the slow commits alone
 /// imply (see [`implied_p99`]), so a missed p99 can be told apart from a slow server.
 fn stall_table(w: &mut String, load: &Value) -> Result<()> {
-    let runs = load["runs"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
     let mut rows = Vec::new();
-    for (i, run) in runs.iter().enumerate() {
-        for (k, r) in in_run_order(run) {
-            let Some(platform) = k.strip_prefix("imbridge/") else {
-                continue;
-            };
-            let each = stalls(&r["slow_commits"]);
-            let run_ms = r["duration_us"].as_f64().unwrap_or(0.0) / 1000.0;
-            if each.is_empty() || run_ms <= 0.0 {
-                continue;
-            }
-            let over = beyond(&each, P99_TARGET_MS);
-            rows.push(format!(
-                "| {} | {platform} | {:.2} ms | {} | {:.0} ms ({:.1}% of the run) | {} |",
-                i + 1,
-                r["p99_us"].as_f64().unwrap_or(0.0) / 1000.0,
-                slow_commits(&r["slow_commits"]),
-                over,
-                over / run_ms * 100.0,
-                implied_p99(&each, run_ms).map_or("under 20 ms".into(), |x| format!("{x:.0} ms")),
-            ));
+    for (run, platform, r) in imbridge_runs(load) {
+        let each = stalls(&r["slow_commits"]);
+        let run_ms = r["duration_us"].as_f64().unwrap_or(0.0) / 1000.0;
+        if each.is_empty() || run_ms <= 0.0 {
+            continue;
         }
+        let over = beyond(&each, P99_TARGET_MS);
+        rows.push(format!(
+            "| {run} | {platform} | {:.2} ms | {} | {:.0} ms ({:.1}% of the run) | {} |",
+            r["p99_us"].as_f64().unwrap_or(0.0) / 1000.0,
+            slow_commits(&r["slow_commits"]),
+            over,
+            over / run_ms * 100.0,
+            implied_p99(&each, run_ms).map_or("under 20 ms".into(), |x| format!("{x:.0} ms")),
+        ));
     }
     if rows.is_empty() {
         return Ok(());
@@ -796,19 +798,11 @@ fn main() -> Result<()> {
             let ok = rps >= 5000.0 && p99 <= P99_TARGET_MS;
             load_ok = Some(load_ok.unwrap_or(true) && ok);
         }
-        for (i, run) in l["runs"].as_array().into_iter().flatten().enumerate() {
-            for (k, r) in in_run_order(run) {
-                let Some(platform) = k.strip_prefix("imbridge/") else {
-                    continue;
-                };
-                let rps = r["rps"].as_f64().unwrap_or(0.0);
-                let p99 = r["p99_us"].as_f64().unwrap_or(f64::MAX) / 1000.0;
-                if rps < 5000.0 || p99 > P99_TARGET_MS {
-                    runs_missed.push(format!(
-                        "run {} {platform} {rps:.0}/s p99 {p99:.1} ms",
-                        i + 1
-                    ));
-                }
+        for (run, platform, r) in imbridge_runs(l) {
+            let rps = r["rps"].as_f64().unwrap_or(0.0);
+            let p99 = r["p99_us"].as_f64().unwrap_or(f64::MAX) / 1000.0;
+            if rps < 5000.0 || p99 > P99_TARGET_MS {
+                runs_missed.push(format!("run {run} {platform} {rps:.0}/s p99 {p99:.1} ms"));
             }
         }
     }

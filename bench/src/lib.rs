@@ -190,17 +190,24 @@ pub fn callback(platform: Platform, run: u32, n: u64, instance: &str, now_ms: u6
     }
 }
 
-/// `k` fresh callbacks (events n+1..=n+k about new pending instances) as `handle-callback`
-/// calls, and the records to seed for them.
-pub fn fresh_calls(p: Platform, run: u32, n: &mut u64, k: u64) -> (Vec<Write>, Vec<Call>) {
+/// `k` fresh events (n+1..=n+k) about new pending instances: for each, the record to seed as
+/// `(key, value)` and the signed callback about it.
+fn fresh_events(p: Platform, run: u32, n: &mut u64, k: u64) -> Vec<((String, Vec<u8>), Push)> {
     (0..k)
         .map(|_| {
             *n += 1;
             let inst = instance_id(p, run, *n);
-            let (key, val) = seed_record(p, &inst);
-            let call = host_call(p, &callback(p, run, *n, &inst, now_ms()));
-            ((key, Some(val)), call)
+            (seed_record(p, &inst), callback(p, run, *n, &inst, now_ms()))
         })
+        .collect()
+}
+
+/// `k` fresh callbacks (see [`fresh_events`]) as `handle-callback` calls, and the records to
+/// seed for them.
+pub fn fresh_calls(p: Platform, run: u32, n: &mut u64, k: u64) -> (Vec<Write>, Vec<Call>) {
+    fresh_events(p, run, n, k)
+        .into_iter()
+        .map(|((key, val), push)| ((key, Some(val)), host_call(p, &push)))
         .unzip()
 }
 
@@ -208,13 +215,11 @@ pub fn fresh_calls(p: Platform, run: u32, n: &mut u64, k: u64) -> (Vec<Write>, V
 /// `imbridge::callback::handle`, their records seeded into `env` (whose clock is set to now).
 pub fn fresh_native(env: &MemEnv, p: Platform, run: u32, n: &mut u64, k: u64) -> Vec<HttpRequest> {
     env.now.set(now_ms());
-    (0..k)
-        .map(|_| {
-            *n += 1;
-            let inst = instance_id(p, run, *n);
-            let (key, val) = seed_record(p, &inst);
+    fresh_events(p, run, n, k)
+        .into_iter()
+        .map(|((key, val), push)| {
             env.kv.borrow_mut().insert(key, val);
-            callback(p, run, *n, &inst, now_ms()).native()
+            push.native()
         })
         .collect()
 }

@@ -142,6 +142,14 @@ fn slow_commits(v: &Value) -> String {
 /// The latency (ms) the p99 target is about.
 const P99_TARGET_MS: f64 = 10.0;
 
+/// A load-test result's requests/s and p99 (ms), and whether they meet the target (≥ 5,000/s,
+/// p99 ≤ [`P99_TARGET_MS`]).
+fn load_target(r: &Value) -> (f64, f64, bool) {
+    let rps = r["rps"].as_f64().unwrap_or(0.0);
+    let p99 = r["p99_us"].as_f64().unwrap_or(f64::MAX) / 1000.0;
+    (rps, p99, rps >= 5000.0 && p99 <= P99_TARGET_MS)
+}
+
 /// The durations (ms) of one run's slow commits.
 fn stalls(slow: &Value) -> Vec<f64> {
     slow.as_array()
@@ -782,8 +790,7 @@ fn main() -> Result<()> {
     let mut peer_rps = None;
     if let Some(l) = &load {
         for (k, r) in l["results"].as_object().into_iter().flatten() {
-            let rps = r["rps"].as_f64().unwrap_or(0.0);
-            let p99 = r["p99_us"].as_f64().unwrap_or(f64::MAX) / 1000.0;
+            let (rps, p99, ok) = load_target(r);
             if k == "lark-oapi/feishu" {
                 peer_rps = Some(rps);
                 continue;
@@ -795,13 +802,11 @@ fn main() -> Result<()> {
                 "{} {rps:.0}/s p99 {p99:.1} ms",
                 k.trim_start_matches("imbridge/")
             ));
-            let ok = rps >= 5000.0 && p99 <= P99_TARGET_MS;
             load_ok = Some(load_ok.unwrap_or(true) && ok);
         }
         for (run, platform, r) in imbridge_runs(l) {
-            let rps = r["rps"].as_f64().unwrap_or(0.0);
-            let p99 = r["p99_us"].as_f64().unwrap_or(f64::MAX) / 1000.0;
-            if rps < 5000.0 || p99 > P99_TARGET_MS {
+            let (rps, p99, ok) = load_target(r);
+            if !ok {
                 runs_missed.push(format!("run {run} {platform} {rps:.0}/s p99 {p99:.1} ms"));
             }
         }

@@ -10,6 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// Every call allocates and frees a request, a reply, KV values and a store's context on the
+/// tokio workers; mimalloc's thread-local free lists serve that with 8-11% more durable
+/// callbacks/s through `serve` than glibc's allocator (interleaved load tests, issue 7).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Where the build puts the component, relative to the workspace root.
 const COMPONENT: &str = "target/imbridge.wasm";
 /// Default state directory for `invoke`, relative to the workspace root.

@@ -21,14 +21,6 @@ use serde_json::{Value, json};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-/// Between batches this tool generates and drops thousands of events and keeps a growing store.
-/// With glibc's allocator the chunks it frees were consolidated inside the next timed batch:
-/// native DingTalk calls, interleaved, read 13–16 µs after 300 rounds against 6–9 µs in
-/// isolation or with this allocator, which made their ratios look up to 2× better than they
-/// are. Native and component calls share the allocator, as they share the process.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Calls per batch: a few ms, long enough to dwarf the timer, short enough to interleave.
 const BATCH: u64 = 64;
 

@@ -270,7 +270,8 @@ fn paired_section(
          `Host::call`, a warm instance), in a new order each round, and takes each ratio \
          within its round. Times are the median of the rounds' per-call means; ratios are the \
          median of the per-round ratios, with the 10th–90th percentile in brackets. The tool \
-         runs on mimalloc, native and component calls alike: with glibc's allocator the \
+         runs on mimalloc, as `imbridge-host` and every bench process do, native and \
+         component calls alike: with glibc's allocator the \
          events it generates and drops between batches were consolidated inside the next \
          timed batch, which doubled native DingTalk times after a few hundred rounds. The \
          software-crypto columns come from the same tool built with `--features soft-crypto` \

@@ -947,7 +947,9 @@ fn main() -> Result<()> {
          in the buffer base64 decoded into. Commits are awaited on the \
          group committer directly instead of from a blocking thread. The host binary allocates \
          with mimalloc: 8–11% more durable callbacks/s through `serve` than with glibc's \
-         allocator (5 interleaved load-test pairs per platform, 2026-12-03).\n"
+         allocator (5 interleaved load-test pairs per platform, 2026-12-03), although a \
+         single-threaded instantiate + call loop is 2–4 µs slower with it (about a fifth of \
+         that loop is then the kernel zeroing fresh pages for mimalloc's page free lists).\n"
     )?;
     if worst_ratio.is_some_and(|r| r > 2.0) {
         let inst = get("host/host-call").map_or(0.0, |e| e.median);

@@ -286,31 +286,48 @@ fn paired_section(
          |---|---|---|---|---|---|---|---|---|"
     )?;
     let (mut ratios, mut warm, mut soft_ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for p in ["feishu", "dingtalk", "wecom"] {
-        for path in ["fresh", "duplicate"] {
-            let r = &paired["results"][format!("{p}/{path}")];
-            if r.is_null() {
-                continue;
-            }
-            let s = soft.map_or(&Value::Null, |s| &s["results"][format!("{p}/{path}")]);
-            ratios.extend(med(&r["ratio"]).map(|m| (p, path, m)));
-            warm.extend(med(&r["warm_ratio"]).map(|m| (p, path, m)));
-            soft_ratios.extend(med(&s["warm_ratio"]).map(|m| (p, path, m)));
-            writeln!(
-                w,
-                "| {p} | {path} | {} | {} | {} | {} | {} | {} | {} |",
-                us_cell(&r["us"]["native"]),
-                us_cell(&r["us"]["component"]),
-                ratio_cell(&r["ratio"]),
-                us_cell(&r["us"]["component-warm"]),
-                ratio_cell(&r["warm_ratio"]),
-                us_cell(&s["us"]["native"]),
-                ratio_cell(&s["warm_ratio"]),
-            )?;
-        }
+    for (p, path, r) in paired_results(paired) {
+        let s = soft.map_or(&Value::Null, |s| &s["results"][format!("{p}/{path}")]);
+        ratios.extend(med(&r["ratio"]).map(|m| (p, path, m)));
+        warm.extend(med(&r["warm_ratio"]).map(|m| (p, path, m)));
+        soft_ratios.extend(med(&s["warm_ratio"]).map(|m| (p, path, m)));
+        writeln!(
+            w,
+            "{} {} | {} |",
+            paired_cells(p, path, r),
+            us_cell(&s["us"]["native"]),
+            ratio_cell(&s["warm_ratio"]),
+        )?;
     }
     writeln!(w)?;
     Ok((ratios, warm, soft_ratios))
+}
+
+/// The results of one `target/release/ratio` run, per platform and path, in table order.
+fn paired_results(v: &Value) -> Vec<(&'static str, &'static str, &Value)> {
+    let mut out = Vec::new();
+    for p in ["feishu", "dingtalk", "wecom"] {
+        for path in ["fresh", "duplicate"] {
+            let r = &v["results"][format!("{p}/{path}")];
+            if !r.is_null() {
+                out.push((p, path, r));
+            }
+        }
+    }
+    out
+}
+
+/// A paired result's row up to its warm ratio: platform, path, native, in component, ratio,
+/// warm instance, ratio.
+fn paired_cells(p: &str, path: &str, r: &Value) -> String {
+    format!(
+        "| {p} | {path} | {} | {} | {} | {} | {} |",
+        us_cell(&r["us"]["native"]),
+        us_cell(&r["us"]["component"]),
+        ratio_cell(&r["ratio"]),
+        us_cell(&r["us"]["component-warm"]),
+        ratio_cell(&r["warm_ratio"]),
+    )
 }
 
 /// The paired ratios measured on the patched code without crypto (`bench/crypto-excluded.sh`):
@@ -335,24 +352,10 @@ fn excluded_section(w: &mut String, v: &Value) -> Result<(Ratios, Ratios)> {
          |---|---|---|---|---|---|---|"
     )?;
     let (mut fresh, mut warm) = (Vec::new(), Vec::new());
-    for p in ["feishu", "dingtalk", "wecom"] {
-        for path in ["fresh", "duplicate"] {
-            let r = &v["results"][format!("{p}/{path}")];
-            if r.is_null() {
-                continue;
-            }
-            fresh.extend(med(&r["ratio"]).map(|m| (p, path, m)));
-            warm.extend(med(&r["warm_ratio"]).map(|m| (p, path, m)));
-            writeln!(
-                w,
-                "| {p} | {path} | {} | {} | {} | {} | {} |",
-                us_cell(&r["us"]["native"]),
-                us_cell(&r["us"]["component"]),
-                ratio_cell(&r["ratio"]),
-                us_cell(&r["us"]["component-warm"]),
-                ratio_cell(&r["warm_ratio"]),
-            )?;
-        }
+    for (p, path, r) in paired_results(v) {
+        fresh.extend(med(&r["ratio"]).map(|m| (p, path, m)));
+        warm.extend(med(&r["warm_ratio"]).map(|m| (p, path, m)));
+        writeln!(w, "{}", paired_cells(p, path, r))?;
     }
     writeln!(w)?;
     Ok((fresh, warm))

@@ -7,6 +7,14 @@
 //! wire format would produce, not one the code under test made for itself.
 
 use imbridge::approval::Record;
+use imbridge::env::key_segment;
+use imbridge::model::{Approval, ApprovalStatus, HttpRequest, ImApp, Platform};
+use imbridge_host::json::parse_call;
+use imbridge_host::sim::{dingtalk, feishu, wecom};
+use imbridge_host::store::Write;
+use imbridge_host::{Call, Export};
+use serde_json::{Value, json};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Every bench process allocates as `imbridge-host` does (host-test/src/main.rs), so host costs
 /// measured in process are those of the binary. `target/release/ratio` depends on it besides:
@@ -16,14 +24,6 @@ use imbridge::approval::Record;
 /// made their ratios look up to 2× better than they are).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use imbridge::env::key_segment;
-use imbridge::model::{Approval, ApprovalStatus, HttpRequest, ImApp, Platform};
-use imbridge_host::json::parse_call;
-use imbridge_host::sim::{dingtalk, feishu, wecom};
-use imbridge_host::store::Write;
-use imbridge_host::{Call, Export};
-use serde_json::{Value, json};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 pub const PLATFORMS: [Platform; 3] = [Platform::Feishu, Platform::Dingtalk, Platform::Wecom];
 

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 /// Every call allocates and frees a request, a reply, KV values and a store's context on the
 /// tokio workers; mimalloc's thread-local free lists serve that with 8-11% more durable
-/// callbacks/s through `serve` than glibc's allocator (interleaved load tests, issue 7), although
-/// a single-threaded instantiate + call loop is 2-4 µs slower with it (BENCHMARKS.md).
+/// callbacks/s through `serve` than glibc's allocator (interleaved load tests, issue 7), and a
+/// single-threaded instantiate + call loop is no slower with it (BENCHMARKS.md).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

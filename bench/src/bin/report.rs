@@ -964,9 +964,10 @@ fn main() -> Result<()> {
          in the buffer base64 decoded into. Commits are awaited on the \
          group committer directly instead of from a blocking thread. The host binary allocates \
          with mimalloc: 8–11% more durable callbacks/s through `serve` than with glibc's \
-         allocator (5 interleaved load-test pairs per platform, 2026-12-03), although a \
-         single-threaded instantiate + call loop is 2–4 µs slower with it (about a fifth of \
-         that loop is then the kernel zeroing fresh pages for mimalloc's page free lists).\n"
+         allocator (5 interleaved load-test pairs per platform, 2026-12-03), and a \
+         single-threaded instantiate + call loop is no slower with it (`host/instantiate+call` \
+         built both ways, 5 interleaved pairs on 2026-12-04: medians 15.9 µs with mimalloc, \
+         17.2 µs with glibc, each faster in some pairs).\n"
     )?;
     if worst_ratio.is_some_and(|r| r > RATIO_TARGET) {
         let inst = get("host/host-call").map_or(0.0, |e| e.median);

@@ -3,19 +3,23 @@
 //! - swap: latency of other tenants' calls while one tenant's plugin is replaced, for a swap
 //!   to an already-compiled version (artifact cache hit) and to a new version (compiles);
 //! - memory: resident memory per live instance, N instances alive at once, idle and after
-//!   each has handled a callback.
+//!   each has handled a callback;
+//! - paired: instantiate, instantiate + call and `Host::call` in turns, batch by batch, so the
+//!   VM's drift over seconds (which criterion's loops, seconds apart, each see differently)
+//!   hits all three alike.
 //!
 //! Writes one JSON object to `--out` (default `target/bench/hostcosts.json`).
 
 use anyhow::{Context as _, Result};
 use imbridge::model::Platform;
 use imbridge_bench::{Push, bench_store, callback, instance_id, now_ms, plugin_pre, seed_record};
-use imbridge_bench::{quantile, workspace};
+use imbridge_bench::{Shuffler, quantile, workspace};
 use imbridge_host::engine::{ComponentCache, new_engine};
 use imbridge_host::json::parse_call;
 use imbridge_host::store::{Backend as _, Store};
 use imbridge_host::{Call, Export, Host, HostConfig, TenantPolicy};
 use serde_json::{Value, json};
+use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -187,6 +191,67 @@ async fn memory(wasm: &[u8], n: u32) -> Result<Value> {
     }))
 }
 
+/// The per-call cost before any plugin work, three ways: a fresh instance from `InstancePre`,
+/// that plus an empty-ish call, and the same call through `Host::call`. Each round runs one
+/// batch of each, in a new order; every figure is taken over the rounds' per-call means.
+async fn paired(wasm: &[u8], rounds: usize, batch: u32) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    // The criterion bench's engine (`benches/host.rs`): the host's configuration, 32 slots.
+    let engine = new_engine(64 << 20, 32)?;
+    let (component, _) = ComponentCache::new(dir.path().join("cache")).load(&engine, wasm)?;
+    let pre = plugin_pre(&engine, &component)?;
+    let kv = Arc::new(Store::open(&dir.path().join("state"))?);
+    let mut cfg = HostConfig::new(dir.path().join("host-state"));
+    cfg.cache_dir = Some(dir.path().join("cache"));
+    let host = Host::new(cfg)?;
+    host.load_tenant_bytes("t", wasm.to_vec(), TenantPolicy::default())
+        .await?;
+    let call = empty_call();
+
+    const NAMES: [&str; 3] = ["instantiate", "instantiate_call", "host_call"];
+    let mut means: [Vec<f64>; 3] = Default::default();
+    let mut order = [0, 1, 2];
+    let mut shuffler = Shuffler::default();
+    for round in 0..=rounds {
+        shuffler.shuffle(&mut order);
+        for &v in &order {
+            let t = Instant::now();
+            for _ in 0..batch {
+                match v {
+                    0 => {
+                        let mut s = bench_store(&engine, kv.clone())?;
+                        black_box(pre.instantiate(&mut s).await?);
+                    }
+                    1 => {
+                        let mut s = bench_store(&engine, kv.clone())?;
+                        black_box(call.invoke(&pre, &mut s).await?.error().is_some());
+                    }
+                    _ => {
+                        black_box(host.call("t", &call).await?.error().is_some());
+                    }
+                }
+            }
+            // Round 0 warms code pages and pool slots for all three and is not counted.
+            if round > 0 {
+                means[v].push(t.elapsed().as_secs_f64() * 1e6 / f64::from(batch));
+            }
+        }
+    }
+    let stats = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        json!({"median_us": quantile(&v, 0.5), "p10_us": quantile(&v, 0.1), "p90_us": quantile(&v, 0.9)})
+    };
+    let mut out = json!({"rounds": rounds, "batch": batch});
+    for (name, m) in NAMES.iter().zip(&means) {
+        out[*name] = stats(m);
+    }
+    // Within each round: what `Host::call` adds to the raw instantiate + call.
+    let added: Vec<f64> = means[2].iter().zip(&means[1]).map(|(h, r)| h - r).collect();
+    out["host_call_minus_raw"] = stats(&added);
+    Ok(out)
+}
+
 fn main() -> Result<()> {
     // SAFETY: first statement of main, before any other thread exists.
     unsafe { std::env::set_var("IMBRIDGE_QUIET", "1") };
@@ -202,9 +267,12 @@ fn main() -> Result<()> {
     eprintln!("swap: {swap}");
     let memory = rt.block_on(memory(&wasm, 32))?;
     eprintln!("memory: {memory}");
+    let paired = rt.block_on(paired(&wasm, 300, 256))?;
+    eprintln!("paired: {paired}");
     let result = json!({
         "swap": swap,
         "memory": memory,
+        "paired": paired,
         "component_bytes": wasm.len(),
         "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
     });

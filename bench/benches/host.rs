@@ -6,11 +6,10 @@
 //! `host/instantiate`, `host/instantiate+call`, `host/host-call`.
 
 use criterion::Criterion;
-use imbridge_bench::{Push, app_json, bench_store, plugin_pre};
+use imbridge_bench::{bench_store, empty_call, plugin_pre};
 use imbridge_host::engine::{ComponentCache, new_engine};
-use imbridge_host::json::parse_call;
 use imbridge_host::store::Store;
-use imbridge_host::{Call, Export, Host, HostConfig, TenantPolicy};
+use imbridge_host::{Host, HostConfig, TenantPolicy};
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,20 +34,6 @@ fn component_path() -> PathBuf {
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/imbridge.wasm")
         })
-}
-
-/// The cheapest complete call: a Feishu callback that is not a POST is refused before any
-/// crypto or state access, so what is measured is the instance and the call machinery.
-fn empty_call() -> Call {
-    let mut input = Push {
-        query: String::new(),
-        headers: Vec::new(),
-        body: Vec::new(),
-    }
-    .host_input(imbridge::model::Platform::Feishu);
-    input["request"]["method"] = "GET".into();
-    input["app"] = app_json(imbridge::model::Platform::Feishu);
-    parse_call(Export::HandleCallback, &input).expect("input")
 }
 
 fn host(c: &mut Criterion) {

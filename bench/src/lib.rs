@@ -445,3 +445,23 @@ impl Shuffler {
 pub fn quantile<T: Copy>(sorted: &[T], q: f64) -> T {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
+
+/// The median and 10th–90th percentile of per-round figures, as the paired tools record them
+/// (`ratio`, `hostcosts`) and the report reads them.
+pub fn spread(mut v: Vec<f64>) -> Value {
+    v.sort_by(f64::total_cmp);
+    json!({"median": quantile(&v, 0.5), "p10": quantile(&v, 0.1), "p90": quantile(&v, 0.9)})
+}
+
+/// The cheapest complete call: a Feishu callback that is not a POST is refused before any
+/// crypto or state access, so what is measured is the instance and the call machinery.
+pub fn empty_call() -> Call {
+    let mut input = Push {
+        query: String::new(),
+        headers: Vec::new(),
+        body: Vec::new(),
+    }
+    .host_input(Platform::Feishu);
+    input["request"]["method"] = "GET".into();
+    parse_call(Export::HandleCallback, &input).expect("input")
+}

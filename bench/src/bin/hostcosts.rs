@@ -12,8 +12,8 @@
 
 use anyhow::{Context as _, Result};
 use imbridge::model::Platform;
-use imbridge_bench::{Push, bench_store, callback, instance_id, now_ms, plugin_pre, seed_record};
-use imbridge_bench::{Shuffler, quantile, workspace};
+use imbridge_bench::{Shuffler, bench_store, callback, empty_call, instance_id, now_ms};
+use imbridge_bench::{plugin_pre, quantile, seed_record, spread, workspace};
 use imbridge_host::engine::{ComponentCache, new_engine};
 use imbridge_host::json::parse_call;
 use imbridge_host::store::{Backend as _, Store};
@@ -24,17 +24,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-fn empty_call() -> Call {
-    let mut input = Push {
-        query: String::new(),
-        headers: Vec::new(),
-        body: Vec::new(),
-    }
-    .host_input(Platform::Feishu);
-    input["request"]["method"] = "GET".into();
-    parse_call(Export::HandleCallback, &input).expect("input")
-}
 
 /// Percentiles in microseconds of a set of durations.
 fn summary(mut d: Vec<Duration>) -> Value {
@@ -237,18 +226,12 @@ async fn paired(wasm: &[u8], rounds: usize, batch: u32) -> Result<Value> {
             }
         }
     }
-    let stats = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        json!({"median_us": quantile(&v, 0.5), "p10_us": quantile(&v, 0.1), "p90_us": quantile(&v, 0.9)})
-    };
-    let mut out = json!({"rounds": rounds, "batch": batch});
-    for (name, m) in NAMES.iter().zip(&means) {
-        out[*name] = stats(m);
-    }
     // Within each round: what `Host::call` adds to the raw instantiate + call.
     let added: Vec<f64> = means[2].iter().zip(&means[1]).map(|(h, r)| h - r).collect();
-    out["host_call_minus_raw"] = stats(&added);
+    let mut out = json!({"rounds": rounds, "batch": batch, "host_call_minus_raw": spread(added)});
+    for (name, m) in NAMES.into_iter().zip(means) {
+        out[name] = spread(m);
+    }
     Ok(out)
 }
 

@@ -14,10 +14,10 @@
 use anyhow::{Context as _, Result, ensure};
 use imbridge::model::Platform;
 use imbridge_bench::{InComponent, MemEnv, PLATFORMS, Warm, app_native, callback, fresh_calls};
-use imbridge_bench::{fresh_native, quantile, workspace};
+use imbridge_bench::{fresh_native, spread, workspace};
 use imbridge_bench::{host_call, instance_id, mem_env, now_ms, seed_record, updates, warm_call};
 use imbridge_host::store::StoreConfig;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -173,11 +173,6 @@ impl Fixed {
     }
 }
 
-fn summary(mut v: Vec<f64>) -> Value {
-    v.sort_by(f64::total_cmp);
-    json!({"median": quantile(&v, 0.5), "p10": quantile(&v, 0.1), "p90": quantile(&v, 0.9)})
-}
-
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let mut rounds = 100usize;
@@ -215,10 +210,10 @@ fn main() -> Result<()> {
             };
             let entry = json!({
                 "us": VARIANTS.iter().zip(&times)
-                    .map(|(name, t)| (name.to_string(), summary(t.clone())))
+                    .map(|(name, t)| (name.to_string(), spread(t.clone())))
                     .collect::<serde_json::Map<_, _>>(),
-                "ratio": summary(per_round(1)),
-                "warm_ratio": summary(per_round(2)),
+                "ratio": spread(per_round(1)),
+                "warm_ratio": spread(per_round(2)),
             });
             println!(
                 "{:<9} {:<9} native {:>6.1} µs  component {:>6.1} µs  ×{:.1}  warm {:>6.1} µs  ×{:.1}",

@@ -416,15 +416,13 @@ fn stall_table(w: &mut String, load: &Value) -> Result<()> {
 
 /// The median of one of `hostcosts`' paired per-call figures, in ns (as criterion's are).
 fn paired_ns(costs: Option<&Value>, key: &str) -> Option<f64> {
-    costs?["paired"][key]["median_us"]
-        .as_f64()
-        .map(|us| us * 1e3)
+    med(&costs?["paired"][key]).map(|us| us * 1e3)
 }
 
-/// A paired per-call figure: the median, and the 10th–90th percentile in brackets.
+/// A paired per-call time with its 10th–90th percentile.
 fn paired_cell(v: &Value) -> String {
-    let us = |k: &str| time(v[k].as_f64().unwrap_or(0.0) * 1e3);
-    format!("{} ({}–{})", us("median_us"), us("p10_us"), us("p90_us"))
+    let us = |k: &str| v[k].as_f64().map_or("–".into(), |t| time(t * 1e3));
+    format!("{} ({}–{})", us_cell(v), us("p10"), us("p90"))
 }
 
 fn met(ok: Option<bool>) -> &'static str {
@@ -1160,7 +1158,7 @@ mod tests {
 
     #[test]
     fn paired_host_costs_are_read_in_ns_and_absent_without_a_paired_run() {
-        let costs = serde_json::json!({"paired": {"host_call": {"median_us": 13.5, "p10_us": 12.0, "p90_us": 16.25}}});
+        let costs = serde_json::json!({"paired": {"host_call": {"median": 13.5, "p10": 12.0, "p90": 16.25}}});
         assert_eq!(paired_ns(Some(&costs), "host_call"), Some(13_500.0));
         assert_eq!(paired_ns(Some(&costs), "instantiate"), None);
         assert_eq!(

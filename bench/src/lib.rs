@@ -331,6 +331,15 @@ pub struct InComponent {
 impl InComponent {
     /// State in `store`; an embedded database goes under `parent`.
     pub fn new(store: imbridge_host::store::StoreConfig, parent: &std::path::Path) -> InComponent {
+        InComponent::load(store, parent, &component_path())
+    }
+
+    /// [`InComponent::new`] with the component at `wasm`.
+    pub fn load(
+        store: imbridge_host::store::StoreConfig,
+        parent: &std::path::Path,
+        wasm: &std::path::Path,
+    ) -> InComponent {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let dir = tempfile::tempdir_in(parent).expect("state dir");
         let mut cfg = imbridge_host::HostConfig::new(dir.path().join("state"));
@@ -338,7 +347,7 @@ impl InComponent {
         cfg.cache_dir = Some(workspace().join("target/bench-cache"));
         let host = imbridge_host::Host::new(cfg).expect("host");
         let policy = imbridge_host::TenantPolicy::default();
-        rt.block_on(host.load_tenant("t", &component_path(), policy))
+        rt.block_on(host.load_tenant("t", wasm, policy))
             .expect("load the component (run ./dev build first)");
         InComponent {
             rt,

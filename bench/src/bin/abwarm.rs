@@ -1,36 +1,104 @@
-//! Compares builds of the component on the warm-instance callback path, interleaved.
+//! Compares builds of the component on the callback path, interleaved.
 //!
-//! `target/release/abwarm [--rounds N] A.wasm B.wasm ...`
+//! `target/release/abwarm [--rounds N] [--fresh] A.wasm B.wasm ...`
 //!
 //! This VM's speed drifts by ±30% over seconds (BENCHMARKS.md), so criterion runs of one build
 //! after the other cannot resolve a 10% difference between two builds. Here every round runs
 //! one batch of fresh callbacks per build, in a new order each round, so drift hits all builds
 //! alike; the per-build minimum and median over the rounds' batch means are what to compare.
-//! The calls are those of `callback/{platform}/component-warm/fresh` in `benches/callbacks.rs`.
+//! The calls are those of `callback/{platform}/component-warm/fresh` in `benches/callbacks.rs`
+//! (one instance serves a batch), or with `--fresh` those of `callback/{platform}/component/fresh`
+//! (`Host::call`, a fresh instance per call, as the host serves them), which also counts what a
+//! build costs the instance's creation and teardown (pages it dirties, data it initialises).
 
-use imbridge_bench::{PLATFORMS, Shuffler, Warm, fresh_calls, quantile, warm_call};
-use imbridge_host::store::{Backend, MemoryStore};
+use imbridge_bench::{
+    InComponent, PLATFORMS, Shuffler, Warm, fresh_calls, quantile, updates, warm_call, workspace,
+};
+use imbridge_host::store::{Backend, MemoryStore, StoreConfig};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Calls per batch: long enough (a few ms) to dwarf the timer, short enough to interleave.
 const BATCH: u64 = 64;
 
+/// One build under test, driven the way the chosen path needs.
+enum Build {
+    /// One instance per batch, state in the shared store.
+    Warm(Warm),
+    /// Its own host (tenant `t`, in-memory state): a fresh instance per call.
+    Fresh(InComponent),
+}
+
+impl Build {
+    fn store(&self) -> &dyn Backend {
+        match self {
+            Build::Warm(w) => &*w.store,
+            Build::Fresh(h) => &**h.host.store(),
+        }
+    }
+
+    /// Runs `calls` (seeded, fresh callbacks); each must update one approval.
+    fn run(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        calls: &[imbridge_host::Call],
+        name: &str,
+    ) -> Duration {
+        match self {
+            Build::Warm(w) => rt.block_on(async {
+                let (mut kv, plugin) = w.instance().await;
+                let t = Instant::now();
+                for call in calls {
+                    let n = warm_call(&mut kv, &plugin, call).await;
+                    assert_eq!(n, 1, "{name}: a fresh callback must update");
+                }
+                t.elapsed()
+            }),
+            Build::Fresh(h) => h.rt.block_on(async {
+                let t = Instant::now();
+                for call in calls {
+                    let reply = h.host.call("t", call).await.expect("host call");
+                    assert_eq!(updates(&reply), 1, "{name}: a fresh callback must update");
+                }
+                t.elapsed()
+            }),
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut rounds = 40u32;
-    if args.first().map(String::as_str) == Some("--rounds") {
-        rounds = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(rounds);
-        args.drain(..2.min(args.len()));
+    let mut fresh = false;
+    while let Some(flag) = args.first().filter(|a| a.starts_with("--")).cloned() {
+        args.remove(0);
+        match flag.as_str() {
+            "--fresh" => fresh = true,
+            "--rounds" if !args.is_empty() => rounds = args.remove(0).parse()?,
+            _ => anyhow::bail!(
+                "unknown flag {flag}; usage: abwarm [--rounds N] [--fresh] A.wasm B.wasm ..."
+            ),
+        }
     }
     if args.len() < 2 {
-        anyhow::bail!("usage: abwarm [--rounds N] A.wasm B.wasm ...");
+        anyhow::bail!("usage: abwarm [--rounds N] [--fresh] A.wasm B.wasm ...");
     }
-    let store: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+    let shared: Arc<dyn Backend> = Arc::new(MemoryStore::new());
     let builds = args
         .iter()
-        .map(|path| Warm::load(Path::new(path), store.clone()))
+        .map(|path| {
+            Ok(if fresh {
+                let parent = workspace().join("target");
+                Build::Fresh(InComponent::load(
+                    StoreConfig::Memory,
+                    &parent,
+                    Path::new(path),
+                ))
+            } else {
+                Build::Warm(Warm::load(Path::new(path), shared.clone())?)
+            })
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut n = 0u64;
@@ -43,16 +111,8 @@ fn main() -> anyhow::Result<()> {
             shuffler.shuffle(&mut order);
             for &b in &order {
                 let (seeds, calls) = fresh_calls(p, 900 + pi as u32, &mut n, BATCH);
-                store.put("t", seeds)?;
-                let elapsed = rt.block_on(async {
-                    let (mut kv, plugin) = builds[b].instance().await;
-                    let t = Instant::now();
-                    for call in &calls {
-                        let updates = warm_call(&mut kv, &plugin, call).await;
-                        assert_eq!(updates, 1, "{}: a fresh callback must update", args[b]);
-                    }
-                    t.elapsed()
-                });
+                builds[b].store().put("t", seeds)?;
+                let elapsed = builds[b].run(&rt, &calls, &args[b]);
                 means[b].push(elapsed.as_secs_f64() * 1e6 / BATCH as f64);
             }
         }

@@ -16,7 +16,7 @@ pub mod platform;
 pub mod retry;
 pub mod token;
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(any(target_arch = "wasm32", test))]
 mod alloc;
 #[cfg(target_arch = "wasm32")]
 mod component;

@@ -410,10 +410,11 @@ pub fn parse_time_ms(v: Option<&Value>) -> Option<u64> {
         let (c, off) = time.split_at(i);
         let sign = if off.starts_with('-') { -1 } else { 1 };
         let (oh, om) = off[1..].split_once(':').unwrap_or((&off[1..], "0"));
-        (
-            c,
-            sign * (oh.parse::<i64>().ok()? * 60 + om.parse::<i64>().ok()?),
-        )
+        let (oh, om) = (oh.parse::<i64>().ok()?, om.parse::<i64>().ok()?);
+        if !(0..=23).contains(&oh) || !(0..=59).contains(&om) {
+            return None;
+        }
+        (c, sign * (oh * 60 + om))
     } else {
         (time, 0)
     };
@@ -424,7 +425,15 @@ pub fn parse_time_ms(v: Option<&Value>) -> Option<u64> {
         Some(s) => seconds_ms(s)?,
         None => 0,
     };
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 23 || mi > 59 {
+    // Bounding every field also keeps the arithmetic below from overflowing: the input is
+    // the platform's (a poll reply or an authenticated event), but a wrapped time would be a
+    // wrong decision time.
+    if !(1..=9999).contains(&y)
+        || !(1..=12).contains(&mo)
+        || !(1..=31).contains(&da)
+        || !(0..=23).contains(&h)
+        || !(0..=59).contains(&mi)
+    {
         return None;
     }
     // Days from civil (Howard Hinnant's algorithm).
@@ -1109,6 +1118,24 @@ mod tests {
         for bad in ["", "x", "-1", "61", "09.x", "09.-5", "1e1", "inf"] {
             assert_eq!(at(bad), None, "{bad:?}");
         }
+        // Out-of-range fields are refused rather than overflowing or wrapping into another
+        // time (they panicked in debug builds).
+        for bad in [
+            "2024-01-01T00:00+999999999999999999:00",
+            "2024-01-01T00:00+08:-30",
+            "2024-01-01T00:00+24:00",
+            "9223372036854775807-01-01T00:00Z",
+            "10000-01-01T00:00Z",
+            "0-01-01T00:00Z",
+            "2024-01-01T-5:00Z",
+            "2024-01-01T05:-3Z",
+        ] {
+            assert_eq!(parse_time_ms(Some(&json!(bad))), None, "{bad:?}");
+        }
+        assert_eq!(
+            parse_time_ms(Some(&json!("2024-03-01T02:35-05:30"))),
+            Some(1_709_280_300_000)
+        );
     }
 
     #[test]

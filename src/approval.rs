@@ -4,7 +4,7 @@
 use crate::env::{Env, EnvExt, key_segment};
 use crate::error::{Error, Result};
 use crate::model::{Approval, ApprovalRequest, ApprovalStatus, Decision, ImApp, SignMode};
-use crate::platform::{self, Created};
+use crate::platform::{self, CreateError, Created};
 use serde::{Deserialize, Serialize};
 
 const MAX_KEY_LEN: usize = 256;
@@ -103,20 +103,30 @@ fn instance_key(app: &ImApp, instance_id: &str) -> String {
 fn index_key(app: &ImApp, key: &str) -> String {
     format!("{}/k/{}", app_prefix(app), key_segment(key))
 }
-fn claim_key(app: &ImApp, key: &str) -> String {
-    format!("{}/claim/{}", app_prefix(app), key_segment(key))
+fn claim_key(app: &ImApp, key: &str, generation: u64) -> String {
+    // Generation 0 keeps the key of versions before generations, so an attempt such a
+    // version still has in flight keeps its claim.
+    match generation {
+        0 => format!("{}/claim/{}", app_prefix(app), key_segment(key)),
+        g => format!("{}/claim/{}/{g}", app_prefix(app), key_segment(key)),
+    }
 }
-fn attempt_key(app: &ImApp, key: &str) -> String {
+/// Versions before generations wrote `{"attempt": n}` here when generation 0 failed.
+fn legacy_attempt_key(app: &ImApp, key: &str) -> String {
     format!("{}/attempt/{}", app_prefix(app), key_segment(key))
+}
+/// A counter: attempts that ended before anything was created (on DingTalk and WeCom, which
+/// cannot deduplicate creates), i.e. the generation the next attempt claims.
+fn failed_key(app: &ImApp, key: &str) -> String {
+    format!("{}/failed/{}", app_prefix(app), key_segment(key))
+}
+/// Why a create request that went out may have created an approval without the plugin
+/// learning its id.
+fn unknown_key(app: &ImApp, key: &str) -> String {
+    format!("{}/unknown/{}", app_prefix(app), key_segment(key))
 }
 fn seen_key(app: &ImApp, id: &str) -> String {
     format!("{}/seen/{}", app_prefix(app), key_segment(id))
-}
-
-/// An attempt that ended with an error before anything was created on the platform.
-#[derive(Serialize, Deserialize)]
-struct FailedAttempt {
-    attempt: u64,
 }
 
 pub fn load(env: &(impl Env + ?Sized), app: &ImApp, instance_id: &str) -> Result<Option<Record>> {
@@ -178,45 +188,87 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
     if let Some(existing) = find_by_key(env, app, &req.key)? {
         return Ok(existing.approval);
     }
-    // The counter is the only cross-call primitive: whoever moves it owns this attempt.
-    let attempt = env.kv_increment(&claim_key(app, &req.key), 1)?;
-    if attempt > 1 && !platform::dedups_creates(app.platform) {
-        let prev_failed = env
-            .kv_get_json::<FailedAttempt>(&attempt_key(app, &req.key))?
-            .is_some_and(|f| f.attempt == attempt - 1);
-        if !prev_failed {
-            return Err(Error::platform(
-                -2,
-                "another start for this key is in progress or was interrupted; retry later, \
-                 and check the IM app before using a new key",
-                true,
-            ));
+    let token = idempotency_token(app, &req.key);
+    if platform::dedups_creates(app.platform) {
+        // A repeated create with the same token returns the first instance.
+        let created = platform::create(env, app, req, &token).map_err(|e| e.error)?;
+        return record_created(env, app, req, created);
+    }
+    if let Some(why) = env.kv_get(&unknown_key(app, &req.key))? {
+        return Err(outcome_unknown(&String::from_utf8_lossy(&why)));
+    }
+    // Incrementing by 0 reads the counter atomically.
+    let failed = env.kv_increment(&failed_key(app, &req.key), 0)?;
+    let legacy = env.kv_get(&legacy_attempt_key(app, &req.key))?.is_some();
+    let generation = failed.max(u64::from(legacy));
+    // The counter is the only cross-call primitive: whoever moves it first owns this
+    // generation. Each generation has its own counter, so attempts refused while another
+    // was in flight cannot block the ones after its failure.
+    if env.kv_increment(&claim_key(app, &req.key, generation), 1)? > 1 {
+        return Err(Error::platform(
+            -2,
+            "another start for this key is in progress or was interrupted; retry later, \
+             and check the IM app before using a new key",
+            true,
+        ));
+    }
+    match platform::create(env, app, req, &token) {
+        Ok(created) => record_created(env, app, req, created),
+        Err(CreateError {
+            error,
+            maybe_created: false,
+        }) => {
+            let delta = generation + 1 - failed;
+            env.kv_increment(&failed_key(app, &req.key), delta)?;
+            Err(error)
+        }
+        Err(CreateError {
+            error,
+            maybe_created: true,
+        }) => {
+            let why = error.to_string();
+            env.kv_set(&unknown_key(app, &req.key), why.as_bytes())?;
+            Err(outcome_unknown(&why))
         }
     }
-    match platform::create(env, app, req, &idempotency_token(app, &req.key)) {
-        Ok(Created { instance_id, meta }) => {
-            let mut rec = Record {
-                approval: Approval {
-                    instance_id,
-                    key: req.key.clone(),
-                    status: ApprovalStatus::Pending,
-                    decisions: Vec::new(),
-                    updated_at_ms: 0,
-                },
-                meta,
-            };
-            save(env, app, &mut rec)?;
-            env.kv_set(
-                &index_key(app, &req.key),
-                rec.approval.instance_id.as_bytes(),
-            )?;
-            Ok(rec.approval)
-        }
-        Err(e) => {
-            env.kv_set_json(&attempt_key(app, &req.key), &FailedAttempt { attempt })?;
-            Err(e)
-        }
-    }
+}
+
+/// Retrying cannot help: only a person can see whether the IM app has the approval.
+fn outcome_unknown(why: &str) -> Error {
+    Error::platform(
+        -3,
+        format!(
+            "a start for this key may have created an approval the plugin has no id for: its \
+             create request failed after it was sent ({why}); check the IM app, cancel the \
+             approval there if it exists, and start again with a new key"
+        ),
+        false,
+    )
+}
+
+fn record_created(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    req: &ApprovalRequest,
+    created: Created,
+) -> Result<Approval> {
+    let Created { instance_id, meta } = created;
+    let mut rec = Record {
+        approval: Approval {
+            instance_id,
+            key: req.key.clone(),
+            status: ApprovalStatus::Pending,
+            decisions: Vec::new(),
+            updated_at_ms: 0,
+        },
+        meta,
+    };
+    save(env, app, &mut rec)?;
+    env.kv_set(
+        &index_key(app, &req.key),
+        rec.approval.instance_id.as_bytes(),
+    )?;
+    Ok(rec.approval)
 }
 
 fn find_by_key(env: &(impl Env + ?Sized), app: &ImApp, key: &str) -> Result<Option<Record>> {
@@ -429,6 +481,118 @@ mod tests {
             instance_id: instance.into(),
             event,
         }
+    }
+
+    /// A scripted DingTalk (which cannot deduplicate creates) whose create endpoint answers
+    /// with `create`'s next reply; counts the create requests sent.
+    fn dingtalk_env(
+        create: impl Fn(usize) -> Result<crate::env::Response> + 'static,
+    ) -> (
+        crate::env::fake::FakeEnv,
+        std::rc::Rc<std::cell::Cell<usize>>,
+    ) {
+        use crate::platform::dingtalk::tests::scripted_reply;
+        let sent = std::rc::Rc::new(std::cell::Cell::new(0));
+        let counter = sent.clone();
+        let env = crate::env::fake::FakeEnv::new(move |r| {
+            if r.url.ends_with("/v1.0/workflow/processInstances") {
+                counter.set(counter.get() + 1);
+                create(counter.get())
+            } else {
+                scripted_reply(r)
+            }
+        });
+        (env, sent)
+    }
+
+    fn created() -> Result<crate::env::Response> {
+        crate::env::fake::json_response(200, serde_json::json!({"instanceId": "inst-1"}))
+    }
+
+    fn code(e: &Error) -> (i64, bool) {
+        match e {
+            Error::Platform {
+                code, retryable, ..
+            } => (*code, *retryable),
+            other => panic!("not a platform error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_create_that_may_have_succeeded_is_never_sent_again() {
+        use crate::env::fake::json_response;
+        use crate::platform::dingtalk::tests::{app, request};
+        let lost: [fn() -> Result<crate::env::Response>; 4] = [
+            || Err(Error::transport("request to api.dingtalk.com: timed out")),
+            || json_response(500, serde_json::json!({"code": "InternalError"})),
+            || json_response(504, serde_json::json!({"code": "GatewayTimeout"})),
+            || json_response(200, serde_json::json!({"result": {}})),
+        ];
+        for (case, reply) in lost.into_iter().enumerate() {
+            let (env, sent) = dingtalk_env(move |n| if n == 1 { reply() } else { created() });
+            let e = start(&env, &app(), &request()).unwrap_err();
+            assert_eq!(code(&e), (-3, false), "case {case}: {e}");
+            // The engine retries anyway (or a person does): still no second create, the same
+            // answer, and it names the first failure.
+            let again = start(&env, &app(), &request()).unwrap_err();
+            assert_eq!(again, e, "case {case}");
+            assert_eq!(sent.get(), 1, "case {case}");
+            assert!(find_by_key(&env, &app(), &request().key).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn a_refused_create_may_be_retried_once_per_failure() {
+        use crate::env::fake::json_response;
+        use crate::platform::dingtalk::tests::{app, request};
+        let refused: [fn() -> Result<crate::env::Response>; 3] = [
+            || json_response(503, serde_json::json!({"code": "ServiceUnavailable"})),
+            || json_response(429, serde_json::json!({"code": "Throttling.Api"})),
+            || json_response(400, serde_json::json!({"code": "InvalidParameter"})),
+        ];
+        for (case, reply) in refused.into_iter().enumerate() {
+            let (env, sent) = dingtalk_env(move |n| if n == 1 { reply() } else { created() });
+            let e = start(&env, &app(), &request()).unwrap_err();
+            assert_ne!(code(&e).0, -3, "case {case}: {e}");
+            let a = start(&env, &app(), &request()).unwrap();
+            assert_eq!(a.instance_id, "inst-1", "case {case}");
+            assert_eq!(start(&env, &app(), &request()).unwrap(), a, "case {case}");
+            assert_eq!(sent.get(), 2, "case {case}");
+        }
+    }
+
+    #[test]
+    fn starts_refused_during_an_attempt_do_not_block_the_key() {
+        use crate::platform::dingtalk::tests::{app, request};
+        let (env, sent) = dingtalk_env(|_| created());
+        let (app, req) = (app(), request());
+        // Attempt A owns generation 0 and is still creating when two retries arrive.
+        assert_eq!(
+            env.kv_increment(&claim_key(&app, &req.key, 0), 1).unwrap(),
+            1
+        );
+        for _ in 0..2 {
+            let e = start(&env, &app, &req).unwrap_err();
+            assert_eq!(code(&e), (-2, true), "{e}");
+        }
+        assert_eq!(sent.get(), 0);
+        // A then fails before its create went out; the next retry owns generation 1.
+        env.kv_increment(&failed_key(&app, &req.key), 1).unwrap();
+        assert_eq!(start(&env, &app, &req).unwrap().instance_id, "inst-1");
+        assert_eq!(sent.get(), 1);
+    }
+
+    #[test]
+    fn a_failure_recorded_by_an_earlier_version_allows_one_retry() {
+        use crate::platform::dingtalk::tests::{app, request};
+        let (env, sent) = dingtalk_env(|_| created());
+        let (app, req) = (app(), request());
+        // Before generations: attempt 1 failed, attempt 2 was refused while it ran.
+        env.kv_set(&claim_key(&app, &req.key, 0), b"2").unwrap();
+        env.kv_set(&legacy_attempt_key(&app, &req.key), br#"{"attempt":1}"#)
+            .unwrap();
+        assert_eq!(start(&env, &app, &req).unwrap().instance_id, "inst-1");
+        assert_eq!(sent.get(), 1);
     }
 
     #[test]

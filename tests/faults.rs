@@ -4,7 +4,8 @@
 //!
 //! Reads (status polls, token fetches, user lookups) are retried with bounded backoff; creates
 //! are never repeated by the plugin (a lost answer may mean the platform acted) and come back as
-//! retryable errors instead. Every outcome is a result or a typed error, never a hang: the host's
+//! retryable errors instead, except on DingTalk and WeCom when the create may have succeeded:
+//! then the start fails for good rather than risk a second approval. Every outcome is a result or a typed error, never a hang: the host's
 //! deadline is short here, and a platform that stops answering ends in a `transport` error.
 
 use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkSim};
@@ -262,6 +263,31 @@ async fn faults_are_retried_or_typed(fx: Fx) {
     let first = ok(&fx.start_second().await)["instance_id"].clone();
     assert_eq!(ok(&fx.start_second().await)["instance_id"], first);
 
+    // The platform creates the approval but its answer is lost. Feishu: the engine's retry
+    // sends the key's uuid again and gets that instance back. DingTalk and WeCom cannot tell,
+    // so the start fails for good (-3, not retryable) rather than create a second approval.
+    let handled = fx.creates_handled();
+    fx.faults().lose_answers(fx.create, 1);
+    let lost = fx.start_key("wf-3").await;
+    fx.faults().clear();
+    assert_eq!(fx.creates_handled(), handled + 1);
+    if let Sim::Feishu(_) = fx.sim {
+        assert_eq!(err_kind(&lost), "transport", "{lost}");
+        let id = ok(&fx.start_key("wf-3").await)["instance_id"].clone();
+        assert_eq!(ok(&fx.start_key("wf-3").await)["instance_id"], id);
+    } else {
+        for again in [lost, fx.start_key("wf-3").await, fx.start_key("wf-3").await] {
+            assert_eq!(err_kind(&again), "platform", "{again}");
+            assert_eq!(again["err"]["code"], -3, "{again}");
+            assert_eq!(again["err"]["retryable"], false, "{again}");
+        }
+        assert_eq!(
+            fx.creates_handled(),
+            handled + 1,
+            "no second create was sent"
+        );
+    }
+
     // Token expiry mid-call: the platform refuses the cached token, the plugin fetches one new
     // token and the poll succeeds.
     let fetched = fx.token_fetches();
@@ -294,12 +320,25 @@ async fn faults_are_retried_or_typed(fx: Fx) {
 impl Fx {
     /// A second approval, so the create path is exercised after the fixture's.
     async fn start_second(&self) -> Value {
+        self.start_key("wf-2").await
+    }
+
+    async fn start_key(&self, key: &str) -> Value {
         let (initiator, approver) = match &self.sim {
             Sim::Feishu(_) => (json!({"id": "ou_alice"}), json!({"id": "ou_bob"})),
             Sim::Dingtalk(_) => (json!({"id": "orig"}), json!({"id": "a"})),
             Sim::Wecom(_) => (json!({"id": "zhangsan"}), json!({"id": "u1"})),
         };
-        self.start("wf-2", initiator, approver).await
+        self.start(key, initiator, approver).await
+    }
+
+    /// Create requests that reached the simulator's handler (injected answers do not).
+    fn creates_handled(&self) -> usize {
+        match &self.sim {
+            Sim::Feishu(s) => s.calls(&format!("POST {}", self.create)),
+            Sim::Dingtalk(s) => s.calls(self.create),
+            Sim::Wecom(s) => s.calls(self.create),
+        }
     }
 }
 

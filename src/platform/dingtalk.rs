@@ -7,7 +7,7 @@
 //! apps both accept the same app access token, so one token from `/v1.0/oauth2/accessToken`
 //! serves both and is cached once.
 
-use super::{Created, Parsed, form_text, json_u64};
+use super::{CreateError, Created, Parsed, form_text, json_u64};
 use crate::approval::{Event, Inbound, Record};
 use crate::callback::{check_timestamp, signature_matches};
 use crate::crypto::undecryptable;
@@ -358,7 +358,7 @@ pub fn create(
     app: &ImApp,
     req: &ApprovalRequest,
     _idempotency_token: &str,
-) -> Result<Created> {
+) -> Result<Created, CreateError> {
     let c = Client::new(env, app)?;
     let originator = c.resolve_one(&req.initiator)?;
     let nodes = req
@@ -378,12 +378,14 @@ pub fn create(
         body["ccList"] = json!(cc);
         body["ccPosition"] = json!("FINISH");
     }
-    let reply = c.api(Method::Post, "/v1.0/workflow/processInstances", Some(&body))?;
+    let reply = c
+        .api(Method::Post, "/v1.0/workflow/processInstances", Some(&body))
+        .map_err(CreateError::sent)?;
     let instance = reply
         .get("instanceId")
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| Error::platform(-1, "instance created without an instanceId", true))?;
+        .ok_or_else(|| CreateError::without_id("processInstances"))?;
     let layout: Vec<Value> = nodes
         .iter()
         .map(|(m, ids)| json!({"mode": mode_name(*m), "approvers": ids}))
@@ -866,16 +868,17 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::env::fake::{FakeEnv, json_response};
+    use crate::env::{Request, Response};
     use crate::model::{ApprovalNode, Link, Platform};
     use std::cell::RefCell;
     use std::rc::Rc;
 
     const AES: &str = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C";
 
-    fn app() -> ImApp {
+    pub(crate) fn app() -> ImApp {
         ImApp {
             id: "dt1".into(),
             platform: Platform::Dingtalk,
@@ -905,7 +908,7 @@ mod tests {
         }
     }
 
-    fn request() -> ApprovalRequest {
+    pub(crate) fn request() -> ApprovalRequest {
         ApprovalRequest {
             key: "k1".into(),
             title: "Deploy".into(),
@@ -930,27 +933,31 @@ mod tests {
     fn scripted(log: Rc<RefCell<Vec<(String, Value)>>>) -> FakeEnv {
         FakeEnv::new(move |r| {
             let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-            let path = r.url.split('?').next().unwrap_or("").to_string();
-            log.borrow_mut().push((r.url.clone(), body.clone()));
-            match path.trim_start_matches("http://127.0.0.1:1") {
-                "/v1.0/oauth2/accessToken" => {
-                    json_response(200, json!({"accessToken": "tok", "expireIn": 7200}))
-                }
-                "/topapi/v2/user/getbymobile" => {
-                    json_response(200, json!({"errcode": 0, "result": {"userid": "orig"}}))
-                }
-                "/v1.0/workflow/processes/userVisibilities/templates" => {
-                    json_response(200, json!({"result": {"processList": []}}))
-                }
-                "/v1.0/workflow/forms" => {
-                    json_response(200, json!({"result": {"processCode": "PROC-1"}}))
-                }
-                "/v1.0/workflow/processInstances" => {
-                    json_response(200, json!({"instanceId": "inst-1"}))
-                }
-                _ => json_response(404, json!({"code": "NotFound", "message": "no"})),
-            }
+            log.borrow_mut().push((r.url.clone(), body));
+            scripted_reply(r)
         })
+    }
+
+    pub(crate) fn scripted_reply(r: &Request) -> Result<Response> {
+        let path = r.url.split('?').next().unwrap_or("");
+        match path.trim_start_matches("http://127.0.0.1:1") {
+            "/v1.0/oauth2/accessToken" => {
+                json_response(200, json!({"accessToken": "tok", "expireIn": 7200}))
+            }
+            "/topapi/v2/user/getbymobile" => {
+                json_response(200, json!({"errcode": 0, "result": {"userid": "orig"}}))
+            }
+            "/v1.0/workflow/processes/userVisibilities/templates" => {
+                json_response(200, json!({"result": {"processList": []}}))
+            }
+            "/v1.0/workflow/forms" => {
+                json_response(200, json!({"result": {"processCode": "PROC-1"}}))
+            }
+            "/v1.0/workflow/processInstances" => {
+                json_response(200, json!({"instanceId": "inst-1"}))
+            }
+            _ => json_response(404, json!({"code": "NotFound", "message": "no"})),
+        }
     }
 
     #[test]

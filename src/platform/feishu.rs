@@ -1,7 +1,7 @@
 //! Feishu and Lark (the same protocol on another origin): tenant token, approval definitions
 //! and instances, contact lookups, app messages, and event callbacks.
 
-use super::{Created, Parsed, form_text, json_u64};
+use super::{CreateError, Created, Parsed, form_text, json_u64};
 use crate::approval::{Event, Inbound, Record};
 use crate::callback::{check_timestamp, header, signature_matches};
 use crate::crypto::{self, ct_eq};
@@ -335,7 +335,7 @@ pub fn create(
     app: &ImApp,
     req: &ApprovalRequest,
     uuid: &str,
-) -> Result<Created> {
+) -> Result<Created, CreateError> {
     let c = Client::new(env, app)?;
     let initiator = c.resolve(core::slice::from_ref(&req.initiator))?.remove(0);
     let nodes = req
@@ -361,13 +361,13 @@ pub fn create(
             ),
             None,
         )?,
-        other => other?,
+        other => other.map_err(CreateError::sent)?,
     };
     let instance = data
         .get("instance_code")
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| Error::platform(-1, "instance created without an instance_code", true))?;
+        .ok_or_else(|| CreateError::without_id("instances"))?;
     Ok(Created {
         instance_id: instance.to_string(),
         meta: json!({"approval_code": code, "initiator": initiator}),

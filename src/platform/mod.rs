@@ -18,6 +18,54 @@ pub struct Created {
     pub meta: serde_json::Value,
 }
 
+/// Why a create failed, and whether the platform may have created the approval anyway.
+#[derive(Debug)]
+pub struct CreateError {
+    pub error: Error,
+    /// The create request went out and its answer does not rule out that the platform acted
+    /// on it: the answer was lost or cut off, a 5xx other than 503, or a success without the
+    /// new instance's id.
+    pub maybe_created: bool,
+}
+
+impl From<Error> for CreateError {
+    /// Errors before the create request is sent (lookups, forms, tokens): nothing was created.
+    fn from(error: Error) -> Self {
+        CreateError {
+            error,
+            maybe_created: false,
+        }
+    }
+}
+
+impl CreateError {
+    /// An error from the create request itself.
+    pub fn sent(error: Error) -> Self {
+        let maybe_created = match &error {
+            // HTTP statuses without a platform code come as -status (crate::http). A platform
+            // code, a 4xx, 429 or 503 is a refusal; a 2xx with an unreadable body or another
+            // 5xx (a gateway timing out, a crash half-way) may hide a created instance.
+            Error::Platform { code, .. } => {
+                (-299..=-200).contains(code) || ((-599..=-500).contains(code) && *code != -503)
+            }
+            Error::InvalidConfig(_) | Error::InvalidInput(_) | Error::Unauthorized(_) => false,
+            Error::Transport(_) | Error::Storage(_) => true,
+        };
+        CreateError {
+            error,
+            maybe_created,
+        }
+    }
+
+    /// The platform answered success, but without the new instance's id.
+    pub fn without_id(what: &str) -> Self {
+        CreateError {
+            error: Error::platform(-1, format!("{what} answered without an instance id"), true),
+            maybe_created: true,
+        }
+    }
+}
+
 /// A verified, decrypted callback: what to answer and what it says.
 pub struct Parsed {
     pub response: HttpResponse,
@@ -35,7 +83,7 @@ pub fn create(
     app: &ImApp,
     req: &ApprovalRequest,
     idempotency_token: &str,
-) -> Result<Created> {
+) -> Result<Created, CreateError> {
     match app.platform {
         Platform::Feishu | Platform::Lark => feishu::create(env, app, req, idempotency_token),
         Platform::Dingtalk => dingtalk::create(env, app, req, idempotency_token),

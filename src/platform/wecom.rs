@@ -5,7 +5,7 @@
 //! WeCom reports the overall `sp_status` of an approval, so this module emits `Event::Status`
 //! (plus the individual decisions for the record) and never evaluates nodes locally.
 
-use super::{Created, Parsed, form_text, normalize_mobile};
+use super::{CreateError, Created, Parsed, form_text, normalize_mobile};
 use crate::approval::{Event, Inbound, Record};
 use crate::callback::{check_timestamp, signature_matches};
 use crate::crypto::{self, sorted_sha1_hex, wx::WxKey};
@@ -278,7 +278,7 @@ pub fn create(
     app: &ImApp,
     req: &ApprovalRequest,
     _idempotency_token: &str,
-) -> Result<Created> {
+) -> Result<Created, CreateError> {
     let c = Client::new(env, app)?;
     let creator = c.resolve_one(&req.initiator)?;
     let nodes = req
@@ -288,10 +288,12 @@ pub fn create(
         .collect::<Result<Vec<_>>>()?;
     let cc = c.resolve(&req.cc)?;
     let template_id = c.template()?;
-    let reply = c.api(
-        "/cgi-bin/oa/applyevent",
-        &applyevent_body(&template_id, &creator, &nodes, &cc, req),
-    )?;
+    let reply = c
+        .api(
+            "/cgi-bin/oa/applyevent",
+            &applyevent_body(&template_id, &creator, &nodes, &cc, req),
+        )
+        .map_err(CreateError::sent)?;
     let sp_no = reply
         .get("sp_no")
         .and_then(|v| {
@@ -300,7 +302,7 @@ pub fn create(
                 .or_else(|| v.as_u64().map(|n| n.to_string()))
         })
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| Error::platform(-1, "applyevent answered without an sp_no", true))?;
+        .ok_or_else(|| CreateError::without_id("applyevent"))?;
     Ok(Created {
         instance_id: sp_no,
         meta: json!({"template_id": template_id, "creator": creator}),
@@ -1335,7 +1337,10 @@ mod tests {
         a.app_secret = String::new();
         assert!(matches!(
             create(&env, &a, &req(), ""),
-            Err(Error::InvalidConfig(_))
+            Err(CreateError {
+                error: Error::InvalidConfig(_),
+                maybe_created: false
+            })
         ));
     }
 

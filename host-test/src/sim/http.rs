@@ -86,6 +86,8 @@ pub struct Faults {
     delays: HashMap<String, Duration>,
     /// Injected responses served so far, per path (those requests never reach the handler).
     served: HashMap<String, usize>,
+    /// Requests whose answer is withheld after the handler has acted on them, per path.
+    lost: HashMap<String, usize>,
 }
 
 impl Faults {
@@ -104,6 +106,13 @@ impl Faults {
         };
     }
 
+    /// The next `n` requests to `path` reach the handler, which acts on them, but their
+    /// answers never leave: the client sees a timeout, as when a connection drops after the
+    /// platform has acted.
+    pub fn lose_answers(&mut self, path: &str, n: usize) {
+        *self.lost.entry(path.to_string()).or_default() += n;
+    }
+
     /// How many injected responses `path` has served (to count a client's retries).
     pub fn served(&self, path: &str) -> usize {
         self.served.get(path).copied().unwrap_or(0)
@@ -119,15 +128,23 @@ impl Faults {
         self.next.clear();
         self.delays.clear();
         self.served.clear();
+        self.lost.clear();
     }
 
-    fn take(&mut self, path: &str) -> (Option<Duration>, Option<Response>) {
+    fn take(&mut self, path: &str) -> (Option<Duration>, Option<Response>, bool) {
         let delay = self.delays.get(path).copied();
         let fault = self.next.get_mut(path).and_then(VecDeque::pop_front);
         if fault.is_some() {
             *self.served.entry(path.to_string()).or_default() += 1;
         }
-        (delay, fault)
+        let lose = match self.lost.get_mut(path) {
+            Some(n) if *n > 0 && fault.is_none() => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        };
+        (delay, fault, lose)
     }
 }
 
@@ -209,7 +226,7 @@ async fn dispatch(
         headers: parts.headers,
         body,
     };
-    let (delay, fault) = faults
+    let (delay, fault, lose) = faults
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take(&request.path);
@@ -220,6 +237,11 @@ async fn dispatch(
         Some(fault) => fault,
         None => handler(request).await,
     };
+    if lose {
+        // Longer than any client waits; the task ends when the client hangs up or the
+        // runtime stops.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
     to_hyper(response)
 }
 
@@ -388,5 +410,20 @@ mod tests {
         assert_eq!(post(&url("/x"), &[], vec![], t).await.status, Some(200));
         let slow = post(&url("/slow"), &[], vec![], Duration::from_millis(50)).await;
         assert!(slow.error.unwrap().contains("timed out"));
+        // A lost answer: the handler ran, the client timed out; the next request is answered.
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = ran.clone();
+        let handler: Handler = Arc::new(move |_req: Request| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Response::json(200, &serde_json::json!({})) })
+        });
+        let server = Server::start(handler, faults.clone()).await.unwrap();
+        faults.lock().unwrap().lose_answers("/lost", 1);
+        let url = |p: &str| format!("{}{p}", server.base_url());
+        let lost = post(&url("/lost"), &[], vec![], Duration::from_millis(200)).await;
+        assert!(lost.error.unwrap().contains("timed out"));
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(post(&url("/lost"), &[], vec![], t).await.status, Some(200));
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }

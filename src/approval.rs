@@ -378,12 +378,23 @@ pub fn evaluate_nodes(
     nodes: &[(SignMode, Vec<String>)],
     decisions: &[Decision],
 ) -> Option<ApprovalStatus> {
+    // A person listed in several nodes decides in each separately, so a decision counts for
+    // the first node that lists its author and is not decided yet: one approval never
+    // completes two nodes. `decisions` is in time order.
+    let mut used = vec![false; decisions.len()];
     for (mode, approvers) in nodes {
-        let of_node = |u: &String| decisions.iter().find(|d| &d.user == u);
-        if approvers.iter().filter_map(of_node).any(|d| !d.approved) {
-            return Some(ApprovalStatus::Rejected);
+        let mut approved = 0;
+        for u in approvers {
+            let Some(i) = (0..decisions.len()).find(|&i| !used[i] && decisions[i].user == *u)
+            else {
+                continue;
+            };
+            used[i] = true;
+            if !decisions[i].approved {
+                return Some(ApprovalStatus::Rejected);
+            }
+            approved += 1;
         }
-        let approved = approvers.iter().filter_map(of_node).count();
         let done = match mode {
             SignMode::And => approved == approvers.len(),
             SignMode::Or => approved > 0,
@@ -469,6 +480,20 @@ mod tests {
         assert_eq!(r.approval.status, ApprovalStatus::Pending);
         r.apply(&dec("d", true, 3));
         assert_eq!(r.approval.status, ApprovalStatus::Approved);
+        // Someone in two nodes: their one recorded approval completes only the first; the
+        // platform's status decides the rest (their second approval is the same decision).
+        let mut r = rec();
+        r.meta = serde_json::json!({"nodes": [
+            {"mode": "or", "approvers": ["a"]},
+            {"mode": "or", "approvers": ["b"]},
+            {"mode": "or", "approvers": ["a"]},
+        ]});
+        r.apply(&dec("a", true, 1));
+        r.apply(&dec("b", true, 2));
+        assert!(!r.apply(&dec("a", true, 3)));
+        assert_eq!(r.approval.status, ApprovalStatus::Pending);
+        r.apply(&dec("a", false, 4));
+        assert_eq!(r.approval.status, ApprovalStatus::Rejected);
         // Without a layout (Feishu), decisions never decide; the platform's status does.
         let mut r = rec();
         r.apply(&dec("a", false, 1));
@@ -660,6 +685,22 @@ mod tests {
         assert_eq!(
             evaluate_nodes(&nodes, &[d("a", true), d("b", false)]),
             Some(ApprovalStatus::Rejected)
+        );
+        // Someone in two nodes: their approval at the first does not complete the third,
+        // and their rejection there still rejects.
+        let nodes = vec![
+            (SignMode::Or, vec!["a".to_string()]),
+            (SignMode::Or, vec!["b".to_string()]),
+            (SignMode::Or, vec!["a".to_string()]),
+        ];
+        assert_eq!(evaluate_nodes(&nodes, &[d("a", true), d("b", true)]), None);
+        assert_eq!(
+            evaluate_nodes(&nodes, &[d("a", true), d("b", true), d("a", false)]),
+            Some(ApprovalStatus::Rejected)
+        );
+        assert_eq!(
+            evaluate_nodes(&nodes, &[d("a", true), d("b", true), d("a", true)]),
+            Some(ApprovalStatus::Approved)
         );
     }
 

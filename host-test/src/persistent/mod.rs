@@ -345,15 +345,65 @@ async fn post_json(url: &str, body: &Value) -> Result<(u16, Value)> {
         first_byte_timeout: timeout,
         between_bytes_timeout: timeout,
     };
-    let (response, _io) = wasmtime_wasi_http::default_send_request(request, Some(options))
+    let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options))
         .await
         .map_err(|e| anyhow!("{e}"))?;
+    // `io` drives the connection: without it only a body that arrived together with the
+    // headers is ever read (not a chunked one, nor one in a later TCP or TLS record).
+    let io = tokio::spawn(io);
     let status = response.status().as_u16();
     let bytes = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
         .await
         .context("endpoint answer timed out")?
         .map_err(|e| anyhow!("reading endpoint answer: {e}"))?
         .to_bytes();
+    io.abort();
     let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     Ok((status, json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The endpoint's answer chunked and written in pieces, as a real gateway may send it.
+    #[tokio::test]
+    async fn reads_an_answer_that_arrives_in_pieces() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/callback/ws/endpoint",
+            listener.local_addr().unwrap()
+        );
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = sock.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            let pieces: [&[u8]; 4] = [
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+                b"8\r\n{\"code\":\r\n",
+                b"2\r\n0}\r\n",
+                b"0\r\n\r\n",
+            ];
+            for piece in pieces {
+                sock.write_all(piece).await.unwrap();
+                sock.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let (status, json) = tokio::time::timeout(
+            Duration::from_secs(5),
+            post_json(&url, &serde_json::json!({"x": 1})),
+        )
+        .await
+        .expect("answered within 5 s")
+        .unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(json, serde_json::json!({"code": 0}));
+    }
 }

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,6 +42,16 @@ pub const MAX_BODY: usize = 1 << 20;
 
 /// How often undelivered outbox records are retried.
 const REDELIVERY: Duration = Duration::from_secs(30);
+
+/// A request's headers must arrive within this (also how long an idle keep-alive connection
+/// stays open), and its body within this after them. Platforms send a few KiB at once; a
+/// client trickling bytes must not hold a connection and its buffers for ever.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Open connections at most; more wait in the listen backlog until one closes. With
+/// [`READ_TIMEOUT`] this bounds what slow or idle clients can hold (each at most
+/// [`MAX_BODY`] plus hyper's read buffer).
+pub const MAX_CONNECTIONS: usize = 1024;
 
 struct AbortOnDrop(JoinHandle<()>);
 
@@ -208,7 +218,15 @@ pub async fn serve_with_persistent(
     };
     let task = tokio::spawn(async move {
         let _redelivery = AbortOnDrop(redelivery);
+        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            let permit = tokio::select! {
+                _ = &mut rx => break,
+                permit = connections.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
             let (stream, peer) = tokio::select! {
                 _ = &mut rx => break,
                 accepted = listener.accept() => match accepted {
@@ -223,11 +241,14 @@ pub async fn serve_with_persistent(
             };
             let state = state.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
                     async move { Ok::<_, std::convert::Infallible>(state.handle(req).await) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
@@ -578,7 +599,14 @@ async fn read_body(headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, R
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(status_json(StatusCode::PAYLOAD_TOO_LARGE, "body too large"));
     }
-    match Limited::new(body, MAX_BODY).collect().await {
+    let Ok(read) = tokio::time::timeout(READ_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await
+    else {
+        return Err(status_json(
+            StatusCode::REQUEST_TIMEOUT,
+            "body not received in time",
+        ));
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(status_json(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))

@@ -258,3 +258,47 @@ async fn updates_are_posted_to_the_engine_webhook() {
     );
     server.shutdown().await;
 }
+
+/// Clients that trickle bytes or sit idle are cut off after `READ_TIMEOUT`: without it each
+/// held a connection, its buffers and a file descriptor for ever.
+#[tokio::test]
+async fn slow_and_idle_clients_are_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), json!({})).await;
+    let limit = server::READ_TIMEOUT + std::time::Duration::from_secs(5);
+    let connect = || tokio::net::TcpStream::connect(server.addr());
+
+    // Headers that never end, an idle keep-alive connection, and a body that never comes.
+    let mut partial = connect().await.unwrap();
+    partial
+        .write_all(b"POST /callback/acme/a1 HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let idle = connect().await.unwrap();
+    let mut body = connect().await.unwrap();
+    body.write_all(b"POST /callback/acme/a1 HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+
+    let read_all = |mut s: tokio::net::TcpStream| async move {
+        let mut out = Vec::new();
+        tokio::time::timeout(limit, s.read_to_end(&mut out))
+            .await
+            .expect("the server closes the connection")
+            .ok();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let (partial, idle, body) = tokio::join!(read_all(partial), read_all(idle), read_all(body));
+    // hyper answers a header timeout with a bare close (408 at most); the body gets 408.
+    assert!(
+        partial.is_empty() || partial.starts_with("HTTP/1.1 408"),
+        "{partial}"
+    );
+    assert!(idle.is_empty(), "{idle}");
+    assert!(body.starts_with("HTTP/1.1 408"), "{body}");
+
+    // The server still answers.
+    let (status, _) = request(server.addr(), "GET", "/healthz", "", b"").await;
+    assert_ne!(status, 0);
+    server.shutdown().await;
+}

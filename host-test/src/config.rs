@@ -46,8 +46,10 @@ struct RawConfig {
     listen: String,
     public_url: String,
     state_dir: PathBuf,
+    // Read as a bare value: serde's errors for a mistyped enum quote the value, and a Redis
+    // URL carries its password.
     #[serde(default)]
-    store: Option<RawStore>,
+    store: Option<serde_json::Value>,
     #[serde(default)]
     cache_dir: Option<PathBuf>,
     #[serde(default)]
@@ -62,12 +64,28 @@ struct RawConfig {
     tenants: Vec<RawTenant>,
 }
 
-/// `"store": {"redis": "redis://…"}`; the URL may carry a password, so it is never echoed.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
-enum RawStore {
-    Embedded {},
-    Redis(String),
+/// `"store": {"embedded": {}}` or `{"redis": "redis://…"}`. The URL may carry a password, so
+/// no error quotes it.
+fn parse_store(raw: Option<serde_json::Value>) -> Result<StoreConfig> {
+    use serde_json::Value;
+    const SHAPE: &str = "`store` must be {\"embedded\": {}} or {\"redis\": \"redis://[user:password@]host:port/db\"}";
+    let Some(raw) = raw else {
+        return Ok(StoreConfig::Embedded);
+    };
+    let Value::Object(o) = raw else { bail!(SHAPE) };
+    let mut fields = o.into_iter();
+    let (Some((kind, value)), None) = (fields.next(), fields.next()) else {
+        bail!(SHAPE)
+    };
+    match (kind.as_str(), value) {
+        ("embedded", Value::Object(e)) if e.is_empty() => Ok(StoreConfig::Embedded),
+        ("redis", Value::String(url)) if url.starts_with("redis://") => Ok(StoreConfig::Redis(url)),
+        ("redis", Value::String(url)) if url.starts_with("rediss://") => bail!(
+            "`store.redis`: TLS to Redis (rediss://) is not built into this host; reach Redis \
+             over a private network or a TLS tunnel and use redis://"
+        ),
+        _ => bail!(SHAPE),
+    }
 }
 
 #[derive(Deserialize)]
@@ -268,17 +286,24 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
         listen: raw.listen,
         public_url,
         state_dir: resolve(raw.state_dir),
-        store: match raw.store {
-            None | Some(RawStore::Embedded {}) => StoreConfig::Embedded,
-            Some(RawStore::Redis(url)) => StoreConfig::Redis(url),
-        },
+        store: parse_store(raw.store)?,
         cache_dir: raw.cache_dir.map(resolve),
         lease_ttl: match raw.lease_ttl_secs {
-            Some(0) => bail!("`lease_ttl_secs` must be at least 1"),
-            t => t.map(Duration::from_secs),
+            Some(t @ 1..=86_400) => Some(Duration::from_secs(t)),
+            Some(_) => bail!("`lease_ttl_secs` must be between 1 and 86400"),
+            None => None,
         },
         component: raw.component.map(resolve),
-        call_timeout: raw.call_timeout_secs.map(Duration::from_secs),
+        call_timeout: match raw.call_timeout_secs {
+            Some(t) if t >= 1 && t <= crate::host::MAX_CALL_TIMEOUT.as_secs() => {
+                Some(Duration::from_secs(t))
+            }
+            Some(_) => bail!(
+                "`call_timeout_secs` must be between 1 and {}",
+                crate::host::MAX_CALL_TIMEOUT.as_secs()
+            ),
+            None => None,
+        },
         api_token: raw.api_token.filter(|t| !t.is_empty()),
         tenants,
     };
@@ -325,8 +350,53 @@ mod tests {
             StoreConfig::Redis("redis://127.0.0.1:6379/0".into())
         );
         assert_eq!(parse(r#"{"embedded": {}}"#).unwrap(), StoreConfig::Embedded);
-        for bad in [r#"{"redis": 5}"#, r#"{"mysql": "x"}"#, r#""redis""#] {
+        for bad in [
+            r#"{"redis": 5}"#,
+            r#"{"mysql": "x"}"#,
+            r#""redis""#,
+            r#"{"embedded": {}, "redis": "redis://h"}"#,
+            r#"{"embedded": {"x": 1}}"#,
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
+        }
+        // A URL in the wrong place, or one this host cannot use, is never quoted back: it may
+        // carry the password.
+        for bad in [
+            r#""redis://u:s3cr3t@h:6379/0""#,
+            r#"{"redis": "rediss://u:s3cr3t@h:6379/0"}"#,
+            r#"{"redis": "http://u:s3cr3t@h"}"#,
+            r#"["redis://u:s3cr3t@h"]"#,
+        ] {
+            let err = format!("{:#}", parse(bad).unwrap_err());
+            assert!(err.contains("store"), "{err}");
+            assert!(!err.contains("s3cr3t"), "{err}");
+        }
+        assert!(format!("{:#}", parse(r#"{"redis": "rediss://h"}"#).unwrap_err()).contains("TLS"));
+    }
+
+    #[test]
+    fn timeouts_are_bounded() {
+        let parse = |field: &str, n: u64| {
+            let text = format!(r#"{{"public_url": "http://x", "state_dir": "s", "{field}": {n}}}"#);
+            ServeConfig::parse(&text, Path::new("."))
+        };
+        assert_eq!(
+            parse("call_timeout_secs", 3600).unwrap().call_timeout,
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            parse("lease_ttl_secs", 5).unwrap().lease_ttl,
+            Some(Duration::from_secs(5))
+        );
+        for (field, n) in [
+            ("call_timeout_secs", 0),
+            ("call_timeout_secs", 3601),
+            ("call_timeout_secs", u64::MAX),
+            ("lease_ttl_secs", 0),
+            ("lease_ttl_secs", u64::MAX),
+        ] {
+            let err = format!("{:#}", parse(field, n).err().expect("refused"));
+            assert!(err.contains(field), "{err}");
         }
     }
 

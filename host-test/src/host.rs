@@ -23,6 +23,8 @@ use wasmtime::{Engine, Trap, UpdateDeadline};
 
 /// Default per-call deadline.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longer than any platform round trip needs; also keeps `Instant + timeout` from overflowing.
+pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default linear-memory cap per plugin instance.
 pub const DEFAULT_MEMORY_LIMIT: usize = 64 << 20;
 /// Default number of calls running at once; further calls wait for a slot.
@@ -100,7 +102,11 @@ impl Host {
             cfg.max_concurrent_calls > 0,
             "max_concurrent_calls must be at least 1"
         );
-        anyhow::ensure!(!cfg.call_timeout.is_zero(), "call_timeout must not be zero");
+        anyhow::ensure!(
+            !cfg.call_timeout.is_zero() && cfg.call_timeout <= MAX_CALL_TIMEOUT,
+            "call_timeout must be between 1 ns and {} s",
+            MAX_CALL_TIMEOUT.as_secs()
+        );
         let engine = engine::new_engine(cfg.memory_limit_bytes, cfg.max_concurrent_calls)?;
         engine::start_epoch_ticker(&engine)?;
         let linker = sandbox::linker(&engine)?;

@@ -253,10 +253,12 @@ impl Host {
         };
         let ms = started.elapsed().as_millis();
         match &result {
-            Ok(reply) => match reply.error() {
+            Ok(reply) if crate::log::per_call() => match reply.error() {
                 None => log!("tenant={tenant} call={export} ok ms={ms}"),
                 Some(e) => log!("tenant={tenant} call={export} err={} ms={ms}", e.kind()),
             },
+            Ok(_) => {}
+            // A call the host could not complete (trap, deadline, store) is always logged.
             Err(e) => log!("tenant={tenant} call={export} failed ms={ms}: {e:#}"),
         }
         result

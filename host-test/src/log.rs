@@ -11,11 +11,16 @@ macro_rules! log {
     };
 }
 
+/// Whether each call's own line (`tenant=… call=… ok ms=…`) is written: `IMBRIDGE_QUIET`
+/// turns that one off for benchmarks and demos, never the other events (failed deliveries,
+/// slow commits, lease changes), which an operator must see.
+pub fn per_call() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("IMBRIDGE_QUIET").is_none())
+}
+
 #[doc(hidden)]
 pub fn write(args: std::fmt::Arguments<'_>) {
-    if std::env::var_os("IMBRIDGE_QUIET").is_some() {
-        return;
-    }
     let now = crate::clock::system_now();
     // Errors can carry multi-line wasm backtraces; one event must stay one line.
     let text = args.to_string();

@@ -253,6 +253,11 @@ fn record_created(
     created: Created,
 ) -> Result<Approval> {
     let Created { instance_id, meta } = created;
+    // Feishu hands a concurrent start with the same key the same instance; if that start has
+    // recorded it meanwhile (and callbacks may have moved it on), its record stands.
+    if let Some(existing) = load(env, app, &instance_id)? {
+        return Ok(existing.approval);
+    }
     let mut rec = Record {
         approval: Approval {
             instance_id,
@@ -605,6 +610,27 @@ mod tests {
         env.kv_increment(&failed_key(&app, &req.key), 1).unwrap();
         assert_eq!(start(&env, &app, &req).unwrap().instance_id, "inst-1");
         assert_eq!(sent.get(), 1);
+    }
+
+    #[test]
+    fn a_concurrent_start_does_not_reset_a_recorded_instance() {
+        use crate::env::fake::FakeEnv;
+        let env = FakeEnv::offline();
+        let app = crate::platform::feishu::tests::app();
+        let req = crate::platform::dingtalk::tests::request();
+        // The other start recorded "i1" and a callback approved it after this one looked
+        // for the key; Feishu now hands this one the same instance.
+        let mut r = rec();
+        r.apply(&Event::Status(ApprovalStatus::Approved));
+        save(&env, &app, &mut r).unwrap();
+        let before = env.snapshot();
+        let created = Created {
+            instance_id: "i1".into(),
+            meta: serde_json::Value::Null,
+        };
+        let a = record_created(&env, &app, &req, created).unwrap();
+        assert_eq!(a.status, ApprovalStatus::Approved);
+        assert_eq!(env.snapshot(), before);
     }
 
     #[test]

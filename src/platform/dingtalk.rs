@@ -804,7 +804,8 @@ pub fn send_webhook(
     let mut ids = Vec::new();
     for m in &n.mentions {
         match m {
-            UserRef::Mobile(x) => mobiles.push(x.trim().to_string()),
+            // The text's "@138…" must match the member's number exactly to ping them.
+            UserRef::Mobile(x) => mobiles.push(super::normalize_mobile(x)?),
             UserRef::Id(x) => ids.push(x.trim().to_string()),
             UserRef::Email(_) => {
                 return Err(Error::input(
@@ -1315,7 +1316,10 @@ pub(crate) mod tests {
             markdown: "**wf 42**".into(),
             level: Level::Failure,
             link: None,
-            mentions: vec![UserRef::Mobile("138".into()), UserRef::Id("u9".into())],
+            mentions: vec![
+                UserRef::Mobile("+86 138-0000-0000".into()),
+                UserRef::Id("u9".into()),
+            ],
             mention_all: false,
         }
     }
@@ -1344,10 +1348,15 @@ pub(crate) mod tests {
         );
         let body: Value = serde_json::from_slice(&sent[0].body).unwrap();
         assert_eq!(body["msgtype"], "markdown");
-        assert_eq!(body["at"]["atMobiles"], json!(["138"]));
+        // Normalised, so "@13800000000" in the text matches the member's number.
+        assert_eq!(body["at"]["atMobiles"], json!(["13800000000"]));
         assert_eq!(body["at"]["atUserIds"], json!(["u9"]));
         let text = body["markdown"]["text"].as_str().unwrap();
-        assert!(text.contains("@138") && text.contains("@u9") && text.contains("#F5222D"));
+        assert!(
+            text.contains("@13800000000 ") || text.ends_with("@13800000000"),
+            "{text}"
+        );
+        assert!(text.contains("@u9") && text.contains("#F5222D"));
         drop(sent);
 
         let mut with_link = n.clone();

@@ -60,7 +60,14 @@ fn check(reply: http::JsonReply) -> Result<Value> {
         .unwrap_or("")
         .to_string();
     match code {
-        Some(0) | None if reply.status < 400 => Ok(reply.body),
+        // Every WeCom JSON answer carries errcode; one without it is not WeCom's (a wrong URL
+        // behind a 200), and its "success" would hide that nothing was done.
+        Some(0) if reply.status < 400 => Ok(reply.body),
+        None if reply.status < 400 => Err(Error::platform(
+            -i64::from(reply.status),
+            "the answer has no errcode: not a WeCom API (check the URL)",
+            false,
+        )),
         Some(c) if c != 0 => Err(Error::platform(
             c,
             msg,
@@ -898,6 +905,37 @@ pub fn send_webhook(
     Ok(Receipt { message_id: None })
 }
 
+/// WeCom answers errcode 0 when only some recipients got an app message and names the rest.
+/// Not retryable: the others have it, and a repeat would reach them twice.
+fn undelivered(reply: &Value) -> Result<()> {
+    let mut missed = String::new();
+    // invaliduser: unknown or outside the app's visible range; unlicenseduser: no license.
+    for field in [
+        "invaliduser",
+        "invalidparty",
+        "invalidtag",
+        "unlicenseduser",
+    ] {
+        let who = reply
+            .get(field)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .trim();
+        if !who.is_empty() {
+            missed.push_str(if missed.is_empty() { "" } else { "; " });
+            missed.push_str(field);
+            missed.push('=');
+            missed.push_str(who);
+        }
+    }
+    if missed.is_empty() {
+        return Ok(());
+    }
+    Err(Error::input(format!(
+        "WeCom delivered the message to the other recipients, but not to: {missed}"
+    )))
+}
+
 pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) -> Result<Receipt> {
     let c = Client::new(env, app)?;
     let mention_ids = c.resolve(&n.mentions)?;
@@ -921,6 +959,7 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
                 &json!({"touser": to, "msgtype": "markdown", "agentid": agent_id,
                         "markdown": {"content": content}}),
             )?;
+            undelivered(&reply)?;
             Ok(Receipt {
                 message_id: reply
                     .get("msgid")
@@ -1399,5 +1438,59 @@ mod tests {
             send_message(&env, &a, &note(false, vec![], false)),
             Err(Error::InvalidConfig(_))
         ));
+    }
+
+    #[test]
+    fn partly_undelivered_app_messages_are_errors() {
+        let env = fake_wecom();
+        env.set_responder(|r| {
+            if r.url.contains("/cgi-bin/gettoken") {
+                return json_response(
+                    200,
+                    json!({"errcode": 0, "access_token": "T1", "expires_in": 7200}),
+                );
+            }
+            json_response(
+                200,
+                json!({"errcode": 0, "errmsg": "ok", "invaliduser": "alcie|bobb",
+                       "invalidparty": "", "unlicenseduser": "carl", "msgid": "m1"}),
+            )
+        });
+        let e = send_message(&env, &app(), &note(false, vec![], false)).unwrap_err();
+        let Error::InvalidInput(msg) = &e else {
+            panic!("{e:?}")
+        };
+        assert!(
+            msg.ends_with("invaliduser=alcie|bobb; unlicenseduser=carl"),
+            "{msg}"
+        );
+        assert!(!e.is_retryable());
+        // Empty lists are WeCom's normal success.
+        env.set_responder(|_| {
+            json_response(
+                200,
+                json!({"errcode": 0, "invaliduser": "", "invalidparty": "", "msgid": "m2"}),
+            )
+        });
+        let r = send_message(&env, &app(), &note(false, vec![], false)).unwrap();
+        assert_eq!(r.message_id.as_deref(), Some("m2"));
+    }
+
+    #[test]
+    fn an_answer_without_errcode_is_not_success() {
+        // A robot URL that points somewhere else, answering 200 in its own format.
+        let env = FakeEnv::new(|_| json_response(200, json!({"code": 19002, "msg": "params"})));
+        let n = note(false, vec![], false);
+        let e = send_webhook(&env, None, "https://open.feishu.cn/hook/x", None, &n).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Platform {
+                    retryable: false,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 }

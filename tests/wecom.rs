@@ -98,6 +98,7 @@ impl World {
                 },
                 apps: vec![app],
                 engine_webhook: None,
+                api_token: None,
             }],
         };
         let server = serve_with(self.h.host.clone(), cfg).await.expect("serve");

@@ -99,6 +99,8 @@ struct RawTenant {
     apps: Vec<serde_json::Value>,
     #[serde(default)]
     engine_webhook: Option<String>,
+    #[serde(default)]
+    api_token: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -122,7 +124,8 @@ pub struct ServeConfig {
     /// The plugin every tenant runs; `None` means the CLI default.
     pub component: Option<PathBuf>,
     pub call_timeout: Option<Duration>,
-    /// When set, the engine API requires `Authorization: Bearer <api_token>`.
+    /// When set, the engine API requires `Authorization: Bearer <api_token>`; it opens every
+    /// tenant's routes (the operator's token).
     pub api_token: Option<String>,
     pub tenants: Vec<TenantConfig>,
 }
@@ -133,6 +136,9 @@ pub struct TenantConfig {
     pub apps: Vec<ImApp>,
     /// Where callback updates are POSTed, if anywhere.
     pub engine_webhook: Option<String>,
+    /// When set, this tenant's engine API routes require it (or the server-wide token), so
+    /// one tenant's engine cannot reach another's approvals or acknowledge its updates.
+    pub api_token: Option<String>,
 }
 
 impl TenantConfig {
@@ -280,6 +286,7 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
             },
             apps,
             engine_webhook: t.engine_webhook,
+            api_token: t.api_token.filter(|t| !t.is_empty()),
         });
     }
     let serve = ServeConfig {

@@ -292,8 +292,8 @@ impl State {
                 status_json(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
             (&Method::GET, ["healthz"]) => status_json(StatusCode::OK, "ok"),
-            (_, ["api", ..]) => {
-                if !self.authorized(&req) {
+            (_, ["api", tenant, ..]) => {
+                if !self.authorized(&req, tenant) {
                     return status_json(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
                 }
                 self.api(&method, &segs, req).await
@@ -302,17 +302,27 @@ impl State {
         }
     }
 
-    fn authorized(&self, req: &http::Request<Incoming>) -> bool {
-        let Some(token) = &self.config.api_token else {
+    /// The server-wide token opens every tenant; a tenant's own token opens only that tenant.
+    /// With neither configured the API is open, as before tokens existed.
+    fn authorized(&self, req: &http::Request<Incoming>, tenant: &str) -> bool {
+        let own = self
+            .config
+            .tenant(tenant)
+            .and_then(|t| t.api_token.as_ref());
+        let accepted: Vec<&String> = self.config.api_token.iter().chain(own).collect();
+        if accepted.is_empty() {
             return true;
-        };
+        }
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        constant_time_eq(given.as_bytes(), token.as_bytes())
+        // Each compared in full, so the time does not say which one matched.
+        accepted.iter().fold(false, |ok, t| {
+            constant_time_eq(given.as_bytes(), t.as_bytes()) | ok
+        })
     }
 
     fn app(&self, tenant: &str, app: &str) -> Option<&ImApp> {

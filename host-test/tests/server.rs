@@ -302,3 +302,39 @@ async fn slow_and_idle_clients_are_cut_off() {
     assert_ne!(status, 0);
     server.shutdown().await;
 }
+
+/// A tenant's own token opens only that tenant; the server-wide token opens all.
+#[tokio::test]
+async fn tenant_tokens_open_only_their_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = json!({"id": "a1", "platform": "feishu", "app_id": "cli_x", "app_secret": "s3cr3t"});
+    let server = start(
+        dir.path(),
+        json!({"api_token": "operator", "tenants": [
+            {"id": "acme", "api_token": "acme-token", "apps": [app]},
+            {"id": "beta", "apps": [app]},
+        ]}),
+    )
+    .await;
+    let get = |tenant: &'static str, token: &'static str| {
+        let addr = server.addr();
+        async move {
+            let auth = if token.is_empty() {
+                String::new()
+            } else {
+                format!("authorization: Bearer {token}\r\n")
+            };
+            request(addr, "GET", &format!("/api/{tenant}/updates"), &auth, b"")
+                .await
+                .0
+        }
+    };
+    assert_eq!(get("acme", "acme-token").await, 200);
+    assert_eq!(get("acme", "operator").await, 200);
+    assert_eq!(get("acme", "").await, 401);
+    assert_eq!(get("acme", "acme-tokenx").await, 401);
+    assert_eq!(get("beta", "acme-token").await, 401);
+    assert_eq!(get("beta", "operator").await, 200);
+    assert_eq!(get("beta", "").await, 401);
+    server.shutdown().await;
+}

@@ -22,7 +22,14 @@ pub trait Json: Sized {
 
 /// Parses the input of one export: an object keyed by parameter name (snake_case).
 pub fn parse_call(export: Export, input: &Value) -> Result<Call> {
-    let args = Obj::new(input, "input")?;
+    let params: &[&str] = match export {
+        Export::StartApproval | Export::HandleCallback => &["app", "request"],
+        Export::GetApproval => &["app", "instance_id", "refresh"],
+        Export::CancelApproval => &["app", "instance_id", "reason"],
+        Export::Notify => &["app", "notification"],
+        Export::HandleEvent => &["app", "event"],
+    };
+    let args = Obj::new(input, "input", params)?;
     Ok(match export {
         Export::StartApproval => Call::StartApproval {
             app: args.req("app")?,
@@ -112,7 +119,7 @@ pub fn result_to_json<T: Json>(result: &Result<T, Error>) -> Value {
 }
 
 pub fn result_from_json<T: Json>(value: &Value) -> Result<Result<T, Error>> {
-    let obj = Obj::new(value, "result")?;
+    let obj = Obj::new(value, "result", &["ok", "err"])?;
     match (obj.get("ok"), obj.get("err")) {
         (Some(ok), None) => Ok(Ok(T::from_json(ok, "ok")?)),
         (None, Some(err)) => Ok(Err(Error::from_json(err, "err")?)),
@@ -127,11 +134,21 @@ struct Obj<'a> {
 }
 
 impl<'a> Obj<'a> {
-    fn new(value: &'a Value, path: &'a str) -> Result<Obj<'a>> {
-        match value {
-            Value::Object(map) => Ok(Obj { map, path }),
-            _ => bail!("`{path}` must be an object"),
+    /// `fields` are all the object may have: a misspelt optional field (`mentionAll`,
+    /// `detailUrl`) would otherwise be dropped without a word and change what is sent.
+    fn new(value: &'a Value, path: &'a str, fields: &[&str]) -> Result<Obj<'a>> {
+        let Value::Object(map) = value else {
+            bail!("`{path}` must be an object")
+        };
+        let o = Obj { map, path };
+        if let Some(k) = map.keys().find(|k| !fields.contains(&k.as_str())) {
+            bail!(
+                "`{}` is not a field here; expected: {}",
+                o.field_path(k),
+                fields.join(", ")
+            );
         }
+        Ok(o)
     }
 
     /// The field, treating `null` as absent.
@@ -350,7 +367,21 @@ impl Json for ImApp {
         })
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(
+            value,
+            path,
+            &[
+                "id",
+                "platform",
+                "app_id",
+                "app_secret",
+                "agent_id",
+                "encrypt_key",
+                "token",
+                "api_base",
+                "max_clock_skew_secs",
+            ],
+        )?;
         Ok(ImApp {
             id: o.req("id")?,
             platform: o.req("platform")?,
@@ -390,7 +421,7 @@ impl Json for ApprovalNode {
         json!({"approvers": self.approvers.to_json(), "mode": self.mode.to_json()})
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(value, path, &["approvers", "mode"])?;
         Ok(ApprovalNode {
             approvers: o.list("approvers")?,
             mode: o.req("mode")?,
@@ -411,7 +442,19 @@ impl Json for ApprovalRequest {
         })
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(
+            value,
+            path,
+            &[
+                "key",
+                "title",
+                "initiator",
+                "nodes",
+                "cc",
+                "fields",
+                "detail_url",
+            ],
+        )?;
         Ok(ApprovalRequest {
             key: o.req("key")?,
             title: o.req("title")?,
@@ -434,7 +477,7 @@ impl Json for Decision {
         })
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(value, path, &["user", "approved", "comment", "at_ms"])?;
         Ok(Decision {
             user: o.req("user")?,
             approved: o.req("approved")?,
@@ -455,7 +498,11 @@ impl Json for Approval {
         })
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(
+            value,
+            path,
+            &["instance_id", "key", "status", "decisions", "updated_at_ms"],
+        )?;
         Ok(Approval {
             instance_id: o.req("instance_id")?,
             key: o.req("key")?,
@@ -471,7 +518,7 @@ impl Json for RobotWebhook {
         json!({"platform": self.platform.to_json(), "url": self.url, "secret": self.secret})
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(value, path, &["platform", "url", "secret"])?;
         Ok(RobotWebhook {
             platform: o.req("platform")?,
             url: o.req("url")?,
@@ -505,7 +552,7 @@ impl Json for Link {
         json!({"text": self.text, "url": self.url})
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(value, path, &["text", "url"])?;
         Ok(Link {
             text: o.req("text")?,
             url: o.req("url")?,
@@ -526,7 +573,19 @@ impl Json for Notification {
         })
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(
+            value,
+            path,
+            &[
+                "target",
+                "title",
+                "markdown",
+                "level",
+                "link",
+                "mentions",
+                "mention_all",
+            ],
+        )?;
         Ok(Notification {
             target: o.req("target")?,
             title: o.req("title")?,
@@ -544,7 +603,7 @@ impl Json for Receipt {
         json!({"message_id": self.message_id})
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(value, path, &["message_id"])?;
         Ok(Receipt {
             message_id: o.opt("message_id")?,
         })
@@ -562,7 +621,7 @@ impl Json for HttpRequest {
         })
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(value, path, &["method", "path", "query", "headers", "body"])?;
         Ok(HttpRequest {
             method: o.opt("method")?.unwrap_or_else(|| "POST".to_string()),
             path: o.opt("path")?.unwrap_or_else(|| "/".to_string()),
@@ -582,7 +641,7 @@ impl Json for HttpResponse {
         })
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(value, path, &["status", "headers", "body"])?;
         Ok(HttpResponse {
             status: o.req("status")?,
             headers: pairs_from_json(&o, "headers")?,
@@ -596,7 +655,7 @@ impl Json for CallbackOutcome {
         json!({"response": self.response.to_json(), "updates": self.updates.to_json()})
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(value, path, &["response", "updates"])?;
         Ok(CallbackOutcome {
             response: o.req("response")?,
             updates: o.list("updates")?,
@@ -644,7 +703,7 @@ impl Json for Error {
         }
     }
     fn from_json(value: &Value, path: &str) -> Result<Self> {
-        let o = Obj::new(value, path)?;
+        let o = Obj::new(value, path, &["kind", "message", "code", "retryable"])?;
         let kind: String = o.req("kind")?;
         let message: String = o.opt("message")?.unwrap_or_default();
         Ok(match kind.as_str() {
@@ -816,6 +875,44 @@ mod tests {
         assert!(parse_call(Export::Notify, &json!([1])).is_err());
         assert!(parse_call(Export::GetApproval, &json!({"app": app()})).is_err());
         assert!(parse_call(Export::HandleEvent, &json!({"app": app()})).is_err());
+    }
+
+    #[test]
+    fn misspelt_fields_are_refused_not_dropped() {
+        let notify = |notification: Value| {
+            parse_call(
+                Export::Notify,
+                &json!({"app": app(), "notification": notification}),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let ok = json!({"target": {"chat": "oc"}, "title": "t", "mention_all": true});
+        assert!(notify(ok).is_ok());
+        for (bad, field) in [
+            (
+                json!({"target": {"chat": "oc"}, "title": "t", "mentionAll": true}),
+                "notification.mentionAll",
+            ),
+            (
+                json!({"target": {"chat": "oc"}, "title": "t", "body": "**x**"}),
+                "notification.body",
+            ),
+            (
+                json!({"target": {"chat": "oc"}, "title": "t", "link": {"text": "a", "href": "u"}}),
+                "notification.link.href",
+            ),
+        ] {
+            let err = notify(bad).unwrap_err();
+            assert!(err.contains(&format!("`{field}` is not a field")), "{err}");
+            assert!(err.contains("expected:"), "{err}");
+        }
+        let err = parse_call(
+            Export::GetApproval,
+            &json!({"app": app(), "instance_id": "i", "refrsh": true}),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`refrsh`"), "{err}");
     }
 
     #[test]

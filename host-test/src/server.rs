@@ -10,7 +10,8 @@
 //! - `POST /api/{tenant}/{app}/approvals/{instance-id}/cancel` (body: `{"reason": ...}`)
 //! - `POST /api/{tenant}/notify` (body: `{"app_id": ..., "notification": ...}`)
 //! - `GET  /api/{tenant}/updates?after=N`: outbox records after `N`, acknowledging those up
-//!   to `N` (for engines that poll instead of taking the webhook)
+//!   to `N` (for engines that poll instead of taking the webhook); 409 for an `N` past the
+//!   newest record's sequence number
 //!
 //! The API answers `{"ok": ...}` / `{"err": ...}` exactly as `invoke` prints them.
 
@@ -539,6 +540,24 @@ impl State {
             }
         };
         let store = self.host.store();
+        // A cursor past every sequence number given out comes from another store (a move to
+        // Redis, a fresh state_dir): acknowledging up to it would drop records never returned.
+        match store.outbox_last_seq(tenant) {
+            Ok(last) if after > last => {
+                return status_json(
+                    StatusCode::CONFLICT,
+                    &format!(
+                        "`after` is {after} but the newest update is {last}: this cursor is not \
+                         from this store; read from after={last} or lower"
+                    ),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                log!("tenant={tenant} outbox read failed: {e:#}");
+                return status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+            }
+        }
         let result = (|| -> Result<Vec<Value>> {
             for (seq, _) in store.outbox_list(tenant, 0)? {
                 if seq > after {

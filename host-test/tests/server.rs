@@ -82,6 +82,15 @@ async fn callback_route_answers_and_records_updates() {
     assert_eq!(v["updates"][0]["seq"], 1, "{v}");
     assert_eq!(v["updates"][0]["approval"]["instance_id"], "i1");
     assert_eq!(v["updates"][0]["approval"]["status"], "approved");
+    // A cursor past the newest update (another store's) is refused and acknowledges nothing.
+    let (status, body) = request(addr, "GET", "/api/acme/updates?after=500", "", b"").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("newest update is 1"), "{body}");
+    let (_, body) = request(addr, "GET", "/api/acme/updates", "", b"").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["updates"][0]["seq"],
+        1
+    );
     // Acknowledging up to 1 empties the outbox.
     let (_, body) = request(addr, "GET", "/api/acme/updates?after=1", "", b"").await;
     assert_eq!(

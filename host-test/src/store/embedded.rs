@@ -214,6 +214,14 @@ impl Backend for Store {
         Ok(())
     }
 
+    fn outbox_last_seq(&self, tenant: &str) -> Result<u64> {
+        let txn = self.db.begin_read()?;
+        Ok(txn
+            .open_table(OUTBOX_SEQ)?
+            .get(tenant)?
+            .map_or(0, |v| v.value()))
+    }
+
     fn describe(&self) -> String {
         format!("embedded database {}", self.path.display())
     }

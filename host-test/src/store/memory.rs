@@ -120,6 +120,10 @@ impl Backend for MemoryStore {
         Ok(())
     }
 
+    fn outbox_last_seq(&self, tenant: &str) -> Result<u64> {
+        Ok(self.lock().outbox_seq.get(tenant).copied().unwrap_or(0))
+    }
+
     fn describe(&self) -> String {
         "process memory (not durable)".to_string()
     }

@@ -94,6 +94,8 @@ pub trait Backend: LeaseStore {
     fn outbox_list(&self, tenant: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>>;
     /// Removes a delivered outbox record.
     fn outbox_remove(&self, tenant: &str, seq: u64) -> Result<()>;
+    /// The last sequence number given out for the tenant's outbox (0 before the first).
+    fn outbox_last_seq(&self, tenant: &str) -> Result<u64>;
     /// Where the state lives, for the log (no credentials).
     fn describe(&self) -> String;
 
@@ -253,11 +255,18 @@ pub(crate) mod conformance {
         );
         assert_eq!(s.outbox_list("t", 1).unwrap(), [(2, b"two".to_vec())]);
         assert_eq!(s.outbox_list("u", 0).unwrap(), [(1, b"x".to_vec())]);
+        assert_eq!(s.outbox_last_seq("t").unwrap(), 2);
         s.outbox_remove("t", 1).unwrap();
         assert_eq!(s.outbox_list("t", 0).unwrap(), [(2, b"two".to_vec())]);
+        s.outbox_remove("t", 2).unwrap();
+        // Removing records does not take their numbers back.
+        assert_eq!(s.outbox_last_seq("t").unwrap(), 2);
         push("t", b"three");
         assert_eq!(s.outbox_list("t", 2).unwrap(), [(3, b"three".to_vec())]);
         assert!(s.outbox_list("t", u64::MAX).unwrap().is_empty());
+        assert_eq!(s.outbox_last_seq("t").unwrap(), 3);
+        assert_eq!(s.outbox_last_seq("u").unwrap(), 1);
+        assert_eq!(s.outbox_last_seq("nobody").unwrap(), 0);
     }
 
     /// Leases: one owner at a time, renewals, release, expiry by the store's own clock.

@@ -303,6 +303,12 @@ impl Backend for RedisStore {
             .collect()
     }
 
+    fn outbox_last_seq(&self, tenant: &str) -> Result<u64> {
+        let key = format!("{}outbox-seq", ns_prefix(tenant)?);
+        let last: Option<u64> = self.with(|c| Ok(redis::cmd("GET").arg(&key).query(c)?))?;
+        Ok(last.unwrap_or(0))
+    }
+
     fn outbox_remove(&self, tenant: &str, seq: u64) -> Result<()> {
         let key = format!("{}outbox", ns_prefix(tenant)?);
         self.with(|c| {

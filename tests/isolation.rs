@@ -274,6 +274,17 @@ async fn a_hostile_plugin_is_stopped_and_other_tenants_keep_being_served() {
         h.host.kv_get("evil", &key).expect("kv"),
         Some(b"hostile was here".to_vec())
     );
+    // A callback that writes and then fails leaves nothing behind (the platform redelivers
+    // it), unlike the cancel above, which had acted on the platform.
+    let r = h
+        .invoke(
+            "evil",
+            "handle-callback",
+            json!({"app": evil_app, "request": {"path": "half", "body": ""}}),
+        )
+        .await;
+    assert_eq!(message(&r), "x", "{r}");
+    assert_eq!(h.host.kv_get("evil", "half").expect("kv"), None);
     serve_good().await;
     assert_eq!(
         sim_good.state().bot_messages.len(),

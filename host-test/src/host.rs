@@ -325,8 +325,15 @@ impl Host {
             Err(_) => return Err(deadline_error(export, timeout)),
         };
 
-        // The export returned normally (with `ok` or `err`): its writes become durable.
+        // The export returned normally (with `ok` or `err`): its writes become durable, except
+        // those of a failed call whose only effect is on the store (callbacks, events,
+        // get-approval). The platform redelivers a failed callback, so a partial write (a
+        // record saved, its dedup mark not) would only make the redelivery look like a
+        // duplicate and hide its update; without it the store stays as it was.
         let (backend, ns, mut commit) = store.into_data().kv.into_commit(rerun_on_conflict(export));
+        if rerun_on_conflict(export) && reply.error().is_some() {
+            commit = Default::default();
+        }
         if inner.outbox.load(Ordering::Acquire)
             && let Some(app) = call.app()
         {

@@ -130,7 +130,11 @@ impl bindings::Guest for Hostile {
         Err(report(send(&url, HUGE_BODY, 0)))
     }
 
-    fn handle_callback(_: w::ImApp, _: w::HttpRequest) -> Result<w::CallbackOutcome, w::Error> {
+    /// Writes, then fails: the host must not keep the write (callbacks are redelivered).
+    fn handle_callback(_: w::ImApp, r: w::HttpRequest) -> Result<w::CallbackOutcome, w::Error> {
+        if let Ok(bucket) = store::open("") {
+            let _ = bucket.set(&r.path, b"half a callback");
+        }
         Err(w::Error::InvalidInput("x".into()))
     }
 

@@ -57,13 +57,19 @@ impl Fx {
         }
     }
 
+    /// Requests to `path` that reached the simulator's handler (injected answers do not);
+    /// on Feishu only POSTs, the method the token fetch and the create use.
+    fn handled(&self, path: &str) -> usize {
+        match &self.sim {
+            Sim::Feishu(s) => s.calls(&format!("POST {path}")),
+            Sim::Dingtalk(s) => s.calls(path),
+            Sim::Wecom(s) => s.calls(path),
+        }
+    }
+
     /// Token requests that reached the simulator's handler.
     fn token_fetches(&self) -> usize {
-        match &self.sim {
-            Sim::Feishu(s) => s.calls(&format!("POST {}", self.token)),
-            Sim::Dingtalk(s) => s.calls(self.token),
-            Sim::Wecom(s) => s.calls(self.token),
-        }
+        self.handled(self.token)
     }
 
     fn inject(&self, path: &str, n: usize, response: Response) {
@@ -266,11 +272,11 @@ async fn faults_are_retried_or_typed(fx: Fx) {
     // The platform creates the approval but its answer is lost. Feishu: the engine's retry
     // sends the key's uuid again and gets that instance back. DingTalk and WeCom cannot tell,
     // so the start fails for good (-3, not retryable) rather than create a second approval.
-    let handled = fx.creates_handled();
+    let handled = fx.handled(fx.create);
     fx.faults().lose_answers(fx.create, 1);
     let lost = fx.start_key("wf-3").await;
     fx.faults().clear();
-    assert_eq!(fx.creates_handled(), handled + 1);
+    assert_eq!(fx.handled(fx.create), handled + 1);
     if let Sim::Feishu(_) = fx.sim {
         assert_eq!(err_kind(&lost), "transport", "{lost}");
         let id = ok(&fx.start_key("wf-3").await)["instance_id"].clone();
@@ -282,7 +288,7 @@ async fn faults_are_retried_or_typed(fx: Fx) {
             assert_eq!(again["err"]["retryable"], false, "{again}");
         }
         assert_eq!(
-            fx.creates_handled(),
+            fx.handled(fx.create),
             handled + 1,
             "no second create was sent"
         );
@@ -330,15 +336,6 @@ impl Fx {
             Sim::Wecom(_) => (json!({"id": "zhangsan"}), json!({"id": "u1"})),
         };
         self.start(key, initiator, approver).await
-    }
-
-    /// Create requests that reached the simulator's handler (injected answers do not).
-    fn creates_handled(&self) -> usize {
-        match &self.sim {
-            Sim::Feishu(s) => s.calls(&format!("POST {}", self.create)),
-            Sim::Dingtalk(s) => s.calls(self.create),
-            Sim::Wecom(s) => s.calls(self.create),
-        }
     }
 }
 

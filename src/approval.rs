@@ -321,11 +321,15 @@ pub fn cancel(
     instance_id: &str,
     reason: Option<&str>,
 ) -> Result<Approval> {
-    let mut rec = must_load(env, app, instance_id)?;
+    let rec = must_load(env, app, instance_id)?;
     if rec.approval.status.is_terminal() {
         return Ok(rec.approval);
     }
     platform::cancel(env, app, &rec, reason)?;
+    // Cancel's commit is not validated (the platform has already acted), so it must not write
+    // back the copy read before the round trip: a callback that landed meanwhile would lose
+    // its decision.
+    let mut rec = must_load(env, app, instance_id)?;
     rec.apply(&Event::Status(ApprovalStatus::Canceled));
     save(env, app, &mut rec)?;
     Ok(rec.approval)
@@ -589,6 +593,30 @@ mod tests {
             assert_eq!(start(&env, &app(), &request()).unwrap(), a, "case {case}");
             assert_eq!(sent.get(), 2, "case {case}");
         }
+    }
+
+    #[test]
+    fn a_decision_during_a_cancel_stays_recorded() {
+        use crate::platform::dingtalk::tests::{app, request, scripted_reply};
+        let env = std::rc::Rc::new(crate::env::fake::FakeEnv::new(scripted_reply));
+        let a = start(&*env, &app(), &request()).unwrap();
+        // While the terminate request is out, a callback records `a`'s approval.
+        let during = std::rc::Rc::downgrade(&env);
+        let id = a.instance_id.clone();
+        env.set_responder(move |r| {
+            if r.url.ends_with("/v1.0/workflow/processInstances/terminate") {
+                let env = during.upgrade().unwrap();
+                let ev = inbound("e1", &id, dec("a", true, 9));
+                assert_eq!(apply_inbound(&*env, &app(), &[ev]).unwrap().len(), 1);
+                crate::env::fake::json_response(200, serde_json::json!({"result": true}))
+            } else {
+                scripted_reply(r)
+            }
+        });
+        let c = cancel(&*env, &app(), &a.instance_id, None).unwrap();
+        assert_eq!(c.status, ApprovalStatus::Canceled);
+        assert_eq!(c.decisions.len(), 1);
+        assert_eq!(get(&*env, &app(), &a.instance_id, false).unwrap(), c);
     }
 
     #[test]

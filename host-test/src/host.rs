@@ -409,7 +409,8 @@ enum Run {
 /// redone; their writes are safe without validation:
 /// - `start-approval` writes the record and index of a key it claimed through the counter
 ///   (committed at once, so no concurrent start can claim it too), and the token cache;
-/// - `cancel-approval` marks an approval the platform has just withdrawn as canceled;
+/// - `cancel-approval` marks an approval the platform has just withdrawn as canceled, on the
+///   record as read after that round trip;
 /// - `notify` writes only the token cache, where the last writer is as right as the first.
 fn rerun_on_conflict(export: Export) -> bool {
     match export {

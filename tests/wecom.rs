@@ -593,8 +593,8 @@ fn peer(cmd: &str, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("{cmd} not runnable ({e}); see tests/interop/README.md"));
     assert!(
         out.status.success(),
-        "{cmd} {args:?} failed (install: pip install -r tests/interop/requirements.txt; \
-         npm ci --prefix tests/interop): {}",
+        "{cmd} {args:?} failed ({}): {}",
+        imbridge_host::sim::INTEROP_SDKS,
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("peer prints JSON")

@@ -5,6 +5,10 @@
 //! and steer it, and implements its platform's crypto independently of the guest crate so that
 //! the two sides cross-check each other.
 
+/// Where the official SDKs the interop tests run against come from, for their failure messages.
+pub const INTEROP_SDKS: &str = "`./dev test` installs them (Python ones into target/interop-venv, \
+     put first on PATH; Node ones into tests/interop/node_modules); see tests/interop/README.md";
+
 pub mod dingtalk;
 pub mod dingtalk_stream;
 pub mod feishu;

@@ -127,6 +127,12 @@ pub fn result_from_json<T: Json>(value: &Value) -> Result<Result<T, Error>> {
     }
 }
 
+/// Refuses an object with keys other than `fields`, for bodies read field by field outside
+/// the record mapping (the engine API's cancel and notify).
+pub fn only_fields(value: &Value, path: &str, fields: &[&str]) -> Result<()> {
+    Obj::new(value, path, fields).map(drop)
+}
+
 /// A JSON object being read, with its path for error messages.
 struct Obj<'a> {
     map: &'a Map<String, Value>,

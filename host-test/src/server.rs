@@ -486,6 +486,7 @@ impl State {
             (&Method::POST, ["api", tenant, app, "approvals", id, "cancel"]) => {
                 let body = json_body()?;
                 let app = self.configured_app(tenant, app)?;
+                crate::json::only_fields(&body, "body", &["reason"]).map_err(Reject::invalid)?;
                 let reason = match body.get("reason") {
                     None | Some(Value::Null) => None,
                     Some(v) => Some(String::from_json(v, "reason").map_err(Reject::invalid)?),
@@ -515,6 +516,8 @@ impl State {
             .config
             .tenant(tenant)
             .ok_or_else(|| Reject::not_found("unknown tenant"))?;
+        crate::json::only_fields(body, "body", &["app_id", "notification"])
+            .map_err(Reject::invalid)?;
         let app = match body.get("app_id") {
             None | Some(Value::Null) => None,
             Some(Value::String(id)) => Some(self.configured_app(&t.id, id)?),

@@ -162,6 +162,24 @@ async fn engine_api() {
         "{body}"
     );
 
+    // A misspelt key in a body read field by field is refused, not dropped (a cancel without
+    // its reason, a notify without its app).
+    for (path, body, key) in [
+        (
+            "/api/acme/a1/approvals/i1/cancel",
+            json!({"reasn": "r"}),
+            "body.reasn",
+        ),
+        (
+            "/api/acme/notify",
+            json!({"appId": "a1", "notification": {"target": {"chat": "oc"}, "title": "t"}}),
+            "body.appId",
+        ),
+    ] {
+        let (status, text) = request(addr, "POST", path, auth, body.to_string().as_bytes()).await;
+        assert_eq!((status, text.contains(key)), (400, true), "{path}: {text}");
+    }
+
     // A trapping plugin is a 500 that carries no secret.
     let (status, body) = request(
         addr,

@@ -120,6 +120,17 @@ fn legacy_attempt_key(app: &ImApp, key: &str) -> String {
 fn failed_key(app: &ImApp, key: &str) -> String {
     format!("{}/failed/{}", app_prefix(app), key_segment(key))
 }
+/// When the owner of a claim took it (ms since the epoch; 0 before it has).
+fn claimed_at_key(app: &ImApp, key: &str, generation: u64) -> String {
+    format!(
+        "{}/claimed-at/{}/{generation}",
+        app_prefix(app),
+        key_segment(key)
+    )
+}
+/// A start claimed longer ago than this is taken as interrupted: no host lets a call run
+/// longer (the reference host's longest `call_timeout_secs` is 3600).
+const INTERRUPTED_AFTER_MS: u64 = 3_600_000;
 /// Why a create request that went out may have created an approval without the plugin
 /// learning its id.
 fn unknown_key(app: &ImApp, key: &str) -> String {
@@ -204,14 +215,23 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
     // The counter is the only cross-call primitive: whoever moves it first owns this
     // generation. Each generation has its own counter, so attempts refused while another
     // was in flight cannot block the ones after its failure.
+    let stamp = claimed_at_key(app, &req.key, generation);
     if env.kv_increment(&claim_key(app, &req.key, generation), 1)? > 1 {
+        let at = env.kv_increment(&stamp, 0)?;
+        if at != 0 && env.now_ms().saturating_sub(at) > INTERRUPTED_AFTER_MS {
+            return Err(outcome_unknown(
+                "the start that claimed the key over an hour ago never finished",
+            ));
+        }
         return Err(Error::platform(
             -2,
-            "another start for this key is in progress or was interrupted; retry later, \
-             and check the IM app before using a new key",
+            "another start for this key is in progress; retry later",
             true,
         ));
     }
+    // Counters are all that commit when a call is cut off (trap, deadline, host crash), so
+    // the claim's time goes into one: later starts can tell an interrupted attempt.
+    env.kv_increment(&stamp, env.now_ms())?;
     match platform::create(env, app, req, &token) {
         Ok(created) => record_created(env, app, req, created),
         Err(CreateError {
@@ -239,7 +259,7 @@ fn outcome_unknown(why: &str) -> Error {
         -3,
         format!(
             "a start for this key may have created an approval the plugin has no id for: its \
-             create request failed after it was sent ({why}); check the IM app, cancel the \
+             create request's outcome is unknown ({why}); check the IM app, cancel the \
              approval there if it exists, and start again with a new key"
         ),
         false,
@@ -617,6 +637,29 @@ mod tests {
         assert_eq!(c.status, ApprovalStatus::Canceled);
         assert_eq!(c.decisions.len(), 1);
         assert_eq!(get(&*env, &app(), &a.instance_id, false).unwrap(), c);
+    }
+
+    #[test]
+    fn a_start_cut_off_mid_call_is_reported_unknown_once_no_call_can_still_run() {
+        use crate::platform::dingtalk::tests::{app, request};
+        // The create request goes out and the call never returns (the host killed it): only
+        // the counters it moved remain, as in the reference host.
+        let (env, sent) = dingtalk_env(|n| if n == 1 { panic!("cut off") } else { created() });
+        let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            start(&env, &app(), &request())
+        }));
+        assert!(cut.is_err());
+        let e = start(&env, &app(), &request()).unwrap_err();
+        assert_eq!(code(&e), (-2, true), "{e}");
+        env.now.set(env.now.get() + INTERRUPTED_AFTER_MS);
+        assert_eq!(
+            code(&start(&env, &app(), &request()).unwrap_err()),
+            (-2, true)
+        );
+        env.now.set(env.now.get() + 1);
+        let e = start(&env, &app(), &request()).unwrap_err();
+        assert_eq!(code(&e), (-3, false), "{e}");
+        assert_eq!(sent.get(), 1);
     }
 
     #[test]

@@ -131,7 +131,8 @@ async fn tenants_cannot_reach_each_others_hosts_or_keys() {
             json!({"app": app(&sim_b, "cli_a"), "instance_id": a_id}),
         )
         .await;
-    assert!(r.get("err").is_some(), "{r}");
+    assert_eq!(err_kind(&r), "invalid-input", "{r}");
+    assert_eq!(sim_a.state().instances[&a_id].status, "PENDING");
     // B's plugin calling A's simulator is refused too (only A allows it; B's call names its own
     // api-base).
     let r = h

@@ -199,12 +199,19 @@ async fn engine_api() {
     server.shutdown().await;
 }
 
-/// Accepts POSTs, answers 200 and hands each body over.
-async fn engine_webhook() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+/// Accepts POSTs, answers the first `failures` with a 500 and the rest with a 200, and hands
+/// each body over with the status it got.
+async fn engine_webhook(
+    failures: usize,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(u16, Value)>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
+        let mut failures = failures;
         while let Ok((mut s, _)) = listener.accept().await {
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
@@ -230,11 +237,17 @@ async fn engine_webhook() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<V
                     break Some(body.to_string());
                 }
             };
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                .await;
+            let status = if failures > 0 {
+                failures -= 1;
+                500
+            } else {
+                200
+            };
+            let head =
+                format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = s.write_all(head.as_bytes()).await;
             if let Some(body) = body {
-                let _ = tx.send(serde_json::from_str(&body).unwrap_or(Value::Null));
+                let _ = tx.send((status, serde_json::from_str(&body).unwrap_or(Value::Null)));
             }
         }
     });
@@ -244,7 +257,7 @@ async fn engine_webhook() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<V
 #[tokio::test]
 async fn updates_are_posted_to_the_engine_webhook() {
     let dir = tempfile::tempdir().unwrap();
-    let (hook, mut received) = engine_webhook().await;
+    let (hook, mut received) = engine_webhook(0).await;
     let server = start(
         dir.path(),
         json!({"tenants": [{"id": "acme", "engine_webhook": format!("http://{hook}/imbridge"),
@@ -257,7 +270,8 @@ async fn updates_are_posted_to_the_engine_webhook() {
     let update = tokio::time::timeout(std::time::Duration::from_secs(10), received.recv())
         .await
         .expect("webhook called")
-        .unwrap();
+        .unwrap()
+        .1;
     assert_eq!(update["tenant"], "acme");
     assert_eq!(update["app_id"], "a1");
     assert_eq!(update["seq"], 1);
@@ -283,6 +297,45 @@ async fn updates_are_posted_to_the_engine_webhook() {
             .unwrap()
             .is_empty()
     );
+    server.shutdown().await;
+}
+
+/// An engine that fails a delivery loses nothing: the record stays in the outbox (and in
+/// `GET /updates`), and the next delivery sends it again before the newer one, in order.
+#[tokio::test]
+async fn a_failed_delivery_is_kept_and_redelivered_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, mut received) = engine_webhook(1).await;
+    let server = start(
+        dir.path(),
+        json!({"tenants": [{"id": "acme", "engine_webhook": format!("http://{hook}/imbridge"),
+            "apps": [{"id": "a1", "platform": "feishu", "app_id": "cli_x",
+                      "app_secret": "s3cr3t"}]}]}),
+    )
+    .await;
+    let mut next = async || {
+        tokio::time::timeout(std::time::Duration::from_secs(10), received.recv())
+            .await
+            .expect("webhook called")
+            .unwrap()
+    };
+    let callback = || request(server.addr(), "POST", "/callback/acme/a1", "", b"{}");
+    assert_eq!(callback().await.0, 200);
+    let (status, first) = next().await;
+    assert_eq!((status, &first["seq"]), (500, &json!(1)));
+    let (status, body) = request(server.addr(), "GET", "/api/acme/updates", "", b"").await;
+    assert_eq!(status, 200);
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed["updates"][0]["seq"], 1, "{listed}");
+
+    assert_eq!(callback().await.0, 200);
+    let (s1, again) = next().await;
+    let (s2, newer) = next().await;
+    assert_eq!(
+        (s1, &again["seq"], s2, &newer["seq"]),
+        (200, &json!(1), 200, &json!(2))
+    );
+    assert_eq!(again["approval"], first["approval"]);
     server.shutdown().await;
 }
 

@@ -961,6 +961,76 @@ pub(crate) mod tests {
         }
     }
 
+    /// Without an api-base, each call goes to the origin DingTalk serves it from: the new API
+    /// (api.dingtalk.com) for tokens and workflows, the legacy one (oapi.dingtalk.com) for
+    /// `topapi` (user lookups, work notices). The simulator serves both on one address, so
+    /// only this test would see them swapped. Work notices go out 100 users per request.
+    #[test]
+    fn production_origins_and_notice_batches() {
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let seen = log.clone();
+        let env = FakeEnv::new(move |r| {
+            seen.borrow_mut().push(r.url.clone());
+            let served = [
+                ("https://api.dingtalk.com/v1.0/", "/v1.0/"),
+                ("https://oapi.dingtalk.com/topapi/", "/topapi/"),
+            ]
+            .into_iter()
+            .find_map(|(origin, path)| {
+                r.url
+                    .strip_prefix(origin)
+                    .map(|rest| path.to_string() + rest)
+            });
+            match served.as_deref() {
+                Some(p) if p.starts_with("/topapi/message/corpconversation/asyncsend_v2") => {
+                    json_response(200, json!({"errcode": 0, "task_id": 7}))
+                }
+                Some(p) => scripted_reply(&Request {
+                    url: format!("http://127.0.0.1:1{p}"),
+                    ..r.clone()
+                }),
+                None => json_response(404, json!({"code": "NotFound", "message": "wrong origin"})),
+            }
+        });
+        let app = ImApp {
+            api_base: None,
+            ..app()
+        };
+        let c = create(&env, &app, &request(), "x").unwrap();
+        assert_eq!(c.instance_id, "inst-1");
+        let n = Notification {
+            target: Target::Users((0..101).map(|i| UserRef::Id(format!("u{i}"))).collect()),
+            title: "t".into(),
+            markdown: "m".into(),
+            level: crate::model::Level::Info,
+            link: None,
+            mentions: vec![],
+            mention_all: false,
+        };
+        assert_eq!(
+            send_message(&env, &app, &n).unwrap().message_id.as_deref(),
+            Some("7,7")
+        );
+        let urls = log.borrow();
+        let origin = |u: &String| u.split('/').take(3).collect::<Vec<_>>().join("/");
+        for u in urls.iter() {
+            let want = if u.contains("/topapi/") {
+                "https://oapi.dingtalk.com"
+            } else {
+                "https://api.dingtalk.com"
+            };
+            assert_eq!(origin(u), want, "{u}");
+        }
+        assert!(
+            urls.iter()
+                .any(|u| u.contains("/topapi/v2/user/getbymobile"))
+        );
+        assert_eq!(
+            urls.iter().filter(|u| u.contains("asyncsend_v2")).count(),
+            2
+        );
+    }
+
     #[test]
     fn create_builds_nodes_and_caches_the_form() {
         let log = Rc::new(RefCell::new(Vec::new()));

@@ -831,6 +831,66 @@ pub(crate) mod tests {
         }
     }
 
+    /// Without an api-base, Feishu apps call open.feishu.cn and Lark apps open.larksuite.com;
+    /// user lookups go out at most 50 emails (or mobiles) per batch_get_id, Feishu's limit.
+    #[test]
+    fn production_origins_and_lookup_batches() {
+        for (platform, origin) in [
+            (Platform::Feishu, "https://open.feishu.cn/open-apis/"),
+            (Platform::Lark, "https://open.larksuite.com/open-apis/"),
+        ] {
+            let lookups = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+            let seen = lookups.clone();
+            let env = FakeEnv::new(move |r| {
+                let Some(path) = r.url.strip_prefix(origin) else {
+                    return json_response(404, json!({"code": 404, "msg": "wrong origin"}));
+                };
+                let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+                if path.starts_with("auth/v3/tenant_access_token/internal") {
+                    json_response(
+                        200,
+                        json!({"code": 0, "tenant_access_token": "t", "expire": 7200}),
+                    )
+                } else if path.starts_with("contact/v3/users/batch_get_id") {
+                    let emails = body["emails"].as_array().cloned().unwrap_or_default();
+                    let mobiles = body["mobiles"].as_array().cloned().unwrap_or_default();
+                    seen.borrow_mut().push((emails.len(), mobiles.len()));
+                    let list: Vec<Value> = emails
+                        .iter()
+                        .map(|e| json!({"email": e, "user_id": format!("ou_{}", e.as_str().unwrap())}))
+                        .chain(mobiles.iter().map(|m| json!({"mobile": m, "user_id": "ou_m"})))
+                        .collect();
+                    json_response(200, json!({"code": 0, "data": {"user_list": list}}))
+                } else if path.starts_with("im/v1/messages?receive_id_type=open_id") {
+                    json_response(200, json!({"code": 0, "data": {"message_id": "om"}}))
+                } else {
+                    json_response(404, json!({"code": 404, "msg": "no"}))
+                }
+            });
+            let app = ImApp {
+                platform,
+                api_base: None,
+                ..app()
+            };
+            let mut users: Vec<UserRef> = (0..51)
+                .map(|i| UserRef::Email(format!("u{i}@x.cn")))
+                .collect();
+            users.push(UserRef::Mobile("13800000000".into()));
+            let n = Notification {
+                target: Target::Users(users),
+                title: "t".into(),
+                markdown: "m".into(),
+                level: crate::model::Level::Info,
+                link: None,
+                mentions: vec![],
+                mention_all: false,
+            };
+            let r = send_message(&env, &app, &n).unwrap();
+            assert_eq!(r.message_id.unwrap().split(',').count(), 52, "{platform:?}");
+            assert_eq!(*lookups.borrow(), [(50, 0), (1, 0), (0, 1)], "{platform:?}");
+        }
+    }
+
     #[test]
     fn url_verification_plain_and_encrypted() {
         let env = FakeEnv::offline();

@@ -1050,21 +1050,79 @@ fn authenticate<'a>(
 // Approval definitions
 // ---------------------------------------------------------------------------------------------
 
+/// The keys the default locale of `i18n_resources` defines. Feishu takes every display name
+/// of a definition (approval, widgets, nodes) as such a key.
+fn i18n_keys(body: &Value) -> Result<Vec<String>, ApiError> {
+    let default = body
+        .get("i18n_resources")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|r| r.get("is_default") == Some(&Value::Bool(true)))
+        .ok_or_else(|| param_invalid("i18n_resources needs a default locale"))?;
+    Ok(default
+        .get("texts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.get("key").and_then(Value::as_str).map(str::to_string))
+        .collect())
+}
+
+fn check_i18n(keys: &[String], name: &str, what: &str) -> Result<(), ApiError> {
+    if name.starts_with("@i18n@") && name.len() >= 9 && keys.iter().any(|k| k == name) {
+        Ok(())
+    } else {
+        Err(param_invalid(&format!(
+            "{what} must be an @i18n@ key the default locale defines"
+        )))
+    }
+}
+
+/// A definition's widgets: (id, required).
+fn widgets(form_content: &str) -> Vec<(String, bool)> {
+    serde_json::from_str::<Value>(form_content)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|w| {
+            let id = w.get("id").and_then(Value::as_str)?;
+            Some((
+                id.to_string(),
+                w.get("required") == Some(&Value::Bool(true)),
+            ))
+        })
+        .collect()
+}
+
 fn create_definition(state: &mut FeishuState, app: &FeishuApp, req: &Request) -> ApiResult {
     let body = parse_json(req)?;
+    let keys = i18n_keys(&body)?;
     let name = str_field(&body, "approval_name").ok_or_else(|| param_invalid("approval_name"))?;
+    check_i18n(&keys, name, "approval_name")?;
+    if body
+        .get("viewers")
+        .and_then(Value::as_array)
+        .is_none_or(|v| v.is_empty())
+    {
+        return Err(param_invalid("viewers is required"));
+    }
     let form_content = body
         .get("form")
         .and_then(|f| f.get("form_content"))
         .and_then(Value::as_str)
         .ok_or_else(|| param_invalid("form.form_content is required"))?;
-    match serde_json::from_str::<Value>(form_content) {
-        Ok(Value::Array(_)) => {}
-        _ => {
-            return Err(param_invalid(
-                "form.form_content must be a JSON array string",
-            ));
+    let Ok(Value::Array(form)) = serde_json::from_str::<Value>(form_content) else {
+        return Err(param_invalid(
+            "form.form_content must be a JSON array string",
+        ));
+    };
+    for w in &form {
+        if str_field(w, "id").is_none() || str_field(w, "type").is_none() {
+            return Err(param_invalid("every widget needs an id and a type"));
         }
+        check_i18n(&keys, str_field(w, "name").unwrap_or(""), "a widget's name")?;
     }
     let node_list = body
         .get("node_list")
@@ -1102,6 +1160,9 @@ fn create_definition(state: &mut FeishuState, app: &FeishuApp, req: &Request) ->
             || ids.iter().filter(|x| **x == id).count() > 1
         {
             return Err(param_invalid("every approval node needs a unique id"));
+        }
+        if let Some(name) = node.get("name").and_then(Value::as_str) {
+            check_i18n(&keys, name, "a node's name")?;
         }
         let node_type = node.get("node_type").and_then(Value::as_str).unwrap_or("");
         if node_type != "AND" && node_type != "OR" {
@@ -1227,8 +1288,26 @@ fn create_instance(
     .ok_or_else(|| param_invalid("initiator not found"))?
     .clone();
     let form = str_field(&body, "form").ok_or_else(|| param_invalid("form"))?;
-    if !matches!(serde_json::from_str::<Value>(form), Ok(Value::Array(_))) {
+    let Ok(Value::Array(entries)) = serde_json::from_str::<Value>(form) else {
         return Err(param_invalid("form must be a JSON array string"));
+    };
+    // Each value fills a widget of the definition, and required widgets must be filled.
+    let defined = widgets(&def.form_content);
+    for f in &entries {
+        let id = str_field(f, "id").unwrap_or("");
+        if !defined.iter().any(|(w, _)| w == id) {
+            return Err(param_invalid(&format!("form has no widget {id:?}")));
+        }
+    }
+    for (w, _) in defined.iter().filter(|(_, required)| *required) {
+        let filled = entries.iter().any(|f| {
+            str_field(f, "id") == Some(w.as_str())
+                && f.get("value")
+                    .is_some_and(|v| v.as_str().is_none_or(|s| !s.is_empty()))
+        });
+        if !filled {
+            return Err(param_invalid(&format!("required widget {w:?} is empty")));
+        }
     }
 
     // Approvers may be given by open_id or user_id lists; both are merged per node.
@@ -1979,16 +2058,21 @@ mod tests {
     }
 
     fn definition_body() -> Value {
+        let texts: Vec<Value> = ["deploy", "detail", "leads", "ops"]
+            .iter()
+            .map(|k| json!({"key": format!("@i18n@{k}"), "value": k}))
+            .collect();
         json!({
-            "approval_name": "Deploy",
+            "approval_name": "@i18n@deploy",
             "viewers": [{"viewer_type": "NONE"}],
-            "form": {"form_content": "[{\"id\":\"detail\",\"type\":\"textarea\",\"name\":\"Detail\"}]"},
+            "form": {"form_content": "[{\"id\":\"detail\",\"type\":\"textarea\",\"required\":true,\"name\":\"@i18n@detail\"}]"},
             "node_list": [
-                {"id": "START", "name": "Start"},
-                {"id": "n1", "name": "Leads", "node_type": "AND", "approver": [{"type": "Free"}]},
-                {"id": "n2", "name": "Ops", "node_type": "OR", "approver": [{"type": "Free"}]},
-                {"id": "END", "name": "End"}
-            ]
+                {"id": "START"},
+                {"id": "n1", "name": "@i18n@leads", "node_type": "AND", "approver": [{"type": "Free"}]},
+                {"id": "n2", "name": "@i18n@ops", "node_type": "OR", "approver": [{"type": "Free"}]},
+                {"id": "END"}
+            ],
+            "i18n_resources": [{"locale": "en-US", "is_default": true, "texts": texts}]
         })
     }
 
@@ -2270,20 +2354,59 @@ mod tests {
             .1["code"],
             1390001
         );
-        let mut body = definition_body();
-        body["form"]["form_content"] = json!("not json");
-        assert_eq!(
-            call(
+        // Display names are i18n keys the default locale defines; viewers are required.
+        let edits: [fn(&mut Value); 6] = [
+            |b| b["form"]["form_content"] = json!("not json"),
+            |b| b["approval_name"] = json!("Deploy"),
+            |b| b["node_list"][1]["name"] = json!("@i18n@missing"),
+            |b| b["i18n_resources"][0]["is_default"] = json!(false),
+            |b| {
+                b["form"]["form_content"] =
+                    json!(r#"[{"id":"detail","type":"textarea","name":"Detail"}]"#)
+            },
+            |b| b["viewers"] = json!([]),
+        ];
+        for (i, edit) in edits.iter().enumerate() {
+            let mut body = definition_body();
+            edit(&mut body);
+            let (_, v) = call(
                 &sim,
                 "POST",
                 "/open-apis/approval/v4/approvals",
                 Some(&t),
-                body
+                body,
             )
-            .await
-            .1["code"],
-            1390001
-        );
+            .await;
+            assert_eq!(v["code"], 1390001, "edit {i}: {v}");
+        }
+        // An instance fills the definition's widgets, the required ones with a value.
+        let (_, def) = call(
+            &sim,
+            "POST",
+            "/open-apis/approval/v4/approvals",
+            Some(&t),
+            definition_body(),
+        )
+        .await;
+        let code = def["data"]["approval_code"].as_str().unwrap();
+        for form in [
+            r#"[{"id":"details","type":"textarea","value":"x"}]"#,
+            r#"[{"id":"detail","type":"textarea","value":""}]"#,
+            "[]",
+        ] {
+            let mut body = instance_body(code, "u");
+            body["form"] = json!(form);
+            let (_, v) = call(
+                &sim,
+                "POST",
+                "/open-apis/approval/v4/instances",
+                Some(&t),
+                body,
+            )
+            .await;
+            assert_eq!(v["code"], 1390001, "{form}: {v}");
+        }
+        assert!(sim.state().instances.is_empty());
     }
 
     #[tokio::test]

@@ -29,7 +29,7 @@ use http_body_util::{BodyExt as _, Full};
 use rand::Rng as _;
 use serde_json::Value;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 /// What to do with an event after the plugin saw it.
@@ -207,6 +207,7 @@ async fn run_app(p: PersistentApp, dispatcher: Dispatcher, lease: Lease, options
     let mut failures: u32 = 0;
     let mut waiting_logged = false;
     loop {
+        let asked = Instant::now();
         match acquire(&lease).await {
             Ok(true) => waiting_logged = false,
             Ok(false) => {
@@ -231,7 +232,7 @@ async fn run_app(p: PersistentApp, dispatcher: Dispatcher, lease: Lease, options
         };
         let end = tokio::select! {
             end = run_session(&session, &mut hints) => end,
-            lost = keep_lease(&lease) => SessionEnd {
+            lost = keep_lease(&lease, asked) => SessionEnd {
                 connected: true,
                 asked_to_reconnect: false,
                 reason: lost,
@@ -255,17 +256,28 @@ async fn acquire(lease: &Lease) -> Result<bool> {
         .context("lease task failed")?
 }
 
-/// Renews the lease every third of its TTL; returns when it is lost.
-async fn keep_lease(lease: &Lease) -> String {
+/// Renews the lease (taken when `asked`) every third of its TTL; returns when it is lost, or
+/// about to lapse because renewals keep failing.
+async fn keep_lease(lease: &Lease, asked: Instant) -> String {
     let every = lease.ttl() / 3;
+    // Counted from before each request, so the store's expiry is never earlier than this.
+    let mut held_until = asked + lease.ttl();
     loop {
         tokio::time::sleep(every).await;
+        let asked = Instant::now();
         match acquire(lease).await {
-            Ok(true) => {}
+            Ok(true) => held_until = asked + lease.ttl(),
             Ok(false) => return "lease taken over by another host".into(),
             // A store hiccup is not a reason to drop a healthy connection yet: the lease stays
-            // ours until it expires, and the next renewal may succeed.
-            Err(e) => log!("lease renewal failed: {e:#}"),
+            // ours until it expires, and the next renewal may succeed. Once it would lapse
+            // before the next try, another host may take it and connect: two connections
+            // split the platform's events, and this one may not reach the store at all.
+            Err(e) => {
+                log!("lease renewal failed: {e:#}");
+                if Instant::now() + every >= held_until {
+                    return format!("lease about to expire, renewals failing: {e:#}");
+                }
+            }
         }
     }
 }
@@ -366,6 +378,38 @@ async fn post_json(url: &str, body: &Value) -> Result<(u16, Value)> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Grants the lease once, then fails every renewal (a replica cut off from Redis).
+    struct Unreachable(std::sync::atomic::AtomicBool);
+
+    impl LeaseStore for Unreachable {
+        fn try_acquire(&self, _: &str, _: &str, _: Duration) -> Result<bool> {
+            if self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                anyhow::bail!("store unreachable")
+            }
+            Ok(true)
+        }
+        fn release(&self, _: &str, _: &str) -> Result<()> {
+            Ok(())
+        }
+        fn holder(&self, _: &str) -> Result<Option<(String, u64)>> {
+            Ok(None)
+        }
+    }
+
+    /// A holder whose renewals fail gives the connection up before its lease can pass to
+    /// another host; it used to keep it for ever.
+    #[tokio::test]
+    async fn a_lease_that_cannot_be_renewed_ends_the_connection_before_it_lapses() {
+        let ttl = Duration::from_millis(600);
+        let lease = Lease::new(Arc::new(Unreachable(Default::default())), "t/a", "me", ttl);
+        let asked = Instant::now();
+        assert!(acquire(&lease).await.unwrap());
+        let reason = tokio::time::timeout(Duration::from_secs(30), keep_lease(&lease, asked))
+            .await
+            .expect("keep_lease gave up");
+        assert!(reason.contains("about to expire"), "{reason}");
+    }
 
     /// The endpoint's answer chunked and written in pieces, as a real gateway may send it.
     #[tokio::test]

@@ -262,6 +262,22 @@ async fn rejected_revoked_refresh_and_cancel() {
     let g = w.get(&sp3, true).await;
     assert_eq!(ok(&g)["status"], "canceled");
     assert_eq!(ok(&g)["decisions"][0]["user"], "u1");
+    // What the refresh found reaches the engine's outbox (the late callback would add
+    // nothing); a refresh that finds nothing new adds no record.
+    let outbox_for = |id: &str| -> Vec<Value> {
+        let store = w.h.host.store();
+        let records = store.outbox_list("t1", 0).unwrap();
+        records
+            .iter()
+            .map(|(_, r)| serde_json::from_slice::<Value>(r).unwrap()["approval"].clone())
+            .filter(|a| a["instance_id"] == id)
+            .collect()
+    };
+    let found = outbox_for(&sp3);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(&found[0], ok(&g));
+    assert_eq!(ok(&w.get(&sp3, true).await), ok(&g));
+    assert_eq!(outbox_for(&sp3).len(), 1);
 
     // cancel-approval: WeCom has no withdraw API; a clear error and no state change.
     let r4 = w.start("k-cancel").await;

@@ -337,7 +337,8 @@ impl Host {
         if inner.outbox.load(Ordering::Acquire)
             && let Some(app) = call.app()
         {
-            commit.outbox = outbox_records(&tenant.id, &app.id, &reply);
+            let refreshed = export == Export::GetApproval && !commit.writes.is_empty();
+            commit.outbox = outbox_records(&tenant.id, &app.id, &reply, refreshed);
         }
         // Every backend applies an empty commit without looking at it (nothing to write, so
         // nothing to validate); most calls (duplicates, refusals, reads) have one, and the
@@ -361,8 +362,9 @@ impl Host {
         })
     }
 
-    /// From now on, approval updates that callbacks and events return are appended to the
-    /// tenant's outbox in the same commit as the plugin's writes. The server turns this on.
+    /// From now on, approval updates that callbacks and events return (and approvals a
+    /// `get-approval` stored news for) are appended to the tenant's outbox in the same commit
+    /// as the plugin's writes. The server turns this on.
     pub fn enable_outbox(&self) {
         self.inner.outbox.store(true, Ordering::Release);
     }
@@ -435,12 +437,17 @@ fn conflict_reply(export: Export, runs: u32) -> Reply {
     }
 }
 
-/// The outbox records for the approvals a callback or event changed.
-fn outbox_records(tenant: &str, app_id: &str, reply: &Reply) -> Vec<Vec<u8>> {
+/// The outbox records for the approvals a callback or event changed, and for the one a
+/// `get-approval` returned when it wrote (`refreshed`: a refresh that found news stores it;
+/// the platform's late callback then changes nothing, so without this record an engine that
+/// learns of decisions only from the outbox would never hear of it). A write that was only
+/// a fetched token repeats an unchanged approval, which the engine must tolerate anyway.
+fn outbox_records(tenant: &str, app_id: &str, reply: &Reply, refreshed: bool) -> Vec<Vec<u8>> {
     use crate::json::Json as _;
     let updates = match reply {
         Reply::Callback(Ok(outcome)) => &outcome.updates,
         Reply::Event(Ok(updates)) => updates,
+        Reply::Approval(Ok(approval)) if refreshed => std::slice::from_ref(approval),
         _ => return Vec::new(),
     };
     updates

@@ -6,7 +6,8 @@
 //!   plugin's writes, before the answer goes out) and, when the tenant has an
 //!   `engine_webhook`, are POSTed there.
 //! - `POST /api/{tenant}/{app}/approvals` (body: approval-request)
-//! - `GET  /api/{tenant}/{app}/approvals/{instance-id}?refresh=true`
+//! - `GET  /api/{tenant}/{app}/approvals/{instance-id}?refresh=true` (an approval the refresh
+//!   changed goes to the outbox too)
 //! - `POST /api/{tenant}/{app}/approvals/{instance-id}/cancel` (body: `{"reason": ...}`)
 //! - `POST /api/{tenant}/notify` (body: `{"app_id": ..., "notification": ...}`)
 //! - `GET  /api/{tenant}/updates?after=N`: outbox records after `N`, acknowledging those up

@@ -435,7 +435,12 @@ impl State {
         });
     }
 
-    async fn api(&self, method: &Method, segs: &[&str], req: http::Request<Incoming>) -> Response {
+    async fn api(
+        self: &Arc<Self>,
+        method: &Method,
+        segs: &[&str],
+        req: http::Request<Incoming>,
+    ) -> Response {
         let query = req.uri().query().unwrap_or("").to_string();
         if let (&Method::GET, ["api", tenant, "updates"]) = (method, segs) {
             return self.updates(tenant, &query);
@@ -450,7 +455,13 @@ impl State {
             Err(reject) => return reject.into_response(),
         };
         match self.host.call(&tenant, &call).await {
-            Ok(reply) => json_response(StatusCode::OK, &json::reply_to_json(&reply)),
+            Ok(reply) => {
+                // A refresh may have put what it found in the outbox.
+                if matches!(call, Call::GetApproval { refresh: true, .. }) {
+                    self.spawn_delivery(&tenant);
+                }
+                json_response(StatusCode::OK, &json::reply_to_json(&reply))
+            }
             // The outermost message says what failed (trap, deadline); the host log has the rest.
             Err(e) => status_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         }

@@ -14,6 +14,8 @@
 //!   to `N` (for engines that poll instead of taking the webhook); 409 for an `N` past the
 //!   newest record's sequence number
 //!
+//! - `GET  /healthz`: 200 while the store answers a read, else 503
+//!
 //! The API answers `{"ok": ...}` / `{"err": ...}` exactly as `invoke` prints them.
 
 use crate::bindings::types::{
@@ -293,7 +295,7 @@ impl State {
             (_, ["callback", ..]) => {
                 status_json(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
-            (&Method::GET, ["healthz"]) => status_json(StatusCode::OK, "ok"),
+            (&Method::GET, ["healthz"]) => self.healthz().await,
             (_, ["api", tenant, ..]) => {
                 if !self.authorized(&req, tenant) {
                     return status_json(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
@@ -392,6 +394,26 @@ impl State {
                 log!("tenant={tenant} app={app_id} plugin returned an invalid HTTP response");
                 status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             })
+    }
+
+    /// 200 while the store answers a read, else 503 naming why. A server whose store fails
+    /// cannot take a callback, and the embedded store stays failed after an I/O error (a full
+    /// disk, say) until the process restarts: a supervisor restarts only what fails its
+    /// health check.
+    async fn healthz(&self) -> Response {
+        let store = self.host.store().clone();
+        // '#' cannot occur in a tenant id, so the probe reads no tenant's key.
+        match tokio::task::spawn_blocking(move || store.get("#health", "probe")).await {
+            Ok(Ok(_)) => status_json(StatusCode::OK, "ok"),
+            Ok(Err(e)) => status_json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("store unavailable: {e:#}"),
+            ),
+            Err(e) => status_json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("store probe failed: {e}"),
+            ),
+        }
     }
 
     /// Delivers the tenant's pending outbox records to its engine webhook, oldest first,

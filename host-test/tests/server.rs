@@ -383,6 +383,22 @@ async fn slow_and_idle_clients_are_cut_off() {
     server.shutdown().await;
 }
 
+/// `/healthz` reads the store, so a server that could not take a callback says so (503) and
+/// its supervisor can restart it; it used to answer "ok" whatever the store's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_while_the_store_cannot_be_read() {
+    let redis = imbridge_host::redis_server::RedisServer::start().expect("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), json!({"store": {"redis": redis.url()}})).await;
+    let (status, body) = request(server.addr(), "GET", "/healthz", "", b"").await;
+    assert_eq!(status, 200, "{body}");
+    drop(redis);
+    let (status, body) = request(server.addr(), "GET", "/healthz", "", b"").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("store unavailable"), "{body}");
+    server.shutdown().await;
+}
+
 /// A tenant's own token opens only that tenant; the server-wide token opens all.
 #[tokio::test]
 async fn tenant_tokens_open_only_their_tenant() {

@@ -24,7 +24,7 @@ use crate::persistent::LeaseStore;
 use anyhow::{Context as _, Result, anyhow, bail};
 use redis::{Connection, Script};
 use std::sync::{LazyLock, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const PREFIX: &str = "imbridge:";
 
@@ -32,6 +32,10 @@ pub const PREFIX: &str = "imbridge:";
 const MAX_IDLE: usize = 16;
 /// A Redis that does not answer within this is treated as down (the call fails, typed).
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// An idle connection older than this is PINGed before use: Redis may have restarted or
+/// closed it (its `timeout` setting) meanwhile, and a PING has no effect to repeat, unlike
+/// the commit that would otherwise fail on it.
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// KEYS: the read keys, then the write keys, then the outbox and its sequence key.
 /// ARGV: #reads, #writes, #records, then per read its SHA-1 hex ("" = absent), per write
@@ -94,7 +98,8 @@ return 0
 
 pub struct RedisStore {
     client: redis::Client,
-    idle: Mutex<Vec<Connection>>,
+    /// With when each was last used.
+    idle: Mutex<Vec<(Connection, Instant)>>,
     /// The URL without credentials, for the log.
     shown: String,
 }
@@ -120,23 +125,51 @@ impl RedisStore {
     /// Runs `f` on a pooled connection. A connection that saw any error is dropped rather
     /// than reused: it may be broken, or still WATCHing.
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut con = match pooled {
-            Some(c) => c,
-            None => {
+        let mut con = self.checkout()?;
+        match f(&mut con) {
+            Ok(out) => {
+                let mut idle = self.pool();
+                if idle.len() < MAX_IDLE {
+                    idle.push((con, Instant::now()));
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                // A dead socket means Redis restarted or failed over: the idle connections
+                // are as dead as this one, and each would fail one more call.
+                if is_connection_error(&e) {
+                    self.pool().clear();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn pool(&self) -> std::sync::MutexGuard<'_, Vec<(Connection, Instant)>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn checkout(&self) -> Result<Connection> {
+        loop {
+            let Some((mut con, since)) = self.pool().pop() else {
                 let c = self.client.get_connection_with_timeout(IO_TIMEOUT)?;
                 c.set_read_timeout(Some(IO_TIMEOUT))?;
                 c.set_write_timeout(Some(IO_TIMEOUT))?;
-                c
+                return Ok(c);
+            };
+            if since.elapsed() < CHECK_IDLE_AFTER
+                || redis::cmd("PING").query::<String>(&mut con).is_ok()
+            {
+                return Ok(con);
             }
-        };
-        let out = f(&mut con)?;
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(con);
+            self.pool().clear();
         }
-        Ok(out)
     }
+}
+
+fn is_connection_error(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<redis::RedisError>()
+        .is_some_and(|e| e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal())
 }
 
 /// `redis://user:secret@host/0` → `redis://…@host/0`.
@@ -385,6 +418,50 @@ mod tests {
             let store: Arc<dyn Backend> = Arc::new(store);
             store
         });
+    }
+
+    /// Redis dropping every client (a restart, a failover, its idle `timeout`) costs no call:
+    /// each idle connection used to fail the next call made on it.
+    #[test]
+    fn connections_redis_dropped_are_replaced_before_use() {
+        let server = crate::redis_server::RedisServer::start().expect("redis-server");
+        let store = RedisStore::open(&server.url()).unwrap();
+        // Three connections in the pool, all idle.
+        let held: Vec<Connection> = (0..3).map(|_| store.checkout().unwrap()).collect();
+        store
+            .pool()
+            .extend(held.into_iter().map(|c| (c, Instant::now())));
+        let mut admin = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query(&mut admin)
+            .unwrap();
+        assert!(killed >= 3, "{killed}");
+        std::thread::sleep(CHECK_IDLE_AFTER);
+        for i in 0..4 {
+            let w = vec![(format!("k{i}"), Some(b"v".to_vec()))];
+            store
+                .put("t", w)
+                .unwrap_or_else(|e| panic!("call {i}: {e:#}"));
+        }
+        assert_eq!(store.get("t", "k3").unwrap().as_deref(), Some(&b"v"[..]));
+        // Dropped while in use: the call on the first dead connection fails, and with it go
+        // the other idle ones, so no further call meets one.
+        let held: Vec<Connection> = (0..3).map(|_| store.checkout().unwrap()).collect();
+        store
+            .pool()
+            .extend(held.into_iter().map(|c| (c, Instant::now())));
+        let _: i64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query(&mut admin)
+            .unwrap();
+        let failed = (0..4)
+            .filter(|i| store.get("t", &format!("k{i}")).is_err())
+            .count();
+        assert!(failed <= 1, "{failed} calls failed");
     }
 
     #[test]

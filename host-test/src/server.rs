@@ -10,9 +10,10 @@
 //!   changed goes to the outbox too)
 //! - `POST /api/{tenant}/{app}/approvals/{instance-id}/cancel` (body: `{"reason": ...}`)
 //! - `POST /api/{tenant}/notify` (body: `{"app_id": ..., "notification": ...}`)
-//! - `GET  /api/{tenant}/updates?after=N`: outbox records after `N`, acknowledging those up
-//!   to `N` (for engines that poll instead of taking the webhook); 409 for an `N` past the
-//!   newest record's sequence number
+//! - `GET  /api/{tenant}/updates?after=N`: up to [`UPDATES_PAGE`] outbox records after `N`
+//!   (`"more": true` when there are others), acknowledging those up to `N` (for engines that
+//!   poll instead of taking the webhook); 409 for an `N` past the newest record's sequence
+//!   number
 //!
 //! - `GET  /healthz`: 200 while the store answers a read, else 503
 //!
@@ -43,6 +44,10 @@ use tokio::task::JoinHandle;
 
 /// Largest request body accepted; platforms' callbacks are a few KiB.
 pub const MAX_BODY: usize = 1 << 20;
+
+/// Most updates one `GET /updates` answer carries (`"more": true` says there are others), and
+/// the webhook delivery's batch: a long backlog must not be read into memory at once.
+pub const UPDATES_PAGE: usize = 1000;
 
 /// How often undelivered outbox records are retried.
 const REDELIVERY: Duration = Duration::from_secs(30);
@@ -434,23 +439,25 @@ impl State {
         tokio::spawn(async move {
             let _guard = lock.lock().await;
             let store = state.host.store().clone();
-            let pending = match store.outbox_list(&tenant, 0) {
-                Ok(p) => p,
-                Err(e) => return log!("tenant={tenant} outbox read failed: {e:#}"),
-            };
-            for (seq, record) in pending {
-                let mut body: Value = serde_json::from_slice(&record).unwrap_or(Value::Null);
-                if let Value::Object(m) = &mut body {
-                    m.insert("seq".into(), json!(seq));
-                }
-                match post_json(&url, &body).await {
-                    Ok(()) => {
-                        if let Err(e) = store.outbox_remove(&tenant, seq) {
-                            return log!("tenant={tenant} outbox remove failed: {e:#}");
+            loop {
+                let pending = match store.outbox_page(&tenant, 0, UPDATES_PAGE) {
+                    Ok(p) if p.is_empty() => return,
+                    Ok(p) => p,
+                    Err(e) => return log!("tenant={tenant} outbox read failed: {e:#}"),
+                };
+                for (seq, record) in pending {
+                    match post_json(&url, &with_seq(&record, seq)).await {
+                        // Oldest first, so every earlier record has gone out already.
+                        Ok(()) => {
+                            if let Err(e) = store.outbox_remove_through(&tenant, seq) {
+                                return log!("tenant={tenant} outbox remove failed: {e:#}");
+                            }
                         }
-                    }
-                    Err(e) => {
-                        return log!("tenant={tenant} webhook delivery of #{seq} failed: {e:#}");
+                        Err(e) => {
+                            return log!(
+                                "tenant={tenant} webhook delivery of #{seq} failed: {e:#}"
+                            );
+                        }
                     }
                 }
             }
@@ -595,33 +602,38 @@ impl State {
                 return status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
             }
         }
-        let result = (|| -> Result<Vec<Value>> {
-            for (seq, _) in store.outbox_list(tenant, 0)? {
-                if seq > after {
-                    break;
-                }
-                store.outbox_remove(tenant, seq)?;
+        let result = (|| -> Result<(Vec<Value>, bool)> {
+            if after > 0 {
+                store.outbox_remove_through(tenant, after)?;
             }
-            Ok(store
-                .outbox_list(tenant, after)?
+            let mut page = store.outbox_page(tenant, after, UPDATES_PAGE + 1)?;
+            let more = page.len() > UPDATES_PAGE;
+            page.truncate(UPDATES_PAGE);
+            let updates = page
                 .into_iter()
-                .map(|(seq, record)| {
-                    let mut v: Value = serde_json::from_slice(&record).unwrap_or(Value::Null);
-                    if let Value::Object(m) = &mut v {
-                        m.insert("seq".into(), json!(seq));
-                    }
-                    v
-                })
-                .collect())
+                .map(|(seq, record)| with_seq(&record, seq))
+                .collect();
+            Ok((updates, more))
         })();
         match result {
-            Ok(updates) => json_response(StatusCode::OK, &json!({"updates": updates})),
+            Ok((updates, more)) => {
+                json_response(StatusCode::OK, &json!({"updates": updates, "more": more}))
+            }
             Err(e) => {
                 log!("tenant={tenant} outbox read failed: {e:#}");
                 status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             }
         }
     }
+}
+
+/// An outbox record as the engine gets it: the update with its sequence number.
+fn with_seq(record: &[u8], seq: u64) -> Value {
+    let mut v: Value = serde_json::from_slice(record).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("seq".into(), json!(seq));
+    }
+    v
 }
 
 /// A request the API turns away before calling the plugin.

@@ -94,9 +94,40 @@ async fn callback_route_answers_and_records_updates() {
     // Acknowledging up to 1 empties the outbox.
     let (_, body) = request(addr, "GET", "/api/acme/updates?after=1", "", b"").await;
     assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap()["updates"],
-        json!([])
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"updates": [], "more": false})
     );
+    // A backlog comes in pages, and one call acknowledges everything up to its cursor.
+    let backlog = imbridge_host::store::Commit {
+        outbox: (0..server::UPDATES_PAGE + 1)
+            .map(|i| json!({"n": i}).to_string().into_bytes())
+            .collect(),
+        ..Default::default()
+    };
+    let store = server.host().store();
+    store.commit("acme", backlog).unwrap();
+    let page = |after: usize| async move {
+        let path = format!("/api/acme/updates?after={after}");
+        let (status, body) = request(addr, "GET", &path, "", b"").await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    let first = page(1).await;
+    let updates = first["updates"].as_array().unwrap();
+    assert_eq!(
+        (updates.len(), &first["more"]),
+        (server::UPDATES_PAGE, &json!(true))
+    );
+    assert_eq!(
+        (&updates[0]["seq"], &updates[0]["n"]),
+        (&json!(2), &json!(0))
+    );
+    let last = server::UPDATES_PAGE + 1;
+    assert_eq!(updates[server::UPDATES_PAGE - 1]["seq"], last);
+    let second = page(last).await;
+    assert_eq!(second["updates"].as_array().unwrap().len(), 1);
+    assert_eq!(second["more"], false);
+    assert_eq!(store.outbox_list("acme", 0).unwrap().len(), 1);
 
     for path in ["/callback/acme/nope", "/callback/nobody/a1", "/elsewhere"] {
         let (status, _) = request(addr, "POST", path, "", b"{}").await;

@@ -193,23 +193,27 @@ impl Backend for Store {
         Ok(new)
     }
 
-    fn outbox_list(&self, tenant: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+    fn outbox_page(&self, tenant: &str, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(OUTBOX)?;
         let Some(start) = after.checked_add(1) else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
-        for entry in table.range((tenant, start)..=(tenant, u64::MAX))? {
+        for entry in table
+            .range((tenant, start)..=(tenant, u64::MAX))?
+            .take(limit)
+        {
             let (k, v) = entry?;
             out.push((k.value().1, v.value().to_vec()));
         }
         Ok(out)
     }
 
-    fn outbox_remove(&self, tenant: &str, seq: u64) -> Result<()> {
+    fn outbox_remove_through(&self, tenant: &str, seq: u64) -> Result<()> {
         let txn = self.db.begin_write()?;
-        txn.open_table(OUTBOX)?.remove((tenant, seq))?;
+        txn.open_table(OUTBOX)?
+            .retain_in((tenant, 0)..=(tenant, seq), |_, _| false)?;
         txn.commit()?;
         Ok(())
     }

@@ -103,7 +103,7 @@ impl Backend for MemoryStore {
         Ok(new)
     }
 
-    fn outbox_list(&self, tenant: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+    fn outbox_page(&self, tenant: &str, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
         let Some(start) = after.checked_add(1) else {
             return Ok(Vec::new());
         };
@@ -111,12 +111,15 @@ impl Backend for MemoryStore {
         Ok(state
             .outbox
             .range((tenant.to_string(), start)..=(tenant.to_string(), u64::MAX))
+            .take(limit)
             .map(|((_, seq), r)| (*seq, r.clone()))
             .collect())
     }
 
-    fn outbox_remove(&self, tenant: &str, seq: u64) -> Result<()> {
-        self.lock().outbox.remove(&(tenant.to_string(), seq));
+    fn outbox_remove_through(&self, tenant: &str, seq: u64) -> Result<()> {
+        self.lock()
+            .outbox
+            .retain(|(t, s), _| t != tenant || *s > seq);
         Ok(())
     }
 

@@ -90,10 +90,16 @@ pub trait Backend: LeaseStore {
         delta: u64,
         pending: Option<Option<&[u8]>>,
     ) -> Result<u64>;
-    /// The outbox records of a tenant with sequence number above `after`, oldest first.
-    fn outbox_list(&self, tenant: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>>;
-    /// Removes a delivered outbox record.
-    fn outbox_remove(&self, tenant: &str, seq: u64) -> Result<()>;
+    /// At most `limit` outbox records of a tenant with sequence number above `after`, oldest
+    /// first.
+    fn outbox_page(&self, tenant: &str, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>>;
+    /// All of them.
+    fn outbox_list(&self, tenant: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.outbox_page(tenant, after, usize::MAX)
+    }
+    /// Removes the records up to and including `seq` (delivered or acknowledged), in one
+    /// step: acknowledging a long backlog must not cost one durable transaction per record.
+    fn outbox_remove_through(&self, tenant: &str, seq: u64) -> Result<()>;
     /// The last sequence number given out for the tenant's outbox (0 before the first).
     fn outbox_last_seq(&self, tenant: &str) -> Result<u64>;
     /// Where the state lives, for the log (no credentials).
@@ -256,9 +262,11 @@ pub(crate) mod conformance {
         assert_eq!(s.outbox_list("t", 1).unwrap(), [(2, b"two".to_vec())]);
         assert_eq!(s.outbox_list("u", 0).unwrap(), [(1, b"x".to_vec())]);
         assert_eq!(s.outbox_last_seq("t").unwrap(), 2);
-        s.outbox_remove("t", 1).unwrap();
+        assert_eq!(s.outbox_page("t", 0, 1).unwrap(), [(1, b"one".to_vec())]);
+        assert!(s.outbox_page("t", 0, 0).unwrap().is_empty());
+        s.outbox_remove_through("t", 1).unwrap();
         assert_eq!(s.outbox_list("t", 0).unwrap(), [(2, b"two".to_vec())]);
-        s.outbox_remove("t", 2).unwrap();
+        s.outbox_remove_through("t", 2).unwrap();
         // Removing records does not take their numbers back.
         assert_eq!(s.outbox_last_seq("t").unwrap(), 2);
         push("t", b"three");
@@ -267,6 +275,11 @@ pub(crate) mod conformance {
         assert_eq!(s.outbox_last_seq("t").unwrap(), 3);
         assert_eq!(s.outbox_last_seq("u").unwrap(), 1);
         assert_eq!(s.outbox_last_seq("nobody").unwrap(), 0);
+        // Through a number past the records, and only the tenant's own.
+        push("t", b"four");
+        s.outbox_remove_through("t", 100).unwrap();
+        assert!(s.outbox_list("t", 0).unwrap().is_empty());
+        assert_eq!(s.outbox_list("u", 0).unwrap(), [(1, b"x".to_vec())]);
     }
 
     /// Leases: one owner at a time, renewals, release, expiry by the store's own clock.

@@ -310,14 +310,16 @@ impl Backend for RedisStore {
         })
     }
 
-    fn outbox_list(&self, tenant: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+    fn outbox_page(&self, tenant: &str, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
         let key = format!("{}outbox", ns_prefix(tenant)?);
         let members: Vec<Vec<u8>> = self.with(|c| {
-            Ok(redis::cmd("ZRANGEBYSCORE")
-                .arg(&key)
-                .arg(format!("({after}"))
-                .arg("+inf")
-                .query(c)?)
+            let mut cmd = redis::cmd("ZRANGEBYSCORE");
+            cmd.arg(&key).arg(format!("({after}")).arg("+inf");
+            // A negative count means all.
+            cmd.arg("LIMIT")
+                .arg(0)
+                .arg(i64::try_from(limit).unwrap_or(-1));
+            Ok(cmd.query(c)?)
         })?;
         members
             .into_iter()
@@ -342,12 +344,12 @@ impl Backend for RedisStore {
         Ok(last.unwrap_or(0))
     }
 
-    fn outbox_remove(&self, tenant: &str, seq: u64) -> Result<()> {
+    fn outbox_remove_through(&self, tenant: &str, seq: u64) -> Result<()> {
         let key = format!("{}outbox", ns_prefix(tenant)?);
         self.with(|c| {
             Ok(redis::cmd("ZREMRANGEBYSCORE")
                 .arg(&key)
-                .arg(seq)
+                .arg("-inf")
                 .arg(seq)
                 .exec(c)?)
         })

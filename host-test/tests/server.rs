@@ -285,17 +285,22 @@ async fn engine_webhook(
     (addr, rx)
 }
 
-#[tokio::test]
-async fn updates_are_posted_to_the_engine_webhook() {
-    let dir = tempfile::tempdir().unwrap();
-    let (hook, mut received) = engine_webhook(0).await;
-    let server = start(
-        dir.path(),
+/// The server with tenant acme's updates going to `hook`.
+async fn start_with_webhook(dir: &Path, hook: SocketAddr) -> ServerHandle {
+    start(
+        dir,
         json!({"tenants": [{"id": "acme", "engine_webhook": format!("http://{hook}/imbridge"),
             "apps": [{"id": "a1", "platform": "feishu", "app_id": "cli_x",
                       "app_secret": "s3cr3t"}]}]}),
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn updates_are_posted_to_the_engine_webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, mut received) = engine_webhook(0).await;
+    let server = start_with_webhook(dir.path(), hook).await;
     let (status, _) = request(server.addr(), "POST", "/callback/acme/a1", "", b"{}").await;
     assert_eq!(status, 200);
     let update = tokio::time::timeout(std::time::Duration::from_secs(10), received.recv())
@@ -337,13 +342,7 @@ async fn updates_are_posted_to_the_engine_webhook() {
 async fn a_failed_delivery_is_kept_and_redelivered_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let (hook, mut received) = engine_webhook(1).await;
-    let server = start(
-        dir.path(),
-        json!({"tenants": [{"id": "acme", "engine_webhook": format!("http://{hook}/imbridge"),
-            "apps": [{"id": "a1", "platform": "feishu", "app_id": "cli_x",
-                      "app_secret": "s3cr3t"}]}]}),
-    )
-    .await;
+    let server = start_with_webhook(dir.path(), hook).await;
     let mut next = async || {
         tokio::time::timeout(std::time::Duration::from_secs(10), received.recv())
             .await

@@ -998,15 +998,9 @@ pub(crate) mod tests {
         };
         let c = create(&env, &app, &request(), "x").unwrap();
         assert_eq!(c.instance_id, "inst-1");
-        let n = Notification {
-            target: Target::Users((0..101).map(|i| UserRef::Id(format!("u{i}"))).collect()),
-            title: "t".into(),
-            markdown: "m".into(),
-            level: crate::model::Level::Info,
-            link: None,
-            mentions: vec![],
-            mention_all: false,
-        };
+        let n = note(Target::Users(
+            (0..101).map(|i| UserRef::Id(format!("u{i}"))).collect(),
+        ));
         assert_eq!(
             send_message(&env, &app, &n).unwrap().message_id.as_deref(),
             Some("7,7")

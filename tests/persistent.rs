@@ -3,6 +3,7 @@
 //! official Feishu Node SDK's long-connection client against the same simulator.
 
 use imbridge_host::config::ServeConfig;
+use imbridge_host::persistent::dingtalk::ack;
 use imbridge_host::persistent::feishu::{Frame, METHOD_CONTROL, METHOD_DATA};
 use imbridge_host::persistent::{self, Lease, LeaseStore, Options};
 use imbridge_host::server::{ServerHandle, serve_with_persistent};
@@ -294,8 +295,16 @@ async fn dingtalk_stream_end_to_end() {
     let server = serve(h, app_json, &stream.base_url(), "host-a").await;
     let key = dt.key.as_str();
     until("connected", 10, || stream.live(key) == 1).await;
+    // Asked for JSON (the gateway answers XML otherwise), then dialled with the ticket.
+    let open = &stream.open_requests()[0];
+    assert_eq!(open.accept.as_deref(), Some("application/json"), "{open:?}");
+    let ticket = open.ticket.as_deref().expect("ticket issued");
+    assert_eq!(
+        stream.stats(key).targets,
+        [format!("/connect?ticket={ticket}")]
+    );
 
-    assert!(stream.ping(key));
+    assert!(stream.ping(key).is_some());
     until("ping answered", 10, || stream.stats(key).pings == 1).await;
 
     let id = dt.start("wf-9").await;
@@ -419,20 +428,29 @@ async fn dingtalk_event_whose_ack_is_lost_is_redelivered_on_a_timer_and_applied_
     server.shutdown().await;
 }
 
-/// The official Feishu Node SDK's long-connection client (`WSClient` + `EventDispatcher` from
-/// `@larksuiteoapi/node-sdk`, run by `tests/interop/feishu_ws_client.mjs`) as a live peer.
+/// An official Node SDK run by one of the scripts in `tests/interop` as a live peer: the
+/// Feishu SDK's long-connection client (`WSClient` + `EventDispatcher` from
+/// `@larksuiteoapi/node-sdk`, `feishu_ws_client.mjs`) or the DingTalk Stream SDK (`DWClient`
+/// from `dingtalk-stream`, `dingtalk_stream_client.mjs`).
 struct NodeSdk {
     child: tokio::process::Child,
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    /// `{"heartbeat": n}` lines seen so far (keepalive pongs), which `next` skips.
+    heartbeats: usize,
 }
 
 impl NodeSdk {
     /// Fails (never skips) when node or the SDK is missing, naming the install step.
     fn start(domain: &str, app_id: &str, secret: &str, fail_once: &str) -> NodeSdk {
+        NodeSdk::run("feishu_ws_client.mjs", &[domain, app_id, secret, fail_once])
+    }
+
+    fn run(script: &str, args: &[&str]) -> NodeSdk {
         use tokio::io::AsyncBufReadExt as _;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("interop");
         let mut cmd = tokio::process::Command::new("node");
-        cmd.args(["feishu_ws_client.mjs", domain, app_id, secret, fail_once])
+        cmd.arg(script)
+            .args(args)
             .current_dir(dir)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -450,17 +468,38 @@ impl NodeSdk {
         NodeSdk {
             child,
             lines: tokio::io::BufReader::new(stdout).lines(),
+            heartbeats: 0,
         }
     }
 
-    /// The next JSON line the SDK script printed (`what` we wait for, for the failure).
-    async fn next(&mut self, what: &str) -> Value {
+    async fn line(&mut self, what: &str) -> Value {
         let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
             .await
             .unwrap_or_else(|_| panic!("the SDK printed nothing for 30 s: {what}"))
             .expect("reading the SDK's output")
             .expect("the SDK script exited; is it installed? npm ci --prefix tests/interop");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("SDK printed {line:?}: {e}"))
+    }
+
+    /// The next JSON line the SDK script printed (`what` we wait for, for the failure),
+    /// heartbeats aside.
+    async fn next(&mut self, what: &str) -> Value {
+        loop {
+            let v = self.line(what).await;
+            if v.get("heartbeat").is_none() {
+                return v;
+            }
+            self.heartbeats += 1;
+        }
+    }
+
+    /// Waits until the SDK reported `n` keepalive pongs; nothing else may come meanwhile.
+    async fn heartbeats(&mut self, n: usize) {
+        while self.heartbeats < n {
+            let v = self.line("a keepalive pong").await;
+            assert!(v.get("heartbeat").is_some(), "unexpected {v}");
+            self.heartbeats += 1;
+        }
     }
 
     /// Closes its stdin: the script closes the client and exits.
@@ -641,5 +680,140 @@ async fn official_node_sdk_and_the_host_speak_the_same_long_connection_frames() 
     assert_eq!(
         host_acks,
         [(m4, 200, LogId::Exact), (m5, 200, LogId::Exact)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_dingtalk_stream_sdk_opens_acks_and_answers_pings_as_the_host_does() {
+    let dt = dingtalk().await;
+    let (stream, key) = (&dt.stream, dt.key.as_str());
+    let secret = dt.app["app_secret"].as_str().unwrap();
+    // Short, so the event the SDK answers LATER comes again soon.
+    stream.set_redeliver_after(Duration::from_secs(1));
+    let id = dt.start("wf-sdk").await;
+    // Only the decisions below go to the SDK: each produces a known set of events.
+    dt.sim.discard_events();
+
+    let mut sdk = NodeSdk::run(
+        "dingtalk_stream_client.mjs",
+        &[&stream.base_url(), key, secret, "bpms_task_change"],
+    );
+    let ready = sdk.next("ready").await;
+    assert_eq!(ready["ready"], true, "{ready}");
+    assert!(ready["sdk_version"].is_string(), "{ready}");
+    // The gateway URL the SDK has built in; the host's default base and path are the same.
+    assert_eq!(
+        ready["gateway_url"],
+        "https://api.dingtalk.com/v1.0/gateway/connections/open"
+    );
+    until("SDK connected", 10, || stream.live(key) == 1).await;
+
+    // connections/open: accepted, asked for JSON, with the SDK's default subscription.
+    let opens = stream.open_requests();
+    assert_eq!(opens.len(), 1, "{opens:?}");
+    let open = &opens[0];
+    assert_eq!(open.status, 200, "{open:?}");
+    assert_eq!(open.accept.as_deref(), Some("application/json"), "{open:?}");
+    assert_eq!(open.content_type.as_deref(), Some("application/json"));
+    assert_eq!(
+        open.body,
+        json!({"clientId": key, "clientSecret": secret, "ua": "",
+            "subscriptions": [{"type": "EVENT", "topic": "*"}]})
+    );
+    // The socket was dialled at the endpoint with the ticket that answer issued.
+    let ticket = open.ticket.clone().expect("a ticket issued");
+    assert_eq!(
+        stream.stats(key).targets,
+        [format!("/connect?ticket={ticket}")]
+    );
+
+    // A SYSTEM ping is answered.
+    let ping = stream.ping(key).expect("SDK connected");
+    until("ping answered", 10, || stream.stats(key).pings == 1).await;
+
+    // An approval event: the listener answers LATER, the gateway pushes it again once the
+    // ack is overdue, and the second attempt is acked SUCCESS.
+    dt.sim.decide(&id, "a", true, "ok").await.unwrap();
+    let first = sdk.next("a's decision").await;
+    assert_eq!(
+        (first["event"].as_str(), first["attempt"].as_i64()),
+        (Some("bpms_task_change"), Some(1))
+    );
+    let data = &first["data"];
+    assert_eq!(data["processInstanceId"], id.as_str(), "{first}");
+    assert_eq!(
+        (&data["type"], &data["staffId"], &data["result"]),
+        (&json!("finish"), &json!("a"), &json!("agree"))
+    );
+    let m_a = first["message_id"].as_str().unwrap().to_string();
+    let second = sdk.next("the redelivery").await;
+    assert_eq!(
+        (second["attempt"].as_i64(), second["message_id"].as_str()),
+        (Some(2), Some(m_a.as_str())),
+        "{second}"
+    );
+    until("a acked", 10, || stream.stats(key).acks.contains(&m_a)).await;
+    // Long again: one delivery per event from here on, even on a slow machine.
+    stream.set_redeliver_after(Duration::from_secs(60));
+
+    // b's decision ends the instance: a task event, then the instance event.
+    dt.sim.decide(&id, "b", true, "").await.unwrap();
+    let task = sdk.next("b's decision").await;
+    assert_eq!(
+        (task["event"].as_str(), task["data"]["staffId"].as_str()),
+        (Some("bpms_task_change"), Some("b"))
+    );
+    let done = sdk.next("the instance's end").await;
+    assert_eq!(done["event"], "bpms_instance_change", "{done}");
+    assert_eq!(
+        (&done["data"]["type"], &done["data"]["result"]),
+        (&json!("finish"), &json!("agree"))
+    );
+    let m_b = task["message_id"].as_str().unwrap().to_string();
+    let m_end = done["message_id"].as_str().unwrap().to_string();
+    until("all acked", 10, || stream.pending(key) == 0).await;
+
+    // keepAlive: the SDK pings at the WebSocket level every 8 s and drops the connection
+    // when a pong is missing; one pong back means the simulator answers them.
+    sdk.heartbeats(1).await;
+    let stats = stream.stats(key);
+    assert_eq!(stats.connects, 1, "{stats:?}");
+    assert_eq!(stats.nacks, std::slice::from_ref(&m_a), "{stats:?}");
+    assert!(stats.redelivered.contains(&m_a), "{stats:?}");
+    assert_eq!(stats.acks, [m_a.clone(), m_b.clone(), m_end.clone()]);
+    sdk.stop().await;
+
+    // Frame for frame: the event acks are the host's (`persistent::dingtalk::ack`, the same
+    // messageId, code 200, `{"status":"SUCCESS"}` as data), the LATER answer aside.
+    let frames: Vec<Value> = stream
+        .client_frames(key)
+        .iter()
+        .map(|f| serde_json::from_str(f).expect("client frames are JSON"))
+        .collect();
+    let host_ack = |id: &str| ack(id, r#"{"status":"SUCCESS"}"#);
+    let ping_frame = stream.sent_frame(&ping).unwrap();
+    let expected = [
+        // The SDK echoes all of the ping's headers where the host sends contentType and
+        // messageId only; the simulator (like DingTalk) matches on messageId and data.
+        json!({"code": 200, "headers": ping_frame["headers"], "message": "OK",
+            "data": ping_frame["data"]}),
+        ack(&m_a, r#"{"status":"LATER","message":"try again later"}"#),
+        host_ack(&m_a),
+        host_ack(&m_b),
+        host_ack(&m_end),
+    ];
+    assert_eq!(frames, expected);
+    let host_pong = ack(&ping, ping_frame["data"].as_str().unwrap());
+    assert_eq!(
+        (
+            &host_pong["code"],
+            &host_pong["headers"]["messageId"],
+            &host_pong["data"]
+        ),
+        (
+            &frames[0]["code"],
+            &frames[0]["headers"]["messageId"],
+            &frames[0]["data"]
+        )
     );
 }

@@ -348,6 +348,8 @@ async fn post_json(url: &str, body: &Value) -> Result<(u16, Value)> {
     let request = http::Request::post(uri)
         .header(http::header::HOST, authority)
         .header(http::header::CONTENT_TYPE, "application/json")
+        // DingTalk's gateway answers XML without it (its official SDKs all send it).
+        .header(http::header::ACCEPT, "application/json")
         .header("locale", "zh")
         .header(http::header::USER_AGENT, "imbridge-host")
         .body(body)?;
@@ -419,6 +421,7 @@ mod tests {
             "http://{}/callback/ws/endpoint",
             listener.local_addr().unwrap()
         );
+        let (head_tx, head_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let (mut sock, _) = listener.accept().await.unwrap();
             let mut buf = vec![0u8; 4096];
@@ -427,6 +430,7 @@ mod tests {
                 let n = sock.read(&mut buf).await.unwrap();
                 got.extend_from_slice(&buf[..n]);
             }
+            let _ = head_tx.send(String::from_utf8_lossy(&got).to_ascii_lowercase());
             let pieces: [&[u8]; 4] = [
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
                 b"8\r\n{\"code\":\r\n",
@@ -449,5 +453,7 @@ mod tests {
         .unwrap();
         assert_eq!(status, 200);
         assert_eq!(json, serde_json::json!({"code": 0}));
+        let head = head_rx.await.unwrap();
+        assert!(head.contains("\r\naccept: application/json\r\n"), "{head}");
     }
 }

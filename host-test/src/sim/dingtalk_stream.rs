@@ -3,8 +3,11 @@
 //!
 //! Events go out as `EVENT` frames (`headers.eventType`, `data` = the event JSON as a string)
 //! and stay queued until acked with `{"status": "SUCCESS"}`; un-acked events are redelivered
-//! on reconnect and when their ack is overdue ([`DingtalkStreamSim::set_redeliver_after`]). Tests can send `SYSTEM` pings (answered with the same `messageId`), ask the
-//! client to reconnect (`disconnect`), or drop the connection. [`DingtalkStreamSim::attach`]
+//! on reconnect and when their ack is overdue ([`DingtalkStreamSim::set_redeliver_after`]).
+//! Tests can send `SYSTEM` pings (answered with code 200, the same `messageId` and the same
+//! `data`), ask the client to reconnect (`disconnect`), or drop the connection, and read back
+//! what clients sent ([`DingtalkStreamSim::open_requests`], [`DingtalkStreamSim::client_frames`],
+//! [`DingtalkStreamSim::sent_frame`]) to compare clients. [`DingtalkStreamSim::attach`]
 //! routes a [`DingtalkSim`]'s approval events here instead of to a callback URL.
 
 use super::dingtalk::DingtalkSim;
@@ -17,15 +20,44 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
+
+/// One `POST /v1.0/gateway/connections/open` as received, with the answer's HTTP status and
+/// the ticket it issued (`None` when refused).
+#[derive(Debug, Clone)]
+pub struct OpenRequest {
+    /// The `Accept` header: the gateway answers XML unless asked for JSON.
+    pub accept: Option<String>,
+    pub content_type: Option<String>,
+    /// The body as JSON (`Null` when it was not JSON).
+    pub body: Value,
+    pub status: u16,
+    pub ticket: Option<String>,
+}
+
+/// Everything that crossed the simulator, for comparing clients' behaviour.
+#[derive(Default)]
+struct Log {
+    opens: Vec<OpenRequest>,
+    /// Frames sent (events and pings), per message id.
+    sent: HashMap<String, Value>,
+    /// Text messages received, per app, as the client wrote them.
+    received: HashMap<String, Vec<String>>,
+}
 
 struct Inner {
     /// clientId (AppKey) → clientSecret.
     apps: HashMap<String, String>,
     hub: Arc<Hub>,
     ws_addr: SocketAddr,
+    log: Mutex<Log>,
+}
+
+impl Inner {
+    fn log(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A running Stream gateway; stops when dropped.
@@ -58,8 +90,12 @@ impl DingtalkStreamSim {
                 .collect(),
             hub: hub.clone(),
             ws_addr,
+            log: Mutex::default(),
         });
-        let on_message: OnMessage = Arc::new(on_client_message);
+        let on_message: OnMessage = {
+            let inner = inner.clone();
+            Arc::new(move |hub, app, _tx, m| on_client_message(&inner, hub, app, m))
+        };
         let accept = hub.serve(listener, on_message);
         let handler_inner = inner.clone();
         let handler: Handler = Arc::new(move |req: Request| {
@@ -95,15 +131,25 @@ impl DingtalkStreamSim {
         sim.set_event_sink(app_key, Some(sink));
     }
 
-    /// Sends a `SYSTEM` ping; the answer is counted in [`ConnStats::pings`].
-    pub fn ping(&self, app_key: &str) -> bool {
+    /// Sends a `SYSTEM` ping; an answer with code 200, its `messageId` and its `data` is
+    /// counted in [`ConnStats::pings`]. Returns the ping's message id, `None` when the app
+    /// has no connection.
+    pub fn ping(&self, app_key: &str) -> Option<String> {
+        let message_id = id();
         let frame = json!({"specVersion": "1.0", "type": "SYSTEM",
-            "headers": {"contentType": "application/json", "messageId": id(), "topic": "ping",
-                        "time": now_ms().to_string()},
+            "headers": {"contentType": "application/json", "messageId": message_id,
+                        "topic": "ping", "time": now_ms().to_string()},
             "data": json!({"opaque": id()}).to_string()});
+        // Logged first: the answer may come back before `send` returns.
         self.inner
+            .log()
+            .sent
+            .insert(message_id.clone(), frame.clone());
+        let sent = self
+            .inner
             .hub
-            .send(app_key, Message::Text(frame.to_string().into()))
+            .send(app_key, Message::Text(frame.to_string().into()));
+        sent.then_some(message_id)
     }
 
     /// Tells the client the server will close soon (it should reconnect).
@@ -142,6 +188,26 @@ impl DingtalkStreamSim {
     pub fn lose_acks(&self, app_key: &str, n: usize) {
         self.inner.hub.lose_acks(app_key, n);
     }
+
+    /// Every `connections/open` request, in order.
+    pub fn open_requests(&self) -> Vec<OpenRequest> {
+        self.inner.log().opens.clone()
+    }
+
+    /// The frame (event or ping) the simulator sent as message `message_id`.
+    pub fn sent_frame(&self, message_id: &str) -> Option<Value> {
+        self.inner.log().sent.get(message_id).cloned()
+    }
+
+    /// Every text message the app's clients sent (acks, ping answers), as received.
+    pub fn client_frames(&self, app_key: &str) -> Vec<String> {
+        self.inner
+            .log()
+            .received
+            .get(app_key)
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 fn now_ms() -> u64 {
@@ -167,6 +233,7 @@ fn push_event(inner: &Inner, app_key: &str, event: &Value) -> String {
         },
         "data": data.to_string(),
     });
+    inner.log().sent.insert(message_id.clone(), frame.clone());
     inner.hub.enqueue(
         app_key,
         &message_id,
@@ -176,53 +243,98 @@ fn push_event(inner: &Inner, app_key: &str, event: &Value) -> String {
 }
 
 fn open(inner: &Inner, req: Request) -> Response {
-    if req.method != "POST" || req.path != "/v1.0/gateway/connections/open" {
-        return Response::json(404, &json!({"code": "NotFound", "message": "not found"}));
-    }
     let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    let (response, ticket) = answer_open(inner, &req, &body);
+    inner.log().opens.push(OpenRequest {
+        accept: req.header("accept").map(String::from),
+        content_type: req.header("content-type").map(String::from),
+        body,
+        status: response.status,
+        ticket,
+    });
+    response
+}
+
+fn answer_open(inner: &Inner, req: &Request, body: &Value) -> (Response, Option<String>) {
+    if req.method != "POST" || req.path != "/v1.0/gateway/connections/open" {
+        let r = Response::json(404, &json!({"code": "NotFound", "message": "not found"}));
+        return (r, None);
+    }
     let (Some(id), Some(secret)) = (body["clientId"].as_str(), body["clientSecret"].as_str())
     else {
-        return Response::json(
+        let r = Response::json(
             400,
             &json!({"code": "InvalidParameter", "message": "missing"}),
         );
+        return (r, None);
     };
     if inner.apps.get(id).map(String::as_str) != Some(secret) {
-        return Response::json(
+        let r = Response::json(
             401,
             &json!({"code": "InvalidAuthentication", "message": "bad client"}),
         );
+        return (r, None);
     }
     let subscribed = body["subscriptions"]
         .as_array()
         .is_some_and(|s| s.iter().any(|x| x["type"] == "EVENT" && x["topic"] == "*"));
     if !subscribed {
-        return Response::json(
+        let r = Response::json(
             400,
             &json!({"code": "InvalidParameter", "message": "subscriptions"}),
         );
+        return (r, None);
     }
     let ticket = inner.hub.issue_ticket(id);
-    Response::json(
-        200,
-        &json!({"endpoint": format!("ws://{}/connect", inner.ws_addr), "ticket": ticket}),
-    )
+    let endpoint = format!("ws://{}/connect", inner.ws_addr);
+    // The gateway answers XML unless asked for JSON: both official SDKs (Node `dingtalk-stream`,
+    // Python `dingtalk-stream`) send `Accept: application/json`, the Node one saying so.
+    let wants_json = req
+        .header("accept")
+        .is_some_and(|a| a.contains("application/json"));
+    let r = if wants_json {
+        Response::json(200, &json!({"endpoint": endpoint, "ticket": ticket}))
+    } else {
+        Response {
+            status: 200,
+            headers: vec![(
+                "Content-Type".into(),
+                "application/xml;charset=utf-8".into(),
+            )],
+            body: format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+                 <ConnectionOpenResponse><endpoint>{endpoint}</endpoint>\
+                 <ticket>{ticket}</ticket></ConnectionOpenResponse>"
+            )
+            .into_bytes(),
+        }
+    };
+    (r, Some(ticket))
 }
 
-fn on_client_message(hub: &Hub, app: &str, _tx: &mpsc::UnboundedSender<Message>, m: Message) {
+fn on_client_message(inner: &Inner, hub: &Hub, app: &str, m: Message) {
     let Message::Text(text) = m else { return };
+    inner
+        .log()
+        .received
+        .entry(app.into())
+        .or_default()
+        .push(text.to_string());
     let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else {
         return;
     };
     let id = v["headers"]["messageId"].as_str().unwrap_or("");
+    let sent = inner.log().sent.get(id).cloned();
+    if let Some(ping) = sent.filter(|f| f["type"] == "SYSTEM") {
+        // A ping is answered when its data comes back under its messageId with code 200.
+        if v["code"] == 200 && v["data"] == ping["data"] {
+            hub.count_ping(app);
+        }
+        return;
+    }
     let data: Value = v["data"]
         .as_str()
         .and_then(|d| serde_json::from_str(d).ok())
         .unwrap_or(Value::Null);
-    if data.get("opaque").is_some() {
-        // The answer to a SYSTEM ping echoes its data.
-        hub.count_ping(app);
-    } else {
-        hub.answer(app, id, v["code"] == 200 && data["status"] == "SUCCESS");
-    }
+    hub.answer(app, id, v["code"] == 200 && data["status"] == "SUCCESS");
 }

@@ -40,6 +40,8 @@ pub struct ConnStats {
     pub redelivered: Vec<String>,
     /// Messages sent (first deliveries and redeliveries).
     pub deliveries: usize,
+    /// Request targets (path and query) of the accepted WebSocket connections, in order.
+    pub targets: Vec<String>,
 }
 
 struct Conn {
@@ -237,18 +239,19 @@ impl Hub {
     }
 
     async fn connection(self: Arc<Self>, stream: tokio::net::TcpStream, on_message: OnMessage) {
-        let mut query = String::new();
+        let mut target = String::new();
         let ws = tokio_tungstenite::accept_hdr_async(
             stream,
             // tungstenite fixes the callback's error type; it is never returned here.
             #[allow(clippy::result_large_err)]
             |req: &WsRequest, resp: WsResponse| {
-                query = req.uri().query().unwrap_or("").to_string();
+                target = req.uri().to_string();
                 Ok(resp)
             },
         )
         .await;
         let Ok(ws) = ws else { return };
+        let query = target.split_once('?').map_or("", |(_, q)| q);
         let ticket = query
             .split('&')
             .find_map(|kv| kv.strip_prefix("ticket="))
@@ -260,7 +263,7 @@ impl Hub {
         let (mut sink, mut stream) = ws.split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
         let kill = Arc::new(tokio::sync::Notify::new());
-        let id = self.register(&app, tx.clone(), kill.clone());
+        let id = self.register(&app, &target, tx.clone(), kill.clone());
         let writer = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
                 if sink.send(m).await.is_err() {
@@ -321,6 +324,7 @@ impl Hub {
     fn register(
         &self,
         app: &str,
+        target: &str,
         tx: mpsc::UnboundedSender<Message>,
         kill: Arc<tokio::sync::Notify>,
     ) -> u64 {
@@ -338,6 +342,7 @@ impl Hub {
         let stats = s.stats.entry(app.into()).or_default();
         stats.connects += 1;
         stats.max_live = stats.max_live.max(live);
+        stats.targets.push(target.into());
         // Everything not acked yet goes out again on the new connection, in order.
         let now = Instant::now();
         for p in s.pending.get_mut(app).into_iter().flatten() {

@@ -5,10 +5,6 @@
 //! and steer it, and implements its platform's crypto independently of the guest crate so that
 //! the two sides cross-check each other.
 
-/// Where the official SDKs the interop tests run against come from, for their failure messages.
-pub const INTEROP_SDKS: &str = "`./dev test` installs them (Python ones into target/interop-venv, \
-     put first on PATH; Node ones into tests/interop/node_modules); see tests/interop/README.md";
-
 pub mod dingtalk;
 pub mod dingtalk_stream;
 pub mod feishu;
@@ -20,3 +16,7 @@ pub mod ws_hub;
 pub use feishu::{
     BotHook, EventSchema, FeishuApp, FeishuConfig, FeishuSim, FeishuUser, PushReport, UuidReplay,
 };
+
+/// Where the official SDKs the interop tests run against come from, for their failure messages.
+pub const INTEROP_SDKS: &str = "`./dev test` installs them (Python ones into target/interop-venv, \
+     put first on PATH; Node ones into tests/interop/node_modules); see tests/interop/README.md";

@@ -288,6 +288,15 @@ fn record_created(
         },
         meta,
     };
+    // Callbacks for an instance the plugin has no record of are dropped, and the record
+    // commits only when this call returns: a decision the platform made at once (an
+    // initiator who is also an approver is approved automatically) would be lost. One read
+    // now catches it. It is best effort: the approval exists, so its failure fails nothing.
+    if let Ok(events) = platform::poll(env, app, &rec) {
+        for e in &events {
+            rec.apply(e);
+        }
+    }
     save(env, app, &mut rec)?;
     env.kv_set(
         &index_key(app, &req.key),
@@ -613,6 +622,39 @@ mod tests {
             assert_eq!(start(&env, &app(), &request()).unwrap(), a, "case {case}");
             assert_eq!(sent.get(), 2, "case {case}");
         }
+    }
+
+    /// The platform approved the initiator's own task while the create was answered: the
+    /// start's record has it, although no callback could have applied it.
+    #[test]
+    fn a_decision_made_during_the_create_is_in_the_started_record() {
+        use crate::platform::dingtalk::tests::{app, request, scripted_reply};
+        let env = crate::env::fake::FakeEnv::new(|r| {
+            if r.url
+                .contains("/v1.0/workflow/processInstances?processInstanceId=inst-1")
+            {
+                crate::env::fake::json_response(
+                    200,
+                    serde_json::json!({"result": {"status": "RUNNING", "tasks": [
+                        {"userId": "a", "status": "COMPLETED", "result": "AGREE"},
+                        {"userId": "b", "status": "RUNNING", "result": "NONE"}]}}),
+                )
+            } else {
+                scripted_reply(r)
+            }
+        });
+        let a = start(&env, &app(), &request()).unwrap();
+        let users: Vec<_> = a.decisions.iter().map(|d| d.user.as_str()).collect();
+        assert_eq!((users, a.status), (vec!["a"], ApprovalStatus::Pending));
+        assert_eq!(get(&env, &app(), &a.instance_id, false).unwrap(), a);
+        // A poll that fails takes nothing from the start.
+        let env = crate::env::fake::FakeEnv::new(scripted_reply);
+        assert!(
+            start(&env, &app(), &request())
+                .unwrap()
+                .decisions
+                .is_empty()
+        );
     }
 
     #[test]

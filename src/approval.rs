@@ -3,6 +3,7 @@
 
 use crate::env::{Env, EnvExt, key_segment};
 use crate::error::{Error, Result};
+use crate::http;
 use crate::model::{Approval, ApprovalRequest, ApprovalStatus, Decision, ImApp, SignMode};
 use crate::platform::{self, CreateError, Created};
 use serde::{Deserialize, Serialize};
@@ -131,6 +132,12 @@ fn claimed_at_key(app: &ImApp, key: &str, generation: u64) -> String {
 /// A start claimed longer ago than this is taken as interrupted: no host lets a call run
 /// longer (the reference host's longest `call_timeout_secs` is 3600).
 const INTERRUPTED_AFTER_MS: u64 = 3_600_000;
+/// start-approval reads its new approval back only when the start has been this quick, and
+/// gives that read this long, tried once: the read is optional, and a slow platform must not
+/// push a start whose create succeeded towards the host's deadline, where it would be cut
+/// off and its record lost.
+const READ_BACK_IF_STARTED_WITHIN_MS: u64 = 5_000;
+const READ_BACK_LIMIT_MS: u64 = 2_000;
 /// Why a create request that went out may have created an approval without the plugin
 /// learning its id.
 fn unknown_key(app: &ImApp, key: &str) -> String {
@@ -195,6 +202,7 @@ pub fn idempotency_token(app: &ImApp, key: &str) -> String {
 }
 
 pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> Result<Approval> {
+    let began_ms = env.now_ms();
     validate(req)?;
     if let Some(existing) = find_by_key(env, app, &req.key)? {
         return Ok(existing.approval);
@@ -203,7 +211,7 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
     if platform::dedups_creates(app.platform) {
         // A repeated create with the same token returns the first instance.
         let created = platform::create(env, app, req, &token).map_err(|e| e.error)?;
-        return record_created(env, app, req, created);
+        return record_created(env, app, req, created, began_ms);
     }
     if let Some(why) = env.kv_get(&unknown_key(app, &req.key))? {
         return Err(outcome_unknown(&String::from_utf8_lossy(&why)));
@@ -233,7 +241,7 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
     // the claim's time goes into one: later starts can tell an interrupted attempt.
     env.kv_increment(&stamp, env.now_ms())?;
     match platform::create(env, app, req, &token) {
-        Ok(created) => record_created(env, app, req, created),
+        Ok(created) => record_created(env, app, req, created, began_ms),
         Err(CreateError {
             error,
             maybe_created: false,
@@ -271,6 +279,7 @@ fn record_created(
     app: &ImApp,
     req: &ApprovalRequest,
     created: Created,
+    began_ms: u64,
 ) -> Result<Approval> {
     let Created { instance_id, meta } = created;
     // Feishu hands a concurrent start with the same key the same instance; if that start has
@@ -292,7 +301,10 @@ fn record_created(
     // commits only when this call returns: a decision the platform made at once (an
     // initiator who is also an approver is approved automatically) would be lost. One read
     // now catches it. It is best effort: the approval exists, so its failure fails nothing.
-    if let Ok(events) = platform::poll(env, app, &rec) {
+    if env.now_ms().saturating_sub(began_ms) <= READ_BACK_IF_STARTED_WITHIN_MS
+        && let Ok(events) =
+            http::bounded(env, READ_BACK_LIMIT_MS, || platform::poll(env, app, &rec))
+    {
         for e in &events {
             rec.apply(e);
         }
@@ -657,6 +669,44 @@ mod tests {
         );
     }
 
+    fn is_read_back(r: &crate::env::Request) -> bool {
+        r.method == "GET" && r.url.contains("/v1.0/workflow/processInstances?")
+    }
+
+    /// A platform that stalls on the read-back costs the start the read's bound, not the
+    /// request timeout (10 s) or the retry budget; the start succeeds with its record.
+    #[test]
+    fn a_stalled_read_back_is_given_up_within_its_bound() {
+        use crate::platform::dingtalk::tests::{app, request, scripted_reply};
+        let env = crate::env::fake::FakeEnv::new(scripted_reply);
+        env.set_latency(|r| if is_read_back(r) { 60_000 } else { 0 });
+        let t0 = env.now_ms();
+        let a = start(&env, &app(), &request()).unwrap();
+        assert_eq!(env.now_ms() - t0, READ_BACK_LIMIT_MS);
+        assert_eq!(
+            env.sent.borrow().iter().filter(|r| is_read_back(r)).count(),
+            1
+        );
+        assert_eq!(get(&env, &app(), &a.instance_id, false).unwrap(), a);
+    }
+
+    /// A start that was slow already (here a create that took 6 s) skips the read-back.
+    #[test]
+    fn a_slow_start_skips_the_read_back() {
+        use crate::platform::dingtalk::tests::{app, request, scripted_reply};
+        let env = crate::env::fake::FakeEnv::new(scripted_reply);
+        env.set_latency(|r| {
+            if r.method == "POST" && r.url.ends_with("/v1.0/workflow/processInstances") {
+                6_000
+            } else {
+                0
+            }
+        });
+        let a = start(&env, &app(), &request()).unwrap();
+        assert!(!env.sent.borrow().iter().any(is_read_back));
+        assert_eq!(get(&env, &app(), &a.instance_id, false).unwrap(), a);
+    }
+
     #[test]
     fn a_decision_during_a_cancel_stays_recorded() {
         use crate::platform::dingtalk::tests::{app, request, scripted_reply};
@@ -741,7 +791,7 @@ mod tests {
             instance_id: "i1".into(),
             meta: serde_json::Value::Null,
         };
-        let a = record_created(&env, &app, &req, created).unwrap();
+        let a = record_created(&env, &app, &req, created, env.now_ms()).unwrap();
         assert_eq!(a.status, ApprovalStatus::Approved);
         assert_eq!(env.snapshot(), before);
     }

@@ -92,6 +92,7 @@ pub mod fake {
     use std::collections::BTreeMap;
 
     type Responder = Box<dyn Fn(&Request) -> Result<Response>>;
+    type Latency = Box<dyn Fn(&Request) -> u64>;
 
     pub struct FakeEnv {
         pub kv: RefCell<BTreeMap<String, Vec<u8>>>,
@@ -100,6 +101,7 @@ pub mod fake {
         /// Every `sleep_ms`, in order; sleeping advances `now` instead of waiting.
         pub slept: RefCell<Vec<u64>>,
         responder: RefCell<Responder>,
+        latency: RefCell<Option<Latency>>,
         counter: Cell<u8>,
     }
 
@@ -111,6 +113,7 @@ pub mod fake {
                 now: Cell::new(1_700_000_000_000),
                 slept: RefCell::default(),
                 responder: RefCell::new(Box::new(responder)),
+                latency: RefCell::new(None),
                 counter: Cell::new(0),
             }
         }
@@ -121,6 +124,12 @@ pub mod fake {
 
         pub fn set_responder(&self, f: impl Fn(&Request) -> Result<Response> + 'static) {
             *self.responder.borrow_mut() = Box::new(f);
+        }
+
+        /// How long each request takes, in ms of `now`: one slower than its timeout uses the
+        /// timeout up and fails as a `transport` error without an answer.
+        pub fn set_latency(&self, f: impl Fn(&Request) -> u64 + 'static) {
+            *self.latency.borrow_mut() = Some(Box::new(f));
         }
 
         pub fn snapshot(&self) -> BTreeMap<String, Vec<u8>> {
@@ -147,6 +156,12 @@ pub mod fake {
     impl Env for FakeEnv {
         fn send(&self, request: &Request) -> Result<Response> {
             self.sent.borrow_mut().push(request.clone());
+            let took = self.latency.borrow().as_ref().map_or(0, |f| f(request));
+            if took > request.timeout_ms {
+                self.now.set(self.now.get() + request.timeout_ms);
+                return Err(Error::transport("timed out"));
+            }
+            self.now.set(self.now.get() + took);
             (self.responder.borrow())(request)
         }
         fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>> {

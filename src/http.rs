@@ -5,11 +5,46 @@ use crate::env::{Env, Request, Response};
 use crate::error::{Error, Result};
 use crate::retry::{self, Attempt, Repeat};
 use serde_json::Value;
+use std::cell::Cell;
 
 /// Platforms answer in well under a second; 10 s leaves room for a slow network without
 /// letting one call eat the host's per-call deadline.
 pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 const MAX_ERROR_SNIPPET: usize = 200;
+
+thread_local! {
+    /// While `bounded` runs: when its requests must be over (`Env::now_ms`).
+    static UNTIL_MS: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with every request it makes ending within `limit_ms` from now, each tried once:
+/// for optional reads inside a call, which must not stretch the call towards the host's
+/// deadline when a platform is slow (a request's own timeout and the retry budget allow
+/// far more than such a read is worth).
+pub fn bounded<T>(env: &(impl Env + ?Sized), limit_ms: u64, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<u64>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            UNTIL_MS.set(self.0);
+        }
+    }
+    let until = env.now_ms().saturating_add(limit_ms);
+    let outer = UNTIL_MS.get();
+    let _restore = Restore(outer);
+    UNTIL_MS.set(Some(outer.map_or(until, |o| o.min(until))));
+    f()
+}
+
+/// `timeout_ms`, cut to what a `bounded` caller has left; an error once nothing is left.
+fn cap_timeout(env: &(impl Env + ?Sized), timeout_ms: u64) -> Result<u64> {
+    match UNTIL_MS.get() {
+        None => Ok(timeout_ms),
+        Some(until) => match until.saturating_sub(env.now_ms()) {
+            0 => Err(Error::transport("no time left for this optional request")),
+            left => Ok(timeout_ms.min(left)),
+        },
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -35,13 +70,8 @@ pub fn call_json(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> Result<JsonReply> {
-    parse_reply(env.send(&json_request(
-        method,
-        url,
-        headers,
-        body,
-        DEFAULT_TIMEOUT_MS,
-    ))?)
+    let timeout_ms = cap_timeout(env, DEFAULT_TIMEOUT_MS)?;
+    parse_reply(env.send(&json_request(method, url, headers, body, timeout_ms))?)
 }
 
 /// `call_json` followed by the platform's `check` of the reply; a call that is safe to
@@ -56,18 +86,28 @@ pub fn call_checked(
     repeat: Repeat,
     check: fn(JsonReply) -> Result<Value>,
 ) -> Result<Value> {
-    retry::run(env, repeat, DEFAULT_TIMEOUT_MS, &mut |timeout_ms| match env
-        .send(&json_request(method, url, headers, body, timeout_ms))
-    {
-        Ok(response) => Attempt {
-            retry_after_ms: retry::requested_pause_ms(&response.headers),
-            result: parse_reply(response).and_then(check),
+    let repeat = if UNTIL_MS.get().is_some() {
+        Repeat::Never
+    } else {
+        repeat
+    };
+    retry::run(
+        env,
+        repeat,
+        DEFAULT_TIMEOUT_MS,
+        &mut |timeout_ms| match cap_timeout(env, timeout_ms)
+            .and_then(|timeout_ms| env.send(&json_request(method, url, headers, body, timeout_ms)))
+        {
+            Ok(response) => Attempt {
+                retry_after_ms: retry::requested_pause_ms(&response.headers),
+                result: parse_reply(response).and_then(check),
+            },
+            Err(e) => Attempt {
+                result: Err(e),
+                retry_after_ms: None,
+            },
         },
-        Err(e) => Attempt {
-            result: Err(e),
-            retry_after_ms: None,
-        },
-    })
+    )
 }
 
 fn json_request(
@@ -219,5 +259,55 @@ mod tests {
             "http://127.0.0.1:9"
         );
         assert!(api_base(Some("ftp://x"), "x").is_err());
+    }
+
+    #[test]
+    fn bounded_requests_end_within_the_limit_and_are_tried_once() {
+        use crate::env::fake::{FakeEnv, json_response};
+        let env = FakeEnv::new(|_| json_response(503, serde_json::json!({})));
+        env.set_latency(|_| 1_500);
+        let get = || {
+            call_checked(
+                &env,
+                Method::Get,
+                "http://x/a",
+                &[],
+                None,
+                Repeat::Safe,
+                |r| Err(Error::platform(-i64::from(r.status), "down", true)),
+            )
+        };
+        let t0 = env.now_ms();
+        assert!(bounded(&env, 2_000, get).is_err());
+        assert_eq!(env.now_ms() - t0, 1_500);
+        assert!(
+            bounded(&env, 2_000, || {
+                env.now.set(env.now.get() + 1_000);
+                get()
+            })
+            .is_err()
+        );
+        let timeouts: Vec<u64> = env.sent.borrow().iter().map(|r| r.timeout_ms).collect();
+        assert_eq!(
+            timeouts,
+            [2_000, 1_000],
+            "one attempt each, cut to what was left"
+        );
+        // The second request outlived its 1 s: a transport error exactly when the bound ended.
+        assert_eq!(env.now_ms() - t0, 1_500 + 2_000);
+        let nothing_left = bounded(&env, 0, || {
+            call_json(&env, Method::Get, "http://x/b", &[], None)
+        });
+        assert!(matches!(nothing_left, Err(Error::Transport(_))));
+        assert_eq!(
+            env.sent.borrow().len(),
+            2,
+            "nothing sent once no time is left"
+        );
+        // Outside `bounded`, requests have their own timeout and retries again.
+        assert!(get().is_err());
+        let sent = env.sent.borrow();
+        assert_eq!(sent.len(), 2 + retry::MAX_ATTEMPTS as usize);
+        assert_eq!(sent[2].timeout_ms, DEFAULT_TIMEOUT_MS);
     }
 }

@@ -134,8 +134,8 @@ fn claimed_at_key(app: &ImApp, key: &str, generation: u64) -> String {
 const INTERRUPTED_AFTER_MS: u64 = 3_600_000;
 /// start-approval reads its new approval back only when the start has been this quick, and
 /// gives that read this long, tried once: the read is optional, and a slow platform must not
-/// push a start whose create succeeded towards the host's deadline, where it would be cut
-/// off and its record lost.
+/// push a start whose create succeeded towards the host's deadline, where a host that does
+/// not cut requests short of it would cut the start off and its record would be lost.
 const READ_BACK_IF_STARTED_WITHIN_MS: u64 = 5_000;
 const READ_BACK_LIMIT_MS: u64 = 2_000;
 /// Why a create request that went out may have created an approval without the plugin

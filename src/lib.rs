@@ -21,7 +21,13 @@ mod alloc;
 // `imbridge_lint_guest` is set only by `./dev lint`: there is no clippy for the wasm toolchain
 // here, and wit-bindgen's output also compiles natively (its imports become stubs), so the
 // binding layer is linted as a native build.
-#[cfg(any(target_arch = "wasm32", imbridge_lint_guest))]
+#[cfg(all(
+    feature = "component",
+    any(target_arch = "wasm32", imbridge_lint_guest)
+))]
 mod component;
-#[cfg(any(target_arch = "wasm32", imbridge_lint_guest))]
+#[cfg(all(
+    feature = "component",
+    any(target_arch = "wasm32", imbridge_lint_guest)
+))]
 mod wasi_env;

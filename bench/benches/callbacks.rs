@@ -17,8 +17,7 @@
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
-use imbridge::model::{ApprovalNode, ApprovalRequest, Level, Link, Notification, Platform};
-use imbridge::model::{SignMode, Target, UserRef};
+use imbridge::model::Platform;
 use imbridge_bench::host_call;
 use imbridge_bench::{
     InComponent, PLATFORMS, Warm, app_native, callback, fresh_calls, fresh_native,
@@ -253,101 +252,15 @@ fn native(
     });
 }
 
-fn request() -> ApprovalRequest {
-    ApprovalRequest {
-        key: "wf-42-deploy".into(),
-        title: "Deploy release #42 to prod?".into(),
-        initiator: UserRef::Email("alice@example.com".into()),
-        nodes: vec![
-            ApprovalNode {
-                approvers: vec![UserRef::Id("bob".into()), UserRef::Id("carol".into())],
-                mode: SignMode::And,
-            },
-            ApprovalNode {
-                approvers: vec![UserRef::Id("dave".into()), UserRef::Id("erin".into())],
-                mode: SignMode::Or,
-            },
-        ],
-        cc: vec![UserRef::Id("frank".into())],
-        fields: vec![
-            ("workflow".into(), "release #42".into()),
-            ("env".into(), "prod".into()),
-            ("commit".into(), "3f9c2e1".into()),
-        ],
-        detail_url: Some("https://ci.example.com/wf/42".into()),
-    }
-}
-
-fn notification() -> Notification {
-    Notification {
-        target: Target::Chat("oc_ops".into()),
-        title: "workflow #42 failed".into(),
-        markdown: "**deploy** failed at step `migrate`\n\n- exit code 1\n- 3 retries".into(),
-        level: Level::Failure,
-        link: Some(Link {
-            text: "Open".into(),
-            url: "https://ci.example.com/42".into(),
-        }),
-        mentions: vec![UserRef::Id("bob".into())],
-        mention_all: false,
-    }
-}
-
-/// The pure payload builders behind start-approval and notify (no network, no state).
+/// The payload builders behind start-approval and notify (no network, no state), each payload
+/// built and serialised, as `target/release/payloads` runs them in the component too.
 fn payloads(c: &mut Criterion) {
-    use imbridge::platform::{dingtalk, feishu, wecom};
-    let req = request();
-    let n = notification();
-    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let nodes_ids = vec![ids(&["ou_bob", "ou_carol"]), ids(&["ou_dave", "ou_erin"])];
-    let nodes_mode = vec![
-        (SignMode::And, ids(&["bob", "carol"])),
-        (SignMode::Or, ids(&["dave", "erin"])),
-    ];
-    let cc = ids(&["frank"]);
-    let mentions = ids(&["<at id=ou_bob></at>"]);
+    let inputs = imbridge_payload_guest::Inputs::new();
     let mut g = c.benchmark_group("payload");
-    g.bench_function("feishu/start/instance_body", |b| {
-        b.iter(|| {
-            black_box(feishu::instance_body(
-                "CODE",
-                "ou_alice",
-                &nodes_ids,
-                &cc,
-                &req,
-                "8c5f0a4e-0000-4000-8000-000000000042",
-            ))
-        })
-    });
-    g.bench_function("feishu/notify/webhook_body", |b| {
-        b.iter(|| {
-            black_box(feishu::webhook_body(
-                &n,
-                &mentions,
-                1_700_000_000,
-                Some("s"),
-            ))
-        })
-    });
-    g.bench_function("dingtalk/start/approvers_body", |b| {
-        b.iter(|| black_box(dingtalk::approvers_body(&nodes_mode)))
-    });
-    g.bench_function("dingtalk/notify/robot_body", |b| {
-        b.iter(|| black_box(dingtalk::robot_body(&n, &ids(&["13800000000"]), &cc)))
-    });
-    g.bench_function("wecom/start/applyevent_body", |b| {
-        b.iter(|| {
-            black_box(wecom::applyevent_body(
-                "tpl",
-                "alice",
-                &nodes_mode,
-                &cc,
-                &req,
-            ))
-        })
-    });
-    g.bench_function("wecom/notify/robot_bodies", |b| {
-        b.iter(|| black_box(wecom::robot_bodies(&n, &cc, &[]).ok()))
-    });
+    for (i, name) in imbridge_payload_guest::BUILDERS.iter().enumerate() {
+        g.bench_function(*name, |b| {
+            b.iter(|| black_box(inputs.build(i as u32).expect("a known builder")))
+        });
+    }
     g.finish();
 }

@@ -369,6 +369,47 @@ fn excluded_section(w: &mut String, v: &Value) -> Result<(Ratios, Ratios)> {
     Ok((fresh, warm))
 }
 
+/// The paired payload measurement (`target/release/payloads`).
+fn payload_section(w: &mut String, v: &Value) -> Result<()> {
+    writeln!(
+        w,
+        "Paired, batch by batch (`target/release/payloads`): each of {rounds} rounds runs one \
+         batch of {batch} payloads of every variant in a new order and takes the ratios within \
+         the round; times per payload are the median of the rounds' means, ratios the median \
+         of the per-round ratios (10th–90th percentile in brackets). *In component*: one call \
+         of the guest's export builds the {batch} payloads, on an instance made untimed for the \
+         batch — the builders' code in the sandbox. *One call per payload*: {batch} calls, one \
+         payload each, on such an instance — the same plus a crossing of the WIT boundary per \
+         payload. The fresh instance every export call gets in the host is not in either; it \
+         is *instantiate + an empty-ish call* under Host costs.\n",
+        rounds = v["rounds"],
+        batch = v["batch"]
+    )?;
+    writeln!(
+        w,
+        "| builder | bytes | native | in component | ratio | one call per payload | ratio |\n\
+         |---|---|---|---|---|---|---|"
+    )?;
+    for name in imbridge_payload_guest::BUILDERS {
+        let r = &v["results"][name];
+        if r.is_null() {
+            continue;
+        }
+        writeln!(
+            w,
+            "| `{name}` | {} | {} | {} | {} | {} | {} |",
+            r["bytes"],
+            us_cell(&r["us"]["native"]),
+            us_cell(&r["us"]["component"]),
+            ratio_cell(&r["ratio"]),
+            us_cell(&r["us"]["component-per-call"]),
+            ratio_cell(&r["per_call_ratio"]),
+        )?;
+    }
+    writeln!(w)?;
+    Ok(())
+}
+
 /// Per run and imbridge platform: the p99 wrk measured against what the slow commits alone
 /// imply (see [`implied_p99`]), so a missed p99 can be told apart from a slow server.
 fn stall_table(w: &mut String, load: &Value) -> Result<()> {
@@ -606,7 +647,17 @@ fn main() -> Result<()> {
     };
 
     // ---- payloads ----
-    writeln!(w, "## Payload building (native)\n")?;
+    writeln!(
+        w,
+        "## Payload building: native vs in the component\n\n\
+         What start-approval and notify build before they send: the request body from an \
+         engine's approval request or notification, serialised to the bytes sent \
+         (`bench/guest`: `imbridge_payload_guest::run`, the plugin's own builders). The \
+         plugin's exports cannot build a payload without sending it, so for the component side \
+         the same function is built into a component of its own, `target/payload-guest.wasm`, \
+         exactly as the plugin is built (opt-level 3, the capped inliner, wasm-opt, the same \
+         allocator), and run in an engine configured as the host's. Native, criterion:\n"
+    )?;
     writeln!(w, "| builder | time |\n|---|---|")?;
     for (id, est) in crit.iter().filter(|(k, _)| k.starts_with("payload/")) {
         writeln!(
@@ -617,6 +668,9 @@ fn main() -> Result<()> {
         )?;
     }
     writeln!(w)?;
+    if let Some(v) = read_json(&bench_dir.join("payloads.json")) {
+        payload_section(w, &v)?;
+    }
 
     // ---- host ----
     writeln!(w, "## Host costs\n")?;
@@ -1205,6 +1259,31 @@ mod tests {
         assert_eq!(stalls(&v), [26.0, 159.0]);
         assert_eq!(beyond(&stalls(&v), 10.0), 16.0 + 149.0);
         assert!(stalls(&Value::Null).is_empty());
+    }
+
+    #[test]
+    fn payload_rows_follow_the_builders_and_skip_what_was_not_measured() {
+        let r = |m: f64| serde_json::json!({"median": m, "p10": m - 0.1, "p90": m + 0.1});
+        let v = serde_json::json!({"rounds": 10, "batch": 64, "results": {
+            "wecom/notify/robot_bodies": {"bytes": 440, "ratio": r(2.0), "per_call_ratio": r(2.5),
+                "us": {"native": r(5.0), "component": r(10.0), "component-per-call": r(12.5)}},
+            "feishu/start/instance_body": {"bytes": 488, "ratio": r(1.9), "per_call_ratio": r(2.2),
+                "us": {"native": r(7.0), "component": r(13.3), "component-per-call": r(15.4)}},
+        }});
+        let mut w = String::new();
+        payload_section(&mut w, &v).unwrap();
+        let rows: Vec<&str> = w.lines().filter(|l| l.starts_with("| `")).collect();
+        assert_eq!(
+            rows,
+            [
+                "| `feishu/start/instance_body` | 488 | 7.0 µs | 13.3 µs | 1.9× (1.8–2.0) | 15.4 µs | 2.2× (2.1–2.3) |",
+                "| `wecom/notify/robot_bodies` | 440 | 5.0 µs | 10.0 µs | 2.0× (1.9–2.1) | 12.5 µs | 2.5× (2.4–2.6) |",
+            ]
+        );
+        assert!(
+            w.contains("each of 10 rounds runs one batch of 64 payloads"),
+            "{w}"
+        );
     }
 
     #[test]

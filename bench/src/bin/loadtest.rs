@@ -112,9 +112,17 @@ impl Drop for Guard {
     }
 }
 
-fn wait_healthy(port: u16, path: &str) -> Result<()> {
+/// Waits for `server` to answer 200 on `path`; a server that exits meanwhile fails at once,
+/// pointing at its log.
+fn wait_healthy(server: &mut Guard, port: u16, path: &str, log: &Path) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(120) {
+        if let Some(status) = server.0.try_wait()? {
+            bail!(
+                "server for port {port} exited ({status}) before it was healthy; see {}",
+                log.display()
+            );
+        }
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
             let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
             if s.write_all(req.as_bytes()).is_ok() {
@@ -314,7 +322,7 @@ fn one_run(a: &Args) -> Result<Value> {
     std::fs::write(&cfg_path, config.to_string())?;
     let log_path = dir.join("serve.log");
     let log = std::fs::File::create(&log_path)?;
-    let server = Guard(
+    let mut server = Guard(
         Command::new(&a.host_bin)
             .args(["serve", "--config"])
             .arg(&cfg_path)
@@ -323,7 +331,7 @@ fn one_run(a: &Args) -> Result<Value> {
             .spawn()
             .with_context(|| format!("starting {}", a.host_bin.display()))?,
     );
-    wait_healthy(port, "/healthz")?;
+    wait_healthy(&mut server, port, "/healthz", &log_path)?;
 
     let mut results = serde_json::Map::new();
     // The map sorts its keys; the report needs the order the runs happened in.
@@ -352,8 +360,17 @@ fn one_run(a: &Args) -> Result<Value> {
     if let Some((_, _, feishu_file)) = files.iter().find(|(p, ..)| *p == Platform::Feishu) {
         let peer_port = free_port()?;
         let feishu = app_json(Platform::Feishu);
-        let peer = Guard(
-            Command::new("python3")
+        let peer_log = dir.join("peer.log");
+        // lark-oapi is installed in the interop tests' venv (./dev); run straight from a
+        // shell, the venv is not on PATH.
+        let venv_python = workspace().join("target/interop-venv/bin/python3");
+        let python = if venv_python.exists() {
+            venv_python
+        } else {
+            PathBuf::from("python3")
+        };
+        let mut peer = Guard(
+            Command::new(python)
                 .arg(workspace().join("bench/peer/feishu_peer.py"))
                 .args(["--port", &peer_port.to_string()])
                 .args([
@@ -362,11 +379,11 @@ fn one_run(a: &Args) -> Result<Value> {
                 ])
                 .args(["--token", feishu["token"].as_str().unwrap_or_default()])
                 .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join("peer.log"))?)
+                .stderr(std::fs::File::create(&peer_log)?)
                 .spawn()
                 .context("starting the Python peer")?,
         );
-        wait_healthy(peer_port, "/healthz")?;
+        wait_healthy(&mut peer, peer_port, "/healthz", &peer_log)?;
         let load_before = loadavg();
         let mut r = fire(
             a,

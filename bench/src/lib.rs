@@ -462,6 +462,65 @@ pub fn spread(mut v: Vec<f64>) -> Value {
     json!({"median": quantile(&v, 0.5), "p10": quantile(&v, 0.1), "p90": quantile(&v, 0.9)})
 }
 
+/// `--rounds N`, the one argument of the paired tools (`ratio`, `payloads`): at least 10,
+/// 100 when not given.
+pub fn rounds_arg(tool: &str) -> anyhow::Result<usize> {
+    use anyhow::Context as _;
+    let mut args = std::env::args().skip(1);
+    let mut rounds = 100usize;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--rounds" => rounds = args.next().context("--rounds N")?.parse()?,
+            other => anyhow::bail!("unknown argument {other}; usage: {tool} [--rounds N]"),
+        }
+    }
+    anyhow::ensure!(rounds >= 10, "--rounds must be at least 10");
+    Ok(rounds)
+}
+
+/// Variants measured side by side: every round runs one batch of each (`batch(variant)`, its
+/// time per item), in a new order each round, so the VM's drift moves them alike. Per variant,
+/// the rounds' times in µs.
+pub fn paired_rounds(
+    rounds: usize,
+    variants: usize,
+    shuffler: &mut Shuffler,
+    mut batch: impl FnMut(usize) -> anyhow::Result<std::time::Duration>,
+) -> anyhow::Result<Vec<Vec<f64>>> {
+    let mut times = vec![Vec::with_capacity(rounds); variants];
+    let mut order: Vec<usize> = (0..variants).collect();
+    for _ in 0..rounds {
+        shuffler.shuffle(&mut order);
+        for &v in &order {
+            times[v].push(batch(v)?.as_secs_f64() * 1e6);
+        }
+    }
+    Ok(times)
+}
+
+/// A paired measurement's record: per variant (named by `names`) the spread of its times, and
+/// per `(key, variant)` in `ratios` the spread of that variant's per-round ratio to variant 0.
+pub fn paired_entry(names: &[&str], times: &[Vec<f64>], ratios: &[(&str, usize)]) -> Value {
+    let mut entry = json!({
+        "us": names.iter().zip(times)
+            .map(|(name, t)| (name.to_string(), spread(t.clone())))
+            .collect::<serde_json::Map<_, _>>(),
+    });
+    for &(key, v) in ratios {
+        let per_round = times[v].iter().zip(&times[0]).map(|(c, n)| c / n).collect();
+        entry[key] = spread(per_round);
+    }
+    entry
+}
+
+/// Writes `doc` to `target/bench/{file}`, for the report.
+pub fn write_bench_json(file: &str, doc: &Value) -> anyhow::Result<()> {
+    let dir = workspace().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(file), serde_json::to_string_pretty(doc)?)?;
+    Ok(())
+}
+
 /// The cheapest complete call: a Feishu callback that is not a POST is refused before any
 /// crypto or state access, so what is measured is the instance and the call machinery.
 pub fn empty_call() -> Call {

@@ -17,7 +17,8 @@
 //!   pays is `host/instantiate+call`, measured on its own).
 
 use anyhow::{Context as _, Result, ensure};
-use imbridge_bench::{Shuffler, spread, workspace};
+use imbridge_bench::write_bench_json;
+use imbridge_bench::{Shuffler, paired_entry, paired_rounds, rounds_arg, workspace};
 use imbridge_payload_guest::BUILDERS;
 use serde_json::json;
 use std::hint::black_box;
@@ -95,47 +96,26 @@ async fn batch(guest: &Guest, builder: u32, variant: usize) -> Result<(Duration,
 }
 
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let mut rounds = 100usize;
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--rounds" => rounds = args.next().context("--rounds N")?.parse()?,
-            other => anyhow::bail!("unknown argument {other}; usage: payloads [--rounds N]"),
-        }
-    }
-    ensure!(rounds >= 10, "--rounds must be at least 10");
+    let rounds = rounds_arg("payloads")?;
     let guest = Guest::load(&workspace().join("target/payload-guest.wasm"))?;
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let mut out = serde_json::Map::new();
     let mut shuffler = Shuffler::default();
     for (i, name) in BUILDERS.iter().enumerate() {
         let builder = i as u32;
-        let mut times: [Vec<f64>; 3] = Default::default();
-        let mut order = [0usize, 1, 2];
         let mut bytes = None;
-        for _ in 0..rounds {
-            shuffler.shuffle(&mut order);
-            for &v in &order {
-                let (t, b) = rt.block_on(batch(&guest, builder, v))?;
-                ensure!(
-                    *bytes.get_or_insert(b) == b,
-                    "{name}: {} built {b} bytes per batch, another variant {}",
-                    VARIANTS[v],
-                    bytes.unwrap_or_default()
-                );
-                times[v].push(t.as_secs_f64() * 1e6);
-            }
-        }
-        let per_round =
-            |v: usize| -> Vec<f64> { times[v].iter().zip(&times[0]).map(|(c, n)| c / n).collect() };
-        let entry = json!({
-            "bytes": bytes.unwrap_or_default() / u64::from(BATCH),
-            "us": VARIANTS.iter().zip(&times)
-                .map(|(name, t)| (name.to_string(), spread(t.clone())))
-                .collect::<serde_json::Map<_, _>>(),
-            "ratio": spread(per_round(1)),
-            "per_call_ratio": spread(per_round(2)),
-        });
+        let times = paired_rounds(rounds, VARIANTS.len(), &mut shuffler, |v| {
+            let (t, b) = rt.block_on(batch(&guest, builder, v))?;
+            ensure!(
+                *bytes.get_or_insert(b) == b,
+                "{name}: {} built {b} bytes per batch, another variant {}",
+                VARIANTS[v],
+                bytes.unwrap_or_default()
+            );
+            Ok(t)
+        })?;
+        let mut entry = paired_entry(&VARIANTS, &times, &[("ratio", 1), ("per_call_ratio", 2)]);
+        entry["bytes"] = json!(bytes.unwrap_or_default() / u64::from(BATCH));
         println!(
             "{name:<30} native {:>6.2} µs  component {:>6.2} µs  ×{:.1}  per call {:>6.2} µs  ×{:.1}",
             entry["us"]["native"]["median"].as_f64().unwrap_or(0.0),
@@ -148,12 +128,8 @@ fn main() -> Result<()> {
         );
         out.insert(name.to_string(), entry);
     }
-    let dir = workspace().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let doc = json!({"rounds": rounds, "batch": BATCH, "results": out});
-    std::fs::write(
-        dir.join("payloads.json"),
-        serde_json::to_string_pretty(&doc)?,
-    )?;
-    Ok(())
+    write_bench_json(
+        "payloads.json",
+        &json!({"rounds": rounds, "batch": BATCH, "results": out}),
+    )
 }

@@ -11,10 +11,11 @@
 //! The paths and calls are those of `benches/callbacks.rs` (`fresh`: a new event about a new
 //! pending instance; `duplicate`: one delivery replayed).
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use imbridge::model::Platform;
+use imbridge_bench::write_bench_json;
 use imbridge_bench::{InComponent, MemEnv, PLATFORMS, Warm, app_native, callback, fresh_calls};
-use imbridge_bench::{fresh_native, spread, workspace};
+use imbridge_bench::{fresh_native, paired_entry, paired_rounds, rounds_arg, workspace};
 use imbridge_bench::{host_call, instance_id, mem_env, now_ms, seed_record, updates, warm_call};
 use imbridge_host::store::StoreConfig;
 use serde_json::json;
@@ -174,15 +175,7 @@ impl Fixed {
 }
 
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let mut rounds = 100usize;
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--rounds" => rounds = args.next().context("--rounds N")?.parse()?,
-            other => anyhow::bail!("unknown argument {other}; usage: ratio [--rounds N]"),
-        }
-    }
-    ensure!(rounds >= 10, "--rounds must be at least 10");
+    let rounds = rounds_arg("ratio")?;
     let soft = cfg!(feature = "soft-crypto");
     let host = InComponent::new(StoreConfig::Memory, &workspace().join("target"));
     let warm = Warm::new(host.host.store().clone());
@@ -196,25 +189,10 @@ fn main() -> Result<()> {
     for (pi, p) in PLATFORMS.into_iter().enumerate() {
         let fixed = Fixed::new(pi, &mut bench)?;
         for path in [Path::Fresh, Path::Duplicate] {
-            let mut times: [Vec<f64>; 3] = Default::default();
-            let mut order = [0usize, 1, 2];
-            for _ in 0..rounds {
-                shuffler.shuffle(&mut order);
-                for &v in &order {
-                    let t = bench.batch(pi, path, v, &fixed);
-                    times[v].push(t.as_secs_f64() * 1e6);
-                }
-            }
-            let per_round = |v: usize| -> Vec<f64> {
-                times[v].iter().zip(&times[0]).map(|(c, n)| c / n).collect()
-            };
-            let entry = json!({
-                "us": VARIANTS.iter().zip(&times)
-                    .map(|(name, t)| (name.to_string(), spread(t.clone())))
-                    .collect::<serde_json::Map<_, _>>(),
-                "ratio": spread(per_round(1)),
-                "warm_ratio": spread(per_round(2)),
-            });
+            let times = paired_rounds(rounds, VARIANTS.len(), &mut shuffler, |v| {
+                Ok(bench.batch(pi, path, v, &fixed))
+            })?;
+            let entry = paired_entry(&VARIANTS, &times, &[("ratio", 1), ("warm_ratio", 2)]);
             println!(
                 "{:<9} {:<9} native {:>6.1} µs  component {:>6.1} µs  ×{:.1}  warm {:>6.1} µs  ×{:.1}",
                 p.name(),
@@ -235,9 +213,6 @@ fn main() -> Result<()> {
     } else {
         "ratio.json"
     };
-    let dir = workspace().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
     let doc = json!({"rounds": rounds, "batch": BATCH, "soft_crypto": soft, "results": out});
-    std::fs::write(dir.join(file), serde_json::to_string_pretty(&doc)?)?;
-    Ok(())
+    write_bench_json(file, &doc)
 }

@@ -12,7 +12,8 @@
 //! build costs the instance's creation and teardown (pages it dirties, data it initialises).
 
 use imbridge_bench::{
-    InComponent, PLATFORMS, Shuffler, Warm, fresh_calls, quantile, updates, warm_call, workspace,
+    InComponent, PLATFORMS, Shuffler, Warm, fresh_calls, paired_rounds, quantile, updates,
+    warm_call, workspace,
 };
 use imbridge_host::store::{Backend, MemoryStore, StoreConfig};
 use std::path::Path;
@@ -69,7 +70,7 @@ impl Build {
 
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let mut rounds = 40u32;
+    let mut rounds = 40usize;
     let mut fresh = false;
     while let Some(flag) = args.first().filter(|a| a.starts_with("--")).cloned() {
         args.remove(0);
@@ -102,20 +103,13 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut n = 0u64;
-    // Which build goes first must not be the same every round.
-    let mut order: Vec<usize> = (0..builds.len()).collect();
     let mut shuffler = Shuffler::default();
     for (pi, p) in PLATFORMS.into_iter().enumerate() {
-        let mut means: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
-        for _ in 0..rounds {
-            shuffler.shuffle(&mut order);
-            for &b in &order {
-                let (seeds, calls) = fresh_calls(p, 900 + pi as u32, &mut n, BATCH);
-                builds[b].store().put("t", seeds)?;
-                let elapsed = builds[b].run(&rt, &calls, &args[b]);
-                means[b].push(elapsed.as_secs_f64() * 1e6 / BATCH as f64);
-            }
-        }
+        let mut means = paired_rounds(rounds, builds.len(), &mut shuffler, |b| {
+            let (seeds, calls) = fresh_calls(p, 900 + pi as u32, &mut n, BATCH);
+            builds[b].store().put("t", seeds)?;
+            Ok(builds[b].run(&rt, &calls, &args[b]) / BATCH as u32)
+        })?;
         for (path, m) in args.iter().zip(&mut means) {
             m.sort_by(f64::total_cmp);
             println!(

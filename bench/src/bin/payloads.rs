@@ -12,9 +12,10 @@
 //! - `native`: `run(builder, BATCH)`;
 //! - `component`: one call of the export `run(builder, BATCH)` on an instance made untimed
 //!   for the batch: the builders' code in the sandbox;
-//! - `component-per-call`: BATCH calls of `run(builder, 1)` on such an instance: the same plus
-//!   one crossing of the WIT boundary per payload (the per-call instance that every export
-//!   pays is `host/instantiate+call`, measured on its own).
+//! - `component-per-call`: BATCH calls of `run(builder, 1)` on such an instance: the same plus,
+//!   per payload, one crossing of the WIT boundary and making the inputs again (`run` makes
+//!   them once per call, as a real export lifts its request on every call); the per-call
+//!   instance that every export pays is `host/instantiate+call`, measured on its own.
 
 use anyhow::{Context as _, Result, ensure};
 use imbridge_bench::write_bench_json;

@@ -379,8 +379,9 @@ fn payload_section(w: &mut String, v: &Value) -> Result<()> {
          of the per-round ratios (10th–90th percentile in brackets). *In component*: one call \
          of the guest's export builds the {batch} payloads, on an instance made untimed for the \
          batch — the builders' code in the sandbox. *One call per payload*: {batch} calls, one \
-         payload each, on such an instance — the same plus a crossing of the WIT boundary per \
-         payload. The fresh instance every export call gets in the host is not in either; it \
+         payload each, on such an instance — the same plus, per payload, a crossing of the WIT \
+         boundary and making the inputs again (`run` makes them once per call, natively once \
+         per batch; a real export lifts its request on every call too). The fresh instance every export call gets in the host is not in either; it \
          is *instantiate + an empty-ish call* under Host costs.\n",
         rounds = v["rounds"],
         batch = v["batch"]

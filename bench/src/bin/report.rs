@@ -520,6 +520,7 @@ fn main() -> Result<()> {
     // A run made by hand (e.g. with shorter times) leaves its exact commands here.
     let commands = std::fs::read_to_string(bench_dir.join("commands.txt")).unwrap_or_else(|_| {
         "./dev build\n\
+         # then bench/guest into target/payload-guest.wasm, built as ./dev build builds the plugin\n\
          cargo build --release -p imbridge-host -p imbridge-bench --bins\n\
          cargo bench -p imbridge-bench --bench callbacks -- --warm-up-time 1 --measurement-time 3\n\
          CARGO_TARGET_DIR=target/soft RUSTFLAGS=\"--cfg aes_force_soft\" cargo bench -p imbridge-bench --bench callbacks --features soft-crypto -- --warm-up-time 1 --measurement-time 3\n\
@@ -527,6 +528,7 @@ fn main() -> Result<()> {
          CARGO_TARGET_DIR=target/soft RUSTFLAGS=\"--cfg aes_force_soft\" cargo build --profile bench -p imbridge-bench --bin ratio --features soft-crypto\n\
          target/soft/release/ratio\n\
          bench/crypto-excluded.sh build && bench/crypto-excluded.sh run\n\
+         target/release/payloads\n\
          cargo bench -p imbridge-bench --bench host -- --warm-up-time 1 --measurement-time 3\n\
          target/release/hostcosts\n\
          target/release/loadtest   # wrk + lark-oapi peer, see below\n\

@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 
 pub mod dingtalk;
 pub mod feishu;
+pub mod replies;
 pub mod seeds;
 pub mod wecom;
 pub mod wx;

@@ -358,6 +358,29 @@ fn wx_seeds() -> Vec<Seed> {
     ]
 }
 
+/// Each flow against every platform's documented replies, recorded in order.
+fn reply_seeds() -> Vec<Seed> {
+    use crate::replies::{BY_MOBILE, PLATFORMS, recorded};
+    let ops = [
+        ("start", 0),
+        ("start_by_mobile", BY_MOBILE),
+        ("refresh_pending", 1),
+        ("refresh_approved", 2),
+        ("cancel", 3),
+        ("notify_users", 4),
+        ("notify_chat", 5),
+    ];
+    PLATFORMS
+        .into_iter()
+        .flat_map(|p| {
+            ops.into_iter().map(move |(name, op)| {
+                let name = format!("{}_{name}", p.name());
+                seed("platform_replies", &name, recorded(p, op))
+            })
+        })
+        .collect()
+}
+
 fn query_seeds() -> Vec<Seed> {
     let t = "query";
     [
@@ -383,6 +406,7 @@ pub fn all() -> Vec<Seed> {
         xml_seeds(),
         wx_seeds(),
         query_seeds(),
+        reply_seeds(),
     ]
     .into_iter()
     .flatten()
@@ -417,6 +441,7 @@ mod tests {
                 "wecom_callback" => drop(wecom::run(&s.data)),
                 "wecom_xml" => wecom::run_xml(&s.data),
                 "wx_frame" => crate::wx::run(&s.data),
+                "platform_replies" => drop(crate::replies::run(&s.data)),
                 _ => {}
             }
         }
@@ -467,6 +492,8 @@ mod tests {
         }
     }
 
+    /// A frame addressed to another app is refused like any other unreadable ciphertext
+    /// (`crypto::undecryptable`): one answer, so the error tells an attacker nothing.
     #[test]
     fn forged_seeds_are_refused() {
         for (t, n, kind) in [
@@ -480,11 +507,11 @@ mod tests {
             ("feishu_callback", "get_method", "invalid-input"),
             ("dingtalk_callback", "stale", "unauthorized"),
             ("dingtalk_callback", "wrong_sig", "unauthorized"),
-            ("dingtalk_callback", "misaddressed", "unauthorized"),
+            ("dingtalk_callback", "misaddressed", "invalid-input"),
             ("dingtalk_callback", "frame_bad_length", "invalid-input"),
             ("wecom_callback", "stale", "unauthorized"),
             ("wecom_callback", "wrong_sig", "unauthorized"),
-            ("wecom_callback", "misaddressed", "unauthorized"),
+            ("wecom_callback", "misaddressed", "invalid-input"),
             ("wecom_callback", "outer_entity_bomb", "invalid-input"),
         ] {
             let e = outcome(t, n).expect_err(n);
@@ -495,5 +522,93 @@ mod tests {
             };
             assert!(kind == "any" || got == kind, "{t}/{n}: {e}");
         }
+    }
+
+    fn reply_seed(name: &str) -> Vec<u8> {
+        all()
+            .into_iter()
+            .find(|s| s.target == "platform_replies" && s.name == name)
+            .expect("seed exists")
+            .data
+    }
+
+    #[test]
+    fn reply_seeds_complete_their_flows() {
+        use crate::replies::{Outcome, run};
+        use imbridge::model::ApprovalStatus;
+        for p in ["feishu", "dingtalk", "wecom"] {
+            for op in ["start", "start_by_mobile", "refresh_pending"] {
+                let name = format!("{p}_{op}");
+                match run(&reply_seed(&name)) {
+                    // Each stand-in reports the approval approved, so the read-back of a
+                    // start and a refresh both move it.
+                    Ok(Outcome::Approval(a)) => {
+                        assert_eq!(a.status, ApprovalStatus::Approved, "{name}: {a:?}");
+                        assert!(!a.decisions.is_empty(), "{name}: {a:?}");
+                    }
+                    other => panic!("{name}: {other:?}"),
+                }
+            }
+            let name = format!("{p}_refresh_approved");
+            assert!(
+                matches!(run(&reply_seed(&name)), Ok(Outcome::Approval(a))
+                if a.status == ApprovalStatus::Approved),
+                "{name}"
+            );
+            let name = format!("{p}_notify_users");
+            assert_eq!(run(&reply_seed(&name)), Ok(Outcome::Sent), "{name}");
+        }
+        for name in ["feishu_cancel", "dingtalk_cancel"] {
+            assert!(
+                matches!(run(&reply_seed(name)), Ok(Outcome::Approval(a))
+                if a.status == ApprovalStatus::Canceled),
+                "{name}"
+            );
+        }
+        for name in ["feishu_notify_chat", "wecom_notify_chat"] {
+            assert_eq!(run(&reply_seed(name)), Ok(Outcome::Sent), "{name}");
+        }
+        // Neither has an API for it; both say so instead of pretending.
+        assert!(matches!(
+            run(&reply_seed("wecom_cancel")),
+            Err(Error::Platform { .. })
+        ));
+        assert!(matches!(
+            run(&reply_seed("dingtalk_notify_chat")),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+
+    #[test]
+    fn bad_replies_are_typed_errors() {
+        use crate::replies::{SEPARATOR, TRANSPORT, run};
+        let framed = |platform: u8, op: u8, replies: &[&[u8]]| {
+            let mut v = vec![platform, op];
+            for (i, r) in replies.iter().enumerate() {
+                if i > 0 {
+                    v.push(SEPARATOR);
+                }
+                v.extend_from_slice(r);
+            }
+            v
+        };
+        // A refresh whose token request meets an HTML error page (status 500 at index 9).
+        let html = framed(0, 1, &[b"\x04<html>bad gateway</html>"]);
+        assert!(matches!(run(&html), Err(Error::Platform { .. })));
+        // Every attempt reset: the retries give up with a transport error.
+        let reset = [TRANSPORT];
+        let resets = framed(2, 1, &[&reset, &reset, &reset]);
+        assert!(matches!(run(&resets), Err(Error::Transport(_))));
+        // A token, then an instance read that is JSON but not an object.
+        let mut tok = vec![0u8];
+        tok.extend_from_slice(br#"{"errcode":0,"access_token":"t","expires_in":7200}"#);
+        let odd = framed(2, 1, &[&tok, b"\x00[1,2,3]"]);
+        assert!(
+            matches!(run(&odd), Err(Error::Platform { .. })),
+            "{:?}",
+            run(&odd)
+        );
+        // No reply at all.
+        assert!(matches!(run(&[1, 4]), Err(Error::Transport(_))));
     }
 }

@@ -4,11 +4,11 @@
 //! in its place: a proxy, a captive portal, a misconfigured `api-base`). Input:
 //! `[platform, op, reply (0xFF reply)*]`.
 //!
-//! `platform % 3`: Feishu, DingTalk, WeCom. `op % 6` runs one export's flow on a store holding
+//! `platform % 3`: Feishu, DingTalk, WeCom. `op % 7` runs one export's flow on a store holding
 //! a pending and an approved approval of that platform: 0 start-approval (bit 3: approvers
 //! and initiator by mobile, so they are looked up first), 1 get with refresh on the pending
 //! approval, 2 the same on the approved one, 3 cancel the pending one, 4 notify users, 5
-//! notify a chat.
+//! notify a chat, 6 notify through the platform's signed robot webhook.
 //!
 //! Every request the flow sends, token requests included, takes the next reply in order:
 //! its first byte picks the status ([`STATUS`], by the low 4 bits), bit 4 adds a
@@ -19,7 +19,8 @@
 //! Invariants, beyond "no panic": the flow sends a bounded number of requests and never
 //! sleeps longer than the retry policy's longest wait; an approval it returns is the one
 //! stored; the approved approval never changes status; a failed get or cancel leaves every
-//! approval record as it was; and no error carries the app secret unless a reply did.
+//! approval record as it was; and no error carries the app secret, the webhook's token or its
+//! signing secret unless a reply did.
 
 use crate::{APP_ID, APP_SECRET, NOW_MS, Reader, instance_key};
 use imbridge::approval::Record;
@@ -27,7 +28,7 @@ use imbridge::env::{Request, Response, fake::FakeEnv};
 use imbridge::error::{Error, Result};
 use imbridge::model::{
     Approval, ApprovalNode, ApprovalRequest, ApprovalStatus, ImApp, Level, Notification, Platform,
-    SignMode, Target, UserRef,
+    RobotWebhook, SignMode, Target, UserRef,
 };
 use serde_json::{Value, json};
 use std::cell::RefCell;
@@ -48,6 +49,9 @@ pub const APPROVED: &str = "A-1";
 /// More than any flow needs with every retry taken (start on DingTalk with three lookups,
 /// template pages and a read-back, each retried); a loop would exceed it.
 pub const MAX_REQUESTS: usize = 80;
+/// The robot webhook's credentials: the token in its URL and its signing secret.
+pub const HOOK_TOKEN: &str = "fzhooktoken0123456789";
+pub const HOOK_SECRET: &str = "SECfzrobotsigningsecret";
 
 pub fn app(platform: Platform) -> ImApp {
     crate::app(
@@ -174,6 +178,18 @@ fn answer(reply: Reply) -> Result<Response> {
     })
 }
 
+pub fn hook_url(platform: Platform) -> String {
+    match platform {
+        Platform::Dingtalk => {
+            format!("https://oapi.dingtalk.com/robot/send?access_token={HOOK_TOKEN}")
+        }
+        Platform::Wecom => {
+            format!("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key={HOOK_TOKEN}")
+        }
+        _ => format!("https://open.feishu.cn/open-apis/bot/v2/hook/{HOOK_TOKEN}"),
+    }
+}
+
 /// What a flow returned, reduced to what the invariants compare.
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
@@ -185,7 +201,7 @@ pub enum Outcome {
 pub fn flow(env: &FakeEnv, platform: Platform, op: u8) -> Result<Outcome> {
     let app = app(platform);
     let approval = |a: Result<Approval>| a.map(Outcome::Approval);
-    match op % 6 {
+    match op % 7 {
         0 => approval(imbridge::approval::start(
             env,
             &app,
@@ -201,8 +217,16 @@ pub fn flow(env: &FakeEnv, platform: Platform, op: u8) -> Result<Outcome> {
             ]));
             imbridge::notify::notify(env, Some(&app), &n).map(|_| Outcome::Sent)
         }
-        _ => {
+        5 => {
             let n = notification(Target::Chat("oc_fz".into()));
+            imbridge::notify::notify(env, Some(&app), &n).map(|_| Outcome::Sent)
+        }
+        _ => {
+            let n = notification(Target::Webhook(RobotWebhook {
+                platform,
+                url: hook_url(platform),
+                secret: Some(HOOK_SECRET.into()),
+            }));
             imbridge::notify::notify(env, Some(&app), &n).map(|_| Outcome::Sent)
         }
     }
@@ -263,16 +287,17 @@ pub fn run(data: &[u8]) -> Result<Outcome> {
         }
         Ok(Outcome::Sent) => {}
         Err(e) => {
-            if matches!(op % 6, 1..=3) {
+            if matches!(op % 7, 1..=3) {
                 assert_eq!(records(&env), before, "a failed {op} changed a record: {e}");
             }
-            let secret_echoed = raw
-                .windows(APP_SECRET.len())
-                .any(|w| w == APP_SECRET.as_bytes());
-            assert!(
-                secret_echoed || !e.to_string().contains(APP_SECRET),
-                "the app secret in an error: {e}"
-            );
+            let msg = e.to_string();
+            for secret in [APP_SECRET, HOOK_TOKEN, HOOK_SECRET] {
+                let echoed = raw.windows(secret.len()).any(|w| w == secret.as_bytes());
+                assert!(
+                    echoed || !msg.contains(secret),
+                    "a secret in an error: {msg}"
+                );
+            }
         }
     }
     result

@@ -369,6 +369,7 @@ fn reply_seeds() -> Vec<Seed> {
         ("cancel", 3),
         ("notify_users", 4),
         ("notify_chat", 5),
+        ("notify_webhook", 6),
     ];
     PLATFORMS
         .into_iter()
@@ -565,7 +566,13 @@ mod tests {
                 "{name}"
             );
         }
-        for name in ["feishu_notify_chat", "wecom_notify_chat"] {
+        for name in [
+            "feishu_notify_chat",
+            "wecom_notify_chat",
+            "feishu_notify_webhook",
+            "dingtalk_notify_webhook",
+            "wecom_notify_webhook",
+        ] {
             assert_eq!(run(&reply_seed(name)), Ok(Outcome::Sent), "{name}");
         }
         // Neither has an API for it; both say so instead of pretending.

@@ -44,30 +44,36 @@ pub type MemEnv = imbridge::env::fake::FakeEnv;
 pub fn seeded_env() -> MemEnv {
     static BASE: OnceLock<Kv> = OnceLock::new();
     let base = BASE.get_or_init(|| {
-        let mut kv = Kv::new();
-        let rec = |id: &str, status, meta| Record {
+        let nodes = serde_json::json!({"nodes": [{"mode": "and", "approvers": ["u1", "u2"]}]});
+        store_of(&[
+            (PENDING, ApprovalStatus::Pending, nodes),
+            (APPROVED, ApprovalStatus::Approved, serde_json::Value::Null),
+        ])
+    });
+    MemEnv::with_store(base.clone(), NOW_MS)
+}
+
+/// A store with one record of `APP_ID` per (instance id, status, meta), last changed a
+/// minute before `NOW_MS`, without decisions.
+pub fn store_of(records: &[(&str, ApprovalStatus, serde_json::Value)]) -> Kv {
+    let mut kv = Kv::new();
+    for (id, status, meta) in records {
+        let rec = Record {
             approval: Approval {
-                instance_id: id.into(),
+                instance_id: (*id).into(),
                 key: format!("key-{id}"),
-                status,
+                status: *status,
                 decisions: vec![],
                 updated_at_ms: NOW_MS - 60_000,
             },
-            meta,
+            meta: meta.clone(),
         };
-        let nodes = serde_json::json!({"nodes": [{"mode": "and", "approvers": ["u1", "u2"]}]});
-        for r in [
-            rec(PENDING, ApprovalStatus::Pending, nodes),
-            rec(APPROVED, ApprovalStatus::Approved, serde_json::Value::Null),
-        ] {
-            kv.insert(
-                instance_key(&r.approval.instance_id),
-                serde_json::to_vec(&r).expect("record serializes"),
-            );
-        }
-        kv
-    });
-    MemEnv::with_store(base.clone(), NOW_MS)
+        kv.insert(
+            instance_key(id),
+            serde_json::to_vec(&rec).expect("record serializes"),
+        );
+    }
+    kv
 }
 
 /// Mirrors `approval::instance_key` (private) for ids without '/' or '%'.

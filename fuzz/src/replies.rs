@@ -22,7 +22,7 @@
 //! approval record as it was; and no error carries the app secret, the webhook's token or its
 //! signing secret unless a reply did.
 
-use crate::{APP_ID, APP_SECRET, NOW_MS, Reader, instance_key};
+use crate::{APP_ID, APP_SECRET, NOW_MS, Reader};
 use imbridge::approval::Record;
 use imbridge::env::{Request, Response, fake::FakeEnv};
 use imbridge::error::{Error, Result};
@@ -75,26 +75,10 @@ fn meta(platform: Platform) -> Value {
 }
 
 pub fn seeded(platform: Platform) -> FakeEnv {
-    let mut kv = crate::Kv::new();
-    for (id, status) in [
-        (PENDING, ApprovalStatus::Pending),
-        (APPROVED, ApprovalStatus::Approved),
-    ] {
-        let rec = Record {
-            approval: Approval {
-                instance_id: id.into(),
-                key: format!("key-{id}"),
-                status,
-                decisions: vec![],
-                updated_at_ms: NOW_MS - 60_000,
-            },
-            meta: meta(platform),
-        };
-        kv.insert(
-            instance_key(id),
-            serde_json::to_vec(&rec).expect("record serializes"),
-        );
-    }
+    let kv = crate::store_of(&[
+        (PENDING, ApprovalStatus::Pending, meta(platform)),
+        (APPROVED, ApprovalStatus::Approved, meta(platform)),
+    ]);
     FakeEnv::with_store(kv, NOW_MS)
 }
 

@@ -4,9 +4,10 @@
 //! in its place: a proxy, a captive portal, a misconfigured `api-base`). Input:
 //! `[platform, op, reply (0xFF reply)*]`.
 //!
-//! `platform % 3`: Feishu, DingTalk, WeCom. `op % 7` runs one export's flow on a store holding
-//! a pending and an approved approval of that platform: 0 start-approval (bit 3: approvers
-//! and initiator by mobile, so they are looked up first), 1 get with refresh on the pending
+//! `platform % 3`: Feishu, DingTalk, WeCom. `op` without its top bit, `% 7`, runs one export's
+//! flow on a store holding a pending and an approved approval of that platform: 0
+//! start-approval (the top bit, [`BY_MOBILE`]: approvers and initiator by mobile, so they are
+//! looked up first), 1 get with refresh on the pending
 //! approval, 2 the same on the approved one, 3 cancel the pending one, 4 notify users, 5
 //! notify a chat, 6 notify through the platform's signed robot webhook.
 //!
@@ -41,7 +42,7 @@ pub const STATUS: [u16; 16] = [
 ];
 pub const RETRY_AFTER: u8 = 0x10;
 pub const TRANSPORT: u8 = 0x20;
-pub const BY_MOBILE: u8 = 8;
+pub const BY_MOBILE: u8 = 0x80;
 
 pub const PLATFORMS: [Platform; 3] = [Platform::Feishu, Platform::Dingtalk, Platform::Wecom];
 pub const PENDING: &str = "P-1";
@@ -184,36 +185,31 @@ pub enum Outcome {
 /// Runs the flow `op` on `env` for `platform`.
 pub fn flow(env: &FakeEnv, platform: Platform, op: u8) -> Result<Outcome> {
     let app = app(platform);
-    let approval = |a: Result<Approval>| a.map(Outcome::Approval);
-    match op % 7 {
-        0 => approval(imbridge::approval::start(
-            env,
-            &app,
-            &approval_request(op & BY_MOBILE != 0),
-        )),
-        1 => approval(imbridge::approval::get(env, &app, PENDING, true)),
-        2 => approval(imbridge::approval::get(env, &app, APPROVED, true)),
-        3 => approval(imbridge::approval::cancel(env, &app, PENDING, Some("done"))),
-        4 => {
-            let n = notification(Target::Users(vec![
-                UserRef::Id("u1".into()),
-                UserRef::Id("u2".into()),
-            ]));
-            imbridge::notify::notify(env, Some(&app), &n).map(|_| Outcome::Sent)
+    let target = match flow_of(op) {
+        0 => {
+            let req = approval_request(op & BY_MOBILE != 0);
+            return imbridge::approval::start(env, &app, &req).map(Outcome::Approval);
         }
-        5 => {
-            let n = notification(Target::Chat("oc_fz".into()));
-            imbridge::notify::notify(env, Some(&app), &n).map(|_| Outcome::Sent)
+        1 => return imbridge::approval::get(env, &app, PENDING, true).map(Outcome::Approval),
+        2 => return imbridge::approval::get(env, &app, APPROVED, true).map(Outcome::Approval),
+        3 => {
+            let canceled = imbridge::approval::cancel(env, &app, PENDING, Some("done"));
+            return canceled.map(Outcome::Approval);
         }
-        _ => {
-            let n = notification(Target::Webhook(RobotWebhook {
-                platform,
-                url: hook_url(platform),
-                secret: Some(HOOK_SECRET.into()),
-            }));
-            imbridge::notify::notify(env, Some(&app), &n).map(|_| Outcome::Sent)
-        }
-    }
+        4 => Target::Users(vec![UserRef::Id("u1".into()), UserRef::Id("u2".into())]),
+        5 => Target::Chat("oc_fz".into()),
+        _ => Target::Webhook(RobotWebhook {
+            platform,
+            url: hook_url(platform),
+            secret: Some(HOOK_SECRET.into()),
+        }),
+    };
+    imbridge::notify::notify(env, Some(&app), &notification(target)).map(|_| Outcome::Sent)
+}
+
+/// Which flow `op` picks; its top bit is a flag of the start flow.
+pub fn flow_of(op: u8) -> u8 {
+    (op & !BY_MOBILE) % 7
 }
 
 fn records(env: &FakeEnv) -> Vec<(String, Vec<u8>)> {
@@ -236,9 +232,8 @@ pub fn run(data: &[u8]) -> Result<Outcome> {
     let platform = PLATFORMS[usize::from(r.byte() % 3)];
     let op = r.byte();
     let raw = r.rest();
-    let replies = Rc::new(RefCell::new(split_replies(raw)));
+    let queue = RefCell::new(split_replies(raw));
     let env = seeded(platform);
-    let queue = replies.clone();
     env.set_responder(move |_: &Request| match queue.borrow_mut().pop_front() {
         Some(reply) => answer(reply),
         None => Err(Error::transport("unreachable")),
@@ -271,7 +266,7 @@ pub fn run(data: &[u8]) -> Result<Outcome> {
         }
         Ok(Outcome::Sent) => {}
         Err(e) => {
-            if matches!(op % 7, 1..=3) {
+            if matches!(flow_of(op), 1..=3) {
                 assert_eq!(records(&env), before, "a failed {op} changed a record: {e}");
             }
             let msg = e.to_string();

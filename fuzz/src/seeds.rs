@@ -544,6 +544,12 @@ mod tests {
                     // Each stand-in reports the approval approved, so the read-back of a
                     // start and a refresh both move it.
                     Ok(Outcome::Approval(a)) => {
+                        let key = if op == "refresh_pending" {
+                            "key-P-1"
+                        } else {
+                            "deploy-42"
+                        };
+                        assert_eq!(a.key, key, "{name} ran another flow: {a:?}");
                         assert_eq!(a.status, ApprovalStatus::Approved, "{name}: {a:?}");
                         assert!(!a.decisions.is_empty(), "{name}: {a:?}");
                     }

@@ -2,6 +2,8 @@
 //! verifies and decrypts), then the approval state machine.
 
 use crate::approval;
+use crate::crypto::sorted_sha1_hex;
+use crate::crypto::wx::WxKey;
 use crate::env::Env;
 use crate::error::{Error, Result};
 use crate::model::{CallbackOutcome, HttpRequest, ImApp};
@@ -57,6 +59,12 @@ pub fn header<'r>(req: &'r HttpRequest, name: &str) -> Option<&'r str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// The one answer to a callback whose signature is absent or wrong: which of the two, or what
+/// was wrong with it, is not the sender's business.
+pub fn unsigned() -> Error {
+    Error::unauthorized("callback signature is missing or invalid")
+}
+
 /// Whether a hex signature as presented matches the expected one (case-insensitive, in
 /// constant time).
 pub fn signature_matches(expected_hex: &str, presented: &str) -> bool {
@@ -80,6 +88,70 @@ pub fn check_timestamp(app: &ImApp, now_ms: u64, ts: &str, units_per_sec: u64) -
         ));
     }
     Ok(())
+}
+
+/// What a callback in the WX frame (DingTalk, WeCom) is checked and decrypted with: the
+/// app's Token and EncodingAESKey, and the receive id the frame must name (its AppKey or
+/// CorpID, `app_id`).
+pub struct WxSecrets<'a> {
+    pub token: &'a str,
+    pub key: WxKey,
+    pub receive_id: &'a str,
+}
+
+impl<'a> WxSecrets<'a> {
+    /// `app_id_is` names what `app_id` holds on this platform, for the error.
+    pub fn of(app: &'a ImApp, platform: &str, app_id_is: &str) -> Result<Self> {
+        let token = app
+            .token
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                Error::config(format!("{platform} callbacks need the app's Token (token)"))
+            })?;
+        let key = app
+            .encrypt_key
+            .as_deref()
+            .filter(|k| !k.trim().is_empty())
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "{platform} callbacks need the app's EncodingAESKey (encrypt-key)"
+                ))
+            })?;
+        let key = WxKey::new(key)?;
+        let receive_id = app.app_id.trim();
+        if receive_id.is_empty() {
+            return Err(Error::config(format!("app-id ({app_id_is}) is required")));
+        }
+        Ok(WxSecrets {
+            token,
+            key,
+            receive_id,
+        })
+    }
+
+    /// Checks `msg_signature`, the SHA-1 of the sorted [token, timestamp, nonce, ciphertext],
+    /// in constant time, then the timestamp's age (`units_per_sec` as in
+    /// [`check_timestamp`]). Run before anything touches the ciphertext, so nothing is
+    /// learnt from decryption errors without the token.
+    pub fn verify(
+        &self,
+        env: &(impl Env + ?Sized),
+        app: &ImApp,
+        signed: [Option<&str>; 3],
+        encrypted: &str,
+        units_per_sec: u64,
+    ) -> Result<()> {
+        let [Some(sig), Some(ts), Some(nonce)] = signed else {
+            return Err(unsigned());
+        };
+        let expected = sorted_sha1_hex(&[self.token, ts, nonce, encrypted]);
+        if !signature_matches(&expected, sig) {
+            return Err(unsigned());
+        }
+        check_timestamp(app, env.now_ms(), ts, units_per_sec)
+    }
 }
 
 #[cfg(test)]

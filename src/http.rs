@@ -63,6 +63,53 @@ pub fn status_is_retryable(status: u16) -> bool {
     status == 429 || status >= 500
 }
 
+/// An answer that failed by its HTTP status alone: the status, negated, stands in for the
+/// platform's code (`CreateError::sent` reads it back).
+pub fn status_error(status: u16, what: impl core::fmt::Display) -> Error {
+    Error::platform(
+        -i64::from(status),
+        format!("HTTP {status} {what}"),
+        status_is_retryable(status),
+    )
+}
+
+/// Where a platform's JSON answers report their outcome: a numeric code, 0 for success, and
+/// a message, each under the first of its field names the body has.
+pub struct ResultCode {
+    pub code: &'static [&'static str],
+    pub msg: &'static [&'static str],
+    /// The platform's codes for "busy, try again later".
+    pub retryable: &'static [i64],
+}
+
+impl ResultCode {
+    /// The body of a success (code 0 and a non-error status); a typed error carrying the
+    /// platform's own code for any other code. An answer that no code settles (none at all,
+    /// or 0 with an error status) goes to `uncoded` with the message, if any: what that
+    /// means differs by platform.
+    pub fn check(
+        &self,
+        reply: JsonReply,
+        uncoded: fn(JsonReply, String) -> Result<Value>,
+    ) -> Result<Value> {
+        let field = |names: &[&str]| names.iter().find_map(|n| reply.body.get(*n));
+        let code = field(self.code).and_then(Value::as_i64);
+        let msg = field(self.msg)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        match code {
+            Some(0) if reply.status < 400 => Ok(reply.body),
+            Some(c) if c != 0 => Err(Error::platform(
+                c,
+                msg,
+                self.retryable.contains(&c) || status_is_retryable(reply.status),
+            )),
+            _ => uncoded(reply, msg),
+        }
+    }
+}
+
 pub fn call_json(
     env: &(impl Env + ?Sized),
     method: Method,
@@ -155,10 +202,9 @@ fn parse_reply(response: Response) -> Result<JsonReply> {
                 .chars()
                 .take(MAX_ERROR_SNIPPET)
                 .collect();
-            Err(Error::platform(
-                -i64::from(response.status),
-                format!("HTTP {} with a non-JSON body: {snippet}", response.status),
-                status_is_retryable(response.status),
+            Err(status_error(
+                response.status,
+                format_args!("with a non-JSON body: {snippet}"),
             ))
         }
     }
@@ -230,6 +276,84 @@ pub fn api_base(configured: Option<&str>, default: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn result_codes_settle_or_hand_over() {
+        const R: ResultCode = ResultCode {
+            code: &["code", "StatusCode"],
+            msg: &["msg", "StatusMessage"],
+            retryable: &[7],
+        };
+        let reply = |status, body: Value| JsonReply { status, body };
+        let uncoded = |r: JsonReply, msg: String| -> Result<Value> {
+            Err(Error::input(format!("uncoded {} {msg}", r.status)))
+        };
+        let body = serde_json::json!({"code": 0, "data": 1});
+        assert_eq!(R.check(reply(200, body.clone()), uncoded).unwrap(), body);
+        // The second field name counts when the first is absent; the platform's code is kept.
+        let e = R
+            .check(
+                reply(
+                    200,
+                    serde_json::json!({"StatusCode": 7, "StatusMessage": "busy"}),
+                ),
+                uncoded,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Platform { code: 7, message, retryable: true } if message == "busy"),
+            "{e:?}"
+        );
+        let e = R
+            .check(
+                reply(200, serde_json::json!({"code": 9, "msg": "no"})),
+                uncoded,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Platform {
+                    code: 9,
+                    retryable: false,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // An error status makes any code retryable that the status says is.
+        let e = R
+            .check(reply(503, serde_json::json!({"code": 9})), uncoded)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Platform {
+                    code: 9,
+                    retryable: true,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // Code 0 under an error status, or no code at all, is the platform's to judge.
+        for (status, body) in [
+            (500, serde_json::json!({"code": 0, "msg": "odd"})),
+            (200, serde_json::json!({"msg": "odd"})),
+            (200, serde_json::json!({"code": "0", "msg": "odd"})),
+        ] {
+            let e = R.check(reply(status, body), uncoded).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                Error::input(format!("uncoded {status} odd")).to_string()
+            );
+        }
+        let e = status_error(429, "slow");
+        assert!(
+            matches!(&e, Error::Platform { code: -429, message, retryable: true } if message == "HTTP 429 slow"),
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn query_decoding_keeps_plus_and_decodes_once() {

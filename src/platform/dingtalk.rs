@@ -9,11 +9,11 @@
 
 use super::{CreateError, Created, Parsed, form_text, json_u64};
 use crate::approval::{Event, Inbound, Record};
-use crate::callback::{check_timestamp, signature_matches};
+use crate::callback::{WxSecrets, unsigned};
 use crate::crypto::undecryptable;
 use crate::crypto::wx::WxKey;
 use crate::crypto::{self, sorted_sha1_hex};
-use crate::env::{Env, EnvExt, hex, key_segment};
+use crate::env::{Env, EnvExt};
 use crate::error::{Error, Result};
 use crate::http::{self, Method, call_checked, call_json, percent_encode, status_is_retryable};
 use crate::model::{
@@ -77,30 +77,24 @@ fn check_new(reply: http::JsonReply) -> Result<Value> {
     ))
 }
 
+const LEGACY_RESULT: http::ResultCode = http::ResultCode {
+    code: &["errcode"],
+    msg: &["errmsg"],
+    retryable: LEGACY_RETRYABLE,
+};
+
 /// A legacy reply: `errcode` 0 is success, anything else (or its absence) an error.
 fn check_legacy(reply: http::JsonReply) -> Result<Value> {
-    let code = reply.body.get("errcode").and_then(Value::as_i64);
-    let msg = reply
-        .body
-        .get("errmsg")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    match code {
-        Some(0) if reply.status < 400 => Ok(reply.body),
-        Some(c) if c != 0 => Err(Error::platform(
-            c,
-            msg,
-            LEGACY_RETRYABLE.contains(&c) || status_is_retryable(reply.status),
-        )),
+    LEGACY_RESULT.check(reply, |reply, msg| {
         // Gateways in front of oapi answer some failures in the new-API shape.
-        _ if reply.status >= 400 && reply.body.get("code").is_some() => check_new(reply),
-        _ => Err(Error::platform(
-            new_api_code(reply.status),
-            format!("HTTP {} without a DingTalk errcode {msg}", reply.status),
-            status_is_retryable(reply.status),
-        )),
-    }
+        if reply.status >= 400 && reply.body.get("code").is_some() {
+            return check_new(reply);
+        }
+        Err(http::status_error(
+            reply.status,
+            format_args!("without a DingTalk errcode {msg}"),
+        ))
+    })
 }
 
 struct Client<'a, E: Env + ?Sized> {
@@ -236,50 +230,33 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
         }
     }
 
-    fn form_cache_key(&self) -> String {
-        format!(
-            "a/{}/dform/{}",
-            key_segment(&self.app.id),
-            &hex(&crypto::sha256(&[
-                self.base.as_bytes(),
-                b"\0",
-                self.app.app_id.as_bytes()
-            ]))[..16]
-        )
-    }
-
     /// The process code of our one-textarea form: from the KV cache, else found among the
     /// templates the originator can see (a previous install of the plugin made it), else
     /// created. Cached per app so this costs API calls once.
     fn process_code(&self, originator: &str) -> Result<String> {
-        let cache = self.form_cache_key();
-        if let Some(code) = self.env.kv_get(&cache)? {
-            return String::from_utf8(code).map_err(|_| Error::storage("corrupt form cache"));
-        }
-        let code = match self.find_form(originator)? {
-            Some(code) => code,
-            None => {
-                let body = json!({
-                    "name": FORM_NAME,
-                    "description": "Created by imbridge for workflow-engine approvals",
-                    "formComponents": [{
-                        "componentType": "TextareaField",
-                        "props": {"componentId": "TextareaField_imbridge", "label": FIELD_LABEL,
-                                  "required": true},
-                    }],
-                });
-                let reply = self.api(Method::Post, "/v1.0/workflow/forms", Some(&body))?;
-                reply
-                    .get("result")
-                    .and_then(|r| r.get("processCode"))
-                    .and_then(Value::as_str)
-                    .filter(|s| !s.is_empty())
-                    .ok_or_else(|| Error::platform(-1, "form created without a processCode", true))?
-                    .to_string()
+        let cache = super::app_object_key(self.app, &self.base, "dform");
+        super::cached_id(self.env, &cache, "form", || {
+            if let Some(code) = self.find_form(originator)? {
+                return Ok(code);
             }
-        };
-        self.env.kv_set(&cache, code.as_bytes())?;
-        Ok(code)
+            let body = json!({
+                "name": FORM_NAME,
+                "description": "Created by imbridge for workflow-engine approvals",
+                "formComponents": [{
+                    "componentType": "TextareaField",
+                    "props": {"componentId": "TextareaField_imbridge", "label": FIELD_LABEL,
+                              "required": true},
+                }],
+            });
+            let reply = self.api(Method::Post, "/v1.0/workflow/forms", Some(&body))?;
+            reply
+                .get("result")
+                .and_then(|r| r.get("processCode"))
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| Error::platform(-1, "form created without a processCode", true))
+        })
     }
 
     fn find_form(&self, user_id: &str) -> Result<Option<String>> {
@@ -566,10 +543,6 @@ pub fn cancel(
 
 // ---- callbacks ----
 
-fn bad_signature() -> Error {
-    Error::unauthorized("callback signature is missing or invalid")
-}
-
 fn first<'q>(q: &'q [(String, String)], names: &[&str]) -> Option<&'q str> {
     names
         .iter()
@@ -577,50 +550,35 @@ fn first<'q>(q: &'q [(String, String)], names: &[&str]) -> Option<&'q str> {
 }
 
 pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest) -> Result<Parsed> {
-    let token = app
-        .token
-        .as_deref()
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| Error::config("a DingTalk callback token is required"))?;
-    let key = WxKey::new(
-        app.encrypt_key
-            .as_deref()
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| Error::config("a DingTalk callback aes_key is required"))?,
-    )?;
-    if app.app_id.trim().is_empty() {
-        return Err(Error::config("app-id (AppKey) is required"));
-    }
+    let wx = WxSecrets::of(app, "DingTalk", "AppKey")?;
     if !req.method.eq_ignore_ascii_case("POST") {
         return Err(Error::input("DingTalk callbacks are POST requests"));
     }
     let q = http::parse_query(&req.query)?;
-    let (Some(sig), Some(ts), Some(nonce)) = (
+    let signed = [
         first(&q, &["msg_signature", "signature"]),
         first(&q, &["timestamp", "timeStamp"]),
         first(&q, &["nonce"]),
-    ) else {
-        return Err(bad_signature());
-    };
+    ];
+    // An unsigned push is refused before its body is looked at.
+    if signed.contains(&None) {
+        return Err(unsigned());
+    }
     let outer: Value =
         serde_json::from_slice(&req.body).map_err(|_| Error::input("callback body is not JSON"))?;
     let encrypt = outer
         .get("encrypt")
         .and_then(Value::as_str)
         .ok_or_else(|| Error::input("callback body has no `encrypt` field"))?;
-    // Authenticate before touching the ciphertext, so nothing is learnt from decrypt errors.
-    let expected = sorted_sha1_hex(&[token, ts, nonce, encrypt]);
-    if !signature_matches(&expected, sig) {
-        return Err(bad_signature());
-    }
-    check_timestamp(app, env.now_ms(), ts, 1000)?;
-    let event: Value = key
-        .decrypt(encrypt, app.app_id.trim())
+    wx.verify(env, app, signed, encrypt, 1000)?;
+    let event: Value = wx
+        .key
+        .decrypt(encrypt, wx.receive_id)
         .ok()
         .and_then(|plain| serde_json::from_slice(&plain).ok())
         .ok_or_else(undecryptable)?;
     Ok(Parsed {
-        response: success_reply(env, &key, token, app.app_id.trim()),
+        response: success_reply(env, &wx.key, wx.token, wx.receive_id),
         events: approval_events(env, &event),
     })
 }

@@ -3,11 +3,11 @@
 
 use super::{CreateError, Created, Parsed, form_text, json_u64};
 use crate::approval::{Event, Inbound, Record};
-use crate::callback::{check_timestamp, header, signature_matches};
+use crate::callback::{check_timestamp, header, signature_matches, unsigned};
 use crate::crypto::{self, ct_eq};
 use crate::env::{Env, hex, key_segment};
 use crate::error::{Error, Result};
-use crate::http::{self, Method, call_checked, call_json, status_is_retryable};
+use crate::http::{self, Method, call_checked, call_json};
 use crate::model::{
     ApprovalNode, ApprovalRequest, ApprovalStatus, Decision, HttpRequest, HttpResponse, ImApp,
     Notification, Platform, Receipt, SignMode, Target, UserRef,
@@ -44,33 +44,21 @@ pub fn default_base(p: Platform) -> &'static str {
     }
 }
 
+/// Feishu's answers: `{code, msg}`, or `{StatusCode, StatusMessage}` from its gateway.
+const RESULT: http::ResultCode = http::ResultCode {
+    code: &["code", "StatusCode"],
+    msg: &["msg", "StatusMessage"],
+    retryable: RETRYABLE,
+};
+
 /// Turns a Feishu reply into its body, or a typed error carrying Feishu's own code.
 fn check(reply: http::JsonReply) -> Result<Value> {
-    let code = reply
-        .body
-        .get("code")
-        .or_else(|| reply.body.get("StatusCode"))
-        .and_then(Value::as_i64);
-    let msg = reply
-        .body
-        .get("msg")
-        .or_else(|| reply.body.get("StatusMessage"))
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    match code {
-        Some(0) if reply.status < 400 => Ok(reply.body),
-        Some(c) if c != 0 => Err(Error::platform(
-            c,
-            msg,
-            RETRYABLE.contains(&c) || status_is_retryable(reply.status),
-        )),
-        _ => Err(Error::platform(
-            -i64::from(reply.status),
-            format!("HTTP {} without a Feishu result code {msg}", reply.status),
-            status_is_retryable(reply.status),
-        )),
-    }
+    RESULT.check(reply, |reply, msg| {
+        Err(http::status_error(
+            reply.status,
+            format_args!("without a Feishu result code {msg}"),
+        ))
+    })
 }
 
 struct Client<'a, E: Env + ?Sized> {
@@ -234,33 +222,31 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
             &hex(&crypto::sha256(&[self.base.as_bytes()]))[..8],
             shape
         );
-        if let Some(code) = self.env.kv_get(&cache)? {
-            return String::from_utf8(code).map_err(|_| Error::storage("corrupt definition cache"));
-        }
-        let data = self.api(
-            Method::Post,
-            "/open-apis/approval/v4/approvals?user_id_type=open_id",
-            Some(&definition_body(nodes, &shape)),
-        )?;
-        let code = data
-            .get("approval_code")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::platform(-1, "definition created without a code", true))?
-            .to_string();
-        match self.api(
-            Method::Post,
-            &format!(
-                "/open-apis/approval/v4/approvals/{}/subscribe",
-                http::percent_encode(&code)
-            ),
-            None,
-        ) {
-            Ok(_) => {}
-            Err(Error::Platform { code, .. }) if code == ALREADY_SUBSCRIBED => {}
-            Err(e) => return Err(e),
-        }
-        self.env.kv_set(&cache, code.as_bytes())?;
-        Ok(code)
+        super::cached_id(self.env, &cache, "definition", || {
+            let data = self.api(
+                Method::Post,
+                "/open-apis/approval/v4/approvals?user_id_type=open_id",
+                Some(&definition_body(nodes, &shape)),
+            )?;
+            let code = data
+                .get("approval_code")
+                .and_then(Value::as_str)
+                .ok_or_else(|| Error::platform(-1, "definition created without a code", true))?
+                .to_string();
+            match self.api(
+                Method::Post,
+                &format!(
+                    "/open-apis/approval/v4/approvals/{}/subscribe",
+                    http::percent_encode(&code)
+                ),
+                None,
+            ) {
+                Ok(_) => {}
+                Err(Error::Platform { code, .. }) if code == ALREADY_SUBSCRIBED => {}
+                Err(e) => return Err(e),
+            }
+            Ok(code)
+        })
     }
 }
 
@@ -574,10 +560,6 @@ fn envelope_events(env: &(impl Env + ?Sized), inner: &Value) -> Result<Vec<Inbou
         (Some(t), Some(ev)) => approval_event(env, t, ev, dedup),
         _ => Ok(Vec::new()),
     }
-}
-
-fn unsigned() -> Error {
-    Error::unauthorized("callback signature is missing or invalid")
 }
 
 /// Returns whether a valid signature was present. A present but wrong or stale one is an error;

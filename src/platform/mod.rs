@@ -226,6 +226,34 @@ pub fn normalize_mobile(raw: &str) -> Result<String> {
     Ok(out)
 }
 
+/// Where an id the platform hands out once per app (DingTalk's form, WeCom's template) is
+/// kept: per app, API base and platform app id, so pointing an app at another base or
+/// another platform app never reuses an id that only the old one knows.
+fn app_object_key(app: &ImApp, base: &str, kind: &str) -> String {
+    let scope = crate::crypto::sha256(&[base.as_bytes(), b"\0", app.app_id.as_bytes()]);
+    format!(
+        "a/{}/{kind}/{}",
+        crate::env::key_segment(&app.id),
+        &crate::env::hex(&scope)[..16]
+    )
+}
+
+/// The id kept under `key`, else the one `make` gets from the platform, kept for next time:
+/// so the platform object behind it is made once.
+fn cached_id(
+    env: &(impl Env + ?Sized),
+    key: &str,
+    what: &str,
+    make: impl FnOnce() -> Result<String>,
+) -> Result<String> {
+    if let Some(id) = env.kv_get(key)? {
+        return String::from_utf8(id).map_err(|_| Error::storage(format!("corrupt {what} cache")));
+    }
+    let id = make()?;
+    env.kv_set(key, id.as_bytes())?;
+    Ok(id)
+}
+
 /// Accepts the platforms' mix of numeric and string timestamps.
 pub fn json_u64(v: Option<&serde_json::Value>) -> Option<u64> {
     match v? {
@@ -238,6 +266,29 @@ pub fn json_u64(v: Option<&serde_json::Value>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_keys_stay_put_and_are_scoped() {
+        let app = dingtalk::tests::app();
+        let key = app_object_key(&app, "https://api.dingtalk.com", "dform");
+        // Kept in tenants' stores since the first release: a new layout would make every app
+        // look its form or template up again (or create a second one). The digest is
+        // `printf 'https://api.dingtalk.com\0dingappkey' | sha256sum`, cut to 16.
+        assert_eq!(key, "a/dt1/dform/7f93202f806d2612");
+        let other_app = ImApp {
+            app_id: format!("{}x", app.app_id),
+            ..app.clone()
+        };
+        assert_ne!(
+            key,
+            app_object_key(&other_app, "https://api.dingtalk.com", "dform")
+        );
+        assert_ne!(key, app_object_key(&app, "http://127.0.0.1:1", "dform"));
+        assert_ne!(
+            key,
+            app_object_key(&app, "https://api.dingtalk.com", "wtpl")
+        );
+    }
 
     #[test]
     fn mobiles_normalise() {

@@ -7,13 +7,11 @@
 
 use super::{CreateError, Created, Parsed, form_text, normalize_mobile};
 use crate::approval::{Event, Inbound, Record};
-use crate::callback::{check_timestamp, signature_matches};
-use crate::crypto::{self, sorted_sha1_hex, wx::WxKey};
-use crate::env::{Env, EnvExt, hex, key_segment};
+use crate::callback::WxSecrets;
+use crate::crypto;
+use crate::env::{Env, EnvExt, hex};
 use crate::error::{Error, Result};
-use crate::http::{
-    self, Method, call_checked, call_json, parse_query, percent_encode, status_is_retryable,
-};
+use crate::http::{self, Method, call_checked, call_json, parse_query, percent_encode};
 use crate::model::{
     ApprovalRequest, ApprovalStatus, Decision, HttpRequest, HttpResponse, ImApp, Level,
     Notification, Receipt, SignMode, Target, UserRef,
@@ -50,35 +48,29 @@ fn is_token_invalid(e: &Error) -> bool {
     matches!(e, Error::Platform { code, .. } if TOKEN_INVALID.contains(code))
 }
 
+const RESULT: http::ResultCode = http::ResultCode {
+    code: &["errcode"],
+    msg: &["errmsg"],
+    retryable: RETRYABLE,
+};
+
 /// Turns a WeCom reply into its body, or a typed error with WeCom's own `errcode`.
 fn check(reply: http::JsonReply) -> Result<Value> {
-    let code = reply.body.get("errcode").and_then(Value::as_i64);
-    let msg = reply
-        .body
-        .get("errmsg")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    match code {
+    RESULT.check(reply, |reply, msg| {
         // Every WeCom JSON answer carries errcode; one without it is not WeCom's (a wrong URL
         // behind a 200), and its "success" would hide that nothing was done.
-        Some(0) if reply.status < 400 => Ok(reply.body),
-        None if reply.status < 400 => Err(Error::platform(
-            -i64::from(reply.status),
-            "the answer has no errcode: not a WeCom API (check the URL)",
-            false,
-        )),
-        Some(c) if c != 0 => Err(Error::platform(
-            c,
-            msg,
-            RETRYABLE.contains(&c) || status_is_retryable(reply.status),
-        )),
-        _ => Err(Error::platform(
-            -i64::from(reply.status),
-            format!("HTTP {} from WeCom {msg}", reply.status),
-            status_is_retryable(reply.status),
-        )),
-    }
+        if reply.status < 400 {
+            return Err(Error::platform(
+                -i64::from(reply.status),
+                "the answer has no errcode: not a WeCom API (check the URL)",
+                false,
+            ));
+        }
+        Err(http::status_error(
+            reply.status,
+            format_args!("from WeCom {msg}"),
+        ))
+    })
 }
 
 struct Client<'a, E: Env + ?Sized> {
@@ -194,33 +186,22 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
 
     /// The app's one approval template, created on first use and cached in KV.
     fn template(&self) -> Result<String> {
-        let cache = format!(
-            "a/{}/wtpl/{}",
-            key_segment(&self.app.id),
-            &hex(&crypto::sha256(&[
-                self.base.as_bytes(),
-                b"\0",
-                self.app.app_id.as_bytes()
-            ]))[..16]
-        );
-        if let Some(id) = self.env.kv_get(&cache)? {
-            return String::from_utf8(id).map_err(|_| Error::storage("corrupt template cache"));
-        }
-        // Template names must be unique in the corp; a random suffix keeps two apps (or two
-        // racing first starts) from colliding forever on the same name.
-        let name = format!("imbridge {}", &self.env.random_hex(3));
-        let reply = self.api(
-            "/cgi-bin/oa/approval/create_template",
-            &template_body(&name),
-        )?;
-        let id = reply
-            .get("template_id")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| Error::platform(-1, "template created without a template_id", true))?
-            .to_string();
-        self.env.kv_set(&cache, id.as_bytes())?;
-        Ok(id)
+        let cache = super::app_object_key(self.app, &self.base, "wtpl");
+        super::cached_id(self.env, &cache, "template", || {
+            // Template names must be unique in the corp; a random suffix keeps two apps (or
+            // two racing first starts) from colliding forever on the same name.
+            let name = format!("imbridge {}", &self.env.random_hex(3));
+            let reply = self.api(
+                "/cgi-bin/oa/approval/create_template",
+                &template_body(&name),
+            )?;
+            reply
+                .get("template_id")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| Error::platform(-1, "template created without a template_id", true))
+        })
     }
 }
 
@@ -593,10 +574,6 @@ fn json_to_node<'a>(name: &str, v: &Value, depth: usize) -> Result<Node<'a>> {
     Ok(node)
 }
 
-fn unsigned() -> Error {
-    Error::unauthorized("callback signature is missing or invalid")
-}
-
 struct Callback<'q> {
     query: &'q [(String, String)],
 }
@@ -608,30 +585,15 @@ impl Callback<'_> {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
-}
 
-/// Checks `msg_signature` over [token, timestamp, nonce, encrypted] in constant time, then the
-/// timestamp's age (seconds).
-fn verify(
-    env: &(impl Env + ?Sized),
-    app: &ImApp,
-    token: &str,
-    cb: &Callback<'_>,
-    encrypted: &str,
-) -> Result<()> {
-    let (Some(sig), Some(ts), Some(nonce)) = (
-        cb.param("msg_signature"),
-        cb.param("timestamp"),
-        cb.param("nonce"),
-    ) else {
-        return Err(unsigned());
-    };
-    let expected = sorted_sha1_hex(&[token, ts, nonce, encrypted]);
-    if !signature_matches(&expected, sig) {
-        return Err(unsigned());
+    /// The signed parameters, in the order `WxSecrets::verify` takes them.
+    fn signed(&self) -> [Option<&str>; 3] {
+        [
+            self.param("msg_signature"),
+            self.param("timestamp"),
+            self.param("nonce"),
+        ]
     }
-    check_timestamp(app, env.now_ms(), ts, 1)?;
-    Ok(())
 }
 
 /// WeCom only needs HTTP 200; an empty body is the documented "nothing to reply" and is safe
@@ -641,24 +603,7 @@ fn ack() -> HttpResponse {
 }
 
 pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest) -> Result<Parsed> {
-    let token = app
-        .token
-        .as_deref()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| Error::config("WeCom callbacks need the app's Token (token)"))?;
-    let key = app
-        .encrypt_key
-        .as_deref()
-        .filter(|k| !k.trim().is_empty())
-        .ok_or_else(|| {
-            Error::config("WeCom callbacks need the app's EncodingAESKey (encrypt-key)")
-        })?;
-    let key = WxKey::new(key)?;
-    let corp_id = app.app_id.trim();
-    if corp_id.is_empty() {
-        return Err(Error::config("app-id (the CorpID) is required"));
-    }
+    let wx = WxSecrets::of(app, "WeCom", "the CorpID")?;
     let query = parse_query(&req.query)?;
     let cb = Callback { query: &query };
 
@@ -667,9 +612,10 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
         let echostr = cb
             .param("echostr")
             .ok_or_else(|| Error::input("GET callback without echostr"))?;
-        verify(env, app, token, &cb, echostr)?;
-        let plain = key
-            .decrypt(echostr, corp_id)
+        wx.verify(env, app, cb.signed(), echostr, 1)?;
+        let plain = wx
+            .key
+            .decrypt(echostr, wx.receive_id)
             .map_err(|_| crypto::undecryptable())?;
         return Ok(Parsed {
             response: HttpResponse::text(200, plain),
@@ -695,9 +641,10 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
     .filter(|e| !e.is_empty())
     .ok_or_else(|| Error::input("callback without an encrypted payload"))?;
     // The signature is checked before any decryption: unauthenticated bytes never reach AES.
-    verify(env, app, token, &cb, encrypted)?;
-    let plain = key
-        .decrypt(encrypted, corp_id)
+    wx.verify(env, app, cb.signed(), encrypted, 1)?;
+    let plain = wx
+        .key
+        .decrypt(encrypted, wx.receive_id)
         .map_err(|_| crypto::undecryptable())?;
     let plain_trimmed = trim_ascii(&plain);
     let msg = read_message(plain_trimmed).map_err(|_| crypto::undecryptable())?;
@@ -986,6 +933,7 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::{sorted_sha1_hex, wx::WxKey};
     use crate::env::fake::{FakeEnv, json_response};
     use crate::model::{ApprovalNode, Link, Platform};
 

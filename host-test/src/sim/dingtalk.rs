@@ -15,14 +15,13 @@
 //! serves the new and legacy APIs and robots (point both at `base_url`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 use rand::Rng;
 use serde_json::{Value, json};
 
-use super::http::{self, Faults, Handler, Reply, Request, Response, Server};
+use super::http::{self, Reply, Request, Response, Shared, Sim};
 
 /// One self-built (internal) app.
 #[derive(Debug, Clone)]
@@ -227,16 +226,9 @@ pub struct PushReport {
     pub delivered: bool,
 }
 
-struct Inner {
-    config: DingtalkConfig,
-    state: Mutex<DingtalkState>,
-}
+type Inner = Shared<DingtalkConfig, DingtalkState>;
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, DingtalkState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn app(&self, app_key: &str) -> anyhow::Result<&DingtalkApp> {
         self.config
             .apps
@@ -250,12 +242,9 @@ impl Inner {
     }
 }
 
-/// A running DingTalk simulator on 127.0.0.1; stops when dropped.
-pub struct DingtalkSim {
-    server: Server,
-    inner: Arc<Inner>,
-    faults: Arc<Mutex<Faults>>,
-}
+/// A running DingTalk simulator on 127.0.0.1; stops when dropped. Its `base_url` is the
+/// app's `api-base`; robots are at `{base_url}/robot/send?access_token={token}`.
+pub type DingtalkSim = Sim<DingtalkConfig, DingtalkState>;
 
 impl DingtalkSim {
     pub async fn start(config: DingtalkConfig) -> anyhow::Result<DingtalkSim> {
@@ -265,34 +254,7 @@ impl DingtalkSim {
                 state.callback_urls.insert(app.app_key.clone(), url.clone());
             }
         }
-        let inner = Arc::new(Inner {
-            config,
-            state: Mutex::new(state),
-        });
-        let faults = Arc::new(Mutex::new(Faults::default()));
-        let handler_inner = inner.clone();
-        let handler: Handler = Arc::new(move |req: Request| {
-            let inner = handler_inner.clone();
-            Box::pin(async move { handle(&inner, req) })
-        });
-        let server = Server::start(handler, faults.clone())
-            .await
-            .context("starting the DingTalk simulator")?;
-        Ok(DingtalkSim {
-            server,
-            inner,
-            faults,
-        })
-    }
-
-    /// `http://127.0.0.1:PORT`: the app's `api-base`; robots are at
-    /// `{base_url}/robot/send?access_token={token}`.
-    pub fn base_url(&self) -> String {
-        self.server.base_url()
-    }
-
-    pub fn state(&self) -> MutexGuard<'_, DingtalkState> {
-        self.inner.lock()
+        Sim::launch("DingTalk", config, state, handle).await
     }
 
     pub fn calls(&self, path: &str) -> usize {
@@ -323,25 +285,10 @@ impl DingtalkSim {
         }
     }
 
-    /// The fault injection itself: canned responses with any status, headers and body, and
-    /// delays, for paths (exact, no query).
-    pub fn faults(&self) -> MutexGuard<'_, Faults> {
-        self.faults.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The next `n` requests to `path` get HTTP `status` with `body` and change nothing.
     pub fn fail_next(&self, path: &str, n: usize, status: u16, body: Value) {
-        self.faults
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.faults()
             .fail_next(path, n, Response::json(status, &body));
-    }
-
-    pub fn set_delay(&self, path: &str, delay: Option<Duration>) {
-        self.faults
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_delay(path, delay);
     }
 
     /// An approver acts on their running task: AND nodes need every approver, OR / NONE
@@ -459,20 +406,15 @@ impl DingtalkSim {
             "Content-Type".to_string(),
             "application/json; charset=utf-8".to_string(),
         )];
-        let mut attempts = Vec::new();
-        let mut delivered = false;
-        for attempt in 0..=config.retry_delays.len() {
-            if attempt > 0 {
-                tokio::time::sleep(config.retry_delays[attempt - 1]).await;
-            }
-            let reply =
-                http::post(&full, &headers, request.body.clone(), config.push_timeout).await;
-            delivered = reply.status == Some(200) && reply_is_success(&app, &reply.body);
-            attempts.push(reply);
-            if delivered {
-                break;
-            }
-        }
+        let (attempts, delivered) = http::deliver(
+            &full,
+            &headers,
+            &request.body,
+            &config.retry_delays,
+            config.push_timeout,
+            |reply| reply.status == Some(200) && reply_is_success(&app, &reply.body),
+        )
+        .await;
         Ok(PushReport {
             url: url.into(),
             request,

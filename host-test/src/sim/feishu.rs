@@ -11,14 +11,13 @@
 //! resources are isolated per tenant (`FeishuApp::tenant_key`), not per app.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 use rand::Rng;
 use serde_json::{Value, json};
 
-use super::http::{self, Faults, Handler, Reply, Request, Response, Server};
+use super::http::{self, Reply, Request, Response, Shared, Sim};
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -344,17 +343,9 @@ pub struct Decision {
 // The simulator
 // ---------------------------------------------------------------------------------------------
 
-struct Inner {
-    config: FeishuConfig,
-    state: Mutex<FeishuState>,
-}
+type Inner = Shared<FeishuConfig, FeishuState>;
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, FeishuState> {
-        // A panicking test thread must not wedge the simulator for the others.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn app(&self, app_id: &str) -> anyhow::Result<&FeishuApp> {
         self.config
             .apps
@@ -364,12 +355,9 @@ impl Inner {
     }
 }
 
-/// A running Feishu simulator on 127.0.0.1; stops when dropped.
-pub struct FeishuSim {
-    server: Server,
-    inner: Arc<Inner>,
-    faults: Arc<Mutex<Faults>>,
-}
+/// A running Feishu simulator on 127.0.0.1; stops when dropped. Its `base_url` is the app's
+/// `api-base`; bot webhooks live at `{base_url}/open-apis/bot/v2/hook/{token}`.
+pub type FeishuSim = Sim<FeishuConfig, FeishuState>;
 
 impl FeishuSim {
     /// Starts the simulator on an ephemeral loopback port.
@@ -380,35 +368,7 @@ impl FeishuSim {
                 state.callback_urls.insert(app.app_id.clone(), url.clone());
             }
         }
-        let inner = Arc::new(Inner {
-            config,
-            state: Mutex::new(state),
-        });
-        let faults = Arc::new(Mutex::new(Faults::default()));
-        let handler_inner = inner.clone();
-        let handler: Handler = Arc::new(move |req: Request| {
-            let inner = handler_inner.clone();
-            Box::pin(async move { handle(&inner, req) })
-        });
-        let server = Server::start(handler, faults.clone())
-            .await
-            .context("starting the Feishu simulator")?;
-        Ok(FeishuSim {
-            server,
-            inner,
-            faults,
-        })
-    }
-
-    /// `http://127.0.0.1:PORT`: use as the app's `api-base`; bot webhooks live at
-    /// `{base_url}/open-apis/bot/v2/hook/{token}`.
-    pub fn base_url(&self) -> String {
-        self.server.base_url()
-    }
-
-    /// Locks and returns the state. Do not hold the guard across an `.await`.
-    pub fn state(&self) -> MutexGuard<'_, FeishuState> {
-        self.inner.lock()
+        Sim::launch("Feishu", config, state, handle).await
     }
 
     /// Shorthand for `state().calls(route)`.
@@ -435,12 +395,6 @@ impl FeishuSim {
         };
     }
 
-    /// The fault injection itself: canned responses with any status, headers and body, and
-    /// delays, for paths (exact, no query).
-    pub fn faults(&self) -> MutexGuard<'_, Faults> {
-        self.faults.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Makes every issued tenant token invalid, as if they had all expired.
     pub fn expire_all_tokens(&self) {
         for t in self.inner.lock().tokens.values_mut() {
@@ -458,26 +412,7 @@ impl FeishuSim {
                 .with_header("x-ogw-ratelimit-limit", "100")
                 .with_header("x-ogw-ratelimit-reset", "1");
         }
-        self.faults
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .fail_next(path, n, response);
-    }
-
-    /// Delays every answer on `path` (to trigger client timeouts); `None` removes the delay.
-    pub fn set_delay(&self, path: &str, delay: Option<Duration>) {
-        self.faults
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_delay(path, delay);
-    }
-
-    /// Removes every injected fault and delay.
-    pub fn clear_faults(&self) {
-        self.faults
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.faults().fail_next(path, n, response);
     }
 
     /// An approver acts on their pending task: AND nodes need every approver, OR nodes the
@@ -581,25 +516,15 @@ impl FeishuSim {
     /// Sends a prepared request with Feishu's retry behaviour (same bytes every attempt).
     pub async fn send(&self, url: &str, request: PushRequest) -> PushReport {
         let config = &self.inner.config;
-        let mut attempts = Vec::new();
-        let mut delivered = false;
-        for attempt in 0..=config.retry_delays.len() {
-            if attempt > 0 {
-                tokio::time::sleep(config.retry_delays[attempt - 1]).await;
-            }
-            let reply = http::post(
-                url,
-                &request.headers,
-                request.body.clone(),
-                config.push_timeout,
-            )
-            .await;
-            delivered = reply.status == Some(200);
-            attempts.push(reply);
-            if delivered {
-                break;
-            }
-        }
+        let (attempts, delivered) = http::deliver(
+            url,
+            &request.headers,
+            &request.body,
+            &config.retry_delays,
+            config.push_timeout,
+            |reply| reply.status == Some(200),
+        )
+        .await;
         PushReport {
             url: url.into(),
             request,
@@ -1984,7 +1909,9 @@ fn check_bot_message(inner: &Inner, hook: &BotHook, body: &Value) -> (i64, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::http::{Faults, Handler, Server};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
 
     const KEY: &str = "test key";
 

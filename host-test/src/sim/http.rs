@@ -8,9 +8,10 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -195,6 +196,111 @@ impl Server {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+}
+
+/// A platform simulator's configuration and state, shared by its request handler and the
+/// handle tests drive it through.
+pub struct Shared<C, S> {
+    pub config: C,
+    state: Mutex<S>,
+}
+
+impl<C, S> Shared<C, S> {
+    /// The state; a test that panicked while holding it does not lock the others out.
+    pub fn lock(&self) -> MutexGuard<'_, S> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running platform simulator on 127.0.0.1: the server, what its handler shares, and the
+/// faults tests inject ahead of the handler; stops when dropped. Each platform adds its own
+/// operations (`DingtalkSim`, `FeishuSim`, `WecomSim`).
+pub struct Sim<C, S> {
+    server: Server,
+    pub(super) inner: Arc<Shared<C, S>>,
+    faults: Arc<Mutex<Faults>>,
+}
+
+impl<C: Send + Sync + 'static, S: Send + 'static> Sim<C, S> {
+    /// Serves `handle` over `config` and `state` on an ephemeral loopback port; `platform`
+    /// names it in the error.
+    pub async fn launch(
+        platform: &str,
+        config: C,
+        state: S,
+        handle: fn(&Shared<C, S>, Request) -> Response,
+    ) -> anyhow::Result<Self> {
+        let inner = Arc::new(Shared {
+            config,
+            state: Mutex::new(state),
+        });
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let handler_inner = inner.clone();
+        let handler: Handler = Arc::new(move |req: Request| {
+            let inner = handler_inner.clone();
+            Box::pin(async move { handle(&inner, req) })
+        });
+        let server = Server::start(handler, faults.clone())
+            .await
+            .with_context(|| format!("starting the {platform} simulator"))?;
+        Ok(Sim {
+            server,
+            inner,
+            faults,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`: the app's `api-base`.
+    pub fn base_url(&self) -> String {
+        self.server.base_url()
+    }
+
+    /// Locks and returns the state. Do not hold the guard across an `.await`.
+    pub fn state(&self) -> MutexGuard<'_, S> {
+        self.inner.lock()
+    }
+
+    /// The fault injection itself: canned responses with any status, headers and body, and
+    /// delays, for paths (exact, no query).
+    pub fn faults(&self) -> MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Delays every answer on `path` (to trigger client timeouts); `None` removes the delay.
+    pub fn set_delay(&self, path: &str, delay: Option<Duration>) {
+        self.faults().set_delay(path, delay);
+    }
+
+    /// Removes every injected fault and delay.
+    pub fn clear_faults(&self) {
+        self.faults().clear();
+    }
+}
+
+/// Posts the same bytes to `url` until `accepted` takes a reply, waiting `retry_delays`
+/// between attempts, as a platform redelivers a push: every attempt's reply, and whether
+/// one was accepted.
+pub async fn deliver(
+    url: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    retry_delays: &[Duration],
+    timeout: Duration,
+    accepted: impl Fn(&Reply) -> bool,
+) -> (Vec<Reply>, bool) {
+    let mut attempts = Vec::new();
+    for attempt in 0..=retry_delays.len() {
+        if attempt > 0 {
+            tokio::time::sleep(retry_delays[attempt - 1]).await;
+        }
+        let reply = post(url, headers, body.to_vec(), timeout).await;
+        let done = accepted(&reply);
+        attempts.push(reply);
+        if done {
+            return (attempts, true);
+        }
+    }
+    (attempts, false)
 }
 
 impl Drop for Server {

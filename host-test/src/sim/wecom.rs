@@ -17,14 +17,13 @@
 //! have no conditions or templates' default approvers (`use_template_approver` must be 0).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 use rand::Rng;
 use serde_json::{Value, json};
 
-use super::http::{self, Faults, Handler, Reply, Request, Response, Server};
+use super::http::{self, Reply, Request, Response, Shared, Sim};
 
 /// One self-built app: a corp's CorpID plus the app's Secret and AgentId.
 #[derive(Debug, Clone)]
@@ -250,16 +249,9 @@ pub struct UrlCheckReport {
     pub verified: bool,
 }
 
-struct Inner {
-    config: WecomConfig,
-    state: Mutex<WecomState>,
-}
+type Inner = Shared<WecomConfig, WecomState>;
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, WecomState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn app_by_agent(&self, agent_id: u64) -> anyhow::Result<&WecomApp> {
         self.config
             .apps
@@ -269,12 +261,9 @@ impl Inner {
     }
 }
 
-/// A running WeCom simulator on 127.0.0.1; stops when dropped.
-pub struct WecomSim {
-    server: Server,
-    inner: Arc<Inner>,
-    faults: Arc<Mutex<Faults>>,
-}
+/// A running WeCom simulator on 127.0.0.1; stops when dropped. Its `base_url` is the apps'
+/// `api-base`; robots live at `{base_url}/cgi-bin/webhook/send?key=KEY`.
+pub type WecomSim = Sim<WecomConfig, WecomState>;
 
 impl WecomSim {
     pub async fn start(config: WecomConfig) -> anyhow::Result<WecomSim> {
@@ -284,34 +273,7 @@ impl WecomSim {
                 state.callback_urls.insert(app.agent_id, url.clone());
             }
         }
-        let inner = Arc::new(Inner {
-            config,
-            state: Mutex::new(state),
-        });
-        let faults = Arc::new(Mutex::new(Faults::default()));
-        let handler_inner = inner.clone();
-        let handler: Handler = Arc::new(move |req: Request| {
-            let inner = handler_inner.clone();
-            Box::pin(async move { handle(&inner, req) })
-        });
-        let server = Server::start(handler, faults.clone())
-            .await
-            .context("starting the WeCom simulator")?;
-        Ok(WecomSim {
-            server,
-            inner,
-            faults,
-        })
-    }
-
-    /// `http://127.0.0.1:PORT`: the apps' `api-base`; robots live at
-    /// `{base_url}/cgi-bin/webhook/send?key=KEY`.
-    pub fn base_url(&self) -> String {
-        self.server.base_url()
-    }
-
-    pub fn state(&self) -> MutexGuard<'_, WecomState> {
-        self.inner.lock()
+        Sim::launch("WeCom", config, state, handle).await
     }
 
     pub fn calls(&self, path: &str) -> usize {
@@ -326,12 +288,6 @@ impl WecomSim {
         };
     }
 
-    /// The fault injection itself: canned responses with any status, headers and body, and
-    /// delays, for paths (exact, no query).
-    pub fn faults(&self) -> MutexGuard<'_, Faults> {
-        self.faults.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Every issued token becomes invalid (WeCom then answers 42001).
     pub fn expire_all_tokens(&self) {
         for t in &mut self.inner.lock().tokens {
@@ -342,14 +298,11 @@ impl WecomSim {
     /// The next `n` requests to `path` get `{"errcode": code, "errmsg": msg}` with HTTP
     /// `status` and change nothing.
     pub fn fail_next(&self, path: &str, n: usize, status: u16, code: i64, msg: &str) {
-        self.faults
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .fail_next(
-                path,
-                n,
-                Response::json(status, &json!({"errcode": code, "errmsg": msg})),
-            );
+        self.faults().fail_next(
+            path,
+            n,
+            Response::json(status, &json!({"errcode": code, "errmsg": msg})),
+        );
     }
 
     /// An approver acts on the current node; the change is pushed to the creating app's
@@ -450,20 +403,15 @@ impl WecomSim {
         let config = &self.inner.config;
         let full = with_query(url, &request.query);
         let headers = vec![("Content-Type".to_string(), "text/xml".to_string())];
-        let mut attempts = Vec::new();
-        let mut delivered = false;
-        for attempt in 0..=config.retry_delays.len() {
-            if attempt > 0 {
-                tokio::time::sleep(config.retry_delays[attempt - 1]).await;
-            }
-            let reply =
-                http::post(&full, &headers, request.body.clone(), config.push_timeout).await;
-            delivered = reply.status == Some(200);
-            attempts.push(reply);
-            if delivered {
-                break;
-            }
-        }
+        let (attempts, delivered) = http::deliver(
+            &full,
+            &headers,
+            &request.body,
+            &config.retry_delays,
+            config.push_timeout,
+            |reply| reply.status == Some(200),
+        )
+        .await;
         PushReport {
             url: url.into(),
             request,

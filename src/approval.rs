@@ -98,36 +98,36 @@ impl Record {
 fn app_prefix(app: &ImApp) -> String {
     format!("a/{}", key_segment(&app.id))
 }
+/// `a/{app}/{kind}/{id}`: every per-key and per-instance record of an app.
+fn app_key(app: &ImApp, kind: &str, id: &str) -> String {
+    format!("{}/{kind}/{}", app_prefix(app), key_segment(id))
+}
 fn instance_key(app: &ImApp, instance_id: &str) -> String {
-    format!("{}/i/{}", app_prefix(app), key_segment(instance_id))
+    app_key(app, "i", instance_id)
 }
 fn index_key(app: &ImApp, key: &str) -> String {
-    format!("{}/k/{}", app_prefix(app), key_segment(key))
+    app_key(app, "k", key)
 }
 fn claim_key(app: &ImApp, key: &str, generation: u64) -> String {
     // Generation 0 keeps the key of versions before generations, so an attempt such a
     // version still has in flight keeps its claim.
     match generation {
-        0 => format!("{}/claim/{}", app_prefix(app), key_segment(key)),
-        g => format!("{}/claim/{}/{g}", app_prefix(app), key_segment(key)),
+        0 => app_key(app, "claim", key),
+        g => format!("{}/{g}", app_key(app, "claim", key)),
     }
 }
 /// Versions before generations wrote `{"attempt": n}` here when generation 0 failed.
 fn legacy_attempt_key(app: &ImApp, key: &str) -> String {
-    format!("{}/attempt/{}", app_prefix(app), key_segment(key))
+    app_key(app, "attempt", key)
 }
 /// A counter: attempts that ended before anything was created (on DingTalk and WeCom, which
 /// cannot deduplicate creates), i.e. the generation the next attempt claims.
 fn failed_key(app: &ImApp, key: &str) -> String {
-    format!("{}/failed/{}", app_prefix(app), key_segment(key))
+    app_key(app, "failed", key)
 }
 /// When the owner of a claim took it (ms since the epoch; 0 before it has).
 fn claimed_at_key(app: &ImApp, key: &str, generation: u64) -> String {
-    format!(
-        "{}/claimed-at/{}/{generation}",
-        app_prefix(app),
-        key_segment(key)
-    )
+    format!("{}/{generation}", app_key(app, "claimed-at", key))
 }
 /// A start claimed longer ago than this is taken as interrupted: no host lets a call run
 /// longer (the reference host's longest `call_timeout_secs` is 3600).
@@ -141,10 +141,15 @@ const READ_BACK_LIMIT_MS: u64 = 2_000;
 /// Why a create request that went out may have created an approval without the plugin
 /// learning its id.
 fn unknown_key(app: &ImApp, key: &str) -> String {
-    format!("{}/unknown/{}", app_prefix(app), key_segment(key))
+    app_key(app, "unknown", key)
+}
+/// A created approval whose record a storage fault kept from being saved: the next start
+/// with its key saves it, instead of leaving the key to a person.
+fn unsaved_key(app: &ImApp, key: &str) -> String {
+    app_key(app, "unsaved", key)
 }
 fn seen_key(app: &ImApp, id: &str) -> String {
-    format!("{}/seen/{}", app_prefix(app), key_segment(id))
+    app_key(app, "seen", id)
 }
 
 pub fn load(env: &(impl Env + ?Sized), app: &ImApp, instance_id: &str) -> Result<Option<Record>> {
@@ -207,6 +212,9 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
     if let Some(existing) = find_by_key(env, app, &req.key)? {
         return Ok(existing.approval);
     }
+    if let Some(rec) = env.kv_get_json(&unsaved_key(app, &req.key))? {
+        return save_started(env, app, &req.key, rec);
+    }
     let token = idempotency_token(app, &req.key);
     if platform::dedups_creates(app.platform) {
         // A repeated create with the same token returns the first instance.
@@ -237,19 +245,24 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
             true,
         ));
     }
+    // Nothing has gone out yet: moving the failure counter on hands the next start a new
+    // generation, as after a refused create.
+    let release = |error: Error| {
+        env.kv_increment(&failed_key(app, &req.key), generation + 1 - failed)?;
+        Err(error)
+    };
     // Counters are all that commit when a call is cut off (trap, deadline, host crash), so
-    // the claim's time goes into one: later starts can tell an interrupted attempt.
-    env.kv_increment(&stamp, env.now_ms())?;
+    // the claim's time goes into one: later starts can tell an interrupted attempt. A claim
+    // whose time could not be stored must be released, or it would hold the key for good.
+    if let Err(e) = env.kv_increment(&stamp, env.now_ms()) {
+        return release(e);
+    }
     match platform::create(env, app, req, &token) {
         Ok(created) => record_created(env, app, req, created, began_ms),
         Err(CreateError {
             error,
             maybe_created: false,
-        }) => {
-            let delta = generation + 1 - failed;
-            env.kv_increment(&failed_key(app, &req.key), delta)?;
-            Err(error)
-        }
+        }) => release(error),
         Err(CreateError {
             error,
             maybe_created: true,
@@ -282,11 +295,6 @@ fn record_created(
     began_ms: u64,
 ) -> Result<Approval> {
     let Created { instance_id, meta } = created;
-    // Feishu hands a concurrent start with the same key the same instance; if that start has
-    // recorded it meanwhile (and callbacks may have moved it on), its record stands.
-    if let Some(existing) = load(env, app, &instance_id)? {
-        return Ok(existing.approval);
-    }
     let mut rec = Record {
         approval: Approval {
             instance_id,
@@ -309,12 +317,35 @@ fn record_created(
             rec.apply(e);
         }
     }
-    save(env, app, &mut rec)?;
-    env.kv_set(
-        &index_key(app, &req.key),
-        rec.approval.instance_id.as_bytes(),
-    )?;
-    Ok(rec.approval)
+    save_started(env, app, &req.key, rec)
+}
+
+/// Saves a started approval's record and indexes it under its key. On a storage fault the
+/// record is kept for the next start with the key to save: the approval exists, and a second
+/// create would split its approvers' decisions.
+fn save_started(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    key: &str,
+    mut rec: Record,
+) -> Result<Approval> {
+    let saved = (|| {
+        // Feishu hands a concurrent start with the same key the same instance; if that start
+        // has recorded it meanwhile (and callbacks may have moved it on), its record stands.
+        match load(env, app, &rec.approval.instance_id)? {
+            Some(existing) => rec = existing,
+            None => save(env, app, &mut rec)?,
+        }
+        env.kv_set(&index_key(app, key), rec.approval.instance_id.as_bytes())
+    })();
+    match saved {
+        Ok(()) => Ok(rec.approval),
+        Err(e) => {
+            // Should this fail too, the claim holds the key as for a start cut off mid-way.
+            let _ = env.kv_set_json(&unsaved_key(app, key), &rec);
+            Err(e)
+        }
+    }
 }
 
 fn find_by_key(env: &(impl Env + ?Sized), app: &ImApp, key: &str) -> Result<Option<Record>> {
@@ -793,7 +824,33 @@ mod tests {
         };
         let a = record_created(&env, &app, &req, created, env.now_ms()).unwrap();
         assert_eq!(a.status, ApprovalStatus::Approved);
-        assert_eq!(env.snapshot(), before);
+        // Its record stands; the key's index (which that start writes too) names it.
+        let mut after = env.snapshot();
+        assert_eq!(
+            after.remove(&index_key(&app, &req.key)),
+            Some(b"i1".to_vec())
+        );
+        assert_eq!(after, before);
+    }
+
+    /// Stored state is found by these keys: a change would orphan every record kept so far.
+    #[test]
+    fn keys_keep_their_layout() {
+        let app = ImApp {
+            id: "t/1".into(),
+            ..crate::platform::feishu::tests::app()
+        };
+        let k = "wf%/7";
+        assert_eq!(instance_key(&app, "i/1"), "a/t%2F1/i/i%2F1");
+        assert_eq!(index_key(&app, k), "a/t%2F1/k/wf%25%2F7");
+        assert_eq!(claim_key(&app, k, 0), "a/t%2F1/claim/wf%25%2F7");
+        assert_eq!(claim_key(&app, k, 2), "a/t%2F1/claim/wf%25%2F7/2");
+        assert_eq!(claimed_at_key(&app, k, 0), "a/t%2F1/claimed-at/wf%25%2F7/0");
+        assert_eq!(legacy_attempt_key(&app, k), "a/t%2F1/attempt/wf%25%2F7");
+        assert_eq!(failed_key(&app, k), "a/t%2F1/failed/wf%25%2F7");
+        assert_eq!(unknown_key(&app, k), "a/t%2F1/unknown/wf%25%2F7");
+        assert_eq!(unsaved_key(&app, k), "a/t%2F1/unsaved/wf%25%2F7");
+        assert_eq!(seen_key(&app, "e/1"), "a/t%2F1/seen/e%2F1");
     }
 
     #[test]

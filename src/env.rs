@@ -103,6 +103,10 @@ pub mod fake {
         responder: RefCell<Responder>,
         latency: RefCell<Option<Latency>>,
         counter: Cell<u8>,
+        /// Key-value operations so far (get, set, delete and increment alike), and the one
+        /// that is to fail, if any: a host whose store has a transient fault.
+        kv_ops: Cell<usize>,
+        fail_kv_op: Cell<Option<usize>>,
     }
 
     impl FakeEnv {
@@ -115,7 +119,29 @@ pub mod fake {
                 responder: RefCell::new(Box::new(responder)),
                 latency: RefCell::new(None),
                 counter: Cell::new(0),
+                kv_ops: Cell::new(0),
+                fail_kv_op: Cell::new(None),
             }
+        }
+
+        /// How many key-value operations have been made so far.
+        pub fn kv_ops(&self) -> usize {
+            self.kv_ops.get()
+        }
+
+        /// Makes the key-value operation numbered `op` (counting from 0 as [`Self::kv_ops`]
+        /// does) fail with a storage error, or, with `None`, none.
+        pub fn fail_kv_op(&self, op: Option<usize>) {
+            self.fail_kv_op.set(op);
+        }
+
+        fn kv_op(&self) -> Result<()> {
+            let n = self.kv_ops.get();
+            self.kv_ops.set(n + 1);
+            if self.fail_kv_op.get() == Some(n) {
+                return Err(Error::storage(format!("injected fault at operation {n}")));
+            }
+            Ok(())
         }
 
         pub fn offline() -> Self {
@@ -165,23 +191,28 @@ pub mod fake {
             (self.responder.borrow())(request)
         }
         fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+            self.kv_op()?;
             Ok(self.kv.borrow().get(key).cloned())
         }
         fn kv_set(&self, key: &str, value: &[u8]) -> Result<()> {
+            self.kv_op()?;
             self.kv.borrow_mut().insert(key.into(), value.into());
             Ok(())
         }
         fn kv_delete(&self, key: &str) -> Result<()> {
+            self.kv_op()?;
             self.kv.borrow_mut().remove(key);
             Ok(())
         }
         fn kv_increment(&self, key: &str, delta: u64) -> Result<u64> {
-            let cur = self
-                .kv_get(key)?
-                .map(|v| String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0))
+            self.kv_op()?;
+            let mut kv = self.kv.borrow_mut();
+            let cur = kv
+                .get(key)
+                .map(|v| String::from_utf8_lossy(v).parse::<u64>().unwrap_or(0))
                 .unwrap_or(0);
             let new = cur + delta;
-            self.kv_set(key, new.to_string().as_bytes())?;
+            kv.insert(key.into(), new.to_string().into_bytes());
             Ok(new)
         }
         fn now_ms(&self) -> u64 {

@@ -16,6 +16,9 @@ pub mod platform;
 pub mod retry;
 pub mod token;
 
+#[cfg(test)]
+mod storage_faults;
+
 #[cfg(any(target_arch = "wasm32", test))]
 mod alloc;
 // `imbridge_lint_guest` is set only by `./dev lint`: there is no clippy for the wasm toolchain

@@ -851,7 +851,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn push(env: &FakeEnv, plain: &Value, receive_id: &str) -> HttpRequest {
+    pub(crate) fn push(env: &FakeEnv, plain: &Value, receive_id: &str) -> HttpRequest {
         let enc =
             WxKey::new(AES)
                 .unwrap()

@@ -931,7 +931,7 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::crypto::{sorted_sha1_hex, wx::WxKey};
     use crate::env::fake::{FakeEnv, json_response};
@@ -940,7 +940,7 @@ mod tests {
     const AES: &str = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C";
     const CORP: &str = "ww_corp";
 
-    fn app() -> ImApp {
+    pub(crate) fn app() -> ImApp {
         ImApp {
             id: "w1".into(),
             platform: Platform::Wecom,
@@ -1164,7 +1164,7 @@ mod tests {
         );
     }
 
-    fn req() -> ApprovalRequest {
+    pub(crate) fn req() -> ApprovalRequest {
         ApprovalRequest {
             key: "k1".into(),
             title: "Deploy".into(),
@@ -1186,32 +1186,35 @@ mod tests {
     }
 
     fn fake_wecom() -> FakeEnv {
-        FakeEnv::new(|r| {
-            let path = r.url.split('?').next().unwrap_or("");
-            let path = &path[path.find("/cgi-bin").unwrap_or(0)..];
-            match path {
-                "/cgi-bin/gettoken" => json_response(
-                    200,
-                    json!({"errcode": 0, "access_token": "T1", "expires_in": 7200}),
-                ),
-                "/cgi-bin/user/getuserid" => {
-                    json_response(200, json!({"errcode": 0, "userid": "zhang"}))
-                }
-                "/cgi-bin/oa/approval/create_template" => {
-                    json_response(200, json!({"errcode": 0, "template_id": "TPL"}))
-                }
-                "/cgi-bin/oa/applyevent" => {
-                    json_response(200, json!({"errcode": 0, "sp_no": "202401010001"}))
-                }
-                "/cgi-bin/oa/getapprovaldetail" => json_response(
-                    200,
-                    json!({"errcode": 0, "info": {
-                    "sp_no": "202401010001", "sp_status": 4, "sp_record": [{"details": [
-                        {"approver": {"userid": "a"}, "sp_status": 2, "speech": "", "sptime": 10}]}]}}),
-                ),
-                _ => json_response(200, json!({"errcode": 0, "errmsg": "ok", "msgid": "m1"})),
+        FakeEnv::new(scripted_reply)
+    }
+
+    /// A scripted WeCom: token, user lookup, template, create, detail, messages.
+    pub(crate) fn scripted_reply(r: &crate::env::Request) -> Result<crate::env::Response> {
+        let path = r.url.split('?').next().unwrap_or("");
+        let path = &path[path.find("/cgi-bin").unwrap_or(0)..];
+        match path {
+            "/cgi-bin/gettoken" => json_response(
+                200,
+                json!({"errcode": 0, "access_token": "T1", "expires_in": 7200}),
+            ),
+            "/cgi-bin/user/getuserid" => {
+                json_response(200, json!({"errcode": 0, "userid": "zhang"}))
             }
-        })
+            "/cgi-bin/oa/approval/create_template" => {
+                json_response(200, json!({"errcode": 0, "template_id": "TPL"}))
+            }
+            "/cgi-bin/oa/applyevent" => {
+                json_response(200, json!({"errcode": 0, "sp_no": "202401010001"}))
+            }
+            "/cgi-bin/oa/getapprovaldetail" => json_response(
+                200,
+                json!({"errcode": 0, "info": {
+                "sp_no": "202401010001", "sp_status": 4, "sp_record": [{"details": [
+                    {"approver": {"userid": "a"}, "sp_status": 2, "speech": "", "sptime": 10}]}]}}),
+            ),
+            _ => json_response(200, json!({"errcode": 0, "errmsg": "ok", "msgid": "m1"})),
+        }
     }
 
     #[test]

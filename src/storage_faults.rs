@@ -1,0 +1,157 @@
+//! A transient storage fault at every key-value operation of a callback and of a start, one
+//! at a time: the call fails with a typed storage error, and what the platform or the engine
+//! does next (redeliver the callback, retry the start) ends where a run without the fault
+//! ends. No decision is lost and no second approval is created.
+//!
+//! Two hosts are modelled. The reference host discards every write of a failed callback (its
+//! redelivery then starts from the same state); another host may keep the writes made before
+//! the fault. Increments always stay, as in the reference host, which commits them at once.
+
+use crate::approval;
+use crate::callback;
+use crate::env::fake::FakeEnv;
+use crate::env::{Env, Request, Response};
+use crate::error::{Error, Result};
+use crate::model::{Approval, ApprovalRequest, ApprovalStatus, ImApp};
+use crate::platform::dingtalk::tests::{self as dingtalk, app, push};
+use crate::platform::wecom::tests as wecom;
+use serde_json::json;
+use std::cell::Cell;
+use std::rc::Rc;
+
+/// A platform that cannot deduplicate creates, scripted: its app, a request, its replies and
+/// the path of its create request.
+struct Scripted {
+    app: fn() -> ImApp,
+    request: fn() -> ApprovalRequest,
+    reply: fn(&Request) -> Result<Response>,
+    create: &'static str,
+}
+
+const DINGTALK: Scripted = Scripted {
+    app: dingtalk::app,
+    request: dingtalk::request,
+    reply: dingtalk::scripted_reply,
+    create: "/v1.0/workflow/processInstances",
+};
+
+const WECOM: Scripted = Scripted {
+    app: wecom::app,
+    request: wecom::req,
+    reply: wecom::scripted_reply,
+    create: "/cgi-bin/oa/applyevent",
+};
+
+impl Scripted {
+    /// Its simulated API, and a count of the create requests sent to it.
+    fn env(&self) -> (FakeEnv, Rc<Cell<usize>>) {
+        let creates = Rc::new(Cell::new(0));
+        let counter = creates.clone();
+        let (reply, create) = (self.reply, self.create);
+        let env = FakeEnv::new(move |r: &Request| {
+            if r.method == "POST" && r.url.split('?').next().is_some_and(|u| u.ends_with(create)) {
+                counter.set(counter.get() + 1);
+            }
+            reply(r)
+        });
+        (env, creates)
+    }
+
+    fn start(&self, env: &FakeEnv) -> Result<Approval> {
+        approval::start(env, &(self.app)(), &(self.request)())
+    }
+}
+
+fn is_injected(e: &Error) -> bool {
+    matches!(e, Error::Storage(m) if m.contains("injected fault"))
+}
+
+/// An approver's decision on the started approval, as DingTalk pushes it.
+fn decision(env: &FakeEnv) -> crate::model::HttpRequest {
+    let ev = json!({"EventType": "bpms_task_change", "processInstanceId": "inst-1",
+        "type": "finish", "result": "agree", "staffId": "a", "taskId": 11,
+        "finishTime": 1_700_000_000_000u64});
+    push(env, &ev, "dingappkey")
+}
+
+#[test]
+fn a_callback_survives_a_storage_fault_at_every_step() {
+    let (env, _) = DINGTALK.env();
+    let started = DINGTALK.start(&env).unwrap();
+    assert_eq!(started.status, ApprovalStatus::Pending);
+    let before = env.snapshot();
+    let first_op = env.kv_ops();
+    let clean = callback::handle(&env, &app(), &decision(&env)).unwrap();
+    assert_eq!(clean.updates.len(), 1);
+    assert_eq!(clean.updates[0].decisions.len(), 1);
+    let after = env.snapshot();
+    let ops = env.kv_ops() - first_op;
+    assert!(
+        ops >= 4,
+        "dedup check, load, save and mark: {ops} operations"
+    );
+
+    for discard in [true, false] {
+        for op in 0..ops {
+            let env = FakeEnv::with_store(before.clone(), env.now_ms());
+            env.set_responder(dingtalk::scripted_reply);
+            env.fail_kv_op(Some(op));
+            let err = callback::handle(&env, &app(), &decision(&env)).unwrap_err();
+            assert!(is_injected(&err), "operation {op}: {err}");
+            if discard {
+                *env.kv.borrow_mut() = before.clone();
+            }
+            env.fail_kv_op(None);
+            // The platform redelivers the same push.
+            let again = callback::handle(&env, &app(), &decision(&env)).unwrap();
+            assert_eq!(env.snapshot(), after, "operation {op}, discard {discard}");
+            // The reply is encrypted afresh each time (its own nonce), so only its status
+            // compares.
+            assert_eq!(again.response.status, clean.response.status);
+            // On a host that kept the first call's writes, the record may already hold the
+            // decision (only the dedup mark failed), and then neither call reported it: the
+            // engine sees it through get-approval.
+            if discard {
+                assert_eq!(again.updates, clean.updates, "operation {op}");
+            }
+        }
+    }
+}
+
+/// Starts once with storage operation `op` failing and, if that failed, once more as the
+/// engine's retry; returns the approval and how many create requests went out in all.
+fn start_with_fault(platform: &Scripted, op: usize) -> (Result<Approval>, usize) {
+    let (env, creates) = platform.env();
+    env.fail_kv_op(Some(op));
+    let first = platform.start(&env);
+    env.fail_kv_op(None);
+    let result = match first {
+        // A cache the start can do without (the access token's) failed: no harm done.
+        Ok(a) => Ok(a),
+        Err(e) => {
+            assert!(is_injected(&e), "operation {op}: {e}");
+            platform.start(&env)
+        }
+    };
+    (result, creates.get())
+}
+
+/// Also where the fault strikes between claiming the key and storing when (the claim would
+/// otherwise hold the key for good), and after the create (the approval exists but its
+/// record is not saved: the retry saves it rather than leaving the key to a person).
+#[test]
+fn a_start_survives_a_storage_fault_at_every_step() {
+    for platform in [DINGTALK, WECOM] {
+        let (env, creates) = platform.env();
+        let clean = platform.start(&env).unwrap();
+        assert_eq!(creates.get(), 1);
+        let ops = env.kv_ops();
+        assert!(ops >= 8, "{ops} operations");
+        for op in 0..ops {
+            let (result, creates) = start_with_fault(&platform, op);
+            let app = (platform.app)().id;
+            assert_eq!(result, Ok(clean.clone()), "{app}: operation {op}");
+            assert_eq!(creates, 1, "{app}: operation {op}");
+        }
+    }
+}

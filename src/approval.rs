@@ -213,7 +213,7 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
         return Ok(existing.approval);
     }
     if let Some(rec) = env.kv_get_json(&unsaved_key(app, &req.key))? {
-        return save_started(env, app, &req.key, rec);
+        return save_started(env, app, &req.key, rec, began_ms);
     }
     let token = idempotency_token(app, &req.key);
     if platform::dedups_creates(app.platform) {
@@ -295,7 +295,7 @@ fn record_created(
     began_ms: u64,
 ) -> Result<Approval> {
     let Created { instance_id, meta } = created;
-    let mut rec = Record {
+    let rec = Record {
         approval: Approval {
             instance_id,
             key: req.key.clone(),
@@ -305,19 +305,7 @@ fn record_created(
         },
         meta,
     };
-    // Callbacks for an instance the plugin has no record of are dropped, and the record
-    // commits only when this call returns: a decision the platform made at once (an
-    // initiator who is also an approver is approved automatically) would be lost. One read
-    // now catches it. It is best effort: the approval exists, so its failure fails nothing.
-    if env.now_ms().saturating_sub(began_ms) <= READ_BACK_IF_STARTED_WITHIN_MS
-        && let Ok(events) =
-            http::bounded(env, READ_BACK_LIMIT_MS, || platform::poll(env, app, &rec))
-    {
-        for e in &events {
-            rec.apply(e);
-        }
-    }
-    save_started(env, app, &req.key, rec)
+    save_started(env, app, &req.key, rec, began_ms)
 }
 
 /// Saves a started approval's record and indexes it under its key. On a storage fault the
@@ -328,13 +316,35 @@ fn save_started(
     app: &ImApp,
     key: &str,
     mut rec: Record,
+    began_ms: u64,
 ) -> Result<Approval> {
+    // Callbacks for an instance the plugin has no record of are dropped, and the record
+    // commits only when this call returns: a decision the platform made at once (an
+    // initiator who is also an approver is approved automatically), or one made before a
+    // start that could not save the record is retried, would be lost. One read now catches
+    // it. It is best effort: the approval exists, so its failure fails nothing.
+    let mut events = Vec::new();
+    if env.now_ms().saturating_sub(began_ms) <= READ_BACK_IF_STARTED_WITHIN_MS
+        && let Ok(read) = http::bounded(env, READ_BACK_LIMIT_MS, || platform::poll(env, app, &rec))
+    {
+        events = read;
+    }
     let saved = (|| {
         // Feishu hands a concurrent start with the same key the same instance; if that start
-        // has recorded it meanwhile (and callbacks may have moved it on), its record stands.
-        match load(env, app, &rec.approval.instance_id)? {
-            Some(existing) => rec = existing,
-            None => save(env, app, &mut rec)?,
+        // has recorded it meanwhile (and callbacks may have moved it on), its record stands,
+        // as does one an earlier attempt saved before failing to index it.
+        let mut changed = match load(env, app, &rec.approval.instance_id)? {
+            Some(existing) => {
+                rec = existing;
+                false
+            }
+            None => true,
+        };
+        for e in &events {
+            changed |= rec.apply(e);
+        }
+        if changed {
+            save(env, app, &mut rec)?;
         }
         env.kv_set(&index_key(app, key), rec.approval.instance_id.as_bytes())
     })();

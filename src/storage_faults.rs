@@ -155,3 +155,92 @@ fn a_start_survives_a_storage_fault_at_every_step() {
         }
     }
 }
+
+/// WeCom's detail of the started approval: pending, or approved by "a".
+fn wecom_detail(decided: bool) -> impl Fn(&Request) -> Result<Response> {
+    move |r: &Request| {
+        if !r.url.contains("/cgi-bin/oa/getapprovaldetail") {
+            return wecom::scripted_reply(r);
+        }
+        let (status, details) = match decided {
+            false => (1, json!([])),
+            true => (
+                2,
+                json!([{"approver": {"userid": "a"}, "sp_status": 2, "speech": "", "sptime": 10}]),
+            ),
+        };
+        crate::env::fake::json_response(
+            200,
+            json!({"errcode": 0, "info": {"sp_no": "202401010001", "sp_status": status,
+                "sp_record": [{"details": details}]}}),
+        )
+    }
+}
+
+#[test]
+fn a_refresh_survives_a_storage_fault_at_every_step() {
+    let env = FakeEnv::new(wecom_detail(false));
+    let started = WECOM.start(&env).unwrap();
+    assert_eq!(started.status, ApprovalStatus::Pending);
+    let before = env.snapshot();
+    let refresh = |env: &FakeEnv| approval::get(env, &wecom::app(), &started.instance_id, true);
+    env.set_responder(wecom_detail(true));
+    let first_op = env.kv_ops();
+    let clean = refresh(&env).unwrap();
+    assert_eq!(clean.status, ApprovalStatus::Approved);
+    let after = env.snapshot();
+    let ops = env.kv_ops() - first_op;
+    assert!(ops >= 2, "load and save: {ops} operations");
+
+    for discard in [true, false] {
+        for op in 0..ops {
+            let env = FakeEnv::with_store(before.clone(), env.now_ms());
+            env.set_responder(wecom_detail(true));
+            env.fail_kv_op(Some(op));
+            match refresh(&env) {
+                // A cache it can do without (the access token's) failed.
+                Ok(a) => assert_eq!(a, clean, "operation {op}"),
+                Err(e) => {
+                    assert!(is_injected(&e), "operation {op}: {e}");
+                    if discard {
+                        *env.kv.borrow_mut() = before.clone();
+                    }
+                    env.fail_kv_op(None);
+                    assert_eq!(refresh(&env), Ok(clean.clone()), "operation {op}");
+                }
+            }
+            assert_eq!(env.snapshot(), after, "operation {op}, discard {discard}");
+        }
+    }
+}
+
+/// Callbacks for an approval without a record are dropped, so decisions made between a start
+/// that could not save its record and the retry that saves it would be lost: the retry reads
+/// the approval back first, as every start does.
+#[test]
+fn the_retry_that_saves_a_record_reads_the_approval_back() {
+    let mut recovered = 0;
+    for op in 0.. {
+        let env = FakeEnv::new(wecom_detail(false));
+        env.fail_kv_op(Some(op));
+        let first = WECOM.start(&env);
+        if env.kv_ops() <= op {
+            break;
+        }
+        env.fail_kv_op(None);
+        if first.is_ok() {
+            continue;
+        }
+        let created = env
+            .sent
+            .borrow()
+            .iter()
+            .any(|r| r.url.contains("/cgi-bin/oa/applyevent"));
+        env.set_responder(wecom_detail(true));
+        let a = WECOM.start(&env).unwrap();
+        assert_eq!(a.status, ApprovalStatus::Approved, "operation {op}");
+        assert_eq!(a.decisions.len(), 1, "operation {op}");
+        recovered += usize::from(created);
+    }
+    assert!(recovered >= 2, "{recovered} faults after the create");
+}

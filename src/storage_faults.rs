@@ -136,8 +136,8 @@ fn start_with_fault(platform: &Scripted, op: usize) -> (Result<Approval>, usize)
     (result, creates.get())
 }
 
-/// Also where the fault strikes between claiming the key and storing when (the claim would
-/// otherwise hold the key for good), and after the create (the approval exists but its
+/// Including a fault between claiming the key and storing the claim's time (the claim would
+/// otherwise hold the key for good), and one after the create (the approval exists but its
 /// record is not saved: the retry saves it rather than leaving the key to a person).
 #[test]
 fn a_start_survives_a_storage_fault_at_every_step() {

@@ -1,7 +1,7 @@
 //! The one approval state machine. Starts are idempotent per (app, key); callbacks and polling
 //! both feed `apply`; terminal states never change; duplicate events are no-ops.
 
-use crate::env::{Env, EnvExt, key_segment};
+use crate::env::{Env, EnvExt, app_key};
 use crate::error::{Error, Result};
 use crate::http;
 use crate::model::{Approval, ApprovalRequest, ApprovalStatus, Decision, ImApp, SignMode};
@@ -95,13 +95,6 @@ impl Record {
     }
 }
 
-fn app_prefix(app: &ImApp) -> String {
-    format!("a/{}", key_segment(&app.id))
-}
-/// `a/{app}/{kind}/{id}`: every per-key and per-instance record of an app.
-fn app_key(app: &ImApp, kind: &str, id: &str) -> String {
-    format!("{}/{kind}/{}", app_prefix(app), key_segment(id))
-}
 fn instance_key(app: &ImApp, instance_id: &str) -> String {
     app_key(app, "i", instance_id)
 }

@@ -84,6 +84,13 @@ pub fn key_segment(s: &str) -> String {
     out
 }
 
+/// `a/{app}/{kind}/{id}`: where every record of one app lives (approvals, claims, cached
+/// platform objects), so apps never share a key and `/` inside an app id or `id` stays one
+/// segment.
+pub fn app_key(app: &crate::model::ImApp, kind: &str, id: &str) -> String {
+    format!("a/{}/{kind}/{}", key_segment(&app.id), key_segment(id))
+}
+
 pub mod fake {
     //! An in-memory `Env` whose HTTP side is a scripted responder: for unit tests, fuzzing
     //! and benchmarks (which must not each grow their own copy).

@@ -5,7 +5,7 @@ use super::{CreateError, Created, Parsed, form_text, json_u64};
 use crate::approval::{Event, Inbound, Record};
 use crate::callback::{check_timestamp, header, signature_matches, unsigned};
 use crate::crypto::{self, ct_eq};
-use crate::env::{Env, hex, key_segment};
+use crate::env::{Env, app_key, hex};
 use crate::error::{Error, Result};
 use crate::http::{self, Method, call_checked, call_json};
 use crate::model::{
@@ -216,12 +216,7 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
             })
             .collect();
         let shape = shape.join("-");
-        let cache = format!(
-            "a/{}/fdef/{}/{}",
-            key_segment(&self.app.id),
-            &hex(&crypto::sha256(&[self.base.as_bytes()]))[..8],
-            shape
-        );
+        let cache = definition_key(self.app, &self.base, &shape);
         super::cached_id(self.env, &cache, "definition", || {
             let data = self.api(
                 Method::Post,
@@ -256,6 +251,12 @@ fn node_id(i: usize) -> String {
 
 /// The definition: one textarea, then one node per approval node with free approver and CC
 /// choice at instance time, so one definition serves every request of the same shape.
+/// Per app and API base; the shape is `and`/`or` joined by `-`, which never needs escaping.
+fn definition_key(app: &ImApp, base: &str, shape: &str) -> String {
+    let scope = hex(&crypto::sha256(&[base.as_bytes()]));
+    format!("{}/{shape}", app_key(app, "fdef", &scope[..8]))
+}
+
 pub fn definition_body(nodes: &[ApprovalNode], shape: &str) -> Value {
     let form = json!([{
         "id": DETAIL_WIDGET, "type": "textarea", "required": true,
@@ -871,6 +872,21 @@ pub(crate) mod tests {
             assert_eq!(r.message_id.unwrap().split(',').count(), 52, "{platform:?}");
             assert_eq!(*lookups.borrow(), [(50, 0), (1, 0), (0, 1)], "{platform:?}");
         }
+    }
+
+    #[test]
+    fn definition_keys_stay_put() {
+        // Tenants' stores hold definitions under this key since the first release: another
+        // layout would create every definition again. The digest is
+        // `printf 'http://127.0.0.1:1' | sha256sum`, cut to 8.
+        let app = ImApp {
+            id: "t/1".into(),
+            ..app()
+        };
+        assert_eq!(
+            definition_key(&app, "http://127.0.0.1:1", "and-or"),
+            "a/t%2F1/fdef/10d8eb39/and-or"
+        );
     }
 
     #[test]

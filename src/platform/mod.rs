@@ -231,11 +231,7 @@ pub fn normalize_mobile(raw: &str) -> Result<String> {
 /// another platform app never reuses an id that only the old one knows.
 fn app_object_key(app: &ImApp, base: &str, kind: &str) -> String {
     let scope = crate::crypto::sha256(&[base.as_bytes(), b"\0", app.app_id.as_bytes()]);
-    format!(
-        "a/{}/{kind}/{}",
-        crate::env::key_segment(&app.id),
-        &crate::env::hex(&scope)[..16]
-    )
+    crate::env::app_key(app, kind, &crate::env::hex(&scope)[..16])
 }
 
 /// The id kept under `key`, else the one `make` gets from the platform, kept for next time:

@@ -522,6 +522,8 @@ fn main() -> Result<()> {
         "./dev build\n\
          # then bench/guest into target/payload-guest.wasm, built as ./dev build builds the plugin\n\
          cargo build --release -p imbridge-host -p imbridge-bench --bins\n\
+         target/release/hostcosts\n\
+         target/release/loadtest   # wrk + lark-oapi peer, see below\n\
          cargo bench -p imbridge-bench --bench callbacks -- --warm-up-time 1 --measurement-time 3\n\
          CARGO_TARGET_DIR=target/soft RUSTFLAGS=\"--cfg aes_force_soft\" cargo bench -p imbridge-bench --bench callbacks --features soft-crypto -- --warm-up-time 1 --measurement-time 3\n\
          target/release/ratio\n\
@@ -530,8 +532,6 @@ fn main() -> Result<()> {
          bench/crypto-excluded.sh build && bench/crypto-excluded.sh run\n\
          target/release/payloads\n\
          cargo bench -p imbridge-bench --bench host -- --warm-up-time 1 --measurement-time 3\n\
-         target/release/hostcosts\n\
-         target/release/loadtest   # wrk + lark-oapi peer, see below\n\
          target/release/report     # writes this file\n"
             .to_string()
     });
@@ -714,7 +714,8 @@ fn main() -> Result<()> {
     {
         writeln!(
             w,
-            "The last three again, paired (`target/release/hostcosts`): criterion runs them \
+            "The last three again, paired (`target/release/hostcosts`, run before every other \
+             phase: minutes of full load slow this VM down by up to 2×): criterion runs them \
              seconds apart, and this VM's speed drifts over seconds, so here each of {} rounds \
              runs one batch of {} of each, in a new order. Median of the rounds' per-call \
              means, 10th–90th percentile in brackets; the target below is judged on these.\n",

@@ -118,9 +118,20 @@ fn legacy_attempt_key(app: &ImApp, key: &str) -> String {
 fn failed_key(app: &ImApp, key: &str) -> String {
     app_key(app, "failed", key)
 }
-/// When the owner of a claim took it (ms since the epoch; 0 before it has).
+/// Versions before timed claims counted claims and kept the owner's time (ms since the
+/// epoch) here; it is still written, for a rollback to one of them.
 fn claimed_at_key(app: &ImApp, key: &str, generation: u64) -> String {
     format!("{}/{generation}", app_key(app, "claimed-at", key))
+}
+/// A claim counter at least this large holds its owner's time (ms since the epoch) rather
+/// than a count of attempts, as claims of versions before timed claims did.
+const TIMED_CLAIMS_FROM: u64 = 1 << 40;
+/// When the timed claim `held` was taken, as seen at `now`. Starts that found the claim free
+/// at the same moment each added their time, so `held` is the sum of k close times, and k
+/// is the multiple of `now` nearest to it (exact while they lie within years of `now`).
+fn claim_time(held: u64, now: u64) -> u64 {
+    let now = now.max(TIMED_CLAIMS_FROM);
+    held / ((held + now / 2) / now).max(1)
 }
 /// A start claimed longer ago than this is taken as interrupted: no host lets a call run
 /// longer (the reference host's longest `call_timeout_secs` is 3600).
@@ -223,11 +234,27 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
     let generation = failed.max(u64::from(legacy));
     // The counter is the only cross-call primitive: whoever moves it first owns this
     // generation. Each generation has its own counter, so attempts refused while another
-    // was in flight cannot block the ones after its failure.
+    // was in flight cannot block the ones after its failure. Counters are also all that
+    // commit when a call is cut off (trap, deadline, host crash), so the owner takes the
+    // claim by adding its time: no cut-off can leave a claim whose age later starts cannot
+    // tell. Refused starts only read it.
+    let claim = claim_key(app, &req.key, generation);
     let stamp = claimed_at_key(app, &req.key, generation);
-    if env.kv_increment(&claim_key(app, &req.key, generation), 1)? > 1 {
-        let at = env.kv_increment(&stamp, 0)?;
-        if at != 0 && env.now_ms().saturating_sub(at) > INTERRUPTED_AFTER_MS {
+    let now = env.now_ms().max(1);
+    // What other starts added: nothing if this one took the claim.
+    let held = match env.kv_increment(&claim, 0)? {
+        0 => env
+            .kv_increment(&claim, now)?
+            .checked_sub(now)
+            .ok_or_else(|| Error::storage("a claim counter went backwards"))?,
+        other => other,
+    };
+    if held != 0 {
+        let at = match held {
+            TIMED_CLAIMS_FROM.. => claim_time(held, now),
+            _ => env.kv_increment(&stamp, 0)?,
+        };
+        if at != 0 && now.saturating_sub(at) > INTERRUPTED_AFTER_MS {
             return Err(outcome_unknown(
                 "the start that claimed the key over an hour ago never finished",
             ));
@@ -238,18 +265,14 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
             true,
         ));
     }
+    // Only for a rollback to a version before timed claims, which reads the time here.
+    let _ = env.kv_increment(&stamp, now);
     // Nothing has gone out yet: moving the failure counter on hands the next start a new
     // generation, as after a refused create.
     let release = |error: Error| {
         env.kv_increment(&failed_key(app, &req.key), generation + 1 - failed)?;
         Err(error)
     };
-    // Counters are all that commit when a call is cut off (trap, deadline, host crash), so
-    // the claim's time goes into one: later starts can tell an interrupted attempt. A claim
-    // whose time could not be stored must be released, or it would hold the key for good.
-    if let Err(e) = env.kv_increment(&stamp, env.now_ms()) {
-        return release(e);
-    }
     match platform::create(env, app, req, &token) {
         Ok(created) => record_created(env, app, req, created, began_ms),
         Err(CreateError {
@@ -786,6 +809,58 @@ mod tests {
         let e = start(&env, &app(), &request()).unwrap_err();
         assert_eq!(code(&e), (-3, false), "{e}");
         assert_eq!(sent.get(), 1);
+    }
+
+    /// What a start answers while generation 0's claim counter holds `claim` (and its
+    /// legacy time stamp `stamp`), now and just over an hour later.
+    fn refusals(claim: u64, stamp: u64) -> [(i64, bool); 2] {
+        use crate::platform::dingtalk::tests::{app, request};
+        let (env, sent) = dingtalk_env(|_| created());
+        let (app, req) = (app(), request());
+        env.kv_increment(&claim_key(&app, &req.key, 0), claim)
+            .unwrap();
+        env.kv_increment(&claimed_at_key(&app, &req.key, 0), stamp)
+            .unwrap();
+        let first = code(&start(&env, &app, &req).unwrap_err());
+        env.now.set(env.now.get() + INTERRUPTED_AFTER_MS + 1);
+        let later = code(&start(&env, &app, &req).unwrap_err());
+        assert_eq!(sent.get(), 0);
+        // Refused starts leave the claim as they found it.
+        let held = env.kv_increment(&claim_key(&app, &req.key, 0), 0).unwrap();
+        assert_eq!(held, claim);
+        [first, later]
+    }
+
+    /// A start cut off after taking its claim, however early: the claim carries its time.
+    #[test]
+    fn every_claim_tells_its_age() {
+        let t = crate::env::fake::FakeEnv::offline().now_ms();
+        let (busy, unknown) = ((-2, true), (-3, false));
+        // Taken by this version, with no time stamp (cut off in between).
+        assert_eq!(refusals(t, 0), [busy, unknown]);
+        // Taken by two starts that found it free at once (each added its time).
+        assert_eq!(refusals(t + t - 3, 0), [busy, unknown]);
+        assert_eq!(refusals(3 * t, 0), [busy, unknown]);
+        // Counted by an earlier version: its time is in the stamp, if it got that far.
+        assert_eq!(refusals(2, t), [busy, unknown]);
+        assert_eq!(refusals(1, 0), [busy, busy]);
+    }
+
+    #[test]
+    fn the_owner_stamps_its_claim_for_earlier_versions() {
+        use crate::platform::dingtalk::tests::{app, request};
+        let (env, _) = dingtalk_env(|n| if n == 1 { panic!("cut off") } else { created() });
+        let (app, req) = (app(), request());
+        let cut =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| start(&env, &app, &req)));
+        assert!(cut.is_err());
+        let t = env
+            .kv_increment(&claimed_at_key(&app, &req.key, 0), 0)
+            .unwrap();
+        assert_eq!(env.kv_increment(&claim_key(&app, &req.key, 0), 0), Ok(t));
+        // What an earlier version does on a retry: counts itself in, reads the stamp.
+        assert!(env.kv_increment(&claim_key(&app, &req.key, 0), 1).unwrap() > 1);
+        assert!(t >= TIMED_CLAIMS_FROM);
     }
 
     #[test]

@@ -136,9 +136,8 @@ fn start_with_fault(platform: &Scripted, op: usize) -> (Result<Approval>, usize)
     (result, creates.get())
 }
 
-/// Including a fault between claiming the key and storing the claim's time (the claim would
-/// otherwise hold the key for good), and one after the create (the approval exists but its
-/// record is not saved: the retry saves it rather than leaving the key to a person).
+/// Including a fault on taking the key's claim, and one after the create (the approval exists
+/// but its record is not saved: the retry saves it rather than leaving the key to a person).
 #[test]
 fn a_start_survives_a_storage_fault_at_every_step() {
     for platform in [DINGTALK, WECOM] {

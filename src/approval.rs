@@ -624,17 +624,9 @@ mod tests {
         std::rc::Rc<std::cell::Cell<usize>>,
     ) {
         use crate::platform::dingtalk::tests::scripted_reply;
-        let sent = std::rc::Rc::new(std::cell::Cell::new(0));
-        let counter = sent.clone();
-        let env = crate::env::fake::FakeEnv::new(move |r| {
-            if r.url.ends_with("/v1.0/workflow/processInstances") {
-                counter.set(counter.get() + 1);
-                create(counter.get())
-            } else {
-                scripted_reply(r)
-            }
-        });
-        (env, sent)
+        crate::env::fake::FakeEnv::counting("/v1.0/workflow/processInstances", move |r, n| {
+            n.map_or_else(|| scripted_reply(r), &create)
+        })
     }
 
     fn created() -> Result<crate::env::Response> {

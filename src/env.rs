@@ -155,6 +155,26 @@ pub mod fake {
             Self::new(|_| Err(Error::transport("offline")))
         }
 
+        /// Answers with `reply`, counting the POSTs to `path` (a URL's path ends with it):
+        /// `reply` gets such a request's number (from 1), and the count is returned, so a test
+        /// can script and count a platform's creates.
+        pub fn counting(
+            path: &'static str,
+            reply: impl Fn(&Request, Option<usize>) -> Result<Response> + 'static,
+        ) -> (Self, std::rc::Rc<Cell<usize>>) {
+            let count = std::rc::Rc::new(Cell::new(0));
+            let counter = count.clone();
+            let env = Self::new(move |r: &Request| {
+                let url = r.url.split('?').next().unwrap_or_default();
+                if r.method == "POST" && url.ends_with(path) {
+                    counter.set(counter.get() + 1);
+                    return reply(r, Some(counter.get()));
+                }
+                reply(r, None)
+            });
+            (env, count)
+        }
+
         pub fn set_responder(&self, f: impl Fn(&Request) -> Result<Response> + 'static) {
             *self.responder.borrow_mut() = Box::new(f);
         }

@@ -45,16 +45,8 @@ const WECOM: Scripted = Scripted {
 impl Scripted {
     /// Its simulated API, and a count of the create requests sent to it.
     fn env(&self) -> (FakeEnv, Rc<Cell<usize>>) {
-        let creates = Rc::new(Cell::new(0));
-        let counter = creates.clone();
-        let (reply, create) = (self.reply, self.create);
-        let env = FakeEnv::new(move |r: &Request| {
-            if r.method == "POST" && r.url.split('?').next().is_some_and(|u| u.ends_with(create)) {
-                counter.set(counter.get() + 1);
-            }
-            reply(r)
-        });
-        (env, creates)
+        let reply = self.reply;
+        FakeEnv::counting(self.create, move |r, _| reply(r))
     }
 
     fn start(&self, env: &FakeEnv) -> Result<Approval> {

@@ -507,14 +507,21 @@ fn main() -> Result<()> {
     writeln!(w, "| kernel | {} |", sh("uname -r"))?;
     writeln!(w, "| rustc | {} |", sh("rustc --version"))?;
     writeln!(w, "| date (UTC) | {} |", sh("date -u '+%Y-%m-%d %H:%M'"))?;
-    if let Some(obj) = phases.as_object() {
-        for (phase, load) in obj {
-            writeln!(
-                w,
-                "| load average (1/5/15 min) before {phase} | {} |",
-                load.as_str().unwrap_or("")
-            )?;
-        }
+    // In run order; runs before the order was kept wrote an object (alphabetical here).
+    let phases: Vec<(&str, &Value)> = match &phases {
+        Value::Array(a) => a
+            .iter()
+            .map(|p| (p[0].as_str().unwrap_or(""), &p[1]))
+            .collect(),
+        Value::Object(o) => o.iter().map(|(k, v)| (k.as_str(), v)).collect(),
+        _ => Vec::new(),
+    };
+    for (phase, load) in phases {
+        writeln!(
+            w,
+            "| load average (1/5/15 min) before {phase} | {} |",
+            load.as_str().unwrap_or("")
+        )?;
     }
     writeln!(w)?;
     // A run made by hand (e.g. with shorter times) leaves its exact commands here.

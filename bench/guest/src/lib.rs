@@ -128,7 +128,7 @@ fn notification() -> Notification {
     }
 }
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(any(target_arch = "wasm32", imbridge_lint_guest))]
 mod component {
     wit_bindgen::generate!({
         inline: "

@@ -258,35 +258,37 @@ fn definition_key(app: &ImApp, base: &str, shape: &str) -> String {
 }
 
 pub fn definition_body(nodes: &[ApprovalNode], shape: &str) -> Value {
-    let form = json!([{
-        "id": DETAIL_WIDGET, "type": "textarea", "required": true,
-        "name": "@i18n@imbridge_detail",
-    }]);
-    let mut node_list = vec![json!({"id": "START"})];
-    let mut texts = vec![
-        json!({"key": "@i18n@imbridge_name", "value": format!("imbridge ({shape})")}),
-        json!({"key": "@i18n@imbridge_detail", "value": "Details"}),
-    ];
+    // Written as text and parsed: every value in it is the plugin's own (widget and node
+    // ids, modes, the shape), so nothing needs escaping, and the text is a fraction of the
+    // code `json!` makes for a body built once per app and shape. A test pins the result.
+    use core::fmt::Write as _;
+    let (mut node_list, mut texts) = (String::new(), String::new());
     for (i, n) in nodes.iter().enumerate() {
-        let name_key = format!("@i18n@{}", node_id(i));
-        node_list.push(json!({
-            "id": node_id(i),
-            "name": name_key,
-            "node_type": match n.mode { SignMode::And => "AND", SignMode::Or => "OR" },
-            "approver": [{"type": "Free"}],
-            "ccer": [{"type": "Free"}],
-        }));
-        texts.push(json!({"key": name_key, "value": format!("Approval {}", i + 1)}));
+        let id = node_id(i);
+        let mode = match n.mode {
+            SignMode::And => "AND",
+            SignMode::Or => "OR",
+        };
+        let _ = write!(
+            node_list,
+            r#"{{"id":"{id}","name":"@i18n@{id}","node_type":"{mode}","approver":[{{"type":"Free"}}],"ccer":[{{"type":"Free"}}]}},"#
+        );
+        let _ = write!(
+            texts,
+            r#",{{"key":"@i18n@{id}","value":"Approval {}"}}"#,
+            i + 1
+        );
     }
-    node_list.push(json!({"id": "END"}));
-    json!({
-        "approval_name": "@i18n@imbridge_name",
-        "viewers": [{"viewer_type": "NONE"}],
-        "form": {"form_content": form.to_string()},
-        "node_list": node_list,
-        "settings": {"revert_interval": 0},
-        "i18n_resources": [{"locale": "en-US", "is_default": true, "texts": texts}],
-    })
+    let text = format!(
+        r#"{{"approval_name":"@i18n@imbridge_name","viewers":[{{"viewer_type":"NONE"}}],
+        "form":{{"form_content":"[{{\"id\":\"{DETAIL_WIDGET}\",\"name\":\"@i18n@imbridge_detail\",\"required\":true,\"type\":\"textarea\"}}]"}},
+        "node_list":[{{"id":"START"}},{node_list}{{"id":"END"}}],
+        "settings":{{"revert_interval":0}},
+        "i18n_resources":[{{"locale":"en-US","is_default":true,"texts":[
+            {{"key":"@i18n@imbridge_name","value":"imbridge ({shape})"}},
+            {{"key":"@i18n@imbridge_detail","value":"Details"}}{texts}]}}]}}"#
+    );
+    serde_json::from_slice(text.as_bytes()).unwrap_or_default()
 }
 
 pub fn instance_body(
@@ -872,6 +874,36 @@ pub(crate) mod tests {
             assert_eq!(r.message_id.unwrap().split(',').count(), 52, "{platform:?}");
             assert_eq!(*lookups.borrow(), [(50, 0), (1, 0), (0, 1)], "{platform:?}");
         }
+    }
+
+    /// The body as the `json!` version built it, for three nodes: the definition Feishu makes
+    /// from it (and whether an existing app's stays valid) depends on every field.
+    #[test]
+    fn definition_body_is_unchanged() {
+        let node = |mode| ApprovalNode {
+            mode,
+            approvers: Vec::new(),
+        };
+        let nodes = [node(SignMode::And), node(SignMode::Or), node(SignMode::And)];
+        let expected: Value = serde_json::from_str(concat!(
+            r#"{"approval_name":"@i18n@imbridge_name","form":{"form_content":"[{\"id\":\"imbridge_detail\",\"name\":\"@i18n@imbridge_detail\",\"required\":true,\"type\":\"textarea\"}]"},"i18n_resources":[{"is_default":true,"locale":"en-US","texts":[{"key":"@i18n@imbridge_name","value":"imbridge (x-y)"},"#,
+            r#"{"key":"@i18n@imbridge_detail","value":"Details"},"#,
+            r#"{"key":"@i18n@imbridge_n1","value":"Approval 1"},"#,
+            r#"{"key":"@i18n@imbridge_n2","value":"Approval 2"},"#,
+            r#"{"key":"@i18n@imbridge_n3","value":"Approval 3"}]}],"node_list":[{"id":"START"},"#,
+            r#"{"approver":[{"type":"Free"}],"ccer":[{"type":"Free"}],"id":"imbridge_n1","name":"@i18n@imbridge_n1","node_type":"AND"},"#,
+            r#"{"approver":[{"type":"Free"}],"ccer":[{"type":"Free"}],"id":"imbridge_n2","name":"@i18n@imbridge_n2","node_type":"OR"},"#,
+            r#"{"approver":[{"type":"Free"}],"ccer":[{"type":"Free"}],"id":"imbridge_n3","name":"@i18n@imbridge_n3","node_type":"AND"},"#,
+            r#"{"id":"END"}],"settings":{"revert_interval":0},"viewers":[{"viewer_type":"NONE"}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(definition_body(&nodes, "x-y"), expected);
+        // Serialised as the old one was: key order and the form's inner JSON text.
+        assert_eq!(
+            definition_body(&nodes, "x-y").to_string(),
+            expected.to_string()
+        );
+        assert_ne!(definition_body(&nodes[..1], "x-y"), expected);
     }
 
     #[test]

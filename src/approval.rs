@@ -217,7 +217,11 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
         return Ok(existing.approval);
     }
     if let Some(rec) = env.kv_get_json(&unsaved_key(app, &req.key))? {
-        return save_started(env, app, &req.key, rec, began_ms);
+        let approval = save_started(env, app, &req.key, rec, began_ms)?;
+        // Indexed now, so never read again; should the delete fail, a stale copy costs
+        // only its space.
+        let _ = env.kv_delete(&unsaved_key(app, &req.key));
+        return Ok(approval);
     }
     let token = idempotency_token(app, &req.key);
     if platform::dedups_creates(app.platform) {

@@ -125,6 +125,11 @@ fn start_with_fault(platform: &Scripted, op: usize) -> (Result<Approval>, usize)
             platform.start(&env)
         }
     };
+    let kept: Vec<String> = env.kv.borrow().keys().cloned().collect();
+    assert!(
+        !kept.iter().any(|k| k.contains("/unsaved/")),
+        "operation {op}: {kept:?}"
+    );
     (result, creates.get())
 }
 

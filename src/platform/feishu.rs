@@ -249,14 +249,14 @@ fn node_id(i: usize) -> String {
     format!("imbridge_n{}", i + 1)
 }
 
-/// The definition: one textarea, then one node per approval node with free approver and CC
-/// choice at instance time, so one definition serves every request of the same shape.
 /// Per app and API base; the shape is `and`/`or` joined by `-`, which never needs escaping.
 fn definition_key(app: &ImApp, base: &str, shape: &str) -> String {
     let scope = hex(&crypto::sha256(&[base.as_bytes()]));
     format!("{}/{shape}", app_key(app, "fdef", &scope[..8]))
 }
 
+/// The definition: one textarea, then one node per approval node with free approver and CC
+/// choice at instance time, so one definition serves every request of the same shape.
 pub fn definition_body(nodes: &[ApprovalNode], shape: &str) -> Value {
     // Written as text and parsed: every value in it is the plugin's own (widget and node
     // ids, modes, the shape), so nothing needs escaping, and the text is a fraction of the

@@ -1,5 +1,6 @@
 //! The one approval state machine. Starts are idempotent per (app, key); callbacks and polling
-//! both feed `apply`; terminal states never change; duplicate events are no-ops.
+//! both feed `apply`; terminal states never change; duplicate events are no-ops, by content
+//! (see `apply_inbound`).
 
 use crate::env::{Env, EnvExt, app_key};
 use crate::error::{Error, Result};
@@ -29,10 +30,9 @@ pub enum Event {
     Status(ApprovalStatus),
 }
 
-/// An event from a callback, with the platform's id for deduplication.
+/// An event from a callback, about one instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inbound {
-    pub dedup_id: Option<String>,
     pub instance_id: String,
     pub event: Event,
 }
@@ -151,9 +151,6 @@ fn unknown_key(app: &ImApp, key: &str) -> String {
 /// with its key saves it, instead of leaving the key to a person.
 fn unsaved_key(app: &ImApp, key: &str) -> String {
     app_key(app, "unsaved", key)
-}
-fn seen_key(app: &ImApp, id: &str) -> String {
-    app_key(app, "seen", id)
 }
 
 pub fn load(env: &(impl Env + ?Sized), app: &ImApp, instance_id: &str) -> Result<Option<Record>> {
@@ -438,47 +435,47 @@ pub fn cancel(
 }
 
 /// Applies authenticated callback events; returns the approvals that changed. Events for
-/// instances this plugin has not stored are acknowledged and dropped, but not marked as seen:
-/// a redelivery after the start has been recorded still applies. Dedup marks are written only
-/// after every record is saved, so a failed call leaves no mark that would swallow the retry.
+/// instances this plugin has not stored are acknowledged and dropped: a redelivery after the
+/// start has been recorded still applies.
+///
+/// Deduplication is by content, not by the platforms' event ids: [`Record::apply`] counts a
+/// decision once per approver and direction and never moves a terminal status, so a
+/// redelivery, a replay inside the timestamp window, or the same decision from a callback and
+/// a poll changes nothing and is not reported again. Nothing is stored per delivery, so a
+/// callback that changes nothing writes nothing, and state grows with approvals, not with
+/// callbacks. (Earlier versions also wrote a `seen` mark per event id; nothing reads those
+/// keys any more, and a rollback to such a version re-applies an event it finds unmarked,
+/// which changes nothing either.)
 pub fn apply_inbound(
     env: &(impl Env + ?Sized),
     app: &ImApp,
     events: &[Inbound],
 ) -> Result<Vec<Approval>> {
-    let mut changed: Vec<Record> = Vec::new();
-    let mut marks: Vec<String> = Vec::new();
+    // Each record read once per call, with whether an event changed it.
+    let mut loaded: Vec<(Record, bool)> = Vec::new();
     for ev in events {
-        let mark = ev.dedup_id.as_deref().map(|id| seen_key(app, id));
-        if let Some(k) = &mark
-            && (marks.contains(k) || env.kv_get(k)?.is_some())
-        {
-            continue;
-        }
-        let pos = changed
+        let i = match loaded
             .iter()
-            .position(|r| r.approval.instance_id == ev.instance_id);
-        let mut rec = match pos {
-            Some(i) => changed.remove(i),
+            .position(|(r, _)| r.approval.instance_id == ev.instance_id)
+        {
+            Some(i) => i,
             None => match load(env, app, &ev.instance_id)? {
-                Some(r) => r,
+                Some(r) => {
+                    loaded.push((r, false));
+                    loaded.len() - 1
+                }
                 None => continue,
             },
         };
-        marks.extend(mark);
-        let did = rec.apply(&ev.event);
-        if did || pos.is_some() {
-            changed.push(rec);
+        let (rec, changed) = &mut loaded[i];
+        *changed |= rec.apply(&ev.event);
+    }
+    let mut out = Vec::new();
+    for (mut rec, changed) in loaded {
+        if changed {
+            save(env, app, &mut rec)?;
+            out.push(rec.approval);
         }
-    }
-    let mut out = Vec::with_capacity(changed.len());
-    for mut rec in changed {
-        save(env, app, &mut rec)?;
-        out.push(rec.approval);
-    }
-    let now = env.now_ms().to_string();
-    for k in marks {
-        env.kv_set(&k, now.as_bytes())?;
     }
     Ok(out)
 }
@@ -611,9 +608,8 @@ mod tests {
         assert_eq!(r.approval.status, ApprovalStatus::Pending);
     }
 
-    fn inbound(id: &str, instance: &str, event: Event) -> Inbound {
+    fn inbound(instance: &str, event: Event) -> Inbound {
         Inbound {
-            dedup_id: Some(id.into()),
             instance_id: instance.into(),
             event,
         }
@@ -771,7 +767,7 @@ mod tests {
         env.set_responder(move |r| {
             if r.url.ends_with("/v1.0/workflow/processInstances/terminate") {
                 let env = during.upgrade().unwrap();
-                let ev = inbound("e1", &id, dec("a", true, 9));
+                let ev = inbound(&id, dec("a", true, 9));
                 assert_eq!(apply_inbound(&*env, &app(), &[ev]).unwrap().len(), 1);
                 crate::env::fake::json_response(200, serde_json::json!({"result": true}))
             } else {
@@ -924,7 +920,6 @@ mod tests {
         assert_eq!(failed_key(&app, k), "a/t%2F1/failed/wf%25%2F7");
         assert_eq!(unknown_key(&app, k), "a/t%2F1/unknown/wf%25%2F7");
         assert_eq!(unsaved_key(&app, k), "a/t%2F1/unsaved/wf%25%2F7");
-        assert_eq!(seen_key(&app, "e/1"), "a/t%2F1/seen/e%2F1");
     }
 
     #[test]
@@ -941,42 +936,52 @@ mod tests {
     }
 
     #[test]
-    fn dedup_marks_follow_successful_saves_only() {
+    fn redeliveries_change_and_store_nothing() {
         use crate::env::fake::FakeEnv;
         let env = FakeEnv::offline();
         let app = crate::platform::feishu::tests::app();
-        // An event for an instance not stored yet: dropped, but not marked, so the platform's
-        // redelivery after the start is recorded still applies.
-        let ev = inbound("e1", "i1", Event::Status(ApprovalStatus::Approved));
+        // An event for an instance not stored yet is dropped without a trace, so the
+        // platform's redelivery after the start is recorded still applies.
+        let status = inbound("i1", Event::Status(ApprovalStatus::Approved));
+        let decision = inbound("i1", dec("u", true, 5));
         assert!(
-            apply_inbound(&env, &app, std::slice::from_ref(&ev))
+            apply_inbound(&env, &app, std::slice::from_ref(&status))
                 .unwrap()
                 .is_empty()
         );
         assert!(env.snapshot().is_empty());
         let mut r = rec();
         save(&env, &app, &mut r).unwrap();
-        let got = apply_inbound(&env, &app, std::slice::from_ref(&ev)).unwrap();
+        let got = apply_inbound(&env, &app, &[decision.clone(), status.clone()]).unwrap();
+        assert_eq!(got.len(), 1);
         assert_eq!(got[0].status, ApprovalStatus::Approved);
-        // The redelivery after that is a duplicate, even within one call.
-        let before = env.snapshot();
-        assert!(
-            apply_inbound(&env, &app, &[ev.clone(), ev])
-                .unwrap()
-                .is_empty()
-        );
-        assert_eq!(env.snapshot(), before);
+        assert_eq!(got[0].decisions.len(), 1);
+        let applied = env.snapshot();
+        // The record is the only key: nothing is kept per delivery.
+        assert_eq!(applied.len(), 1);
+        // Redeliveries (also twice within one call), and the same decision as a poll reports
+        // it (another time), change nothing, report nothing and write nothing.
+        let ops = env.kv_ops();
+        let again = [
+            decision.clone(),
+            status.clone(),
+            status,
+            inbound("i1", dec("u", true, 8)),
+        ];
+        assert!(apply_inbound(&env, &app, &again).unwrap().is_empty());
+        assert_eq!(env.snapshot(), applied);
+        assert_eq!(env.kv_ops() - ops, 1, "one read of the record, no write");
     }
 
     #[test]
-    fn a_failed_save_leaves_no_dedup_mark() {
+    fn a_failed_load_changes_nothing() {
         use crate::env::fake::FakeEnv;
         let env = FakeEnv::offline();
         let app = crate::platform::feishu::tests::app();
-        // A corrupt record makes loading fail: the call errs and marks nothing.
+        // A corrupt record makes loading fail: the call errs and writes nothing.
         env.kv_set(&instance_key(&app, "i1"), b"{not json").unwrap();
         let before = env.snapshot();
-        let ev = inbound("e2", "i1", Event::Status(ApprovalStatus::Approved));
+        let ev = inbound("i1", Event::Status(ApprovalStatus::Approved));
         assert!(matches!(
             apply_inbound(&env, &app, &[ev]),
             Err(Error::Storage(_))

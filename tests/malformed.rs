@@ -693,7 +693,7 @@ impl Spec for Feishu {
     fn may_find(&self, _req: &HttpRequest, _base: &Base) -> bool {
         false
     }
-    /// Fields the plugin does not need (ids for deduplication, timestamps, the approval
+    /// Fields the plugin does not need (event ids, timestamps, the approval
     /// code) leave the event effective; a wrong token or envelope refuses it.
     fn wrong_field(&self, rng: &mut Rng, base: &Base) -> (Vec<u8>, Expect) {
         let mut p: Value = serde_json::from_slice(&base.plaintext).expect("plaintext is JSON");

@@ -3,9 +3,9 @@
 //!
 //! Ids: `callback/{platform}/{native|component|component-disk}/{fresh|duplicate}`.
 //! - `fresh`: every iteration is a new event about a new pending instance (seeded, untimed),
-//!   so it takes the real path: dedup miss, seen-mark, load, apply, save, reply.
-//! - `duplicate`: the same delivery again (a platform retry): verify, decrypt, parse, then the
-//!   "seen" hit; nothing is written.
+//!   so it takes the real path: load, apply, save, reply.
+//! - `duplicate`: the same delivery again (a platform retry): verify, decrypt, parse, load, and
+//!   the event changes nothing, so nothing is written.
 //! - `component`: `Host::call` (= `Host::handle_callback`), a fresh instance per call from
 //!   `InstancePre`, state in the host's in-memory store, as the native side's is in memory: the
 //!   ratio is the sandbox's cost, not the disk's. `component-disk` is the same with the

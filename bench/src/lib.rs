@@ -108,7 +108,7 @@ impl Push {
 }
 
 /// The instance the `n`-th callback of a run is about; every callback gets its own instance
-/// (and event id), so each one takes the full path: dedup miss, load, apply, save.
+/// (and event id), so each one takes the full path: load, apply, save.
 pub fn instance_id(platform: Platform, run: u32, n: u64) -> String {
     match platform {
         // WeCom approval numbers are numeric.
@@ -172,7 +172,7 @@ pub fn callback(platform: Platform, run: u32, n: u64, instance: &str, now_ms: u6
         }
         Platform::Wecom => {
             // `sys_approval_change` with one approver's decision and the resulting status:
-            // two events, each with its own dedup id, as WeCom sends it.
+            // two events, as WeCom sends it.
             let xml = format!(
                 "<xml><ToUserName><![CDATA[wwbench]]></ToUserName><FromUserName><![CDATA[sys]]></FromUserName>\
                  <CreateTime>{secs}</CreateTime><MsgType><![CDATA[event]]></MsgType>\

@@ -181,7 +181,7 @@ pub enum Expect {
 ///   approval never changes status;
 /// - `Err` leaves the store exactly as it was, and its message carries no secret;
 /// - what the framing knows (`expect`) holds;
-/// - replaying an accepted request changes nothing (deduplication / idempotent apply).
+/// - replaying an accepted request changes nothing (events are applied idempotently).
 ///
 /// Returns the number of approvals the first delivery changed, or its error.
 pub fn run_callback(

@@ -176,7 +176,7 @@ pub fn run_xml(data: &[u8]) {
     }
     if let Ok(node) = parse_xml(data) {
         assert!(depth(&node) <= 16, "XML deeper than the limit was accepted");
-        let _ = inbound_events(&node, data);
+        let _ = inbound_events(&node);
     }
 }
 

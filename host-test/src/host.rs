@@ -327,9 +327,10 @@ impl Host {
 
         // The export returned normally (with `ok` or `err`): its writes become durable, except
         // those of a failed call whose only effect is on the store (callbacks, events,
-        // get-approval). The platform redelivers a failed callback, so a partial write (a
-        // record saved, its dedup mark not) would only make the redelivery look like a
-        // duplicate and hide its update; without it the store stays as it was.
+        // get-approval). The platform redelivers a failed callback, so a partial write (one
+        // of the approvals it changed saved, another not) would only make the redelivery find
+        // part of its update applied already and not report it; without it the store stays
+        // as it was.
         let (backend, ns, mut commit) = store.into_data().kv.into_commit(rerun_on_conflict(export));
         if rerun_on_conflict(export) && reply.error().is_some() {
             commit = Default::default();

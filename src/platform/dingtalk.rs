@@ -645,15 +645,7 @@ fn task_event(env: &(impl Env + ?Sized), ev: &Value) -> Vec<Inbound> {
     let Some(user) = ev.get("staffId").and_then(Value::as_str) else {
         return Vec::new();
     };
-    let task = ev
-        .get("taskId")
-        .map(|t| match t {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        })
-        .unwrap_or_default();
     vec![Inbound {
-        dedup_id: Some(format!("dt:task:{instance}:{user}:{task}:{result}")),
         instance_id: instance,
         event: Event::Decision(Decision {
             user: user.to_string(),
@@ -684,7 +676,6 @@ fn instance_event(ev: &Value) -> Vec<Inbound> {
         _ => return Vec::new(),
     };
     vec![Inbound {
-        dedup_id: Some(format!("dt:inst:{instance}:{kind}:{result}")),
         instance_id: instance,
         event: Event::Status(status),
     }]
@@ -1176,10 +1167,7 @@ pub(crate) mod tests {
             "finishTime": 1_700_000_000_000u64, "remark": "fine"});
         let p = parse_callback(&env, &app(), &push(&env, &ev, "dingappkey")).unwrap();
         assert_eq!(p.events.len(), 1);
-        assert_eq!(
-            p.events[0].dedup_id.as_deref(),
-            Some("dt:task:inst-1:a:11:agree")
-        );
+        assert_eq!(p.events[0].instance_id, "inst-1");
         assert!(
             matches!(&p.events[0].event, Event::Decision(d) if d.user == "a" && d.approved && d.comment.as_deref() == Some("fine"))
         );

@@ -542,25 +542,20 @@ pub fn parse_event(env: &(impl Env + ?Sized), event: &[u8]) -> Result<Vec<Inboun
 
 /// The approval events in a v1 or v2 envelope; anything else is none.
 fn envelope_events(env: &(impl Env + ?Sized), inner: &Value) -> Result<Vec<Inbound>> {
-    let (dedup, event_type, event) = if inner.get("schema").and_then(Value::as_str) == Some("2.0") {
+    let (event_type, event) = if inner.get("schema").and_then(Value::as_str) == Some("2.0") {
         let h = inner
             .get("header")
             .ok_or_else(|| Error::input("v2 event without a header"))?;
         (
-            h.get("event_id").and_then(Value::as_str),
             h.get("event_type").and_then(Value::as_str),
             inner.get("event"),
         )
     } else {
         let ev = inner.get("event");
-        (
-            inner.get("uuid").and_then(Value::as_str),
-            ev.and_then(|e| e.get("type")).and_then(Value::as_str),
-            ev,
-        )
+        (ev.and_then(|e| e.get("type")).and_then(Value::as_str), ev)
     };
     match (event_type, event) {
-        (Some(t), Some(ev)) => approval_event(env, t, ev, dedup),
+        (Some(t), Some(ev)) => approval_event(env, t, ev),
         _ => Ok(Vec::new()),
     }
 }
@@ -605,12 +600,7 @@ fn check_token(app: &ImApp, presented: Option<&str>, signed: bool) -> Result<()>
     }
 }
 
-fn approval_event(
-    env: &(impl Env + ?Sized),
-    event_type: &str,
-    ev: &Value,
-    dedup: Option<&str>,
-) -> Result<Vec<Inbound>> {
+fn approval_event(env: &(impl Env + ?Sized), event_type: &str, ev: &Value) -> Result<Vec<Inbound>> {
     let Some(instance) = ev.get("instance_code").and_then(Value::as_str) else {
         return Ok(Vec::new());
     };
@@ -643,7 +633,6 @@ fn approval_event(
         return Ok(Vec::new());
     };
     Ok(vec![Inbound {
-        dedup_id: dedup.map(|d| format!("feishu:{d}")),
         instance_id: instance.to_string(),
         event,
     }])
@@ -970,7 +959,7 @@ pub(crate) mod tests {
             "instance_code": "I1", "status": "APPROVED", "open_id": "ou_1", "operate_time": "1700000000000"}});
         let req = signed_request(&env, "ekey", &ev);
         let p = parse_callback(&env, &app(), &req).unwrap();
-        assert_eq!(p.events[0].dedup_id.as_deref(), Some("feishu:u1"));
+        assert_eq!(p.events[0].instance_id, "I1");
         assert!(
             matches!(&p.events[0].event, Event::Decision(d) if d.user == "ou_1" && d.approved && d.at_ms == 1_700_000_000_000)
         );
@@ -995,7 +984,7 @@ pub(crate) mod tests {
             "token": "vtoken"}, "event": {"instance_code": "I2", "status": "CANCELED"}});
         let p = parse_callback(&env, &app(), &signed_request(&env, "ekey", &ev)).unwrap();
         assert_eq!(p.events[0].event, Event::Status(ApprovalStatus::Canceled));
-        assert_eq!(p.events[0].dedup_id.as_deref(), Some("feishu:e9"));
+        assert_eq!(p.events[0].instance_id, "I2");
 
         let other = json!({"schema": "2.0", "header": {"event_id": "e10", "event_type": "im.message.receive_v1",
             "token": "vtoken"}, "event": {"message": {}}});
@@ -1011,7 +1000,7 @@ pub(crate) mod tests {
             "event": {"instance_code": "I3", "status": "REJECTED"}});
         let got = parse_event(&env, ev.to_string().as_bytes()).unwrap();
         assert_eq!(got[0].event, Event::Status(ApprovalStatus::Rejected));
-        assert_eq!(got[0].dedup_id.as_deref(), Some("feishu:e1"));
+        assert_eq!(got[0].instance_id, "I3");
         assert!(matches!(
             parse_event(&env, b"{"),
             Err(Error::InvalidInput(_))

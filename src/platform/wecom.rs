@@ -9,7 +9,7 @@ use super::{CreateError, Created, Parsed, form_text, normalize_mobile};
 use crate::approval::{Event, Inbound, Record};
 use crate::callback::WxSecrets;
 use crate::crypto;
-use crate::env::{Env, EnvExt, hex};
+use crate::env::{Env, EnvExt};
 use crate::error::{Error, Result};
 use crate::http::{self, Method, call_checked, call_json, parse_query, percent_encode};
 use crate::model::{
@@ -646,11 +646,10 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
         .key
         .decrypt(encrypted, wx.receive_id)
         .map_err(|_| crypto::undecryptable())?;
-    let plain_trimmed = trim_ascii(&plain);
-    let msg = read_message(plain_trimmed).map_err(|_| crypto::undecryptable())?;
+    let msg = read_message(trim_ascii(&plain)).map_err(|_| crypto::undecryptable())?;
     Ok(Parsed {
         response: ack(),
-        events: inbound_events(&msg, plain_trimmed),
+        events: inbound_events(&msg),
     })
 }
 
@@ -671,7 +670,7 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
 }
 
 /// `sys_approval_change` → decisions and status; any other message or event → nothing.
-pub fn inbound_events(msg: &Node<'_>, raw: &[u8]) -> Vec<Inbound> {
+pub fn inbound_events(msg: &Node<'_>) -> Vec<Inbound> {
     if msg.get("Event") != "sys_approval_change" {
         return Vec::new();
     }
@@ -683,19 +682,6 @@ pub fn inbound_events(msg: &Node<'_>, raw: &[u8]) -> Vec<Inbound> {
         return Vec::new();
     }
     let sp_status = info.get("SpStatus");
-    // WeCom retries carry the same MsgId, or for events the same sender + time; the digest of
-    // the plaintext separates two different changes of one approval within the same second.
-    let base = match msg.get("MsgId") {
-        "" => format!(
-            "wecom:ev:{}:{}:{}:{}:{}",
-            msg.get("FromUserName"),
-            msg.get("CreateTime"),
-            sp_no,
-            sp_status,
-            &hex(&crypto::sha256(&[raw]))[..16]
-        ),
-        id => format!("wecom:msg:{id}"),
-    };
     let mut events = Vec::new();
     for rec in info.all("SpRecord") {
         for d in rec.all("Details") {
@@ -710,12 +696,9 @@ pub fn inbound_events(msg: &Node<'_>, raw: &[u8]) -> Vec<Inbound> {
     if let Some(s) = sp_status.parse().ok().and_then(map_status) {
         events.push(Event::Status(s));
     }
-    // apply_inbound marks a dedup id as seen on first use, so each event gets its own.
     events
         .into_iter()
-        .enumerate()
-        .map(|(i, event)| Inbound {
-            dedup_id: Some(format!("{base}:{i}")),
+        .map(|event| Inbound {
             instance_id: sp_no.to_string(),
             event,
         })
@@ -1060,7 +1043,7 @@ pub(crate) mod tests {
                 e => panic!("{e:?}"),
             }
             assert_eq!(p.events[1].event, Event::Status(ApprovalStatus::Approved));
-            assert_ne!(p.events[0].dedup_id, p.events[1].dedup_id);
+            assert_eq!(p.events[1].instance_id, "202401010001");
         }
         for (code, want) in [
             (4, ApprovalStatus::Canceled),

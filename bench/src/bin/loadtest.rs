@@ -3,8 +3,8 @@
 //!
 //! 1. Pre-generates, per platform, `--requests` valid, signed, encrypted callbacks, each with
 //!    its own event id about its own pending instance, and seeds those instances' records into
-//!    the state database (so every callback takes the full update path: dedup, load, apply,
-//!    save, outbox).
+//!    the state database (so every callback takes the full update path: load, apply, save,
+//!    outbox).
 //! 2. Starts `imbridge-host serve` (durable redb state, default config and logging, stderr
 //!    to a file) and fires each platform's callbacks with wrk through `bench/loadtest.lua`
 //!    (or, with `--client loadgen`, with `loadgen`, which keeps every request's timing).

@@ -559,9 +559,9 @@ fn main() -> Result<()> {
          as the native side's is in memory, so the ratio is the sandbox rather than the disk. \
          *component-disk*: the same with the embedded redb database on the real disk (durable \
          commit, fsync). *fresh*: a new event id about a new pending instance every \
-         iteration — the real path (dedup miss, seen-mark, load, apply, save, reply). \
-         *duplicate*: the same delivery again (a platform retry) — verify, decrypt, parse, then \
-         the dedup hit; nothing is written. *warm instance*: the export called on an instance \
+         iteration — the real path (load, apply, save, reply). *duplicate*: the same delivery \
+         again (a platform retry) — verify, decrypt, parse, load, and the event changes \
+         nothing, so nothing is written. *warm instance*: the export called on an instance \
          that already exists (one per 256 calls, instantiated untimed; the host itself never \
          reuses one): the handling alone, without the per-call instance that \
          `host/instantiate+call` measures separately.\n"

@@ -42,7 +42,6 @@ impl Record {
     /// recorded (platforms do not order task and instance events), but the status never moves
     /// again once terminal.
     pub fn apply(&mut self, event: &Event) -> bool {
-        let nodes = self.local_nodes();
         let a = &mut self.approval;
         match event {
             Event::Status(s) => {
@@ -70,12 +69,13 @@ impl Record {
                 // without a sort, which would cost the component ~5 KB of sorting code.
                 let at = a.decisions.partition_point(|x| x.at_ms <= d.at_ms);
                 a.decisions.insert(at, d.clone());
-                if !a.status.is_terminal()
-                    && let Some(s) = nodes
-                        .as_deref()
-                        .and_then(|n| evaluate_nodes(n, &a.decisions))
+                // The layout is read only here: most events are duplicates or statuses.
+                if !self.approval.status.is_terminal()
+                    && let Some(s) = self
+                        .local_nodes()
+                        .and_then(|n| evaluate_nodes(&n, &self.approval.decisions))
                 {
-                    a.status = s;
+                    self.approval.status = s;
                 }
                 true
             }
@@ -90,7 +90,7 @@ impl Record {
             mode: SignMode,
             approvers: Vec<String>,
         }
-        let nodes: Vec<Node> = serde_json::from_value(self.meta.get("nodes")?.clone()).ok()?;
+        let nodes = Vec::<Node>::deserialize(self.meta.get("nodes")?).ok()?;
         Some(nodes.into_iter().map(|n| (n.mode, n.approvers)).collect())
     }
 }

@@ -5,12 +5,19 @@
 use super::{b64_decode, b64_encode, ct_eq, undecryptable};
 use crate::error::{Error, Result};
 use aes::Aes256;
-use cbc::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit, block_padding::NoPadding};
+use cbc::cipher::{
+    BlockDecryptMut, BlockEncryptMut, InnerIvInit, KeyInit, block_padding::NoPadding,
+};
 
 const PAD_BLOCK: usize = 32;
 
+/// The expanded key and the frame's IV: a DingTalk callback decrypts the push and encrypts
+/// its reply with one key schedule.
 #[derive(Clone)]
-pub struct WxKey([u8; 32]);
+pub struct WxKey {
+    cipher: Aes256,
+    iv: [u8; 16],
+}
 
 impl core::fmt::Debug for WxKey {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -33,13 +40,12 @@ impl WxKey {
         let key: [u8; 32] = bytes
             .try_into()
             .map_err(|_| Error::config("the AES key does not decode to 32 bytes"))?;
-        Ok(WxKey(key))
-    }
-
-    fn iv(&self) -> [u8; 16] {
         let mut iv = [0u8; 16];
-        iv.copy_from_slice(&self.0[..16]);
-        iv
+        iv.copy_from_slice(&key[..16]);
+        Ok(WxKey {
+            cipher: Aes256::new(&key.into()),
+            iv,
+        })
     }
 
     /// Returns the message after checking the frame and that the trailing receive id equals
@@ -50,7 +56,7 @@ impl WxKey {
         if buf.is_empty() || buf.len() % 16 != 0 {
             return Err(undecryptable());
         }
-        let pt = cbc::Decryptor::<Aes256>::new(&self.0.into(), &self.iv().into())
+        let pt = cbc::Decryptor::inner_iv_init(self.cipher.clone(), &self.iv.into())
             .decrypt_padded_mut::<NoPadding>(&mut buf)
             .map_err(|_| undecryptable())?;
         let body = unpad32(pt).ok_or_else(undecryptable)?;
@@ -80,7 +86,7 @@ impl WxKey {
         pt.extend_from_slice(receive_id.as_bytes());
         let pad = PAD_BLOCK - pt.len() % PAD_BLOCK;
         pt.resize(pt.len() + pad, pad as u8);
-        let ct = cbc::Encryptor::<Aes256>::new(&self.0.into(), &self.iv().into())
+        let ct = cbc::Encryptor::inner_iv_init(self.cipher.clone(), &self.iv.into())
             .encrypt_padded_vec_mut::<NoPadding>(&pt);
         b64_encode(&ct)
     }

@@ -13,7 +13,7 @@ use crate::callback::{WxSecrets, unsigned};
 use crate::crypto::undecryptable;
 use crate::crypto::wx::WxKey;
 use crate::crypto::{self, sorted_sha1_hex};
-use crate::env::{Env, EnvExt};
+use crate::env::{Env, hex};
 use crate::error::{Error, Result};
 use crate::http::{self, Method, call_checked, call_json, percent_encode, status_is_retryable};
 use crate::model::{
@@ -608,11 +608,14 @@ fn success_reply(
     token: &str,
     app_key: &str,
 ) -> HttpResponse {
+    // The frame's random prefix and the nonce from one host call.
+    let bytes = env.random_bytes(24);
+    let (prefix, nonce) = bytes.split_at(16);
     let mut random = [0u8; 16];
-    random.copy_from_slice(&env.random_bytes(16));
+    random.copy_from_slice(prefix);
     let encrypt = key.encrypt(random, b"success", app_key);
     let ts = env.now_ms().to_string();
-    let nonce = env.random_hex(8);
+    let nonce = hex(nonce);
     let sig = sorted_sha1_hex(&[token, &ts, &nonce, &encrypt]);
     HttpResponse::json(
         200,

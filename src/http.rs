@@ -175,7 +175,7 @@ fn json_request(
                 "content-type".into(),
                 "application/json; charset=utf-8".into(),
             ));
-            v.to_string().into_bytes()
+            crate::model::json_bytes(v)
         }
         None => Vec::new(),
     };

@@ -213,11 +213,12 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
     if let Some(existing) = find_by_key(env, app, &req.key)? {
         return Ok(existing.approval);
     }
-    if let Some(rec) = env.kv_get_json(&unsaved_key(app, &req.key))? {
+    let unsaved = unsaved_key(app, &req.key);
+    if let Some(rec) = env.kv_get_json(&unsaved)? {
         let approval = save_started(env, app, &req.key, rec, began_ms)?;
         // Indexed now, so never read again; should the delete fail, a stale copy costs
         // only its space.
-        let _ = env.kv_delete(&unsaved_key(app, &req.key));
+        let _ = env.kv_delete(&unsaved);
         return Ok(approval);
     }
     let token = idempotency_token(app, &req.key);

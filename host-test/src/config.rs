@@ -243,6 +243,27 @@ fn take_callback_mode(
     Ok((app, mode, base))
 }
 
+/// A webhook URL that cannot be POSTed to would only show as a log line per delivery while
+/// the outbox grows. The URL itself is not echoed: it may carry a token.
+fn check_webhook(url: String, path: &str) -> Result<String> {
+    let ok = url
+        .parse::<http::Uri>()
+        .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some());
+    anyhow::ensure!(ok, "`{path}` must be an http:// or https:// URL");
+    Ok(url)
+}
+
+/// An empty token (an unset variable in a config template, say) must not silently open the
+/// API it was meant to close.
+fn check_token(token: Option<String>, path: &str) -> Result<Option<String>> {
+    match token {
+        Some(t) if t.trim().is_empty() => {
+            bail!("`{path}` is empty: set a token, or leave the field out for an open API")
+        }
+        t => Ok(t),
+    }
+}
+
 fn parse_config(text: &str, base: &Path) -> Result<Config> {
     let raw: RawConfig = serde_json::from_str(text).context("invalid JSON")?;
     let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
@@ -285,8 +306,11 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
                 allow_hosts: t.allow_hosts,
             },
             apps,
-            engine_webhook: t.engine_webhook,
-            api_token: t.api_token.filter(|t| !t.is_empty()),
+            engine_webhook: match t.engine_webhook {
+                Some(url) => Some(check_webhook(url, &format!("tenants[{i}].engine_webhook"))?),
+                None => None,
+            },
+            api_token: check_token(t.api_token, &format!("tenants[{i}].api_token"))?,
         });
     }
     let serve = ServeConfig {
@@ -311,7 +335,7 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
             ),
             None => None,
         },
-        api_token: raw.api_token.filter(|t| !t.is_empty()),
+        api_token: check_token(raw.api_token, "api_token")?,
         tenants,
     };
     Ok(Config { serve, persistent })
@@ -437,6 +461,25 @@ mod tests {
                 {"id": "x", "platform": "feishu", "app_id": "i", "app_secret": "s3cr3t",
                  "callback": "s3cr3t"}]}]}"#,
                 "tenants[0].apps[0].callback",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a",
+                "engine_webhook": "s3cr3t"}]}"#,
+                "tenants[0].engine_webhook",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a",
+                "engine_webhook": "ftp://engine/s3cr3t"}]}"#,
+                "tenants[0].engine_webhook",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "api_token": ""}"#,
+                "`api_token` is empty",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a",
+                "api_token": " "}]}"#,
+                "`tenants[0].api_token` is empty",
             ),
         ] {
             let err = match ServeConfig::parse(text, base) {

@@ -146,14 +146,20 @@ async fn run(command: Command) -> Result<()> {
                 .or_else(|| config.serve.component.clone())
                 .unwrap_or_else(|| workspace_path(COMPONENT));
             config.serve.component = Some(component.clone());
-            // The server logs the address it bound; Ctrl-C stops it (and releases the
-            // persistent connections' leases).
+            // The server logs the address it bound; Ctrl-C or SIGTERM (a supervisor's stop)
+            // stops it: no new connections, the persistent connections' leases released, and
+            // the calls still running finished.
             let handle = server::serve_config(config)
                 .await
                 .with_context(|| component_hint(&component))?;
-            tokio::signal::ctrl_c()
-                .await
-                .context("waiting for Ctrl-C")?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("listening for SIGTERM")?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+                _ = term.recv() => {}
+            }
+            imbridge_host::log!("stopping: finishing the calls in flight");
             handle.shutdown().await;
             Ok(())
         }

@@ -27,6 +27,7 @@ use crate::config::{Config, PersistentApp, ServeConfig};
 use crate::host::{Host, HostConfig};
 use crate::json::{self, Json as _};
 use crate::log;
+use crate::store::Backend;
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use http::{Method, StatusCode, header};
@@ -35,11 +36,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Weak;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Mutex, oneshot};
+use tokio::sync::{Notify, RwLock, oneshot};
 use tokio::task::JoinHandle;
 
 /// Largest request body accepted; platforms' callbacks are a few KiB.
@@ -51,6 +54,11 @@ pub const UPDATES_PAGE: usize = 1000;
 
 /// How often undelivered outbox records are retried.
 const REDELIVERY: Duration = Duration::from_secs(30);
+
+/// The longest one webhook POST may take, TLS handshake included (wasmtime-wasi-http's
+/// client bounds connecting and each read, but not the handshake): an engine that accepts
+/// connections and never answers must not hold its tenant's deliveries.
+pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A request's headers must arrive within this (also how long an idle keep-alive connection
 /// stays open), and its body within this after them. Platforms send a few KiB at once; a
@@ -80,6 +88,8 @@ pub struct ServerHandle {
     task: JoinHandle<()>,
     /// The persistent connections (apps with `"callback": "persistent"`).
     connections: Option<crate::persistent::Connections>,
+    /// Read-held by every plugin call the server runs; see [`State::detached`].
+    in_flight: Arc<RwLock<()>>,
 }
 
 impl ServerHandle {
@@ -93,7 +103,9 @@ impl ServerHandle {
     }
 
     /// Stops accepting connections and waits for the accept loop to end; closes the
-    /// persistent connections and releases their leases.
+    /// persistent connections and releases their leases; then waits for the plugin calls
+    /// still running (each ends by the host's call deadline), so that stopping the server
+    /// does not cut a start off between its create and its commit.
     pub async fn shutdown(mut self) {
         if let Some(c) = self.connections.take() {
             c.shutdown().await;
@@ -102,6 +114,7 @@ impl ServerHandle {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+        let _ = self.in_flight.write().await;
     }
 
     /// Runs until the accept loop ends (it does not end on its own).
@@ -186,19 +199,40 @@ pub async fn serve_with_persistent(
     let delivery = config
         .tenants
         .iter()
-        .map(|t| (t.id.clone(), Arc::new(Mutex::new(()))))
-        .collect();
+        .filter_map(|t| {
+            Some((
+                t.id.clone(),
+                (t.engine_webhook.clone()?, Arc::new(Notify::new())),
+            ))
+        })
+        .collect::<HashMap<_, _>>();
+    let in_flight = Arc::new(RwLock::new(()));
     let state = Arc::new(State {
         host: host.clone(),
         config,
-        delivery,
+        delivery: delivery
+            .iter()
+            .map(|(t, (_, wake))| (t.clone(), wake.clone()))
+            .collect(),
+        in_flight: in_flight.clone(),
     });
+    let deliveries: Vec<AbortOnDrop> = delivery
+        .into_iter()
+        .map(|(tenant, (url, wake))| {
+            AbortOnDrop(tokio::spawn(deliver_updates(
+                Arc::downgrade(&state),
+                tenant,
+                url,
+                wake,
+            )))
+        })
+        .collect();
     let connections = (!persistent.is_empty()).then(|| {
         let weak = Arc::downgrade(&state);
         // The host has already put the updates in the outbox, in the event's own commit.
         let sink: crate::persistent::UpdateSink = Arc::new(move |tenant, _app_id, _updates| {
             let state = weak.upgrade().context("server stopped")?;
-            state.spawn_delivery(tenant);
+            state.wake_delivery(tenant);
             Ok(())
         });
         let leases: Arc<dyn crate::persistent::LeaseStore> = host.store().clone();
@@ -220,13 +254,14 @@ pub async fn serve_with_persistent(
                 tick.tick().await;
                 let Some(state) = state.upgrade() else { break };
                 for t in &state.config.tenants {
-                    state.spawn_delivery(&t.id);
+                    state.wake_delivery(&t.id);
                 }
             }
         })
     };
     let task = tokio::spawn(async move {
         let _redelivery = AbortOnDrop(redelivery);
+        let _deliveries = deliveries;
         let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let permit = tokio::select! {
@@ -273,17 +308,40 @@ pub async fn serve_with_persistent(
         shutdown: Some(tx),
         task,
         connections,
+        in_flight,
     })
 }
 
 struct State {
     host: Host,
     config: ServeConfig,
-    /// One lock per tenant so outbox records are delivered once and in order.
-    delivery: HashMap<String, Arc<Mutex<()>>>,
+    /// Wakes the delivery task of each tenant with an `engine_webhook`: one task per tenant,
+    /// so its records go out once and in order, and any number of wake-ups while it works
+    /// (every callback with updates, every refresh, the timer) make one more pass, not a
+    /// queue of waiting tasks.
+    delivery: HashMap<String, Arc<Notify>>,
+    in_flight: Arc<RwLock<()>>,
 }
 
 impl State {
+    /// Runs a plugin call to its end even when the client that asked for it goes away:
+    /// hyper drops a request's future when its connection closes, and a call dropped midway
+    /// commits only its counters. A DingTalk or WeCom start cut off after its create would
+    /// hold its key for an hour and leave the new approval without a record, so its
+    /// decisions would be dropped; an engine client's timeout is enough to cause that.
+    async fn detached<T: Send + 'static>(
+        &self,
+        call: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let running = self.in_flight.clone().read_owned().await;
+        tokio::spawn(async move {
+            let _running = running;
+            call.await
+        })
+        .await
+        .context("the call's task failed")?
+    }
+
     async fn handle(self: &Arc<Self>, req: http::Request<Incoming>) -> Response {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
@@ -368,7 +426,10 @@ impl State {
                 .collect(),
             body: body.to_vec(),
         };
-        let outcome = match self.host.handle_callback(tenant, app, request).await {
+        let host = self.host.clone();
+        let id = tenant.to_string();
+        let call = self.detached(async move { host.handle_callback(&id, app, request).await });
+        let outcome = match call.await {
             Ok(Reply::Callback(Ok(outcome))) => outcome,
             Ok(Reply::Callback(Err(e))) => return plugin_error(&e),
             Ok(_) => return status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
@@ -378,7 +439,7 @@ impl State {
         // The updates are already in the outbox: the host committed them with the plugin's
         // writes, so nothing between here and the answer can lose them.
         if !outcome.updates.is_empty() {
-            self.spawn_delivery(tenant);
+            self.wake_delivery(tenant);
         }
         let r = outcome.response;
         let mut builder = http::Response::builder().status(r.status);
@@ -421,47 +482,11 @@ impl State {
         }
     }
 
-    /// Delivers the tenant's pending outbox records to its engine webhook, oldest first,
-    /// stopping at the first failure; what is left goes out with the next delivery.
-    fn spawn_delivery(self: &Arc<Self>, tenant: &str) {
-        let Some(url) = self
-            .config
-            .tenant(tenant)
-            .and_then(|t| t.engine_webhook.clone())
-        else {
-            return;
-        };
-        let Some(lock) = self.delivery.get(tenant).cloned() else {
-            return;
-        };
-        let state = self.clone();
-        let tenant = tenant.to_string();
-        tokio::spawn(async move {
-            let _guard = lock.lock().await;
-            let store = state.host.store().clone();
-            loop {
-                let pending = match store.outbox_page(&tenant, 0, UPDATES_PAGE) {
-                    Ok(p) if p.is_empty() => return,
-                    Ok(p) => p,
-                    Err(e) => return log!("tenant={tenant} outbox read failed: {e:#}"),
-                };
-                for (seq, record) in pending {
-                    match post_json(&url, &with_seq(&record, seq)).await {
-                        // Oldest first, so every earlier record has gone out already.
-                        Ok(()) => {
-                            if let Err(e) = store.outbox_remove_through(&tenant, seq) {
-                                return log!("tenant={tenant} outbox remove failed: {e:#}");
-                            }
-                        }
-                        Err(e) => {
-                            return log!(
-                                "tenant={tenant} webhook delivery of #{seq} failed: {e:#}"
-                            );
-                        }
-                    }
-                }
-            }
-        });
+    /// Has the tenant's delivery task send its pending outbox records to its engine webhook.
+    fn wake_delivery(&self, tenant: &str) {
+        if let Some(wake) = self.delivery.get(tenant) {
+            wake.notify_one();
+        }
     }
 
     async fn api(
@@ -483,11 +508,17 @@ impl State {
             Ok(c) => c,
             Err(reject) => return reject.into_response(),
         };
-        match self.host.call(&tenant, &call).await {
+        let refresh = matches!(call, Call::GetApproval { refresh: true, .. });
+        let host = self.host.clone();
+        let id = tenant.clone();
+        match self
+            .detached(async move { host.call(&id, &call).await })
+            .await
+        {
             Ok(reply) => {
                 // A refresh may have put what it found in the outbox.
-                if matches!(call, Call::GetApproval { refresh: true, .. }) {
-                    self.spawn_delivery(&tenant);
+                if refresh {
+                    self.wake_delivery(&tenant);
                 }
                 json_response(StatusCode::OK, &json::reply_to_json(&reply))
             }
@@ -625,6 +656,70 @@ impl State {
             }
         }
     }
+}
+
+/// The tenant's delivery task: on each wake-up, POSTs its pending outbox records to `url`,
+/// oldest first, stopping at the first failure; what is left goes out on the next wake-up.
+async fn deliver_updates(state: Weak<State>, tenant: String, url: String, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        let Some(store) = state.upgrade().map(|s| s.host.store().clone()) else {
+            return;
+        };
+        if let Err(e) = deliver_pending(&store, &tenant, &url).await {
+            log!("tenant={tenant} {e:#}");
+        }
+    }
+}
+
+async fn deliver_pending(store: &Arc<dyn Backend>, tenant: &str, url: &str) -> Result<()> {
+    loop {
+        let (s, t) = (store.clone(), tenant.to_string());
+        let pending = blocking(move || s.outbox_page(&t, 0, UPDATES_PAGE))
+            .await
+            .context("outbox read failed")?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut delivered = None;
+        let mut failure = None;
+        for (seq, record) in pending {
+            let update = with_seq(&record, seq);
+            match tokio::time::timeout(WEBHOOK_TIMEOUT, post_json(url, &update)).await {
+                Ok(Ok(())) => delivered = Some(seq),
+                Ok(Err(e)) => {
+                    failure = Some(e.context(format!("webhook delivery of #{seq} failed")))
+                }
+                Err(_) => {
+                    failure = Some(anyhow::anyhow!(
+                        "webhook delivery of #{seq} failed: no answer within {} s",
+                        WEBHOOK_TIMEOUT.as_secs()
+                    ))
+                }
+            }
+            if failure.is_some() {
+                break;
+            }
+        }
+        // Oldest first, so every record up to the last delivered one has gone out: one
+        // removal per page rather than a durable commit per record.
+        if let Some(seq) = delivered {
+            let (s, t) = (store.clone(), tenant.to_string());
+            blocking(move || s.outbox_remove_through(&t, seq))
+                .await
+                .context("outbox remove failed")?;
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+    }
+}
+
+/// Runs a blocking store operation (a disk commit, a Redis round trip) off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("store task failed")?
 }
 
 /// An outbox record as the engine gets it: the update with its sequence number.

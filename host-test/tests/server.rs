@@ -8,6 +8,9 @@ use imbridge_host::server::{self, ServerHandle};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 fn behaviour(name: &str) -> Behaviour {
@@ -462,5 +465,165 @@ async fn tenant_tokens_open_only_their_tenant() {
     assert_eq!(get("beta", "acme-token").await, 401);
     assert_eq!(get("beta", "operator").await, 200);
     assert_eq!(get("beta", "").await, 401);
+    server.shutdown().await;
+}
+
+/// The server on a host with one call slot, taken by `get-approval` until its 3 s deadline
+/// (the plugin loops): a callback sent meanwhile waits for the slot.
+async fn start_busy(dir: &Path, extra: Value) -> ServerHandle {
+    let behaviour = |name: &str| match name {
+        "get-approval" => Behaviour::Loop,
+        other => behaviour(other),
+    };
+    let mut cfg = json!({
+        "listen": "127.0.0.1:0",
+        "public_url": "https://ci.example.com",
+        "state_dir": "state",
+        "tenants": [{"id": "acme", "apps": [
+            {"id": "a1", "platform": "feishu", "app_id": "cli_x", "app_secret": "s3cr3t"}]}],
+    });
+    if let (Value::Object(c), Value::Object(e)) = (&mut cfg, extra) {
+        c.extend(e);
+    }
+    let cfg = ServeConfig::parse(&cfg.to_string(), dir).unwrap();
+    let mut host = imbridge_host::HostConfig::new(dir.join("state"));
+    host.max_concurrent_calls = 1;
+    host.call_timeout = Duration::from_secs(3);
+    let host = imbridge_host::Host::new(host).unwrap();
+    host.load_tenant_bytes(
+        "acme",
+        plugin(behaviour, "1"),
+        imbridge_host::TenantPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let server = server::serve_with(host, cfg).await.unwrap();
+    let addr = server.addr();
+    tokio::spawn(async move { request(addr, "GET", "/api/acme/a1/approvals/x", "", b"").await });
+    // Until the slow call holds the slot.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server
+}
+
+/// Sends a callback and hangs up after `wait`, before the answer.
+async fn callback_and_hang_up(addr: SocketAddr, wait: Duration) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /callback/acme/a1 HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    tokio::time::sleep(wait).await;
+}
+
+/// A client that hangs up (an engine's request timeout, a proxy's) does not cut its call
+/// off: hyper drops the request's future, and a call dropped midway committed only its
+/// counters, so a start could leave an approval it created without a record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_outlives_a_client_that_hangs_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_busy(dir.path(), json!({})).await;
+    callback_and_hang_up(server.addr(), Duration::from_millis(300)).await;
+    let store = server.host().store().clone();
+    let mut recorded = Vec::new();
+    for _ in 0..100 {
+        recorded = store.outbox_list("acme", 0).unwrap();
+        if !recorded.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(recorded.len(), 1, "the callback's update was committed");
+    server.shutdown().await;
+}
+
+/// Stopping the server finishes the calls still running (here one still waiting for its
+/// slot) before it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_the_calls_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_busy(dir.path(), json!({})).await;
+    let addr = server.addr();
+    let client =
+        tokio::spawn(async move { request(addr, "POST", "/callback/acme/a1", "", b"{}").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let store = server.host().store().clone();
+    assert!(store.outbox_list("acme", 0).unwrap().is_empty());
+    server.shutdown().await;
+    assert_eq!(store.outbox_list("acme", 0).unwrap().len(), 1);
+    assert_eq!(client.await.unwrap().0, 200);
+}
+
+/// A webhook that accepts connections and never answers.
+async fn silent_webhook() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            open.push(s);
+        }
+    });
+    (addr, accepted)
+}
+
+/// However many callbacks arrive while the engine's webhook hangs, the tenant has one
+/// delivery task: each callback used to spawn one more, all waiting on the hung delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_webhook_does_not_pile_up_delivery_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, accepted) = silent_webhook().await;
+    let server = start_with_webhook(dir.path(), hook).await;
+    let callback = || request(server.addr(), "POST", "/callback/acme/a1", "", b"{}");
+    assert_eq!(callback().await.0, 200);
+    while accepted.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    for _ in 0..100 {
+        assert_eq!(callback().await.0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = tasks();
+    assert!(after <= before + 5, "{before} tasks before, {after} after");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        server.host().store().outbox_list("acme", 0).unwrap().len(),
+        101
+    );
+    server.shutdown().await;
+}
+
+/// A webhook that never completes the TLS handshake fails its delivery after
+/// `WEBHOOK_TIMEOUT` (the client's own timeouts do not cover the handshake), and the next
+/// delivery tries again instead of waiting behind it for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_stuck_in_its_tls_handshake_is_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, accepted) = silent_webhook().await;
+    let server = start(
+        dir.path(),
+        json!({"tenants": [{"id": "acme", "engine_webhook": format!("https://{hook}/imbridge"),
+            "apps": [{"id": "a1", "platform": "feishu", "app_id": "cli_x",
+                      "app_secret": "s3cr3t"}]}]}),
+    )
+    .await;
+    let callback = || request(server.addr(), "POST", "/callback/acme/a1", "", b"{}");
+    assert_eq!(callback().await.0, 200);
+    let deadline = std::time::Instant::now() + server::WEBHOOK_TIMEOUT + Duration::from_secs(15);
+    while accepted.load(Ordering::SeqCst) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no second delivery attempt"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(callback().await.0, 200);
+    }
     server.shutdown().await;
 }

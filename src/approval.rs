@@ -166,7 +166,7 @@ pub fn validate(req: &ApprovalRequest) -> Result<()> {
     let key = req.key.trim();
     if key.is_empty() || req.key.len() > MAX_KEY_LEN {
         return Err(Error::input(format!(
-            "key must be 1..={MAX_KEY_LEN} characters"
+            "key must be 1..={MAX_KEY_LEN} bytes (UTF-8)"
         )));
     }
     if req.title.trim().is_empty() || req.title.chars().count() > MAX_TITLE_LEN {
@@ -270,9 +270,15 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
     // Only for a rollback to a version before timed claims, which reads the time here.
     let _ = env.kv_increment(&stamp, now);
     // Nothing has gone out yet: moving the failure counter on hands the next start a new
-    // generation, as after a refused create.
+    // generation, as after a refused create. It is the only write that frees the key, so a
+    // transient storage fault gets a second try rather than holding the key for an hour (an
+    // increment that failed after it applied moves the counter twice, which only skips a
+    // generation number).
     let release = |error: Error| {
-        env.kv_increment(&failed_key(app, &req.key), generation + 1 - failed)?;
+        let failed_key = failed_key(app, &req.key);
+        let step = generation + 1 - failed;
+        env.kv_increment(&failed_key, step)
+            .or_else(|_| env.kv_increment(&failed_key, step))?;
         Err(error)
     };
     match platform::create(env, app, req, &token) {
@@ -286,7 +292,13 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
             maybe_created: true,
         }) => {
             let why = error.to_string();
-            env.kv_set(&unknown_key(app, &req.key), why.as_bytes())?;
+            // Whether or not this is recorded, the answer is the same: should both tries fail,
+            // the claim holds the key as for a start cut off here, and after an hour later
+            // starts answer -3 too.
+            let unknown = unknown_key(app, &req.key);
+            let _ = env
+                .kv_set(&unknown, why.as_bytes())
+                .or_else(|_| env.kv_set(&unknown, why.as_bytes()));
             Err(outcome_unknown(&why))
         }
     }
@@ -491,25 +503,35 @@ pub fn evaluate_nodes(
     // the first node that lists its author and is not decided yet: one approval never
     // completes two nodes. `decisions` is in time order.
     let mut used = vec![false; decisions.len()];
+    // Counts the earliest decision not counted yet by someone `listed` accepts.
+    let mut next = |listed: &dyn Fn(&str) -> bool| {
+        let i = (0..decisions.len()).find(|&i| !used[i] && listed(&decisions[i].user))?;
+        used[i] = true;
+        Some(decisions[i].approved)
+    };
     for (mode, approvers) in nodes {
-        let mut approved = 0;
-        for u in approvers {
-            let Some(i) = (0..decisions.len()).find(|&i| !used[i] && decisions[i].user == *u)
-            else {
-                continue;
-            };
-            used[i] = true;
-            if !decisions[i].approved {
-                return Some(ApprovalStatus::Rejected);
+        match mode {
+            // Each approver's own decision; a rejection by any of them rejects at once.
+            SignMode::And => {
+                let mut approved = 0;
+                for u in approvers {
+                    match next(&|author| author == u) {
+                        Some(false) => return Some(ApprovalStatus::Rejected),
+                        Some(true) => approved += 1,
+                        None => {}
+                    }
+                }
+                if approved < approvers.len() {
+                    return None;
+                }
             }
-            approved += 1;
-        }
-        let done = match mode {
-            SignMode::And => approved == approvers.len(),
-            SignMode::Or => approved > 0,
-        };
-        if !done {
-            return None;
+            // The first decision by any of them settles the node; the others' decisions
+            // belong to later nodes that list them.
+            SignMode::Or => match next(&|author| approvers.iter().any(|u| u == author)) {
+                Some(false) => return Some(ApprovalStatus::Rejected),
+                Some(true) => {}
+                None => return None,
+            },
         }
     }
     Some(ApprovalStatus::Approved)
@@ -670,15 +692,23 @@ mod tests {
     fn a_refused_create_may_be_retried_once_per_failure() {
         use crate::env::fake::json_response;
         use crate::platform::dingtalk::tests::{app, request};
-        let refused: [fn() -> Result<crate::env::Response>; 3] = [
+        let refused: [fn() -> Result<crate::env::Response>; 4] = [
             || json_response(503, serde_json::json!({"code": "ServiceUnavailable"})),
             || json_response(429, serde_json::json!({"code": "Throttling.Api"})),
             || json_response(400, serde_json::json!({"code": "InvalidParameter"})),
+            || {
+                Err(Error::unsent(
+                    "request to api.dingtalk.com: connection refused",
+                ))
+            },
         ];
         for (case, reply) in refused.into_iter().enumerate() {
             let (env, sent) = dingtalk_env(move |n| if n == 1 { reply() } else { created() });
             let e = start(&env, &app(), &request()).unwrap_err();
-            assert_ne!(code(&e).0, -3, "case {case}: {e}");
+            assert!(
+                !matches!(e, Error::Platform { code: -3, .. }),
+                "case {case}: {e}"
+            );
             let a = start(&env, &app(), &request()).unwrap();
             assert_eq!(a.instance_id, "inst-1", "case {case}");
             assert_eq!(start(&env, &app(), &request()).unwrap(), a, "case {case}");
@@ -1027,6 +1057,33 @@ mod tests {
         assert_eq!(
             evaluate_nodes(&nodes, &[d("a", true), d("b", true), d("a", true)]),
             Some(ApprovalStatus::Approved)
+        );
+        // An OR node is settled by its first decision; the other approvers' decisions count
+        // for the later nodes that list them (it used to take them all).
+        let or_then = |second: SignMode, approvers: &[&str]| {
+            vec![
+                (SignMode::Or, vec!["a".to_string(), "b".to_string()]),
+                (second, approvers.iter().map(|u| u.to_string()).collect()),
+            ]
+        };
+        let nodes = or_then(SignMode::And, &["b", "c"]);
+        let all = [d("a", true), d("b", true), d("c", true)];
+        assert_eq!(evaluate_nodes(&nodes, &all), Some(ApprovalStatus::Approved));
+        assert_eq!(evaluate_nodes(&nodes, &all[..2]), None);
+        let nodes = or_then(SignMode::Or, &["a"]);
+        assert_eq!(
+            evaluate_nodes(&nodes, &[d("b", true), d("a", true)]),
+            Some(ApprovalStatus::Approved)
+        );
+        assert_eq!(
+            evaluate_nodes(&nodes, &[d("b", false), d("a", true)]),
+            Some(ApprovalStatus::Rejected)
+        );
+        // An AND node rejects on any member's rejection, whoever has not decided yet.
+        let nodes = vec![(SignMode::And, vec!["a".to_string(), "b".to_string()])];
+        assert_eq!(
+            evaluate_nodes(&nodes, &[d("b", false)]),
+            Some(ApprovalStatus::Rejected)
         );
     }
 

@@ -108,7 +108,7 @@ impl From<Error> for w::Error {
                 message,
                 retryable,
             }),
-            Error::Transport(s) => w::Error::Transport(s),
+            Error::Transport(s) | Error::Unsent(s) => w::Error::Transport(s),
             Error::Storage(s) => w::Error::Storage(s),
         }
     }

@@ -22,8 +22,9 @@ pub struct Response {
 }
 
 pub trait Env {
-    /// Transport failures (refused, timed out, denied by the host) are `Error::Transport`;
-    /// any HTTP status is a successful exchange.
+    /// Transport failures (refused, timed out, denied by the host) are `Error::Transport`,
+    /// marked unsent when the request certainly never left; any HTTP status is a successful
+    /// exchange.
     fn send(&self, request: &Request) -> Result<Response>;
     fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     fn kv_set(&self, key: &str, value: &[u8]) -> Result<()>;

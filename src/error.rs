@@ -1,4 +1,5 @@
-//! The plugin's one error type; it maps 1:1 onto the WIT `error` variant.
+//! The plugin's one error type; it maps onto the WIT `error` variant (`Unsent` is reported as
+//! `transport`).
 
 use core::fmt;
 
@@ -12,7 +13,11 @@ pub enum Error {
         message: String,
         retryable: bool,
     },
+    /// No answer came; the request may have reached the platform.
     Transport(String),
+    /// A `transport` error (so the WIT and engines see one kind) for a request that certainly
+    /// never left (refused, DNS, denied by the host): a create it carried did not happen.
+    Unsent(String),
     Storage(String),
 }
 
@@ -41,12 +46,15 @@ impl Error {
     pub fn transport(msg: impl Into<String>) -> Self {
         Error::Transport(msg.into())
     }
+    pub fn unsent(msg: impl Into<String>) -> Self {
+        Error::Unsent(msg.into())
+    }
 
     /// Whether repeating the same call unchanged may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Platform { retryable, .. } => *retryable,
-            Error::Transport(_) | Error::Storage(_) => true,
+            Error::Transport(_) | Error::Unsent(_) | Error::Storage(_) => true,
             _ => false,
         }
     }
@@ -59,7 +67,7 @@ impl fmt::Display for Error {
             Error::InvalidInput(m) => write!(f, "invalid input: {m}"),
             Error::Unauthorized(m) => write!(f, "unauthorized: {m}"),
             Error::Platform { code, message, .. } => write!(f, "platform error {code}: {message}"),
-            Error::Transport(m) => write!(f, "transport: {m}"),
+            Error::Transport(m) | Error::Unsent(m) => write!(f, "transport: {m}"),
             Error::Storage(m) => write!(f, "storage: {m}"),
         }
     }

@@ -149,6 +149,90 @@ fn a_start_survives_a_storage_fault_at_every_step() {
     }
 }
 
+/// Starts with storage operation `op` failing in the first start only, as the engine would:
+/// again after each error, at most three times in all. The platform answers its first
+/// create request with `first`, later ones as usual. Returns the last answer and how many
+/// create requests went out.
+fn starts_with_fault(
+    platform: &Scripted,
+    first: fn() -> Result<Response>,
+    op: Option<usize>,
+) -> (FakeEnv, Result<Approval>, usize) {
+    let reply = platform.reply;
+    let (env, creates) = FakeEnv::counting(platform.create, move |r, n| match n {
+        Some(1) => first(),
+        _ => reply(r),
+    });
+    env.fail_kv_op(op);
+    let mut last = platform.start(&env);
+    env.fail_kv_op(None);
+    for _ in 0..2 {
+        if last.is_ok() {
+            break;
+        }
+        last = platform.start(&env);
+    }
+    (env, last, creates.get())
+}
+
+/// The kv operations of a first start whose create gets `first`.
+fn first_start_ops(platform: &Scripted, first: fn() -> Result<Response>) -> usize {
+    let reply = platform.reply;
+    let (env, _) = FakeEnv::counting(platform.create, move |r, n| match n {
+        Some(1) => first(),
+        _ => reply(r),
+    });
+    assert!(platform.start(&env).is_err());
+    env.kv_ops()
+}
+
+/// A create the platform refused made nothing, so the key must stay free whichever storage
+/// operation fails: moving the failure counter on is the only write that frees it, and a
+/// fault there used to leave the key answering -2 for an hour, then -3.
+#[test]
+fn a_refused_start_survives_a_storage_fault_at_every_step() {
+    let refused = || crate::env::fake::json_response(503, json!({"code": "Busy"}));
+    for platform in [DINGTALK, WECOM] {
+        let (_, clean, creates) = starts_with_fault(&platform, refused, None);
+        let clean = clean.unwrap();
+        assert_eq!(creates, 2);
+        for op in 0..first_start_ops(&platform, refused) {
+            let (_, result, creates) = starts_with_fault(&platform, refused, Some(op));
+            let app = (platform.app)().id;
+            assert_eq!(result, Ok(clean.clone()), "{app}: operation {op}");
+            assert_eq!(creates, 2, "{app}: operation {op}");
+        }
+    }
+}
+
+/// A create whose outcome is unknown is never sent again, and every start with the key after
+/// it answers -3 whichever storage operation fails: a fault while recording the outcome
+/// used to answer `storage`, then -2 ("in progress, retry") for an hour.
+#[test]
+fn an_unknown_outcome_survives_a_storage_fault_at_every_step() {
+    let lost = || Err(Error::transport("request to the platform: timed out"));
+    let unknown = |r: &Result<Approval>| {
+        matches!(
+            r,
+            Err(Error::Platform {
+                code: -3,
+                retryable: false,
+                ..
+            })
+        )
+    };
+    for platform in [DINGTALK, WECOM] {
+        let app = (platform.app)().id;
+        for op in 0..first_start_ops(&platform, lost) {
+            let (env, result, creates) = starts_with_fault(&platform, lost, Some(op));
+            assert!(unknown(&result), "{app}: operation {op}: {result:?}");
+            assert_eq!(creates, 1, "{app}: operation {op}");
+            let again = platform.start(&env);
+            assert!(unknown(&again), "{app}: operation {op}: {again:?}");
+        }
+    }
+}
+
 /// WeCom's detail of the started approval: pending, or approved by "a".
 fn wecom_detail(decided: bool) -> impl Fn(&Request) -> Result<Response> {
     move |r: &Request| {

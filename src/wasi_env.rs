@@ -60,6 +60,25 @@ fn split_url(url: &str) -> Result<(Scheme, &str, &str)> {
 }
 
 fn transport(e: ErrorCode, authority: &str) -> Error {
+    // Codes that end a request before any of it can reach the server: no connection, no
+    // address, or the host's own refusal. A create that failed this way did not happen, so
+    // the start may be retried instead of holding its key for a person (-3). Timeouts after
+    // connecting, resets and TLS protocol errors leave it open.
+    let unsent = matches!(
+        e,
+        ErrorCode::HttpRequestDenied
+            | ErrorCode::ConnectionRefused
+            | ErrorCode::ConnectionTimeout
+            | ErrorCode::DnsError(_)
+            | ErrorCode::DnsTimeout
+            | ErrorCode::DestinationNotFound
+            | ErrorCode::DestinationUnavailable
+            | ErrorCode::DestinationIpProhibited
+            | ErrorCode::DestinationIpUnroutable
+            | ErrorCode::TlsCertificateError
+            | ErrorCode::HttpRequestUriInvalid
+            | ErrorCode::HttpRequestMethodInvalid
+    );
     let what = match e {
         ErrorCode::HttpRequestDenied => "denied by the host (not on the allow-list)".to_string(),
         ErrorCode::ConnectionTimeout
@@ -77,7 +96,11 @@ fn transport(e: ErrorCode, authority: &str) -> Error {
         },
         other => format!("{other:?}"),
     };
-    Error::transport(format!("request to {authority}: {what}"))
+    let message = format!("request to {authority}: {what}");
+    match unsent {
+        true => Error::unsent(message),
+        false => Error::transport(message),
+    }
 }
 
 impl Env for WasiEnv {

@@ -378,3 +378,75 @@ async fn dingtalk_legacy_throttling_code_is_retried_on_reads() {
     ok(&r);
     assert_eq!(fx.served(lookup), (1, 0));
 }
+
+/// Forwards every connection to `to` until aborted; then connections are refused.
+async fn tcp_proxy(to: String) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let to = to.clone();
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(&to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), task)
+}
+
+/// A DingTalk create that never connected (connection refused) did not happen, so the
+/// engine's retry with the same key creates the approval. Before, every transport error on
+/// the create held the key for a person (-3), like an answer lost after the create.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_that_never_connected_may_be_retried() {
+    let app = DingtalkApp::new("dingrefused");
+    let sim = dingtalk_sim(&app, &["orig", "a"]).await;
+    let (proxy, forwarding) = tcp_proxy(sim.base_url().trim_start_matches("http://").into()).await;
+    let allow = [&sim.base_url(), &proxy].map(|u| u.trim_start_matches("http://").to_string());
+    let h = Harness::with_config(&[TENANT], &allow, |c| {
+        c.call_timeout = Duration::from_secs(5)
+    })
+    .await
+    .expect("harness");
+    let via = |base: &str| {
+        json!({"id": "dt", "platform": "dingtalk", "app_id": app.app_key,
+            "app_secret": app.app_secret, "agent_id": app.agent_id.to_string(),
+            "api_base": base})
+    };
+    let start = |app: Value, key: &'static str| {
+        h.invoke(
+            TENANT,
+            "start-approval",
+            json!({"app": app, "request": {"key": key, "title": "Deploy?",
+                "initiator": {"id": "orig"},
+                "nodes": [{"approvers": [{"id": "a"}], "mode": "and"}]}}),
+        )
+    };
+    // Token and form are cached for the proxy's address, so the create is the first request.
+    ok(&start(via(&proxy), "warm").await);
+    let create = "/v1.0/workflow/processInstances";
+    let created = sim.calls(create);
+    forwarding.abort();
+    let _ = forwarding.await;
+
+    let refused = start(via(&proxy), "wf-r").await;
+    assert_eq!(err_kind(&refused), "transport", "{refused}");
+    assert!(
+        refused["err"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("connection refused"),
+        "{refused}"
+    );
+    assert_eq!(sim.calls(create), created);
+
+    let id = ok(&start(via(&sim.base_url()), "wf-r").await)["instance_id"].clone();
+    assert_eq!(
+        ok(&start(via(&sim.base_url()), "wf-r").await)["instance_id"],
+        id
+    );
+    // One create, and the start's read-back of the new approval (a GET on the same path).
+    assert_eq!(sim.calls(create), created + 2);
+}

@@ -49,6 +49,7 @@ impl CreateError {
                 (-299..=-200).contains(code) || ((-599..=-500).contains(code) && *code != -503)
             }
             Error::InvalidConfig(_) | Error::InvalidInput(_) | Error::Unauthorized(_) => false,
+            Error::Unsent(_) => false,
             Error::Transport(_) | Error::Storage(_) => true,
         };
         CreateError {

@@ -1,5 +1,5 @@
 //! What the sandbox lends the plugin: outbound HTTP, key-value storage, a wall clock and
-//! randomness. `wasi.rs` implements it over WASI imports; unit tests use an in-memory fake.
+//! randomness. `wasi_env.rs` implements it over WASI imports; unit tests use an in-memory fake.
 
 use crate::error::{Error, Result};
 use serde::{Serialize, de::DeserializeOwned};

@@ -198,7 +198,8 @@ fn native_soft(c: &mut Criterion) {
 }
 
 /// The id space of one variant of the `pi`-th platform's benchmarks: separate per variant, so
-/// no variant ever sees another's events as seen.
+/// no variant's events are ever duplicates of another's (already recorded, they would change
+/// nothing).
 fn run_id(pi: usize, variant: u32) -> u32 {
     1000 * (pi as u32 + 1) + variant
 }

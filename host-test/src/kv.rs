@@ -420,16 +420,15 @@ mod tests {
         assert!(past.keys.is_empty());
     }
 
-    /// Two deliveries of one callback, interleaved: both read "not seen", both write. The
-    /// second commit must not apply.
+    /// Two deliveries of one callback, interleaved: both read the record before the decision,
+    /// both save it. The second commit must not apply.
     #[test]
     fn a_commit_whose_reads_changed_conflicts() {
         let f = fixture();
         let mut first = KvCtx::new(f.store.clone(), "t".into());
         let mut second = KvCtx::new(f.store.clone(), "t".into());
         for ctx in [&mut first, &mut second] {
-            assert_eq!(ctx.get("seen/e1").unwrap(), None);
-            ctx.set("seen/e1".into(), Some(b"1".to_vec())).unwrap();
+            assert_eq!(ctx.get("rec").unwrap(), None);
             ctx.set("rec".into(), Some(b"decided".to_vec())).unwrap();
         }
         assert_eq!(commit(first), Outcome::Applied);

@@ -3,7 +3,7 @@
 //! [`Host`] loads one plugin per tenant and calls its exports in a fresh, memory-capped,
 //! deadline-bound instance per call. The plugin sees only what the `imbridge:plugin/plugin`
 //! world imports: outgoing HTTP to allow-listed hosts, a key-value store private to its tenant,
-//! the wall clock and randomness.
+//! the wall and monotonic clocks and randomness.
 //!
 //! [`server`] puts the same calls behind HTTP (platform callbacks and a JSON API for engines);
 //! the `imbridge-host` binary wraps both for the command line.

@@ -8,8 +8,9 @@
 //! Plugin calls are not serialized. Each call records what every key it read held
 //! ([`Commit::reads`]), and its writes commit only if those reads still hold, atomically with
 //! the writes and the outbox records ([`Backend::commit`]): optimistic concurrency. Two
-//! deliveries of one callback, on one host or on two, therefore cannot both see "not seen yet"
-//! and both apply; the loser learns of the conflict and is re-run (see `host.rs`).
+//! deliveries of one callback, on one host or on two, therefore cannot both read the record
+//! without the decision and both save it; the loser learns of the conflict and is re-run (see
+//! `host.rs`), and then finds the decision recorded.
 
 mod embedded;
 mod group_commit;

@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::sync::Weak;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, RwLock, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 
 /// Largest request body accepted; platforms' callbacks are a few KiB.
@@ -64,6 +64,11 @@ pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(30);
 /// stays open), and its body within this after them. Platforms send a few KiB at once; a
 /// client trickling bytes must not hold a connection and its buffers for ever.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Plugin calls the server runs or queues at once, including those whose clients have hung
+/// up; further requests wait for one to end. As many as open connections: a client waits
+/// here only after others have hung up on that many calls still running.
+pub const MAX_CALLS: usize = MAX_CONNECTIONS;
 
 /// Open connections at most; more wait in the listen backlog until one closes. With
 /// [`READ_TIMEOUT`] this bounds what slow or idle clients can hold (each at most
@@ -88,8 +93,8 @@ pub struct ServerHandle {
     task: JoinHandle<()>,
     /// The persistent connections (apps with `"callback": "persistent"`).
     connections: Option<crate::persistent::Connections>,
-    /// Read-held by every plugin call the server runs; see [`State::detached`].
-    in_flight: Arc<RwLock<()>>,
+    /// One permit per plugin call the server runs; see [`State::detached`].
+    in_flight: Arc<Semaphore>,
 }
 
 impl ServerHandle {
@@ -114,7 +119,7 @@ impl ServerHandle {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
-        let _ = self.in_flight.write().await;
+        let _ = self.in_flight.acquire_many(MAX_CALLS as u32).await;
     }
 
     /// Runs until the accept loop ends (it does not end on its own).
@@ -206,7 +211,7 @@ pub async fn serve_with_persistent(
             ))
         })
         .collect::<HashMap<_, _>>();
-    let in_flight = Arc::new(RwLock::new(()));
+    let in_flight = Arc::new(Semaphore::new(MAX_CALLS));
     let state = Arc::new(State {
         host: host.clone(),
         config,
@@ -320,7 +325,7 @@ struct State {
     /// (every callback with updates, every refresh, the timer) make one more pass, not a
     /// queue of waiting tasks.
     delivery: HashMap<String, Arc<Notify>>,
-    in_flight: Arc<RwLock<()>>,
+    in_flight: Arc<Semaphore>,
 }
 
 impl State {
@@ -333,7 +338,14 @@ impl State {
         &self,
         call: impl Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
-        let running = self.in_flight.clone().read_owned().await;
+        // Taken while the client still waits, so clients that hang up cannot leave more than
+        // MAX_CALLS calls behind (each holding its request body).
+        let running = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .context("the server is stopping")?;
         tokio::spawn(async move {
             let _running = running;
             call.await

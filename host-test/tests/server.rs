@@ -627,3 +627,33 @@ async fn a_webhook_stuck_in_its_tls_handshake_is_given_up() {
     }
     server.shutdown().await;
 }
+
+/// Calls whose clients hung up still run, but at most `MAX_CALLS` of them at once: beyond
+/// that a request waits while its client does, and one whose client leaves first never runs.
+/// Without the bound, each request sent and abandoned would leave a call (and its body)
+/// queued, however many arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_calls_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_busy(dir.path(), json!({})).await;
+    let sent = server::MAX_CALLS + 6;
+    for _ in 0..sent {
+        callback_and_hang_up(server.addr(), Duration::ZERO).await;
+    }
+    let store = server.host().store().clone();
+    // The slow call holds one permit; it ends at its 3 s deadline, then the queued callbacks
+    // run one by one.
+    let admitted = server::MAX_CALLS - 1;
+    let recorded = || store.outbox_list("acme", 0).unwrap().len();
+    for _ in 0..300 {
+        if recorded() >= admitted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nothing else is still on its way.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let recorded = recorded();
+    assert_eq!(recorded, admitted, "{sent} sent");
+    server.shutdown().await;
+}

@@ -201,6 +201,12 @@ pub async fn serve_with_persistent(
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     host.enable_outbox();
+    if config.api_token.is_none() {
+        // Open by configuration, but an operator should see it rather than find out.
+        for t in config.tenants.iter().filter(|t| t.api_token.is_none()) {
+            log!("tenant={} engine API open: no api_token configured", t.id);
+        }
+    }
     let delivery = config
         .tenants
         .iter()

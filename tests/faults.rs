@@ -450,3 +450,76 @@ async fn a_create_that_never_connected_may_be_retried() {
     // One create, and the start's read-back of the new approval (a GET on the same path).
     assert_eq!(sim.calls(create), created + 2);
 }
+
+/// One HTTP/1.1 request to `addr`; the answer's body as JSON.
+async fn http_json(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> Value {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (_, body) = text.split_once("\r\n\r\n").unwrap_or_default();
+    serde_json::from_str(body).unwrap_or(Value::Null)
+}
+
+/// An engine whose request times out while `serve` waits for DingTalk's answer to a create
+/// does not cut the start off: the start runs to its end, so the approval it created is
+/// recorded and the engine's retry gets it. Before, hyper dropped the call with the
+/// connection: only the start's claim was kept, the retry answered -2 for an hour and then
+/// -3, and callbacks for the approval were dropped as unknown.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_outlives_an_engine_that_hangs_up() {
+    use tokio::io::AsyncWriteExt as _;
+    let dt = DingtalkApp::new("dinghangup");
+    let sim = dingtalk_sim(&dt, &["orig", "a"]).await;
+    let h = harness(&sim.base_url()).await;
+    let app = json!({"id": "dt", "platform": "dingtalk", "app_id": dt.app_key,
+        "app_secret": dt.app_secret, "agent_id": dt.agent_id.to_string(),
+        "api_base": sim.base_url()});
+    let cfg = json!({"listen": "127.0.0.1:0", "public_url": "http://127.0.0.1",
+        "state_dir": h.dir.path().join("serve"), "tenants": [{"id": TENANT, "apps": [app]}]});
+    let cfg = imbridge_host::config::ServeConfig::parse(&cfg.to_string(), h.dir.path()).unwrap();
+    let server = imbridge_host::server::serve_with(h.host.clone(), cfg)
+        .await
+        .unwrap();
+    let path = format!("/api/{TENANT}/dt/approvals");
+    let body = json!({"key": "wf-h", "title": "Deploy?", "initiator": {"id": "orig"},
+        "nodes": [{"approvers": [{"id": "a"}], "mode": "and"}]})
+    .to_string();
+
+    let create = "/v1.0/workflow/processInstances";
+    sim.set_delay(create, Some(Duration::from_secs(1)));
+    {
+        let mut s = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body.as_bytes()).await.unwrap();
+        // The engine gives up while the create waits for its answer.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    sim.set_delay(create, None);
+
+    // The engine retries: "in progress" (-2, retryable) while the first start runs, then the
+    // approval it created.
+    let mut retry = Value::Null;
+    for _ in 0..50 {
+        retry = http_json(server.addr(), "POST", &path, &body).await;
+        if retry["err"]["code"] != -2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let id = ok(&retry)["instance_id"].clone();
+    let again = http_json(server.addr(), "POST", &path, &body).await;
+    assert_eq!(ok(&again)["instance_id"], id);
+    server.shutdown().await;
+}

@@ -122,6 +122,12 @@ impl ServerHandle {
         let _ = self.in_flight.acquire_many(MAX_CALLS as u32).await;
     }
 
+    /// Plugin calls running or waiting for a call slot, including engine API calls whose
+    /// clients have hung up; at most [`MAX_CALLS`].
+    pub fn calls_in_flight(&self) -> usize {
+        MAX_CALLS - self.in_flight.available_permits()
+    }
+
     /// Runs until the accept loop ends (it does not end on its own).
     pub async fn wait(self) {
         let _ = self.task.await;
@@ -335,23 +341,29 @@ struct State {
 }
 
 impl State {
-    /// Runs a plugin call to its end even when the client that asked for it goes away:
+    /// A permit for one plugin call, taken while its client still waits: so clients that
+    /// hang up cannot leave more than [`MAX_CALLS`] calls behind, and shutdown can wait for
+    /// the calls in flight.
+    async fn running(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .context("the server is stopping")
+    }
+
+    /// Runs an engine API call to its end even when the client that asked for it goes away:
     /// hyper drops a request's future when its connection closes, and a call dropped midway
     /// commits only its counters. A DingTalk or WeCom start cut off after its create would
     /// hold its key for an hour and leave the new approval without a record, so its
     /// decisions would be dropped; an engine client's timeout is enough to cause that.
+    /// (Callbacks run in the request's own task: one cut off commits nothing and was not
+    /// acknowledged, so the platform sends it again; a task per callback cost throughput.)
     async fn detached<T: Send + 'static>(
         &self,
         call: impl Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
-        // Taken while the client still waits, so clients that hang up cannot leave more than
-        // MAX_CALLS calls behind (each holding its request body).
-        let running = self
-            .in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .context("the server is stopping")?;
+        let running = self.running().await?;
         tokio::spawn(async move {
             let _running = running;
             call.await
@@ -444,10 +456,10 @@ impl State {
                 .collect(),
             body: body.to_vec(),
         };
-        let host = self.host.clone();
-        let id = tenant.to_string();
-        let call = self.detached(async move { host.handle_callback(&id, app, request).await });
-        let outcome = match call.await {
+        let Ok(_running) = self.running().await else {
+            return status_json(StatusCode::SERVICE_UNAVAILABLE, "stopping");
+        };
+        let outcome = match self.host.handle_callback(tenant, app, request).await {
             Ok(Reply::Callback(Ok(outcome))) => outcome,
             Ok(Reply::Callback(Err(e))) => return plugin_error(&e),
             Ok(_) => return status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),

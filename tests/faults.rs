@@ -158,13 +158,23 @@ async fn feishu() -> Fx {
     fx
 }
 
+/// The im-app `dt` for the simulator's DingTalk `app`, calling `base`.
+fn dingtalk_app(app: &DingtalkApp, base: &str) -> Value {
+    json!({"id": "dt", "platform": "dingtalk", "app_id": app.app_key,
+        "app_secret": app.app_secret, "agent_id": app.agent_id.to_string(), "api_base": base})
+}
+
+/// A DingTalk approval-request: one node, approver `a`, started by `orig`.
+fn dingtalk_request(key: &str) -> Value {
+    json!({"key": key, "title": "Deploy?", "initiator": {"id": "orig"},
+        "nodes": [{"approvers": [{"id": "a"}], "mode": "and"}]})
+}
+
 async fn dingtalk() -> Fx {
     let app = DingtalkApp::new("dingfaults");
     let sim = dingtalk_sim(&app, &["orig", "a"]).await;
     let h = harness(&sim.base_url()).await;
-    let app = json!({"id": "dt", "platform": "dingtalk", "app_id": app.app_key,
-        "app_secret": app.app_secret, "agent_id": app.agent_id.to_string(),
-        "api_base": sim.base_url()});
+    let app = dingtalk_app(&app, &sim.base_url());
     let mut fx = Fx {
         sim: Sim::Dingtalk(sim),
         h,
@@ -410,18 +420,12 @@ async fn a_create_that_never_connected_may_be_retried() {
     })
     .await
     .expect("harness");
-    let via = |base: &str| {
-        json!({"id": "dt", "platform": "dingtalk", "app_id": app.app_key,
-            "app_secret": app.app_secret, "agent_id": app.agent_id.to_string(),
-            "api_base": base})
-    };
+    let via = |base: &str| dingtalk_app(&app, base);
     let start = |app: Value, key: &'static str| {
         h.invoke(
             TENANT,
             "start-approval",
-            json!({"app": app, "request": {"key": key, "title": "Deploy?",
-                "initiator": {"id": "orig"},
-                "nodes": [{"approvers": [{"id": "a"}], "mode": "and"}]}}),
+            json!({"app": app, "request": dingtalk_request(key)}),
         )
     };
     // Token and form are cached for the proxy's address, so the create is the first request.
@@ -479,9 +483,7 @@ async fn a_start_outlives_an_engine_that_hangs_up() {
     let dt = DingtalkApp::new("dinghangup");
     let sim = dingtalk_sim(&dt, &["orig", "a"]).await;
     let h = harness(&sim.base_url()).await;
-    let app = json!({"id": "dt", "platform": "dingtalk", "app_id": dt.app_key,
-        "app_secret": dt.app_secret, "agent_id": dt.agent_id.to_string(),
-        "api_base": sim.base_url()});
+    let app = dingtalk_app(&dt, &sim.base_url());
     let cfg = json!({"listen": "127.0.0.1:0", "public_url": "http://127.0.0.1",
         "state_dir": h.dir.path().join("serve"), "tenants": [{"id": TENANT, "apps": [app]}]});
     let cfg = imbridge_host::config::ServeConfig::parse(&cfg.to_string(), h.dir.path()).unwrap();
@@ -489,9 +491,7 @@ async fn a_start_outlives_an_engine_that_hangs_up() {
         .await
         .unwrap();
     let path = format!("/api/{TENANT}/dt/approvals");
-    let body = json!({"key": "wf-h", "title": "Deploy?", "initiator": {"id": "orig"},
-        "nodes": [{"approvers": [{"id": "a"}], "mode": "and"}]})
-    .to_string();
+    let body = dingtalk_request("wf-h").to_string();
 
     let create = "/v1.0/workflow/processInstances";
     sim.set_delay(create, Some(Duration::from_secs(1)));

@@ -21,9 +21,9 @@ fn behaviour(name: &str) -> Behaviour {
     }
 }
 
-async fn start(dir: &Path, extra: Value) -> ServerHandle {
-    let wasm = dir.join("plugin.wasm");
-    std::fs::write(&wasm, plugin(behaviour, "1")).unwrap();
+/// Tenant acme with one Feishu app, state in `dir`, the plugin in `dir/plugin.wasm`; `extra`
+/// replaces or adds top-level fields.
+fn config(dir: &Path, extra: Value) -> ServeConfig {
     let mut cfg = json!({
         "listen": "127.0.0.1:0",
         "public_url": "https://ci.example.com",
@@ -35,8 +35,12 @@ async fn start(dir: &Path, extra: Value) -> ServerHandle {
     if let (Value::Object(c), Value::Object(e)) = (&mut cfg, extra) {
         c.extend(e);
     }
-    let cfg = ServeConfig::parse(&cfg.to_string(), dir).unwrap();
-    server::serve(cfg).await.unwrap()
+    ServeConfig::parse(&cfg.to_string(), dir).unwrap()
+}
+
+async fn start(dir: &Path, extra: Value) -> ServerHandle {
+    std::fs::write(dir.join("plugin.wasm"), plugin(behaviour, "1")).unwrap();
+    server::serve(config(dir, extra)).await.unwrap()
 }
 
 /// A minimal HTTP/1.1 client: one request per connection, whole response read.
@@ -475,17 +479,7 @@ async fn start_busy(dir: &Path, extra: Value) -> ServerHandle {
         "get-approval" => Behaviour::Loop,
         other => behaviour(other),
     };
-    let mut cfg = json!({
-        "listen": "127.0.0.1:0",
-        "public_url": "https://ci.example.com",
-        "state_dir": "state",
-        "tenants": [{"id": "acme", "apps": [
-            {"id": "a1", "platform": "feishu", "app_id": "cli_x", "app_secret": "s3cr3t"}]}],
-    });
-    if let (Value::Object(c), Value::Object(e)) = (&mut cfg, extra) {
-        c.extend(e);
-    }
-    let cfg = ServeConfig::parse(&cfg.to_string(), dir).unwrap();
+    let cfg = config(dir, extra);
     let mut host = imbridge_host::HostConfig::new(dir.join("state"));
     host.max_concurrent_calls = 1;
     host.call_timeout = Duration::from_secs(3);

@@ -217,30 +217,26 @@ pub async fn serve_with_persistent(
         .tenants
         .iter()
         .filter_map(|t| {
-            Some((
-                t.id.clone(),
-                (t.engine_webhook.clone()?, Arc::new(Notify::new())),
-            ))
+            let url = t.engine_webhook.clone()?;
+            Some((t.id.clone(), (url, Arc::new(Notify::new()))))
         })
-        .collect::<HashMap<_, _>>();
+        .collect();
     let in_flight = Arc::new(Semaphore::new(MAX_CALLS));
     let state = Arc::new(State {
         host: host.clone(),
         config,
-        delivery: delivery
-            .iter()
-            .map(|(t, (_, wake))| (t.clone(), wake.clone()))
-            .collect(),
+        delivery,
         in_flight: in_flight.clone(),
     });
-    let deliveries: Vec<AbortOnDrop> = delivery
-        .into_iter()
+    let deliveries: Vec<AbortOnDrop> = state
+        .delivery
+        .iter()
         .map(|(tenant, (url, wake))| {
             AbortOnDrop(tokio::spawn(deliver_updates(
                 Arc::downgrade(&state),
-                tenant,
-                url,
-                wake,
+                tenant.clone(),
+                url.clone(),
+                wake.clone(),
             )))
         })
         .collect();
@@ -332,11 +328,11 @@ pub async fn serve_with_persistent(
 struct State {
     host: Host,
     config: ServeConfig,
-    /// Wakes the delivery task of each tenant with an `engine_webhook`: one task per tenant,
-    /// so its records go out once and in order, and any number of wake-ups while it works
-    /// (every callback with updates, every refresh, the timer) make one more pass, not a
-    /// queue of waiting tasks.
-    delivery: HashMap<String, Arc<Notify>>,
+    /// Each tenant with an `engine_webhook`: the URL, and what wakes its delivery task. One
+    /// task per tenant, so its records go out once and in order, and any number of wake-ups
+    /// while it works (every callback with updates, every refresh, the timer) make one more
+    /// pass, not a queue of waiting tasks.
+    delivery: HashMap<String, (String, Arc<Notify>)>,
     in_flight: Arc<Semaphore>,
 }
 
@@ -514,7 +510,7 @@ impl State {
 
     /// Has the tenant's delivery task send its pending outbox records to its engine webhook.
     fn wake_delivery(&self, tenant: &str) {
-        if let Some(wake) = self.delivery.get(tenant) {
+        if let Some((_, wake)) = self.delivery.get(tenant) {
             wake.notify_one();
         }
     }

@@ -49,6 +49,15 @@ impl Scripted {
         FakeEnv::counting(self.create, move |r, _| reply(r))
     }
 
+    /// The same API, except that the first create request gets `first`.
+    fn env_answering_first(&self, first: fn() -> Result<Response>) -> (FakeEnv, Rc<Cell<usize>>) {
+        let reply = self.reply;
+        FakeEnv::counting(self.create, move |r, n| match n {
+            Some(1) => first(),
+            _ => reply(r),
+        })
+    }
+
     fn start(&self, env: &FakeEnv) -> Result<Approval> {
         approval::start(env, &(self.app)(), &(self.request)())
     }
@@ -158,11 +167,7 @@ fn starts_with_fault(
     first: fn() -> Result<Response>,
     op: Option<usize>,
 ) -> (FakeEnv, Result<Approval>, usize) {
-    let reply = platform.reply;
-    let (env, creates) = FakeEnv::counting(platform.create, move |r, n| match n {
-        Some(1) => first(),
-        _ => reply(r),
-    });
+    let (env, creates) = platform.env_answering_first(first);
     env.fail_kv_op(op);
     let mut last = platform.start(&env);
     env.fail_kv_op(None);
@@ -177,11 +182,7 @@ fn starts_with_fault(
 
 /// The kv operations of a first start whose create gets `first`.
 fn first_start_ops(platform: &Scripted, first: fn() -> Result<Response>) -> usize {
-    let reply = platform.reply;
-    let (env, _) = FakeEnv::counting(platform.create, move |r, n| match n {
-        Some(1) => first(),
-        _ => reply(r),
-    });
+    let (env, _) = platform.env_answering_first(first);
     assert!(platform.start(&env).is_err());
     env.kv_ops()
 }

@@ -113,8 +113,12 @@ fn unavailable() -> Response {
     }
 }
 
-async fn harness(base_url: &str) -> Harness {
-    let allow = [base_url.trim_start_matches("http://").to_string()];
+/// A host for tenant `TENANT` that may call the servers at `base_urls`.
+async fn harness(base_urls: &[&str]) -> Harness {
+    let allow: Vec<String> = base_urls
+        .iter()
+        .map(|u| u.trim_start_matches("http://").to_string())
+        .collect();
     // A short deadline: whatever a platform does, a call must end (typed) well before it.
     Harness::with_config(&[TENANT], &allow, |c| {
         c.call_timeout = Duration::from_secs(5)
@@ -131,7 +135,7 @@ async fn feishu() -> Fx {
     })
     .await
     .expect("sim");
-    let h = harness(&sim.base_url()).await;
+    let h = harness(&[&sim.base_url()]).await;
     let app = json!({"id": "fs", "platform": "feishu", "app_id": "cli_faults",
                      "app_secret": "s3cr3t", "api_base": sim.base_url()});
     let mut fx = Fx {
@@ -173,7 +177,7 @@ fn dingtalk_request(key: &str) -> Value {
 async fn dingtalk() -> Fx {
     let app = DingtalkApp::new("dingfaults");
     let sim = dingtalk_sim(&app, &["orig", "a"]).await;
-    let h = harness(&sim.base_url()).await;
+    let h = harness(&[&sim.base_url()]).await;
     let app = dingtalk_app(&app, &sim.base_url());
     let mut fx = Fx {
         sim: Sim::Dingtalk(sim),
@@ -207,7 +211,7 @@ async fn wecom() -> Fx {
     })
     .await
     .expect("sim");
-    let h = harness(&sim.base_url()).await;
+    let h = harness(&[&sim.base_url()]).await;
     let app = json!({"id": "wa", "platform": "wecom", "app_id": app.corp_id,
         "app_secret": app.secret, "agent_id": app.agent_id.to_string(),
         "api_base": sim.base_url()});
@@ -414,12 +418,7 @@ async fn a_create_that_never_connected_may_be_retried() {
     let app = DingtalkApp::new("dingrefused");
     let sim = dingtalk_sim(&app, &["orig", "a"]).await;
     let (proxy, forwarding) = tcp_proxy(sim.base_url().trim_start_matches("http://").into()).await;
-    let allow = [&sim.base_url(), &proxy].map(|u| u.trim_start_matches("http://").to_string());
-    let h = Harness::with_config(&[TENANT], &allow, |c| {
-        c.call_timeout = Duration::from_secs(5)
-    })
-    .await
-    .expect("harness");
+    let h = harness(&[&sim.base_url(), &proxy]).await;
     let via = |base: &str| dingtalk_app(&app, base);
     let start = |app: Value, key: &'static str| {
         h.invoke(
@@ -455,9 +454,14 @@ async fn a_create_that_never_connected_may_be_retried() {
     assert_eq!(sim.calls(create), created + 2);
 }
 
-/// One HTTP/1.1 request to `addr`; the answer's body as JSON.
-async fn http_json(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> Value {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+/// Sends one HTTP/1.1 request to `addr`; the connection, to read the answer from or drop.
+async fn send_http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
@@ -465,6 +469,13 @@ async fn http_json(addr: std::net::SocketAddr, method: &str, path: &str, body: &
     );
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(body.as_bytes()).await.unwrap();
+    s
+}
+
+/// One HTTP/1.1 request to `addr`; the answer's body as JSON.
+async fn http_json(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> Value {
+    use tokio::io::AsyncReadExt as _;
+    let mut s = send_http(addr, method, path, body).await;
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -479,10 +490,9 @@ async fn http_json(addr: std::net::SocketAddr, method: &str, path: &str, body: &
 /// -3, and callbacks for the approval were dropped as unknown.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_start_outlives_an_engine_that_hangs_up() {
-    use tokio::io::AsyncWriteExt as _;
     let dt = DingtalkApp::new("dinghangup");
     let sim = dingtalk_sim(&dt, &["orig", "a"]).await;
-    let h = harness(&sim.base_url()).await;
+    let h = harness(&[&sim.base_url()]).await;
     let app = dingtalk_app(&dt, &sim.base_url());
     let cfg = json!({"listen": "127.0.0.1:0", "public_url": "http://127.0.0.1",
         "state_dir": h.dir.path().join("serve"), "tenants": [{"id": TENANT, "apps": [app]}]});
@@ -496,13 +506,7 @@ async fn a_start_outlives_an_engine_that_hangs_up() {
     let create = "/v1.0/workflow/processInstances";
     sim.set_delay(create, Some(Duration::from_secs(1)));
     {
-        let mut s = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).await.unwrap();
-        s.write_all(body.as_bytes()).await.unwrap();
+        let _engine = send_http(server.addr(), "POST", &path, &body).await;
         // The engine gives up while the create waits for its answer.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

@@ -69,9 +69,13 @@ impl Record {
                 // without a sort, which would cost the component ~5 KB of sorting code.
                 let at = a.decisions.partition_point(|x| x.at_ms <= d.at_ms);
                 a.decisions.insert(at, d.clone());
-                // The layout is read only here: most events are duplicates or statuses.
+                // The layout is read only here: most events are duplicates or statuses. It may
+                // reject, never approve: an approver can add approvers (加签), which the layout
+                // does not show, so only the platform's own status (its instance event or a
+                // poll) says approved. Declaring approved early would let a deployment through
+                // that the added approver may still refuse.
                 if !self.approval.status.is_terminal()
-                    && let Some(s) = self
+                    && let Some(s @ ApprovalStatus::Rejected) = self
                         .local_nodes()
                         .and_then(|n| evaluate_nodes(&n, &self.approval.decisions))
                 {
@@ -495,6 +499,7 @@ pub fn apply_inbound(
 
 /// Per-node evaluation for platforms that report only individual decisions: AND needs every
 /// approver, OR the first; any rejection rejects. Returns `None` while undecided.
+/// `Record::apply` takes only its rejections (see there).
 pub fn evaluate_nodes(
     nodes: &[(SignMode, Vec<String>)],
     decisions: &[Decision],
@@ -609,8 +614,21 @@ mod tests {
         r.apply(&dec("a", true, 1));
         r.apply(&dec("b", true, 2));
         assert_eq!(r.approval.status, ApprovalStatus::Pending);
-        r.apply(&dec("d", true, 3));
+        // Every node is complete, but an approver may have added signers the layout does not
+        // show: only the platform's status approves.
+        assert!(r.apply(&dec("d", true, 3)));
+        assert_eq!(r.approval.status, ApprovalStatus::Pending);
+        assert!(r.apply(&Event::Status(ApprovalStatus::Approved)));
         assert_eq!(r.approval.status, ApprovalStatus::Approved);
+        // A rejection on an undecided node rejects at once.
+        let mut r = rec();
+        r.meta = serde_json::json!({"nodes": [
+            {"mode": "and", "approvers": ["a", "b"]},
+            {"mode": "or", "approvers": ["c", "d"]},
+        ]});
+        r.apply(&dec("a", true, 1));
+        r.apply(&dec("b", false, 2));
+        assert_eq!(r.approval.status, ApprovalStatus::Rejected);
         // Someone in two nodes: their one recorded approval completes only the first; the
         // platform's status decides the rest (their second approval is the same decision).
         let mut r = rec();

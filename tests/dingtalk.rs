@@ -214,6 +214,26 @@ async fn refusal_rejects() {
     assert_eq!(ok(&got)["decisions"][0]["comment"], "no");
 }
 
+/// An approver who adds a signer after themselves (加签) completes every node laid out at
+/// start, but DingTalk waits for the added person, who may still refuse.
+#[tokio::test]
+async fn an_added_signer_keeps_the_approval_pending() {
+    let fx = fixture().await;
+    let nodes = json!([{"approvers": [{"id": "a"}, {"id": "b"}], "mode": "or"}]);
+    let a = fx.start("k-add-sign", nodes).await;
+    let id = a["instance_id"].as_str().unwrap().to_string();
+    fx.sim.discard_events();
+    all_delivered(&fx.sim.agree_adding_signer(&id, "a", "d").await.unwrap());
+    let got = fx.get(&id, false).await;
+    assert_eq!(ok(&got)["status"], "pending", "{got}");
+    assert_eq!(ok(&got)["decisions"][0]["user"], "a");
+    assert_eq!(ok(&fx.get(&id, true).await)["status"], "pending");
+    all_delivered(&fx.sim.decide(&id, "d", false, "not today").await.unwrap());
+    let got = fx.get(&id, false).await;
+    assert_eq!(ok(&got)["status"], "rejected", "{got}");
+    assert_eq!(fx.sim.state().instances[&id].result, "refuse");
+}
+
 #[tokio::test]
 async fn revoke_in_the_app_cancels() {
     let fx = fixture().await;

@@ -308,6 +308,39 @@ impl DingtalkSim {
         Ok(self.flush_events().await)
     }
 
+    /// An approver agrees and adds `added` as a signer after themselves (后加签): the added
+    /// person's node goes in right after the approver's, so the instance stays running for
+    /// them even when the approver's node was the last one laid out at creation.
+    pub async fn agree_adding_signer(
+        &self,
+        instance_id: &str,
+        user_id: &str,
+        added: &str,
+    ) -> anyhow::Result<Vec<PushReport>> {
+        {
+            let mut s = self.inner.lock();
+            let inst = s
+                .instances
+                .get_mut(instance_id)
+                .ok_or_else(|| anyhow!("no instance {instance_id}"))?;
+            let node = inst
+                .tasks
+                .iter()
+                .find(|t| t.user_id == user_id && t.status == "RUNNING")
+                .map(|t| t.node)
+                .ok_or_else(|| anyhow!("{user_id} has no running task in {instance_id}"))?;
+            inst.nodes.insert(
+                node + 1,
+                Node {
+                    action_type: "NONE".into(),
+                    user_ids: vec![added.into()],
+                },
+            );
+            decide_locked(&mut s, instance_id, user_id, true, "")?;
+        }
+        Ok(self.flush_events().await)
+    }
+
     /// The originator revokes the instance in the DingTalk app (撤销): TERMINATED, running
     /// tasks canceled, `bpms_instance_change type=terminate` delivered.
     pub async fn revoke(&self, instance_id: &str) -> anyhow::Result<Vec<PushReport>> {

@@ -26,11 +26,79 @@ pub fn notify(env: &(impl Env + ?Sized), app: Option<&ImApp>, n: &Notification) 
             if !(hook.url.starts_with("https://") || hook.url.starts_with("http://")) {
                 return Err(Error::input("webhook url must be http(s)"));
             }
+            // The app is used to look up mentioned users on the webhook's platform; another
+            // platform's app would send its credentials to the wrong platform's servers.
+            if let Some(app) = app
+                && platform::family(app.platform) != platform::family(hook.platform)
+            {
+                return Err(Error::input(format!(
+                    "app {:?} is a {} app, but the webhook is {}'s: pass an app of the webhook's \
+                     platform, or none",
+                    app.id,
+                    app.platform.name(),
+                    hook.platform.name()
+                )));
+            }
             platform::send_webhook(env, app, hook, n)
         }
         Target::Chat(_) | Target::Users(_) => {
             let app = app.ok_or_else(|| Error::input("chat and user targets need an app"))?;
             platform::send_message(env, app, n)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::fake::FakeEnv;
+    use crate::model::{Level, Platform, RobotWebhook, UserRef};
+
+    fn to_hook(platform: Platform) -> Notification {
+        Notification {
+            target: Target::Webhook(RobotWebhook {
+                platform,
+                url: "https://hooks.example/robot".into(),
+                secret: None,
+            }),
+            title: "deploy failed".into(),
+            markdown: "wf-42".into(),
+            level: Level::Failure,
+            link: None,
+            mentions: vec![UserRef::Mobile("13800000000".into())],
+            mention_all: false,
+        }
+    }
+
+    /// The app looks up mentioned users; another platform's app would send its secret to the
+    /// webhook platform's token endpoint.
+    #[test]
+    fn a_webhook_refuses_another_platforms_app() {
+        let apps = [
+            crate::platform::feishu::tests::app(),
+            crate::platform::dingtalk::tests::app(),
+            crate::platform::wecom::tests::app(),
+        ];
+        for app in &apps {
+            for hook in [Platform::Feishu, Platform::Dingtalk, Platform::Wecom] {
+                if crate::platform::family(app.platform) == hook {
+                    continue;
+                }
+                let env = FakeEnv::offline();
+                match notify(&env, Some(app), &to_hook(hook)) {
+                    Err(Error::InvalidInput(m)) => {
+                        assert!(m.contains(hook.name()) && !m.contains(&app.app_secret), "{m}")
+                    }
+                    other => panic!("{:?} app, {hook:?} hook: {other:?}", app.platform),
+                }
+                assert!(env.sent.borrow().is_empty());
+            }
+        }
+        // A Lark app serves a Feishu robot: the lookup goes out (and fails offline).
+        let mut lark = crate::platform::feishu::tests::app();
+        lark.platform = Platform::Lark;
+        let env = FakeEnv::offline();
+        assert!(notify(&env, Some(&lark), &to_hook(Platform::Feishu)).is_err());
+        assert!(!env.sent.borrow().is_empty());
     }
 }

@@ -73,6 +73,14 @@ pub struct Parsed {
     pub events: Vec<Inbound>,
 }
 
+/// Feishu and Lark are one API on two hosts; an app of one serves the other's robots.
+pub fn family(p: Platform) -> Platform {
+    match p {
+        Platform::Lark => Platform::Feishu,
+        p => p,
+    }
+}
+
 /// Platforms that reject a second create with the same idempotency token, so a start whose
 /// outcome is unknown may safely be retried.
 pub fn dedups_creates(p: Platform) -> bool {

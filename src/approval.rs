@@ -734,6 +734,57 @@ mod tests {
         }
     }
 
+    /// The create was refused for its token, and fetching a new one failed: nothing was
+    /// created, so the key is free (before, the token's timeout counted as the create's).
+    #[test]
+    fn a_create_whose_token_could_not_be_renewed_may_be_retried() {
+        use crate::env::fake::{FakeEnv, json_response};
+        use crate::platform::{dingtalk, wecom};
+        use std::cell::Cell;
+        use std::rc::Rc;
+        let cases = [
+            (
+                dingtalk::tests::app(),
+                "/v1.0/oauth2/accessToken",
+                "/v1.0/workflow/processInstances",
+                serde_json::json!({"code": "InvalidAuthentication", "message": "expired"}),
+                dingtalk::tests::scripted_reply as fn(&_) -> _,
+            ),
+            (
+                wecom::tests::app(),
+                "/cgi-bin/gettoken",
+                "/cgi-bin/oa/applyevent",
+                serde_json::json!({"errcode": 42001, "errmsg": "access_token expired"}),
+                wecom::tests::scripted_reply as fn(&_) -> _,
+            ),
+        ];
+        for (app, token_path, create_path, expired, scripted) in cases {
+            let (tokens, creates) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
+            let (t, c) = (tokens.clone(), creates.clone());
+            let env = FakeEnv::new(move |r| {
+                let path = r.url.split('?').next().unwrap_or_default();
+                if path.ends_with(token_path) {
+                    t.set(t.get() + 1);
+                    if t.get() == 2 {
+                        return Err(Error::transport("token request: timed out"));
+                    }
+                } else if r.method == "POST" && path.ends_with(create_path) {
+                    c.set(c.get() + 1);
+                    if c.get() == 1 {
+                        return json_response(401, expired.clone());
+                    }
+                }
+                scripted(r)
+            });
+            let e = start(&env, &app, &dingtalk::tests::request()).unwrap_err();
+            assert!(matches!(e, Error::Transport(_)), "{app:?}: {e}");
+            assert_eq!(creates.get(), 1, "{app:?}");
+            let a = start(&env, &app, &dingtalk::tests::request()).unwrap();
+            assert_eq!(creates.get(), 2, "{app:?}");
+            assert_eq!(start(&env, &app, &dingtalk::tests::request()).unwrap(), a);
+        }
+    }
+
     /// The platform approved the initiator's own task while the create was answered: the
     /// start's record has it, although no callback could have applied it.
     #[test]

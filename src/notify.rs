@@ -87,7 +87,10 @@ mod tests {
                 let env = FakeEnv::offline();
                 match notify(&env, Some(app), &to_hook(hook)) {
                     Err(Error::InvalidInput(m)) => {
-                        assert!(m.contains(hook.name()) && !m.contains(&app.app_secret), "{m}")
+                        assert!(
+                            m.contains(hook.name()) && !m.contains(&app.app_secret),
+                            "{m}"
+                        )
                     }
                     other => panic!("{:?} app, {hook:?} hook: {other:?}", app.platform),
                 }

@@ -77,14 +77,16 @@ pub fn get(
 }
 
 /// Runs `call` with a cached token; if it fails with a token-invalid error, fetches a new
-/// token and tries exactly once more.
-pub fn with_token<T>(
+/// token and tries exactly once more. Errors getting a token arrive through `From<Error>`,
+/// so a caller whose `call` wraps its own errors can tell the two apart: a create whose
+/// token could not be had was never sent.
+pub fn with_token<T, E: From<Error>>(
     env: &(impl Env + ?Sized),
     key: &str,
     fetch: &dyn Fn() -> Result<Issued>,
-    is_token_invalid: fn(&Error) -> bool,
-    call: &mut dyn FnMut(&str) -> Result<T>,
-) -> Result<T> {
+    is_token_invalid: fn(&E) -> bool,
+    call: &mut dyn FnMut(&str) -> Result<T, E>,
+) -> Result<T, E> {
     let token = get(env, key, false, fetch)?;
     match call(&token) {
         Err(e) if is_token_invalid(&e) => {

@@ -150,6 +150,24 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
     /// A new-API call; `path` may carry a query string. The new API's GETs are all reads,
     /// retried on throttling and 5xx; its POSTs create or change something and are sent once.
     fn api(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        self.api_as(method, path, body, |e| e, is_token_invalid)
+    }
+
+    /// A create: the request's own errors are `CreateError::sent`, while failing to get a
+    /// token (before it, or after the platform refused the one it carried) sent nothing.
+    fn create(&self, path: &str, body: &Value) -> Result<Value, CreateError> {
+        let invalid = |e: &CreateError| is_token_invalid(&e.error);
+        self.api_as(Method::Post, path, Some(body), CreateError::sent, invalid)
+    }
+
+    fn api_as<R: From<Error>>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        wrap: fn(Error) -> R,
+        is_invalid: fn(&R) -> bool,
+    ) -> Result<Value, R> {
         let url = format!("{}{}", self.base, path);
         let repeat = match method {
             Method::Get => Repeat::Safe,
@@ -159,10 +177,11 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
             self.env,
             &self.token_key,
             &|| self.fetch_token(),
-            is_token_invalid,
+            is_invalid,
             &mut |tok| {
                 let headers = [(TOKEN_HEADER, tok)];
                 call_checked(self.env, method, &url, &headers, body, repeat, check_new)
+                    .map_err(wrap)
             },
         )
     }
@@ -355,9 +374,7 @@ pub fn create(
         body["ccList"] = json!(cc);
         body["ccPosition"] = json!("FINISH");
     }
-    let reply = c
-        .api(Method::Post, "/v1.0/workflow/processInstances", Some(&body))
-        .map_err(CreateError::sent)?;
+    let reply = c.create("/v1.0/workflow/processInstances", &body)?;
     let instance = reply
         .get("instanceId")
         .and_then(Value::as_str)

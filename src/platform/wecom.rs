@@ -131,15 +131,34 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
         self.call(path, body, Repeat::Safe)
     }
 
+    /// A create: the request's own errors are `CreateError::sent`, while failing to get a
+    /// token (before it, or after WeCom refused the one it carried) sent nothing.
+    fn create(&self, path: &str, body: &Value) -> Result<Value, CreateError> {
+        let invalid = |e: &CreateError| is_token_invalid(&e.error);
+        self.call_as(path, body, Repeat::Never, CreateError::sent, invalid)
+    }
+
     fn call(&self, path: &str, body: &Value, repeat: Repeat) -> Result<Value> {
+        self.call_as(path, body, repeat, |e| e, is_token_invalid)
+    }
+
+    fn call_as<R: From<Error>>(
+        &self,
+        path: &str,
+        body: &Value,
+        repeat: Repeat,
+        wrap: fn(Error) -> R,
+        is_invalid: fn(&R) -> bool,
+    ) -> Result<Value, R> {
         token::with_token(
             self.env,
             &self.token_key,
             &|| self.fetch_token(),
-            is_token_invalid,
+            is_invalid,
             &mut |tok| {
                 let url = format!("{}{}?access_token={}", self.base, path, percent_encode(tok));
                 call_checked(self.env, Method::Post, &url, &[], Some(body), repeat, check)
+                    .map_err(wrap)
             },
         )
     }
@@ -276,12 +295,8 @@ pub fn create(
         .collect::<Result<Vec<_>>>()?;
     let cc = c.resolve(&req.cc)?;
     let template_id = c.template()?;
-    let reply = c
-        .api(
-            "/cgi-bin/oa/applyevent",
-            &applyevent_body(&template_id, &creator, &nodes, &cc, req),
-        )
-        .map_err(CreateError::sent)?;
+    let body = applyevent_body(&template_id, &creator, &nodes, &cc, req);
+    let reply = c.create("/cgi-bin/oa/applyevent", &body)?;
     let sp_no = reply
         .get("sp_no")
         .and_then(|v| {

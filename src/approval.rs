@@ -196,11 +196,12 @@ pub fn validate(req: &ApprovalRequest) -> Result<()> {
 
 /// A stable per-(app, key) token for platforms that deduplicate creates themselves.
 pub fn idempotency_token(app: &ImApp, key: &str) -> String {
-    let h = crate::env::hex(&crate::crypto::sha256(&[
-        app.id.as_bytes(),
-        b"\0",
-        key.as_bytes(),
-    ]));
+    uuid_of(&[app.id.as_bytes(), b"\0", key.as_bytes()])
+}
+
+/// A UUID-shaped digest of `parts`.
+pub fn uuid_of(parts: &[&[u8]]) -> String {
+    let h = crate::env::hex(&crate::crypto::sha256(parts));
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],

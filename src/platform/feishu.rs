@@ -334,7 +334,12 @@ pub fn create(
         .collect::<Result<Vec<_>>>()?;
     let cc = c.resolve(&req.cc)?;
     let code = c.definition(&req.nodes)?;
-    let body = instance_body(&code, &initiator, &nodes, &cc, req, uuid);
+    // Feishu keeps a uuid unique across the whole company, not per app, so engines or host
+    // tenants that share a Feishu company and name their apps and keys alike would collide,
+    // and one would adopt the other's approval. The definition is created per store, so
+    // scoping the uuid by its code keeps a store's retries on one uuid and stores apart.
+    let uuid = crate::approval::uuid_of(&[uuid.as_bytes(), b"\0", code.as_bytes()]);
+    let body = instance_body(&code, &initiator, &nodes, &cc, req, &uuid);
     let data = match c.api(
         Method::Post,
         "/open-apis/approval/v4/instances",
@@ -342,14 +347,30 @@ pub fn create(
     ) {
         // An earlier attempt created the instance but its outcome was lost; Feishu lets us
         // read it back by the same uuid, so the retry adopts it instead of failing.
-        Err(Error::Platform { code, .. }) if code == UUID_CONFLICT => c.read(
-            Method::Get,
-            &format!(
-                "/open-apis/approval/v4/instances/{}",
-                http::percent_encode(uuid)
-            ),
-            None,
-        )?,
+        Err(Error::Platform {
+            code: UUID_CONFLICT,
+            ..
+        }) => {
+            let data = c.read(
+                Method::Get,
+                &format!(
+                    "/open-apis/approval/v4/instances/{}",
+                    http::percent_encode(&uuid)
+                ),
+                None,
+            )?;
+            // Only ever our own definition's instance: anything else is not this start's.
+            if data.get("approval_code").and_then(Value::as_str) != Some(&code) {
+                return Err(Error::platform(
+                    UUID_CONFLICT,
+                    "Feishu reports this start's uuid as used by an approval of another \
+                     definition; start again with a new key",
+                    false,
+                )
+                .into());
+            }
+            data
+        }
         other => other.map_err(CreateError::sent)?,
     };
     let instance = data
@@ -1059,5 +1080,69 @@ pub(crate) mod tests {
         // The token is cached, so the unknown code comes straight from the call.
         let e = c.api(Method::Get, "/x", None).unwrap_err();
         assert_eq!(e, Error::platform(1234, "no permission", false));
+    }
+}
+
+#[cfg(test)]
+mod uuid_tests {
+    use super::tests::app;
+    use super::*;
+    use crate::env::fake::{FakeEnv, json_response};
+
+    /// Feishu answers "uuid already used" and reads back an instance of a definition this
+    /// store did not create: the start refuses it rather than adopt someone else's approval.
+    #[test]
+    fn a_uuid_conflict_adopts_only_its_own_definitions_instance() {
+        for (owner, adopted) in [("DEF1", true), ("OTHER", false)] {
+            let env = FakeEnv::new(move |r| {
+                let path = r.url.split('?').next().unwrap_or_default();
+                let path = path.trim_start_matches("http://127.0.0.1:1");
+                match (r.method, path) {
+                    (_, "/open-apis/auth/v3/tenant_access_token/internal") => json_response(
+                        200,
+                        json!({"code": 0, "tenant_access_token": "t", "expire": 7200}),
+                    ),
+                    ("POST", "/open-apis/approval/v4/approvals") => {
+                        json_response(200, json!({"code": 0, "data": {"approval_code": "DEF1"}}))
+                    }
+                    ("POST", "/open-apis/approval/v4/instances") => {
+                        json_response(400, json!({"code": 60012, "msg": "uuid conflict"}))
+                    }
+                    ("GET", p) if p.starts_with("/open-apis/approval/v4/instances/") => {
+                        json_response(
+                            200,
+                            json!({"code": 0, "data": {"approval_code": owner,
+                                "instance_code": "I9", "status": "APPROVED"}}),
+                        )
+                    }
+                    _ => json_response(200, json!({"code": 0, "data": {}})),
+                }
+            });
+            let mut req = crate::platform::dingtalk::tests::request();
+            req.initiator = UserRef::Id("ou_a".into());
+            match create(&env, &app(), &req, "uuid-of-key") {
+                Ok(c) => assert!(adopted && c.instance_id == "I9"),
+                Err(e) => {
+                    assert!(!adopted && !e.maybe_created, "{e:?}");
+                    assert!(matches!(
+                        e.error,
+                        Error::Platform {
+                            code: UUID_CONFLICT,
+                            retryable: false,
+                            ..
+                        }
+                    ));
+                }
+            }
+            // The uuid sent is scoped by the definition, not the bare key's token.
+            let sent = env.sent.borrow();
+            let create = sent
+                .iter()
+                .find(|r| r.url.ends_with("/open-apis/approval/v4/instances"))
+                .unwrap();
+            let body: Value = serde_json::from_slice(&create.body).unwrap();
+            let want = crate::approval::uuid_of(&[b"uuid-of-key", b"\0", b"DEF1"]);
+            assert_eq!(body["uuid"], want.as_str());
+        }
     }
 }

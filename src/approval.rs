@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 const MAX_KEY_LEN: usize = 256;
 const MAX_TITLE_LEN: usize = 200;
-const MAX_NODES: usize = 20;
-const MAX_APPROVERS_PER_NODE: usize = 100;
+pub(crate) const MAX_NODES: usize = 20;
+pub(crate) const MAX_APPROVERS_PER_NODE: usize = 100;
+pub(crate) const MAX_CC: usize = 100;
 
 /// What the plugin keeps per instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,6 +191,9 @@ pub fn validate(req: &ApprovalRequest) -> Result<()> {
                 i + 1
             )));
         }
+    }
+    if req.cc.len() > MAX_CC {
+        return Err(Error::input(format!("at most {MAX_CC} cc recipients")));
     }
     Ok(())
 }
@@ -567,6 +571,36 @@ mod tests {
             comment: None,
             at_ms: at,
         })
+    }
+
+    #[test]
+    fn request_limits() {
+        use crate::model::UserRef;
+        let mut req = crate::platform::dingtalk::tests::request();
+        let node = req.nodes[0].clone();
+        let ids = |n: usize| {
+            (0..n)
+                .map(|i| UserRef::Id(format!("u{i}")))
+                .collect::<Vec<_>>()
+        };
+        req.nodes = vec![node; MAX_NODES];
+        req.nodes[0].approvers = ids(MAX_APPROVERS_PER_NODE);
+        req.cc = ids(MAX_CC);
+        assert_eq!(validate(&req), Ok(()));
+        let too_many: [&dyn Fn(&mut ApprovalRequest); 4] = [
+            &|r| r.nodes.clear(),
+            &|r| r.nodes.push(r.nodes[0].clone()),
+            &|r| r.nodes[1].approvers = ids(MAX_APPROVERS_PER_NODE + 1),
+            &|r| r.cc.push(UserRef::Id("one more".into())),
+        ];
+        for (case, change) in too_many.iter().enumerate() {
+            let mut r = req.clone();
+            change(&mut r);
+            assert!(
+                matches!(validate(&r), Err(Error::InvalidInput(_))),
+                "case {case}"
+            );
+        }
     }
 
     #[test]

@@ -38,11 +38,15 @@ const MAX_ROBOT_TEXT: usize = 2048;
 /// WeCom summary lines are short; longer ones are rejected by `applyevent`.
 const MAX_SUMMARY_CHARS: usize = 20;
 
-/// Real WeCom callbacks are a few KiB; the XML parser refuses anything bigger than this, and
-/// any document deeper or wider than the bounds below.
-const MAX_XML_BYTES: usize = 256 * 1024;
+/// Real WeCom callbacks are a few KiB, but each carries every approver of its approval (about
+/// six elements per approver), so the bounds follow the largest approval a start may create;
+/// no plaintext can exceed the callback body limit.
+const MAX_XML_BYTES: usize = crate::callback::MAX_BODY_BYTES;
 const MAX_XML_DEPTH: usize = 16;
-const MAX_XML_ELEMENTS: usize = 4096;
+const MAX_XML_ELEMENTS: usize = {
+    use crate::approval::{MAX_APPROVERS_PER_NODE, MAX_CC, MAX_NODES};
+    64 + MAX_NODES * (4 + 10 * MAX_APPROVERS_PER_NODE) + 4 * MAX_CC
+};
 
 fn is_token_invalid(e: &Error) -> bool {
     matches!(e, Error::Platform { code, .. } if TOKEN_INVALID.contains(code))
@@ -323,11 +327,12 @@ pub fn map_status(code: i64) -> Option<ApprovalStatus> {
     })
 }
 
-/// An approver's decision from a detail's `sp_status`: 2 agreed, 3 rejected; anything else
-/// (pending, forwarded, returned…) is not a decision.
+/// An approver's decision from a detail's `sp_status`: 2 agreed, 13 agreed and added an
+/// approver (已同意并加签), 3 rejected; anything else (1 pending, 4 forwarded, 11 returned,
+/// 12 added an approver without deciding) is not a decision.
 fn decision(user: &str, status: i64, speech: &str, sptime_secs: u64) -> Option<Decision> {
     let approved = match status {
-        2 => true,
+        2 | 13 => true,
         3 => false,
         _ => return None,
     };
@@ -1076,6 +1081,40 @@ pub(crate) mod tests {
         }
     }
 
+    /// The callback about the largest approval a start may create parses: 20 nodes of 100
+    /// approvers with comments and attachments, 100 cc recipients.
+    #[test]
+    fn the_largest_approvals_callback_is_accepted() {
+        use crate::approval::{MAX_APPROVERS_PER_NODE, MAX_CC, MAX_NODES};
+        let env = FakeEnv::offline();
+        let mut records = String::new();
+        for n in 0..MAX_NODES {
+            records += "<SpRecord><SpStatus>2</SpStatus><ApproverAttr>1</ApproverAttr>";
+            for a in 0..MAX_APPROVERS_PER_NODE {
+                records += &format!(
+                    "<Details><Approver><UserId><![CDATA[user{n}x{a}]]></UserId></Approver>\
+                     <Speech><![CDATA[fine]]></Speech><SpStatus>2</SpStatus>\
+                     <SpTime>1700000001</SpTime><MediaId><![CDATA[m]]></MediaId></Details>"
+                );
+            }
+            records += "</SpRecord>";
+        }
+        for c in 0..MAX_CC {
+            records += &format!("<Notifyer><UserId><![CDATA[cc{c}]]></UserId></Notifyer>");
+        }
+        let xml = approval_xml(2, "").replace(
+            "<SpRecord><SpStatus>1</SpStatus><ApproverAttr>1</ApproverAttr></SpRecord>",
+            &records,
+        );
+        assert!(xml.len() > 256 * 1024, "{}", xml.len());
+        let p = parse_callback(&env, &app(), &signed(&env, "POST", &xml, true)).unwrap();
+        assert_eq!(p.events.len(), MAX_NODES * MAX_APPROVERS_PER_NODE + 1);
+        assert_eq!(
+            p.events.last().unwrap().event,
+            Event::Status(ApprovalStatus::Approved)
+        );
+    }
+
     #[test]
     fn json_inner_payload_is_understood() {
         let env = FakeEnv::offline();
@@ -1282,6 +1321,17 @@ pub(crate) mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn approver_statuses_that_are_decisions() {
+        let approved = |status| decision("a", status, "", 1).map(|d| d.approved);
+        assert_eq!(approved(2), Some(true));
+        assert_eq!(approved(13), Some(true), "agreed and added an approver");
+        assert_eq!(approved(3), Some(false));
+        for undecided in [1, 4, 11, 12] {
+            assert_eq!(approved(undecided), None, "{undecided}");
+        }
     }
 
     #[test]

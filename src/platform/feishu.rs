@@ -638,14 +638,17 @@ fn approval_event(env: &(impl Env + ?Sized), event_type: &str, ev: &Value) -> Re
             "REJECTED" => false,
             _ => return Ok(Vec::new()),
         };
-        let user = ev
-            .get("open_id")
-            .or_else(|| ev.get("user_id"))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
+        // Feishu leaves the ids empty on tasks it passed itself (auto-approval); those are no
+        // one's decision, and the instance event carries the outcome.
+        let Some(user) = ["open_id", "user_id"]
+            .iter()
+            .filter_map(|k| ev.get(*k).and_then(Value::as_str))
+            .find(|id| !id.is_empty())
+        else {
+            return Ok(Vec::new());
+        };
         Event::Decision(Decision {
-            user,
+            user: user.to_string(),
             approved,
             comment: None,
             at_ms,
@@ -1006,6 +1009,30 @@ pub(crate) mod tests {
         let p = parse_callback(&env, &app(), &signed_request(&env, "ekey", &ev)).unwrap();
         assert_eq!(p.events[0].event, Event::Status(ApprovalStatus::Canceled));
         assert_eq!(p.events[0].instance_id, "I2");
+
+        // A task Feishu passed itself has empty ids: no one's decision. With only user_id, that.
+        for (ids, want) in [
+            (json!({"open_id": "", "user_id": ""}), None),
+            (json!({}), None),
+            (json!({"open_id": "", "user_id": "u7"}), Some("u7")),
+        ] {
+            let mut ev = json!({"uuid": "u2", "token": "vtoken", "event": {"type": "approval_task",
+                "instance_code": "I1", "status": "APPROVED", "operate_time": "1700000000000"}});
+            ev["event"]
+                .as_object_mut()
+                .unwrap()
+                .extend(ids.as_object().unwrap().clone());
+            let p = parse_callback(&env, &app(), &signed_request(&env, "ekey", &ev)).unwrap();
+            let users: Vec<_> = p
+                .events
+                .iter()
+                .map(|e| match &e.event {
+                    Event::Decision(d) => d.user.as_str(),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(users, want.into_iter().collect::<Vec<_>>(), "{ev}");
+        }
 
         let other = json!({"schema": "2.0", "header": {"event_id": "e10", "event_type": "im.message.receive_v1",
             "token": "vtoken"}, "event": {"message": {}}});

@@ -23,6 +23,8 @@ pub const LARK_BASE: &str = "https://open.larksuite.com";
 const DETAIL_WIDGET: &str = "imbridge_detail";
 /// Feishu's answer to a reused instance `uuid`.
 const UUID_CONFLICT: i64 = 60012;
+/// Feishu's answer for an approval code it does not know.
+const DEFINITION_NOT_FOUND: i64 = 1390002;
 /// Feishu's answer when a definition is already subscribed.
 const ALREADY_SUBSCRIBED: i64 = 1390007;
 const BATCH_GET_ID_LIMIT: usize = 50;
@@ -206,28 +208,30 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
             .collect()
     }
 
-    /// One definition per sequence of node modes, created and subscribed on first use.
+    /// One definition per sequence of node modes, created on first use and subscribed by
+    /// each Feishu app that uses it (an app's events follow its own subscriptions, and the
+    /// store's app may be pointed at another Feishu app). The code is kept as soon as Feishu
+    /// answers, so a subscribe that fails is tried again by the next start rather than
+    /// leaving one more definition in the admin console per attempt.
     fn definition(&self, nodes: &[ApprovalNode]) -> Result<String> {
-        let shape: Vec<&str> = nodes
-            .iter()
-            .map(|n| match n.mode {
-                SignMode::And => "and",
-                SignMode::Or => "or",
-            })
-            .collect();
-        let shape = shape.join("-");
+        let shape = node_shape(nodes);
         let cache = definition_key(self.app, &self.base, &shape);
-        super::cached_id(self.env, &cache, "definition", || {
+        let code = super::cached_id(self.env, &cache, "definition", || {
             let data = self.api(
                 Method::Post,
                 "/open-apis/approval/v4/approvals?user_id_type=open_id",
                 Some(&definition_body(nodes, &shape)),
             )?;
-            let code = data
-                .get("approval_code")
+            data.get("approval_code")
                 .and_then(Value::as_str)
-                .ok_or_else(|| Error::platform(-1, "definition created without a code", true))?
-                .to_string();
+                .map(str::to_string)
+                .ok_or_else(|| Error::platform(-1, "definition created without a code", true))
+        })?;
+        let subscribed = format!(
+            "{}/{code}",
+            super::app_object_key(self.app, &self.base, "fsub")
+        );
+        if self.env.kv_get(&subscribed)?.is_none() {
             match self.api(
                 Method::Post,
                 &format!(
@@ -240,9 +244,30 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
                 Err(Error::Platform { code, .. }) if code == ALREADY_SUBSCRIBED => {}
                 Err(e) => return Err(e),
             }
-            Ok(code)
-        })
+            self.env.kv_set(&subscribed, b"1")?;
+        }
+        Ok(code)
     }
+
+    /// Forgets a definition Feishu no longer knows (deleted in the admin console, or the
+    /// app now points at another company), so the next `definition` creates it again.
+    fn forget_definition(&self, nodes: &[ApprovalNode]) -> Result<()> {
+        let shape = node_shape(nodes);
+        self.env
+            .kv_delete(&definition_key(self.app, &self.base, &shape))
+    }
+}
+
+/// The sequence of node modes a definition serves, e.g. `and-or`.
+fn node_shape(nodes: &[ApprovalNode]) -> String {
+    let modes: Vec<&str> = nodes
+        .iter()
+        .map(|n| match n.mode {
+            SignMode::And => "and",
+            SignMode::Or => "or",
+        })
+        .collect();
+    modes.join("-")
 }
 
 fn node_id(i: usize) -> String {
@@ -333,45 +358,68 @@ pub fn create(
         .map(|n| c.resolve(&n.approvers))
         .collect::<Result<Vec<_>>>()?;
     let cc = c.resolve(&req.cc)?;
-    let code = c.definition(&req.nodes)?;
-    // Feishu keeps a uuid unique across the whole company, not per app, so engines or host
-    // tenants that share a Feishu company and name their apps and keys alike would collide,
-    // and one would adopt the other's approval. The definition is created per store, so
-    // scoping the uuid by its code keeps a store's retries on one uuid and stores apart.
-    let uuid = crate::approval::uuid_of(&[uuid.as_bytes(), b"\0", code.as_bytes()]);
-    let body = instance_body(&code, &initiator, &nodes, &cc, req, &uuid);
-    let data = match c.api(
-        Method::Post,
-        "/open-apis/approval/v4/instances",
-        Some(&body),
-    ) {
-        // An earlier attempt created the instance but its outcome was lost; Feishu lets us
-        // read it back by the same uuid, so the retry adopts it instead of failing.
-        Err(Error::Platform {
-            code: UUID_CONFLICT,
-            ..
-        }) => {
-            let data = c.read(
-                Method::Get,
-                &format!(
-                    "/open-apis/approval/v4/instances/{}",
-                    http::percent_encode(&uuid)
-                ),
-                None,
-            )?;
-            // Only ever our own definition's instance: anything else is not this start's.
-            if data.get("approval_code").and_then(Value::as_str) != Some(&code) {
-                return Err(Error::platform(
-                    UUID_CONFLICT,
-                    "Feishu reports this start's uuid as used by an approval of another \
-                     definition; start again with a new key",
-                    false,
-                )
-                .into());
+    let mut definition_renewed = false;
+    let (code, data) = loop {
+        let code = match c.definition(&req.nodes) {
+            // Its subscribe found the kept definition gone.
+            Err(Error::Platform {
+                code: DEFINITION_NOT_FOUND,
+                ..
+            }) if !definition_renewed => {
+                c.forget_definition(&req.nodes)?;
+                definition_renewed = true;
+                continue;
             }
-            data
+            other => other?,
+        };
+        // Feishu keeps a uuid unique across the whole company, not per app, so engines or
+        // host tenants that share a Feishu company and name their apps and keys alike would
+        // collide, and one would adopt the other's approval. The definition is created per
+        // store, so scoping the uuid by its code keeps a store's retries on one uuid and
+        // stores apart.
+        let uuid = crate::approval::uuid_of(&[uuid.as_bytes(), b"\0", code.as_bytes()]);
+        let body = instance_body(&code, &initiator, &nodes, &cc, req, &uuid);
+        match c.api(
+            Method::Post,
+            "/open-apis/approval/v4/instances",
+            Some(&body),
+        ) {
+            // The kept definition is gone: refused, so nothing was created; make it again.
+            Err(Error::Platform {
+                code: DEFINITION_NOT_FOUND,
+                ..
+            }) if !definition_renewed => {
+                c.forget_definition(&req.nodes)?;
+                definition_renewed = true;
+            }
+            // An earlier attempt created the instance but its outcome was lost; Feishu lets
+            // us read it back by the same uuid, so the retry adopts it instead of failing.
+            Err(Error::Platform {
+                code: UUID_CONFLICT,
+                ..
+            }) => {
+                let data = c.read(
+                    Method::Get,
+                    &format!(
+                        "/open-apis/approval/v4/instances/{}",
+                        http::percent_encode(&uuid)
+                    ),
+                    None,
+                )?;
+                // Only ever our own definition's instance: anything else is not this start's.
+                if data.get("approval_code").and_then(Value::as_str) != Some(&code) {
+                    return Err(Error::platform(
+                        UUID_CONFLICT,
+                        "Feishu reports this start's uuid as used by an approval of another \
+                         definition; start again with a new key",
+                        false,
+                    )
+                    .into());
+                }
+                break (code, data);
+            }
+            other => break (code, other.map_err(CreateError::sent)?),
         }
-        other => other.map_err(CreateError::sent)?,
     };
     let instance = data
         .get("instance_code")
@@ -1171,5 +1219,153 @@ mod uuid_tests {
             let want = crate::approval::uuid_of(&[b"uuid-of-key", b"\0", b"DEF1"]);
             assert_eq!(body["uuid"], want.as_str());
         }
+    }
+}
+
+#[cfg(test)]
+mod definition_tests {
+    use super::tests::app;
+    use super::*;
+    use crate::env::fake::{FakeEnv, json_response};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// Feishu's definitions and who subscribed to which, per company: enough to see which
+    /// definitions a store makes and which app gets their events.
+    #[derive(Default)]
+    struct Company {
+        definitions: Vec<String>,
+        /// (token of the subscribing app, code)
+        subscriptions: Vec<(String, String)>,
+        failing_subscribes: usize,
+        instances: usize,
+    }
+
+    fn feishu(company: Rc<RefCell<Company>>) -> FakeEnv {
+        FakeEnv::new(move |r| {
+            let mut co = company.borrow_mut();
+            let path = r.url.split('?').next().unwrap_or_default();
+            let path = path.trim_start_matches("http://127.0.0.1:1/open-apis");
+            let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+            let token = r
+                .headers
+                .iter()
+                .find(|(k, _)| k == "authorization")
+                .map(|(_, v)| v.trim_start_matches("Bearer ").to_string())
+                .unwrap_or_default();
+            let not_found = || json_response(400, json!({"code": 1390002, "msg": "not found"}));
+            match path {
+                "/auth/v3/tenant_access_token/internal" => json_response(
+                    200,
+                    json!({"code": 0, "expire": 7200,
+                        "tenant_access_token": format!("t-{}", body["app_id"].as_str().unwrap())}),
+                ),
+                "/approval/v4/approvals" => {
+                    let code = format!("DEF{}", co.definitions.len() + 1);
+                    co.definitions.push(code.clone());
+                    json_response(200, json!({"code": 0, "data": {"approval_code": code}}))
+                }
+                "/approval/v4/instances" => {
+                    let code = body["approval_code"].as_str().unwrap().to_string();
+                    if !co.definitions.contains(&code) {
+                        return not_found();
+                    }
+                    co.instances += 1;
+                    let id = format!("I{}", co.instances);
+                    json_response(200, json!({"code": 0, "data": {"instance_code": id}}))
+                }
+                p => {
+                    let code = p
+                        .strip_prefix("/approval/v4/approvals/")
+                        .and_then(|p| p.strip_suffix("/subscribe"))
+                        .unwrap()
+                        .to_string();
+                    if co.failing_subscribes > 0 {
+                        co.failing_subscribes -= 1;
+                        return json_response(
+                            400,
+                            json!({"code": 1390010, "msg": "no permission"}),
+                        );
+                    }
+                    if !co.definitions.contains(&code) {
+                        return not_found();
+                    }
+                    if co.subscriptions.contains(&(token.clone(), code.clone())) {
+                        return json_response(400, json!({"code": 1390007, "msg": "existed"}));
+                    }
+                    co.subscriptions.push((token, code));
+                    json_response(200, json!({"code": 0, "data": {}}))
+                }
+            }
+        })
+    }
+
+    fn request() -> ApprovalRequest {
+        let mut req = crate::platform::dingtalk::tests::request();
+        req.initiator = UserRef::Id("ou_a".into());
+        req
+    }
+
+    #[test]
+    fn a_definition_is_made_once_and_subscribed_by_each_app_that_uses_it() {
+        let company = Rc::new(RefCell::new(Company {
+            failing_subscribes: 2,
+            ..Company::default()
+        }));
+        let env = feishu(company.clone());
+        // The app lacks the subscribe permission for two attempts: the definition is kept,
+        // not made again per attempt.
+        for _ in 0..2 {
+            let Err(e) = create(&env, &app(), &request(), "k") else {
+                panic!("a failed subscribe must fail the start")
+            };
+            assert!(matches!(e.error, Error::Platform { code: 1390010, .. }));
+        }
+        assert_eq!(
+            create(&env, &app(), &request(), "k").unwrap().instance_id,
+            "I1"
+        );
+        create(&env, &app(), &request(), "k2").unwrap();
+        // The store's app now points at another Feishu app of the same company: it subscribes
+        // the definition itself, or its events would never come.
+        let other = ImApp {
+            app_id: "cli_2".into(),
+            app_secret: "s2".into(),
+            ..app()
+        };
+        create(&env, &other, &request(), "k3").unwrap();
+        let co = company.borrow();
+        assert_eq!(co.definitions, ["DEF1"]);
+        assert_eq!(
+            co.subscriptions,
+            [
+                ("t-cli_1".into(), "DEF1".into()),
+                ("t-cli_2".into(), "DEF1".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_definition_feishu_no_longer_knows_is_made_again() {
+        let company = Rc::new(RefCell::new(Company::default()));
+        let env = feishu(company.clone());
+        create(&env, &app(), &request(), "k").unwrap();
+        // Deleted in the admin console: the create is refused and the start makes a new one.
+        company.borrow_mut().definitions.clear();
+        let c = create(&env, &app(), &request(), "k2").unwrap();
+        assert_eq!(c.meta["approval_code"], "DEF1");
+        assert_eq!(company.borrow().definitions, ["DEF1"]);
+        // The app moved to another company, where the kept code is unknown to its subscribe.
+        let moved = feishu(Rc::new(RefCell::new(Company {
+            definitions: vec!["X".into()],
+            ..Company::default()
+        })));
+        *moved.kv.borrow_mut() = env.snapshot();
+        let other = ImApp {
+            app_id: "cli_9".into(),
+            ..app()
+        };
+        let c = create(&moved, &other, &request(), "k3").unwrap();
+        assert_eq!(c.meta["approval_code"], "DEF2");
     }
 }

@@ -230,15 +230,19 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
         let _ = env.kv_delete(&unsaved);
         return Ok(approval);
     }
-    let token = idempotency_token(app, &req.key);
     if platform::dedups_creates(app.platform) {
         // A repeated create with the same token returns the first instance.
+        let token = idempotency_token(app, &req.key);
         let created = platform::create(env, app, req, &token).map_err(|e| e.error)?;
         return record_created(env, app, req, created, began_ms);
     }
     if let Some(why) = env.kv_get(&unknown_key(app, &req.key))? {
         return Err(outcome_unknown(&String::from_utf8_lossy(&why)));
     }
+    // Lookups and the form or template before the claim: a start cut off while they run (a
+    // long list of mobiles against a slow platform) then holds nothing, where under the claim
+    // it held the key for an hour and then answered -3 although nothing was sent.
+    let prepared = platform::prepare(env, app, req)?;
     // Incrementing by 0 reads the counter atomically.
     let failed = env.kv_increment(&failed_key(app, &req.key), 0)?;
     let legacy = env.kv_get(&legacy_attempt_key(app, &req.key))?.is_some();
@@ -290,7 +294,7 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
             .or_else(|_| env.kv_increment(&failed_key, step))?;
         Err(error)
     };
-    match platform::create(env, app, req, &token) {
+    match platform::send(env, app, prepared) {
         Ok(created) => record_created(env, app, req, created, began_ms),
         Err(CreateError {
             error,
@@ -936,6 +940,41 @@ mod tests {
         let e = start(&env, &app(), &request()).unwrap_err();
         assert_eq!(code(&e), (-3, false), "{e}");
         assert_eq!(sent.get(), 1);
+    }
+
+    /// Cut off while it looks users up (a long list against a slow platform), a start has
+    /// claimed nothing: the retry creates. Each person is looked up once per start, however
+    /// often the request names them.
+    #[test]
+    fn a_start_cut_off_before_its_create_holds_nothing() {
+        use crate::model::UserRef;
+        use crate::platform::dingtalk::tests::{app, request, scripted_reply};
+        use std::cell::Cell;
+        use std::rc::Rc;
+        let lookups = Rc::new(Cell::new(0));
+        let seen = lookups.clone();
+        let (env, sent) =
+            crate::env::fake::FakeEnv::counting("/v1.0/workflow/processInstances", move |r, n| {
+                if r.url.contains("/topapi/v2/user/getbymobile") {
+                    seen.set(seen.get() + 1);
+                    if seen.get() == 1 {
+                        panic!("cut off");
+                    }
+                }
+                n.map_or_else(|| scripted_reply(r), |_| created())
+            });
+        let mut req = request();
+        let mobile = UserRef::Mobile("13800000000".into());
+        req.nodes[0].approvers.push(mobile.clone());
+        req.nodes[1].approvers.push(mobile.clone());
+        req.cc.push(mobile);
+        let cut =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| start(&env, &app(), &req)));
+        assert!(cut.is_err());
+        let a = start(&env, &app(), &req).unwrap();
+        assert_eq!((a.instance_id.as_str(), sent.get()), ("inst-1", 1));
+        // One lookup for the four mentions of one mobile (plus the one cut off).
+        assert_eq!(lookups.get(), 2);
     }
 
     /// What a start answers while generation 0's claim counter holds `claim` (and its

@@ -1248,16 +1248,17 @@ fn wecom_targeted(wx: &Wx, bases: &[Base]) -> Vec<Case> {
         }),
         (
             "wide XML (message)",
-            format!("<xml>{}</xml>", "<a/>".repeat(10_000)),
+            // Over the element bound (20,504: the largest approval a start may create).
+            format!("<xml>{}</xml>", "<a/>".repeat(25_000)),
         ),
         ("unclosed XML (message)", inner.replace("</xml>", "")),
         ("two roots (message)", format!("{inner}{inner}")),
     ] {
         out.push(sealed_case(wx, class, &plaintext, Expect::Reject));
     }
-    // The envelope's own limit (256 KiB) and its JSON variant.
+    // The envelope's limit: the callback body limit (1 MiB).
     let mut padded = wecom_xml_envelope(wx, &event.enc);
-    padded.splice(5..5, std::iter::repeat_n(b' ', 256 * 1024 - padded.len()));
+    padded.splice(5..5, std::iter::repeat_n(b' ', (1 << 20) - padded.len()));
     out.push(Case {
         class: "XML envelope at its limit",
         req: wx.signed("POST", padded.clone(), &event.enc, &ts),

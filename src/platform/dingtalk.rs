@@ -7,7 +7,7 @@
 //! apps both accept the same app access token, so one token from `/v1.0/oauth2/accessToken`
 //! serves both and is cached once.
 
-use super::{CreateError, Created, Parsed, form_text, json_u64};
+use super::{CreateError, Created, Parsed, Prepared, form_text, json_u64};
 use crate::approval::{Event, Inbound, Record};
 use crate::callback::{WxSecrets, unsigned};
 use crate::crypto::undecryptable;
@@ -349,20 +349,9 @@ fn field_text(req: &ApprovalRequest) -> String {
     }
 }
 
-pub fn create(
-    env: &(impl Env + ?Sized),
-    app: &ImApp,
-    req: &ApprovalRequest,
-    _idempotency_token: &str,
-) -> Result<Created, CreateError> {
+pub fn prepare(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> Result<Prepared> {
     let c = Client::new(env, app)?;
-    let originator = c.resolve_one(&req.initiator)?;
-    let nodes = req
-        .nodes
-        .iter()
-        .map(|n| Ok((n.mode, c.resolve(&n.approvers)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let cc = c.resolve(&req.cc)?;
+    let (originator, nodes, cc) = super::resolve_request(req, &|u| c.resolve_one(u))?;
     let code = c.process_code(&originator)?;
     let mut body = json!({
         "processCode": code,
@@ -374,19 +363,26 @@ pub fn create(
         body["ccList"] = json!(cc);
         body["ccPosition"] = json!("FINISH");
     }
-    let reply = c.create("/v1.0/workflow/processInstances", &body)?;
+    let layout: Vec<Value> = nodes
+        .iter()
+        .map(|(m, ids)| json!({"mode": mode_name(*m), "approvers": ids}))
+        .collect();
+    Ok(Prepared {
+        body,
+        meta: json!({"nodes": layout, "originator": originator, "process_code": code}),
+    })
+}
+
+pub fn send(env: &(impl Env + ?Sized), app: &ImApp, p: Prepared) -> Result<Created, CreateError> {
+    let reply = Client::new(env, app)?.create("/v1.0/workflow/processInstances", &p.body)?;
     let instance = reply
         .get("instanceId")
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| CreateError::without_id("processInstances"))?;
-    let layout: Vec<Value> = nodes
-        .iter()
-        .map(|(m, ids)| json!({"mode": mode_name(*m), "approvers": ids}))
-        .collect();
     Ok(Created {
         instance_id: instance.to_string(),
-        meta: json!({"nodes": layout, "originator": originator, "process_code": code}),
+        meta: p.meta,
     })
 }
 
@@ -843,6 +839,7 @@ pub(crate) mod tests {
     use crate::env::fake::{FakeEnv, json_response};
     use crate::env::{Request, Response};
     use crate::model::{ApprovalNode, Link, Platform};
+    use crate::platform::create;
     use std::cell::RefCell;
     use std::rc::Rc;
 

@@ -9,7 +9,8 @@ use crate::approval::{Inbound, Record};
 use crate::env::Env;
 use crate::error::{Error, Result};
 use crate::model::{
-    ApprovalRequest, HttpResponse, ImApp, Notification, Platform, Receipt, RobotWebhook,
+    ApprovalRequest, HttpResponse, ImApp, Notification, Platform, Receipt, RobotWebhook, SignMode,
+    UserRef,
 };
 
 /// A new instance on the platform, and what later calls need to address it.
@@ -87,6 +88,8 @@ pub fn dedups_creates(p: Platform) -> bool {
     matches!(p, Platform::Feishu | Platform::Lark)
 }
 
+/// A start in one step. Feishu's: it deduplicates creates by the token, so a start needs no
+/// claim; the other platforms' go through [`prepare`] and [`send`].
 pub fn create(
     env: &(impl Env + ?Sized),
     app: &ImApp,
@@ -95,9 +98,71 @@ pub fn create(
 ) -> Result<Created, CreateError> {
     match app.platform {
         Platform::Feishu | Platform::Lark => feishu::create(env, app, req, idempotency_token),
-        Platform::Dingtalk => dingtalk::create(env, app, req, idempotency_token),
-        Platform::Wecom => wecom::create(env, app, req, idempotency_token),
+        Platform::Dingtalk | Platform::Wecom => send(env, app, prepare(env, app, req)?),
     }
+}
+
+/// A DingTalk or WeCom create, worked out before the start claims its key: the user lookups
+/// and the form or template are reads, or made once, so a start cut off (deadline, crash)
+/// while they run holds nothing; only the create request itself runs under the claim.
+pub struct Prepared {
+    body: serde_json::Value,
+    meta: serde_json::Value,
+}
+
+pub fn prepare(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> Result<Prepared> {
+    match app.platform {
+        Platform::Dingtalk => dingtalk::prepare(env, app, req),
+        Platform::Wecom => wecom::prepare(env, app, req),
+        Platform::Feishu | Platform::Lark => Err(Error::config(FEISHU_IN_ONE_STEP)),
+    }
+}
+
+pub fn send(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    prepared: Prepared,
+) -> Result<Created, CreateError> {
+    match app.platform {
+        Platform::Dingtalk => dingtalk::send(env, app, prepared),
+        Platform::Wecom => wecom::send(env, app, prepared),
+        Platform::Feishu | Platform::Lark => Err(Error::config(FEISHU_IN_ONE_STEP).into()),
+    }
+}
+
+/// A node's mode and its approvers' platform ids.
+type Resolved = (SignMode, Vec<String>);
+
+const FEISHU_IN_ONE_STEP: &str = "Feishu starts are created in one step";
+
+/// The initiator, each node's approvers and the cc list as platform ids, looking each
+/// distinct person up once: a request may name the same person in several nodes and in cc.
+fn resolve_request<'r>(
+    req: &'r ApprovalRequest,
+    lookup: &dyn Fn(&UserRef) -> Result<String>,
+) -> Result<(String, Vec<Resolved>, Vec<String>)> {
+    let mut known: Vec<(&'r UserRef, String)> = Vec::new();
+    let mut resolve = |users: &'r [UserRef]| -> Result<Vec<String>> {
+        users
+            .iter()
+            .map(|u| {
+                if let Some((_, id)) = known.iter().find(|(k, _)| *k == u) {
+                    return Ok(id.clone());
+                }
+                let id = lookup(u)?;
+                known.push((u, id.clone()));
+                Ok(id)
+            })
+            .collect()
+    };
+    let initiator = resolve(core::slice::from_ref(&req.initiator))?.remove(0);
+    let nodes = req
+        .nodes
+        .iter()
+        .map(|n| Ok((n.mode, resolve(&n.approvers)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let cc = resolve(&req.cc)?;
+    Ok((initiator, nodes, cc))
 }
 
 pub fn poll(

@@ -5,7 +5,7 @@
 //! WeCom reports the overall `sp_status` of an approval, so this module emits `Event::Status`
 //! (plus the individual decisions for the record) and never evaluates nodes locally.
 
-use super::{CreateError, Created, Parsed, form_text, normalize_mobile};
+use super::{CreateError, Created, Parsed, Prepared, form_text, normalize_mobile};
 use crate::approval::{Event, Inbound, Record};
 use crate::callback::WxSecrets;
 use crate::crypto;
@@ -284,23 +284,18 @@ pub fn applyevent_body(
     })
 }
 
-pub fn create(
-    env: &(impl Env + ?Sized),
-    app: &ImApp,
-    req: &ApprovalRequest,
-    _idempotency_token: &str,
-) -> Result<Created, CreateError> {
+pub fn prepare(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> Result<Prepared> {
     let c = Client::new(env, app)?;
-    let creator = c.resolve_one(&req.initiator)?;
-    let nodes = req
-        .nodes
-        .iter()
-        .map(|n| Ok((n.mode, c.resolve(&n.approvers)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let cc = c.resolve(&req.cc)?;
+    let (creator, nodes, cc) = super::resolve_request(req, &|u| c.resolve_one(u))?;
     let template_id = c.template()?;
-    let body = applyevent_body(&template_id, &creator, &nodes, &cc, req);
-    let reply = c.create("/cgi-bin/oa/applyevent", &body)?;
+    Ok(Prepared {
+        body: applyevent_body(&template_id, &creator, &nodes, &cc, req),
+        meta: json!({"template_id": template_id, "creator": creator}),
+    })
+}
+
+pub fn send(env: &(impl Env + ?Sized), app: &ImApp, p: Prepared) -> Result<Created, CreateError> {
+    let reply = Client::new(env, app)?.create("/cgi-bin/oa/applyevent", &p.body)?;
     let sp_no = reply
         .get("sp_no")
         .and_then(|v| {
@@ -312,7 +307,7 @@ pub fn create(
         .ok_or_else(|| CreateError::without_id("applyevent"))?;
     Ok(Created {
         instance_id: sp_no,
-        meta: json!({"template_id": template_id, "creator": creator}),
+        meta: p.meta,
     })
 }
 
@@ -939,6 +934,7 @@ pub(crate) mod tests {
     use crate::crypto::{sorted_sha1_hex, wx::WxKey};
     use crate::env::fake::{FakeEnv, json_response};
     use crate::model::{ApprovalNode, Link, Platform};
+    use crate::platform::create;
 
     const AES: &str = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C";
     const CORP: &str = "ww_corp";

@@ -361,7 +361,18 @@ async fn robot_with_signing_and_work_notice() {
                 .unwrap()
                 .contains("@13800000001")
         );
-        assert_eq!(s.robot_messages[1].body["msgtype"], "actionCard");
+        // With a link and mentions: markdown, where DingTalk's `at` works, the link in the text.
+        let m = &s.robot_messages[1];
+        assert_eq!(
+            (m.errcode, m.body["msgtype"].as_str()),
+            (0, Some("markdown"))
+        );
+        assert!(
+            m.body["markdown"]["text"]
+                .as_str()
+                .unwrap()
+                .contains("[Open](https://engine/wf/42)")
+        );
     }
     // A wrong secret is refused by the simulator's 加签 check: a typed platform error.
     let r =

@@ -733,12 +733,16 @@ pub fn markdown_text(n: &Notification, mentions: &[String]) -> String {
 pub fn robot_body(n: &Notification, mobiles: &[String], user_ids: &[String]) -> Value {
     let all: Vec<String> = mobiles.iter().chain(user_ids).cloned().collect();
     let text = markdown_text(n, &all);
+    // `at` is documented for text and markdown only, so a message that mentions someone stays
+    // markdown and carries its link in the text (`markdown_text` adds it); a button card
+    // could arrive without pinging anyone.
+    let mentions = !all.is_empty() || n.mention_all;
     let mut body = match &n.link {
-        Some(link) => json!({"msgtype": "actionCard", "actionCard": {
+        Some(link) if !mentions => json!({"msgtype": "actionCard", "actionCard": {
             "title": n.title, "text": text, "singleTitle": link.text, "singleURL": link.url,
             "btnOrientation": "0",
         }}),
-        None => json!({"msgtype": "markdown", "markdown": {"title": n.title, "text": text}}),
+        _ => json!({"msgtype": "markdown", "markdown": {"title": n.title, "text": text}}),
     };
     body["at"] = json!({"atMobiles": mobiles, "atUserIds": user_ids, "isAtAll": n.mention_all});
     body
@@ -1394,6 +1398,20 @@ pub(crate) mod tests {
         let b = robot_body(&with_link, &[], &[]);
         assert_eq!(b["msgtype"], "actionCard");
         assert_eq!(b["actionCard"]["singleURL"], "https://x/1");
+        // With mentions, markdown (where `at` works) with the link in the text.
+        for (mobiles, all) in [(vec!["13800000000".to_string()], false), (vec![], true)] {
+            with_link.mention_all = all;
+            let b = robot_body(&with_link, &mobiles, &[]);
+            assert_eq!(b["msgtype"], "markdown");
+            assert!(
+                b["markdown"]["text"]
+                    .as_str()
+                    .unwrap()
+                    .contains("[Open](https://x/1)")
+            );
+            assert_eq!(b["at"]["isAtAll"], all);
+        }
+        with_link.mention_all = false;
 
         env.set_responder(|_| {
             json_response(200, json!({"errcode": 310000, "errmsg": "sign not match"}))

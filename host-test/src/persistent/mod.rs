@@ -282,7 +282,10 @@ async fn keep_lease(lease: &Lease, asked: Instant) -> String {
     }
 }
 
-/// Exponential backoff with full jitter, never below what the platform asked for.
+/// Exponential backoff with full jitter, plus the platform's random nonce. The platform's
+/// reconnect interval is the least wait between failed attempts only: after a connection
+/// that worked, the first attempt waits just the nonce (as Feishu's own SDKs do), since
+/// every second of the gap is a second without events.
 fn reconnect_delay(options: &Options, hints: &Hints, failures: u32) -> Duration {
     let exp = options
         .backoff_min
@@ -293,7 +296,10 @@ fn reconnect_delay(options: &Options, hints: &Hints, failures: u32) -> Duration 
         + exp
             .saturating_sub(options.backoff_min)
             .mul_f64(rng.r#gen::<f64>());
-    let floor = hints.reconnect_interval.unwrap_or_default();
+    let floor = match failures {
+        0 => Duration::ZERO,
+        _ => hints.reconnect_interval.unwrap_or_default(),
+    };
     let nonce = hints
         .reconnect_nonce
         .map(|n| n.mul_f64(rng.r#gen::<f64>()))
@@ -411,6 +417,30 @@ mod tests {
             .await
             .expect("keep_lease gave up");
         assert!(reason.contains("about to expire"), "{reason}");
+    }
+
+    /// Feishu asks for 120 s between attempts and up to 30 s of random delay: a connection
+    /// that worked and ended is tried again within the nonce, failed attempts after that
+    /// wait the interval. Before, every reconnect waited at least 120 s.
+    #[test]
+    fn the_reconnect_interval_applies_between_failed_attempts() {
+        let options = Options::default();
+        let hints = Hints {
+            reconnect_interval: Some(Duration::from_secs(120)),
+            reconnect_nonce: Some(Duration::from_secs(30)),
+            ping_interval: None,
+        };
+        for _ in 0..100 {
+            let first = reconnect_delay(&options, &hints, 0);
+            assert!(first >= options.backoff_min, "{first:?}");
+            assert!(
+                first <= options.backoff_min + Duration::from_secs(30),
+                "{first:?}"
+            );
+            let later = reconnect_delay(&options, &hints, 1);
+            assert!(later >= Duration::from_secs(120), "{later:?}");
+            assert!(later <= Duration::from_secs(150), "{later:?}");
+        }
     }
 
     /// The endpoint's answer chunked and written in pieces, as a real gateway may send it.

@@ -192,6 +192,12 @@ pub fn validate(req: &ApprovalRequest) -> Result<()> {
             )));
         }
     }
+    Ok(())
+}
+
+/// Limits newer than some stored approvals: checked only before a create, so a start with
+/// the key of one made earlier still returns it.
+fn validate_new(req: &ApprovalRequest) -> Result<()> {
     if req.cc.len() > MAX_CC {
         return Err(Error::input(format!("at most {MAX_CC} cc recipients")));
     }
@@ -200,12 +206,11 @@ pub fn validate(req: &ApprovalRequest) -> Result<()> {
 
 /// A stable per-(app, key) token for platforms that deduplicate creates themselves.
 pub fn idempotency_token(app: &ImApp, key: &str) -> String {
-    uuid_of(&[app.id.as_bytes(), b"\0", key.as_bytes()])
-}
-
-/// A UUID-shaped digest of `parts`.
-pub fn uuid_of(parts: &[&[u8]]) -> String {
-    let h = crate::env::hex(&crate::crypto::sha256(parts));
+    let h = crate::env::hex(&crate::crypto::sha256(&[
+        app.id.as_bytes(),
+        b"\0",
+        key.as_bytes(),
+    ]));
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],
@@ -230,6 +235,7 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
         let _ = env.kv_delete(&unsaved);
         return Ok(approval);
     }
+    validate_new(req)?;
     if platform::dedups_creates(app.platform) {
         // A repeated create with the same token returns the first instance.
         let token = idempotency_token(app, &req.key);
@@ -590,7 +596,7 @@ mod tests {
         req.nodes = vec![node; MAX_NODES];
         req.nodes[0].approvers = ids(MAX_APPROVERS_PER_NODE);
         req.cc = ids(MAX_CC);
-        assert_eq!(validate(&req), Ok(()));
+        assert_eq!(validate(&req).and(validate_new(&req)), Ok(()));
         let too_many: [&dyn Fn(&mut ApprovalRequest); 4] = [
             &|r| r.nodes.clear(),
             &|r| r.nodes.push(r.nodes[0].clone()),
@@ -600,11 +606,17 @@ mod tests {
         for (case, change) in too_many.iter().enumerate() {
             let mut r = req.clone();
             change(&mut r);
-            assert!(
-                matches!(validate(&r), Err(Error::InvalidInput(_))),
-                "case {case}"
-            );
+            let e = validate(&r).and(validate_new(&r));
+            assert!(matches!(e, Err(Error::InvalidInput(_))), "case {case}");
         }
+        // The cc limit is newer than approvals made before it: their key still finds them.
+        let (env, sent) = dingtalk_env(|_| created());
+        let app = crate::platform::dingtalk::tests::app();
+        let started = start(&env, &app, &req).unwrap();
+        let mut old = req.clone();
+        old.cc = ids(MAX_CC + 1);
+        assert_eq!(start(&env, &app, &old), Ok(started));
+        assert_eq!(sent.get(), 1);
     }
 
     #[test]

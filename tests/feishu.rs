@@ -207,10 +207,11 @@ async fn start_is_idempotent_per_key_and_tenant() {
     );
 }
 
-/// Feishu keeps a create's uuid unique across the whole company. Two stores (host tenants
-/// here; two engines alike) with the same Feishu app, app id and key must still get an
-/// approval each: before, the second got Feishu's "uuid used" and adopted the first's
-/// instance, already approved. (A lost create answer is recovered by uuid in faults.rs.)
+/// Feishu keeps a create's uuid unique across the whole company. A second store (a host
+/// tenant here; another engine alike) with the same Feishu app, app id and key used to get
+/// Feishu's "uuid used", read the first store's instance back and take it as its own,
+/// already approved. Now it refuses (retryable, saying why); with its own app id it gets
+/// its own approval. (A lost create answer is recovered by uuid in faults.rs.)
 #[tokio::test(flavor = "multi_thread")]
 async fn stores_sharing_a_feishu_company_never_adopt_each_others_approvals() {
     let f = Fixture::new().await;
@@ -220,12 +221,33 @@ async fn stores_sharing_a_feishu_company_never_adopt_each_others_approvals() {
     }
     assert_eq!(ok(&f.get("t1", &first, true).await)["status"], "approved");
     let other = f.start("t2", "wf-42/deploy").await;
-    assert_eq!(ok(&other)["status"], "pending", "{other}");
-    let second = instance_id(&other);
-    assert_ne!(second, first);
-    assert_eq!(f.sim.state().instances.len(), 2);
-    // Each store's retry still finds its own.
-    assert_eq!(instance_id(&f.start("t2", "wf-42/deploy").await), second);
+    assert_eq!(err_kind(&other), "platform", "{other}");
+    assert_eq!(other["err"]["code"], 60012, "{other}");
+    assert_eq!(other["err"]["retryable"], true, "{other}");
+    assert!(
+        other["err"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("different ids"),
+        "{other}"
+    );
+    assert_eq!(f.sim.state().instances.len(), 1);
+    // With an app id of its own, the second store's uuid is its own.
+    let mut app = f.app.clone();
+    app["id"] = json!("fs-staging");
+    let own = f
+        .h
+        .invoke(
+            "t2",
+            "start-approval",
+            json!({"app": app, "request": {
+                "key": "wf-42/deploy", "title": "Deploy to prod?", "initiator": {"id": "ou_alice"},
+                "nodes": [{"approvers": [{"id": "ou_bob"}], "mode": "and"}], "cc": [], "fields": []}}),
+        )
+        .await;
+    assert_eq!(ok(&own)["status"], "pending", "{own}");
+    assert_ne!(instance_id(&own), first);
+    // The first store's retry still finds its own.
     assert_eq!(instance_id(&f.start("t1", "wf-42/deploy").await), first);
 }
 

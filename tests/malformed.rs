@@ -1248,7 +1248,7 @@ fn wecom_targeted(wx: &Wx, bases: &[Base]) -> Vec<Case> {
         }),
         (
             "wide XML (message)",
-            // Over the element bound (20,504: the largest approval a start may create).
+            // Over the element bound (20,544: the largest approval a start may create).
             format!("<xml>{}</xml>", "<a/>".repeat(25_000)),
         ),
         ("unclosed XML (message)", inner.replace("</xml>", "")),

@@ -372,13 +372,7 @@ pub fn create(
             }
             other => other?,
         };
-        // Feishu keeps a uuid unique across the whole company, not per app, so engines or
-        // host tenants that share a Feishu company and name their apps and keys alike would
-        // collide, and one would adopt the other's approval. The definition is created per
-        // store, so scoping the uuid by its code keeps a store's retries on one uuid and
-        // stores apart.
-        let uuid = crate::approval::uuid_of(&[uuid.as_bytes(), b"\0", code.as_bytes()]);
-        let body = instance_body(&code, &initiator, &nodes, &cc, req, &uuid);
+        let body = instance_body(&code, &initiator, &nodes, &cc, req, uuid);
         match c.api(
             Method::Post,
             "/open-apis/approval/v4/instances",
@@ -402,17 +396,24 @@ pub fn create(
                     Method::Get,
                     &format!(
                         "/open-apis/approval/v4/instances/{}",
-                        http::percent_encode(&uuid)
+                        http::percent_encode(uuid)
                     ),
                     None,
                 )?;
-                // Only ever our own definition's instance: anything else is not this start's.
+                // Feishu keeps a uuid unique across the whole company, not per app, so it may
+                // be another store's: one that shares this company, app id and key. Adopting
+                // that would hand back someone else's approval (perhaps already approved), so
+                // only an instance of this store's own definition is taken. The other case is
+                // a concurrent first start of this node shape, whose definition differs until
+                // one of them is kept: a retry then finds it.
                 if data.get("approval_code").and_then(Value::as_str) != Some(&code) {
                     return Err(Error::platform(
                         UUID_CONFLICT,
-                        "Feishu reports this start's uuid as used by an approval of another \
-                         definition; start again with a new key",
-                        false,
+                        "Feishu has an approval with this start's uuid on a definition this \
+                         store does not use: another store in the Feishu company with the same \
+                         app id and key (give the apps different ids), or a concurrent first \
+                         start of this node shape (retry)",
+                        true,
                     )
                     .into());
                 }
@@ -764,7 +765,9 @@ fn webhook_mentions(
         Vec::new()
     } else {
         let app = app.ok_or_else(|| {
-            Error::input("mentioning by mobile in a Feishu webhook needs an app to look it up")
+            Error::input(
+                "mentioning by mobile in a Feishu webhook needs a Feishu or Lark app to look it up",
+            )
         })?;
         Client::new(env, app)?.resolve(&mobiles)?
     };
@@ -1203,21 +1206,21 @@ mod uuid_tests {
                         e.error,
                         Error::Platform {
                             code: UUID_CONFLICT,
-                            retryable: false,
+                            retryable: true,
                             ..
                         }
                     ));
                 }
             }
-            // The uuid sent is scoped by the definition, not the bare key's token.
+            // The key's token is the uuid: the same for every attempt, however the store's
+            // definitions come and go.
             let sent = env.sent.borrow();
             let create = sent
                 .iter()
                 .find(|r| r.url.ends_with("/open-apis/approval/v4/instances"))
                 .unwrap();
             let body: Value = serde_json::from_slice(&create.body).unwrap();
-            let want = crate::approval::uuid_of(&[b"uuid-of-key", b"\0", b"DEF1"]);
-            assert_eq!(body["uuid"], want.as_str());
+            assert_eq!(body["uuid"], "uuid-of-key");
         }
     }
 }
@@ -1235,6 +1238,8 @@ mod definition_tests {
     #[derive(Default)]
     struct Company {
         definitions: Vec<String>,
+        /// Definitions ever made, so a re-made one gets a new code.
+        made: usize,
         /// (token of the subscribing app, code)
         subscriptions: Vec<(String, String)>,
         failing_subscribes: usize,
@@ -1261,7 +1266,8 @@ mod definition_tests {
                         "tenant_access_token": format!("t-{}", body["app_id"].as_str().unwrap())}),
                 ),
                 "/approval/v4/approvals" => {
-                    let code = format!("DEF{}", co.definitions.len() + 1);
+                    co.made += 1;
+                    let code = format!("DEF{}", co.made);
                     co.definitions.push(code.clone());
                     json_response(200, json!({"code": 0, "data": {"approval_code": code}}))
                 }
@@ -1353,11 +1359,19 @@ mod definition_tests {
         // Deleted in the admin console: the create is refused and the start makes a new one.
         company.borrow_mut().definitions.clear();
         let c = create(&env, &app(), &request(), "k2").unwrap();
-        assert_eq!(c.meta["approval_code"], "DEF1");
-        assert_eq!(company.borrow().definitions, ["DEF1"]);
+        assert_eq!(c.meta["approval_code"], "DEF2");
+        assert_eq!(company.borrow().definitions, ["DEF2"]);
+        // Subscribed too, or its events would never come.
+        assert!(
+            company
+                .borrow()
+                .subscriptions
+                .contains(&("t-cli_1".into(), "DEF2".into()))
+        );
         // The app moved to another company, where the kept code is unknown to its subscribe.
         let moved = feishu(Rc::new(RefCell::new(Company {
             definitions: vec!["X".into()],
+            made: 5,
             ..Company::default()
         })));
         *moved.kv.borrow_mut() = env.snapshot();
@@ -1366,6 +1380,6 @@ mod definition_tests {
             ..app()
         };
         let c = create(&moved, &other, &request(), "k3").unwrap();
-        assert_eq!(c.meta["approval_code"], "DEF2");
+        assert_eq!(c.meta["approval_code"], "DEF6");
     }
 }

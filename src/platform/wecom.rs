@@ -774,7 +774,7 @@ fn robot_mentions(
             UserRef::Mobile(m) => mobiles.push(normalize_mobile(m)?),
             UserRef::Email(_) => {
                 let app = app.ok_or_else(|| {
-                    Error::input("mentioning by email in a WeCom robot message needs an app")
+                    Error::input("mentioning by email in a WeCom robot message needs a WeCom app to look it up")
                 })?;
                 ids.push(Client::new(env, app)?.resolve_one(u)?);
             }

@@ -657,11 +657,16 @@ mod tests {
 
     #[test]
     fn stored_node_layout_drives_status() {
-        let mut r = rec();
-        r.meta = serde_json::json!({"nodes": [
-            {"mode": "and", "approvers": ["a", "b"]},
-            {"mode": "or", "approvers": ["c", "d"]},
-        ]});
+        // [AND a, b], then [OR c, d], as DingTalk starts store it.
+        let and_then_or = || {
+            let mut r = rec();
+            r.meta = serde_json::json!({"nodes": [
+                {"mode": "and", "approvers": ["a", "b"]},
+                {"mode": "or", "approvers": ["c", "d"]},
+            ]});
+            r
+        };
+        let mut r = and_then_or();
         r.apply(&dec("a", true, 1));
         r.apply(&dec("b", true, 2));
         assert_eq!(r.approval.status, ApprovalStatus::Pending);
@@ -672,11 +677,7 @@ mod tests {
         assert!(r.apply(&Event::Status(ApprovalStatus::Approved)));
         assert_eq!(r.approval.status, ApprovalStatus::Approved);
         // A rejection on an undecided node rejects at once.
-        let mut r = rec();
-        r.meta = serde_json::json!({"nodes": [
-            {"mode": "and", "approvers": ["a", "b"]},
-            {"mode": "or", "approvers": ["c", "d"]},
-        ]});
+        let mut r = and_then_or();
         r.apply(&dec("a", true, 1));
         r.apply(&dec("b", false, 2));
         assert_eq!(r.approval.status, ApprovalStatus::Rejected);

@@ -6,7 +6,7 @@ use imbridge_tests::imbridge_host::sim::dingtalk::{
     DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser, PushRequest, Robot, crypto,
 };
 use imbridge_tests::imbridge_host::sim::http::{Faults, Handler, Request, Response, Server};
-use imbridge_tests::{Harness, err_kind, http_request, ok};
+use imbridge_tests::{Harness, err_kind, err_message, http_request, ok};
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -515,12 +515,7 @@ async fn platform_and_transport_errors_are_typed() {
     let r = fx.get(&id, true).await;
     assert_eq!(err_kind(&r), "platform");
     assert_eq!(r["err"]["retryable"], false);
-    assert!(
-        r["err"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("Brand.NewError")
-    );
+    assert!(err_message(&r).contains("Brand.NewError"));
     // Throttling is retryable (the plugin's own three attempts all throttled).
     fx.sim.fail_next(
         "/v1.0/workflow/processInstances",

@@ -4,7 +4,7 @@
 use imbridge_host::config::ServeConfig;
 use imbridge_host::server::{ServerHandle, serve_with};
 use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
-use imbridge_tests::{Harness, err_kind, http_request, ok, signed_hook};
+use imbridge_tests::{Harness, err_kind, err_message, http_request, ok, signed_hook};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -224,13 +224,7 @@ async fn stores_sharing_a_feishu_company_never_adopt_each_others_approvals() {
     assert_eq!(err_kind(&other), "platform", "{other}");
     assert_eq!(other["err"]["code"], 60012, "{other}");
     assert_eq!(other["err"]["retryable"], true, "{other}");
-    assert!(
-        other["err"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("different ids"),
-        "{other}"
-    );
+    assert!(err_message(&other).contains("different ids"), "{other}");
     assert_eq!(f.sim.state().instances.len(), 1);
     // With an app id of its own, the second store's uuid is its own.
     let mut app = f.app.clone();
@@ -487,7 +481,7 @@ async fn bad_callbacks_are_typed_errors_without_state_change() {
     for (name, headers, body, kind) in cases {
         let r = f.callback(&headers, &body).await;
         assert_eq!(err_kind(&r), kind, "{name}: {r}");
-        let msg = r["err"]["message"].as_str().unwrap();
+        let msg = err_message(&r);
         assert!(
             !msg.contains(ENCRYPT_KEY) && !msg.contains("demo-secret"),
             "{name} leaks a secret"
@@ -570,7 +564,7 @@ async fn platform_errors_timeouts_and_bad_config_are_typed() {
     );
     let r = f.start("t1", "slow").await;
     assert_eq!(err_kind(&r), "transport", "{r}");
-    assert!(r["err"]["message"].as_str().unwrap().contains("timed out"));
+    assert!(err_message(&r).contains("timed out"));
 }
 
 /// The official SDK (lark-oapi) produces the encrypted, signed push; the plugin must accept it

@@ -6,7 +6,7 @@
 
 use imbridge_host::TenantPolicy;
 use imbridge_host::sim::feishu::{BotHook, FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
-use imbridge_tests::{Harness, component_path, err_kind, ok};
+use imbridge_tests::{Harness, component_path, err_kind, err_message, ok};
 use serde_json::{Value, json};
 
 async fn sim(app_id: &str) -> FeishuSim {
@@ -65,13 +65,7 @@ async fn tenants_cannot_reach_each_others_hosts_or_keys() {
     ok(&h.invoke("b", "notify", webhook(&hook_b)).await);
     let r = h.invoke("a", "notify", webhook(&hook_b)).await;
     assert_eq!(err_kind(&r), "transport", "{r}");
-    assert!(
-        r["err"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not on the allow-list"),
-        "{r}"
-    );
+    assert!(err_message(&r).contains("not on the allow-list"), "{r}");
     assert_eq!(
         sim_b.state().bot_messages.len(),
         1,
@@ -86,7 +80,7 @@ async fn tenants_cannot_reach_each_others_hosts_or_keys() {
     ] {
         let r = h.invoke("a", "notify", webhook(url)).await;
         assert_eq!(err_kind(&r), "transport", "{url}: {r}");
-        let msg = r["err"]["message"].as_str().unwrap();
+        let msg = err_message(&r);
         assert!(msg.contains("link-local"), "{url}: {msg}");
         // B is served in between.
         ok(&h.invoke("b", "notify", webhook(&hook_b)).await);

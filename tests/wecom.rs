@@ -7,7 +7,7 @@ use imbridge_host::json::Json;
 use imbridge_host::server::{ServerHandle, serve_with};
 use imbridge_host::sim::wecom::{WecomApp, WecomConfig, WecomSim, WecomUser, crypto};
 use imbridge_host::{TenantPolicy, bindings::types::ImApp};
-use imbridge_tests::{Harness, err_kind, http_request, ok};
+use imbridge_tests::{Harness, err_kind, err_message, http_request, ok};
 use serde_json::{Value, json};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -291,7 +291,7 @@ async fn rejected_revoked_refresh_and_cancel() {
         .await;
     assert_eq!(err_kind(&c), "platform");
     assert_eq!(c["err"]["retryable"], false);
-    assert!(c["err"]["message"].as_str().unwrap().contains("withdraw"));
+    assert!(err_message(&c).contains("withdraw"));
     assert_eq!(w.h.kv_dump("t1"), before);
 }
 

@@ -108,6 +108,14 @@ pub fn err_kind(reply: &Value) -> String {
     }
 }
 
+/// The message of an `err` reply.
+pub fn err_message(reply: &Value) -> &str {
+    match reply["err"]["message"].as_str() {
+        Some(m) => m,
+        None => panic!("expected err with a message, got {reply}"),
+    }
+}
+
 /// An http-request value for handle-callback.
 pub fn http_request(method: &str, query: &str, headers: &[(String, String)], body: &[u8]) -> Value {
     json!({

@@ -290,14 +290,19 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
     let _ = env.kv_increment(&stamp, now);
     // Nothing has gone out yet: moving the failure counter on hands the next start a new
     // generation, as after a refused create. It is the only write that frees the key, so a
-    // transient storage fault gets a second try rather than holding the key for an hour (an
-    // increment that failed after it applied moves the counter twice, which only skips a
-    // generation number).
+    // transient storage fault gets a second try rather than holding the key for an hour. The
+    // first try may have applied with its answer lost: only this start moves the counter
+    // past `generation`, so a counter already past it is not moved again, since every value
+    // it passes through is a generation another start may claim and create under.
     let release = |error: Error| {
         let failed_key = failed_key(app, &req.key);
         let step = generation + 1 - failed;
-        env.kv_increment(&failed_key, step)
-            .or_else(|_| env.kv_increment(&failed_key, step))?;
+        env.kv_increment(&failed_key, step).or_else(|_| {
+            match env.kv_increment(&failed_key, 0)? {
+                moved if moved > generation => Ok(moved),
+                _ => env.kv_increment(&failed_key, step),
+            }
+        })?;
         Err(error)
     };
     match platform::send(env, app, prepared) {

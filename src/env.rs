@@ -115,6 +115,10 @@ pub mod fake {
         /// that is to fail, if any: a host whose store has a transient fault.
         kv_ops: Cell<usize>,
         fail_kv_op: Cell<Option<usize>>,
+        /// The key of an increment that is to fail after it applied (a store whose answer
+        /// was lost), once it has.
+        pub lost_answer: RefCell<Option<String>>,
+        lose_answers: Cell<bool>,
     }
 
     impl FakeEnv {
@@ -129,6 +133,8 @@ pub mod fake {
                 counter: Cell::new(0),
                 kv_ops: Cell::new(0),
                 fail_kv_op: Cell::new(None),
+                lost_answer: RefCell::default(),
+                lose_answers: Cell::new(false),
             }
         }
 
@@ -141,6 +147,11 @@ pub mod fake {
         /// does) fail with a storage error, or, with `None`, none.
         pub fn fail_kv_op(&self, op: Option<usize>) {
             self.fail_kv_op.set(op);
+        }
+
+        /// Makes the failing operation, when it is an increment that adds, apply before it fails.
+        pub fn lose_answers(&self, lose: bool) {
+            self.lose_answers.set(lose);
         }
 
         fn kv_op(&self) -> Result<()> {
@@ -233,6 +244,15 @@ pub mod fake {
             Ok(())
         }
         fn kv_increment(&self, key: &str, delta: u64) -> Result<u64> {
+            let lose = delta != 0
+                && self.lose_answers.get()
+                && self.fail_kv_op.get() == Some(self.kv_ops.get());
+            if lose {
+                self.fail_kv_op.set(None);
+                self.kv_increment(key, delta)?;
+                *self.lost_answer.borrow_mut() = Some(key.to_string());
+                return Err(Error::storage("injected fault after the increment applied"));
+            }
             self.kv_op()?;
             let mut kv = self.kv.borrow_mut();
             let cur = kv

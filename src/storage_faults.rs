@@ -206,6 +206,38 @@ fn a_refused_start_survives_a_storage_fault_at_every_step() {
     }
 }
 
+/// A store may apply an increment and lose its answer. Freeing the key after a refused create
+/// must then still move the failure counter by one generation, not two: every value it
+/// passes through is a generation that a concurrent start may claim and create under, so
+/// two steps let two such starts each create an approval for the key.
+#[test]
+fn a_release_whose_answer_was_lost_moves_the_counter_once() {
+    let refused = || crate::env::fake::json_response(503, json!({"code": "Busy"}));
+    for platform in [DINGTALK, WECOM] {
+        let app = (platform.app)().id;
+        let mut hit = 0;
+        for op in 0..first_start_ops(&platform, refused) {
+            let (env, creates) = platform.env_answering_first(refused);
+            env.lose_answers(true);
+            env.fail_kv_op(Some(op));
+            assert!(platform.start(&env).is_err(), "{app}: operation {op}");
+            env.fail_kv_op(None);
+            let Some(key) = env.lost_answer.take() else {
+                continue;
+            };
+            if !key.contains("/failed/") {
+                continue;
+            }
+            hit += 1;
+            assert_eq!(env.kv_increment(&key, 0), Ok(1), "{app}: operation {op}");
+            // The key is free: the engine's retry creates the approval.
+            assert!(platform.start(&env).is_ok(), "{app}: operation {op}");
+            assert_eq!(creates.get(), 2, "{app}: operation {op}");
+        }
+        assert_eq!(hit, 1, "{app}: one release per refused start");
+    }
+}
+
 /// A create whose outcome is unknown is never sent again, and every start with the key after
 /// it answers -3 whichever storage operation fails: a fault while recording the outcome
 /// used to answer `storage`, then -2 ("in progress, retry") for an hour.

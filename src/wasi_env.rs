@@ -78,6 +78,9 @@ fn transport(e: ErrorCode, authority: &str) -> Error {
             | ErrorCode::TlsCertificateError
             | ErrorCode::HttpRequestUriInvalid
             | ErrorCode::HttpRequestMethodInvalid
+            // The host stopped sending a body over its limit: the server has an unfinished
+            // request, which it cannot act on.
+            | ErrorCode::HttpRequestBodySize(_)
     );
     let what = match e {
         ErrorCode::HttpRequestDenied => "denied by the host (not on the allow-list)".to_string(),

@@ -8,13 +8,16 @@
 //! then the start fails for good rather than risk a second approval. Every outcome is a result or a typed error, never a hang: the host's
 //! deadline is short here, and a platform that stops answering ends in a `transport` error.
 
+use imbridge_host::persistent::LeaseStore;
 use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkSim};
 use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::sim::http::{Faults, Response};
 use imbridge_host::sim::wecom::{WecomApp, WecomConfig, WecomSim, WecomUser};
+use imbridge_host::store::{Backend, Commit, MemoryStore, Outcome};
 use imbridge_tests::{Harness, dingtalk_sim, err_kind, err_message, ok};
 use serde_json::{Value, json};
-use std::sync::MutexGuard;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 const TENANT: &str = "t1";
@@ -520,4 +523,151 @@ async fn a_start_outlives_an_engine_that_hangs_up() {
     let again = http_json(server.addr(), "POST", &path, &body).await;
     assert_eq!(ok(&again)["instance_id"], id);
     server.shutdown().await;
+}
+
+/// A store whose next `fail` commits fail: refused, or (`applied`) applied with the answer
+/// lost, as when Redis goes away between applying a commit and answering it.
+#[derive(Default)]
+struct FlakyCommits {
+    inner: MemoryStore,
+    fail: AtomicU32,
+    applied: AtomicBool,
+}
+
+impl LeaseStore for FlakyCommits {
+    fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> anyhow::Result<bool> {
+        self.inner.try_acquire(name, owner, ttl)
+    }
+    fn release(&self, name: &str, owner: &str) -> anyhow::Result<()> {
+        self.inner.release(name, owner)
+    }
+    fn holder(&self, name: &str) -> anyhow::Result<Option<(String, u64)>> {
+        self.inner.holder(name)
+    }
+}
+
+impl Backend for FlakyCommits {
+    fn get(&self, ns: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        self.inner.get(ns, key)
+    }
+    fn keys(&self, ns: &str) -> anyhow::Result<Vec<String>> {
+        self.inner.keys(ns)
+    }
+    fn commit(&self, ns: &str, commit: Commit) -> anyhow::Result<Outcome> {
+        let failing = self
+            .fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if !failing {
+            return self.inner.commit(ns, commit);
+        }
+        if self.applied.load(Ordering::SeqCst) {
+            self.inner.commit(ns, commit)?;
+        }
+        anyhow::bail!("injected commit failure")
+    }
+    fn increment(
+        &self,
+        ns: &str,
+        key: &str,
+        delta: u64,
+        pending: Option<Option<&[u8]>>,
+    ) -> anyhow::Result<u64> {
+        self.inner.increment(ns, key, delta, pending)
+    }
+    fn outbox_page(
+        &self,
+        tenant: &str,
+        after: u64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<(u64, Vec<u8>)>> {
+        self.inner.outbox_page(tenant, after, limit)
+    }
+    fn outbox_remove_through(&self, tenant: &str, seq: u64) -> anyhow::Result<()> {
+        self.inner.outbox_remove_through(tenant, seq)
+    }
+    fn outbox_last_seq(&self, tenant: &str) -> anyhow::Result<u64> {
+        self.inner.outbox_last_seq(tenant)
+    }
+    fn describe(&self) -> String {
+        "flaky memory".into()
+    }
+}
+
+/// The host's commit of a DingTalk start is all that ties the approval DingTalk now has to
+/// its key: the plugin cannot be run again (it would create a second approval), so the host
+/// tries the commit again. Before, a store that failed once (Redis restarting) lost the
+/// record, and every retry of the start answered -2 for an hour, then -3.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_whose_commit_failed_is_committed_again() {
+    let app = DingtalkApp::new("dingcommit");
+    let sim = dingtalk_sim(&app, &["orig", "a"]).await;
+    let store = Arc::new(FlakyCommits::default());
+    let allow = [sim.base_url().trim_start_matches("http://").to_string()];
+    let h = Harness::with_store(&[TENANT], &allow, store.clone())
+        .await
+        .expect("harness");
+    let app = dingtalk_app(&app, &sim.base_url());
+    let start = |key: &'static str| {
+        h.host.invoke_json(
+            TENANT,
+            "start-approval",
+            json!({"app": app, "request": dingtalk_request(key)}),
+        )
+    };
+    let create = "/v1.0/workflow/processInstances";
+    for (key, applied) in [("wf-refused", false), ("wf-lost-answer", true)] {
+        store.applied.store(applied, Ordering::SeqCst);
+        store.fail.store(1, Ordering::SeqCst);
+        let calls = sim.calls(create);
+        let first = start(key).await.expect("the host commits again");
+        let id = ok(&first)["instance_id"].clone();
+        assert_eq!(store.fail.load(Ordering::SeqCst), 0);
+        let got = h
+            .invoke(
+                TENANT,
+                "get-approval",
+                json!({"app": app, "instance_id": id, "refresh": false}),
+            )
+            .await;
+        assert_eq!(ok(&got)["key"], key, "{got}");
+        assert_eq!(ok(&start(key).await.unwrap())["instance_id"], id, "{key}");
+        // One create, and the start's read-back (a GET on the same path).
+        assert_eq!(sim.calls(create), calls + 2, "{key}");
+    }
+
+    // A store that stays down: the call fails after a bounded number of tries.
+    store.applied.store(false, Ordering::SeqCst);
+    store.fail.store(10, Ordering::SeqCst);
+    let down = start("wf-down").await.expect_err("the store is down");
+    assert!(format!("{down:#}").contains("committing"), "{down:#}");
+    assert_eq!(store.fail.load(Ordering::SeqCst), 6, "four tries");
+}
+
+/// A request body over the host's limit is refused by the host before the platform can act
+/// on it, so a start whose create was too big may be retried (smaller) with the same key.
+/// Before, it counted as a create that may have happened: -3 for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_over_the_hosts_body_limit_may_be_retried() {
+    let app = DingtalkApp::new("dingbig");
+    let sim = dingtalk_sim(&app, &["orig", "a"]).await;
+    let h = harness(&[&sim.base_url()]).await;
+    let app = dingtalk_app(&app, &sim.base_url());
+    let start = |request: Value| {
+        h.invoke(
+            TENANT,
+            "start-approval",
+            json!({"app": app, "request": request}),
+        )
+    };
+    let mut big = dingtalk_request("wf-big");
+    big["fields"] = json!([["changelog", "x".repeat(3 << 20)]]);
+    let refused = start(big).await;
+    assert_eq!(err_kind(&refused), "transport", "{refused}");
+    assert!(!refused.to_string().contains("-3"), "{refused}");
+    let id = ok(&start(dingtalk_request("wf-big")).await)["instance_id"].clone();
+    assert_eq!(
+        ok(&start(dingtalk_request("wf-big")).await)["instance_id"],
+        id
+    );
 }

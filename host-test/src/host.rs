@@ -8,7 +8,7 @@ use crate::engine::{self, ComponentCache};
 use crate::kv::KvCtx;
 use crate::log;
 use crate::sandbox::{self, CallState};
-use crate::store::{Backend, Outcome, StoreConfig};
+use crate::store::{Backend, Commit, Outcome, Seen, StoreConfig};
 use crate::tenants::{self, Registry, Tenant, TenantPolicy};
 use crate::wasi_http::{AllowList, HttpPolicy};
 use anyhow::{Context as _, Result, anyhow};
@@ -33,6 +33,13 @@ pub const DEFAULT_MAX_CONCURRENT_CALLS: u32 = 32;
 /// host gives up with a `storage` error. Each conflict means another call committed, so
 /// running out takes that many commits to the same keys during one call.
 const MAX_RUNS: u32 = 8;
+/// Pauses before the host tries a failed commit again, for the exports that cannot be re-run
+/// (see [`commit_or_retry`]): together about 2 s, a store's restart or failover.
+const COMMIT_RETRY_PAUSES: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_millis(1500),
+];
 
 pub struct HostConfig {
     /// Where the embedded database lives (with the default `store`) and the component cache.
@@ -98,6 +105,12 @@ struct Inner {
 
 impl Host {
     pub fn new(cfg: HostConfig) -> Result<Host> {
+        let store = cfg.store.open(&cfg.state_dir)?;
+        Host::with_store(cfg, store)
+    }
+
+    /// A host on a store the embedder opened itself (`cfg.store` is not used).
+    pub fn with_store(cfg: HostConfig, store: Arc<dyn Backend>) -> Result<Host> {
         anyhow::ensure!(
             cfg.max_concurrent_calls > 0,
             "max_concurrent_calls must be at least 1"
@@ -110,7 +123,6 @@ impl Host {
         let engine = engine::new_engine(cfg.memory_limit_bytes, cfg.max_concurrent_calls)?;
         engine::start_epoch_ticker(&engine)?;
         let linker = sandbox::linker(&engine)?;
-        let store = cfg.store.open(&cfg.state_dir)?;
         log!("state in {}", store.describe());
         let cache_dir = cfg
             .cache_dir
@@ -331,10 +343,16 @@ impl Host {
         // of the approvals it changed saved, another not) would only make the redelivery find
         // part of its update applied already and not report it; without it the store stays
         // as it was.
-        let (backend, ns, mut commit) = store.into_data().kv.into_commit(rerun_on_conflict(export));
-        if rerun_on_conflict(export) && reply.error().is_some() {
+        let rerun = rerun_on_conflict(export);
+        let (backend, ns, mut commit) = store.into_data().kv.into_commit();
+        if rerun && reply.error().is_some() {
             commit = Default::default();
         }
+        let reads = if rerun {
+            Vec::new()
+        } else {
+            std::mem::take(&mut commit.reads)
+        };
         if inner.outbox.load(Ordering::Acquire)
             && let Some(app) = call.app()
         {
@@ -346,14 +364,10 @@ impl Host {
         // hop to a blocking thread would cost more than the call's own work.
         let committed = if commit.is_empty() {
             Ok(Outcome::Applied)
+        } else if rerun {
+            commit_once(&backend, &ns, commit).await
         } else {
-            match backend.submit(&ns, commit) {
-                Ok(submitted) => submitted.outcome().await,
-                // A backend that blocks on its own I/O (Redis) gets a blocking thread.
-                Err(commit) => tokio::task::spawn_blocking(move || backend.commit(&ns, commit))
-                    .await
-                    .context("commit task failed")?,
-            }
+            commit_or_retry(&backend, &ns, commit, reads, &tenant.id, export).await
         };
         let outcome =
             committed.with_context(|| format!("committing the state written by `{export}`"))?;
@@ -396,6 +410,58 @@ impl Host {
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
     }
+}
+
+async fn commit_once(backend: &Arc<dyn Backend>, ns: &Arc<str>, commit: Commit) -> Result<Outcome> {
+    match backend.submit(ns, commit) {
+        Ok(submitted) => submitted.outcome().await,
+        // A backend that blocks on its own I/O (Redis) gets a blocking thread.
+        Err(commit) => {
+            let (backend, ns) = (backend.clone(), ns.clone());
+            tokio::task::spawn_blocking(move || backend.commit(&ns, commit))
+                .await
+                .context("commit task failed")?
+        }
+    }
+}
+
+/// Commits the writes of an export that changed the platform first (see
+/// [`rerun_on_conflict`]), trying again when the store fails: its call cannot be re-run, and
+/// what it failed to write may be all that ties an approval the platform now has to its key
+/// (a DingTalk or WeCom start's record). A failed commit may still have been applied (Redis
+/// went away before its answer), and a callback about the new approval may have changed the
+/// record since, so a repeat is checked against `reads`, narrowed to the keys it writes: when
+/// one of them no longer holds what the call read, the first attempt is what changed it, and
+/// the repeat writes nothing.
+async fn commit_or_retry(
+    backend: &Arc<dyn Backend>,
+    ns: &Arc<str>,
+    commit: Commit,
+    reads: Vec<(String, Seen)>,
+    tenant: &str,
+    export: Export,
+) -> Result<Outcome> {
+    let mut result = commit_once(backend, ns, commit.clone()).await;
+    let written: std::collections::BTreeSet<&str> =
+        commit.writes.iter().map(|(k, _)| k.as_str()).collect();
+    let repeat = Commit {
+        reads: reads
+            .into_iter()
+            .filter(|(k, _)| written.contains(k.as_str()))
+            .collect(),
+        ..commit.clone()
+    };
+    for pause in COMMIT_RETRY_PAUSES {
+        let Err(e) = &result else { break };
+        log!("tenant={tenant} call={export} commit failed, trying again: {e:#}");
+        tokio::time::sleep(pause).await;
+        result = match commit_once(backend, ns, repeat.clone()).await {
+            // The call's own blind commit cannot conflict, so the earlier attempt was applied.
+            Ok(Outcome::Conflict) => Ok(Outcome::Applied),
+            other => other,
+        };
+    }
+    result
 }
 
 /// One run of a call.

@@ -128,15 +128,11 @@ impl KvCtx {
         Ok(new)
     }
 
-    /// The call's effect: `validate` keeps the read set (committed only if it still holds);
-    /// without it the writes are applied whatever happened meanwhile.
-    pub fn into_commit(self, validate: bool) -> (Arc<dyn Backend>, Arc<str>, Commit) {
+    /// The call's effect, with its read set: committed as is, it applies only if the reads
+    /// still hold; a caller that clears `reads` applies the writes whatever happened meanwhile.
+    pub fn into_commit(self) -> (Arc<dyn Backend>, Arc<str>, Commit) {
         let commit = Commit {
-            reads: if validate {
-                self.reads.into_iter().collect()
-            } else {
-                Vec::new()
-            },
+            reads: self.reads.into_iter().collect(),
             writes: self.overlay.into_iter().collect::<Vec<Write>>(),
             outbox: Vec::new(),
         };
@@ -263,7 +259,7 @@ mod tests {
     }
 
     fn commit(ctx: KvCtx) -> Outcome {
-        let (store, tenant, commit) = ctx.into_commit(true);
+        let (store, tenant, commit) = ctx.into_commit();
         store.commit(&tenant, commit).unwrap()
     }
 
@@ -439,7 +435,8 @@ mod tests {
         assert_eq!(blind.get("rec").unwrap(), Some(b"decided".to_vec()));
         put(&f.store, "t", "rec", b"changed");
         blind.set("other".into(), Some(b"x".to_vec())).unwrap();
-        let (store, tenant, c) = blind.into_commit(false);
+        let (store, tenant, mut c) = blind.into_commit();
+        c.reads.clear();
         assert_eq!(store.commit(&tenant, c).unwrap(), Outcome::Applied);
         assert_eq!(f.store.get("t", "other").unwrap(), Some(b"x".to_vec()));
     }

@@ -6,9 +6,11 @@
 use anyhow::{Context, Result, bail};
 use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser};
 use imbridge_host::sim::feishu::{BotHook, FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
+use imbridge_host::store::Backend;
 use imbridge_host::{Host, HostConfig, TenantPolicy};
 use serde_json::{Value, json};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use imbridge_host;
 
@@ -40,13 +42,34 @@ impl Harness {
         allow: &[String],
         tweak: impl FnOnce(&mut HostConfig),
     ) -> Result<Harness> {
+        Self::build(tenants, allow, tweak, None).await
+    }
+
+    /// A host whose state is `store`.
+    pub async fn with_store(
+        tenants: &[&str],
+        allow: &[String],
+        store: Arc<dyn Backend>,
+    ) -> Result<Harness> {
+        Self::build(tenants, allow, |_| {}, Some(store)).await
+    }
+
+    async fn build(
+        tenants: &[&str],
+        allow: &[String],
+        tweak: impl FnOnce(&mut HostConfig),
+        store: Option<Arc<dyn Backend>>,
+    ) -> Result<Harness> {
         let dir = tempfile::tempdir()?;
         let mut cfg = HostConfig::new(dir.path().join("state"));
         // One compiled-artifact cache for the whole test run keeps each test's start cheap.
         cfg.cache_dir =
             Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-cache"));
         tweak(&mut cfg);
-        let host = Host::new(cfg)?;
+        let host = match store {
+            Some(store) => Host::with_store(cfg, store)?,
+            None => Host::new(cfg)?,
+        };
         let wasm = component_path();
         if !wasm.exists() {
             bail!(

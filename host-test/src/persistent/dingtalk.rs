@@ -5,8 +5,9 @@
 //! the server will close (reconnect now). `EVENT` frames carry the event's JSON in `data` and
 //! its type in `headers.eventType`; they are acknowledged with `{"status": "SUCCESS"}`.
 
-use super::{Session, SessionEnd, Verdict, post_json};
+use super::{MAX_IN_FLIGHT, Session, SessionEnd, Verdict, post_json};
 use crate::log;
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Map, Value, json};
 use std::time::Duration;
@@ -15,6 +16,8 @@ use tokio_tungstenite::tungstenite::Message;
 const DEFAULT_BASE: &str = "https://api.dingtalk.com";
 /// The server pings about every 30 s; this much silence means the connection is dead.
 const IDLE_LIMIT: Duration = Duration::from_secs(120);
+/// An event's acknowledgement data.
+const SUCCESS: &str = r#"{"status":"SUCCESS"}"#;
 
 fn end(connected: bool, reason: impl Into<String>) -> SessionEnd {
     SessionEnd {
@@ -74,9 +77,9 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
         return end(false, "connections/open answer lacks endpoint or ticket");
     };
     let ws_url = format!("{endpoint}?ticket={}", form_encode(ticket));
-    let (ws, _) = match tokio_tungstenite::connect_async(ws_url.as_str()).await {
-        Ok(c) => c,
-        Err(e) => return end(false, format!("WebSocket connect failed: {e}")),
+    let ws = match super::open_ws(&ws_url).await {
+        Ok(ws) => ws,
+        Err(why) => return end(false, why),
     };
     log!(
         "tenant={} app={} DingTalk Stream connection open",
@@ -84,13 +87,33 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
         app.id
     );
     let (mut tx, mut rx) = ws.split();
+    // Events run while the loop keeps reading, so a slow plugin call holds up neither the
+    // server's pings nor the events after it.
+    let mut in_flight = FuturesUnordered::new();
+    let mut last_seen = tokio::time::Instant::now();
     loop {
-        let msg = match tokio::time::timeout(IDLE_LIMIT, rx.next()).await {
-            Err(_) => return end(true, "no frames from the server for two minutes"),
-            Ok(None) => return end(true, "closed by the server"),
-            Ok(Some(Err(e))) => return end(true, format!("read failed: {e}")),
-            Ok(Some(Ok(m))) => m,
+        let msg = tokio::select! {
+            _ = tokio::time::sleep_until(last_seen + IDLE_LIMIT) => {
+                return end(true, "no frames from the server for two minutes");
+            }
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let (message_id, verdict): (String, Verdict) = done;
+                // No ack for a retry: DingTalk redelivers what was not acknowledged.
+                if verdict == Verdict::Ack
+                    && let Err(e) = tx.send(Message::Text(ack(&message_id, SUCCESS).to_string().into())).await
+                {
+                    return end(true, format!("sending ack failed: {e}"));
+                }
+                continue;
+            }
+            msg = rx.next() => msg,
         };
+        let msg = match msg {
+            None => return end(true, "closed by the server"),
+            Some(Err(e)) => return end(true, format!("read failed: {e}")),
+            Some(Ok(m)) => m,
+        };
+        last_seen = tokio::time::Instant::now();
         let text = match msg {
             Message::Text(t) => t,
             Message::Close(_) => return end(true, "closed by the server"),
@@ -116,25 +139,28 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
                     reason: "server asked to reconnect".into(),
                 };
             }
-            (Some("EVENT"), _) => {
-                let verdict = match event_json(headers, &frame["data"]) {
-                    Some(event) => {
-                        session
+            (Some("EVENT"), _) => match event_json(headers, &frame["data"]) {
+                None => {
+                    log!("DingTalk Stream: event {message_id} without eventType/data acked");
+                    Some(ack(&message_id, SUCCESS))
+                }
+                Some(_) if in_flight.len() >= MAX_IN_FLIGHT => {
+                    log!(
+                        "DingTalk Stream: event {message_id} left for redelivery: {MAX_IN_FLIGHT} events in flight"
+                    );
+                    None
+                }
+                Some(event) => {
+                    in_flight.push(async move {
+                        let verdict = session
                             .dispatcher
                             .dispatch(session.tenant, app, event)
-                            .await
-                    }
-                    None => {
-                        log!("DingTalk Stream: event {message_id} without eventType/data acked");
-                        Verdict::Ack
-                    }
-                };
-                match verdict {
-                    Verdict::Ack => Some(ack(&message_id, r#"{"status":"SUCCESS"}"#)),
-                    // No ack: DingTalk redelivers what was not acknowledged.
-                    Verdict::Retry => None,
+                            .await;
+                        (message_id, verdict)
+                    });
+                    None
                 }
-            }
+            },
             (kind, topic) => {
                 log!(
                     "DingTalk Stream: ignoring {} frame (topic {})",

@@ -6,9 +6,10 @@
 //! answered with the same frame whose payload is `{"code": 200}` (or 500 to have it redelivered)
 //! and a `biz_rt` header (processing time in ms).
 
-use super::{Hints, Session, SessionEnd, Verdict, post_json};
+use super::{Hints, MAX_IN_FLIGHT, Session, SessionEnd, Verdict, post_json};
 use crate::bindings::types::Platform;
 use crate::log;
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -236,10 +237,9 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
         .find_map(|kv| kv.strip_prefix("service_id="))
         .and_then(|v| v.parse::<i32>().ok())
         .unwrap_or(0);
-    let (ws, _) = match tokio_tungstenite::connect_async(ws_url).await {
-        Ok(c) => c,
-        // The URL carries an access ticket: do not log it.
-        Err(e) => return end(false, format!("WebSocket connect failed: {e}")),
+    let ws = match super::open_ws(ws_url).await {
+        Ok(ws) => ws,
+        Err(why) => return end(false, why),
     };
     log!(
         "tenant={} app={} Feishu long connection open",
@@ -251,6 +251,10 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
     let mut ping_every = hints.ping_interval.unwrap_or(DEFAULT_PING);
     let mut next_ping = tokio::time::Instant::now();
     let mut last_seen = Instant::now();
+    // Events run while the loop keeps reading: a slow plugin call (up to the host's deadline,
+    // plus the wait for a free slot) must not hold up the pings, nor the events after it,
+    // which Feishu wants answered within 3 s.
+    let mut in_flight = FuturesUnordered::new();
     loop {
         // Silence for three ping intervals means the connection is dead without a close.
         if last_seen.elapsed() > ping_every * 3 {
@@ -262,6 +266,19 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
                 let ping = Frame::control(service, "ping").encode();
                 if let Err(e) = tx.send(Message::Binary(ping.into())).await {
                     return end(true, format!("sending ping failed: {e}"));
+                }
+                continue;
+            }
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let (mut ack, started, verdict): (Frame, Instant, Verdict) = done;
+                let code = match verdict {
+                    Verdict::Ack => 200,
+                    Verdict::Retry => 500,
+                };
+                ack.payload = Some(json!({"code": code}).to_string().into_bytes());
+                ack.set_header("biz_rt", &started.elapsed().as_millis().to_string());
+                if let Err(e) = tx.send(Message::Binary(ack.encode().into())).await {
+                    return end(true, format!("sending ack failed: {e}"));
                 }
                 continue;
             }
@@ -333,20 +350,19 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
             // Card callbacks are not ours to answer; the SDKs leave them unanswered too.
             continue;
         }
-        let verdict = session
-            .dispatcher
-            .dispatch(session.tenant, app, payload)
-            .await;
-        let code = match verdict {
-            Verdict::Ack => 200,
-            Verdict::Retry => 500,
-        };
-        let mut ack = frame;
-        ack.payload = Some(json!({"code": code}).to_string().into_bytes());
-        ack.set_header("biz_rt", &started.elapsed().as_millis().to_string());
-        if let Err(e) = tx.send(Message::Binary(ack.encode().into())).await {
-            return end(true, format!("sending ack failed: {e}"));
+        if in_flight.len() >= MAX_IN_FLIGHT {
+            log!(
+                "Feishu long connection: message {message_id} left for redelivery: {MAX_IN_FLIGHT} events in flight"
+            );
+            continue;
         }
+        in_flight.push(async move {
+            let verdict = session
+                .dispatcher
+                .dispatch(session.tenant, app, payload)
+                .await;
+            (frame, started, verdict)
+        });
     }
 }
 

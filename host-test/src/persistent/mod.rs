@@ -341,6 +341,46 @@ async fn run_session(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
     }
 }
 
+/// Events handed to the plugin at once per connection. The connection keeps reading (pings,
+/// pongs, the platform's keep-alives) while they run; an event beyond this many is left
+/// unacknowledged, so the platform sends it again later.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// How long a WebSocket upgrade may take, as in the official Python SDKs (the `websockets`
+/// library's default): a proxy or NAT that accepts the connection and never answers would
+/// otherwise keep the session, and with it the lease, waiting for good.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type WebSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the WebSocket at `url`; the error says why not (never the URL, which carries an
+/// access ticket).
+async fn open_ws(url: &str) -> std::result::Result<WebSocket, String> {
+    use tokio_tungstenite::tungstenite::Error;
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_tungstenite::connect_async(url)).await {
+        Err(_) => Err(format!(
+            "WebSocket handshake unanswered after {} s",
+            HANDSHAKE_TIMEOUT.as_secs()
+        )),
+        Ok(Ok((ws, _))) => Ok(ws),
+        // Feishu says why it refused an upgrade (bad ticket, too many connections) in these
+        // headers, as its SDKs read them.
+        Ok(Err(Error::Http(answer))) => {
+            let why: Vec<String> = ["handshake-status", "handshake-msg", "handshake-autherrcode"]
+                .iter()
+                .filter_map(|h| Some(format!("{h}={}", answer.headers().get(*h)?.to_str().ok()?)))
+                .collect();
+            Err(format!(
+                "WebSocket upgrade refused: HTTP {} {}",
+                answer.status().as_u16(),
+                why.join(" ")
+            ))
+        }
+        Ok(Err(e)) => Err(format!("WebSocket connect failed: {e}")),
+    }
+}
+
 /// POSTs JSON and returns the status and the JSON answer. The body carries credentials and is
 /// never logged.
 async fn post_json(url: &str, body: &Value) -> Result<(u16, Value)> {
@@ -441,6 +481,54 @@ mod tests {
             assert!(later >= Duration::from_secs(120), "{later:?}");
             assert!(later <= Duration::from_secs(150), "{later:?}");
         }
+    }
+
+    /// A server that accepts the connection and never answers the upgrade (a stuck proxy)
+    /// ends the attempt; it used to hold the session, and the lease, until a restart.
+    #[tokio::test]
+    async fn an_unanswered_websocket_handshake_ends_the_attempt() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws?ticket=secret", listener.local_addr().unwrap());
+        let silent = tokio::spawn(async move {
+            let (_sock, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(300)).await;
+        });
+        let began = Instant::now();
+        let err = tokio::time::timeout(HANDSHAKE_TIMEOUT * 3, open_ws(&url))
+            .await
+            .expect("the attempt ends")
+            .unwrap_err();
+        assert!(began.elapsed() >= HANDSHAKE_TIMEOUT, "{err}");
+        assert!(err.contains("unanswered"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+        silent.abort();
+    }
+
+    /// Feishu's reasons for refusing an upgrade reach the log.
+    #[tokio::test]
+    async fn a_refused_upgrade_says_why() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws?ticket=secret", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = sock.read(&mut buf).await.unwrap();
+            sock.write_all(
+                b"HTTP/1.1 403 Forbidden\r\nhandshake-status: 403\r\n\
+                  handshake-msg: exceed connection limit\r\n\
+                  handshake-autherrcode: 1000040350\r\ncontent-length: 0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        });
+        let err = open_ws(&url).await.unwrap_err();
+        assert!(err.contains("HTTP 403"), "{err}");
+        assert!(
+            err.contains("handshake-msg=exceed connection limit"),
+            "{err}"
+        );
+        assert!(err.contains("handshake-autherrcode=1000040350"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
     }
 
     /// The endpoint's answer chunked and written in pieces, as a real gateway may send it.

@@ -1,0 +1,132 @@
+//! The persistent connections against a synthetic plugin whose `handle-event` runs until the
+//! host's deadline: a slow event must not stop the connection from answering the platform.
+
+mod common;
+
+use common::{Behaviour, plugin};
+use imbridge_host::bindings::types::{ImApp, Platform};
+use imbridge_host::config::PersistentApp;
+use imbridge_host::persistent::{self, Connections, Dispatcher, Options};
+use imbridge_host::sim::dingtalk_stream::DingtalkStreamSim;
+use imbridge_host::sim::feishu_ws::{FeishuWsConfig, FeishuWsSim};
+use imbridge_host::store::MemoryStore;
+use imbridge_host::{Host, HostConfig, TenantPolicy};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long the slow plugin's `handle-event` runs: the host's deadline.
+const DEADLINE: Duration = Duration::from_secs(6);
+
+async fn until(what: &str, within: Duration, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A host whose tenant `t1` loops in `handle-event`, connected to the platform at `base` as
+/// app `app_id`.
+async fn connect(
+    dir: &std::path::Path,
+    platform: Platform,
+    app_id: &str,
+    base: String,
+) -> Connections {
+    let mut cfg = HostConfig::new(dir);
+    cfg.call_timeout = DEADLINE;
+    let host = Host::new(cfg).unwrap();
+    let slow = |export: &str| match export {
+        "handle-event" => Behaviour::Loop,
+        _ => Behaviour::Err,
+    };
+    host.load_tenant_bytes("t1", plugin(slow, "1"), TenantPolicy::default())
+        .await
+        .unwrap();
+    let app = ImApp {
+        id: "a1".into(),
+        platform,
+        app_id: app_id.into(),
+        app_secret: "s3cr3t".into(),
+        agent_id: None,
+        encrypt_key: None,
+        token: None,
+        api_base: None,
+        max_clock_skew_secs: None,
+    };
+    let dispatcher = Dispatcher::new(host, Arc::new(|_: &str, _: &str, _: &[_]| Ok(())));
+    let options = Options {
+        owner: "me".into(),
+        lease_ttl: Duration::from_secs(30),
+        lease_poll: Duration::from_millis(100),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+    };
+    let apps = vec![PersistentApp {
+        tenant: "t1".into(),
+        app,
+        endpoint_base: Some(base),
+    }];
+    persistent::spawn(apps, dispatcher, Arc::new(MemoryStore::new()), options)
+}
+
+/// DingTalk's `SYSTEM` pings are answered while an event is still being handled; before,
+/// the connection read nothing until the call ended, up to the host's deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn dingtalk_pings_are_answered_while_an_event_is_handled() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = DingtalkStreamSim::start(&[("dingslow", "s3cr3t")])
+        .await
+        .unwrap();
+    let _conns = connect(dir.path(), Platform::Dingtalk, "dingslow", sim.base_url()).await;
+    until("connected", Duration::from_secs(10), || {
+        sim.live("dingslow") == 1
+    })
+    .await;
+
+    let event = json!({"EventType": "bpms_task_change", "processInstanceId": "p1"});
+    sim.push_event("dingslow", &event);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pinged = Instant::now();
+    sim.ping("dingslow").expect("connected");
+    until("the ping answered", DEADLINE, || {
+        sim.stats("dingslow").pings == 1
+    })
+    .await;
+    assert!(pinged.elapsed() < DEADLINE / 2, "{:?}", pinged.elapsed());
+    // The slow event itself is left for redelivery, not acknowledged.
+    assert!(sim.stats("dingslow").acks.is_empty());
+}
+
+/// The long connection keeps pinging Feishu while an event is handled.
+#[tokio::test(flavor = "multi_thread")]
+async fn feishu_pings_go_on_while_an_event_is_handled() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = FeishuWsConfig {
+        ping_interval_secs: 1,
+        ..FeishuWsConfig::default()
+    };
+    let ws = FeishuWsSim::start(&[("cli_slow", "s3cr3t")], config)
+        .await
+        .unwrap();
+    let _conns = connect(dir.path(), Platform::Feishu, "cli_slow", ws.base_url()).await;
+    until("connected", Duration::from_secs(10), || {
+        ws.live("cli_slow") == 1
+    })
+    .await;
+
+    ws.push_event(
+        "cli_slow",
+        &json!({"schema": "2.0", "header": {"event_type": "x"}}),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = ws.stats("cli_slow").pings;
+    until("two more pings", DEADLINE, || {
+        ws.stats("cli_slow").pings >= before + 2
+    })
+    .await;
+    // The event is still being handled: it has been answered neither way.
+    let stats = ws.stats("cli_slow");
+    assert!(stats.acks.is_empty() && stats.nacks.is_empty(), "{stats:?}");
+}

@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, anyhow};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use wasmtime::component::Linker;
@@ -101,6 +101,8 @@ struct Inner {
     call_timeout: Duration,
     memory_limit: usize,
     slots: Semaphore,
+    /// Loads asked for so far (each tenant's newest wins).
+    loads: AtomicU64,
 }
 
 impl Host {
@@ -140,6 +142,7 @@ impl Host {
                 call_timeout: cfg.call_timeout,
                 memory_limit: cfg.memory_limit_bytes,
                 slots: Semaphore::new(cfg.max_concurrent_calls as usize),
+                loads: AtomicU64::new(0),
             }),
         })
     }
@@ -161,6 +164,7 @@ impl Host {
         policy: TenantPolicy,
     ) -> Result<()> {
         tenants::check_id("tenant", tenant)?;
+        let generation = self.inner.loads.fetch_add(1, Ordering::Relaxed);
         let allow = AllowList::new(&policy.allow_hosts).context("invalid allow_hosts")?;
         let inner = self.inner.clone();
         // Compiling takes seconds of CPU: keep it off the async workers.
@@ -183,13 +187,19 @@ impl Host {
             policy,
             allow,
             digest: digest.clone(),
+            generation,
         });
         match replaced {
-            Some(old) => log!(
+            Ok(Some(old)) => log!(
                 "tenant={tenant} plugin replaced {} -> {short}",
                 &old.digest[..12]
             ),
-            None => log!("tenant={tenant} plugin loaded {short}"),
+            Ok(None) => log!("tenant={tenant} plugin loaded {short}"),
+            Err(newer) => anyhow::bail!(
+                "tenant {tenant}: plugin {short} was not installed: a load of {} asked for \
+                 after it finished first",
+                &newer.digest[..12]
+            ),
         }
         Ok(())
     }

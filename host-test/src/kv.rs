@@ -26,9 +26,19 @@ pub const BUCKET: &str = "";
 /// Number of keys returned per `list-keys` page.
 const LIST_PAGE: usize = 1000;
 
-/// Most bytes (keys plus values) one call may buffer. The overlay lives in host memory, outside
-/// the guest's linear-memory cap, so a runaway plugin must not be able to grow it unbounded.
+/// Most bytes (keys plus values written, keys read) one call may buffer. The overlay and the
+/// read set live in host memory, outside the guest's linear-memory cap, so a runaway plugin
+/// must not be able to grow them unbounded.
 const MAX_BUFFERED: usize = 16 << 20;
+
+/// Longest key a plugin may use: keys are names (the plugin's own are a few hundred bytes at
+/// most), and each one read is kept for the commit's check and sent with it.
+pub const MAX_KEY: usize = 4096;
+
+fn check_key(key: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(key.len() <= MAX_KEY, "key longer than {MAX_KEY} bytes");
+    Ok(())
+}
 
 /// The host side of a `bucket` resource. It carries no state: the tenant is fixed per call.
 pub struct Bucket;
@@ -75,8 +85,12 @@ impl KvCtx {
     }
 
     fn get(&mut self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        check_key(key)?;
         if let Some(pending) = self.overlay.get(key) {
             return Ok(pending.clone());
+        }
+        if !self.reads.contains_key(key) {
+            self.count(key.len() + std::mem::size_of::<Seen>())?;
         }
         let value = self.store.get(&self.tenant, key)?;
         // The first read is what the call's decisions rest on; a later read of a key that
@@ -87,15 +101,19 @@ impl KvCtx {
         Ok(value)
     }
 
-    fn set(&mut self, key: String, value: Option<Vec<u8>>) -> Result<(), KvError> {
-        let size = key.len() + value.as_ref().map_or(0, Vec::len);
-        if self.buffered.saturating_add(size) > MAX_BUFFERED {
-            return Err(KvError::Other(format!(
-                "more than {MAX_BUFFERED} bytes written in one call"
-            )));
-        }
-        // Overwrites are counted again: simpler, and only makes the cap stricter.
+    fn count(&mut self, size: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.buffered.saturating_add(size) <= MAX_BUFFERED,
+            "more than {MAX_BUFFERED} bytes of keys and values in one call"
+        );
         self.buffered += size;
+        Ok(())
+    }
+
+    fn set(&mut self, key: String, value: Option<Vec<u8>>) -> Result<(), KvError> {
+        check_key(&key)?;
+        // Overwrites are counted again: simpler, and only makes the cap stricter.
+        self.count(key.len() + value.as_ref().map_or(0, Vec::len))?;
         self.overlay.insert(key, value);
         Ok(())
     }
@@ -118,6 +136,7 @@ impl KvCtx {
     }
 
     fn increment(&mut self, key: &str, delta: u64) -> anyhow::Result<u64> {
+        check_key(key)?;
         let pending = self.overlay.get(key).map(Option::as_deref);
         let new = self.store.increment(&self.tenant, key, delta, pending)?;
         // The counter is now durable; a buffered write must not overwrite it at commit, and
@@ -439,6 +458,30 @@ mod tests {
         c.reads.clear();
         assert_eq!(store.commit(&tenant, c).unwrap(), Outcome::Applied);
         assert_eq!(f.store.get("t", "other").unwrap(), Some(b"x".to_vec()));
+    }
+
+    /// Every key a call reads is kept in host memory for the commit, outside the guest's
+    /// memory cap: a plugin reading ever new (or huge) keys used to grow it without bound.
+    #[test]
+    fn keys_and_the_read_set_are_bounded() {
+        let f = fixture();
+        let mut ctx = KvCtx::new(f.store.clone(), "t".into());
+        let long = "k".repeat(MAX_KEY + 1);
+        assert!(ctx.get(&long).is_err());
+        assert!(ctx.set(long.clone(), Some(b"v".to_vec())).is_err());
+        assert!(ctx.increment(&long, 1).is_err());
+        assert!(ctx.reads.is_empty() && ctx.overlay.is_empty());
+        let key = |i: usize| format!("{i:0>4000}");
+        let mut reads = 0;
+        while ctx.get(&key(reads)).is_ok() {
+            reads += 1;
+            assert!(reads < 10_000, "reads are never refused");
+        }
+        assert!(reads > 1_000, "{reads}");
+        let err = format!("{:#}", ctx.get(&key(reads)).unwrap_err());
+        assert!(err.contains("bytes of keys and values"), "{err}");
+        // A key already read is read again for free.
+        assert!(ctx.get(&key(0)).is_ok());
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct Tenant {
     pub allow: AllowList,
     /// sha256 of the component bytes, to tell versions apart in logs.
     pub digest: String,
+    /// When its load was asked for, in the host's order of loads: of two loads of one
+    /// tenant that overlap, the one asked for last wins, whichever finishes compiling first.
+    pub generation: u64,
 }
 
 #[derive(Default)]
@@ -37,10 +40,14 @@ impl Registry {
         self.read().get(id).cloned()
     }
 
-    /// Installs `tenant`, returning the version it replaced.
-    pub fn insert(&self, tenant: Tenant) -> Option<Arc<Tenant>> {
+    /// Installs `tenant`, returning the version it replaced; `Err` with the installed one,
+    /// untouched, when that was asked for later.
+    pub fn insert(&self, tenant: Tenant) -> Result<Option<Arc<Tenant>>, Arc<Tenant>> {
         let mut map = self.tenants.write().unwrap_or_else(|e| e.into_inner());
-        map.insert(tenant.id.to_string(), Arc::new(tenant))
+        match map.get(&*tenant.id) {
+            Some(newer) if newer.generation > tenant.generation => Err(newer.clone()),
+            _ => Ok(map.insert(tenant.id.to_string(), Arc::new(tenant))),
+        }
     }
 
     pub fn remove(&self, id: &str) -> Option<Arc<Tenant>> {

@@ -120,6 +120,40 @@ async fn reload_swaps_atomically_and_in_flight_calls_keep_their_version() {
     assert!(format!("{old:#}").contains("deadline"), "{old:#}");
 }
 
+/// Two loads of one tenant that overlap: the one asked for last stays installed, even when
+/// the earlier one finishes compiling after it. Before, whichever finished last won, and both
+/// callers were told their version was loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_overlapping_loads_the_later_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path(), Duration::from_secs(5)).await;
+    let older = plugin(|_| Behaviour::Trap, "older");
+    let mut older = Box::pin(host.load_tenant_bytes("t", older, TenantPolicy::default()));
+    // Its first poll takes its place in the order of loads and starts compiling.
+    tokio::select! {
+        biased;
+        r = &mut older => panic!("loaded without waiting for the compiler: {r:?}"),
+        _ = std::future::ready(()) => {}
+    }
+    host.load_tenant_bytes(
+        "t",
+        plugin(|_| Behaviour::Err, "newer"),
+        TenantPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let err = older.await.unwrap_err();
+    assert!(format!("{err:#}").contains("was not installed"), "{err:#}");
+    let out = host
+        .invoke_json("t", "notify", notify_input())
+        .await
+        .unwrap();
+    assert_eq!(
+        out["err"]["kind"], "invalid-input",
+        "the newer version serves"
+    );
+}
+
 #[tokio::test]
 async fn host_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();

@@ -305,6 +305,10 @@ async fn run_in(component: &Path, state: &Path) -> Result<()> {
             now["status"]
         );
     }
+    let last = ok(host.invoke_json("acme", "get-approval", get).await?)?;
+    if last["status"] != "approved" {
+        bail!("expected the DingTalk approval to be approved, got {last}");
+    }
 
     step(
         8,

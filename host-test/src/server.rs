@@ -523,7 +523,7 @@ impl State {
     ) -> Response {
         let query = req.uri().query().unwrap_or("").to_string();
         if let (&Method::GET, ["api", tenant, "updates"]) = (method, segs) {
-            return self.updates(tenant, &query);
+            return self.updates(tenant, &query).await;
         }
         let (parts, body) = req.into_parts();
         let body = match read_body(&parts.headers, body).await {
@@ -629,7 +629,7 @@ impl State {
         Ok(Call::Notify { app, notification })
     }
 
-    fn updates(&self, tenant: &str, query: &str) -> Response {
+    async fn updates(&self, tenant: &str, query: &str) -> Response {
         if self.config.tenant(tenant).is_none() {
             return status_json(StatusCode::NOT_FOUND, "unknown tenant");
         }
@@ -640,42 +640,44 @@ impl State {
                 return status_json(StatusCode::BAD_REQUEST, "`after` must be a number");
             }
         };
-        let store = self.host.store();
-        // A cursor past every sequence number given out comes from another store (a move to
-        // Redis, a fresh state_dir): acknowledging up to it would drop records never returned.
-        match store.outbox_last_seq(tenant) {
-            Ok(last) if after > last => {
-                return status_json(
-                    StatusCode::CONFLICT,
-                    &format!(
-                        "`after` is {after} but the newest update is {last}: this cursor is not \
-                         from this store; read from after={last} or lower"
-                    ),
-                );
-            }
-            Ok(_) => {}
-            Err(e) => {
-                log!("tenant={tenant} outbox read failed: {e:#}");
-                return status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
-            }
-        }
-        let result = (|| -> Result<(Vec<Value>, bool)> {
-            if after > 0 {
-                store.outbox_remove_through(tenant, after)?;
-            }
-            let mut page = store.outbox_page(tenant, after, UPDATES_PAGE + 1)?;
-            let more = page.len() > UPDATES_PAGE;
-            page.truncate(UPDATES_PAGE);
-            let updates = page
-                .into_iter()
-                .map(|(seq, record)| with_seq(&record, seq))
-                .collect();
-            Ok((updates, more))
-        })();
-        match result {
-            Ok((updates, more)) => {
+        let store = self.host.store().clone();
+        let owned = tenant.to_string();
+        // On a blocking thread: a store that hangs (Redis behind a dead link) must not hold an
+        // async worker, which callbacks, pings and timers of every tenant share.
+        let read = blocking(
+            move || -> Result<std::result::Result<(Vec<Value>, bool), u64>> {
+                // A cursor past every sequence number given out comes from another store (a move
+                // to Redis, a fresh state_dir): acknowledging up to it would drop records never
+                // returned.
+                let last = store.outbox_last_seq(&owned)?;
+                if after > last {
+                    return Ok(Err(last));
+                }
+                if after > 0 {
+                    store.outbox_remove_through(&owned, after)?;
+                }
+                let mut page = store.outbox_page(&owned, after, UPDATES_PAGE + 1)?;
+                let more = page.len() > UPDATES_PAGE;
+                page.truncate(UPDATES_PAGE);
+                let updates = page
+                    .into_iter()
+                    .map(|(seq, record)| with_seq(&record, seq))
+                    .collect();
+                Ok(Ok((updates, more)))
+            },
+        )
+        .await;
+        match read {
+            Ok(Ok((updates, more))) => {
                 json_response(StatusCode::OK, &json!({"updates": updates, "more": more}))
             }
+            Ok(Err(last)) => status_json(
+                StatusCode::CONFLICT,
+                &format!(
+                    "`after` is {after} but the newest update is {last}: this cursor is not \
+                     from this store; read from after={last} or lower"
+                ),
+            ),
             Err(e) => {
                 log!("tenant={tenant} outbox read failed: {e:#}");
                 status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error")

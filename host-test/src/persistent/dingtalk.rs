@@ -5,7 +5,7 @@
 //! the server will close (reconnect now). `EVENT` frames carry the event's JSON in `data` and
 //! its type in `headers.eventType`; they are acknowledged with `{"status": "SUCCESS"}`.
 
-use super::{MAX_IN_FLIGHT, Session, SessionEnd, Verdict, post_json};
+use super::{MAX_IN_FLIGHT, Session, SessionEnd, Verdict, end, post_json, received};
 use crate::log;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -18,14 +18,6 @@ const DEFAULT_BASE: &str = "https://api.dingtalk.com";
 const IDLE_LIMIT: Duration = Duration::from_secs(120);
 /// An event's acknowledgement data.
 const SUCCESS: &str = r#"{"status":"SUCCESS"}"#;
-
-fn end(connected: bool, reason: impl Into<String>) -> SessionEnd {
-    SessionEnd {
-        connected,
-        asked_to_reconnect: false,
-        reason: reason.into(),
-    }
-}
 
 /// The acknowledgement frame for `message_id` carrying `data`.
 pub fn ack(message_id: &str, data: &str) -> Value {
@@ -108,15 +100,13 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
             }
             msg = rx.next() => msg,
         };
-        let msg = match msg {
-            None => return end(true, "closed by the server"),
-            Some(Err(e)) => return end(true, format!("read failed: {e}")),
-            Some(Ok(m)) => m,
+        let msg = match received(msg) {
+            Ok(m) => m,
+            Err(ended) => return ended,
         };
         last_seen = tokio::time::Instant::now();
         let text = match msg {
             Message::Text(t) => t,
-            Message::Close(_) => return end(true, "closed by the server"),
             _ => continue,
         };
         let frame: Value = match serde_json::from_str(text.as_str()) {

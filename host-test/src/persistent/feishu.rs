@@ -6,7 +6,7 @@
 //! answered with the same frame whose payload is `{"code": 200}` (or 500 to have it redelivered)
 //! and a `biz_rt` header (processing time in ms).
 
-use super::{Hints, MAX_IN_FLIGHT, Session, SessionEnd, Verdict, post_json};
+use super::{Hints, MAX_IN_FLIGHT, Session, SessionEnd, Verdict, end, post_json, received};
 use crate::bindings::types::Platform;
 use crate::log;
 use futures_util::stream::FuturesUnordered;
@@ -184,14 +184,6 @@ fn apply_client_config(hints: &mut Hints, config: &Value) {
     }
 }
 
-fn end(connected: bool, reason: impl Into<String>) -> SessionEnd {
-    SessionEnd {
-        connected,
-        asked_to_reconnect: false,
-        reason: reason.into(),
-    }
-}
-
 /// Default ping interval when the platform gives none (the SDKs use two minutes).
 const DEFAULT_PING: Duration = Duration::from_secs(120);
 
@@ -284,17 +276,16 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
             }
             msg = rx.next() => msg,
         };
-        let msg = match msg {
-            None => return end(true, "closed by the server"),
-            Some(Err(e)) => return end(true, format!("read failed: {e}")),
-            Some(Ok(m)) => m,
+        let msg = match received(msg) {
+            Ok(m) => m,
+            Err(ended) => return ended,
         };
         last_seen = Instant::now();
         let bytes = match msg {
             Message::Binary(b) => b,
-            Message::Close(_) => return end(true, "closed by the server"),
             // WebSocket-level pings are answered by tungstenite when it next writes.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            // (`received` has turned a close into the session's end.)
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) | Message::Close(_) => continue,
             Message::Text(_) => {
                 log!("Feishu long connection: ignoring a text message");
                 continue;

@@ -31,6 +31,7 @@ use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
 
 /// What to do with an event after the plugin saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +124,26 @@ pub struct SessionEnd {
     pub asked_to_reconnect: bool,
     /// What happened, for the log (never carries secrets).
     pub reason: String,
+}
+
+/// How a session ended: `connected` says whether its WebSocket was ever open.
+fn end(connected: bool, reason: impl Into<String>) -> SessionEnd {
+    SessionEnd {
+        connected,
+        asked_to_reconnect: false,
+        reason: reason.into(),
+    }
+}
+
+/// What the socket's read half gave: a message, or how the session ended.
+fn received(
+    msg: Option<std::result::Result<Message, tokio_tungstenite::tungstenite::Error>>,
+) -> std::result::Result<Message, SessionEnd> {
+    match msg {
+        None | Some(Ok(Message::Close(_))) => Err(end(true, "closed by the server")),
+        Some(Err(e)) => Err(end(true, format!("read failed: {e}"))),
+        Some(Ok(m)) => Ok(m),
+    }
 }
 
 /// Reconnect hints the platform sent (Feishu `ClientConfig`).

@@ -33,6 +33,7 @@ fn fast(owner: &str) -> Options {
         lease_poll: Duration::from_millis(100),
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),
+        ..Options::default()
     }
 }
 

@@ -27,12 +27,13 @@ async fn until(what: &str, within: Duration, f: impl Fn() -> bool) {
 }
 
 /// A host whose tenant `t1` loops in `handle-event`, connected to the platform at `base` as
-/// app `app_id`.
+/// app `app_id`, sending WebSocket pings every `keepalive`.
 async fn connect(
     dir: &std::path::Path,
     platform: Platform,
     app_id: &str,
     base: String,
+    keepalive: Duration,
 ) -> Connections {
     let mut cfg = HostConfig::new(dir);
     cfg.call_timeout = DEADLINE;
@@ -62,6 +63,7 @@ async fn connect(
         lease_poll: Duration::from_millis(100),
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),
+        keepalive,
     };
     let apps = vec![PersistentApp {
         tenant: "t1".into(),
@@ -79,7 +81,14 @@ async fn dingtalk_pings_are_answered_while_an_event_is_handled() {
     let sim = DingtalkStreamSim::start(&[("dingslow", "s3cr3t")])
         .await
         .unwrap();
-    let _conns = connect(dir.path(), Platform::Dingtalk, "dingslow", sim.base_url()).await;
+    let _conns = connect(
+        dir.path(),
+        Platform::Dingtalk,
+        "dingslow",
+        sim.base_url(),
+        Duration::from_secs(30),
+    )
+    .await;
     until("connected", Duration::from_secs(10), || {
         sim.live("dingslow") == 1
     })
@@ -110,7 +119,14 @@ async fn feishu_pings_go_on_while_an_event_is_handled() {
     let ws = FeishuWsSim::start(&[("cli_slow", "s3cr3t")], config)
         .await
         .unwrap();
-    let _conns = connect(dir.path(), Platform::Feishu, "cli_slow", ws.base_url()).await;
+    let _conns = connect(
+        dir.path(),
+        Platform::Feishu,
+        "cli_slow",
+        ws.base_url(),
+        Duration::from_secs(30),
+    )
+    .await;
     until("connected", Duration::from_secs(10), || {
         ws.live("cli_slow") == 1
     })
@@ -129,4 +145,46 @@ async fn feishu_pings_go_on_while_an_event_is_handled() {
     // The event is still being handled: it has been answered neither way.
     let stats = ws.stats("cli_slow");
     assert!(stats.acks.is_empty() && stats.nacks.is_empty(), "{stats:?}");
+}
+
+/// Neither simulator sends anything of its own accord here (DingTalk's `SYSTEM` pings only
+/// when a test asks, Feishu's pongs only to the client's pings, every 120 s): the
+/// connection's own WebSocket pings, and the pongs they get, are what shows it alive. Four
+/// intervals without a frame end it; with the pongs it stays up.
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_pings_keep_a_quiet_connection_alive() {
+    let every = Duration::from_millis(100);
+    let dir = tempfile::tempdir().unwrap();
+    let ding = DingtalkStreamSim::start(&[("dingquiet", "s3cr3t")])
+        .await
+        .unwrap();
+    let ws = FeishuWsSim::start(&[("cli_quiet", "s3cr3t")], FeishuWsConfig::default())
+        .await
+        .unwrap();
+    let _d = connect(
+        dir.path(),
+        Platform::Dingtalk,
+        "dingquiet",
+        ding.base_url(),
+        every,
+    )
+    .await;
+    let other = tempfile::tempdir().unwrap();
+    let _f = connect(
+        other.path(),
+        Platform::Feishu,
+        "cli_quiet",
+        ws.base_url(),
+        every,
+    )
+    .await;
+    until("connected", Duration::from_secs(10), || {
+        ding.live("dingquiet") == 1 && ws.live("cli_quiet") == 1
+    })
+    .await;
+    tokio::time::sleep(every * 20).await;
+    for stats in [ding.stats("dingquiet"), ws.stats("cli_quiet")] {
+        assert!(stats.ws_pings >= 10, "{stats:?}");
+        assert_eq!(stats.connects, 1, "{stats:?}");
+    }
 }

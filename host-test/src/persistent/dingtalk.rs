@@ -5,17 +5,14 @@
 //! the server will close (reconnect now). `EVENT` frames carry the event's JSON in `data` and
 //! its type in `headers.eventType`; they are acknowledged with `{"status": "SUCCESS"}`.
 
-use super::{MAX_IN_FLIGHT, Session, SessionEnd, Verdict, end, post_json, received};
+use super::{MAX_IN_FLIGHT, Session, SessionEnd, Verdict, end, keepalive, post_json, received};
 use crate::log;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Map, Value, json};
-use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
 const DEFAULT_BASE: &str = "https://api.dingtalk.com";
-/// The server pings about every 30 s; this much silence means the connection is dead.
-const IDLE_LIMIT: Duration = Duration::from_secs(120);
 /// An event's acknowledgement data.
 const SUCCESS: &str = r#"{"status":"SUCCESS"}"#;
 
@@ -83,10 +80,18 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
     // server's pings nor the events after it.
     let mut in_flight = FuturesUnordered::new();
     let mut last_seen = tokio::time::Instant::now();
+    let mut pings = keepalive(session.keepalive);
+    let dead_after = session.keepalive * 4;
     loop {
         let msg = tokio::select! {
-            _ = tokio::time::sleep_until(last_seen + IDLE_LIMIT) => {
-                return end(true, "no frames from the server for two minutes");
+            _ = tokio::time::sleep_until(last_seen + dead_after) => {
+                return end(true, format!("no frames from the server for {} s", dead_after.as_secs()));
+            }
+            _ = pings.tick() => {
+                if let Err(e) = tx.send(Message::Ping(Default::default())).await {
+                    return end(true, format!("sending a WebSocket ping failed: {e}"));
+                }
+                continue;
             }
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                 let (message_id, verdict): (String, Verdict) = done;

@@ -6,7 +6,9 @@
 //! answered with the same frame whose payload is `{"code": 200}` (or 500 to have it redelivered)
 //! and a `biz_rt` header (processing time in ms).
 
-use super::{Hints, MAX_IN_FLIGHT, Session, SessionEnd, Verdict, end, post_json, received};
+use super::{
+    Hints, MAX_IN_FLIGHT, Session, SessionEnd, Verdict, end, keepalive, post_json, received,
+};
 use crate::bindings::types::Platform;
 use crate::log;
 use futures_util::stream::FuturesUnordered;
@@ -247,12 +249,24 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
     // plus the wait for a free slot) must not hold up the pings, nor the events after it,
     // which Feishu wants answered within 3 s.
     let mut in_flight = FuturesUnordered::new();
+    let mut pings = keepalive(session.keepalive);
     loop {
-        // Silence for three ping intervals means the connection is dead without a close.
-        if last_seen.elapsed() > ping_every * 3 {
-            return end(true, "no frames from the server for three ping intervals");
+        // Silence for three of Feishu's ping intervals, or four WebSocket pings, means the
+        // connection is dead without a close.
+        let dead_after = (ping_every * 3).min(session.keepalive * 4);
+        if last_seen.elapsed() > dead_after {
+            return end(
+                true,
+                format!("no frames from the server for {} s", dead_after.as_secs()),
+            );
         }
         let msg = tokio::select! {
+            _ = pings.tick() => {
+                if let Err(e) = tx.send(Message::Ping(Default::default())).await {
+                    return end(true, format!("sending a WebSocket ping failed: {e}"));
+                }
+                continue;
+            }
             _ = tokio::time::sleep_until(next_ping) => {
                 next_ping = tokio::time::Instant::now() + ping_every;
                 let ping = Frame::control(service, "ping").encode();

@@ -91,6 +91,10 @@ pub struct Options {
     pub lease_poll: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// How often a connection sends a WebSocket ping. The server's pong is a sign of life
+    /// like any other frame, and four of these intervals without one mean the connection is
+    /// dead, whatever the platform's own pings (the Python SDKs: 20 s, given up after 40 s).
+    pub keepalive: Duration,
 }
 
 impl Default for Options {
@@ -101,6 +105,7 @@ impl Default for Options {
             lease_poll: Duration::from_secs(5),
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(120),
+            keepalive: Duration::from_secs(30),
         }
     }
 }
@@ -133,6 +138,13 @@ fn end(connected: bool, reason: impl Into<String>) -> SessionEnd {
         asked_to_reconnect: false,
         reason: reason.into(),
     }
+}
+
+/// WebSocket pings every `every`, from one interval from now.
+fn keepalive(every: Duration) -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
 }
 
 /// What the socket's read half gave: a message, or how the session ended.
@@ -250,6 +262,7 @@ async fn run_app(p: PersistentApp, dispatcher: Dispatcher, lease: Lease, options
             app,
             dispatcher: &dispatcher,
             base: p.endpoint_base.clone(),
+            keepalive: options.keepalive,
         };
         let end = tokio::select! {
             end = run_session(&session, &mut hints) => end,
@@ -336,6 +349,8 @@ pub struct Session<'a> {
     /// Overrides where the endpoint is requested (default: the app's api-base, else the
     /// platform's public API host).
     pub base: Option<String>,
+    /// [`Options::keepalive`].
+    pub keepalive: Duration,
 }
 
 impl Session<'_> {

@@ -30,6 +30,8 @@ pub struct ConnStats {
     pub max_live: usize,
     /// Client pings answered (Feishu) / server pings the client answered (DingTalk).
     pub pings: usize,
+    /// WebSocket-level pings from the client (tungstenite answers them).
+    pub ws_pings: usize,
     /// Message ids acknowledged with success, in order (redeliveries acked again appear again).
     pub acks: Vec<String>,
     /// Message ids answered with a failure code.
@@ -278,6 +280,9 @@ impl Hub {
                 m = stream.next() => m,
             };
             match m {
+                Some(Ok(m)) if m.is_ping() => {
+                    self.lock().stats.entry(app.clone()).or_default().ws_pings += 1;
+                }
                 Some(Ok(m)) if !m.is_close() => on_message(&self, &app, &tx, m),
                 _ => break,
             }

@@ -17,7 +17,7 @@ use imbridge_host::store::{Backend, Commit, MemoryStore, Outcome};
 use imbridge_tests::{Harness, dingtalk_sim, err_kind, err_message, ok};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 const TENANT: &str = "t1";
@@ -526,12 +526,15 @@ async fn a_start_outlives_an_engine_that_hangs_up() {
 }
 
 /// A store whose next `fail` commits fail: refused, or (`applied`) applied with the answer
-/// lost, as when Redis goes away between applying a commit and answering it.
+/// lost, as when Redis goes away between applying a commit and answering it. With `fill`, a
+/// refused commit's keys starting with it are written meanwhile by "another call" (a cache
+/// it filled too).
 #[derive(Default)]
 struct FlakyCommits {
     inner: MemoryStore,
     fail: AtomicU32,
     applied: AtomicBool,
+    fill: Mutex<Option<&'static str>>,
 }
 
 impl LeaseStore for FlakyCommits {
@@ -563,6 +566,14 @@ impl Backend for FlakyCommits {
         }
         if self.applied.load(Ordering::SeqCst) {
             self.inner.commit(ns, commit)?;
+        } else if let Some(prefix) = *self.fill.lock().unwrap() {
+            let others: Vec<_> = commit
+                .writes
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, _)| (k.clone(), Some(b"another call's".to_vec())))
+                .collect();
+            self.inner.put(ns, others)?;
         }
         anyhow::bail!("injected commit failure")
     }
@@ -616,8 +627,15 @@ async fn a_start_whose_commit_failed_is_committed_again() {
         )
     };
     let create = "/v1.0/workflow/processInstances";
-    for (key, applied) in [("wf-refused", false), ("wf-lost-answer", true)] {
+    // The first start also fills the access-token cache, as a concurrent call may meanwhile.
+    let cases = [
+        ("wf-cache-filled", false, Some("tok/")),
+        ("wf-refused", false, None),
+        ("wf-lost-answer", true, None),
+    ];
+    for (key, applied, fill) in cases {
         store.applied.store(applied, Ordering::SeqCst);
+        *store.fill.lock().unwrap() = fill;
         store.fail.store(1, Ordering::SeqCst);
         let calls = sim.calls(create);
         let first = start(key).await.expect("the host commits again");

@@ -440,9 +440,11 @@ async fn commit_once(backend: &Arc<dyn Backend>, ns: &Arc<str>, commit: Commit) 
 /// what it failed to write may be all that ties an approval the platform now has to its key
 /// (a DingTalk or WeCom start's record). A failed commit may still have been applied (Redis
 /// went away before its answer), and a callback about the new approval may have changed the
-/// record since, so a repeat is checked against `reads`, narrowed to the keys it writes: when
-/// one of them no longer holds what the call read, the first attempt is what changed it, and
-/// the repeat writes nothing.
+/// record since, so a repeat applies only while the keys the call creates (read as absent,
+/// written) are still absent. When one is not, either the failed attempt was applied, and
+/// then all of them exist (a commit is all or nothing), or another call created it too (a
+/// cache both filled, such as a first access token): the repeat then no longer expects that
+/// one absent, since a cache's last writer is as right as its first.
 async fn commit_or_retry(
     backend: &Arc<dyn Backend>,
     ns: &Arc<str>,
@@ -452,26 +454,61 @@ async fn commit_or_retry(
     export: Export,
 ) -> Result<Outcome> {
     let mut result = commit_once(backend, ns, commit.clone()).await;
-    let written: std::collections::BTreeSet<&str> =
-        commit.writes.iter().map(|(k, _)| k.as_str()).collect();
-    let repeat = Commit {
-        reads: reads
-            .into_iter()
-            .filter(|(k, _)| written.contains(k.as_str()))
-            .collect(),
-        ..commit.clone()
-    };
-    for pause in COMMIT_RETRY_PAUSES {
-        let Err(e) = &result else { break };
+    let absent: std::collections::BTreeSet<&str> = reads
+        .iter()
+        .filter(|(_, seen)| seen.is_none())
+        .map(|(k, _)| k.as_str())
+        .collect();
+    let mut created: Vec<String> = commit
+        .writes
+        .iter()
+        .filter(|(k, v)| v.is_some() && absent.contains(k.as_str()))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let mut pauses = COMMIT_RETRY_PAUSES.iter();
+    while let Err(e) = &result {
+        let Some(pause) = pauses.next() else { break };
         log!("tenant={tenant} call={export} commit failed, trying again: {e:#}");
-        tokio::time::sleep(pause).await;
-        result = match commit_once(backend, ns, repeat.clone()).await {
-            // The call's own blind commit cannot conflict, so the earlier attempt was applied.
-            Ok(Outcome::Conflict) => Ok(Outcome::Applied),
-            other => other,
-        };
+        tokio::time::sleep(*pause).await;
+        // Each conflict drops a key from `created`, or ends the retry.
+        for _ in 0..8 {
+            let repeat = Commit {
+                reads: created.iter().map(|k| (k.clone(), None)).collect(),
+                ..commit.clone()
+            };
+            result = commit_once(backend, ns, repeat).await;
+            if !matches!(result, Ok(Outcome::Conflict)) {
+                break;
+            }
+            let (backend, ns, keys) = (backend.clone(), ns.clone(), created.clone());
+            let present = tokio::task::spawn_blocking(move || -> Result<Vec<bool>> {
+                keys.iter()
+                    .map(|k| Ok(backend.get(&ns, k)?.is_some()))
+                    .collect()
+            })
+            .await
+            .context("store task failed")
+            .and_then(|r| r);
+            match present {
+                Ok(present) if present.iter().all(|p| *p) => {
+                    result = Ok(Outcome::Applied);
+                    break;
+                }
+                Ok(present) => {
+                    let mut present = present.into_iter();
+                    created.retain(|_| !present.next().unwrap_or(false));
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
     }
-    result
+    match result {
+        Ok(Outcome::Conflict) => Err(anyhow!("the keys the call creates kept changing")),
+        other => other,
+    }
 }
 
 /// One run of a call.

@@ -8,7 +8,7 @@ use crate::engine::{self, ComponentCache};
 use crate::kv::KvCtx;
 use crate::log;
 use crate::sandbox::{self, CallState};
-use crate::store::{Backend, Commit, Outcome, Seen, StoreConfig};
+use crate::store::{Backend, Commit, Outcome, StoreConfig, blocking};
 use crate::tenants::{self, Registry, Tenant, TenantPolicy};
 use crate::wasi_http::{AllowList, HttpPolicy};
 use anyhow::{Context as _, Result, anyhow};
@@ -358,11 +358,6 @@ impl Host {
         if rerun && reply.error().is_some() {
             commit = Default::default();
         }
-        let reads = if rerun {
-            Vec::new()
-        } else {
-            std::mem::take(&mut commit.reads)
-        };
         if inner.outbox.load(Ordering::Acquire)
             && let Some(app) = call.app()
         {
@@ -377,7 +372,7 @@ impl Host {
         } else if rerun {
             commit_once(&backend, &ns, commit).await
         } else {
-            commit_or_retry(&backend, &ns, commit, reads, &tenant.id, export).await
+            commit_or_retry(&backend, &ns, commit, &tenant.id, export).await
         };
         let outcome =
             committed.with_context(|| format!("committing the state written by `{export}`"))?;
@@ -428,9 +423,7 @@ async fn commit_once(backend: &Arc<dyn Backend>, ns: &Arc<str>, commit: Commit) 
         // A backend that blocks on its own I/O (Redis) gets a blocking thread.
         Err(commit) => {
             let (backend, ns) = (backend.clone(), ns.clone());
-            tokio::task::spawn_blocking(move || backend.commit(&ns, commit))
-                .await
-                .context("commit task failed")?
+            blocking(move || backend.commit(&ns, commit)).await
         }
     }
 }
@@ -440,19 +433,20 @@ async fn commit_once(backend: &Arc<dyn Backend>, ns: &Arc<str>, commit: Commit) 
 /// what it failed to write may be all that ties an approval the platform now has to its key
 /// (a DingTalk or WeCom start's record). A failed commit may still have been applied (Redis
 /// went away before its answer), and a callback about the new approval may have changed the
-/// record since, so a repeat applies only while the keys the call creates (read as absent,
-/// written) are still absent. When one is not, either the failed attempt was applied, and
+/// record since, so the first attempt is unchecked (as the call's commit always was) and a
+/// repeat applies only while the keys the call creates (read as absent, written) are still
+/// absent. When one is not, either the failed attempt was applied, and
 /// then all of them exist (a commit is all or nothing), or another call created it too (a
 /// cache both filled, such as a first access token): the repeat then no longer expects that
 /// one absent, since a cache's last writer is as right as its first.
 async fn commit_or_retry(
     backend: &Arc<dyn Backend>,
     ns: &Arc<str>,
-    commit: Commit,
-    reads: Vec<(String, Seen)>,
+    mut commit: Commit,
     tenant: &str,
     export: Export,
 ) -> Result<Outcome> {
+    let reads = std::mem::take(&mut commit.reads);
     let mut result = commit_once(backend, ns, commit.clone()).await;
     let absent: std::collections::BTreeSet<&str> = reads
         .iter()
@@ -481,23 +475,22 @@ async fn commit_or_retry(
                 break;
             }
             let (backend, ns, keys) = (backend.clone(), ns.clone(), created.clone());
-            let present = tokio::task::spawn_blocking(move || -> Result<Vec<bool>> {
-                keys.iter()
-                    .map(|k| Ok(backend.get(&ns, k)?.is_some()))
-                    .collect()
+            let still_absent = blocking(move || {
+                let mut absent = Vec::new();
+                for k in keys {
+                    if backend.get(&ns, &k)?.is_none() {
+                        absent.push(k);
+                    }
+                }
+                Ok(absent)
             })
-            .await
-            .context("store task failed")
-            .and_then(|r| r);
-            match present {
-                Ok(present) if present.iter().all(|p| *p) => {
+            .await;
+            match still_absent {
+                Ok(absent) if absent.is_empty() => {
                     result = Ok(Outcome::Applied);
                     break;
                 }
-                Ok(present) => {
-                    let mut present = present.into_iter();
-                    created.retain(|_| !present.next().unwrap_or(false));
-                }
+                Ok(absent) => created = absent,
                 Err(e) => {
                     result = Err(e);
                     break;

@@ -27,7 +27,7 @@ use crate::config::{Config, PersistentApp, ServeConfig};
 use crate::host::{Host, HostConfig};
 use crate::json::{self, Json as _};
 use crate::log;
-use crate::store::Backend;
+use crate::store::{Backend, blocking};
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use http::{Method, StatusCode, header};
@@ -741,13 +741,6 @@ async fn deliver_pending(store: &Arc<dyn Backend>, tenant: &str, url: &str) -> R
             return Err(e);
         }
     }
-}
-
-/// Runs a blocking store operation (a disk commit, a Redis round trip) off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .context("store task failed")?
 }
 
 /// An outbox record as the engine gets it: the update with its sequence number.

@@ -26,16 +26,17 @@ async fn until(what: &str, within: Duration, f: impl Fn() -> bool) {
     }
 }
 
-/// A host whose tenant `t1` loops in `handle-event`, connected to the platform at `base` as
-/// app `app_id`, sending WebSocket pings every `keepalive`.
+/// A host (in a state directory of its own) whose tenant `t1` loops in `handle-event`,
+/// connected to the platform at `base` as app `app_id`, sending WebSocket pings every
+/// `keepalive`; it runs until the value is dropped.
 async fn connect(
-    dir: &std::path::Path,
     platform: Platform,
     app_id: &str,
     base: String,
     keepalive: Duration,
-) -> Connections {
-    let mut cfg = HostConfig::new(dir);
+) -> (Connections, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = HostConfig::new(dir.path());
     cfg.call_timeout = DEADLINE;
     let host = Host::new(cfg).unwrap();
     let slow = |export: &str| match export {
@@ -70,19 +71,18 @@ async fn connect(
         app,
         endpoint_base: Some(base),
     }];
-    persistent::spawn(apps, dispatcher, Arc::new(MemoryStore::new()), options)
+    let conns = persistent::spawn(apps, dispatcher, Arc::new(MemoryStore::new()), options);
+    (conns, dir)
 }
 
 /// DingTalk's `SYSTEM` pings are answered while an event is still being handled; before,
 /// the connection read nothing until the call ended, up to the host's deadline.
 #[tokio::test(flavor = "multi_thread")]
 async fn dingtalk_pings_are_answered_while_an_event_is_handled() {
-    let dir = tempfile::tempdir().unwrap();
     let sim = DingtalkStreamSim::start(&[("dingslow", "s3cr3t")])
         .await
         .unwrap();
     let _conns = connect(
-        dir.path(),
         Platform::Dingtalk,
         "dingslow",
         sim.base_url(),
@@ -111,7 +111,6 @@ async fn dingtalk_pings_are_answered_while_an_event_is_handled() {
 /// The long connection keeps pinging Feishu while an event is handled.
 #[tokio::test(flavor = "multi_thread")]
 async fn feishu_pings_go_on_while_an_event_is_handled() {
-    let dir = tempfile::tempdir().unwrap();
     let config = FeishuWsConfig {
         ping_interval_secs: 1,
         ..FeishuWsConfig::default()
@@ -120,7 +119,6 @@ async fn feishu_pings_go_on_while_an_event_is_handled() {
         .await
         .unwrap();
     let _conns = connect(
-        dir.path(),
         Platform::Feishu,
         "cli_slow",
         ws.base_url(),
@@ -154,30 +152,14 @@ async fn feishu_pings_go_on_while_an_event_is_handled() {
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_pings_keep_a_quiet_connection_alive() {
     let every = Duration::from_millis(100);
-    let dir = tempfile::tempdir().unwrap();
     let ding = DingtalkStreamSim::start(&[("dingquiet", "s3cr3t")])
         .await
         .unwrap();
     let ws = FeishuWsSim::start(&[("cli_quiet", "s3cr3t")], FeishuWsConfig::default())
         .await
         .unwrap();
-    let _d = connect(
-        dir.path(),
-        Platform::Dingtalk,
-        "dingquiet",
-        ding.base_url(),
-        every,
-    )
-    .await;
-    let other = tempfile::tempdir().unwrap();
-    let _f = connect(
-        other.path(),
-        Platform::Feishu,
-        "cli_quiet",
-        ws.base_url(),
-        every,
-    )
-    .await;
+    let _d = connect(Platform::Dingtalk, "dingquiet", ding.base_url(), every).await;
+    let _f = connect(Platform::Feishu, "cli_quiet", ws.base_url(), every).await;
     until("connected", Duration::from_secs(10), || {
         ding.live("dingquiet") == 1 && ws.live("cli_quiet") == 1
     })

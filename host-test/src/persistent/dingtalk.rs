@@ -5,7 +5,9 @@
 //! the server will close (reconnect now). `EVENT` frames carry the event's JSON in `data` and
 //! its type in `headers.eventType`; they are acknowledged with `{"status": "SUCCESS"}`.
 
-use super::{MAX_IN_FLIGHT, Session, SessionEnd, Verdict, end, keepalive, post_json, received};
+use super::{
+    MAX_IN_FLIGHT, Session, SessionEnd, Verdict, end, keepalive, post_json, received, silent_for,
+};
 use crate::log;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -84,9 +86,7 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
     let dead_after = session.keepalive * 4;
     loop {
         let msg = tokio::select! {
-            _ = tokio::time::sleep_until(last_seen + dead_after) => {
-                return end(true, format!("no frames from the server for {} s", dead_after.as_secs()));
-            }
+            _ = tokio::time::sleep_until(last_seen + dead_after) => return silent_for(dead_after),
             _ = pings.tick() => {
                 if let Err(e) = tx.send(Message::Ping(Default::default())).await {
                     return end(true, format!("sending a WebSocket ping failed: {e}"));

@@ -8,6 +8,7 @@
 
 use super::{
     Hints, MAX_IN_FLIGHT, Session, SessionEnd, Verdict, end, keepalive, post_json, received,
+    silent_for,
 };
 use crate::bindings::types::Platform;
 use crate::log;
@@ -244,7 +245,7 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
     let mut fragments = Reassembler::default();
     let mut ping_every = hints.ping_interval.unwrap_or(DEFAULT_PING);
     let mut next_ping = tokio::time::Instant::now();
-    let mut last_seen = Instant::now();
+    let mut last_seen = tokio::time::Instant::now();
     // Events run while the loop keeps reading: a slow plugin call (up to the host's deadline,
     // plus the wait for a free slot) must not hold up the pings, nor the events after it,
     // which Feishu wants answered within 3 s.
@@ -254,13 +255,8 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
         // Silence for three of Feishu's ping intervals, or four WebSocket pings, means the
         // connection is dead without a close.
         let dead_after = (ping_every * 3).min(session.keepalive * 4);
-        if last_seen.elapsed() > dead_after {
-            return end(
-                true,
-                format!("no frames from the server for {} s", dead_after.as_secs()),
-            );
-        }
         let msg = tokio::select! {
+            _ = tokio::time::sleep_until(last_seen + dead_after) => return silent_for(dead_after),
             _ = pings.tick() => {
                 if let Err(e) = tx.send(Message::Ping(Default::default())).await {
                     return end(true, format!("sending a WebSocket ping failed: {e}"));
@@ -294,7 +290,7 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
             Ok(m) => m,
             Err(ended) => return ended,
         };
-        last_seen = Instant::now();
+        last_seen = tokio::time::Instant::now();
         let bytes = match msg {
             Message::Binary(b) => b,
             // WebSocket-level pings are answered by tungstenite when it next writes.

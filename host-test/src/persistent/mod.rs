@@ -147,6 +147,14 @@ fn keepalive(every: Duration) -> tokio::time::Interval {
     ticks
 }
 
+/// How a session ends that heard nothing for `dead_after`: dead without a close.
+fn silent_for(dead_after: Duration) -> SessionEnd {
+    end(
+        true,
+        format!("no frames from the server for {} s", dead_after.as_secs()),
+    )
+}
+
 /// What the socket's read half gave: a message, or how the session ended.
 fn received(
     msg: Option<std::result::Result<Message, tokio_tungstenite::tungstenite::Error>>,

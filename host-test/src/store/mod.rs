@@ -27,6 +27,15 @@ use anyhow::{Context as _, Result, bail};
 use sha1::{Digest as _, Sha1};
 use std::sync::Arc;
 
+/// Runs a blocking store operation (a disk commit, a Redis round trip) off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("store task failed")?
+}
+
 /// A pending change to one key: `Some` writes the value, `None` deletes the key.
 pub type Write = (String, Option<Vec<u8>>);
 

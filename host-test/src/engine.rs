@@ -2,12 +2,12 @@
 
 use anyhow::{Context as _, Result};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use wasmtime::component::Component;
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -62,11 +62,18 @@ pub fn new_engine(memory_limit: usize, max_instances: u32) -> Result<Engine> {
 /// Compiled components by content, in memory and on disk.
 ///
 /// Compiling takes seconds; loading the same plugin for many tenants, or restarting the host,
-/// should not pay for it again.
+/// should not pay for it again. A host that swaps versions for months must not keep every
+/// version it ever ran either: [`retain`](Self::retain) drops from memory what no tenant
+/// runs, and [`prune_disk`](Self::prune_disk) deletes artifacts unused for [`STALE_ARTIFACT`].
 pub struct ComponentCache {
     dir: PathBuf,
-    loaded: Mutex<HashMap<String, Component>>,
+    /// By cache key: the digest of the component's bytes, and the component.
+    loaded: Mutex<HashMap<String, (String, Component)>>,
 }
+
+/// How long an artifact on disk that no tenant of this host runs is kept: long enough that a
+/// rollback or a restart finds the versions of the last days precompiled.
+pub const STALE_ARTIFACT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl ComponentCache {
     pub fn new(dir: PathBuf) -> ComponentCache {
@@ -81,15 +88,69 @@ impl ComponentCache {
     pub fn load(&self, engine: &Engine, wasm: &[u8]) -> Result<(Component, String)> {
         let digest = hex(&Sha256::digest(wasm));
         let key = cache_key(engine, &digest);
-        if let Some(component) = self.lock().get(&key) {
+        if let Some((_, component)) = self.lock().get(&key) {
             return Ok((component.clone(), digest));
         }
         let component = self.load_uncached(engine, wasm, &key)?;
-        self.lock().insert(key, component.clone());
+        self.lock().insert(key, (digest.clone(), component.clone()));
         Ok((component, digest))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Component>> {
+    /// Forgets the compiled components whose digest is not in `in_use`; each holds its
+    /// machine code in memory. They stay on disk.
+    pub fn retain(&self, in_use: &HashSet<String>) {
+        self.lock().retain(|_, (digest, _)| in_use.contains(digest));
+    }
+
+    /// Components held in memory.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Deletes the files in the cache directory that are not the artifact of a digest in
+    /// `in_use` and were not written or loaded for `older_than`: old versions and the
+    /// leftovers of writers that died. Returns how many were deleted.
+    pub fn prune_disk(
+        &self,
+        engine: &Engine,
+        in_use: &HashSet<String>,
+        older_than: Duration,
+    ) -> usize {
+        let keep: HashSet<String> = in_use
+            .iter()
+            .map(|d| format!("{}.cwasm", cache_key(engine, d)))
+            .collect();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let now = SystemTime::now();
+        let mut deleted = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Only what `store_artifact` writes: `KEY.cwasm` and `KEY.tmpPID-N`.
+            let ours = name.ends_with(".cwasm") || name.contains(".tmp");
+            if !ours || keep.contains(&name) {
+                continue;
+            }
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() >= older_than);
+            if stale && std::fs::remove_file(entry.path()).is_ok() {
+                deleted += 1;
+            }
+        }
+        if deleted > 0 {
+            crate::log!("cache: deleted {deleted} artifacts unused for {older_than:?}");
+        }
+        deleted
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Component)>> {
         // A panic elsewhere while holding the lock leaves the map itself consistent.
         self.loaded.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -101,9 +162,19 @@ impl ComponentCache {
             // `store_artifact` below with the output of `Component::serialize`; the file name
             // binds it to the input's hash and this engine's configuration.
             match unsafe { Component::deserialize_file(engine, &path) } {
-                Ok(component) => return Ok(component),
+                Ok(component) => {
+                    // Its age is what `prune_disk` goes by: a version loaded again is in use.
+                    let _ = std::fs::File::options()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_modified(SystemTime::now()));
+                    return Ok(component);
+                }
                 Err(e) => {
-                    crate::log!("cache: ignoring unusable artifact {}: {e}", path.display());
+                    crate::log!(
+                        "cache: ignoring unusable artifact {}: {e:#}",
+                        path.display()
+                    );
                 }
             }
         }
@@ -171,4 +242,42 @@ pub fn start_epoch_ticker(engine: &Engine) -> Result<()> {
         })
         .context("starting the epoch thread")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_disk_deletes_only_old_files_no_tenant_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = new_engine(1 << 20, 2).unwrap();
+        let cache = ComponentCache::new(dir.path().to_path_buf());
+        let artifact = |digest: &str| format!("{}.cwasm", cache_key(&engine, digest));
+        let week = STALE_ARTIFACT;
+        let long_ago = SystemTime::now() - week - Duration::from_secs(60);
+        let files = [
+            (artifact("running"), long_ago, true),
+            (artifact("old"), long_ago, false),
+            (artifact("recent"), SystemTime::now(), true),
+            (
+                format!("{}.tmp7-0", cache_key(&engine, "died")),
+                long_ago,
+                false,
+            ),
+            ("operator-notes.txt".to_string(), long_ago, true),
+        ];
+        for (name, mtime, _) in &files {
+            let f = std::fs::File::create(dir.path().join(name)).unwrap();
+            f.set_modified(*mtime).unwrap();
+        }
+        let in_use = HashSet::from(["running".to_string()]);
+        assert_eq!(cache.prune_disk(&engine, &in_use, week), 2);
+        for (name, _, kept) in &files {
+            assert_eq!(dir.path().join(name).exists(), *kept, "{name}");
+        }
+        // A missing directory (nothing compiled yet) is not an error.
+        let none = ComponentCache::new(dir.path().join("absent"));
+        assert_eq!(none.prune_disk(&engine, &in_use, week), 0);
+    }
 }

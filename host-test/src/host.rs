@@ -9,7 +9,7 @@ use crate::kv::KvCtx;
 use crate::log;
 use crate::sandbox::{self, CallState};
 use crate::store::{Backend, Commit, Outcome, StoreConfig, blocking};
-use crate::tenants::{self, Registry, Tenant, TenantPolicy};
+use crate::tenants::{self, Registry, Superseded, Tenant, TenantPolicy};
 use crate::wasi_http::{AllowList, HttpPolicy};
 use anyhow::{Context as _, Result, anyhow};
 use std::fmt;
@@ -105,6 +105,14 @@ struct Inner {
     loads: AtomicU64,
 }
 
+impl Inner {
+    /// Drops the compiled versions no tenant runs any more (calls still running on one keep
+    /// it alive until they end).
+    fn forget_unused_components(&self) {
+        self.components.retain(&self.tenants.digests());
+    }
+}
+
 impl Host {
     pub fn new(cfg: HostConfig) -> Result<Host> {
         let store = cfg.store.open(&cfg.state_dir)?;
@@ -170,6 +178,11 @@ impl Host {
         // Compiling takes seconds of CPU: keep it off the async workers.
         let (pre, digest) = tokio::task::spawn_blocking(move || -> Result<_> {
             let (component, digest) = inner.components.load(&inner.engine, &wasm)?;
+            let mut in_use = inner.tenants.digests();
+            in_use.insert(digest.clone());
+            inner
+                .components
+                .prune_disk(&inner.engine, &in_use, engine::STALE_ARTIFACT);
             let pre = inner
                 .linker
                 .instantiate_pre(&component)
@@ -189,28 +202,43 @@ impl Host {
             digest: digest.clone(),
             generation,
         });
+        self.inner.forget_unused_components();
         match replaced {
             Ok(Some(old)) => log!(
                 "tenant={tenant} plugin replaced {} -> {short}",
                 &old.digest[..12]
             ),
             Ok(None) => log!("tenant={tenant} plugin loaded {short}"),
-            Err(newer) => anyhow::bail!(
+            Err(Superseded::Loaded(newer)) => anyhow::bail!(
                 "tenant {tenant}: plugin {short} was not installed: a load of {} asked for \
                  after it finished first",
                 &newer.digest[..12]
+            ),
+            Err(Superseded::Unloaded) => anyhow::bail!(
+                "tenant {tenant}: plugin {short} was not installed: the tenant was unloaded \
+                 after this load was asked for"
             ),
         }
         Ok(())
     }
 
-    /// Unloads a tenant's plugin; its stored data stays.
+    /// Unloads a tenant's plugin; its stored data stays. A load of the tenant asked for
+    /// before this and still compiling will not install.
     pub fn unload_tenant(&self, tenant: &str) -> bool {
-        self.inner.tenants.remove(tenant).is_some()
+        let generation = self.inner.loads.fetch_add(1, Ordering::Relaxed);
+        let removed = self.inner.tenants.remove(tenant, generation).is_some();
+        self.inner.forget_unused_components();
+        removed
     }
 
     pub fn tenants(&self) -> Vec<String> {
         self.inner.tenants.ids()
+    }
+
+    /// How many compiled components the host holds in memory: one per plugin version that
+    /// some tenant runs.
+    pub fn compiled_components(&self) -> usize {
+        self.inner.components.len()
     }
 
     /// The policy a tenant was loaded with.

@@ -6,7 +6,7 @@
 use crate::call::PluginPre;
 use crate::wasi_http::AllowList;
 use anyhow::{Result, bail};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 /// What the operator allows one tenant's plugin to do.
@@ -32,38 +32,72 @@ pub struct Tenant {
 
 #[derive(Default)]
 pub struct Registry {
-    tenants: RwLock<HashMap<String, Arc<Tenant>>>,
+    tenants: RwLock<Tenants>,
+}
+
+#[derive(Default)]
+struct Tenants {
+    loaded: HashMap<String, Arc<Tenant>>,
+    /// The generation of each tenant's last unload, so that a load asked for before it and
+    /// finishing after it does not bring the plugin back.
+    unloaded: HashMap<String, u64>,
+}
+
+/// Why a finished load was not installed.
+pub enum Superseded {
+    /// A later load of the tenant finished first; this is what it installed.
+    Loaded(Arc<Tenant>),
+    /// The tenant was unloaded after the load was asked for.
+    Unloaded,
 }
 
 impl Registry {
     pub fn get(&self, id: &str) -> Option<Arc<Tenant>> {
-        self.read().get(id).cloned()
+        self.read().loaded.get(id).cloned()
     }
 
-    /// Installs `tenant`, returning the version it replaced; `Err` with the installed one,
-    /// untouched, when that was asked for later.
-    pub fn insert(&self, tenant: Tenant) -> Result<Option<Arc<Tenant>>, Arc<Tenant>> {
-        let mut map = self.tenants.write().unwrap_or_else(|e| e.into_inner());
-        match map.get(&*tenant.id) {
-            Some(newer) if newer.generation > tenant.generation => Err(newer.clone()),
-            _ => Ok(map.insert(tenant.id.to_string(), Arc::new(tenant))),
+    /// Installs `tenant`, returning the version it replaced; `Err`, leaving the tenant as it
+    /// is, when a load or an unload of it was asked for later.
+    pub fn insert(&self, tenant: Tenant) -> Result<Option<Arc<Tenant>>, Superseded> {
+        let mut map = self.write();
+        if let Some(newer) = map.loaded.get(&*tenant.id)
+            && newer.generation > tenant.generation
+        {
+            return Err(Superseded::Loaded(newer.clone()));
         }
+        if map.unloaded.get(&*tenant.id) > Some(&tenant.generation) {
+            return Err(Superseded::Unloaded);
+        }
+        map.unloaded.remove(&*tenant.id);
+        Ok(map.loaded.insert(tenant.id.to_string(), Arc::new(tenant)))
     }
 
-    pub fn remove(&self, id: &str) -> Option<Arc<Tenant>> {
-        let mut map = self.tenants.write().unwrap_or_else(|e| e.into_inner());
-        map.remove(id)
+    /// Removes the tenant's plugin; loads asked for before `generation` no longer install.
+    pub fn remove(&self, id: &str, generation: u64) -> Option<Arc<Tenant>> {
+        let mut map = self.write();
+        map.unloaded.insert(id.to_string(), generation);
+        map.loaded.remove(id)
     }
 
     pub fn ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.read().keys().cloned().collect();
+        let mut ids: Vec<String> = self.read().loaded.keys().cloned().collect();
         ids.sort();
         ids
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Tenant>>> {
-        // The map is replaced entry by entry, so it is consistent even after a panic.
+    /// The digests of the plugins installed now.
+    pub fn digests(&self) -> HashSet<String> {
+        let map = self.read();
+        map.loaded.values().map(|t| t.digest.clone()).collect()
+    }
+
+    // The maps are changed entry by entry, so they are consistent even after a panic.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Tenants> {
         self.tenants.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tenants> {
+        self.tenants.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -154,6 +154,76 @@ async fn of_two_overlapping_loads_the_later_one_wins() {
     );
 }
 
+/// An unload between a load's start and its end wins too: before, the load installed the
+/// plugin again once it finished compiling, and its caller was told it was loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_asked_for_before_an_unload_does_not_undo_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path(), Duration::from_secs(5)).await;
+    host.load_tenant_bytes("t", plugin(standard, "kept"), TenantPolicy::default())
+        .await
+        .unwrap();
+    let mut load = Box::pin(host.load_tenant_bytes(
+        "t",
+        plugin(|_| Behaviour::Err, "late"),
+        TenantPolicy::default(),
+    ));
+    tokio::select! {
+        biased;
+        r = &mut load => panic!("loaded without waiting for the compiler: {r:?}"),
+        _ = std::future::ready(()) => {}
+    }
+    assert!(host.unload_tenant("t"));
+    let err = load.await.unwrap_err();
+    assert!(format!("{err:#}").contains("unloaded"), "{err:#}");
+    assert!(host.tenants().is_empty(), "{:?}", host.tenants());
+    let err = host
+        .invoke_json("t", "notify", notify_input())
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("unknown tenant"), "{err:#}");
+
+    // A load asked for after the unload installs as usual.
+    host.load_tenant_bytes(
+        "t",
+        plugin(|_| Behaviour::Err, "late"),
+        TenantPolicy::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(host.tenants(), ["t"]);
+}
+
+/// Swapping versions for months must not keep every compiled version in memory: only the
+/// versions some tenant runs stay, however many there were.
+#[tokio::test]
+async fn versions_no_tenant_runs_are_dropped_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path(), Duration::from_secs(5)).await;
+    for version in ["1", "2", "3"] {
+        host.load_tenant_bytes("t", plugin(standard, version), TenantPolicy::default())
+            .await
+            .unwrap();
+        assert_eq!(host.compiled_components(), 1, "after version {version}");
+    }
+    // Another tenant on the same version shares it; on its own version it adds one.
+    host.load_tenant_bytes("u", plugin(standard, "3"), TenantPolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(host.compiled_components(), 1);
+    host.load_tenant_bytes("u", plugin(standard, "4"), TenantPolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(host.compiled_components(), 2);
+    assert!(host.unload_tenant("u"));
+    assert_eq!(host.compiled_components(), 1);
+    assert!(host.unload_tenant("t"));
+    assert_eq!(host.compiled_components(), 0);
+    // Dropped from memory, not from disk: loading a recent version again needs no compile.
+    let artifacts = std::fs::read_dir(dir.path().join("cache")).unwrap().count();
+    assert_eq!(artifacts, 4, "one artifact per version");
+}
+
 #[tokio::test]
 async fn host_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();

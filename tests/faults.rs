@@ -18,7 +18,7 @@ use imbridge_tests::{Harness, dingtalk_sim, err_kind, err_message, ok};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const TENANT: &str = "t1";
 
@@ -525,19 +525,22 @@ async fn a_start_outlives_an_engine_that_hangs_up() {
     server.shutdown().await;
 }
 
-/// A store whose next `fail` commits fail: refused, or (`applied`) applied with the answer
-/// lost, as when Redis goes away between applying a commit and answering it. With `fill`, a
-/// refused commit's keys starting with it are written meanwhile by "another call" (a cache
-/// it filled too).
+/// A remote store whose next `fail` commits fail: refused, or (`applied`) applied with the
+/// answer lost, as when Redis goes away between applying a commit and answering it. With
+/// `fill`, a refused commit's keys starting with it are written meanwhile by "another call"
+/// (a cache it filled too). With `slow_gets`, every read takes that long, as behind a dead
+/// link; `in_get` counts the reads under way.
 #[derive(Default)]
-struct FlakyCommits {
+struct FlakyStore {
     inner: MemoryStore,
     fail: AtomicU32,
     applied: AtomicBool,
     fill: Mutex<Option<&'static str>>,
+    slow_gets: Mutex<Option<Duration>>,
+    in_get: AtomicU32,
 }
 
-impl LeaseStore for FlakyCommits {
+impl LeaseStore for FlakyStore {
     fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> anyhow::Result<bool> {
         self.inner.try_acquire(name, owner, ttl)
     }
@@ -549,8 +552,14 @@ impl LeaseStore for FlakyCommits {
     }
 }
 
-impl Backend for FlakyCommits {
+impl Backend for FlakyStore {
     fn get(&self, ns: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let slow = *self.slow_gets.lock().unwrap();
+        if let Some(delay) = slow {
+            self.in_get.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(delay);
+            self.in_get.fetch_sub(1, Ordering::SeqCst);
+        }
         self.inner.get(ns, key)
     }
     fn keys(&self, ns: &str) -> anyhow::Result<Vec<String>> {
@@ -603,6 +612,50 @@ impl Backend for FlakyCommits {
     fn describe(&self) -> String {
         "flaky memory".into()
     }
+    fn remote(&self) -> bool {
+        true
+    }
+}
+
+/// A remote store behind a dead link holds each read for seconds (Redis: up to its 5 s
+/// timeout), and the call's deadline cannot cut a host function short. Before, each such call
+/// held its async worker meanwhile, so two of them stalled every other task of a 2-worker
+/// host (other tenants' calls, the server, persistent connections' pings) until they ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_on_a_remote_store_leave_the_workers_free() {
+    let store = Arc::new(FlakyStore::default());
+    let h = Harness::with_store(&[TENANT], &[], store.clone())
+        .await
+        .expect("harness");
+    let app = dingtalk_app(&DingtalkApp::new("dingslow"), "http://127.0.0.1:9");
+    let delay = Duration::from_secs(3);
+    *store.slow_gets.lock().unwrap() = Some(delay);
+    let calls: Vec<_> = (0..2)
+        .map(|i| {
+            let host = h.host.clone();
+            let input = json!({"app": app, "instance_id": format!("i{i}"), "refresh": false});
+            tokio::spawn(async move { host.invoke_json(TENANT, "get-approval", input).await })
+        })
+        .collect();
+    // The test's own thread is not a worker: it may block while it waits for both reads.
+    let since = Instant::now();
+    while store.in_get.load(Ordering::SeqCst) < 2 {
+        assert!(since.elapsed() < delay, "the two calls never read");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let asked = Instant::now();
+    let ran = tokio::spawn(async { Instant::now() }).await.unwrap();
+    assert!(
+        ran - asked < delay / 2,
+        "another task waited {:?} for a worker",
+        ran - asked
+    );
+    *store.slow_gets.lock().unwrap() = None;
+    for call in calls {
+        let out = call.await.unwrap().expect("the call ends");
+        assert_eq!(err_kind(&out), "invalid-input", "{out}");
+        assert!(err_message(&out).contains("no approval"), "{out}");
+    }
 }
 
 /// The host's commit of a DingTalk start is all that ties the approval DingTalk now has to
@@ -613,7 +666,7 @@ impl Backend for FlakyCommits {
 async fn a_start_whose_commit_failed_is_committed_again() {
     let app = DingtalkApp::new("dingcommit");
     let sim = dingtalk_sim(&app, &["orig", "a"]).await;
-    let store = Arc::new(FlakyCommits::default());
+    let store = Arc::new(FlakyStore::default());
     let allow = [sim.base_url().trim_start_matches("http://").to_string()];
     let h = Harness::with_store(&[TENANT], &allow, store.clone())
         .await

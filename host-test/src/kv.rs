@@ -92,13 +92,17 @@ impl KvCtx {
         if !self.reads.contains_key(key) {
             self.count(key.len() + std::mem::size_of::<Seen>())?;
         }
-        let value = self.store.get(&self.tenant, key)?;
+        let value = self.wait(|store, tenant| store.get(tenant, key))?;
         // The first read is what the call's decisions rest on; a later read of a key that
         // changed meanwhile will fail validation all the same.
         self.reads
             .entry(key.to_string())
             .or_insert_with(|| digest(value.as_deref()));
         Ok(value)
+    }
+
+    fn wait<R>(&self, op: impl FnOnce(&dyn Backend, &str) -> R) -> R {
+        wait(&self.store, &self.tenant, op)
     }
 
     fn count(&mut self, size: usize) -> anyhow::Result<()> {
@@ -120,8 +124,7 @@ impl KvCtx {
 
     fn keys(&self) -> anyhow::Result<Vec<String>> {
         let mut keys: Vec<String> = self
-            .store
-            .keys(&self.tenant)?
+            .wait(|store, tenant| store.keys(tenant))?
             .into_iter()
             .filter(|k| !self.overlay.contains_key(k))
             .collect();
@@ -138,7 +141,9 @@ impl KvCtx {
     fn increment(&mut self, key: &str, delta: u64) -> anyhow::Result<u64> {
         check_key(key)?;
         let pending = self.overlay.get(key).map(Option::as_deref);
-        let new = self.store.increment(&self.tenant, key, delta, pending)?;
+        let new = wait(&self.store, &self.tenant, |store, tenant| {
+            store.increment(tenant, key, delta, pending)
+        })?;
         // The counter is now durable; a buffered write must not overwrite it at commit, and
         // the call's own increment must not count as a concurrent change to what it read
         // (the increment is itself the atomic read-modify-write).
@@ -156,6 +161,25 @@ impl KvCtx {
             outbox: Vec::new(),
         };
         (self.store, self.tenant, commit)
+    }
+}
+
+/// Runs a store operation that the plugin's call waits for. The call runs on an async worker
+/// and the operation cannot be cut short by the call's deadline, so on a remote store behind
+/// a dead link (Redis: up to its 5 s timeouts, then a retry) it would hold the worker, and two
+/// such calls would stall every other task of the host: the server's requests, persistent
+/// connections' pings. `block_in_place` hands the worker's other tasks to another thread
+/// meanwhile. Local stores answer in microseconds, where that hand-off would cost more than
+/// it saves. On a current-thread runtime nothing can take the tasks over, so the operation
+/// runs in place.
+fn wait<R>(store: &Arc<dyn Backend>, tenant: &str, op: impl FnOnce(&dyn Backend, &str) -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let multi_thread =
+        || Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
+    if store.remote() && multi_thread() {
+        tokio::task::block_in_place(|| op(&**store, tenant))
+    } else {
+        op(&**store, tenant)
     }
 }
 

@@ -474,7 +474,7 @@ async fn tenant_tokens_open_only_their_tenant() {
 
 /// The server on a host with one call slot, taken by `get-approval` until its 3 s deadline
 /// (the plugin loops): a callback sent meanwhile waits for the slot.
-async fn start_busy(dir: &Path, extra: Value) -> ServerHandle {
+async fn start_busy(dir: &Path, extra: Value, deadline: Duration) -> ServerHandle {
     let behaviour = |name: &str| match name {
         "get-approval" => Behaviour::Loop,
         other => behaviour(other),
@@ -482,7 +482,7 @@ async fn start_busy(dir: &Path, extra: Value) -> ServerHandle {
     let cfg = config(dir, extra);
     let mut host = imbridge_host::HostConfig::new(dir.join("state"));
     host.max_concurrent_calls = 1;
-    host.call_timeout = Duration::from_secs(3);
+    host.call_timeout = deadline;
     let host = imbridge_host::Host::new(host).unwrap();
     host.load_tenant_bytes(
         "acme",
@@ -494,8 +494,9 @@ async fn start_busy(dir: &Path, extra: Value) -> ServerHandle {
     let server = server::serve_with(host, cfg).await.unwrap();
     let addr = server.addr();
     tokio::spawn(async move { request(addr, "GET", "/api/acme/a1/approvals/x", "", b"").await });
-    // Until the slow call holds the slot.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Until the slow call holds the slot (nothing else is in flight to take it first).
+    assert_eq!(until_in_flight(&server, 1).await, 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
     server
 }
 
@@ -510,9 +511,9 @@ async fn cancel_and_hang_up(addr: SocketAddr, wait: Duration) {
     tokio::time::sleep(wait).await;
 }
 
-/// Waits up to 10 s for the server's calls in flight to reach `n`.
+/// Waits up to 20 s for the server's calls in flight to reach `n`.
 async fn until_in_flight(server: &ServerHandle, n: usize) -> usize {
-    for _ in 0..100 {
+    for _ in 0..200 {
         if server.calls_in_flight() == n {
             break;
         }
@@ -529,7 +530,7 @@ async fn until_in_flight(server: &ServerHandle, n: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_call_outlives_a_client_that_hangs_up() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_busy(dir.path(), json!({})).await;
+    let server = start_busy(dir.path(), json!({}), Duration::from_secs(3)).await;
     assert_eq!(server.calls_in_flight(), 1);
     cancel_and_hang_up(server.addr(), Duration::from_millis(300)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -547,7 +548,7 @@ async fn an_api_call_outlives_a_client_that_hangs_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_the_calls_in_flight() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_busy(dir.path(), json!({})).await;
+    let server = start_busy(dir.path(), json!({}), Duration::from_secs(3)).await;
     let addr = server.addr();
     let client =
         tokio::spawn(async move { request(addr, "POST", "/callback/acme/a1", "", b"{}").await });
@@ -642,11 +643,13 @@ async fn a_webhook_stuck_in_its_tls_handshake_is_given_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_calls_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_busy(dir.path(), json!({})).await;
+    // The slow call holds the slot until its deadline, which must outlast sending the requests
+    // on a loaded machine: at 3 s the slot once freed before they were all sent.
+    let server = start_busy(dir.path(), json!({}), Duration::from_secs(10)).await;
     for _ in 0..server::MAX_CALLS + 6 {
         cancel_and_hang_up(server.addr(), Duration::ZERO).await;
     }
-    // The slow call holds one of the permits; it ends at its 3 s deadline.
+    // The slow call holds one of the permits.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(server.calls_in_flight(), server::MAX_CALLS);
     assert_eq!(until_in_flight(&server, 0).await, 0);

@@ -114,6 +114,11 @@ pub trait Backend: LeaseStore {
     fn outbox_last_seq(&self, tenant: &str) -> Result<u64>;
     /// Where the state lives, for the log (no credentials).
     fn describe(&self) -> String;
+    /// Whether an operation may wait on the network: a store behind a dead link holds it for
+    /// seconds, so the host does not let it hold an async worker meanwhile.
+    fn remote(&self) -> bool {
+        false
+    }
 
     /// Writes without conditions (tests, tooling, seeding).
     fn put(&self, ns: &str, writes: Vec<Write>) -> Result<()> {

@@ -358,6 +358,10 @@ impl Backend for RedisStore {
     fn describe(&self) -> String {
         format!("Redis at {}", self.shown)
     }
+
+    fn remote(&self) -> bool {
+        true
+    }
 }
 
 impl LeaseStore for RedisStore {

@@ -270,13 +270,31 @@ async fn cancel_terminates_on_the_platform() {
     let fx = fixture().await;
     let a = fx.start("k-cancel", and_then_or()).await;
     let id = a["instance_id"].as_str().unwrap().to_string();
-    let c =
+    let cancel = || {
         fx.h.invoke(
             TENANT,
             "cancel-approval",
             json!({"app": fx.app, "instance_id": id, "reason": "workflow aborted"}),
         )
-        .await;
+    };
+    // A 200 that says the instance was not terminated is an error, and the approval stays
+    // pending. Before, any 2xx marked it canceled for good while approvers could still decide.
+    let terminate = "/v1.0/workflow/processInstances/terminate";
+    fx.sim.faults().fail_next(
+        terminate,
+        1,
+        Response::json(200, &json!({"success": true, "result": false})),
+    );
+    let refused = cancel().await;
+    assert_eq!(err_kind(&refused), "platform", "{refused}");
+    assert!(
+        err_message(&refused).contains("did not terminate"),
+        "{refused}"
+    );
+    assert_eq!(ok(&fx.get(&id, false).await)["status"], "pending");
+    assert_eq!(fx.sim.state().instances[&id].status, "RUNNING");
+
+    let c = cancel().await;
     assert_eq!(ok(&c)["status"], "canceled");
     assert_eq!(fx.sim.state().instances[&id].status, "TERMINATED");
     let body: Value = serde_json::from_slice(

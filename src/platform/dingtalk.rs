@@ -546,11 +546,20 @@ pub fn cancel(
     if let Some(o) = rec.meta.get("originator").and_then(Value::as_str) {
         body["operatingUserId"] = json!(o);
     }
-    c.api(
+    let reply = c.api(
         Method::Post,
         "/v1.0/workflow/processInstances/terminate",
         Some(&body),
     )?;
+    // A 2xx is not enough: the reply says whether the instance was terminated, and a record
+    // marked canceled is final, while approvers could still decide the live instance.
+    if reply.get("result").and_then(Value::as_bool) != Some(true) {
+        return Err(Error::platform(
+            -1,
+            "DingTalk did not terminate the instance (no `result: true` in its reply)",
+            false,
+        ));
+    }
     Ok(())
 }
 

@@ -467,6 +467,16 @@ pub fn poll(env: &(impl Env + ?Sized), app: &ImApp, rec: &Record) -> Result<Vec<
     Ok(events_from_instance(&data))
 }
 
+/// Who decided a task (an event) or a timeline entry (a poll). Feishu leaves the ids empty on
+/// tasks it passed itself (auto-approval); those are no one's decision, and the instance's
+/// status carries the outcome.
+fn decider(v: &Value) -> Option<&str> {
+    ["open_id", "user_id"]
+        .iter()
+        .filter_map(|k| v.get(*k).and_then(Value::as_str))
+        .find(|id| !id.is_empty())
+}
+
 /// Decisions from the timeline, then the overall status.
 pub fn events_from_instance(data: &Value) -> Vec<Event> {
     let mut events = Vec::new();
@@ -481,11 +491,7 @@ pub fn events_from_instance(data: &Value) -> Vec<Event> {
             Some("REJECT") => false,
             _ => continue,
         };
-        let Some(user) = t
-            .get("open_id")
-            .or_else(|| t.get("user_id"))
-            .and_then(Value::as_str)
-        else {
+        let Some(user) = decider(t) else {
             continue;
         };
         events.push(Event::Decision(Decision {
@@ -687,13 +693,7 @@ fn approval_event(env: &(impl Env + ?Sized), event_type: &str, ev: &Value) -> Re
             "REJECTED" => false,
             _ => return Ok(Vec::new()),
         };
-        // Feishu leaves the ids empty on tasks it passed itself (auto-approval); those are no
-        // one's decision, and the instance event carries the outcome.
-        let Some(user) = ["open_id", "user_id"]
-            .iter()
-            .filter_map(|k| ev.get(*k).and_then(Value::as_str))
-            .find(|id| !id.is_empty())
-        else {
+        let Some(user) = decider(ev) else {
             return Ok(Vec::new());
         };
         Event::Decision(Decision {
@@ -1083,6 +1083,22 @@ pub(crate) mod tests {
                 })
                 .collect();
             assert_eq!(users, want.into_iter().collect::<Vec<_>>(), "{ev}");
+
+            // The same entry in a polled instance's timeline.
+            let mut entry = json!({"type": "PASS", "create_time": "1700000000000"});
+            entry
+                .as_object_mut()
+                .unwrap()
+                .extend(ids.as_object().unwrap().clone());
+            let polled = events_from_instance(&json!({"status": "PENDING", "timeline": [entry]}));
+            let users: Vec<_> = polled
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Decision(d) => Some(d.user.as_str()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(users, want.into_iter().collect::<Vec<_>>(), "{entry}");
         }
 
         let other = json!({"schema": "2.0", "header": {"event_id": "e10", "event_type": "im.message.receive_v1",

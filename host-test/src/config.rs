@@ -246,10 +246,21 @@ fn take_callback_mode(
 /// A webhook URL that cannot be POSTed to would only show as a log line per delivery while
 /// the outbox grows. The URL itself is not echoed: it may carry a token.
 fn check_webhook(url: String, path: &str) -> Result<String> {
-    let ok = url
-        .parse::<http::Uri>()
-        .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some());
+    let uri = url.parse::<http::Uri>().ok();
+    let ok = uri.as_ref().is_some_and(|u| {
+        matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+    });
     anyhow::ensure!(ok, "`{path}` must be an http:// or https:// URL");
+    // `user:password@` would be sent as part of the Host header and make every delivery's
+    // address lookup fail; the URL's path or query can carry a token instead.
+    let userinfo = uri
+        .and_then(|u| u.authority().map(|a| a.as_str().contains('@')))
+        .unwrap_or(false);
+    anyhow::ensure!(
+        !userinfo,
+        "`{path}` must not carry credentials before the host (user:password@); put a token \
+         in its path or query"
+    );
     Ok(url)
 }
 
@@ -471,6 +482,11 @@ mod tests {
                 r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a",
                 "engine_webhook": "ftp://engine/s3cr3t"}]}"#,
                 "tenants[0].engine_webhook",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a",
+                "engine_webhook": "https://bot:s3cr3t@engine.example/hook"}]}"#,
+                "must not carry credentials",
             ),
             (
                 r#"{"public_url": "http://x", "state_dir": "s", "api_token": ""}"#,

@@ -38,8 +38,8 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, oneshot};
@@ -95,6 +95,7 @@ pub struct ServerHandle {
     connections: Option<crate::persistent::Connections>,
     /// One permit per plugin call the server runs; see [`State::detached`].
     in_flight: Arc<Semaphore>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl ServerHandle {
@@ -111,7 +112,12 @@ impl ServerHandle {
     /// persistent connections and releases their leases; then waits for the plugin calls
     /// still running (each ends by the host's call deadline), so that stopping the server
     /// does not cut a start off between its create and its commit.
+    ///
+    /// From its start, requests that would run a plugin call are answered 503, also on
+    /// connections that stay open: a call started while the process exits could be cut off
+    /// just the same.
     pub async fn shutdown(mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
         if let Some(c) = self.connections.take() {
             c.shutdown().await;
         }
@@ -119,7 +125,10 @@ impl ServerHandle {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
-        let _ = self.in_flight.acquire_many(MAX_CALLS as u32).await;
+        // A request that passed the flag just before it was set queues behind this (the
+        // semaphore is fair) and is refused by the close.
+        let _all = self.in_flight.acquire_many(MAX_CALLS as u32).await;
+        self.in_flight.close();
     }
 
     /// Plugin calls running or waiting for a call slot, including engine API calls whose
@@ -222,11 +231,13 @@ pub async fn serve_with_persistent(
         })
         .collect();
     let in_flight = Arc::new(Semaphore::new(MAX_CALLS));
+    let stopping = Arc::new(AtomicBool::new(false));
     let state = Arc::new(State {
         host: host.clone(),
         config,
         delivery,
         in_flight: in_flight.clone(),
+        stopping: stopping.clone(),
     });
     let deliveries: Vec<AbortOnDrop> = state
         .delivery
@@ -322,6 +333,7 @@ pub async fn serve_with_persistent(
         task,
         connections,
         in_flight,
+        stopping,
     })
 }
 
@@ -334,6 +346,8 @@ struct State {
     /// pass, not a queue of waiting tasks.
     delivery: HashMap<String, (String, Arc<Notify>)>,
     in_flight: Arc<Semaphore>,
+    /// Set when shutdown begins: no plugin call starts after it.
+    stopping: Arc<AtomicBool>,
 }
 
 impl State {
@@ -341,6 +355,10 @@ impl State {
     /// hang up cannot leave more than [`MAX_CALLS`] calls behind, and shutdown can wait for
     /// the calls in flight.
     async fn running(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        anyhow::ensure!(
+            !self.stopping.load(Ordering::SeqCst),
+            "the server is stopping"
+        );
         self.in_flight
             .clone()
             .acquire_owned()
@@ -356,10 +374,9 @@ impl State {
     /// (Callbacks run in the request's own task: one cut off commits nothing and was not
     /// acknowledged, so the platform sends it again; a task per callback cost throughput.)
     async fn detached<T: Send + 'static>(
-        &self,
+        running: tokio::sync::OwnedSemaphorePermit,
         call: impl Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
-        let running = self.running().await?;
         tokio::spawn(async move {
             let _running = running;
             call.await
@@ -410,8 +427,10 @@ impl State {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            // The scheme's name is case-insensitive (RFC 9110 §11.1).
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token);
         // Each compared in full, so the time does not say which one matched.
         accepted.iter().fold(false, |ok, t| {
             constant_time_eq(given.as_bytes(), t.as_bytes()) | ok
@@ -537,10 +556,10 @@ impl State {
         let refresh = matches!(call, Call::GetApproval { refresh: true, .. });
         let host = self.host.clone();
         let id = tenant.clone();
-        match self
-            .detached(async move { host.call(&id, &call).await })
-            .await
-        {
+        let Ok(running) = self.running().await else {
+            return status_json(StatusCode::SERVICE_UNAVAILABLE, "stopping");
+        };
+        match Self::detached(running, async move { host.call(&id, &call).await }).await {
             Ok(reply) => {
                 // A refresh may have put what it found in the outbox.
                 if refresh {

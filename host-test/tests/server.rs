@@ -163,6 +163,24 @@ async fn engine_api() {
     )
     .await;
     assert_eq!(status, 401);
+    // The scheme's name is case-insensitive; the token is not.
+    for (header, want) in [
+        ("authorization: bearer t0ken\r\n", 200),
+        ("authorization: BEARER t0ken\r\n", 200),
+        ("authorization: Bearer T0KEN\r\n", 401),
+        ("authorization: Basic t0ken\r\n", 401),
+        ("authorization: Bearert0ken\r\n", 401),
+    ] {
+        let (status, _) = request(
+            addr,
+            "POST",
+            "/api/acme/a1/approvals",
+            header,
+            request_body.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, want, "{header}");
+    }
 
     let (status, body) = request(
         addr,
@@ -541,6 +559,40 @@ async fn an_api_call_outlives_a_client_that_hangs_up() {
     );
     assert_eq!(until_in_flight(&server, 0).await, 0);
     server.shutdown().await;
+}
+
+/// Once stopping, the server starts no plugin call, also for requests on connections opened
+/// before: they are answered 503. Before, such a request waited for the calls in flight and
+/// then started while the process was exiting, where it could be cut off after a create.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_open_connections_get_503_while_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_busy(dir.path(), json!({}), Duration::from_secs(3)).await;
+    let mut open = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    open.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0; 4096];
+    let n = open.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+
+    let stopping = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (path, body) in [
+        ("/callback/acme/a1", "{}"),
+        ("/api/acme/a1/approvals/x/cancel", "{}"),
+    ] {
+        let req = format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{body}");
+        open.write_all(req.as_bytes()).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), open.read(&mut buf))
+            .await
+            .expect("answered at once, not after the calls in flight")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 503"), "{path}: {text}");
+        assert!(text.contains("stopping"), "{path}: {text}");
+    }
+    stopping.await.unwrap();
 }
 
 /// Stopping the server finishes the calls still running (here one still waiting for its

@@ -10,6 +10,10 @@ use crate::platform::{self, CreateError, Created};
 use serde::{Deserialize, Serialize};
 
 const MAX_KEY_LEN: usize = 256;
+/// The platforms' instance ids are 18–64 characters. A longer one was never started, and as
+/// part of a storage key it could pass a host's key limit, which would read as a retryable
+/// storage error rather than the engine's mistake.
+const MAX_INSTANCE_ID_LEN: usize = 256;
 const MAX_TITLE_LEN: usize = 200;
 pub(crate) const MAX_NODES: usize = 20;
 pub(crate) const MAX_APPROVERS_PER_NODE: usize = 100;
@@ -423,6 +427,11 @@ fn find_by_key(env: &(impl Env + ?Sized), app: &ImApp, key: &str) -> Result<Opti
 }
 
 fn must_load(env: &(impl Env + ?Sized), app: &ImApp, instance_id: &str) -> Result<Record> {
+    if instance_id.len() > MAX_INSTANCE_ID_LEN {
+        return Err(Error::input(format!(
+            "no approval has an id longer than {MAX_INSTANCE_ID_LEN} bytes"
+        )));
+    }
     load(env, app, instance_id)?.ok_or_else(|| {
         Error::input(format!(
             "no approval {instance_id:?} was started through app {:?}",

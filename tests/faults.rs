@@ -617,6 +617,30 @@ impl Backend for FlakyStore {
     }
 }
 
+/// An instance id no platform would give (an engine's bug) is the engine's error. Before, its
+/// storage key passed the host's 4 KiB key limit and the engine got a retryable `storage`
+/// error, which it would retry for ever.
+#[tokio::test]
+async fn an_overlong_instance_id_is_invalid_input() {
+    let h = harness(&[]).await;
+    let app = dingtalk_app(&DingtalkApp::new("dinglong"), "http://127.0.0.1:9");
+    let id = "x".repeat(5000);
+    for (export, input) in [
+        (
+            "get-approval",
+            json!({"app": app, "instance_id": id, "refresh": false}),
+        ),
+        (
+            "cancel-approval",
+            json!({"app": app, "instance_id": id, "reason": null}),
+        ),
+    ] {
+        let out = h.invoke(TENANT, export, input).await;
+        assert_eq!(err_kind(&out), "invalid-input", "{export}: {out}");
+        assert!(!err_message(&out).contains(&id), "{export}: echoes the id");
+    }
+}
+
 /// A remote store behind a dead link holds each read for seconds (Redis: up to its 5 s
 /// timeout), and the call's deadline cannot cut a host function short. Before, each such call
 /// held its async worker meanwhile, so two of them stalled every other task of a 2-worker

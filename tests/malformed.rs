@@ -1248,8 +1248,8 @@ fn wecom_targeted(wx: &Wx, bases: &[Base]) -> Vec<Case> {
         }),
         (
             "wide XML (message)",
-            // Over the element bound (20,544: the largest approval a start may create).
-            format!("<xml>{}</xml>", "<a/>".repeat(25_000)),
+            // Over the element bound (65,536: one per 16 bytes of the body limit).
+            format!("<xml>{}</xml>", "<a/>".repeat(70_000)),
         ),
         ("unclosed XML (message)", inner.replace("</xml>", "")),
         ("two roots (message)", format!("{inner}{inner}")),

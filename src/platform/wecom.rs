@@ -35,18 +35,18 @@ const RETRYABLE: &[i64] = &[-1, 45009, 45011, 45033];
 /// Robot markdown content limit (WeCom: 4096 bytes); text content is 2048.
 const MAX_ROBOT_MARKDOWN: usize = 4096;
 const MAX_ROBOT_TEXT: usize = 2048;
+/// App and group-chat markdown (`message/send`, `appchat/send`): 2048 bytes.
+const MAX_APP_MARKDOWN: usize = 2048;
 /// WeCom summary lines are short; longer ones are rejected by `applyevent`.
 const MAX_SUMMARY_CHARS: usize = 20;
 
-/// Real WeCom callbacks are a few KiB, but each carries every approver of its approval (about
-/// six elements per approver), so the bounds follow the largest approval a start may create;
-/// no plaintext can exceed the callback body limit.
+/// Real WeCom callbacks are a few KiB, but each carries every approver of its approval twice
+/// (`SpRecord` and `ProcessList`, a dozen elements per approver) and every comment, which
+/// nothing bounds but the callback body limit. So the element bound follows the bytes: a
+/// genuine callback's elements average well over 16 bytes each (an approver's run about 30).
 const MAX_XML_BYTES: usize = crate::callback::MAX_BODY_BYTES;
 const MAX_XML_DEPTH: usize = 16;
-const MAX_XML_ELEMENTS: usize = {
-    use crate::approval::{MAX_APPROVERS_PER_NODE, MAX_CC, MAX_NODES};
-    64 + MAX_NODES * (4 + 10 * MAX_APPROVERS_PER_NODE) + 4 * MAX_CC
-};
+const MAX_XML_ELEMENTS: usize = MAX_XML_BYTES / 16;
 
 fn is_token_invalid(e: &Error) -> bool {
     matches!(e, Error::Platform { code, .. } if TOKEN_INVALID.contains(code))
@@ -692,7 +692,11 @@ pub fn inbound_events(msg: &Node<'_>) -> Vec<Inbound> {
     let Some(info) = msg.child("ApprovalInfo") else {
         return Vec::new();
     };
-    let sp_no = info.get("SpNo");
+    // SpNoStr is the number as a string; WeCom leaves SpNo out for some (school) approvals.
+    let sp_no = match info.get("SpNoStr") {
+        "" => info.get("SpNo"),
+        s => s,
+    };
     if sp_no.is_empty() {
         return Vec::new();
     }
@@ -883,8 +887,22 @@ fn undelivered(reply: &Value) -> Result<()> {
 
 pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) -> Result<Receipt> {
     let c = Client::new(env, app)?;
+    let too_long = |content: &str| {
+        (content.len() > MAX_APP_MARKDOWN).then(|| {
+            Error::input(format!(
+                "WeCom app messages are limited to {MAX_APP_MARKDOWN} bytes of markdown"
+            ))
+        })
+    };
+    // Before the lookups, so a message that cannot go out costs none.
+    if let Some(e) = too_long(&markdown_content(n, &[])) {
+        return Err(e);
+    }
     let mention_ids = c.resolve(&n.mentions)?;
     let content = markdown_content(n, &mention_ids);
+    if let Some(e) = too_long(&content) {
+        return Err(e);
+    }
     match &n.target {
         Target::Users(users) => {
             if users.is_empty() {
@@ -1098,17 +1116,71 @@ pub(crate) mod tests {
         for c in 0..MAX_CC {
             records += &format!("<Notifyer><UserId><![CDATA[cc{c}]]></UserId></Notifyer>");
         }
+        // Every approver once more in the process list, then comments.
+        records += "<ProcessList>";
+        for n in 0..MAX_NODES {
+            records += "<NodeList><NodeType>1</NodeType><SpStatus>2</SpStatus><ApvRel>1</ApvRel>";
+            for a in 0..MAX_APPROVERS_PER_NODE {
+                records += &format!(
+                    "<SubNodeList><UserInfo><UserId><![CDATA[user{n}x{a}]]></UserId></UserInfo>\
+                     <Speech><![CDATA[]]></Speech><SpYj>2</SpYj><Sptime>1700000001</Sptime>\
+                     </SubNodeList>"
+                );
+            }
+            records += "</NodeList>";
+        }
+        records += "</ProcessList>";
+        for c in 0..200 {
+            records += &format!(
+                "<Comments><CommentUserInfo><UserId><![CDATA[u{c}]]></UserId></CommentUserInfo>\
+                 <CommentTime>1700000002</CommentTime><CommentContent><![CDATA[ok]]></CommentContent>\
+                 <CommentId><![CDATA[{c}]]></CommentId></Comments>"
+            );
+        }
         let xml = approval_xml(2, "").replace(
             "<SpRecord><SpStatus>1</SpStatus><ApproverAttr>1</ApproverAttr></SpRecord>",
             &records,
         );
-        assert!(xml.len() > 256 * 1024, "{}", xml.len());
+        // More elements than the bound this test held before the process list was counted.
+        assert!(
+            xml.matches("</").count() > 20_544 + 5_000,
+            "{}",
+            xml.matches("</").count()
+        );
+        assert!(
+            xml.len() < MAX_XML_BYTES * 3 / 4,
+            "fits the body limit once encrypted"
+        );
         let p = parse_callback(&env, &app(), &signed(&env, "POST", &xml, true)).unwrap();
         assert_eq!(p.events.len(), MAX_NODES * MAX_APPROVERS_PER_NODE + 1);
         assert_eq!(
             p.events.last().unwrap().event,
             Event::Status(ApprovalStatus::Approved)
         );
+    }
+
+    #[test]
+    fn the_approval_number_is_read_from_sp_no_str_too() {
+        let env = FakeEnv::offline();
+        for (from, to) in [
+            (
+                "<SpNo>202401010001</SpNo>",
+                "<SpNoStr>202401010001</SpNoStr>",
+            ),
+            (
+                "<SpNo>202401010001</SpNo>",
+                "<SpNo>202401010001</SpNo><SpNoStr>202401010001</SpNoStr>",
+            ),
+        ] {
+            let xml = approval_xml(2, "").replace(from, to);
+            let p = parse_callback(&env, &app(), &signed(&env, "POST", &xml, true)).unwrap();
+            assert!(!p.events.is_empty(), "{xml}");
+            assert!(
+                p.events.iter().all(|e| e.instance_id == "202401010001"),
+                "{:?}",
+                p.events
+            );
+        }
     }
 
     #[test]
@@ -1433,6 +1505,29 @@ pub(crate) mod tests {
             send_message(&env, &a, &note(false, vec![], false)),
             Err(Error::InvalidConfig(_))
         ));
+    }
+
+    #[test]
+    fn app_markdown_over_2048_bytes_is_refused_before_any_request() {
+        let env = fake_wecom();
+        let mut n = note(false, vec![], false);
+        n.markdown = "x".repeat(2100);
+        let e = send_message(&env, &app(), &n).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("2048")),
+            "{e:?}"
+        );
+        assert!(env.sent.borrow().is_empty());
+        // Mentions count too: they are part of the content.
+        n.markdown = "x".repeat(2000);
+        n.mentions = (0..20).map(|i| UserRef::Id(format!("user{i}"))).collect();
+        let e = send_message(&env, &app(), &n).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("2048")),
+            "{e:?}"
+        );
+        n.mentions.clear();
+        send_message(&env, &app(), &n).unwrap();
     }
 
     #[test]

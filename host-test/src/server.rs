@@ -665,9 +665,9 @@ impl State {
         // async worker, which callbacks, pings and timers of every tenant share.
         let read = blocking(
             move || -> Result<std::result::Result<(Vec<Value>, bool), u64>> {
-                // A cursor past every sequence number given out comes from another store (a move
-                // to Redis, a fresh state_dir): acknowledging up to it would drop records never
-                // returned.
+                // A cursor past every sequence number given out comes from another store (one
+                // restored from an older backup, a clock set back): acknowledging up to it would
+                // drop records never returned.
                 let last = store.outbox_last_seq(&owned)?;
                 if after > last {
                     return Ok(Err(last));
@@ -693,8 +693,9 @@ impl State {
             Ok(Err(last)) => status_json(
                 StatusCode::CONFLICT,
                 &format!(
-                    "`after` is {after} but the newest update is {last}: this cursor is not \
-                     from this store; read from after={last} or lower"
+                    "`after` is {after} but the newest update here is {last}: this cursor is \
+                     not from this store; read from after=0 (which acknowledges nothing) and \
+                     go on from the updates' seq"
                 ),
             ),
             Err(e) => {

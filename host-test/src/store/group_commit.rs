@@ -229,10 +229,9 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.get("t", "seen").unwrap().as_deref(), Some(&b"a"[..]));
-        assert_eq!(
-            store.outbox_list("t", 0).unwrap(),
-            [(1, b"claimed by a".to_vec())]
-        );
+        let records = store.outbox_list("t", 0).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].1, b"claimed by a");
         assert_eq!(store.get("u", "seen").unwrap().as_deref(), Some(&b"c"[..]));
     }
 

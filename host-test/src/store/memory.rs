@@ -71,9 +71,10 @@ impl Backend for MemoryStore {
                 None => state.kv.remove(&kv_key(ns, &key)),
             };
         }
+        let floor = super::seq_floor();
         for record in commit.outbox {
             let seq = state.outbox_seq.entry(ns.to_string()).or_default();
-            *seq += 1;
+            *seq = super::next_seq(*seq, floor);
             let seq = *seq;
             state.outbox.insert((ns.to_string(), seq), record);
         }

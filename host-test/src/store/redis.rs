@@ -39,7 +39,9 @@ const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// KEYS: the read keys, then the write keys, then the outbox and its sequence key.
 /// ARGV: #reads, #writes, #records, then per read its SHA-1 hex ("" = absent), per write
-/// "s" + value or "d", then the records.
+/// "s" + value or "d", then the floor of the sequence numbers (`next_seq`), then the
+/// records. Lua numbers are doubles: exact for sequence numbers (below 2^53), but printed in
+/// exponent form unless formatted as here.
 static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -62,8 +64,12 @@ for i = 1, nw do
     a = a + 1
   end
 end
+local floor = tonumber(ARGV[a])
+a = a + 1
 for i = 1, no do
-  local seq = redis.call('INCR', KEYS[nr + nw + 2])
+  local seq = math.max(tonumber(redis.call('GET', KEYS[nr + nw + 2]) or '0') + 1, floor)
+  seq = string.format('%.0f', seq)
+  redis.call('SET', KEYS[nr + nw + 2], seq)
   redis.call('ZADD', KEYS[nr + nw + 1], seq, seq .. ':' .. ARGV[a])
   a = a + 1
 end
@@ -268,6 +274,7 @@ impl Backend for RedisStore {
                 None => inv.arg("d"),
             };
         }
+        inv.arg(super::seq_floor());
         for record in &commit.outbox {
             inv.arg(record.as_slice());
         }

@@ -538,8 +538,9 @@ async fn platform_and_transport_errors_are_typed() {
     fx.sim.fail_next(
         "/v1.0/workflow/processInstances",
         3,
-        429,
-        json!({"code": "Throttling.Api", "message": "slow down"}),
+        403,
+        json!({"code": "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi",
+               "message": "The request has exceeded the QPS limit"}),
     );
     let r = fx.get(&id, true).await;
     assert_eq!(r["err"]["retryable"], true, "{r}");

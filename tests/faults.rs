@@ -190,11 +190,12 @@ async fn dingtalk() -> Fx {
         poll: "/v1.0/workflow/processInstances".into(),
         create: "/v1.0/workflow/processInstances",
         token: "/v1.0/oauth2/accessToken",
-        // The new API's throttling answer (code prefix "Throttling"; the exact code and the
-        // header are not documented publicly, Retry-After is honoured when present).
+        // The new API's answer over an app's per-second limit (DingTalk's "how to process
+        // API throttling" page); a Retry-After is honoured when present.
         rate_limited: Response::json(
-            429,
-            &json!({"code": "Throttling.Api", "message": "request was denied due to flow control"}),
+            403,
+            &json!({"code": "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi",
+                    "message": "The request has exceeded the QPS limit"}),
         )
         .with_header("Retry-After", "1"),
     };
@@ -368,29 +369,52 @@ async fn wecom_faults_are_retried_or_typed() {
     faults_are_retried_or_typed(wecom().await).await;
 }
 
-/// DingTalk's legacy API answers throttling with HTTP 200 and errcode 90018; a user lookup
-/// (a read) is retried through it.
+/// DingTalk's legacy API answers throttling with HTTP 200 and errcode 90018, `/topapi`
+/// wrapped in errcode 88 with `sub_code` "90018"; a user lookup (a read) is retried through
+/// either. Before, the wrapped form was a permanent error.
 #[tokio::test(flavor = "multi_thread")]
 async fn dingtalk_legacy_throttling_code_is_retried_on_reads() {
     let fx = dingtalk().await;
     let lookup = "/topapi/v2/user/getbymobile";
-    fx.inject(
-        lookup,
-        1,
-        Response::json(
-            200,
-            &json!({"errcode": 90018, "errmsg": "调用频率超出限制"}),
-        ),
-    );
+    let answers = [
+        json!({"errcode": 90018, "errmsg": "调用频率超出限制"}),
+        json!({"errcode": 88, "sub_code": "90018", "sub_msg": "调用频率超出限制",
+               "errmsg": "ding talk error[subcode=90018,submsg=调用频率超出限制]"}),
+    ];
+    for (i, answer) in answers.into_iter().enumerate() {
+        fx.inject(lookup, 1, Response::json(200, &answer));
+        let r = fx
+            .start(
+                &format!("wf-mobile-{i}"),
+                json!({"mobile": "13800000000"}),
+                json!({"id": "a"}),
+            )
+            .await;
+        ok(&r);
+        assert_eq!(fx.served(lookup).1, 0, "{answer}");
+    }
+    // A token DingTalk no longer takes is answered the same way (88, sub_code "40014"): the
+    // lookup renews it. Before, it failed for good until the cached token expired.
+    let token_fetches = || match &fx.sim {
+        Sim::Dingtalk(s) => s
+            .state()
+            .requests
+            .iter()
+            .filter(|r| r.path == fx.token)
+            .count(),
+        _ => unreachable!("a DingTalk fixture"),
+    };
+    fx.expire_tokens();
+    let tokens = token_fetches();
     let r = fx
         .start(
-            "wf-mobile",
+            "wf-mobile-expired",
             json!({"mobile": "13800000000"}),
             json!({"id": "a"}),
         )
         .await;
     ok(&r);
-    assert_eq!(fx.served(lookup), (1, 0));
+    assert_eq!(token_fetches(), tokens + 1, "renewed once");
 }
 
 /// Forwards every connection to `to` until aborted; then connections are refused.

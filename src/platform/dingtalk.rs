@@ -69,7 +69,13 @@ fn check_new(reply: http::JsonReply) -> Result<Value> {
         .get("message")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let throttled = code.contains("Throttling") || code.contains("ServiceUnavailable");
+    // DingTalk's per-second and per-minute limits answer 403 with
+    // `Forbidden.AccessDenied.QpsLimitForAppkeyAndApi` (…ForApi, …QpmLimit…); its monthly
+    // quota, `Forbidden.AccessDenied.ApiCountLimitForOrg`, does not go away by waiting.
+    let throttled = code.contains("Throttling")
+        || code.contains("ServiceUnavailable")
+        || code.starts_with("Forbidden.AccessDenied.Qps")
+        || code.starts_with("Forbidden.AccessDenied.Qpm");
     Err(Error::platform(
         new_api_code(reply.status),
         format!("{code}: {msg} (HTTP {})", reply.status),
@@ -84,7 +90,8 @@ const LEGACY_RESULT: http::ResultCode = http::ResultCode {
 };
 
 /// A legacy reply: `errcode` 0 is success, anything else (or its absence) an error.
-fn check_legacy(reply: http::JsonReply) -> Result<Value> {
+fn check_legacy(mut reply: http::JsonReply) -> Result<Value> {
+    unwrap_sub_code(&mut reply.body);
     LEGACY_RESULT.check(reply, |reply, msg| {
         // Gateways in front of oapi answer some failures in the new-API shape.
         if reply.status >= 400 && reply.body.get("code").is_some() {
@@ -95,6 +102,22 @@ fn check_legacy(reply: http::JsonReply) -> Result<Value> {
             format_args!("without a DingTalk errcode {msg}"),
         ))
     })
+}
+
+/// `/topapi` wraps its errors: `errcode` 88 with the real code in `sub_code` ("40014" for a
+/// bad token, "90018" for throttling; the message names both). The real code is what decides
+/// a token refresh or a retry, so it takes the wrapper's place.
+fn unwrap_sub_code(body: &mut Value) {
+    if body.get("errcode").and_then(Value::as_i64) != Some(88) {
+        return;
+    }
+    if let Some(code) = body
+        .get("sub_code")
+        .and_then(Value::as_str)
+        .and_then(|c| c.parse::<i64>().ok())
+    {
+        body["errcode"] = code.into();
+    }
 }
 
 struct Client<'a, E: Env + ?Sized> {

@@ -31,8 +31,12 @@ const BATCH_GET_ID_LIMIT: usize = 50;
 
 /// Codes that mean "this tenant token is no longer valid": refresh and retry once.
 const TOKEN_INVALID: &[i64] = &[99991661, 99991663, 99991664, 99991668, 99991671, 99991677];
-/// Rate limits and transient internal errors.
-const RETRYABLE: &[i64] = &[99991400, 99991401, 1500, 1501, 1503, 60007];
+/// Rate limits and transient internal errors: 99991400 the app's request rate, 11232 a custom
+/// robot's, 230020 a chat's message rate. (99991401 is an IP the app's allowlist refuses,
+/// which waiting does not change.)
+const RETRYABLE: &[i64] = &[99991400, 11232, 230020, 1500, 1501, 1503, 60007];
+/// Feishu refuses a custom robot's request body over 20 KB.
+const MAX_WEBHOOK_BODY: usize = 20 << 10;
 
 fn is_token_invalid(e: &Error) -> bool {
     matches!(e, Error::Platform { code, .. } if TOKEN_INVALID.contains(code))
@@ -805,6 +809,11 @@ pub fn send_webhook(
 ) -> Result<Receipt> {
     let mentions = webhook_mentions(env, app, n)?;
     let body = webhook_body(n, &mentions, env.now_ms() / 1000, secret);
+    if body.to_string().len() > MAX_WEBHOOK_BODY {
+        return Err(Error::input(
+            "a Feishu robot message is limited to 20 KB (as sent: markdown, title and mentions)",
+        ));
+    }
     check(call_json(env, Method::Post, url, &[], Some(&body))?)?;
     Ok(Receipt { message_id: None })
 }
@@ -1174,6 +1183,39 @@ pub(crate) mod tests {
         // The token is cached, so the unknown code comes straight from the call.
         let e = c.api(Method::Get, "/x", None).unwrap_err();
         assert_eq!(e, Error::platform(1234, "no permission", false));
+        // An IP the app's allowlist refuses does not go away by retrying.
+        let denied = "ip 203.0.113.9 is denied by app setting";
+        env.set_responder(move |_| json_response(400, json!({"code": 99991401, "msg": denied})));
+        let e = c.api(Method::Get, "/x", None).unwrap_err();
+        assert_eq!(e, Error::platform(99991401, denied, false));
+    }
+
+    #[test]
+    fn robot_rate_limits_are_retryable_and_oversized_messages_never_sent() {
+        let env = FakeEnv::new(|_| {
+            json_response(200, json!({"code": 11232, "msg": "frequency limited"}))
+        });
+        let mut n = Notification {
+            target: Target::Chat("x".into()),
+            title: "Deploy failed".into(),
+            markdown: "wf 42".into(),
+            level: crate::model::Level::Failure,
+            link: None,
+            mentions: vec![],
+            mention_all: false,
+        };
+        let url = "https://open.feishu.cn/open-apis/bot/v2/hook/x";
+        let e = send_webhook(&env, None, url, None, &n).unwrap_err();
+        assert!(e.is_retryable(), "{e:?}");
+        assert_eq!(env.sent.borrow().len(), 1);
+        // Under notify's 20,000-byte markdown cap, but over 20 KB once escaped and wrapped.
+        n.markdown = "\n".repeat(19_000);
+        let e = send_webhook(&env, None, url, None, &n).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("20 KB")),
+            "{e:?}"
+        );
+        assert_eq!(env.sent.borrow().len(), 1, "nothing sent");
     }
 }
 

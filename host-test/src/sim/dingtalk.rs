@@ -670,6 +670,13 @@ fn legacy(code: i64, msg: &str) -> Value {
     json!({"errcode": code, "errmsg": msg})
 }
 
+/// How `/topapi` answers a bad token (and throttling): errcode 88, the real code in
+/// `sub_code` and in the message.
+fn topapi_error(sub_code: i64, sub_msg: &str) -> Value {
+    json!({"errcode": 88, "errmsg": format!("ding talk error[subcode={sub_code},submsg={sub_msg}]"),
+        "sub_code": sub_code.to_string(), "sub_msg": sub_msg, "request_id": "r"})
+}
+
 fn handle(inner: &Inner, req: Request) -> Response {
     let mut state = inner.lock();
     state.requests.push(RecordedRequest {
@@ -702,7 +709,7 @@ fn handle(inner: &Inner, req: Request) -> Response {
     }
     if path.starts_with("/topapi/") {
         let Some(app_key) = authenticate_legacy(&state, &req) else {
-            return Response::json(200, &legacy(40014, "不合法的access_token"));
+            return Response::json(200, &topapi_error(40014, "不合法的access_token"));
         };
         let v = match path {
             "/topapi/v2/user/getbymobile" => getbymobile(inner, &body),
@@ -1157,7 +1164,7 @@ fn getbymobile(inner: &Inner, body: &Value) -> Value {
 
 fn work_notice(inner: &Inner, state: &mut DingtalkState, app_key: &str, body: &Value) -> Value {
     let Ok(app) = inner.app(app_key) else {
-        return legacy(40014, "不合法的access_token");
+        return topapi_error(40014, "不合法的access_token");
     };
     if body.get("agent_id").and_then(Value::as_u64) != Some(app.agent_id) {
         return legacy(40056, "不合法的agentid");

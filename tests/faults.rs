@@ -665,8 +665,8 @@ async fn an_overlong_instance_id_is_invalid_input() {
     }
 }
 
-/// A remote store behind a dead link holds each read for seconds (Redis: up to its 5 s
-/// timeout), and the call's deadline cannot cut a host function short. Before, each such call
+/// A remote store behind a dead link holds each read for seconds (Redis: its 5 s timeouts),
+/// and the call's deadline cannot cut a host function short. Before, each such call
 /// held its async worker meanwhile, so two of them stalled every other task of a 2-worker
 /// host (other tenants' calls, the server, persistent connections' pings) until they ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -676,7 +676,8 @@ async fn calls_waiting_on_a_remote_store_leave_the_workers_free() {
         .await
         .expect("harness");
     let app = dingtalk_app(&DingtalkApp::new("dingslow"), "http://127.0.0.1:9");
-    let delay = Duration::from_secs(3);
+    // Long enough that both calls are in their read at once on a loaded machine.
+    let delay = Duration::from_secs(5);
     *store.slow_gets.lock().unwrap() = Some(delay);
     let calls: Vec<_> = (0..2)
         .map(|i| {

@@ -96,6 +96,13 @@ impl ComponentCache {
         Ok((component, digest))
     }
 
+    /// Holds `component` (of `digest`) in memory, unless it already is.
+    pub fn keep(&self, engine: &Engine, digest: &str, component: Component) {
+        self.lock()
+            .entry(cache_key(engine, digest))
+            .or_insert_with(|| (digest.to_string(), component));
+    }
+
     /// Forgets the compiled components whose digest is not in `in_use`; each holds its
     /// machine code in memory. They stay on disk.
     pub fn retain(&self, in_use: &HashSet<String>) {

@@ -176,20 +176,15 @@ impl Host {
         let allow = AllowList::new(&policy.allow_hosts).context("invalid allow_hosts")?;
         let inner = self.inner.clone();
         // Compiling takes seconds of CPU: keep it off the async workers.
-        let (pre, digest) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (component, pre, digest) = tokio::task::spawn_blocking(move || -> Result<_> {
             let (component, digest) = inner.components.load(&inner.engine, &wasm)?;
-            let mut in_use = inner.tenants.digests();
-            in_use.insert(digest.clone());
-            inner
-                .components
-                .prune_disk(&inner.engine, &in_use, engine::STALE_ARTIFACT);
             let pre = inner
                 .linker
                 .instantiate_pre(&component)
                 .map_err(anyhow::Error::from)
                 .and_then(PluginPre::new)
                 .context("the component does not fit the imbridge:plugin world")?;
-            Ok((pre, digest))
+            Ok((component, pre, digest))
         })
         .await
         .context("compile task failed")??;
@@ -202,7 +197,25 @@ impl Host {
             digest: digest.clone(),
             generation,
         });
+        if replaced.is_ok() {
+            // Another tenant's load or unload may have dropped it from memory meanwhile.
+            self.inner
+                .components
+                .keep(&self.inner.engine, &digest, component);
+        }
         self.inner.forget_unused_components();
+        if let Ok(Some(_)) = replaced {
+            // Only when a version is replaced: a first load (a restart loading tenant after
+            // tenant) would count the versions of tenants not loaded yet as unused.
+            let inner = self.inner.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let in_use = inner.tenants.digests();
+                inner
+                    .components
+                    .prune_disk(&inner.engine, &in_use, engine::STALE_ARTIFACT)
+            })
+            .await;
+        }
         match replaced {
             Ok(Some(old)) => log!(
                 "tenant={tenant} plugin replaced {} -> {short}",

@@ -224,6 +224,57 @@ async fn versions_no_tenant_runs_are_dropped_from_memory() {
     assert_eq!(artifacts, 4, "one artifact per version");
 }
 
+/// Artifacts on disk that no tenant runs go once they are a week old, but a restart, which
+/// loads tenant after tenant, must not take the versions of tenants not loaded yet for
+/// unused: before, the first load after a long uptime deleted them all.
+#[tokio::test]
+async fn a_restart_keeps_the_artifacts_of_tenants_loaded_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let artifacts = || std::fs::read_dir(&cache).unwrap().count();
+    let age_all = || {
+        let old = std::time::SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
+        for e in std::fs::read_dir(&cache).unwrap() {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(e.unwrap().path())
+                .unwrap();
+            f.set_modified(old).unwrap();
+        }
+    };
+    {
+        let first = host(dir.path(), Duration::from_secs(5)).await;
+        for (t, v) in [("t", "1"), ("u", "2")] {
+            first
+                .load_tenant_bytes(t, plugin(standard, v), TenantPolicy::default())
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(artifacts(), 2);
+    age_all();
+    let restarted = host(dir.path(), Duration::from_secs(5)).await;
+    for (t, v) in [("t", "1"), ("u", "2")] {
+        restarted
+            .load_tenant_bytes(t, plugin(standard, v), TenantPolicy::default())
+            .await
+            .unwrap();
+        assert_eq!(artifacts(), 2, "after loading {t}");
+    }
+    // Replacing t's version deletes its old one once that is a week old; u's stays (in use).
+    age_all();
+    restarted
+        .load_tenant_bytes("t", plugin(standard, "3"), TenantPolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(artifacts(), 2, "version 1 deleted, 2 and 3 kept");
+    restarted
+        .load_tenant_bytes("t", plugin(standard, "1"), TenantPolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(artifacts(), 3, "version 1 compiled again");
+}
+
 #[tokio::test]
 async fn host_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();

@@ -111,10 +111,11 @@ fn unwrap_sub_code(body: &mut Value) {
     if body.get("errcode").and_then(Value::as_i64) != Some(88) {
         return;
     }
+    // A sub_code of 0 must not turn the error into a success.
     if let Some(code) = body
         .get("sub_code")
-        .and_then(Value::as_str)
-        .and_then(|c| c.parse::<i64>().ok())
+        .and_then(|c| c.as_i64().or_else(|| c.as_str()?.parse().ok()))
+        .filter(|&c| c != 0)
     {
         body["errcode"] = code.into();
     }
@@ -873,6 +874,34 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
 pub(crate) mod tests {
     use super::*;
     use crate::env::fake::{FakeEnv, json_response};
+
+    #[test]
+    fn topapi_errors_are_judged_by_their_sub_code() {
+        let check = |body: Value| check_legacy(http::JsonReply { status: 200, body });
+        let wrapped =
+            |sub: Value| json!({"errcode": 88, "errmsg": "ding talk error", "sub_code": sub});
+        for (sub, code, retryable) in [
+            (json!("40014"), 40014, false),
+            (json!(90018), 90018, true),
+            (json!("isv.invalid-parameter"), 88, false),
+            // Never a success, whatever the wrapper holds.
+            (json!("0"), 88, false),
+            (Value::Null, 88, false),
+        ] {
+            match check(wrapped(sub.clone())) {
+                Err(Error::Platform {
+                    code: c,
+                    retryable: r,
+                    ..
+                }) => {
+                    assert_eq!((c, r), (code, retryable), "{sub}")
+                }
+                other => panic!("{sub}: {other:?}"),
+            }
+        }
+        let bad_token = check(wrapped(json!("40014"))).unwrap_err();
+        assert!(is_token_invalid(&bad_token));
+    }
     use crate::env::{Request, Response};
     use crate::model::{ApprovalNode, Link, Platform};
     use crate::platform::create;

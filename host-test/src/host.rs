@@ -489,6 +489,9 @@ async fn commit_or_retry(
 ) -> Result<Outcome> {
     let reads = std::mem::take(&mut commit.reads);
     let mut result = commit_once(backend, ns, commit.clone()).await;
+    if let Ok(Outcome::Applied) = result {
+        return result;
+    }
     let absent: std::collections::BTreeSet<&str> = reads
         .iter()
         .filter(|(_, seen)| seen.is_none())

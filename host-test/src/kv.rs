@@ -101,8 +101,24 @@ impl KvCtx {
         Ok(value)
     }
 
+    /// Runs a store operation that the plugin's call waits for. The call runs on an async
+    /// worker and the operation cannot be cut short by the call's deadline, so on a remote
+    /// store behind a dead link (Redis: up to its 5 s timeouts, then a retry) it would hold
+    /// the worker, and two such calls would stall every other task of the host: the server's
+    /// requests, persistent connections' pings. `block_in_place` hands the worker's other
+    /// tasks to another thread meanwhile. Local stores answer in microseconds, where that
+    /// hand-off would cost more than it saves. On a current-thread runtime nothing can take
+    /// the tasks over, so the operation runs in place.
     fn wait<R>(&self, op: impl FnOnce(&dyn Backend, &str) -> R) -> R {
-        wait(&self.store, &self.tenant, op)
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let multi_thread = || {
+            Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
+        };
+        if self.store.remote() && multi_thread() {
+            tokio::task::block_in_place(|| op(&*self.store, &self.tenant))
+        } else {
+            op(&*self.store, &self.tenant)
+        }
     }
 
     fn count(&mut self, size: usize) -> anyhow::Result<()> {
@@ -141,9 +157,7 @@ impl KvCtx {
     fn increment(&mut self, key: &str, delta: u64) -> anyhow::Result<u64> {
         check_key(key)?;
         let pending = self.overlay.get(key).map(Option::as_deref);
-        let new = wait(&self.store, &self.tenant, |store, tenant| {
-            store.increment(tenant, key, delta, pending)
-        })?;
+        let new = self.wait(|store, tenant| store.increment(tenant, key, delta, pending))?;
         // The counter is now durable; a buffered write must not overwrite it at commit, and
         // the call's own increment must not count as a concurrent change to what it read
         // (the increment is itself the atomic read-modify-write).
@@ -161,25 +175,6 @@ impl KvCtx {
             outbox: Vec::new(),
         };
         (self.store, self.tenant, commit)
-    }
-}
-
-/// Runs a store operation that the plugin's call waits for. The call runs on an async worker
-/// and the operation cannot be cut short by the call's deadline, so on a remote store behind
-/// a dead link (Redis: up to its 5 s timeouts, then a retry) it would hold the worker, and two
-/// such calls would stall every other task of the host: the server's requests, persistent
-/// connections' pings. `block_in_place` hands the worker's other tasks to another thread
-/// meanwhile. Local stores answer in microseconds, where that hand-off would cost more than
-/// it saves. On a current-thread runtime nothing can take the tasks over, so the operation
-/// runs in place.
-fn wait<R>(store: &Arc<dyn Backend>, tenant: &str, op: impl FnOnce(&dyn Backend, &str) -> R) -> R {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    let multi_thread =
-        || Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
-    if store.remote() && multi_thread() {
-        tokio::task::block_in_place(|| op(&**store, tenant))
-    } else {
-        op(&**store, tenant)
     }
 }
 

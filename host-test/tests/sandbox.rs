@@ -7,6 +7,7 @@ use common::{Behaviour, plugin, plugin_of_world, standard, wit_dir};
 use imbridge_host::{Host, HostConfig, TenantPolicy};
 use serde_json::{Value, json};
 use std::path::Path;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 fn app() -> Value {
@@ -120,6 +121,16 @@ async fn reload_swaps_atomically_and_in_flight_calls_keep_their_version() {
     assert!(format!("{old:#}").contains("deadline"), "{old:#}");
 }
 
+/// Polls a load once: that takes its place in the order of loads and starts compiling, and
+/// it cannot finish before the compiler has.
+async fn begin<F: Future<Output = anyhow::Result<()>>>(load: &mut Pin<Box<F>>) {
+    tokio::select! {
+        biased;
+        r = load => panic!("loaded without waiting for the compiler: {r:?}"),
+        _ = std::future::ready(()) => {}
+    }
+}
+
 /// Two loads of one tenant that overlap: the one asked for last stays installed, even when
 /// the earlier one finishes compiling after it. Before, whichever finished last won, and both
 /// callers were told their version was loaded.
@@ -129,12 +140,7 @@ async fn of_two_overlapping_loads_the_later_one_wins() {
     let host = host(dir.path(), Duration::from_secs(5)).await;
     let older = plugin(|_| Behaviour::Trap, "older");
     let mut older = Box::pin(host.load_tenant_bytes("t", older, TenantPolicy::default()));
-    // Its first poll takes its place in the order of loads and starts compiling.
-    tokio::select! {
-        biased;
-        r = &mut older => panic!("loaded without waiting for the compiler: {r:?}"),
-        _ = std::future::ready(()) => {}
-    }
+    begin(&mut older).await;
     host.load_tenant_bytes(
         "t",
         plugin(|_| Behaviour::Err, "newer"),
@@ -168,11 +174,7 @@ async fn a_load_asked_for_before_an_unload_does_not_undo_it() {
         plugin(|_| Behaviour::Err, "late"),
         TenantPolicy::default(),
     ));
-    tokio::select! {
-        biased;
-        r = &mut load => panic!("loaded without waiting for the compiler: {r:?}"),
-        _ = std::future::ready(()) => {}
-    }
+    begin(&mut load).await;
     assert!(host.unload_tenant("t"));
     let err = load.await.unwrap_err();
     assert!(format!("{err:#}").contains("unloaded"), "{err:#}");

@@ -105,11 +105,10 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
             }
             msg = rx.next() => msg,
         };
-        let msg = match received(msg) {
+        let msg = match received(msg, &mut last_seen) {
             Ok(m) => m,
             Err(ended) => return ended,
         };
-        last_seen = tokio::time::Instant::now();
         let text = match msg {
             Message::Text(t) => t,
             _ => continue,

@@ -286,11 +286,10 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
             }
             msg = rx.next() => msg,
         };
-        let msg = match received(msg) {
+        let msg = match received(msg, &mut last_seen) {
             Ok(m) => m,
             Err(ended) => return ended,
         };
-        last_seen = tokio::time::Instant::now();
         let bytes = match msg {
             Message::Binary(b) => b,
             // WebSocket-level pings are answered by tungstenite when it next writes.

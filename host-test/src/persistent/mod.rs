@@ -155,14 +155,19 @@ fn silent_for(dead_after: Duration) -> SessionEnd {
     )
 }
 
-/// What the socket's read half gave: a message, or how the session ended.
+/// What the socket's read half gave: a message, or how the session ended. Any message is a
+/// sign of life, so it moves `last_seen`.
 fn received(
     msg: Option<std::result::Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    last_seen: &mut tokio::time::Instant,
 ) -> std::result::Result<Message, SessionEnd> {
     match msg {
         None | Some(Ok(Message::Close(_))) => Err(end(true, "closed by the server")),
         Some(Err(e)) => Err(end(true, format!("read failed: {e}"))),
-        Some(Ok(m)) => Ok(m),
+        Some(Ok(m)) => {
+            *last_seen = tokio::time::Instant::now();
+            Ok(m)
+        }
     }
 }
 

@@ -159,8 +159,23 @@ async fn a_hostile_plugin_is_stopped_and_other_tenants_keep_being_served() {
         "{} is missing: run `./dev build` first",
         hostile.display()
     );
-    // Where the hostile plugin is allowed to send: a sink that answers 200 to anything.
-    let handler: Handler = Arc::new(|_| Box::pin(async { Response::json(200, &json!({})) }));
+    // Where the hostile plugin is allowed to send: a sink that answers 200 to anything, after
+    // 100 ms on `/slow`, counting how many of those it has in hand at once.
+    let in_hand = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most_in_hand = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (now, most) = (in_hand.clone(), most_in_hand.clone());
+    let handler: Handler = Arc::new(move |req| {
+        let (now, most) = (now.clone(), most.clone());
+        Box::pin(async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            if req.path == "/slow" {
+                most.fetch_max(now.fetch_add(1, SeqCst) + 1, SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                now.fetch_sub(1, SeqCst);
+            }
+            Response::json(200, &json!({}))
+        })
+    });
     let sink = Server::start(handler, Arc::new(Mutex::new(Faults::default())))
         .await
         .unwrap();
@@ -171,7 +186,11 @@ async fn a_hostile_plugin_is_stopped_and_other_tenants_keep_being_served() {
             "evil",
             &hostile,
             TenantPolicy {
-                allow_hosts: vec![authority(&sink.base_url()), "169.254.169.254".into()],
+                allow_hosts: vec![
+                    authority(&sink.base_url()),
+                    "169.254.169.254".into(),
+                    "2852039166".into(),
+                ],
             },
         )
         .await
@@ -243,6 +262,32 @@ async fn a_hostile_plugin_is_stopped_and_other_tenants_keep_being_served() {
         )
         .await;
     assert!(message(&r).contains("DestinationIpProhibited"), "{r}");
+    // The same address as one number, which the system resolver reads as 169.254.169.254.
+    let r = h
+        .invoke(
+            "evil",
+            "get-approval",
+            json!({"app": evil_app, "instance_id": "http://2852039166/latest/meta-data/"}),
+        )
+        .await;
+    assert!(message(&r).contains("DestinationIpProhibited"), "{r}");
+    serve_good().await;
+
+    // 64 requests opened at once: they are all answered, but never more than the per-call
+    // bound of connections is open at a time; the rest wait their turn.
+    let r = h
+        .invoke(
+            "evil",
+            "handle-event",
+            json!({"app": evil_app, "event": format!("64 {}/slow", sink.base_url())}),
+        )
+        .await;
+    assert_eq!(message(&r), "answered=64 other=None", "{r}");
+    let most = most_in_hand.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (2..=imbridge_host::wasi_http::MAX_CONNECTIONS_PER_CALL).contains(&most),
+        "{most} requests in hand at once"
+    );
     serve_good().await;
 
     // The other tenant's keys: a key the good tenant holds reads as absent, a write lands in
@@ -283,7 +328,7 @@ async fn a_hostile_plugin_is_stopped_and_other_tenants_keep_being_served() {
     serve_good().await;
     assert_eq!(
         sim_good.state().bot_messages.len(),
-        4,
+        5,
         "good was served throughout"
     );
 }

@@ -295,12 +295,12 @@ pub fn bench_store(
     use std::time::{Duration, Instant};
     let state = imbridge_host::sandbox::CallState::new(
         imbridge_host::kv::KvCtx::new(kv, "t".into()),
-        imbridge_host::wasi_http::HttpPolicy {
-            tenant: "t".into(),
-            allow: imbridge_host::wasi_http::AllowList::new(&[])?,
-            deadline: Instant::now() + Duration::from_secs(3600),
-            margin: Duration::from_secs(3),
-        },
+        imbridge_host::wasi_http::HttpPolicy::new(
+            "t".into(),
+            imbridge_host::wasi_http::AllowList::new(&[])?,
+            Instant::now() + Duration::from_secs(3600),
+            Duration::from_secs(3),
+        ),
         None,
         64 << 20,
     );

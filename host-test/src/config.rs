@@ -303,6 +303,25 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
             if mode == CallbackMode::Persistent {
                 crate::persistent::check_platform(&app)
                     .with_context(|| format!("`{path}.callback`"))?;
+                // The platform hands each event to one of an app's connections at random, so
+                // a second connection for the same app would take events the first one's
+                // tenant is waiting for and drop them as unknown (acknowledged, never resent).
+                if let Some(other) = persistent.iter().find(|p: &&PersistentApp| {
+                    p.app.platform == app.platform && p.app.app_id == app.app_id
+                }) {
+                    bail!(
+                        "`{path}`: app `{}` of tenant `{}` and app `{}` of tenant `{}` would \
+                         both hold a persistent connection for {:?} app id `{}`; the platform \
+                         gives each event to one connection, so each would lose the other's \
+                         events: configure the app once",
+                        other.app.id,
+                        other.tenant,
+                        app.id,
+                        t.id,
+                        app.platform,
+                        app.app_id
+                    );
+                }
                 persistent.push(PersistentApp {
                     tenant: t.id.clone(),
                     app: app.clone(),
@@ -546,5 +565,61 @@ mod tests {
         assert!(!err.contains("s3cr3t"), "{err}");
         let http = text.replace("persistent", "http");
         assert!(Config::parse(&http, Path::new(".")).is_ok());
+    }
+
+    #[test]
+    fn one_platform_app_holds_one_persistent_connection() {
+        let app = |id: &str, app_id: &str, platform: &str, mode: &str| {
+            format!(
+                r#"{{"id": "{id}", "platform": "{platform}", "app_id": "{app_id}",
+                    "app_secret": "s3cr3t", "callback": "{mode}"}}"#
+            )
+        };
+        let config = |a: String, b: String| {
+            format!(
+                r#"{{"public_url": "http://x", "state_dir": "s", "tenants": [
+                    {{"id": "prod", "apps": [{a}]}}, {{"id": "staging", "apps": [{b}]}}]}}"#
+            )
+        };
+        let refused = [
+            config(
+                app("a", "cli_x", "feishu", "persistent"),
+                app("b", "cli_x", "feishu", "persistent"),
+            ),
+            config(
+                format!(
+                    "{}, {}",
+                    app("a", "ding1", "dingtalk", "persistent"),
+                    app("b", "ding1", "dingtalk", "persistent")
+                ),
+                app("c", "ding2", "dingtalk", "persistent"),
+            ),
+        ];
+        for text in refused {
+            let err = match Config::parse(&text, Path::new(".")) {
+                Ok(_) => panic!("accepted two connections for one app: {text}"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(err.contains("configure the app once"), "{err}");
+            assert!(!err.contains("s3cr3t"), "{err}");
+        }
+        for text in [
+            config(
+                app("a", "cli_x", "feishu", "persistent"),
+                app("b", "cli_x", "feishu", "http"),
+            ),
+            config(
+                app("a", "cli_x", "feishu", "persistent"),
+                app("a", "cli_x", "lark", "persistent"),
+            ),
+            config(
+                app("a", "cli_x", "feishu", "persistent"),
+                app("a", "cli_y", "feishu", "persistent"),
+            ),
+        ] {
+            if let Err(e) = Config::parse(&text, Path::new(".")) {
+                panic!("{e:#}: {text}");
+            }
+        }
     }
 }

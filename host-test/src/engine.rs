@@ -20,16 +20,29 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// src/alloc.rs), so a typical call touches only pages that stay mapped.
 const KEEP_RESIDENT: usize = 1 << 20;
 
+/// What one call's component may instantiate: the plugin is one core module with one memory;
+/// componentizing adds a few shim modules and tables.
+pub(crate) const MEMORIES_PER_CALL: u32 = 2;
+pub(crate) const CORE_INSTANCES_PER_CALL: u32 = 8;
+pub(crate) const TABLES_PER_CALL: u32 = 8;
+
 /// Builds an engine whose instances are preallocated from a pool, each limited to
 /// `memory_limit` bytes of linear memory, with at most `max_instances` alive at once.
 pub fn new_engine(memory_limit: usize, max_instances: u32) -> Result<Engine> {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(max_instances)
         // A componentized core module needs a few core instances (main module, shims).
-        .total_core_instances(max_instances * 8)
-        .total_memories(max_instances * 2)
-        .total_tables(max_instances * 8)
+        .total_core_instances(max_instances * CORE_INSTANCES_PER_CALL)
+        .total_memories(max_instances * MEMORIES_PER_CALL)
+        .total_tables(max_instances * TABLES_PER_CALL)
         .total_stacks(max_instances)
+        // Per component as well as in total: without these a plugin of many modules, each
+        // with its own memory, takes several calls' share of the pool, and a few of its
+        // calls at once leave every other tenant's instantiation failing. A plugin over them
+        // is refused when it is loaded.
+        .max_memories_per_component(MEMORIES_PER_CALL)
+        .max_core_instances_per_component(CORE_INSTANCES_PER_CALL)
+        .max_tables_per_component(TABLES_PER_CALL)
         .max_memory_size(memory_limit)
         // Every call gets a fresh instance, so slots are reused all the time. Resetting the
         // pages a call touched with memset (found with the PAGEMAP_SCAN ioctl where the

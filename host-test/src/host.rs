@@ -351,12 +351,7 @@ impl Host {
         let deadline = Instant::now() + timeout;
         let state = CallState::new(
             KvCtx::new(inner.store.clone(), tenant.id.clone()),
-            HttpPolicy {
-                tenant: tenant.id.clone(),
-                allow,
-                deadline,
-                margin: timeout / 10,
-            },
+            HttpPolicy::new(tenant.id.clone(), allow, deadline, timeout / 10),
             inner
                 .clock
                 .map(|c| Box::new(c) as Box<dyn wasmtime_wasi::HostWallClock + Send>),

@@ -1,5 +1,6 @@
 //! The per-call store state and the linker that exposes exactly the plugin world's imports.
 
+use crate::engine::{CORE_INSTANCES_PER_CALL, MEMORIES_PER_CALL, TABLES_PER_CALL};
 use crate::kv::{self, KvCtx, KvView};
 use crate::wasi_http::{self, HttpPolicy};
 use wasmtime::component::{HasData, Linker, ResourceTable};
@@ -47,7 +48,9 @@ impl CallState {
             kv,
             limits: StoreLimitsBuilder::new()
                 .memory_size(memory_limit)
-                .instances(16)
+                .instances(CORE_INSTANCES_PER_CALL as usize)
+                .memories(MEMORIES_PER_CALL as usize)
+                .tables(TABLES_PER_CALL as usize)
                 .build(),
         }
     }

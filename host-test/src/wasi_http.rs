@@ -41,8 +41,12 @@ pub struct HostPattern {
 impl HostPattern {
     /// Parses `host`, `host:port`, `[v6]:port`, or a URL (only its authority is used).
     pub fn parse(text: &str) -> anyhow::Result<HostPattern> {
-        let (host, port) = split_authority(text)
-            .ok_or_else(|| anyhow::anyhow!("`{text}` is not a host, host:port or URL"))?;
+        let (host, port) = split_authority(text).ok_or_else(|| {
+            anyhow::anyhow!(
+                "`{}` is not a host, host:port or URL",
+                without_userinfo(text)
+            )
+        })?;
         Ok(HostPattern {
             host: normalize_host(host),
             port,
@@ -96,6 +100,24 @@ fn split_authority(text: &str) -> Option<(&str, Option<u16>)> {
         None => None,
     };
     Some((host, port))
+}
+
+/// `text` with any `user:password@` of its authority masked: an `api_base` or allow-list entry
+/// may carry credentials, and errors about it reach logs and callers.
+fn without_userinfo(text: &str) -> String {
+    let (scheme, rest) = match text.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, text),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let masked = match rest[..end].rfind('@') {
+        Some(at) => format!("***{}", &rest[at..]),
+        None => return text.to_string(),
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{masked}"),
+        None => masked,
+    }
 }
 
 fn normalize_host(host: &str) -> String {
@@ -166,7 +188,10 @@ fn uri_host(uri: &http::Uri) -> Option<String> {
 /// and a plugin talking to the metadata service could steal the host's cloud credentials.
 /// (Names are not resolved here; the allow-list admits only names the operator chose.)
 pub fn is_prohibited_ip(host: &str) -> bool {
-    match host.parse::<std::net::IpAddr>() {
+    let parsed = host
+        .parse::<std::net::IpAddr>()
+        .or_else(|e| inet_aton(host).map(std::net::IpAddr::V4).ok_or(e));
+    match parsed {
         Ok(std::net::IpAddr::V4(v4)) => v4.is_link_local() || v4.is_unspecified(),
         Ok(std::net::IpAddr::V6(v6)) => {
             (v6.segments()[0] & 0xffc0) == 0xfe80
@@ -175,6 +200,45 @@ pub fn is_prohibited_ip(host: &str) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// The IPv4 address the system resolver reads from `host` besides the dotted quad: `inet_aton`'s
+/// one to four parts, each decimal, `0x` hex or `0`-led octal, the last filling the remaining
+/// bytes (`2852039166`, `0xa9fea9fe`, `169.254.43518` and `0` are addresses to `connect`).
+fn inet_aton(host: &str) -> Option<std::net::Ipv4Addr> {
+    let parts: Vec<&str> = host.split('.').collect();
+    if parts.len() > 4 {
+        return None;
+    }
+    let mut values = Vec::with_capacity(parts.len());
+    for part in &parts {
+        let (digits, radix) = match part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+            Some(hex) => (hex, 16),
+            None if part.len() > 1 && part.starts_with('0') => (&part[1..], 8),
+            None => (*part, 10),
+        };
+        if digits.is_empty() && radix != 16 {
+            return None;
+        }
+        let value = match digits {
+            "" => 0,
+            _ => u32::from_str_radix(digits, radix).ok()?,
+        };
+        values.push(value);
+    }
+    let (last, leading) = values.split_last()?;
+    if leading.iter().any(|&v| v > 0xff) {
+        return None;
+    }
+    let room = 8 * (4 - leading.len() as u32);
+    if room < 32 && *last >> room != 0 {
+        return None;
+    }
+    let head = leading
+        .iter()
+        .enumerate()
+        .fold(0u32, |acc, (i, &v)| acc | v << (24 - 8 * i as u32));
+    Some(std::net::Ipv4Addr::from(head | last))
 }
 
 /// Bodies the plugin sends are capped: platform API requests are a few KiB, and a plugin
@@ -252,6 +316,11 @@ pub fn add_to_linker<T: WasiHttpView + 'static>(
 /// The interface as the vendored WIT names it; the linker also serves older 0.2.x imports.
 const OUTGOING_HANDLER: &str = "wasi:http/outgoing-handler@0.2.12";
 
+/// Most connections one call may have open at once. The plugin sends one request at a time;
+/// without a bound a plugin could open thousands, use up the host's file descriptors (other
+/// tenants' connects then fail) and flood a platform from the host's address.
+pub const MAX_CONNECTIONS_PER_CALL: usize = 16;
+
 /// The `wasi:http` hooks of one plugin call.
 pub struct HttpPolicy {
     pub tenant: Arc<str>,
@@ -261,9 +330,30 @@ pub struct HttpPolicy {
     /// Time left to the plugin after a request has timed out, to turn the timeout into a typed
     /// `transport` error instead of being cut off by the call deadline.
     pub margin: Duration,
+    /// The call's open connections ([`MAX_CONNECTIONS_PER_CALL`]); further requests wait.
+    pub connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl HttpPolicy {
+    pub fn new(tenant: Arc<str>, allow: AllowList, deadline: Instant, margin: Duration) -> Self {
+        HttpPolicy {
+            tenant,
+            allow,
+            deadline,
+            margin,
+            connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS_PER_CALL)),
+        }
+    }
+
+    /// When every request of the call must be over: the deadline less the margin.
+    fn until(&self) -> tokio::time::Instant {
+        let left = self
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(self.margin);
+        tokio::time::Instant::now() + left
+    }
+
     /// The plugin's timeouts (or defaults), none beyond the call deadline minus the margin.
     fn options(&self, asked: Option<RequestOptions>) -> RequestOptions {
         let asked = asked.unwrap_or_default();
@@ -292,7 +382,24 @@ type ResponseFuture = Box<
         > + Send,
 >;
 
+/// What a failed TLS handshake tells the plugin. The default says protocol error for every
+/// one, which the plugin must read as "may have been sent"; a certificate the host does not
+/// trust is certain to have stopped the request before any of it left.
+fn tls_error_code(err: &std::io::Error) -> types::ErrorCode {
+    match err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(_)) => types::ErrorCode::TlsCertificateError,
+        _ => types::ErrorCode::TlsProtocolError,
+    }
+}
+
 impl WasiHttpHooks for HttpPolicy {
+    fn p2_error_from_tls(&mut self, err: &std::io::Error) -> types::ErrorCode {
+        tls_error_code(err)
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
@@ -325,10 +432,24 @@ impl WasiHttpHooks for HttpPolicy {
                 })
                 .boxed_unsync()
         });
+        let until = self.until();
+        let connections = self.connections.clone();
         Box::new(async move {
             let too_big = || Error::HttpRequestBodySize(Some(MAX_REQUEST_BODY));
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options))
+            // Nothing has gone out while the request waits for a connection of its own.
+            let permit = tokio::time::timeout_at(until, connections.acquire_owned())
                 .await
+                .map_err(|_| Error::ConnectionTimeout)?
+                .map_err(|_| Error::ConnectionTimeout)?;
+            // Each of the connect, first-byte and between-bytes timeouts is capped at the time
+            // left, but not their sum, and the TLS handshake has none: one bound for the whole
+            // exchange keeps a stalled or dripping server from running the call into its
+            // deadline, where the plugin would get no answer at all. Once the connection is
+            // up, the request may have been sent, so this is a read timeout, never "unsent".
+            let sent = wasmtime_wasi_http::default_send_request(request, Some(options));
+            let (response, io) = tokio::time::timeout_at(until, sent)
+                .await
+                .map_err(|_| Error::ConnectionReadTimeout)?
                 .map_err(|e| {
                     if over.load(Ordering::Relaxed) {
                         too_big()
@@ -337,6 +458,7 @@ impl WasiHttpHooks for HttpPolicy {
                     }
                 })?;
             let io = async move {
+                let _connection = permit;
                 io.await.map_err(|e| {
                     if over.load(Ordering::Relaxed) {
                         too_big()
@@ -346,10 +468,57 @@ impl WasiHttpHooks for HttpPolicy {
                 })
             };
             Ok((
-                response.map(BodyExt::boxed_unsync),
+                response.map(|body| Until::new(body, until).boxed_unsync()),
                 Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
             ))
         })
+    }
+}
+
+/// A response body that fails with a read timeout once `until` has passed without its end.
+/// The between-bytes timeout restarts with every chunk, so a server sending one byte at a time
+/// would otherwise hold the plugin past its deadline.
+struct Until<B> {
+    body: B,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> Until<B> {
+    fn new(body: B, until: tokio::time::Instant) -> Self {
+        Until {
+            body,
+            timer: Box::pin(tokio::time::sleep_until(until)),
+        }
+    }
+}
+
+impl<B> hyper::body::Body for Until<B>
+where
+    B: hyper::body::Body<Error = Error> + Unpin,
+{
+    type Data = B::Data;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, Error>>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Error::ConnectionReadTimeout))),
+                Poll::Pending => Poll::Pending,
+            },
+            ready => ready,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -453,6 +622,81 @@ mod tests {
         assert!(!is_prohibited_ip("127.0.0.1"));
     }
 
+    /// The resolver `connect` uses reads these as 169.254.169.254 and 0.0.0.0, so allow-listing
+    /// one (or an engine passing it as `api_base`) must not reach the metadata service.
+    #[test]
+    fn other_spellings_of_those_addresses_are_refused_too() {
+        let spellings = [
+            "2852039166",
+            "0xa9fea9fe",
+            "0XA9FEA9FE",
+            "0251.0376.0251.0376",
+            "169.254.43518",
+            "169.16689662",
+            "0xa9.0xfe.0xa9.0xfe",
+            "0",
+            "0.0",
+            "00",
+        ];
+        let entries: Vec<String> = spellings.iter().map(|s| format!("{s}:8080")).collect();
+        let list = AllowList::new(&entries).unwrap();
+        for host in spellings {
+            assert!(is_prohibited_ip(host), "{host}");
+            let target = format!("http://{host}:8080/latest/meta-data/");
+            assert!(!list.allows(&uri(&target)), "{target}");
+        }
+        assert_eq!(inet_aton("2852039166"), Some([169, 254, 169, 254].into()));
+        assert_eq!(inet_aton("127.1"), Some([127, 0, 0, 1].into()));
+        assert_eq!(inet_aton("10.0.513"), Some([10, 0, 2, 1].into()));
+        // Not addresses to the resolver: names, out-of-range parts, bad digits.
+        for name in [
+            "open.feishu.cn",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1.2.3.256",
+            "1.16777216",
+            "4294967296",
+            "08",
+            "1..2",
+            "",
+        ] {
+            assert_eq!(inet_aton(name), None, "{name}");
+        }
+        assert!(!is_prohibited_ip("2130706433")); // 127.0.0.1
+    }
+
+    /// tokio-rustls hands a handshake's rustls error on inside an `io::Error`.
+    #[test]
+    fn an_untrusted_certificate_is_a_certificate_error() {
+        let wrap = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let untrusted = wrap(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ));
+        assert!(matches!(
+            tls_error_code(&untrusted),
+            types::ErrorCode::TlsCertificateError
+        ));
+        for other in [
+            wrap(rustls::Error::DecryptError),
+            std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+        ] {
+            assert!(matches!(
+                tls_error_code(&other),
+                types::ErrorCode::TlsProtocolError
+            ));
+        }
+    }
+
+    #[test]
+    fn credentials_in_a_bad_pattern_stay_out_of_the_error() {
+        let err = HostPattern::parse("https://user:s3cr3t@h:44x/path").unwrap_err();
+        let msg = err.to_string();
+        assert!(!msg.contains("s3cr3t"), "{msg}");
+        assert!(msg.contains("***@h:44x/path"), "{msg}");
+        assert_eq!(without_userinfo("h:44x"), "h:44x");
+        assert_eq!(without_userinfo("u:p@h:x/a@b"), "***@h:x/a@b");
+    }
+
     #[test]
     fn bad_patterns_are_rejected() {
         for bad in ["", "host:notaport", "host:70000", "[::1", "https://", "a b"] {
@@ -471,12 +715,12 @@ mod tests {
 
     #[test]
     fn timeouts_are_capped() {
-        let policy = HttpPolicy {
-            tenant: "t".into(),
-            allow: AllowList::default(),
-            deadline: Instant::now() + Duration::from_secs(6),
-            margin: Duration::from_secs(1),
-        };
+        let policy = HttpPolicy::new(
+            "t".into(),
+            AllowList::default(),
+            Instant::now() + Duration::from_secs(6),
+            Duration::from_secs(1),
+        );
         let near = |d: Option<Duration>, secs: u64| {
             let d = d.unwrap();
             d <= Duration::from_secs(secs)

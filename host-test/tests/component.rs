@@ -104,6 +104,81 @@ async fn hosts_off_the_allow_list_are_refused() {
     );
 }
 
+/// A start against `api_base` on a host with a 2 s call deadline: the plugin's typed error,
+/// and how long it took.
+async fn start_against(api_base: String) -> (serde_json::Value, std::time::Duration) {
+    let wasm = component();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.call_timeout = std::time::Duration::from_secs(2);
+    let host = Host::new(cfg).unwrap();
+    host.load_tenant("t", &wasm, TenantPolicy::default())
+        .await
+        .unwrap();
+    let app = json!({"id": "a1", "platform": "feishu", "app_id": "cli_x", "app_secret": "s",
+                     "api_base": api_base});
+    let started = std::time::Instant::now();
+    let out = host
+        .invoke_json(
+            "t",
+            "start-approval",
+            json!({"app": app, "request": {"key": "k", "title": "t",
+                   "initiator": {"id": "u"},
+                   "nodes": [{"approvers": [{"id": "u2"}], "mode": "and"}]}}),
+        )
+        .await
+        .expect("the plugin answers before the host's deadline");
+    (out, started.elapsed())
+}
+
+/// A TLS handshake has no timeout of its own in wasmtime-wasi-http: a server that accepts and
+/// never answers it used to hold the call until the host's deadline stopped it, untyped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tls_handshake_is_a_transport_error_before_the_deadline() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let (out, took) = start_against(format!("https://{addr}")).await;
+    assert_eq!(out["err"]["kind"], "transport", "{out}");
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+}
+
+/// A response that drips one byte at a time never trips the between-bytes timeout, which
+/// restarts with every chunk; the body still ends, as a read timeout, before the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dripping_response_is_a_transport_error_before_the_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _drip = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                            content-length: 100000\r\n\r\n";
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    if s.write_all(b" ").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (out, took) = start_against(format!("http://{addr}")).await;
+    assert_eq!(out["err"]["kind"], "transport", "{out}");
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_platform_is_a_transport_error_before_the_deadline() {
     let wasm = component();

@@ -35,6 +35,23 @@ async fn connect(
     base: String,
     keepalive: Duration,
 ) -> (Connections, tempfile::TempDir) {
+    let options = Options {
+        owner: "me".into(),
+        lease_ttl: Duration::from_secs(30),
+        lease_poll: Duration::from_millis(100),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+        keepalive,
+    };
+    connect_with(platform, app_id, base, options).await
+}
+
+async fn connect_with(
+    platform: Platform,
+    app_id: &str,
+    base: String,
+    options: Options,
+) -> (Connections, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = HostConfig::new(dir.path());
     cfg.call_timeout = DEADLINE;
@@ -58,14 +75,6 @@ async fn connect(
         max_clock_skew_secs: None,
     };
     let dispatcher = Dispatcher::new(host, Arc::new(|_: &str, _: &str, _: &[_]| Ok(())));
-    let options = Options {
-        owner: "me".into(),
-        lease_ttl: Duration::from_secs(30),
-        lease_poll: Duration::from_millis(100),
-        backoff_min: Duration::from_millis(50),
-        backoff_max: Duration::from_millis(500),
-        keepalive,
-    };
     let apps = vec![PersistentApp {
         tenant: "t1".into(),
         app,
@@ -169,4 +178,34 @@ async fn websocket_pings_keep_a_quiet_connection_alive() {
         assert!(stats.ws_pings >= 10, "{stats:?}");
         assert_eq!(stats.connects, 1, "{stats:?}");
     }
+}
+
+/// A gateway that takes the connection and closes it at once (a proxy that refuses WebSocket
+/// traffic, say): the backoff keeps growing as for a refused connection. Before, every such
+/// session reset it, and the host reconnected (posting the app secret) every backoff_min.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_closed_at_once_back_off() {
+    let sim = DingtalkStreamSim::start(&[("dingflap", "s3cr3t")])
+        .await
+        .unwrap();
+    let options = Options {
+        owner: "me".into(),
+        lease_ttl: Duration::from_secs(30),
+        lease_poll: Duration::from_millis(100),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(1000),
+        keepalive: Duration::from_secs(30),
+    };
+    let _conns = connect_with(Platform::Dingtalk, "dingflap", sim.base_url(), options).await;
+    let window = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < window {
+        if sim.live("dingflap") > 0 {
+            sim.drop_connections("dingflap");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Growing delays up to 1 s average about half a second once grown: a dozen connects in
+    // 4 s; without the backoff one every ~60 ms, over sixty.
+    let connects = sim.stats("dingflap").connects;
+    assert!((2..25).contains(&connects), "{connects} connects in 4 s");
 }

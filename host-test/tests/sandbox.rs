@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Behaviour, plugin, plugin_of_world, standard, wit_dir};
+use common::{Behaviour, component_of_modules, plugin, plugin_of_world, standard, wit_dir};
 use imbridge_host::{Host, HostConfig, TenantPolicy};
 use serde_json::{Value, json};
 use std::path::Path;
@@ -329,6 +329,29 @@ async fn host_errors_are_clear() {
         )
         .await;
     assert!(bad.is_err());
+}
+
+/// A plugin of more memories than one call's share of the pool is refused at load: a few of
+/// its calls at once would otherwise take every pool slot, and every other tenant's calls
+/// fail to instantiate. The tenant keeps the version it runs.
+#[tokio::test]
+async fn a_plugin_over_the_per_call_pool_share_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path(), Duration::from_secs(5)).await;
+    host.load_tenant_bytes(
+        "t",
+        plugin(|_| Behaviour::Err, "1"),
+        TenantPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let err = host
+        .load_tenant_bytes("t", component_of_modules(3), TenantPolicy::default())
+        .await
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("memories"), "{msg}");
+    assert_callback_gives_the_plugins_error(&host).await;
 }
 
 /// An export whose name fits the world but whose type does not: the plugin is refused when it

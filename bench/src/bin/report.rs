@@ -528,15 +528,19 @@ fn main() -> Result<()> {
     let commands = std::fs::read_to_string(bench_dir.join("commands.txt")).unwrap_or_else(|_| {
         "./dev build\n\
          # then bench/guest into target/payload-guest.wasm, built as ./dev build builds the plugin\n\
+         export IMBRIDGE_QUIET=1   # no log line per call\n\
          cargo build --release -p imbridge-host -p imbridge-bench --bins\n\
+         # every build before the first measurement:\n\
+         CARGO_TARGET_DIR=target/soft RUSTFLAGS=\"--cfg aes_force_soft\" cargo bench -p imbridge-bench --bench callbacks --features soft-crypto --no-run\n\
+         CARGO_TARGET_DIR=target/soft RUSTFLAGS=\"--cfg aes_force_soft\" cargo build --profile bench -p imbridge-bench --bin ratio --features soft-crypto\n\
+         bench/crypto-excluded.sh build\n\
          target/release/hostcosts\n\
-         target/release/loadtest   # wrk + lark-oapi peer, see below\n\
+         env -u IMBRIDGE_QUIET target/release/loadtest   # wrk + lark-oapi peer, see below\n\
          cargo bench -p imbridge-bench --bench callbacks -- --warm-up-time 1 --measurement-time 3\n\
          CARGO_TARGET_DIR=target/soft RUSTFLAGS=\"--cfg aes_force_soft\" cargo bench -p imbridge-bench --bench callbacks --features soft-crypto -- --warm-up-time 1 --measurement-time 3\n\
          target/release/ratio\n\
-         CARGO_TARGET_DIR=target/soft RUSTFLAGS=\"--cfg aes_force_soft\" cargo build --profile bench -p imbridge-bench --bin ratio --features soft-crypto\n\
          target/soft/release/ratio\n\
-         bench/crypto-excluded.sh build && bench/crypto-excluded.sh run\n\
+         bench/crypto-excluded.sh run\n\
          target/release/payloads\n\
          cargo bench -p imbridge-bench --bench host -- --warm-up-time 1 --measurement-time 3\n\
          target/release/report     # writes this file\n"

@@ -286,7 +286,11 @@ async fn run_app(p: PersistentApp, dispatcher: Dispatcher, lease: Lease, options
             },
         };
         log!("{tag} persistent connection ended: {}", end.reason);
-        failures = if end.connected { 0 } else { failures + 1 };
+        // Only a connection that stayed up for a keepalive interval resets the backoff: one
+        // that a proxy or the server closes straight after the upgrade is a failure too, or
+        // the host would open a connection (posting the app secret) every second for ever.
+        let lasted = end.connected && asked.elapsed() >= options.keepalive;
+        failures = if lasted { 0 } else { failures + 1 };
         let delay = if end.asked_to_reconnect {
             options.backoff_min
         } else {

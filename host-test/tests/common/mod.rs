@@ -45,6 +45,29 @@ pub fn wit_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit")
 }
 
+/// A component of `n` instances of a core module that defines one memory, and nothing else.
+pub fn component_of_modules(n: u32) -> Vec<u8> {
+    let mut memories = MemorySection::new();
+    memories.memory(MemoryType {
+        minimum: 1,
+        maximum: None,
+        memory64: false,
+        shared: false,
+        page_size_log2: None,
+    });
+    let mut module = Module::new();
+    module.section(&memories);
+    let mut instances = wasm_encoder::InstanceSection::new();
+    for _ in 0..n {
+        instances.instantiate(0, Vec::<(&str, wasm_encoder::ModuleArg)>::new());
+    }
+    let mut component = wasm_encoder::Component::new();
+    component
+        .section(&wasm_encoder::ModuleSection(&module))
+        .section(&instances);
+    component.finish()
+}
+
 /// The synthetic plugin built against the WIT package in `wit` (a changed copy of `wit/`).
 pub fn plugin_of_world(
     wit: &Path,

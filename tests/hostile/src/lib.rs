@@ -6,6 +6,8 @@
 //! - `get-approval`: requests the "instance id" as a URL (e.g. the cloud metadata service);
 //! - `cancel-approval`: reads and overwrites the key named by the "instance id", and tries to
 //!   open other buckets (another tenant's keys, if the host let it);
+//! - `handle-event`: with an event `N URL`, opens N GET requests to URL at once, then waits
+//!   for them all;
 //! - the callbacks answer `invalid-input`.
 //!
 //! Every export reports what the host let it do as the message of an error, for the test to
@@ -94,6 +96,39 @@ fn send(url: &str, body_len: u64, headers: usize) -> String {
     }
 }
 
+/// Opens `n` GET requests to `http://authority/path` before waiting for any; returns how many
+/// got a response and the first other outcome.
+fn at_once(n: usize, url: &str) -> String {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return format!("not an http URL: {url}");
+    };
+    let cut = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(cut);
+    let mut futures = Vec::new();
+    for _ in 0..n {
+        let req = OutgoingRequest::new(Fields::new());
+        let _ = req.set_scheme(Some(&Scheme::Http));
+        let _ = req.set_authority(Some(authority));
+        let _ = req.set_path_with_query(Some(if path.is_empty() { "/" } else { path }));
+        match outgoing_handler::handle(req, None) {
+            Ok(f) => futures.push(f),
+            Err(e) => return format!("refused after {}: {e:?}", futures.len()),
+        }
+    }
+    let mut answered = 0;
+    let mut other = None;
+    for future in futures {
+        future.subscribe().block();
+        match future.get() {
+            Some(Ok(Ok(_))) => answered += 1,
+            outcome => {
+                other.get_or_insert_with(|| format!("{outcome:?}"));
+            }
+        }
+    }
+    format!("answered={answered} other={other:?}")
+}
+
 impl bindings::Guest for Hostile {
     fn start_approval(app: w::ImApp, _: w::ApprovalRequest) -> Result<w::Approval, w::Error> {
         let url = app.api_base.unwrap_or_default();
@@ -138,7 +173,11 @@ impl bindings::Guest for Hostile {
         Err(w::Error::InvalidInput("x".into()))
     }
 
-    fn handle_event(_: w::ImApp, _: Vec<u8>) -> Result<Vec<w::Approval>, w::Error> {
-        Err(w::Error::InvalidInput("x".into()))
+    fn handle_event(_: w::ImApp, event: Vec<u8>) -> Result<Vec<w::Approval>, w::Error> {
+        let event = String::from_utf8_lossy(&event).into_owned();
+        let Some((n, url)) = event.split_once(' ') else {
+            return Err(w::Error::InvalidInput("x".into()));
+        };
+        Err(report(at_once(n.parse().unwrap_or(0), url)))
     }
 }

@@ -66,13 +66,15 @@ pub fn get(
             true,
         ));
     }
-    env.kv_set_json(
+    // The token works whether or not it is cached: a store fault here costs the next call a
+    // fetch, where failing would lose a notification or a start that has all it needs.
+    let _ = env.kv_set_json(
         key,
         &Cached {
             token: issued.token.clone(),
             expires_at_ms: usable_until(now, issued.ttl_secs),
         },
-    )?;
+    );
     Ok(issued.token)
 }
 
@@ -123,6 +125,25 @@ mod tests {
         assert_eq!(get(&env, "k", false, &fetch).unwrap(), "t1");
         // 7200 s minus the 5-minute margin has passed.
         env.now.set(env.now.get() + 900_001);
+        assert_eq!(get(&env, "k", false, &fetch).unwrap(), "t2");
+    }
+
+    #[test]
+    fn a_token_that_could_not_be_cached_is_still_used() {
+        let env = FakeEnv::offline();
+        let fetched = Cell::new(0);
+        let fetch = || {
+            fetched.set(fetched.get() + 1);
+            Ok(Issued {
+                token: format!("t{}", fetched.get()),
+                ttl_secs: 7200,
+            })
+        };
+        // Operation 0 is the cache read, 1 the write.
+        env.fail_kv_op(Some(1));
+        assert_eq!(get(&env, "k", false, &fetch).unwrap(), "t1");
+        env.fail_kv_op(None);
+        assert_eq!(get(&env, "k", false, &fetch).unwrap(), "t2");
         assert_eq!(get(&env, "k", false, &fetch).unwrap(), "t2");
     }
 

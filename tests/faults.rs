@@ -553,7 +553,9 @@ async fn a_start_outlives_an_engine_that_hangs_up() {
 /// answer lost, as when Redis goes away between applying a commit and answering it. With
 /// `fill`, a refused commit's keys starting with it are written meanwhile by "another call"
 /// (a cache it filled too). With `slow_gets`, every read takes that long, as behind a dead
-/// link; `in_get` counts the reads under way.
+/// link; `in_get` counts the reads under way. With `local`, it reports itself a local store,
+/// and with `slow_increments` each increment takes that long, as a disk flush might;
+/// `in_increment` counts those under way.
 #[derive(Default)]
 struct FlakyStore {
     inner: MemoryStore,
@@ -562,6 +564,9 @@ struct FlakyStore {
     fill: Mutex<Option<&'static str>>,
     slow_gets: Mutex<Option<Duration>>,
     in_get: AtomicU32,
+    local: AtomicBool,
+    slow_increments: Mutex<Option<Duration>>,
+    in_increment: AtomicU32,
 }
 
 impl LeaseStore for FlakyStore {
@@ -617,6 +622,12 @@ impl Backend for FlakyStore {
         delta: u64,
         pending: Option<Option<&[u8]>>,
     ) -> anyhow::Result<u64> {
+        let slow = *self.slow_increments.lock().unwrap();
+        if let Some(delay) = slow {
+            self.in_increment.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(delay);
+            self.in_increment.fetch_sub(1, Ordering::SeqCst);
+        }
         self.inner.increment(ns, key, delta, pending)
     }
     fn outbox_page(
@@ -637,7 +648,7 @@ impl Backend for FlakyStore {
         "flaky memory".into()
     }
     fn remote(&self) -> bool {
-        true
+        !self.local.load(Ordering::SeqCst)
     }
 }
 
@@ -704,6 +715,59 @@ async fn calls_waiting_on_a_remote_store_leave_the_workers_free() {
         let out = call.await.unwrap().expect("the call ends");
         assert_eq!(err_kind(&out), "invalid-input", "{out}");
         assert!(err_message(&out).contains("no approval"), "{out}");
+    }
+}
+
+/// An increment is durable on its own, so even on the local embedded store it waits for a
+/// disk flush. Before, it ran on the call's async worker, and two starts claiming their keys
+/// while the disk was slow stalled every other task of a 2-worker host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_on_a_slow_local_disk_leave_the_workers_free() {
+    let app = DingtalkApp::new("dingflush");
+    let sim = dingtalk_sim(&app, &["orig", "a"]).await;
+    let store = Arc::new(FlakyStore::default());
+    store.local.store(true, Ordering::SeqCst);
+    let allow = [sim.base_url().trim_start_matches("http://").to_string()];
+    let h = Harness::with_store(&[TENANT], &allow, store.clone())
+        .await
+        .expect("harness");
+    let app = dingtalk_app(&app, &sim.base_url());
+    // Token and form cached first, so the starts below reach their claims at once.
+    let warm = h
+        .host
+        .invoke_json(
+            TENANT,
+            "start-approval",
+            json!({"app": app, "request": dingtalk_request("wf-warm")}),
+        )
+        .await
+        .unwrap();
+    ok(&warm);
+    let delay = Duration::from_secs(5);
+    *store.slow_increments.lock().unwrap() = Some(delay);
+    let calls: Vec<_> = (0..2)
+        .map(|i| {
+            let host = h.host.clone();
+            let input = json!({"app": app, "request": dingtalk_request(&format!("wf-{i}"))});
+            tokio::spawn(async move { host.invoke_json(TENANT, "start-approval", input).await })
+        })
+        .collect();
+    let since = Instant::now();
+    while store.in_increment.load(Ordering::SeqCst) < 2 {
+        assert!(since.elapsed() < delay, "the two starts never claimed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let asked = Instant::now();
+    let ran = tokio::spawn(async { Instant::now() }).await.unwrap();
+    assert!(
+        ran - asked < delay / 2,
+        "another task waited {:?} for a worker",
+        ran - asked
+    );
+    *store.slow_increments.lock().unwrap() = None;
+    for call in calls {
+        let out = call.await.unwrap().expect("the call ends");
+        ok(&out);
     }
 }
 

@@ -92,7 +92,7 @@ impl KvCtx {
         if !self.reads.contains_key(key) {
             self.count(key.len() + std::mem::size_of::<Seen>())?;
         }
-        let value = self.wait(|store, tenant| store.get(tenant, key))?;
+        let value = self.wait(false, |store, tenant| store.get(tenant, key))?;
         // The first read is what the call's decisions rest on; a later read of a key that
         // changed meanwhile will fail validation all the same.
         self.reads
@@ -106,15 +106,17 @@ impl KvCtx {
     /// store behind a dead link (Redis: up to its 5 s timeouts, then a retry) it would hold
     /// the worker, and two such calls would stall every other task of the host: the server's
     /// requests, persistent connections' pings. `block_in_place` hands the worker's other
-    /// tasks to another thread meanwhile. Local stores answer in microseconds, where that
-    /// hand-off would cost more than it saves. On a current-thread runtime nothing can take
-    /// the tasks over, so the operation runs in place.
-    fn wait<R>(&self, op: impl FnOnce(&dyn Backend, &str) -> R) -> R {
+    /// tasks to another thread meanwhile. Local reads of one key answer in microseconds, where
+    /// that hand-off would cost more than it saves; `slow` operations take long on a local
+    /// store too: an increment is durable on its own, so it waits for a disk flush, and a
+    /// listing reads every key of the tenant. On a current-thread runtime nothing can take the
+    /// tasks over, so the operation runs in place.
+    fn wait<R>(&self, slow: bool, op: impl FnOnce(&dyn Backend, &str) -> R) -> R {
         use tokio::runtime::{Handle, RuntimeFlavor};
         let multi_thread = || {
             Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
         };
-        if self.store.remote() && multi_thread() {
+        if (slow || self.store.remote()) && multi_thread() {
             tokio::task::block_in_place(|| op(&*self.store, &self.tenant))
         } else {
             op(&*self.store, &self.tenant)
@@ -140,7 +142,7 @@ impl KvCtx {
 
     fn keys(&self) -> anyhow::Result<Vec<String>> {
         let mut keys: Vec<String> = self
-            .wait(|store, tenant| store.keys(tenant))?
+            .wait(true, |store, tenant| store.keys(tenant))?
             .into_iter()
             .filter(|k| !self.overlay.contains_key(k))
             .collect();
@@ -156,8 +158,13 @@ impl KvCtx {
 
     fn increment(&mut self, key: &str, delta: u64) -> anyhow::Result<u64> {
         check_key(key)?;
+        // Durable at once, so counted as a write of the key and the longest counter: else
+        // a call could create any number of keys beyond the cap, one increment at a time.
+        self.count(key.len() + u64::MAX.ilog10() as usize + 1)?;
         let pending = self.overlay.get(key).map(Option::as_deref);
-        let new = self.wait(|store, tenant| store.increment(tenant, key, delta, pending))?;
+        let new = self.wait(true, |store, tenant| {
+            store.increment(tenant, key, delta, pending)
+        })?;
         // The counter is now durable; a buffered write must not overwrite it at commit, and
         // the call's own increment must not count as a concurrent change to what it read
         // (the increment is itself the atomic read-modify-write).
@@ -429,6 +436,18 @@ mod tests {
         let big = vec![0u8; MAX_BUFFERED / 2];
         ctx.set("a".into(), Some(big.clone())).unwrap();
         assert!(ctx.set("b".into(), Some(big)).is_err());
+    }
+
+    #[test]
+    fn increments_count_towards_the_cap() {
+        let f = fixture();
+        let mut ctx = KvCtx::new(f.store.clone(), "t".into());
+        let key = "k".repeat(4000);
+        ctx.set("a".into(), Some(vec![0u8; MAX_BUFFERED - 5000]))
+            .unwrap();
+        assert_eq!(ctx.increment(&key, 1).unwrap(), 1);
+        assert!(ctx.increment(&key, 1).is_err());
+        assert_eq!(f.store.get("t", &key).unwrap(), Some(b"1".to_vec()));
     }
 
     #[test]

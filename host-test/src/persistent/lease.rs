@@ -9,7 +9,7 @@
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Where leases are kept.
@@ -60,6 +60,11 @@ pub struct Lease {
     name: String,
     owner: String,
     ttl: Duration,
+    /// Held while this owner talks to the store about the lease; `true` once released for
+    /// good. A renewal still running when the lease is released (its task was aborted, but
+    /// the blocking store call goes on) would otherwise take the lease again after the
+    /// release, and no host could connect until it expired.
+    released: Arc<Mutex<bool>>,
 }
 
 impl Lease {
@@ -69,6 +74,7 @@ impl Lease {
             name: name.to_string(),
             owner: owner.to_string(),
             ttl,
+            released: Arc::new(Mutex::new(false)),
         }
     }
 
@@ -82,11 +88,18 @@ impl Lease {
 
     /// Takes the lease, or extends it, for `ttl`. `false` means another owner holds it.
     pub fn acquire(&self) -> Result<bool> {
+        let released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        if *released {
+            return Ok(false);
+        }
         self.store.try_acquire(&self.name, &self.owner, self.ttl)
     }
 
-    /// Gives the lease up if we hold it, so another host need not wait for the expiry.
+    /// Gives the lease up if we hold it, so another host need not wait for the expiry; after
+    /// a renewal in flight, and for good: this owner never takes it again.
     pub fn release(&self) -> Result<()> {
+        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        *released = true;
         self.store.release(&self.name, &self.owner)
     }
 
@@ -106,6 +119,45 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Grants after a pause, as a store behind a slow link might.
+    struct SlowStore {
+        inner: crate::store::MemoryStore,
+        pause: Duration,
+    }
+
+    impl LeaseStore for SlowStore {
+        fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
+            std::thread::sleep(self.pause);
+            self.inner.try_acquire(name, owner, ttl)
+        }
+        fn release(&self, name: &str, owner: &str) -> Result<()> {
+            self.inner.release(name, owner)
+        }
+        fn holder(&self, name: &str) -> Result<Option<(String, u64)>> {
+            self.inner.holder(name)
+        }
+    }
+
+    #[test]
+    fn a_renewal_in_flight_cannot_undo_the_release() {
+        let store = Arc::new(SlowStore {
+            inner: crate::store::MemoryStore::new(),
+            pause: Duration::from_millis(200),
+        });
+        let lease = Lease::new(store.clone(), "t/a", "me", Duration::from_secs(30));
+        assert!(lease.acquire().unwrap());
+        let renewal = {
+            let lease = lease.clone();
+            std::thread::spawn(move || lease.acquire())
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        lease.release().unwrap();
+        let _ = renewal.join().unwrap();
+        assert_eq!(lease.holder().unwrap(), None);
+        assert!(!lease.acquire().unwrap());
+        assert_eq!(lease.holder().unwrap(), None);
+    }
 
     #[test]
     fn next_grants_free_expired_or_own_leases_only() {

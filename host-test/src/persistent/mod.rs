@@ -308,7 +308,7 @@ async fn acquire(lease: &Lease) -> Result<bool> {
 }
 
 /// Renews the lease (taken when `asked`) every third of its TTL; returns when it is lost, or
-/// about to lapse because renewals keep failing.
+/// about to lapse because renewals keep failing or do not answer.
 async fn keep_lease(lease: &Lease, asked: Instant) -> String {
     let every = lease.ttl() / 3;
     // Counted from before each request, so the store's expiry is never earlier than this.
@@ -316,7 +316,18 @@ async fn keep_lease(lease: &Lease, asked: Instant) -> String {
     loop {
         tokio::time::sleep(every).await;
         let asked = Instant::now();
-        match acquire(lease).await {
+        // A renewal that has not answered by the time the lease lapses (a store behind a
+        // dead link: several timeouts in a row) must not keep the connection past it, when
+        // another host may already hold the lease and be connected.
+        let lapses =
+            tokio::time::Instant::from_std(held_until.checked_sub(every / 4).unwrap_or(held_until));
+        let renewed = tokio::select! {
+            renewed = acquire(lease) => renewed,
+            () = tokio::time::sleep_until(lapses) => {
+                return "lease about to expire, its renewal unanswered".into();
+            }
+        };
+        match renewed {
             Ok(true) => held_until = asked + lease.ttl(),
             Ok(false) => return "lease taken over by another host".into(),
             // A store hiccup is not a reason to drop a healthy connection yet: the lease stays
@@ -509,6 +520,41 @@ mod tests {
         let reason = tokio::time::timeout(Duration::from_secs(30), keep_lease(&lease, asked))
             .await
             .expect("keep_lease gave up");
+        assert!(reason.contains("about to expire"), "{reason}");
+    }
+
+    /// Grants the lease once; every renewal then hangs for `0` (a store behind a dead link).
+    struct Hangs(Duration, std::sync::atomic::AtomicBool);
+
+    impl LeaseStore for Hangs {
+        fn try_acquire(&self, _: &str, _: &str, _: Duration) -> Result<bool> {
+            if self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(self.0);
+            }
+            Ok(true)
+        }
+        fn release(&self, _: &str, _: &str) -> Result<()> {
+            Ok(())
+        }
+        fn holder(&self, _: &str) -> Result<Option<(String, u64)>> {
+            Ok(None)
+        }
+    }
+
+    /// A renewal that takes longer than the lease has left ends the connection before the
+    /// lease lapses; before, the connection went on until the renewal answered, alongside
+    /// the one another host opened meanwhile.
+    #[tokio::test]
+    async fn a_renewal_that_hangs_ends_the_connection_before_the_lease_lapses() {
+        let ttl = Duration::from_millis(600);
+        let store = Hangs(Duration::from_secs(3), Default::default());
+        let lease = Lease::new(Arc::new(store), "t/a", "me", ttl);
+        let asked = Instant::now();
+        assert!(acquire(&lease).await.unwrap());
+        let reason = tokio::time::timeout(Duration::from_secs(5), keep_lease(&lease, asked))
+            .await
+            .expect("keep_lease went on past the lease");
+        assert!(asked.elapsed() < ttl, "{:?}", asked.elapsed());
         assert!(reason.contains("about to expire"), "{reason}");
     }
 

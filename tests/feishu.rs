@@ -392,6 +392,37 @@ async fn notifications_via_signed_webhook_and_app_messages() {
     assert_eq!(to, ["oc_ops", "ou_carol", "ou_dave"]);
 }
 
+/// A message to several users that fails part-way (Feishu's rate limit on the second) is an
+/// error the engine retries; the retry reaches only the users the first call missed. Before,
+/// the first user got the message twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_notification_reaches_each_user_once() {
+    let f = Fixture::new().await;
+    let users = json!({"users": [{"id": "ou_alice"}, {"id": "ou_bob"}, {"id": "ou_carol"}]});
+    let notify = json!({"app": f.app, "notification": {"target": users, "title": "wf #7 failed",
+        "markdown": "deploy failed", "level": "failure"}});
+    let rate_limited = imbridge_host::sim::http::Response::json(
+        429,
+        &json!({"code": 99991400, "msg": "request trigger frequency limit"}),
+    );
+    f.sim
+        .faults()
+        .fail_after("/open-apis/im/v1/messages", 1, 1, rate_limited);
+    let r = f.h.invoke("t1", "notify", notify.clone()).await;
+    assert_eq!(err_kind(&r), "platform", "{r}");
+    assert_eq!(r["err"]["retryable"], true, "{r}");
+    let r = f.h.invoke("t1", "notify", notify.clone()).await;
+    ok(&r);
+    let to = |f: &Fixture| -> Vec<String> {
+        let st = f.sim.state();
+        st.messages.iter().map(|m| m.receive_id.clone()).collect()
+    };
+    assert_eq!(to(&f), ["ou_alice", "ou_bob", "ou_carol"]);
+    // Sent again later, the whole notification goes out again.
+    ok(&f.h.invoke("t1", "notify", notify).await);
+    assert_eq!(to(&f).len(), 6);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_tokens_are_refreshed_once() {
     let f = Fixture::new().await;

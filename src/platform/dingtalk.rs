@@ -850,21 +850,21 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
     let msg = json!({"msgtype": "markdown", "markdown": {
         "title": n.title, "text": markdown_text(n, &mentions),
     }});
-    let mut tasks = Vec::new();
-    for chunk in ids.chunks(NOTICE_BATCH) {
-        let body = json!({"agent_id": agent, "userid_list": chunk.join(","), "msg": msg});
+    let bodies: Vec<Value> = ids
+        .chunks(NOTICE_BATCH)
+        .map(|chunk| json!({"agent_id": agent, "userid_list": chunk.join(","), "msg": msg}))
+        .collect();
+    let tasks = super::send_parts(env, &app.app_id, &bodies, &mut |body| {
         let reply = c.legacy_post(
             "/topapi/message/corpconversation/asyncsend_v2",
-            &body,
+            body,
             Repeat::Never,
         )?;
-        if let Some(t) = reply.get("task_id") {
-            tasks.push(match t {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            });
-        }
-    }
+        Ok(reply.get("task_id").map(|t| match t {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }))
+    })?;
     Ok(Receipt {
         message_id: (!tasks.is_empty()).then(|| tasks.join(",")),
     })

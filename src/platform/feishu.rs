@@ -833,18 +833,18 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
         }
         Target::Webhook(_) => return Err(Error::input("webhooks are not app messages")),
     };
-    let mut ids = Vec::new();
-    for r in receivers {
-        let body = json!({"receive_id": r, "msg_type": "interactive", "content": content});
-        let data = c.api(
-            Method::Post,
-            &format!("/open-apis/im/v1/messages?receive_id_type={kind}"),
-            Some(&body),
-        )?;
-        if let Some(id) = data.get("message_id").and_then(Value::as_str) {
-            ids.push(id.to_string());
-        }
-    }
+    let path = format!("/open-apis/im/v1/messages?receive_id_type={kind}");
+    let bodies: Vec<Value> = receivers
+        .into_iter()
+        .map(|r| json!({"receive_id": r, "msg_type": "interactive", "content": content}))
+        .collect();
+    let ids = super::send_parts(env, &(app.app_id.clone() + &path), &bodies, &mut |body| {
+        let data = c.api(Method::Post, &path, Some(body))?;
+        Ok(data
+            .get("message_id")
+            .and_then(Value::as_str)
+            .map(str::to_string))
+    })?;
     Ok(Receipt {
         message_id: (!ids.is_empty()).then(|| ids.join(",")),
     })

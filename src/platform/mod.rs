@@ -324,6 +324,50 @@ fn cached_id(
     Ok(id)
 }
 
+/// How long a part of a notification that failed further on is remembered as delivered.
+const PART_KEPT_MS: u64 = 60 * 60 * 1000;
+
+/// Sends a notification that goes out as several messages (one per user, per batch of users,
+/// a card then its mentions), in order, to `dest`; returns the ids the sends gave. When a part
+/// fails after others went out, the error asks the engine to retry the whole notification,
+/// which would deliver those others twice. So every part with another after it is remembered,
+/// by a digest of where it goes and what it says, until the notification completes (then
+/// forgotten) or for an hour; a part remembered is not sent again. The marks are the call's
+/// only writes and best effort: without them a retry repeats parts, as before.
+fn send_parts(
+    env: &(impl Env + ?Sized),
+    dest: &str,
+    bodies: &[serde_json::Value],
+    send: &mut dyn FnMut(&serde_json::Value) -> Result<Option<String>>,
+) -> Result<Vec<String>> {
+    let now = env.now_ms();
+    let mut ids = Vec::new();
+    let mut marks = Vec::new();
+    for (i, body) in bodies.iter().enumerate() {
+        if bodies.len() > 1 {
+            let digest = crate::crypto::sha256(&[dest.as_bytes(), body.to_string().as_bytes()]);
+            let mark = "sent/".to_string() + &crate::env::hex(&digest[..16]);
+            // When it was sent, in ms, as 8 little-endian bytes.
+            let at = env.kv_get(&mark).ok().flatten();
+            let at = at.and_then(|v| Some(u64::from_le_bytes(v.try_into().ok()?)));
+            let sent_before = at.is_some_and(|at| now.saturating_sub(at) < PART_KEPT_MS);
+            if !sent_before {
+                ids.extend(send(body)?);
+                if i + 1 < bodies.len() {
+                    let _ = env.kv_set(&mark, &now.to_le_bytes());
+                }
+            }
+            marks.push(mark);
+        } else {
+            ids.extend(send(body)?);
+        }
+    }
+    for mark in marks {
+        let _ = env.kv_delete(&mark);
+    }
+    Ok(ids)
+}
+
 /// Accepts the platforms' mix of numeric and string timestamps.
 pub fn json_u64(v: Option<&serde_json::Value>) -> Option<u64> {
     match v? {
@@ -336,6 +380,83 @@ pub fn json_u64(v: Option<&serde_json::Value>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::fake::FakeEnv;
+
+    /// Sends parts with `fail_at` (0-based) failing, as a rate limit would; what went out.
+    fn parts_sent(
+        env: &FakeEnv,
+        dest: &str,
+        bodies: &[serde_json::Value],
+        fail_at: Option<usize>,
+    ) -> (Result<Vec<String>>, Vec<serde_json::Value>) {
+        let mut sent = Vec::new();
+        let r = send_parts(env, dest, bodies, &mut |b| {
+            if fail_at == Some(sent.len()) {
+                sent.push(serde_json::Value::Null);
+                return Err(Error::platform(99991400, "rate limited", true));
+            }
+            sent.push(b.clone());
+            Ok(Some(format!("id-{}", b["n"])))
+        });
+        sent.retain(|b| !b.is_null());
+        (r, sent)
+    }
+
+    fn marks(env: &FakeEnv) -> usize {
+        env.snapshot()
+            .keys()
+            .filter(|k| k.starts_with("sent/"))
+            .count()
+    }
+
+    /// The engine retries a notification that failed part-way (its error is retryable): the
+    /// parts that went out the first time are not sent again. Before, they were.
+    #[test]
+    fn a_retried_notification_sends_only_what_did_not_go_out() {
+        let env = FakeEnv::offline();
+        let bodies: Vec<_> = (1..=3).map(|n| serde_json::json!({"n": n})).collect();
+        let (first, sent) = parts_sent(&env, "chat", &bodies, Some(1));
+        assert!(matches!(
+            first,
+            Err(Error::Platform {
+                retryable: true,
+                ..
+            })
+        ));
+        assert_eq!(sent, bodies[..1]);
+        assert_eq!(marks(&env), 1);
+        let (retry, sent) = parts_sent(&env, "chat", &bodies, None);
+        assert_eq!(retry.unwrap(), ["id-2", "id-3"]);
+        assert_eq!(sent, bodies[1..]);
+        assert_eq!(marks(&env), 0, "a completed notification is forgotten");
+        // Sent again later: in full.
+        let (again, sent) = parts_sent(&env, "chat", &bodies, None);
+        assert_eq!(again.unwrap().len(), 3);
+        assert_eq!(sent, bodies);
+    }
+
+    #[test]
+    fn parts_are_remembered_per_destination_for_an_hour_and_single_parts_not_at_all() {
+        let env = FakeEnv::offline();
+        let bodies: Vec<_> = (1..=2).map(|n| serde_json::json!({"n": n})).collect();
+        let _ = parts_sent(&env, "chat-a", &bodies, Some(1));
+        let (other, sent) = parts_sent(&env, "chat-b", &bodies, None);
+        assert_eq!(other.unwrap().len(), 2, "another destination");
+        assert_eq!(sent.len(), 2);
+        env.now.set(env.now.get() + PART_KEPT_MS);
+        let (late, sent) = parts_sent(&env, "chat-a", &bodies, None);
+        assert_eq!(late.unwrap().len(), 2, "an hour later");
+        assert_eq!(sent.len(), 2);
+        let ops = env.kv_ops();
+        let (one, _) = parts_sent(&env, "chat-a", &bodies[..1], None);
+        assert_eq!(one.unwrap(), ["id-1"]);
+        assert_eq!(env.kv_ops(), ops, "one message needs no marks");
+        // A store that fails loses only the marks, never the message.
+        env.fail_kv_op(Some(env.kv_ops()));
+        let (faulty, sent) = parts_sent(&env, "chat-c", &bodies, None);
+        assert_eq!(faulty.unwrap().len(), 2);
+        assert_eq!(sent.len(), 2);
+    }
 
     #[test]
     fn object_keys_stay_put_and_are_scoped() {

@@ -848,9 +848,9 @@ pub fn send_webhook(
     n: &Notification,
 ) -> Result<Receipt> {
     let (ids, mobiles) = robot_mentions(env, app, n)?;
-    for body in robot_bodies(n, &ids, &mobiles)? {
-        check(call_json(env, Method::Post, url, &[], Some(&body))?)?;
-    }
+    super::send_parts(env, url, &robot_bodies(n, &ids, &mobiles)?, &mut |body| {
+        check(call_json(env, Method::Post, url, &[], Some(body))?).map(|_| None)
+    })?;
     Ok(Receipt { message_id: None })
 }
 

@@ -89,6 +89,8 @@ pub struct Faults {
     served: HashMap<String, usize>,
     /// Requests whose answer is withheld after the handler has acted on them, per path.
     lost: HashMap<String, usize>,
+    /// Requests let through to the handler before the injected responses start, per path.
+    pass: HashMap<String, usize>,
 }
 
 impl Faults {
@@ -97,6 +99,12 @@ impl Faults {
     pub fn fail_next(&mut self, path: &str, n: usize, response: Response) {
         let queue = self.next.entry(path.to_string()).or_default();
         queue.extend(std::iter::repeat_n(response, n));
+    }
+
+    /// As [`Self::fail_next`], after the next `pass` requests to `path` reach the handler.
+    pub fn fail_after(&mut self, path: &str, pass: usize, n: usize, response: Response) {
+        self.pass.insert(path.to_string(), pass);
+        self.fail_next(path, n, response);
     }
 
     /// Every request to `path` waits `delay` before being answered; `None` removes the delay.
@@ -134,7 +142,13 @@ impl Faults {
 
     fn take(&mut self, path: &str) -> (Option<Duration>, Option<Response>, bool) {
         let delay = self.delays.get(path).copied();
-        let fault = self.next.get_mut(path).and_then(VecDeque::pop_front);
+        let fault = match self.pass.get_mut(path) {
+            Some(pass) if *pass > 0 => {
+                *pass -= 1;
+                None
+            }
+            _ => self.next.get_mut(path).and_then(VecDeque::pop_front),
+        };
         if fault.is_some() {
             *self.served.entry(path.to_string()).or_default() += 1;
         }

@@ -453,7 +453,11 @@ impl Host {
     }
 }
 
-async fn commit_once(backend: &Arc<dyn Backend>, ns: &Arc<str>, commit: Commit) -> Result<Outcome> {
+pub(crate) async fn commit_once(
+    backend: &Arc<dyn Backend>,
+    ns: &Arc<str>,
+    commit: Commit,
+) -> Result<Outcome> {
     match backend.submit(ns, commit) {
         Ok(submitted) => submitted.outcome().await,
         // A backend that blocks on its own I/O (Redis) gets a blocking thread.

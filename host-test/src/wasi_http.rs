@@ -109,8 +109,9 @@ fn without_userinfo(text: &str) -> String {
         Some((scheme, rest)) => (Some(scheme), rest),
         None => (None, text),
     };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let masked = match rest[..end].rfind('@') {
+    // Up to the last `@` anywhere: a password may hold `/`, `?` or `#`, and an authority
+    // too broken to parse cannot be told from a path, so a path's `@` is masked too.
+    let masked = match rest.rfind('@') {
         Some(at) => format!("***{}", &rest[at..]),
         None => return text.to_string(),
     };
@@ -417,7 +418,15 @@ impl WasiHttpHooks for HttpPolicy {
         // reports that as a protocol error, so the flag turns it back into the reason.
         let over = Arc::new(AtomicBool::new(false));
         let flag = over.clone();
+        // hyper looks at the body only once the connection (TLS included) is up and the
+        // request is about to be written: until then, nothing of it can have left.
+        let started = Arc::new(AtomicBool::new(false));
+        let writing = started.clone();
         let request = request.map(move |body| {
+            let body = Started {
+                body,
+                started: writing,
+            };
             Limited::new(body, MAX_REQUEST_BODY as usize)
                 .map_err(move |e| match e.downcast::<Error>() {
                     Ok(e) => *e,
@@ -444,12 +453,15 @@ impl WasiHttpHooks for HttpPolicy {
             // Each of the connect, first-byte and between-bytes timeouts is capped at the time
             // left, but not their sum, and the TLS handshake has none: one bound for the whole
             // exchange keeps a stalled or dripping server from running the call into its
-            // deadline, where the plugin would get no answer at all. Once the connection is
-            // up, the request may have been sent, so this is a read timeout, never "unsent".
+            // deadline, where the plugin would get no answer at all. Before the request began
+            // to be written it is a connect timeout (certainly unsent); after, a read timeout.
             let sent = wasmtime_wasi_http::default_send_request(request, Some(options));
             let (response, io) = tokio::time::timeout_at(until, sent)
                 .await
-                .map_err(|_| Error::ConnectionReadTimeout)?
+                .map_err(|_| match started.load(Ordering::Relaxed) {
+                    true => Error::ConnectionReadTimeout,
+                    false => Error::ConnectionTimeout,
+                })?
                 .map_err(|e| {
                     if over.load(Ordering::Relaxed) {
                         too_big()
@@ -472,6 +484,35 @@ impl WasiHttpHooks for HttpPolicy {
                 Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
             ))
         })
+    }
+}
+
+/// A request body that notes when hyper first looks at it.
+struct Started<B> {
+    body: B,
+    started: Arc<AtomicBool>,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Started<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        self.started.store(true, Ordering::Relaxed);
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.started.store(true, Ordering::Relaxed);
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.started.store(true, Ordering::Relaxed);
+        self.body.size_hint()
     }
 }
 
@@ -503,14 +544,11 @@ where
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, Error>>> {
-        use std::task::Poll;
-        match std::pin::Pin::new(&mut self.body).poll_frame(cx) {
-            Poll::Pending => match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Error::ConnectionReadTimeout))),
-                Poll::Pending => Poll::Pending,
-            },
-            ready => ready,
+        // The timer first: a body whose data is always ready would otherwise never end.
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Some(Err(Error::ConnectionReadTimeout)));
         }
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -665,6 +703,71 @@ mod tests {
         assert!(!is_prohibited_ip("2130706433")); // 127.0.0.1
     }
 
+    /// How a request to `scheme://addr/` ends under a policy with `left` before its deadline
+    /// and a 1 s margin: the error, or "answered".
+    async fn outcome(scheme: &str, addr: std::net::SocketAddr, left: Duration) -> String {
+        let allow = AllowList::new(&[addr.to_string()]).unwrap();
+        let mut policy = HttpPolicy::new(
+            "t".into(),
+            allow,
+            Instant::now() + left,
+            Duration::from_secs(1),
+        );
+        let body = http_body_util::Empty::<bytes::Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let request = http::Request::builder()
+            .uri(format!("{scheme}://{addr}/x"))
+            .body(body)
+            .unwrap();
+        let sent = policy.send_request(request, None, Box::new(async { Ok(()) }));
+        match Box::into_pin(sent).await {
+            Ok(_) => "answered".into(),
+            Err(e) => format!("{e:?}"),
+        }
+    }
+
+    /// A server that takes connections and says nothing, and one that reads the request and
+    /// never answers it.
+    async fn silent(read_first: bool) -> std::net::SocketAddr {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = listener.accept().await {
+                if read_first {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                }
+                held.push(s);
+            }
+        });
+        addr
+    }
+
+    /// A request whose connection never got as far as writing it is "connect timeout", which
+    /// tells the plugin it never left (a create may be retried); one written and unanswered
+    /// is a read timeout (it may have been acted on).
+    #[tokio::test]
+    async fn timeouts_say_whether_the_request_can_have_left() {
+        let stalled_tls = silent(false).await;
+        assert_eq!(
+            outcome("https", stalled_tls, Duration::from_millis(1500)).await,
+            "ConnectionTimeout"
+        );
+        assert_eq!(
+            outcome("https", stalled_tls, Duration::from_secs(1)).await,
+            "ConnectionTimeout",
+            "no time left"
+        );
+        let unanswered = silent(true).await;
+        assert_eq!(
+            outcome("http", unanswered, Duration::from_millis(1500)).await,
+            "ConnectionReadTimeout"
+        );
+    }
+
     /// tokio-rustls hands a handshake's rustls error on inside an `io::Error`.
     #[test]
     fn an_untrusted_certificate_is_a_certificate_error() {
@@ -694,7 +797,16 @@ mod tests {
         assert!(!msg.contains("s3cr3t"), "{msg}");
         assert!(msg.contains("***@h:44x/path"), "{msg}");
         assert_eq!(without_userinfo("h:44x"), "h:44x");
-        assert_eq!(without_userinfo("u:p@h:x/a@b"), "***@h:x/a@b");
+        assert_eq!(without_userinfo("u:p@h:x/a@b"), "***@b");
+        for (leaky, secret) in [
+            ("https://u:pa#ss@h:1", "pa#ss"),
+            ("https://user:p/w@h", "p/w"),
+            ("u:p?w@h:x", "p?w"),
+        ] {
+            assert!(!without_userinfo(leaky).contains(secret), "{leaky}");
+            let err = HostPattern::parse(leaky).map(|p| p.to_string());
+            assert!(!format!("{err:?}").contains(secret), "{leaky}: {err:?}");
+        }
     }
 
     #[test]

@@ -459,6 +459,75 @@ async fn healthz_fails_while_the_store_cannot_be_read() {
     server.shutdown().await;
 }
 
+/// A store that still reads but refuses every write, as the embedded database does after a
+/// failed write or fsync (a full disk) until the process restarts.
+struct ReadOnly(imbridge_host::store::MemoryStore);
+
+impl imbridge_host::persistent::lease::LeaseStore for ReadOnly {
+    fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> anyhow::Result<bool> {
+        self.0.try_acquire(name, owner, ttl)
+    }
+    fn release(&self, name: &str, owner: &str) -> anyhow::Result<()> {
+        self.0.release(name, owner)
+    }
+    fn holder(&self, name: &str) -> anyhow::Result<Option<(String, u64)>> {
+        self.0.holder(name)
+    }
+}
+
+impl imbridge_host::store::Backend for ReadOnly {
+    fn get(&self, ns: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        self.0.get(ns, key)
+    }
+    fn keys(&self, ns: &str) -> anyhow::Result<Vec<String>> {
+        self.0.keys(ns)
+    }
+    fn commit(
+        &self,
+        _: &str,
+        _: imbridge_host::store::Commit,
+    ) -> anyhow::Result<imbridge_host::store::Outcome> {
+        anyhow::bail!("previous I/O error")
+    }
+    fn increment(&self, _: &str, _: &str, _: u64, _: Option<Option<&[u8]>>) -> anyhow::Result<u64> {
+        anyhow::bail!("previous I/O error")
+    }
+    fn outbox_page(
+        &self,
+        tenant: &str,
+        after: u64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<(u64, Vec<u8>)>> {
+        self.0.outbox_page(tenant, after, limit)
+    }
+    fn outbox_remove_through(&self, _: &str, _: u64) -> anyhow::Result<()> {
+        anyhow::bail!("previous I/O error")
+    }
+    fn outbox_last_seq(&self, tenant: &str) -> anyhow::Result<u64> {
+        self.0.outbox_last_seq(tenant)
+    }
+    fn describe(&self) -> String {
+        "read-only".into()
+    }
+}
+
+/// `/healthz` commits, as every call does: a store that answers reads but can write nothing
+/// takes no callback, and the supervisor must hear so. A read probe said 200.
+#[tokio::test]
+async fn healthz_fails_while_the_store_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ReadOnly(imbridge_host::store::MemoryStore::new()));
+    let host =
+        imbridge_host::Host::with_store(imbridge_host::HostConfig::new(dir.path()), store).unwrap();
+    let server = server::serve_with(host, config(dir.path(), json!({})))
+        .await
+        .unwrap();
+    let (status, body) = request(server.addr(), "GET", "/healthz", "", b"").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("previous I/O error"), "{body}");
+    server.shutdown().await;
+}
+
 /// A tenant's own token opens only that tenant; the server-wide token opens all.
 #[tokio::test]
 async fn tenant_tokens_open_only_their_tenant() {

@@ -56,21 +56,21 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
     let answer = match post_json(&url, &body).await {
         Ok((200, v)) => v,
         Ok((status, v)) => {
-            return end(
-                false,
-                format!("connections/open answered HTTP {status} ({})", v["code"]),
-            );
+            return end(format!(
+                "connections/open answered HTTP {status} ({})",
+                v["code"]
+            ));
         }
-        Err(e) => return end(false, format!("connections/open failed: {e:#}")),
+        Err(e) => return end(format!("connections/open failed: {e:#}")),
     };
     let (Some(endpoint), Some(ticket)) = (answer["endpoint"].as_str(), answer["ticket"].as_str())
     else {
-        return end(false, "connections/open answer lacks endpoint or ticket");
+        return end("connections/open answer lacks endpoint or ticket");
     };
     let ws_url = format!("{endpoint}?ticket={}", form_encode(ticket));
-    let ws = match super::open_ws(&ws_url).await {
+    let ws = match session.open_ws(&ws_url).await {
         Ok(ws) => ws,
-        Err(why) => return end(false, why),
+        Err(why) => return end(why),
     };
     log!(
         "tenant={} app={} DingTalk Stream connection open",
@@ -89,7 +89,7 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
             _ = tokio::time::sleep_until(last_seen + dead_after) => return silent_for(dead_after),
             _ = pings.tick() => {
                 if let Err(e) = tx.send(Message::Ping(Default::default())).await {
-                    return end(true, format!("sending a WebSocket ping failed: {e}"));
+                    return end(format!("sending a WebSocket ping failed: {e}"));
                 }
                 continue;
             }
@@ -99,7 +99,7 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
                 if verdict == Verdict::Ack
                     && let Err(e) = tx.send(Message::Text(ack(&message_id, SUCCESS).to_string().into())).await
                 {
-                    return end(true, format!("sending ack failed: {e}"));
+                    return end(format!("sending ack failed: {e}"));
                 }
                 continue;
             }
@@ -128,7 +128,6 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
             }
             (Some("SYSTEM"), Some("disconnect")) => {
                 return SessionEnd {
-                    connected: true,
                     asked_to_reconnect: true,
                     reason: "server asked to reconnect".into(),
                 };
@@ -167,7 +166,7 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
         if let Some(reply) = reply
             && let Err(e) = tx.send(Message::Text(reply.to_string().into())).await
         {
-            return end(true, format!("sending ack failed: {e}"));
+            return end(format!("sending ack failed: {e}"));
         }
     }
 }

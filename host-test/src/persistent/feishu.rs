@@ -201,27 +201,24 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
     let answer = match post_json(&url, &body).await {
         Ok((200, v)) => v,
         Ok((status, v)) => {
-            return end(
-                false,
-                format!("endpoint answered HTTP {status} (code {})", v["code"]),
-            );
+            return end(format!(
+                "endpoint answered HTTP {status} (code {})",
+                v["code"]
+            ));
         }
-        Err(e) => return end(false, format!("endpoint request failed: {e:#}")),
+        Err(e) => return end(format!("endpoint request failed: {e:#}")),
     };
     if answer["code"].as_i64() != Some(0) {
         // `msg` is the platform's own text (e.g. "app secret invalid"), not the secret.
-        return end(
-            false,
-            format!(
-                "endpoint refused: code {} {}",
-                answer["code"],
-                answer["msg"].as_str().unwrap_or("")
-            ),
-        );
+        return end(format!(
+            "endpoint refused: code {} {}",
+            answer["code"],
+            answer["msg"].as_str().unwrap_or("")
+        ));
     }
     apply_client_config(hints, &answer["data"]["ClientConfig"]);
     let Some(ws_url) = answer["data"]["URL"].as_str() else {
-        return end(false, "endpoint answer has no URL");
+        return end("endpoint answer has no URL");
     };
     // The service id goes into every ping; it is a query parameter of the URL.
     let service = ws_url
@@ -232,9 +229,9 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
         .find_map(|kv| kv.strip_prefix("service_id="))
         .and_then(|v| v.parse::<i32>().ok())
         .unwrap_or(0);
-    let ws = match super::open_ws(ws_url).await {
+    let ws = match session.open_ws(ws_url).await {
         Ok(ws) => ws,
-        Err(why) => return end(false, why),
+        Err(why) => return end(why),
     };
     log!(
         "tenant={} app={} Feishu long connection open",
@@ -259,7 +256,7 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
             _ = tokio::time::sleep_until(last_seen + dead_after) => return silent_for(dead_after),
             _ = pings.tick() => {
                 if let Err(e) = tx.send(Message::Ping(Default::default())).await {
-                    return end(true, format!("sending a WebSocket ping failed: {e}"));
+                    return end(format!("sending a WebSocket ping failed: {e}"));
                 }
                 continue;
             }
@@ -267,7 +264,7 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
                 next_ping = tokio::time::Instant::now() + ping_every;
                 let ping = Frame::control(service, "ping").encode();
                 if let Err(e) = tx.send(Message::Binary(ping.into())).await {
-                    return end(true, format!("sending ping failed: {e}"));
+                    return end(format!("sending ping failed: {e}"));
                 }
                 continue;
             }
@@ -280,7 +277,7 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
                 ack.payload = Some(json!({"code": code}).to_string().into_bytes());
                 ack.set_header("biz_rt", &started.elapsed().as_millis().to_string());
                 if let Err(e) = tx.send(Message::Binary(ack.encode().into())).await {
-                    return end(true, format!("sending ack failed: {e}"));
+                    return end(format!("sending ack failed: {e}"));
                 }
                 continue;
             }
@@ -323,7 +320,7 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
                 Some("ping") => {
                     let pong = Frame::control(frame.service, "pong").encode();
                     if let Err(e) = tx.send(Message::Binary(pong.into())).await {
-                        return end(true, format!("sending pong failed: {e}"));
+                        return end(format!("sending pong failed: {e}"));
                     }
                 }
                 _ => {}

@@ -9,7 +9,8 @@
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Where leases are kept.
@@ -60,11 +61,10 @@ pub struct Lease {
     name: String,
     owner: String,
     ttl: Duration,
-    /// Held while this owner talks to the store about the lease; `true` once released for
-    /// good. A renewal still running when the lease is released (its task was aborted, but
-    /// the blocking store call goes on) would otherwise take the lease again after the
-    /// release, and no host could connect until it expired.
-    released: Arc<Mutex<bool>>,
+    /// Released for good. A renewal still running when the lease is released (its task was
+    /// aborted, but the blocking store call goes on) would otherwise take the lease again
+    /// after the release, and no host could connect until it expired.
+    released: Arc<AtomicBool>,
 }
 
 impl Lease {
@@ -74,7 +74,7 @@ impl Lease {
             name: name.to_string(),
             owner: owner.to_string(),
             ttl,
-            released: Arc::new(Mutex::new(false)),
+            released: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -88,18 +88,23 @@ impl Lease {
 
     /// Takes the lease, or extends it, for `ttl`. `false` means another owner holds it.
     pub fn acquire(&self) -> Result<bool> {
-        let released = self.released.lock().unwrap_or_else(|e| e.into_inner());
-        if *released {
+        if self.released.load(Ordering::SeqCst) {
             return Ok(false);
         }
-        self.store.try_acquire(&self.name, &self.owner, self.ttl)
+        let granted = self.store.try_acquire(&self.name, &self.owner, self.ttl)?;
+        // Released while the store was asked: the release may have come first there, so
+        // what this granted is given back.
+        if granted && self.released.load(Ordering::SeqCst) {
+            self.store.release(&self.name, &self.owner)?;
+            return Ok(false);
+        }
+        Ok(granted)
     }
 
-    /// Gives the lease up if we hold it, so another host need not wait for the expiry; after
-    /// a renewal in flight, and for good: this owner never takes it again.
+    /// Gives the lease up if we hold it, so another host need not wait for the expiry, and
+    /// for good: this owner never takes it again.
     pub fn release(&self) -> Result<()> {
-        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
-        *released = true;
+        self.released.store(true, Ordering::SeqCst);
         self.store.release(&self.name, &self.owner)
     }
 

@@ -123,18 +123,15 @@ pub fn default_owner() -> String {
 /// Why a session ended, for the reconnect policy.
 #[derive(Debug)]
 pub struct SessionEnd {
-    /// The WebSocket was open at some point (resets the backoff).
-    pub connected: bool,
     /// The platform asked to reconnect (DingTalk `disconnect`): no backoff beyond the minimum.
     pub asked_to_reconnect: bool,
     /// What happened, for the log (never carries secrets).
     pub reason: String,
 }
 
-/// How a session ended: `connected` says whether its WebSocket was ever open.
-fn end(connected: bool, reason: impl Into<String>) -> SessionEnd {
+/// How a session ended (whether its WebSocket opened is [`Session::opened`]).
+fn end(reason: impl Into<String>) -> SessionEnd {
     SessionEnd {
-        connected,
         asked_to_reconnect: false,
         reason: reason.into(),
     }
@@ -149,10 +146,10 @@ fn keepalive(every: Duration) -> tokio::time::Interval {
 
 /// How a session ends that heard nothing for `dead_after`: dead without a close.
 fn silent_for(dead_after: Duration) -> SessionEnd {
-    end(
-        true,
-        format!("no frames from the server for {} s", dead_after.as_secs()),
-    )
+    end(format!(
+        "no frames from the server for {} s",
+        dead_after.as_secs()
+    ))
 }
 
 /// What the socket's read half gave: a message, or how the session ended. Any message is a
@@ -162,8 +159,8 @@ fn received(
     last_seen: &mut tokio::time::Instant,
 ) -> std::result::Result<Message, SessionEnd> {
     match msg {
-        None | Some(Ok(Message::Close(_))) => Err(end(true, "closed by the server")),
-        Some(Err(e)) => Err(end(true, format!("read failed: {e}"))),
+        None | Some(Ok(Message::Close(_))) => Err(end("closed by the server")),
+        Some(Err(e)) => Err(end(format!("read failed: {e}"))),
         Some(Ok(m)) => {
             *last_seen = tokio::time::Instant::now();
             Ok(m)
@@ -276,11 +273,11 @@ async fn run_app(p: PersistentApp, dispatcher: Dispatcher, lease: Lease, options
             dispatcher: &dispatcher,
             base: p.endpoint_base.clone(),
             keepalive: options.keepalive,
+            opened: std::sync::OnceLock::new(),
         };
         let end = tokio::select! {
             end = run_session(&session, &mut hints) => end,
             lost = keep_lease(&lease, asked) => SessionEnd {
-                connected: true,
                 asked_to_reconnect: false,
                 reason: lost,
             },
@@ -289,12 +286,13 @@ async fn run_app(p: PersistentApp, dispatcher: Dispatcher, lease: Lease, options
         // Only a connection that stayed up for a keepalive interval resets the backoff: one
         // that a proxy or the server closes straight after the upgrade is a failure too, or
         // the host would open a connection (posting the app secret) every second for ever.
-        let lasted = end.connected && asked.elapsed() >= options.keepalive;
+        let opened = session.opened.get();
+        let lasted = opened.is_some_and(|at| at.elapsed() >= options.keepalive);
         failures = if lasted { 0 } else { failures + 1 };
         let delay = if end.asked_to_reconnect {
             options.backoff_min
         } else {
-            reconnect_delay(&options, &hints, failures)
+            reconnect_delay(&options, &hints, failures, opened.is_some())
         };
         tokio::time::sleep(delay).await;
     }
@@ -320,7 +318,7 @@ async fn keep_lease(lease: &Lease, asked: Instant) -> String {
         // dead link: several timeouts in a row) must not keep the connection past it, when
         // another host may already hold the lease and be connected.
         let lapses =
-            tokio::time::Instant::from_std(held_until.checked_sub(every / 4).unwrap_or(held_until));
+            tokio::time::Instant::from_std(held_until.checked_sub(every / 2).unwrap_or(held_until));
         let renewed = tokio::select! {
             renewed = acquire(lease) => renewed,
             () = tokio::time::sleep_until(lapses) => {
@@ -348,7 +346,10 @@ async fn keep_lease(lease: &Lease, asked: Instant) -> String {
 /// reconnect interval is the least wait between failed attempts only: after a connection
 /// that worked, the first attempt waits just the nonce (as Feishu's own SDKs do), since
 /// every second of the gap is a second without events.
-fn reconnect_delay(options: &Options, hints: &Hints, failures: u32) -> Duration {
+/// The wait before the next attempt after `failures` in a row; `connected` says whether the
+/// last one got as far as an open WebSocket, which the platform's `ReconnectInterval` (meant
+/// for attempts that fail) does not apply to.
+fn reconnect_delay(options: &Options, hints: &Hints, failures: u32, connected: bool) -> Duration {
     let exp = options
         .backoff_min
         .saturating_mul(1u32 << failures.min(16))
@@ -359,6 +360,7 @@ fn reconnect_delay(options: &Options, hints: &Hints, failures: u32) -> Duration 
             .saturating_sub(options.backoff_min)
             .mul_f64(rng.r#gen::<f64>());
     let floor = match failures {
+        _ if connected => Duration::ZERO,
         0 => Duration::ZERO,
         _ => hints.reconnect_interval.unwrap_or_default(),
     };
@@ -379,6 +381,17 @@ pub struct Session<'a> {
     pub base: Option<String>,
     /// [`Options::keepalive`].
     pub keepalive: Duration,
+    /// When the WebSocket opened, if it did.
+    pub opened: std::sync::OnceLock<Instant>,
+}
+
+impl Session<'_> {
+    /// Opens the session's WebSocket, noting when.
+    async fn open_ws(&self, url: &str) -> std::result::Result<WebSocket, String> {
+        let ws = open_ws(url).await?;
+        let _ = self.opened.set(Instant::now());
+        Ok(ws)
+    }
 }
 
 impl Session<'_> {
@@ -398,7 +411,6 @@ async fn run_session(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
         Platform::Dingtalk => dingtalk::run(session).await,
         // Never started (see `check_platform`).
         Platform::Wecom => SessionEnd {
-            connected: false,
             asked_to_reconnect: false,
             reason: NO_PERSISTENT_MODE.into(),
         },
@@ -546,8 +558,8 @@ mod tests {
     /// the one another host opened meanwhile.
     #[tokio::test]
     async fn a_renewal_that_hangs_ends_the_connection_before_the_lease_lapses() {
-        let ttl = Duration::from_millis(600);
-        let store = Hangs(Duration::from_secs(3), Default::default());
+        let ttl = Duration::from_secs(3);
+        let store = Hangs(Duration::from_secs(5), Default::default());
         let lease = Lease::new(Arc::new(store), "t/a", "me", ttl);
         let asked = Instant::now();
         assert!(acquire(&lease).await.unwrap());
@@ -570,15 +582,22 @@ mod tests {
             ping_interval: None,
         };
         for _ in 0..100 {
-            let first = reconnect_delay(&options, &hints, 0);
+            let first = reconnect_delay(&options, &hints, 0, true);
             assert!(first >= options.backoff_min, "{first:?}");
             assert!(
                 first <= options.backoff_min + Duration::from_secs(30),
                 "{first:?}"
             );
-            let later = reconnect_delay(&options, &hints, 1);
+            let later = reconnect_delay(&options, &hints, 1, false);
             assert!(later >= Duration::from_secs(120), "{later:?}");
             assert!(later <= Duration::from_secs(150), "{later:?}");
+            // A connection that opened and closed soon is a failure for the backoff, but the
+            // interval is for attempts that fail: it waits a doubled range and the nonce.
+            let short = reconnect_delay(&options, &hints, 1, true);
+            assert!(
+                short <= 2 * options.backoff_min + Duration::from_secs(30),
+                "{short:?}"
+            );
         }
     }
 

@@ -109,17 +109,22 @@ mod tests {
         matches!(e, Error::Platform { code: 401, .. })
     }
 
+    /// Issues `t1`, `t2`, … for two hours, counting in `n`.
+    fn numbered(n: &Cell<u32>) -> impl Fn() -> Result<Issued> + '_ {
+        move || {
+            n.set(n.get() + 1);
+            Ok(Issued {
+                token: format!("t{}", n.get()),
+                ttl_secs: 7200,
+            })
+        }
+    }
+
     #[test]
     fn caches_until_expiry_margin() {
         let env = FakeEnv::offline();
         let fetched = Cell::new(0);
-        let fetch = || {
-            fetched.set(fetched.get() + 1);
-            Ok(Issued {
-                token: format!("t{}", fetched.get()),
-                ttl_secs: 7200,
-            })
-        };
+        let fetch = numbered(&fetched);
         assert_eq!(get(&env, "k", false, &fetch).unwrap(), "t1");
         env.now.set(env.now.get() + 6_000_000);
         assert_eq!(get(&env, "k", false, &fetch).unwrap(), "t1");
@@ -132,13 +137,7 @@ mod tests {
     fn a_token_that_could_not_be_cached_is_still_used() {
         let env = FakeEnv::offline();
         let fetched = Cell::new(0);
-        let fetch = || {
-            fetched.set(fetched.get() + 1);
-            Ok(Issued {
-                token: format!("t{}", fetched.get()),
-                ttl_secs: 7200,
-            })
-        };
+        let fetch = numbered(&fetched);
         // Operation 0 is the cache read, 1 the write.
         env.fail_kv_op(Some(1));
         assert_eq!(get(&env, "k", false, &fetch).unwrap(), "t1");
@@ -157,13 +156,7 @@ mod tests {
     fn refreshes_once_on_invalid_token() {
         let env = FakeEnv::offline();
         let n = Cell::new(0);
-        let fetch = || {
-            n.set(n.get() + 1);
-            Ok(Issued {
-                token: format!("t{}", n.get()),
-                ttl_secs: 7200,
-            })
-        };
+        let fetch = numbered(&n);
         let mut seen = Vec::new();
         let r = with_token(&env, "k", &fetch, invalid, &mut |t| {
             seen.push(t.to_string());

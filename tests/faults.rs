@@ -676,6 +676,24 @@ async fn an_overlong_instance_id_is_invalid_input() {
     }
 }
 
+/// Once two calls are in a store operation that takes `delay` (`in_op` counts them), another
+/// task still gets a worker at once. The test's own thread is not a worker: it may block
+/// while it waits for both.
+async fn assert_workers_free(in_op: &AtomicU32, delay: Duration, never: &str) {
+    let since = Instant::now();
+    while in_op.load(Ordering::SeqCst) < 2 {
+        assert!(since.elapsed() < delay, "{never}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let asked = Instant::now();
+    let ran = tokio::spawn(async { Instant::now() }).await.unwrap();
+    assert!(
+        ran - asked < delay / 2,
+        "another task waited {:?} for a worker",
+        ran - asked
+    );
+}
+
 /// A remote store behind a dead link holds each read for seconds (Redis: its 5 s timeouts),
 /// and the call's deadline cannot cut a host function short. Before, each such call
 /// held its async worker meanwhile, so two of them stalled every other task of a 2-worker
@@ -697,19 +715,7 @@ async fn calls_waiting_on_a_remote_store_leave_the_workers_free() {
             tokio::spawn(async move { host.invoke_json(TENANT, "get-approval", input).await })
         })
         .collect();
-    // The test's own thread is not a worker: it may block while it waits for both reads.
-    let since = Instant::now();
-    while store.in_get.load(Ordering::SeqCst) < 2 {
-        assert!(since.elapsed() < delay, "the two calls never read");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let asked = Instant::now();
-    let ran = tokio::spawn(async { Instant::now() }).await.unwrap();
-    assert!(
-        ran - asked < delay / 2,
-        "another task waited {:?} for a worker",
-        ran - asked
-    );
+    assert_workers_free(&store.in_get, delay, "the two calls never read").await;
     *store.slow_gets.lock().unwrap() = None;
     for call in calls {
         let out = call.await.unwrap().expect("the call ends");
@@ -752,18 +758,7 @@ async fn increments_on_a_slow_local_disk_leave_the_workers_free() {
             tokio::spawn(async move { host.invoke_json(TENANT, "start-approval", input).await })
         })
         .collect();
-    let since = Instant::now();
-    while store.in_increment.load(Ordering::SeqCst) < 2 {
-        assert!(since.elapsed() < delay, "the two starts never claimed");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let asked = Instant::now();
-    let ran = tokio::spawn(async { Instant::now() }).await.unwrap();
-    assert!(
-        ran - asked < delay / 2,
-        "another task waited {:?} for a worker",
-        ran - asked
-    );
+    assert_workers_free(&store.in_increment, delay, "the two starts never claimed").await;
     *store.slow_increments.lock().unwrap() = None;
     for call in calls {
         let out = call.await.unwrap().expect("the call ends");

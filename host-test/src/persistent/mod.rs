@@ -503,13 +503,20 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Grants the lease once, then fails every renewal (a replica cut off from Redis).
-    struct Unreachable(std::sync::atomic::AtomicBool);
+    /// Grants the lease once; every renewal then fails at once (`hang: None`, a replica cut
+    /// off from Redis) or hangs for that long and succeeds (a store behind a dead link).
+    struct CutOff {
+        hang: Option<Duration>,
+        granted: std::sync::atomic::AtomicBool,
+    }
 
-    impl LeaseStore for Unreachable {
+    impl LeaseStore for CutOff {
         fn try_acquire(&self, _: &str, _: &str, _: Duration) -> Result<bool> {
-            if self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                anyhow::bail!("store unreachable")
+            if self.granted.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                match self.hang {
+                    None => anyhow::bail!("store unreachable"),
+                    Some(hang) => std::thread::sleep(hang),
+                }
             }
             Ok(true)
         }
@@ -519,38 +526,31 @@ mod tests {
         fn holder(&self, _: &str) -> Result<Option<(String, u64)>> {
             Ok(None)
         }
+    }
+
+    /// How `keep_lease` ends for a lease of `ttl` on a [`CutOff`] store, checking that it
+    /// ends before the lease lapses.
+    async fn lease_kept(ttl: Duration, hang: Option<Duration>) -> String {
+        let store = CutOff {
+            hang,
+            granted: Default::default(),
+        };
+        let lease = Lease::new(Arc::new(store), "t/a", "me", ttl);
+        let asked = Instant::now();
+        assert!(acquire(&lease).await.unwrap());
+        let reason = tokio::time::timeout(2 * ttl, keep_lease(&lease, asked))
+            .await
+            .expect("keep_lease went on past the lease");
+        assert!(asked.elapsed() < ttl, "{:?}", asked.elapsed());
+        reason
     }
 
     /// A holder whose renewals fail gives the connection up before its lease can pass to
     /// another host; it used to keep it for ever.
     #[tokio::test]
     async fn a_lease_that_cannot_be_renewed_ends_the_connection_before_it_lapses() {
-        let ttl = Duration::from_millis(600);
-        let lease = Lease::new(Arc::new(Unreachable(Default::default())), "t/a", "me", ttl);
-        let asked = Instant::now();
-        assert!(acquire(&lease).await.unwrap());
-        let reason = tokio::time::timeout(Duration::from_secs(30), keep_lease(&lease, asked))
-            .await
-            .expect("keep_lease gave up");
+        let reason = lease_kept(Duration::from_secs(3), None).await;
         assert!(reason.contains("about to expire"), "{reason}");
-    }
-
-    /// Grants the lease once; every renewal then hangs for `0` (a store behind a dead link).
-    struct Hangs(Duration, std::sync::atomic::AtomicBool);
-
-    impl LeaseStore for Hangs {
-        fn try_acquire(&self, _: &str, _: &str, _: Duration) -> Result<bool> {
-            if self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                std::thread::sleep(self.0);
-            }
-            Ok(true)
-        }
-        fn release(&self, _: &str, _: &str) -> Result<()> {
-            Ok(())
-        }
-        fn holder(&self, _: &str) -> Result<Option<(String, u64)>> {
-            Ok(None)
-        }
     }
 
     /// A renewal that takes longer than the lease has left ends the connection before the
@@ -558,15 +558,7 @@ mod tests {
     /// the one another host opened meanwhile.
     #[tokio::test]
     async fn a_renewal_that_hangs_ends_the_connection_before_the_lease_lapses() {
-        let ttl = Duration::from_secs(3);
-        let store = Hangs(Duration::from_secs(5), Default::default());
-        let lease = Lease::new(Arc::new(store), "t/a", "me", ttl);
-        let asked = Instant::now();
-        assert!(acquire(&lease).await.unwrap());
-        let reason = tokio::time::timeout(Duration::from_secs(5), keep_lease(&lease, asked))
-            .await
-            .expect("keep_lease went on past the lease");
-        assert!(asked.elapsed() < ttl, "{:?}", asked.elapsed());
+        let reason = lease_kept(Duration::from_secs(3), Some(Duration::from_secs(5))).await;
         assert!(reason.contains("about to expire"), "{reason}");
     }
 

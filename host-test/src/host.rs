@@ -473,12 +473,14 @@ pub(crate) async fn commit_once(
 /// what it failed to write may be all that ties an approval the platform now has to its key
 /// (a DingTalk or WeCom start's record). A failed commit may still have been applied (Redis
 /// went away before its answer), and a callback about the new approval may have changed the
-/// record since, so the first attempt is unchecked (as the call's commit always was) and a
-/// repeat applies only while the keys the call creates (read as absent, written) are still
-/// absent. When one is not, either the failed attempt was applied, and
-/// then all of them exist (a commit is all or nothing), or another call created it too (a
-/// cache both filled, such as a first access token): the repeat then no longer expects that
-/// one absent, since a cache's last writer is as right as its first.
+/// record since, so every attempt applies only while the keys the call creates (read as
+/// absent, written) are still absent, and nothing else it read is checked (its reads were
+/// never validated: it cannot be re-run). When one is not, either an earlier attempt was
+/// applied, and then all of them exist (a commit is all or nothing), or another call created
+/// it too (a cache both filled, such as a first access token): the next attempt then no
+/// longer expects that one absent, since a cache's last writer is as right as its first. The
+/// first attempt is checked too: one whose answer was lost may yet reach the store after a
+/// repeat applied and a callback moved the record on, and must not set it back.
 async fn commit_or_retry(
     backend: &Arc<dyn Backend>,
     ns: &Arc<str>,
@@ -487,10 +489,6 @@ async fn commit_or_retry(
     export: Export,
 ) -> Result<Outcome> {
     let reads = std::mem::take(&mut commit.reads);
-    let mut result = commit_once(backend, ns, commit.clone()).await;
-    if let Ok(Outcome::Applied) = result {
-        return result;
-    }
     let absent: std::collections::BTreeSet<&str> = reads
         .iter()
         .filter(|(_, seen)| seen.is_none())
@@ -502,11 +500,14 @@ async fn commit_or_retry(
         .filter(|(k, v)| v.is_some() && absent.contains(k.as_str()))
         .map(|(k, _)| k.clone())
         .collect();
-    let mut pauses = COMMIT_RETRY_PAUSES.iter();
+    let mut result = Err(anyhow!("not tried"));
+    let mut pauses = std::iter::once(&Duration::ZERO).chain(&COMMIT_RETRY_PAUSES);
     while let Err(e) = &result {
         let Some(pause) = pauses.next() else { break };
-        log!("tenant={tenant} call={export} commit failed, trying again: {e:#}");
-        tokio::time::sleep(*pause).await;
+        if !pause.is_zero() {
+            log!("tenant={tenant} call={export} commit failed, trying again: {e:#}");
+            tokio::time::sleep(*pause).await;
+        }
         // Each conflict drops a key from `created`, or ends the retry.
         for _ in 0..8 {
             let repeat = Commit {
@@ -628,4 +629,114 @@ fn describe_failure(export: Export, timeout: Duration, e: wasmtime::Error) -> an
         return anyhow::Error::from(e).context(format!("plugin trapped in `{export}`: {trap}"));
     }
     anyhow::Error::from(e).context(format!("plugin call `{export}` failed (trap)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persistent::lease::LeaseStore;
+    use crate::store::{MemoryStore, digest};
+    use std::sync::Mutex;
+
+    /// A memory store whose first commit fails and is kept back, as a request whose answer
+    /// was lost and whose bytes reach the server later (retransmitted after the client gave
+    /// up on the connection); `replay` lets it arrive.
+    #[derive(Default)]
+    struct LateFirst {
+        inner: MemoryStore,
+        held: Mutex<Option<(String, Commit)>>,
+        failed_once: std::sync::atomic::AtomicBool,
+    }
+
+    impl LateFirst {
+        fn replay(&self) -> Result<Outcome> {
+            let (ns, commit) = self
+                .held
+                .lock()
+                .unwrap()
+                .take()
+                .expect("a commit held back");
+            self.inner.commit(&ns, commit)
+        }
+    }
+
+    impl LeaseStore for LateFirst {
+        fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
+            self.inner.try_acquire(name, owner, ttl)
+        }
+        fn release(&self, name: &str, owner: &str) -> Result<()> {
+            self.inner.release(name, owner)
+        }
+        fn holder(&self, name: &str) -> Result<Option<(String, u64)>> {
+            self.inner.holder(name)
+        }
+    }
+
+    impl Backend for LateFirst {
+        fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
+            self.inner.get(ns, key)
+        }
+        fn keys(&self, ns: &str) -> Result<Vec<String>> {
+            self.inner.keys(ns)
+        }
+        fn commit(&self, ns: &str, commit: Commit) -> Result<Outcome> {
+            if !self
+                .failed_once
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                *self.held.lock().unwrap() = Some((ns.to_string(), commit));
+                anyhow::bail!("answer lost");
+            }
+            self.inner.commit(ns, commit)
+        }
+        fn increment(
+            &self,
+            ns: &str,
+            key: &str,
+            delta: u64,
+            pending: Option<Option<&[u8]>>,
+        ) -> Result<u64> {
+            self.inner.increment(ns, key, delta, pending)
+        }
+        fn outbox_page(
+            &self,
+            tenant: &str,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<(u64, Vec<u8>)>> {
+            self.inner.outbox_page(tenant, after, limit)
+        }
+        fn outbox_remove_through(&self, tenant: &str, seq: u64) -> Result<()> {
+            self.inner.outbox_remove_through(tenant, seq)
+        }
+        fn outbox_last_seq(&self, tenant: &str) -> Result<u64> {
+            self.inner.outbox_last_seq(tenant)
+        }
+        fn describe(&self) -> String {
+            "late first".into()
+        }
+    }
+
+    /// A start's commit whose first attempt was lost is committed again; a callback then moves
+    /// the record on; the lost attempt reaching the store after all must not set it back.
+    #[tokio::test]
+    async fn a_late_first_attempt_cannot_undo_what_came_after() {
+        let store = Arc::new(LateFirst::default());
+        let backend: Arc<dyn Backend> = store.clone();
+        let ns: Arc<str> = "t".into();
+        let start = Commit {
+            reads: vec![("rec".into(), digest(None))],
+            writes: vec![("rec".into(), Some(b"pending".to_vec()))],
+            outbox: Vec::new(),
+        };
+        let outcome = commit_or_retry(&backend, &ns, start, "t", Export::StartApproval)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Applied));
+        backend
+            .put("t", vec![("rec".into(), Some(b"approved".to_vec()))])
+            .unwrap();
+        assert!(matches!(store.replay().unwrap(), Outcome::Conflict));
+        assert_eq!(backend.get("t", "rec").unwrap(), Some(b"approved".to_vec()));
+    }
 }

@@ -501,6 +501,8 @@ async fn commit_or_retry(
         .map(|(k, _)| k.clone())
         .collect();
     let mut result = Err(anyhow!("not tried"));
+    // Whether an attempt failed, and so may have been applied unseen.
+    let mut failed = false;
     let mut pauses = std::iter::once(&Duration::ZERO).chain(&COMMIT_RETRY_PAUSES);
     while let Err(e) = &result {
         let Some(pause) = pauses.next() else { break };
@@ -515,6 +517,7 @@ async fn commit_or_retry(
                 ..commit.clone()
             };
             result = commit_once(backend, ns, repeat).await;
+            failed |= result.is_err();
             if !matches!(result, Ok(Outcome::Conflict)) {
                 break;
             }
@@ -530,7 +533,9 @@ async fn commit_or_retry(
             })
             .await;
             match still_absent {
-                Ok(absent) if absent.is_empty() => {
+                // Only an attempt that failed can have put them all there; before any did,
+                // other calls created them, and this commit is still to be made.
+                Ok(absent) if absent.is_empty() && failed => {
                     result = Ok(Outcome::Applied);
                     break;
                 }
@@ -564,7 +569,8 @@ enum Run {
 ///   (committed at once, so no concurrent start can claim it too), and the token cache;
 /// - `cancel-approval` marks an approval the platform has just withdrawn as canceled, on the
 ///   record as read after that round trip;
-/// - `notify` writes only the token cache, where the last writer is as right as the first.
+/// - `notify` writes the token cache, where the last writer is as right as the first, and
+///   the marks of the parts a failed notification delivered (the same for every call).
 fn rerun_on_conflict(export: Export) -> bool {
     match export {
         Export::HandleCallback | Export::HandleEvent | Export::GetApproval => true,
@@ -715,6 +721,34 @@ mod tests {
         fn describe(&self) -> String {
             "late first".into()
         }
+    }
+
+    /// A cancel whose only created key is a token cache another call filled first: its first
+    /// attempt conflicts, and the cancel's record must still be written (the token's last
+    /// writer wins). Taking "all created keys exist" for "an earlier attempt applied" lost it.
+    #[tokio::test]
+    async fn a_first_attempt_that_conflicts_is_still_committed() {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let ns: Arc<str> = "t".into();
+        backend
+            .put("t", vec![("rec".into(), Some(b"pending".to_vec()))])
+            .unwrap();
+        let cancel = Commit {
+            reads: vec![("tok".into(), digest(None))],
+            writes: vec![
+                ("tok".into(), Some(b"mine".to_vec())),
+                ("rec".into(), Some(b"canceled".to_vec())),
+            ],
+            outbox: Vec::new(),
+        };
+        backend
+            .put("t", vec![("tok".into(), Some(b"theirs".to_vec()))])
+            .unwrap();
+        let outcome = commit_or_retry(&backend, &ns, cancel, "t", Export::CancelApproval)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Applied));
+        assert_eq!(backend.get("t", "rec").unwrap(), Some(b"canceled".to_vec()));
     }
 
     /// A start's commit whose first attempt was lost is committed again; a callback then moves

@@ -325,15 +325,17 @@ fn cached_id(
 }
 
 /// How long a part of a notification that failed further on is remembered as delivered.
-const PART_KEPT_MS: u64 = 60 * 60 * 1000;
+const PART_KEPT_MS: u64 = 10 * 60 * 1000;
 
 /// Sends a notification that goes out as several messages (one per user, per batch of users,
 /// a card then its mentions), in order, to `dest`; returns the ids the sends gave. When a part
-/// fails after others went out, the error asks the engine to retry the whole notification,
-/// which would deliver those others twice. So every part with another after it is remembered,
-/// by a digest of where it goes and what it says, until the notification completes (then
-/// forgotten) or for an hour; a part remembered is not sent again. The marks are the call's
-/// only writes and best effort: without them a retry repeats parts, as before.
+/// fails after others went out with a retryable error, the engine's retry of the whole
+/// notification would deliver those others twice. So the parts that went out are then
+/// remembered, by a digest of where each went and what it said, for ten minutes; a part
+/// remembered is not sent again, and the marks go once the notification has nothing left to
+/// retry (it completed, or failed for good). Only that failure writes: a notification that
+/// goes out whole, the usual case, costs a read per part. The marks are best effort: without
+/// them a retry repeats parts, as before.
 fn send_parts(
     env: &(impl Env + ?Sized),
     dest: &str,
@@ -342,30 +344,57 @@ fn send_parts(
 ) -> Result<Vec<String>> {
     let now = env.now_ms();
     let mut ids = Vec::new();
+    // Each part's mark, whether the store has it, and whether this call sent the part.
     let mut marks = Vec::new();
-    for (i, body) in bodies.iter().enumerate() {
+    let mut failure = None;
+    for body in bodies {
+        let mut mark = None;
         if bodies.len() > 1 {
-            let digest = crate::crypto::sha256(&[dest.as_bytes(), body.to_string().as_bytes()]);
-            let mark = "sent/".to_string() + &crate::env::hex(&digest[..16]);
+            let body = body.to_string();
+            let digest = crate::crypto::sha256(&[dest.as_bytes(), b"\0", body.as_bytes()]);
+            let key = "sent/".to_string() + &crate::env::hex(&digest[..16]);
             // When it was sent, in ms, as 8 little-endian bytes.
-            let at = env.kv_get(&mark).ok().flatten();
-            let at = at.and_then(|v| Some(u64::from_le_bytes(v.try_into().ok()?)));
-            let sent_before = at.is_some_and(|at| now.saturating_sub(at) < PART_KEPT_MS);
-            if !sent_before {
-                ids.extend(send(body)?);
-                if i + 1 < bodies.len() {
-                    let _ = env.kv_set(&mark, &now.to_le_bytes());
-                }
+            let at = env.kv_get(&key).ok().flatten();
+            let present = at.is_some();
+            let at = at
+                .and_then(|at| at.try_into().ok())
+                .map_or(0, u64::from_le_bytes);
+            let fresh = present && now.saturating_sub(at) < PART_KEPT_MS;
+            marks.push((key, present, !fresh));
+            if fresh {
+                continue;
             }
-            marks.push(mark);
-        } else {
-            ids.extend(send(body)?);
+            mark = marks.last_mut();
+        }
+        match send(body) {
+            Ok(id) => ids.extend(id),
+            Err(e) => {
+                if let Some(mark) = mark {
+                    mark.2 = false;
+                }
+                failure = Some(e);
+                break;
+            }
         }
     }
-    for mark in marks {
-        let _ = env.kv_delete(&mark);
+    match failure {
+        Some(e) if e.is_retryable() => {
+            for (key, _, sent) in &marks {
+                if *sent {
+                    let _ = env.kv_set(key, &now.to_le_bytes());
+                }
+            }
+            Err(e)
+        }
+        failure => {
+            for (key, present, _) in &marks {
+                if *present {
+                    let _ = env.kv_delete(key);
+                }
+            }
+            failure.map_or(Ok(ids), Err)
+        }
     }
-    Ok(ids)
 }
 
 /// Accepts the platforms' mix of numeric and string timestamps.
@@ -382,24 +411,35 @@ mod tests {
     use super::*;
     use crate::env::fake::FakeEnv;
 
-    /// Sends parts with `fail_at` (0-based) failing, as a rate limit would; what went out.
-    fn parts_sent(
+    /// Sends parts with `fail_at` (0-based) failing, as a rate limit would (or, with
+    /// `for_good`, as a refusal no retry changes); what went out.
+    fn parts_failing(
         env: &FakeEnv,
         dest: &str,
         bodies: &[serde_json::Value],
         fail_at: Option<usize>,
+        for_good: bool,
     ) -> (Result<Vec<String>>, Vec<serde_json::Value>) {
         let mut sent = Vec::new();
         let r = send_parts(env, dest, bodies, &mut |b| {
             if fail_at == Some(sent.len()) {
                 sent.push(serde_json::Value::Null);
-                return Err(Error::platform(99991400, "rate limited", true));
+                return Err(Error::platform(99991400, "refused", !for_good));
             }
             sent.push(b.clone());
             Ok(Some(format!("id-{}", b["n"])))
         });
         sent.retain(|b| !b.is_null());
         (r, sent)
+    }
+
+    fn parts_sent(
+        env: &FakeEnv,
+        dest: &str,
+        bodies: &[serde_json::Value],
+        fail_at: Option<usize>,
+    ) -> (Result<Vec<String>>, Vec<serde_json::Value>) {
+        parts_failing(env, dest, bodies, fail_at, false)
     }
 
     fn marks(env: &FakeEnv) -> usize {
@@ -429,14 +469,42 @@ mod tests {
         assert_eq!(retry.unwrap(), ["id-2", "id-3"]);
         assert_eq!(sent, bodies[1..]);
         assert_eq!(marks(&env), 0, "a completed notification is forgotten");
+        // One that goes out whole writes nothing at all.
+        let before = env.snapshot();
+        let (whole, _) = parts_sent(&env, "chat-w", &bodies, None);
+        assert_eq!(whole.unwrap().len(), 3);
+        assert_eq!(env.snapshot(), before);
         // Sent again later: in full.
         let (again, sent) = parts_sent(&env, "chat", &bodies, None);
         assert_eq!(again.unwrap().len(), 3);
         assert_eq!(sent, bodies);
     }
 
+    /// A part refused for good is not retried by the engine: nothing is remembered, and the
+    /// marks of an earlier try are cleared, so the same notification later goes out whole.
     #[test]
-    fn parts_are_remembered_per_destination_for_an_hour_and_single_parts_not_at_all() {
+    fn a_notification_that_failed_for_good_is_not_remembered() {
+        let env = FakeEnv::offline();
+        let bodies: Vec<_> = (1..=3).map(|n| serde_json::json!({"n": n})).collect();
+        let (_, sent) = parts_failing(&env, "chat", &bodies, Some(2), true);
+        assert_eq!(sent.len(), 2);
+        assert_eq!(marks(&env), 0);
+        let _ = parts_sent(&env, "chat", &bodies, Some(1));
+        assert_eq!(marks(&env), 1);
+        let (refused, sent) = parts_failing(&env, "chat", &bodies, Some(0), true);
+        assert!(matches!(
+            refused,
+            Err(Error::Platform {
+                retryable: false,
+                ..
+            })
+        ));
+        assert!(sent.is_empty());
+        assert_eq!(marks(&env), 0);
+    }
+
+    #[test]
+    fn parts_are_remembered_per_destination_for_ten_minutes_and_single_parts_not_at_all() {
         let env = FakeEnv::offline();
         let bodies: Vec<_> = (1..=2).map(|n| serde_json::json!({"n": n})).collect();
         let _ = parts_sent(&env, "chat-a", &bodies, Some(1));
@@ -445,7 +513,8 @@ mod tests {
         assert_eq!(sent.len(), 2);
         env.now.set(env.now.get() + PART_KEPT_MS);
         let (late, sent) = parts_sent(&env, "chat-a", &bodies, None);
-        assert_eq!(late.unwrap().len(), 2, "an hour later");
+        assert_eq!(late.unwrap().len(), 2, "ten minutes later");
+        assert_eq!(marks(&env), 0, "the stale mark is cleared");
         assert_eq!(sent.len(), 2);
         let ops = env.kv_ops();
         let (one, _) = parts_sent(&env, "chat-a", &bodies[..1], None);

@@ -348,20 +348,20 @@ impl HttpPolicy {
 
     /// When every request of the call must be over: the deadline less the margin.
     fn until(&self) -> tokio::time::Instant {
-        let left = self
-            .deadline
+        tokio::time::Instant::now() + self.left()
+    }
+
+    /// How long the call's requests have from now: to the deadline, less the margin.
+    fn left(&self) -> Duration {
+        self.deadline
             .saturating_duration_since(Instant::now())
-            .saturating_sub(self.margin);
-        tokio::time::Instant::now() + left
+            .saturating_sub(self.margin)
     }
 
     /// The plugin's timeouts (or defaults), none beyond the call deadline minus the margin.
     fn options(&self, asked: Option<RequestOptions>) -> RequestOptions {
         let asked = asked.unwrap_or_default();
-        let left = self
-            .deadline
-            .saturating_duration_since(Instant::now())
-            .saturating_sub(self.margin);
+        let left = self.left();
         let cap = |t: Option<Duration>, default: Duration| Some(t.unwrap_or(default).min(left));
         RequestOptions {
             connect_timeout: cap(asked.connect_timeout, DEFAULT_CONNECT),

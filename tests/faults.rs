@@ -8,12 +8,11 @@
 //! then the start fails for good rather than risk a second approval. Every outcome is a result or a typed error, never a hang: the host's
 //! deadline is short here, and a platform that stops answering ends in a `transport` error.
 
-use imbridge_host::persistent::LeaseStore;
 use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkSim};
 use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::sim::http::{Faults, Response};
 use imbridge_host::sim::wecom::{WecomApp, WecomConfig, WecomSim, WecomUser};
-use imbridge_host::store::{Backend, Commit, MemoryStore, Outcome};
+use imbridge_host::store::{Backend, Commit, Intercept, MemoryStore, Outcome, Pending};
 use imbridge_tests::{Harness, dingtalk_sim, err_kind, err_message, ok};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -569,19 +568,10 @@ struct FlakyStore {
     in_increment: AtomicU32,
 }
 
-impl LeaseStore for FlakyStore {
-    fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> anyhow::Result<bool> {
-        self.inner.try_acquire(name, owner, ttl)
+impl Intercept for FlakyStore {
+    fn memory(&self) -> &MemoryStore {
+        &self.inner
     }
-    fn release(&self, name: &str, owner: &str) -> anyhow::Result<()> {
-        self.inner.release(name, owner)
-    }
-    fn holder(&self, name: &str) -> anyhow::Result<Option<(String, u64)>> {
-        self.inner.holder(name)
-    }
-}
-
-impl Backend for FlakyStore {
     fn get(&self, ns: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         let slow = *self.slow_gets.lock().unwrap();
         if let Some(delay) = slow {
@@ -590,9 +580,6 @@ impl Backend for FlakyStore {
             self.in_get.fetch_sub(1, Ordering::SeqCst);
         }
         self.inner.get(ns, key)
-    }
-    fn keys(&self, ns: &str) -> anyhow::Result<Vec<String>> {
-        self.inner.keys(ns)
     }
     fn commit(&self, ns: &str, commit: Commit) -> anyhow::Result<Outcome> {
         let failing = self
@@ -615,13 +602,7 @@ impl Backend for FlakyStore {
         }
         anyhow::bail!("injected commit failure")
     }
-    fn increment(
-        &self,
-        ns: &str,
-        key: &str,
-        delta: u64,
-        pending: Option<Option<&[u8]>>,
-    ) -> anyhow::Result<u64> {
+    fn increment(&self, ns: &str, key: &str, delta: u64, pending: Pending) -> anyhow::Result<u64> {
         let slow = *self.slow_increments.lock().unwrap();
         if let Some(delay) = slow {
             self.in_increment.fetch_add(1, Ordering::SeqCst);
@@ -629,23 +610,6 @@ impl Backend for FlakyStore {
             self.in_increment.fetch_sub(1, Ordering::SeqCst);
         }
         self.inner.increment(ns, key, delta, pending)
-    }
-    fn outbox_page(
-        &self,
-        tenant: &str,
-        after: u64,
-        limit: usize,
-    ) -> anyhow::Result<Vec<(u64, Vec<u8>)>> {
-        self.inner.outbox_page(tenant, after, limit)
-    }
-    fn outbox_remove_through(&self, tenant: &str, seq: u64) -> anyhow::Result<()> {
-        self.inner.outbox_remove_through(tenant, seq)
-    }
-    fn outbox_last_seq(&self, tenant: &str) -> anyhow::Result<u64> {
-        self.inner.outbox_last_seq(tenant)
-    }
-    fn describe(&self) -> String {
-        "flaky memory".into()
     }
     fn remote(&self) -> bool {
         !self.local.load(Ordering::SeqCst)

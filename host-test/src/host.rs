@@ -640,8 +640,7 @@ fn describe_failure(export: Export, timeout: Duration, e: wasmtime::Error) -> an
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::persistent::lease::LeaseStore;
-    use crate::store::{MemoryStore, digest};
+    use crate::store::{Intercept, MemoryStore, digest};
     use std::sync::Mutex;
 
     /// A memory store whose first commit fails and is kept back, as a request whose answer
@@ -666,24 +665,9 @@ mod tests {
         }
     }
 
-    impl LeaseStore for LateFirst {
-        fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
-            self.inner.try_acquire(name, owner, ttl)
-        }
-        fn release(&self, name: &str, owner: &str) -> Result<()> {
-            self.inner.release(name, owner)
-        }
-        fn holder(&self, name: &str) -> Result<Option<(String, u64)>> {
-            self.inner.holder(name)
-        }
-    }
-
-    impl Backend for LateFirst {
-        fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
-            self.inner.get(ns, key)
-        }
-        fn keys(&self, ns: &str) -> Result<Vec<String>> {
-            self.inner.keys(ns)
+    impl Intercept for LateFirst {
+        fn memory(&self) -> &MemoryStore {
+            &self.inner
         }
         fn commit(&self, ns: &str, commit: Commit) -> Result<Outcome> {
             if !self
@@ -694,32 +678,6 @@ mod tests {
                 anyhow::bail!("answer lost");
             }
             self.inner.commit(ns, commit)
-        }
-        fn increment(
-            &self,
-            ns: &str,
-            key: &str,
-            delta: u64,
-            pending: Option<Option<&[u8]>>,
-        ) -> Result<u64> {
-            self.inner.increment(ns, key, delta, pending)
-        }
-        fn outbox_page(
-            &self,
-            tenant: &str,
-            after: u64,
-            limit: usize,
-        ) -> Result<Vec<(u64, Vec<u8>)>> {
-            self.inner.outbox_page(tenant, after, limit)
-        }
-        fn outbox_remove_through(&self, tenant: &str, seq: u64) -> Result<()> {
-            self.inner.outbox_remove_through(tenant, seq)
-        }
-        fn outbox_last_seq(&self, tenant: &str) -> Result<u64> {
-            self.inner.outbox_last_seq(tenant)
-        }
-        fn describe(&self) -> String {
-            "late first".into()
         }
     }
 

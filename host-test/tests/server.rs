@@ -467,24 +467,9 @@ async fn healthz_fails_while_the_store_cannot_be_read() {
 /// failed write or fsync (a full disk) until the process restarts.
 struct ReadOnly(imbridge_host::store::MemoryStore);
 
-impl imbridge_host::persistent::lease::LeaseStore for ReadOnly {
-    fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> anyhow::Result<bool> {
-        self.0.try_acquire(name, owner, ttl)
-    }
-    fn release(&self, name: &str, owner: &str) -> anyhow::Result<()> {
-        self.0.release(name, owner)
-    }
-    fn holder(&self, name: &str) -> anyhow::Result<Option<(String, u64)>> {
-        self.0.holder(name)
-    }
-}
-
-impl imbridge_host::store::Backend for ReadOnly {
-    fn get(&self, ns: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        self.0.get(ns, key)
-    }
-    fn keys(&self, ns: &str) -> anyhow::Result<Vec<String>> {
-        self.0.keys(ns)
+impl imbridge_host::store::Intercept for ReadOnly {
+    fn memory(&self) -> &imbridge_host::store::MemoryStore {
+        &self.0
     }
     fn commit(
         &self,
@@ -493,25 +478,17 @@ impl imbridge_host::store::Backend for ReadOnly {
     ) -> anyhow::Result<imbridge_host::store::Outcome> {
         anyhow::bail!("previous I/O error")
     }
-    fn increment(&self, _: &str, _: &str, _: u64, _: Option<Option<&[u8]>>) -> anyhow::Result<u64> {
-        anyhow::bail!("previous I/O error")
-    }
-    fn outbox_page(
+    fn increment(
         &self,
-        tenant: &str,
-        after: u64,
-        limit: usize,
-    ) -> anyhow::Result<Vec<(u64, Vec<u8>)>> {
-        self.0.outbox_page(tenant, after, limit)
+        _: &str,
+        _: &str,
+        _: u64,
+        _: imbridge_host::store::Pending,
+    ) -> anyhow::Result<u64> {
+        anyhow::bail!("previous I/O error")
     }
     fn outbox_remove_through(&self, _: &str, _: u64) -> anyhow::Result<()> {
         anyhow::bail!("previous I/O error")
-    }
-    fn outbox_last_seq(&self, tenant: &str) -> anyhow::Result<u64> {
-        self.0.outbox_last_seq(tenant)
-    }
-    fn describe(&self) -> String {
-        "read-only".into()
     }
 }
 

@@ -131,16 +131,13 @@ mod tests {
         pause: Duration,
     }
 
-    impl LeaseStore for SlowStore {
+    impl crate::store::Intercept for SlowStore {
+        fn memory(&self) -> &crate::store::MemoryStore {
+            &self.inner
+        }
         fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
             std::thread::sleep(self.pause);
             self.inner.try_acquire(name, owner, ttl)
-        }
-        fn release(&self, name: &str, owner: &str) -> Result<()> {
-            self.inner.release(name, owner)
-        }
-        fn holder(&self, name: &str) -> Result<Option<(String, u64)>> {
-            self.inner.holder(name)
         }
     }
 

@@ -9,7 +9,7 @@
 //! rare and keep their own transactions.
 
 use super::group_commit::Committer;
-use super::{Backend, Commit, Outcome, Submitted, digest, next_counter};
+use super::{Backend, Commit, Outcome, Pending, Submitted, digest, next_counter};
 use crate::persistent::LeaseStore;
 use crate::persistent::lease::{self, LeaseRecord};
 use anyhow::{Context as _, Result};
@@ -171,13 +171,7 @@ impl Backend for Store {
         Ok(self.committer.submit(ns, commit))
     }
 
-    fn increment(
-        &self,
-        ns: &str,
-        key: &str,
-        delta: u64,
-        pending: Option<Option<&[u8]>>,
-    ) -> Result<u64> {
+    fn increment(&self, ns: &str, key: &str, delta: u64, pending: Pending) -> Result<u64> {
         let txn = self.db.begin_write()?;
         let new = {
             let mut table = txn.open_table(KV)?;

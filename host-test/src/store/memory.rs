@@ -4,7 +4,7 @@
 //! the benchmarks that separate the sandbox's cost from the disk's: the same commit semantics
 //! as the durable backends (reads validated atomically with the writes), minus durability.
 
-use super::{Backend, Commit, Outcome, Submitted, digest, next_counter};
+use super::{Backend, Commit, Outcome, Pending, Submitted, digest, next_counter};
 use crate::persistent::LeaseStore;
 use crate::persistent::lease::{self, LeaseRecord};
 use anyhow::Result;
@@ -86,13 +86,7 @@ impl Backend for MemoryStore {
         Ok(Submitted::ready(self.commit(ns, commit)))
     }
 
-    fn increment(
-        &self,
-        ns: &str,
-        key: &str,
-        delta: u64,
-        pending: Option<Option<&[u8]>>,
-    ) -> Result<u64> {
+    fn increment(&self, ns: &str, key: &str, delta: u64, pending: Pending) -> Result<u64> {
         let mut state = self.lock();
         let k = kv_key(ns, key);
         let base = match pending {

@@ -4,6 +4,7 @@
 //! Three implementations: [`Store`] (an embedded redb database, the default; one process per
 //! state directory), [`RedisStore`] (one Redis shared by several host replicas) and
 //! [`MemoryStore`] (process memory, not durable: tests, benchmarks, ephemeral embedders).
+//! Tests inject store faults through [`Intercept`].
 //!
 //! Plugin calls are not serialized. Each call records what every key it read held
 //! ([`Commit::reads`]), and its writes commit only if those reads still hold, atomically with
@@ -14,11 +15,13 @@
 
 mod embedded;
 mod group_commit;
+mod intercept;
 mod memory;
 mod redis;
 
 pub use self::embedded::{DB_FILE, Store};
 pub use self::group_commit::{SLOW_COMMIT, Submitted};
+pub use self::intercept::Intercept;
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
@@ -56,6 +59,10 @@ pub fn next_seq(last: u64, floor: u64) -> u64 {
 
 /// A pending change to one key: `Some` writes the value, `None` deletes the key.
 pub type Write = (String, Option<Vec<u8>>);
+
+/// A call's own uncommitted write to a key it increments, if it has one: the value, or `None`
+/// for a deletion.
+pub type Pending<'a> = Option<Option<&'a [u8]>>;
 
 /// What a read saw: the SHA-1 of the value, or `None` for an absent key. A digest keeps the
 /// read set small; SHA-1 because Redis scripts can compute it (`redis.sha1hex`), and a
@@ -111,13 +118,7 @@ pub trait Backend: LeaseStore {
     /// new value. `pending` is the calling plugin's own uncommitted write to the key, if any:
     /// the plugin must see its own writes, so that value (or its deletion) is the base. A
     /// missing key counts as 0.
-    fn increment(
-        &self,
-        ns: &str,
-        key: &str,
-        delta: u64,
-        pending: Option<Option<&[u8]>>,
-    ) -> Result<u64>;
+    fn increment(&self, ns: &str, key: &str, delta: u64, pending: Pending) -> Result<u64>;
     /// At most `limit` outbox records of a tenant with sequence number above `after`, oldest
     /// first.
     fn outbox_page(&self, tenant: &str, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>>;

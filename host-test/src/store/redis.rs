@@ -19,7 +19,7 @@
 //! The plugin's key-value imports are synchronous, so each call blocks its thread for one
 //! round trip; on loopback or a LAN that is well under a millisecond.
 
-use super::{Backend, Commit, Outcome, next_counter};
+use super::{Backend, Commit, Outcome, Pending, next_counter};
 use crate::persistent::LeaseStore;
 use anyhow::{Context as _, Result, anyhow, bail};
 use redis::{Connection, Script};
@@ -286,13 +286,7 @@ impl Backend for RedisStore {
         })
     }
 
-    fn increment(
-        &self,
-        ns: &str,
-        key: &str,
-        delta: u64,
-        pending: Option<Option<&[u8]>>,
-    ) -> Result<u64> {
+    fn increment(&self, ns: &str, key: &str, delta: u64, pending: Pending) -> Result<u64> {
         let k = kv_key(ns, key)?;
         self.with(|c| {
             loop {

@@ -1,0 +1,79 @@
+//! A [`MemoryStore`] with some of its operations replaced: the one way this crate's tests, and
+//! the end-to-end tests, inject store faults (a lost commit answer, a disk that refuses
+//! writes, a slow link) without writing out every [`Backend`] and [`LeaseStore`] method.
+//!
+//! Implement [`Intercept::memory`] and override only what the fault changes; every other
+//! operation is the memory store's own.
+
+use super::{Backend, Commit, MemoryStore, Outcome, Pending};
+use crate::persistent::LeaseStore;
+use anyhow::Result;
+use std::time::Duration;
+
+pub trait Intercept: Send + Sync {
+    /// The store every operation not overridden goes to.
+    fn memory(&self) -> &MemoryStore;
+
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        self.memory().get(ns, key)
+    }
+    fn commit(&self, ns: &str, commit: Commit) -> Result<Outcome> {
+        self.memory().commit(ns, commit)
+    }
+    fn increment(&self, ns: &str, key: &str, delta: u64, pending: Pending) -> Result<u64> {
+        self.memory().increment(ns, key, delta, pending)
+    }
+    fn outbox_remove_through(&self, tenant: &str, seq: u64) -> Result<()> {
+        self.memory().outbox_remove_through(tenant, seq)
+    }
+    fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        self.memory().try_acquire(name, owner, ttl)
+    }
+    /// What [`Backend::remote`] answers: whether the host runs this store's operations off
+    /// its async workers whatever they are.
+    fn remote(&self) -> bool {
+        false
+    }
+}
+
+impl<T: Intercept> LeaseStore for T {
+    fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        Intercept::try_acquire(self, name, owner, ttl)
+    }
+    fn release(&self, name: &str, owner: &str) -> Result<()> {
+        self.memory().release(name, owner)
+    }
+    fn holder(&self, name: &str) -> Result<Option<(String, u64)>> {
+        self.memory().holder(name)
+    }
+}
+
+impl<T: Intercept> Backend for T {
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Intercept::get(self, ns, key)
+    }
+    fn keys(&self, ns: &str) -> Result<Vec<String>> {
+        self.memory().keys(ns)
+    }
+    fn commit(&self, ns: &str, commit: Commit) -> Result<Outcome> {
+        Intercept::commit(self, ns, commit)
+    }
+    fn increment(&self, ns: &str, key: &str, delta: u64, pending: Pending) -> Result<u64> {
+        Intercept::increment(self, ns, key, delta, pending)
+    }
+    fn outbox_page(&self, tenant: &str, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.memory().outbox_page(tenant, after, limit)
+    }
+    fn outbox_remove_through(&self, tenant: &str, seq: u64) -> Result<()> {
+        Intercept::outbox_remove_through(self, tenant, seq)
+    }
+    fn outbox_last_seq(&self, tenant: &str) -> Result<u64> {
+        self.memory().outbox_last_seq(tenant)
+    }
+    fn describe(&self) -> String {
+        "memory (faults injected)".into()
+    }
+    fn remote(&self) -> bool {
+        Intercept::remote(self)
+    }
+}

@@ -535,6 +535,7 @@ async fn platform_and_transport_errors_are_typed() {
     assert_eq!(r["err"]["retryable"], false);
     assert!(err_message(&r).contains("Brand.NewError"));
     // Throttling is retryable (the plugin's own three attempts all throttled).
+    fx.sim.clear_faults();
     fx.sim.fail_next(
         "/v1.0/workflow/processInstances",
         3,
@@ -543,7 +544,14 @@ async fn platform_and_transport_errors_are_typed() {
                "message": "The request has exceeded the QPS limit"}),
     );
     let r = fx.get(&id, true).await;
+    assert_eq!(err_kind(&r), "platform");
     assert_eq!(r["err"]["retryable"], true, "{r}");
+    let path = "/v1.0/workflow/processInstances";
+    let faults = {
+        let f = fx.sim.faults();
+        (f.served(path), f.pending(path))
+    };
+    assert_eq!(faults, (3, 0));
     assert_eq!(fx.h.kv_dump(TENANT), before);
 
     // Nothing listening: a transport error. (A hanging platform would take the plugin's

@@ -527,8 +527,10 @@ async fn a_start_outlives_an_engine_that_hangs_up() {
     sim.set_delay(create, Some(Duration::from_secs(1)));
     {
         let _engine = send_http(server.addr(), "POST", &path, &body).await;
-        // The engine gives up while the create waits for its answer.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The engine gives up while the create is at DingTalk, waiting for its answer.
+        while sim.faults().delayed(create) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     sim.set_delay(create, None);
 
@@ -545,6 +547,16 @@ async fn a_start_outlives_an_engine_that_hangs_up() {
     let id = ok(&retry)["instance_id"].clone();
     let again = http_json(server.addr(), "POST", &path, &body).await;
     assert_eq!(ok(&again)["instance_id"], id);
+    // One approval at DingTalk, the first start's: no retry created another.
+    let creates = sim
+        .state()
+        .requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == create)
+        .count();
+    assert_eq!(creates, 1);
+    let instances: Vec<String> = sim.state().instances.keys().cloned().collect();
+    assert_eq!(instances, [id.as_str().unwrap()]);
     server.shutdown().await;
 }
 

@@ -530,8 +530,12 @@ async fn bad_callbacks_are_typed_errors_without_state_change() {
         Duration::from_secs(5),
     )
     .await;
-    let status = r.status.unwrap();
-    assert!((400..500).contains(&status), "got {status}");
+    // Unsigned: refused as unauthorized, 401, and only the kind goes back to the sender.
+    assert_eq!(r.status, Some(401), "{:?}", r);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&r.body).unwrap(),
+        json!({"error": "unauthorized"})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

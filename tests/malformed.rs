@@ -93,6 +93,9 @@ fn request(
 enum Expect {
     /// Not authentic: a typed error, nothing stored.
     Reject,
+    /// The authentic body and method with a signature, timestamp or nonce that does not
+    /// hold: the plugin can read the push and must refuse it as `unauthorized`.
+    Forged,
     /// An error or a 2xx, nothing stored.
     NoChange,
     /// Authentic (per the oracle): must be accepted; may change state (undone afterwards).
@@ -290,12 +293,44 @@ fn nested(depth: usize, open: &str, close: &str) -> Vec<u8> {
     s.into_bytes()
 }
 
+/// Whether a query string is readable: printable ASCII whose `%` escapes decode to UTF-8.
+/// Another is malformed, and refusing it as `invalid-input` is right too.
+fn well_formed(query: &str) -> bool {
+    let b = query.as_bytes();
+    let mut decoded = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if !b[i].is_ascii_graphic() {
+            return false;
+        }
+        if b[i] == b'%' {
+            let Some(byte) = std::str::from_utf8(&b[i + 1..b.len().min(i + 3)])
+                .ok()
+                .filter(|h| h.len() == 2 && h.bytes().all(|c| c.is_ascii_hexdigit()))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            else {
+                return false;
+            };
+            decoded.push(byte);
+            i += 3;
+        } else {
+            decoded.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(decoded).is_ok()
+}
+
 /// Expectation for a copy of `base` mutated without re-signing.
 fn judge(spec: &dyn Spec, base: &Base, req: &HttpRequest) -> Expect {
     if !base.effectful {
         Expect::NoChange
     } else if !spec.authentic(req, base) {
-        Expect::Reject
+        if req.body == base.req.body && req.method == base.req.method && well_formed(&req.query) {
+            Expect::Forged
+        } else {
+            Expect::Reject
+        }
     } else if req.body == base.req.body {
         Expect::Accept
     } else if spec.may_find(req, base) {
@@ -1429,6 +1464,7 @@ async fn run(
 ) {
     let Case { class, req, expect } = case;
     let what = format!("case {n} ({class}, {} byte body)", req.body.len());
+    let query = req.query.clone();
     let reply = h
         .host
         .handle_callback(TENANT, app.clone(), req)
@@ -1474,6 +1510,13 @@ async fn run(
         Expect::Reject => assert!(
             result.is_err(),
             "{what}: a forged or malformed push was accepted"
+        ),
+        Expect::Forged => assert_eq!(
+            result.as_ref().err().map(|e| e.kind()),
+            Some("unauthorized"),
+            "{what}: a push with a wrong signature, timestamp or nonce: {:?} {:?}",
+            result.as_ref().err().map(|e| e.message().to_string()),
+            query
         ),
         Expect::NoChange => assert!(!changed, "{what}: state changed"),
         Expect::Accept => assert!(

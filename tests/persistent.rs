@@ -3,18 +3,16 @@
 //! official Feishu Node SDK's long-connection client against the same simulator.
 
 use imbridge_host::config::ServeConfig;
+use imbridge_host::persistent::Options;
 use imbridge_host::persistent::dingtalk::ack;
 use imbridge_host::persistent::feishu::{Frame, METHOD_CONTROL, METHOD_DATA};
-use imbridge_host::persistent::{self, Lease, LeaseStore, Options};
 use imbridge_host::server::{ServerHandle, serve_with_persistent};
 use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkSim};
 use imbridge_host::sim::dingtalk_stream::DingtalkStreamSim;
 use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::sim::feishu_ws::{FeishuWsConfig, FeishuWsSim};
-use imbridge_host::store::Store;
 use imbridge_tests::{Harness, dingtalk_sim, ok};
 use serde_json::{Value, json};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Waits until `f` holds, for at most `secs`.
@@ -225,26 +223,6 @@ async fn one_live_connection_per_app_across_two_owners() {
     until("one live", 10, || fx.ws.live("cli_ws") == 1).await;
     assert_eq!(fx.ws.stats("cli_ws").max_live, 1);
     b.shutdown().await;
-}
-
-#[test]
-fn lease_passes_to_a_second_owner_only_after_expiry() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn LeaseStore> = Arc::new(Store::open(dir.path()).unwrap());
-    let ttl = Duration::from_millis(300);
-    let a = Lease::new(store.clone(), "t1/fs", "host-a", ttl);
-    let b = Lease::new(store, "t1/fs", "host-b", ttl);
-    assert!(a.acquire().unwrap());
-    assert!(!b.acquire().unwrap());
-    std::thread::sleep(Duration::from_millis(150));
-    assert!(a.acquire().unwrap(), "renewed");
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(!b.acquire().unwrap(), "the renewal moved the expiry");
-    std::thread::sleep(Duration::from_millis(150));
-    assert!(b.acquire().unwrap(), "expired: b takes over");
-    assert!(!a.acquire().unwrap(), "a lost it");
-    assert_eq!(b.holder().unwrap().unwrap().0, "host-b");
-    let _ = persistent::default_owner();
 }
 
 struct Dingtalk {

@@ -217,11 +217,15 @@ async fn approval_and_then_or_with_cc_decided_by_pushed_events() {
     assert_eq!(users.len(), 3);
     assert!(users.contains(&"u1") && users.contains(&"u2") && users.contains(&"u4"));
 
-    // A retried push (same bytes) is acknowledged and changes nothing.
+    // A retried push (same bytes) is acknowledged and changes nothing: no state, and no
+    // second update for the engine.
     let before = w.h.kv_dump("t1");
+    let updates = w.h.host.store().outbox_list("t1", 0).unwrap();
+    assert!(!updates.is_empty());
     let again = w.sim.send(&url, last.request.clone()).await;
     assert!(again.delivered);
     assert_eq!(w.h.kv_dump("t1"), before);
+    assert_eq!(w.h.host.store().outbox_list("t1", 0).unwrap(), updates);
 
     // Other messages and events get 200 and change nothing.
     for msg in [
@@ -233,6 +237,7 @@ async fn approval_and_then_or_with_cc_decided_by_pushed_events() {
         assert_eq!(rep.attempts.len(), 1);
     }
     assert_eq!(w.h.kv_dump("t1"), before);
+    assert_eq!(w.h.host.store().outbox_list("t1", 0).unwrap(), updates);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -577,9 +582,18 @@ async fn bad_input_is_typed_and_changes_nothing() {
     assert_eq!(r["err"]["code"], 12345);
     assert_eq!(r["err"]["retryable"], false);
     // System busy is retryable (the plugin's own three attempts all busy).
+    w.sim.clear_faults();
     w.sim
         .fail_next("/cgi-bin/oa/getapprovaldetail", 3, 200, -1, "system busy");
-    assert_eq!(w.get(&sp_no, true).await["err"]["retryable"], true);
+    let r = w.get(&sp_no, true).await;
+    assert_eq!(err_kind(&r), "platform");
+    assert_eq!(r["err"]["retryable"], true, "{r}");
+    let path = "/cgi-bin/oa/getapprovaldetail";
+    let faults = {
+        let f = w.sim.faults();
+        (f.served(path), f.pending(path))
+    };
+    assert_eq!(faults, (3, 0));
     assert_eq!(w.h.kv_dump("t1"), before);
 
     // The good event, finally, is accepted (so the cases above failed for their own reason).

@@ -184,6 +184,10 @@ async fn crash_in_a_burst(store: Value, dir: &Path) {
         assert!(notified, "acked callback #{i} has no outbox update");
         found += 1;
     }
+    assert!(
+        found > 0,
+        "no callback with an effect was acknowledged before the kill: nothing was checked"
+    );
 
     // 2. The platform redelivers everything (it retries what it saw fail): all applied once.
     for (push, _) in &pushes {

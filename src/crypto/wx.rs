@@ -122,6 +122,41 @@ mod tests {
         ));
     }
 
+    /// WeCom's own worked example (developer.work.weixin.qq.com/document/path/90968, and the
+    /// official sample code): token QDG6eK, this key, company wx5823bf96d3bd56c7. Unlike the
+    /// round trip above it pins the scheme to WeCom's, not to itself.
+    #[test]
+    fn wecoms_published_example() {
+        const CORP: &str = "wx5823bf96d3bd56c7";
+        let k = WxKey::new(KEY).unwrap();
+        let echo = "P9nAzCzyDtyTWESHep1vC5X9xho/qYX3Zpb4yKa9SKld1DsH3Iyt3tP3zNdtp+4RPcs8TgAE7OaBO+FZXvnaqQ==";
+        assert_eq!(
+            crate::crypto::sorted_sha1_hex(&["QDG6eK", "1409659589", "263014780", echo]),
+            "5c45ff5e21c57e6ad56bac8758b79b1d9ac89fd3"
+        );
+        assert_eq!(k.decrypt(echo, CORP).unwrap(), b"1616140317555161061");
+        let post = "RypEvHKD8QQKFhvQ6QleEB4J58tiPdvo+rtK1I9qca6aM/wvqnLSV5zEPeusUiX5L5X/0lWfrf0QADHHhGd3QczcdCUpj911L3vg3W/sYYvuJTs3TUUkSUXxaccAS0qhxchrRYt66wiSpGLYL42aM6A8dTT+6k4aSknmPj48kzJs8qLjvd4Xgpue06DOdnLxAUHzM6+kDZ+HMZfJYuR+LtwGc2hgf5gsijff0ekUNXZiqATP7PF5mZxZ3Izoun1s4zG4LUMnvw2r+KqCKIw+3IQH03v+BCA9nMELNqbSf6tiWSrXJB3LAVGUcallcrw8V2t9EL4EhzJWrQUax5wLVMNS0+rUPA3k22Ncx4XXZS9o0MBH27Bo6BpNelZpS+/uh9KsNlY6bHCmJU9p8g7m3fVKn28H3KDYA5Pl/T8Z1ptDAVe0lXdQ2YoyyH2uyPIGHBZZIs2pDBS8R07+qN+E7Q==";
+        assert_eq!(
+            crate::crypto::sorted_sha1_hex(&["QDG6eK", "1409659813", "1372623149", post]),
+            "477715d11cdb4164915debcba66cb864d751f3e6"
+        );
+        assert_eq!(
+            String::from_utf8(k.decrypt(post, CORP).unwrap()).unwrap(),
+            "<xml><ToUserName><![CDATA[wx5823bf96d3bd56c7]]></ToUserName>\n\
+             <FromUserName><![CDATA[mycreate]]></FromUserName>\n\
+             <CreateTime>1409659813</CreateTime>\n\
+             <MsgType><![CDATA[text]]></MsgType>\n\
+             <Content><![CDATA[hello]]></Content>\n\
+             <MsgId>4561255354251345929</MsgId>\n\
+             <AgentID>218</AgentID>\n\
+             </xml>"
+        );
+        assert!(matches!(
+            k.decrypt(post, "ww0000000000000000"),
+            Err(Error::Unauthorized(_))
+        ));
+    }
+
     #[test]
     fn pads_to_32_not_16() {
         let k = WxKey::new(KEY).unwrap();

@@ -124,38 +124,50 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
 
-    /// Grants after a pause, as a store behind a slow link might.
-    struct SlowStore {
+    /// A store whose next grant, once `gate` is set, waits until the test lets it go, as a
+    /// store behind a slow link might: it says when the request has reached it, so the
+    /// release can be timed to come while the grant is under way.
+    #[derive(Default)]
+    struct GatedStore {
         inner: crate::store::MemoryStore,
-        pause: Duration,
+        gate: std::sync::Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
     }
 
-    impl crate::store::Intercept for SlowStore {
+    impl crate::store::Intercept for GatedStore {
         fn memory(&self) -> &crate::store::MemoryStore {
             &self.inner
         }
         fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
-            std::thread::sleep(self.pause);
+            let gate = self.gate.lock().unwrap().take();
+            if let Some((reached, go)) = gate {
+                reached.send(()).unwrap();
+                go.recv().unwrap();
+            }
             self.inner.try_acquire(name, owner, ttl)
         }
     }
 
     #[test]
     fn a_renewal_in_flight_cannot_undo_the_release() {
-        let store = Arc::new(SlowStore {
-            inner: crate::store::MemoryStore::new(),
-            pause: Duration::from_millis(200),
-        });
+        let store = Arc::new(GatedStore::default());
         let lease = Lease::new(store.clone(), "t/a", "me", Duration::from_secs(30));
         assert!(lease.acquire().unwrap());
+        let (reached_tx, reached) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel();
+        *store.gate.lock().unwrap() = Some((reached_tx, go_rx));
         let renewal = {
             let lease = lease.clone();
             std::thread::spawn(move || lease.acquire())
         };
-        std::thread::sleep(Duration::from_millis(50));
+        reached.recv().unwrap();
         lease.release().unwrap();
-        let _ = renewal.join().unwrap();
+        assert_eq!(lease.holder().unwrap(), None);
+        // The store now grants the renewal (nobody holds the lease): the lease must give it
+        // back and report it not taken.
+        go.send(()).unwrap();
+        assert!(!renewal.join().unwrap().unwrap());
         assert_eq!(lease.holder().unwrap(), None);
         assert!(!lease.acquire().unwrap());
         assert_eq!(lease.holder().unwrap(), None);

@@ -91,6 +91,8 @@ pub struct Faults {
     lost: HashMap<String, usize>,
     /// Requests let through to the handler before the injected responses start, per path.
     pass: HashMap<String, usize>,
+    /// Requests that have begun waiting out a delay, per path.
+    delayed: HashMap<String, usize>,
 }
 
 impl Faults {
@@ -127,6 +129,12 @@ impl Faults {
         self.served.get(path).copied().unwrap_or(0)
     }
 
+    /// How many requests to `path` have arrived and begun waiting out its delay: a test can
+    /// act while a request is certainly at the platform and unanswered.
+    pub fn delayed(&self, path: &str) -> usize {
+        self.delayed.get(path).copied().unwrap_or(0)
+    }
+
     /// Injected responses still waiting for `path`.
     pub fn pending(&self, path: &str) -> usize {
         self.next.get(path).map_or(0, VecDeque::len)
@@ -136,12 +144,16 @@ impl Faults {
     pub fn clear(&mut self) {
         self.next.clear();
         self.delays.clear();
+        self.delayed.clear();
         self.served.clear();
         self.lost.clear();
     }
 
     fn take(&mut self, path: &str) -> (Option<Duration>, Option<Response>, bool) {
         let delay = self.delays.get(path).copied();
+        if delay.is_some() {
+            *self.delayed.entry(path.to_string()).or_default() += 1;
+        }
         let fault = match self.pass.get_mut(path) {
             Some(pass) if *pass > 0 => {
                 *pass -= 1;

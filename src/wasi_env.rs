@@ -99,10 +99,10 @@ fn transport(e: ErrorCode, authority: &str) -> Error {
         },
         other => format!("{other:?}"),
     };
-    let message = format!("request to {authority}: {what}");
+    // The engine sees one `transport` kind; the suffix tells it what the plugin knows.
     match unsent {
-        true => Error::unsent(message),
-        false => Error::transport(message),
+        true => Error::unsent(format!("request to {authority}: {what} (not sent)")),
+        false => Error::transport(format!("request to {authority}: {what}")),
     }
 }
 

@@ -573,6 +573,11 @@ async fn platform_and_transport_errors_are_typed() {
         )
         .await;
     assert_eq!(err_kind(&r), "transport", "{r}");
+    // Refused before anything was sent: the engine is told so.
+    assert!(
+        err_message(&r).ends_with("connection refused (not sent)"),
+        "{r}"
+    );
 
     // Missing credentials.
     let mut app = fx.app.clone();

@@ -599,7 +599,8 @@ async fn platform_errors_timeouts_and_bad_config_are_typed() {
     );
     let r = f.start("t1", "slow").await;
     assert_eq!(err_kind(&r), "transport", "{r}");
-    assert!(err_message(&r).contains("timed out"));
+    // The create was at Feishu when the answer timed out: it may have been acted on.
+    assert!(err_message(&r).ends_with("timed out"), "{r}");
 }
 
 /// The official SDK (lark-oapi) produces the encrypted, signed push; the plugin must accept it

@@ -10,7 +10,7 @@ use imbridge_host::server::{ServerHandle, serve_with_persistent};
 use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkSim};
 use imbridge_host::sim::dingtalk_stream::DingtalkStreamSim;
 use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
-use imbridge_host::sim::feishu_ws::{FeishuWsConfig, FeishuWsSim};
+use imbridge_host::sim::feishu_ws::{FeishuWsConfig, FeishuWsSim, Message};
 use imbridge_tests::{Harness, dingtalk_sim, ok};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -204,7 +204,37 @@ async fn feishu_bad_frames_and_foreign_events_do_not_break_the_connection() {
     // Garbage that is not JSON at all is invalid input: acked too.
     fx.ws.push_event("cli_ws", &json!("not an event"));
     until("acked", 10, || fx.ws.pending("cli_ws") == 0).await;
-    assert_eq!(fx.ws.stats("cli_ws").connects, 1);
+    // Frames that are not Feishu's: bytes that are no protobuf frame, a text message, and a
+    // data frame whose fragment number is beyond its count. Each is ignored.
+    let mut stray = Frame {
+        method: METHOD_DATA,
+        service: 1,
+        payload: Some(b"{}".to_vec()),
+        ..Frame::default()
+    };
+    for (k, v) in [
+        ("type", "event"),
+        ("message_id", "m"),
+        ("sum", "2"),
+        ("seq", "5"),
+    ] {
+        stray.set_header(k, v);
+    }
+    for message in [
+        Message::Binary(vec![0xff, 0x00, 0x13, 0x37].into()),
+        Message::Text("hello".into()),
+        Message::Binary(stray.encode().into()),
+    ] {
+        assert!(fx.ws.send_raw("cli_ws", message));
+    }
+    // The connection still applies what comes after them.
+    let id = fx.start("wf-stray").await;
+    fx.sim.decide(&id, "ou_bob", true, None).await.unwrap();
+    until("applied", 10, || fx.ws.pending("cli_ws") == 0).await;
+    assert_eq!(deciders(&get(&fx.h, &fx.app, &id).await), ["ou_bob"]);
+    let stats = fx.ws.stats("cli_ws");
+    assert_eq!((stats.connects, fx.ws.live("cli_ws")), (1, 1), "{stats:?}");
+    assert!(stats.nacks.is_empty(), "{stats:?}");
     server.shutdown().await;
 }
 

@@ -24,7 +24,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
+/// What [`FeishuWsSim::send_raw`] takes.
+pub use tokio_tungstenite::tungstenite::Message;
 
 /// Timing and framing of the simulated service.
 #[derive(Debug, Clone)]
@@ -134,6 +135,12 @@ impl FeishuWsSim {
     /// Delivers an event envelope (plaintext JSON) to the app; returns its message id.
     pub fn push_event(&self, app_id: &str, event: &Value) -> String {
         push_event(&self.inner, app_id, event)
+    }
+
+    /// Sends `message` as it is on the app's newest connection, outside the event queue (no
+    /// ack expected): for frames a client must survive. False when the app has no connection.
+    pub fn send_raw(&self, app_id: &str, message: Message) -> bool {
+        self.inner.hub.send(app_id, message)
     }
 
     /// Routes `sim`'s events for `app_id` here (as long connection deliveries) instead of to

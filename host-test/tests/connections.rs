@@ -105,7 +105,12 @@ async fn dingtalk_pings_are_answered_while_an_event_is_handled() {
 
     let event = json!({"EventType": "bpms_task_change", "processInstanceId": "p1"});
     sim.push_event("dingslow", &event);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The host reads frames in order: once the event is out, the ping below reaches it only
+    // after the event, which is then being handled (it loops until the deadline).
+    until("the event delivered", Duration::from_secs(10), || {
+        sim.stats("dingslow").deliveries == 1
+    })
+    .await;
     let pinged = Instant::now();
     sim.ping("dingslow").expect("connected");
     until("the ping answered", DEADLINE, || {
@@ -143,7 +148,10 @@ async fn feishu_pings_go_on_while_an_event_is_handled() {
         "cli_slow",
         &json!({"schema": "2.0", "header": {"event_type": "x"}}),
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until("the event delivered", Duration::from_secs(10), || {
+        ws.stats("cli_slow").deliveries == 1
+    })
+    .await;
     let before = ws.stats("cli_slow").pings;
     until("two more pings", DEADLINE, || {
         ws.stats("cli_slow").pings >= before + 2

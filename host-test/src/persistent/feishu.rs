@@ -106,6 +106,12 @@ const MAX_PAYLOAD: usize = 4 << 20;
 /// redelivers the un-acked message).
 const FRAGMENT_TTL: Duration = Duration::from_secs(5);
 
+/// Most messages in fragments at once, and the most bytes they may hold together. Feishu
+/// splits only payloads over its frame size, one message after another; these only keep a
+/// connection from buffering without bound whatever it is sent.
+const MAX_PARTIAL: usize = 16;
+const MAX_BUFFERED: usize = 2 * MAX_PAYLOAD;
+
 /// When a message's first fragment arrived, and the fragments so far (by `seq`).
 type Partial = (Instant, Vec<Option<Vec<u8>>>);
 
@@ -134,6 +140,9 @@ impl Reassembler {
         if sum > MAX_FRAGMENTS || seq < 0 || seq >= sum {
             return Err(format!("fragment {seq} of {sum} is out of range"));
         }
+        if self.parts.len() >= MAX_PARTIAL && !self.parts.contains_key(message_id) {
+            return Err(format!("{MAX_PARTIAL} other messages are in fragments"));
+        }
         let entry = self
             .parts
             .entry(message_id.to_string())
@@ -143,11 +152,18 @@ impl Reassembler {
             return Err("fragments disagree on their count".into());
         }
         entry.1[seq as usize] = Some(payload);
-        let size: usize = entry.1.iter().flatten().map(Vec::len).sum();
-        if size > MAX_PAYLOAD {
+        let size = |p: &Partial| p.1.iter().flatten().map(Vec::len).sum::<usize>();
+        if size(entry) > MAX_PAYLOAD {
             self.parts.remove(message_id);
             return Err(format!("message exceeds {MAX_PAYLOAD} bytes"));
         }
+        if self.parts.values().map(size).sum::<usize>() > MAX_BUFFERED {
+            self.parts.remove(message_id);
+            return Err(format!(
+                "messages in fragments would hold over {MAX_BUFFERED} bytes"
+            ));
+        }
+        let entry = &self.parts[message_id];
         if entry.1.iter().any(Option::is_none) {
             return Ok(None);
         }
@@ -394,5 +410,40 @@ mod tests {
         assert!(r.add("m", 3, 3, vec![]).is_err());
         assert!(r.add("m", 1000, 0, vec![]).is_err());
         assert!(r.add("m", 3, -1, vec![]).is_err());
+    }
+
+    /// A connection sent fragments of many messages, or of large ones, that never complete
+    /// holds a bounded amount until they expire; a complete message still gets through.
+    #[test]
+    fn partial_messages_are_bounded_in_number_and_bytes() {
+        let mut r = Reassembler::default();
+        for i in 0..MAX_PARTIAL {
+            assert_eq!(r.add(&format!("m{i}"), 2, 0, vec![0; 8]).unwrap(), None);
+        }
+        assert!(r.add("one more", 2, 0, vec![]).is_err());
+        // Another fragment of a message already held is still taken.
+        assert_eq!(r.add("m0", 2, 1, b"!".to_vec()).unwrap().unwrap().len(), 9);
+        assert_eq!(
+            r.add("single", 1, 0, b"s".to_vec()).unwrap(),
+            Some(b"s".to_vec())
+        );
+
+        let mut r = Reassembler::default();
+        let big = MAX_PAYLOAD / 2;
+        for i in 0..2 {
+            assert_eq!(r.add(&format!("b{i}"), 3, 0, vec![0; big]).unwrap(), None);
+            assert_eq!(r.add(&format!("b{i}"), 3, 1, vec![0; big]).unwrap(), None);
+        }
+        // Four half-payload fragments fill MAX_BUFFERED; a fifth is refused and takes its
+        // message with it, so what is held stays within the bound.
+        assert!(r.add("b2", 3, 0, vec![0; big]).is_err());
+        let held: usize = r
+            .parts
+            .values()
+            .map(|p| p.1.iter().flatten().map(Vec::len).sum::<usize>())
+            .sum();
+        assert_eq!(held, MAX_BUFFERED);
+        assert!(r.parts.contains_key("b0") && r.parts.contains_key("b1"));
+        assert!(!r.parts.contains_key("b2"));
     }
 }

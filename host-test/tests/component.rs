@@ -3,6 +3,7 @@
 
 mod replica;
 
+use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::{Host, HostConfig, TenantPolicy};
 use replica::component;
 use serde_json::json;
@@ -53,25 +54,57 @@ async fn feishu_url_verification() {
         )
         .await
         .unwrap();
-    assert!(out.get("err").is_some(), "{out}");
+    assert_eq!(out["err"]["kind"], "unauthorized", "{out}");
 }
 
-#[tokio::test]
+/// One plugin, two tenants with the same app: an approval started in one is unknown to the
+/// other, whose plugin reads and writes only its own tenant's store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_plugin_two_tenants_separate_state() {
     let wasm = component();
     let dir = tempfile::tempdir().unwrap();
+    let sim = FeishuSim::start(FeishuConfig {
+        apps: vec![FeishuApp::new("cli_x", "s")],
+        users: ["alice", "bob"].map(FeishuUser::new).to_vec(),
+        ..FeishuConfig::default()
+    })
+    .await
+    .unwrap();
     let host = Host::new(config(dir.path())).unwrap();
     for t in ["a", "b"] {
         host.load_tenant(t, &wasm, TenantPolicy::default())
             .await
             .unwrap();
     }
-    host.kv_set("a", "probe", b"1").unwrap();
+    let app = json!({"id": "a1", "platform": "feishu", "app_id": "cli_x", "app_secret": "s",
+                     "api_base": sim.base_url()});
+    let started = host
+        .invoke_json(
+            "a",
+            "start-approval",
+            json!({"app": app, "request": {"key": "k", "title": "t",
+                   "initiator": {"id": "ou_alice"},
+                   "nodes": [{"approvers": [{"id": "ou_bob"}], "mode": "and"}]}}),
+        )
+        .await
+        .unwrap();
+    let id = started["ok"]["instance_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{started}"))
+        .to_string();
+    let get = |tenant: &'static str| {
+        host.invoke_json(
+            tenant,
+            "get-approval",
+            json!({"app": app, "instance_id": id, "refresh": false}),
+        )
+    };
+    assert_eq!(get("a").await.unwrap()["ok"], started["ok"]);
     assert_eq!(
-        host.kv_get("a", "probe").unwrap().as_deref(),
-        Some(&b"1"[..])
+        get("b").await.unwrap(),
+        json!({"err": {"kind": "invalid-input",
+               "message": format!("no approval {id:?} was started through app \"a1\"")}})
     );
-    assert_eq!(host.kv_get("b", "probe").unwrap(), None);
     assert!(host.kv_keys("b").unwrap().is_empty());
 }
 
@@ -104,9 +137,8 @@ async fn hosts_off_the_allow_list_are_refused() {
     );
 }
 
-/// A start against `api_base` on a host with a 2 s call deadline: the plugin's typed error,
-/// and how long it took.
-async fn start_against(api_base: String) -> (serde_json::Value, std::time::Duration) {
+/// A start against `api_base` on a host with a 2 s call deadline: the plugin's typed error.
+async fn start_against(api_base: String) -> serde_json::Value {
     let wasm = component();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
@@ -117,18 +149,15 @@ async fn start_against(api_base: String) -> (serde_json::Value, std::time::Durat
         .unwrap();
     let app = json!({"id": "a1", "platform": "feishu", "app_id": "cli_x", "app_secret": "s",
                      "api_base": api_base});
-    let started = std::time::Instant::now();
-    let out = host
-        .invoke_json(
-            "t",
-            "start-approval",
-            json!({"app": app, "request": {"key": "k", "title": "t",
+    host.invoke_json(
+        "t",
+        "start-approval",
+        json!({"app": app, "request": {"key": "k", "title": "t",
                    "initiator": {"id": "u"},
                    "nodes": [{"approvers": [{"id": "u2"}], "mode": "and"}]}}),
-        )
-        .await
-        .expect("the plugin answers before the host's deadline");
-    (out, started.elapsed())
+    )
+    .await
+    .expect("the plugin answers before the host's deadline")
 }
 
 /// A server that accepts connections and never says anything.
@@ -149,9 +178,13 @@ async fn silent_server() -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_tls_handshake_is_a_transport_error_before_the_deadline() {
     let addr = silent_server().await;
-    let (out, took) = start_against(format!("https://{addr}")).await;
-    assert_eq!(out["err"]["kind"], "transport", "{out}");
-    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    let out = start_against(format!("https://{addr}")).await;
+    // Timed out connecting, so certainly not sent (a start may be retried).
+    let message = format!("request to {addr}: timed out (not sent)");
+    assert_eq!(
+        out,
+        json!({"err": {"kind": "transport", "message": message}})
+    );
 }
 
 /// A response that drips one byte at a time never trips the between-bytes timeout, which
@@ -180,15 +213,19 @@ async fn a_dripping_response_is_a_transport_error_before_the_deadline() {
             });
         }
     });
-    let (out, took) = start_against(format!("http://{addr}")).await;
-    assert_eq!(out["err"]["kind"], "transport", "{out}");
-    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    let out = start_against(format!("http://{addr}")).await;
+    // The headers came in time; the body is what timed out.
+    let read = format!("reading the response from {addr} failed or timed out");
+    assert_eq!(out, json!({"err": {"kind": "transport", "message": read}}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_platform_is_a_transport_error_before_the_deadline() {
     let addr = silent_server().await;
-    let (out, took) = start_against(format!("http://{addr}")).await;
-    assert_eq!(out["err"]["kind"], "transport", "{out}");
-    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+    let out = start_against(format!("http://{addr}")).await;
+    // Connected and sent, then no answer: the start may have taken effect.
+    assert_eq!(
+        out,
+        json!({"err": {"kind": "transport", "message": format!("request to {addr}: timed out")}})
+    );
 }

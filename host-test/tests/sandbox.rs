@@ -425,23 +425,33 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A second host loads the artifact the first one wrote instead of compiling again: the one
+/// `.cwasm` file is the same file (a compile writes a new one and renames it into place).
 #[tokio::test]
 async fn precompiled_cache_is_reused_across_hosts() {
+    use std::os::unix::fs::MetadataExt as _;
     let dir = tempfile::tempdir().unwrap();
     let wasm = plugin(standard, "1");
+    let artifacts = || -> Vec<(std::path::PathBuf, u64)> {
+        std::fs::read_dir(dir.path().join("cache"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+            .map(|e| (e.path(), e.metadata().unwrap().ino()))
+            .collect()
+    };
     {
         let host = host(dir.path(), Duration::from_secs(5)).await;
         host.load_tenant_bytes("t", wasm.clone(), TenantPolicy::default())
             .await
             .unwrap();
     }
+    let written = artifacts();
+    assert_eq!(written.len(), 1, "{written:?}");
     let host = host(dir.path(), Duration::from_secs(5)).await;
     host.load_tenant_bytes("t", wasm, TenantPolicy::default())
         .await
         .unwrap();
-    let out = host
-        .invoke_json("t", "handle-callback", json!({"app": app(), "request": {}}))
-        .await
-        .unwrap();
-    assert_eq!(out["err"]["message"], "x");
+    assert_eq!(artifacts(), written, "the artifact was written again");
+    assert_callback_gives_the_plugins_error(&host).await;
 }

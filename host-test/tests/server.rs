@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Behaviour, plugin};
+use common::{Behaviour, echoed, plugin};
 use imbridge_host::config::ServeConfig;
 use imbridge_host::server::{self, ServerHandle};
 use serde_json::{Value, json};
@@ -17,7 +17,7 @@ fn behaviour(name: &str) -> Behaviour {
     match name {
         "handle-callback" => Behaviour::Callback,
         "get-approval" => Behaviour::Trap,
-        _ => Behaviour::Err,
+        _ => Behaviour::Echo,
     }
 }
 
@@ -188,41 +188,44 @@ async fn engine_api() {
         assert_eq!(status, want, "{header}");
     }
 
-    let (status, body) = request(
-        addr,
-        "POST",
-        "/api/acme/a1/approvals",
-        auth,
-        request_body.as_bytes(),
-    )
-    .await;
-    assert_eq!(status, 200);
+    // Each route reaches its own export with the app the path names and the body's fields;
+    // the plugin echoes both back in its error.
+    let call = |path: &'static str, body: String| async move {
+        let (status, text) = request(addr, "POST", path, auth, body.as_bytes()).await;
+        assert_eq!(status, 200, "{path}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["err"]["kind"], "invalid-input", "{path}: {v}");
+        echoed(v["err"]["message"].as_str().unwrap())
+    };
+    let (export, args) = call("/api/acme/a1/approvals", request_body.clone()).await;
+    assert_eq!(export, "start-approval");
+    assert_eq!(args["app.id"], "a1");
+    assert_eq!(args["app.app-id"], "cli_x");
+    assert_eq!(args["request.key"], "k");
+    assert_eq!(args["request.title"], "t");
+
+    // The id is one path segment, percent-decoded: `i%2F1` is `i/1`.
+    let cancel = json!({"reason": "r"}).to_string();
+    let (export, args) = call("/api/acme/a1/approvals/i%2F1/cancel", cancel).await;
+    assert_eq!(export, "cancel-approval");
+    assert_eq!(args["app.id"], "a1");
+    assert_eq!(args["instance-id"], "i/1");
+    assert_eq!(args["reason"], "r");
+    let (_, args) = call("/api/acme/a1/approvals/i1/cancel", "{}".into()).await;
     assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap(),
-        json!({"err": {"kind": "invalid-input", "message": "x"}})
+        (args["instance-id"].as_str(), args["reason"].as_str()),
+        ("i1", "none")
     );
 
-    let (status, body) = request(
-        addr,
-        "POST",
-        "/api/acme/a1/approvals/i%2F1/cancel",
-        auth,
-        br#"{"reason": "r"}"#,
-    )
-    .await;
-    assert_eq!(
-        (status, body.contains("invalid-input")),
-        (200, true),
-        "{body}"
-    );
-
-    let notify = json!({"notification": {"target": {"chat": "oc"}, "title": "t"}}).to_string();
-    let (status, body) = request(addr, "POST", "/api/acme/notify", auth, notify.as_bytes()).await;
-    assert_eq!(
-        (status, body.contains("invalid-input")),
-        (200, true),
-        "{body}"
-    );
+    let notification = json!({"target": {"chat": "oc"}, "title": "t"});
+    let notify = json!({"notification": notification}).to_string();
+    let (export, args) = call("/api/acme/notify", notify).await;
+    assert_eq!(export, "notify");
+    assert_eq!(args["app"], "none");
+    assert_eq!(args["notification.title"], "t");
+    let notify = json!({"app_id": "a1", "notification": notification}).to_string();
+    let (_, args) = call("/api/acme/notify", notify).await;
+    assert_eq!(args["app.id"], "a1");
 
     // A misspelt key in a body read field by field is refused, not dropped (a cancel without
     // its reason, a notify without its app).
@@ -545,11 +548,13 @@ async fn tenant_tokens_open_only_their_tenant() {
     server.shutdown().await;
 }
 
-/// The server on a host with one call slot, taken by `get-approval` until its 3 s deadline
-/// (the plugin loops): a callback sent meanwhile waits for the slot.
+/// The server on a host with one call slot, taken by `get-approval` until `deadline` (the
+/// plugin loops): a callback or cancel sent meanwhile waits for the slot. Both exports count
+/// their runs ([`ran`]).
 async fn start_busy(dir: &Path, extra: Value, deadline: Duration) -> ServerHandle {
     let behaviour = |name: &str| match name {
-        "get-approval" => Behaviour::Loop,
+        "get-approval" => Behaviour::Counted(&Behaviour::Loop),
+        "cancel-approval" => Behaviour::Counted(&Behaviour::Err),
         other => behaviour(other),
     };
     let cfg = config(dir, extra);
@@ -567,30 +572,49 @@ async fn start_busy(dir: &Path, extra: Value, deadline: Duration) -> ServerHandl
     let server = server::serve_with(host, cfg).await.unwrap();
     let addr = server.addr();
     tokio::spawn(async move { request(addr, "GET", "/api/acme/a1/approvals/x", "", b"").await });
-    // Until the slow call holds the slot (nothing else is in flight to take it first).
-    assert_eq!(until_in_flight(&server, 1).await, 1);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Running, so it holds the host's slot.
+    assert_eq!(until_ran(&server, "get-approval", 1).await, 1);
+    assert_eq!(server.calls_in_flight(), 1);
     server
 }
 
-/// Asks to cancel an approval and hangs up after `wait`, before the answer.
-async fn cancel_and_hang_up(addr: SocketAddr, wait: Duration) {
+/// Asks to cancel an approval; dropping the connection hangs up before the answer.
+async fn cancel(addr: SocketAddr) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
         b"POST /api/acme/a1/approvals/x/cancel HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}",
     )
     .await
     .unwrap();
-    tokio::time::sleep(wait).await;
+    s
 }
 
-/// Waits up to 20 s for the server's calls in flight to reach `n`.
-async fn until_in_flight(server: &ServerHandle, n: usize) -> usize {
+/// How many times tenant acme's `export` has run: a `Behaviour::Counted` export's counter.
+fn ran(server: &ServerHandle, export: &str) -> u64 {
+    server
+        .host()
+        .kv_get("acme", export)
+        .unwrap()
+        .map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
+}
+
+/// Waits up to 20 s for `export` to have run `n` times.
+async fn until_ran(server: &ServerHandle, export: &str, n: u64) -> u64 {
     for _ in 0..200 {
-        if server.calls_in_flight() == n {
+        if ran(server, export) == n {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ran(server, export)
+}
+
+/// Waits up to 20 s for the server's calls in flight to reach `n`. It looks every
+/// millisecond: a test that admits a thousand calls one by one waits here for each.
+async fn until_in_flight(server: &ServerHandle, n: usize) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while server.calls_in_flight() != n && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     server.calls_in_flight()
 }
@@ -603,16 +627,19 @@ async fn until_in_flight(server: &ServerHandle, n: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_call_outlives_a_client_that_hangs_up() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_busy(dir.path(), json!({}), Duration::from_secs(3)).await;
-    assert_eq!(server.calls_in_flight(), 1);
-    cancel_and_hang_up(server.addr(), Duration::from_millis(300)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The slow call's deadline must outlast the hang-up, so that the cancel can run only after
+    // its client has left.
+    let server = start_busy(dir.path(), json!({}), Duration::from_secs(5)).await;
+    let client = cancel(server.addr()).await;
+    assert_eq!(until_in_flight(&server, 2).await, 2, "the cancel waits");
+    drop(client);
     assert_eq!(
-        server.calls_in_flight(),
-        2,
-        "the abandoned call is still in flight"
+        ran(&server, "cancel-approval"),
+        0,
+        "the slot is still taken"
     );
     assert_eq!(until_in_flight(&server, 0).await, 0);
+    assert_eq!(ran(&server, "cancel-approval"), 1, "the abandoned call ran");
     server.shutdown().await;
 }
 
@@ -773,14 +800,39 @@ async fn a_webhook_stuck_in_its_tls_handshake_is_given_up() {
 async fn abandoned_calls_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     // The slow call holds the slot until its deadline, which must outlast sending the requests
-    // on a loaded machine: at 3 s the slot once freed before they were all sent.
-    let server = start_busy(dir.path(), json!({}), Duration::from_secs(10)).await;
-    for _ in 0..server::MAX_CALLS + 6 {
-        cancel_and_hang_up(server.addr(), Duration::ZERO).await;
+    // on a loaded machine: at 3 s the slot once freed before they were all sent, and they
+    // now go one at a time (2.3 s on an idle 2-core machine).
+    let server = start_busy(dir.path(), json!({}), Duration::from_secs(20)).await;
+    // The slow call holds one permit; each cancel's client hangs up once the server has
+    // admitted it, until all the others are taken.
+    for admitted in 2..=server::MAX_CALLS {
+        let client = cancel(server.addr()).await;
+        assert_eq!(until_in_flight(&server, admitted).await, admitted);
+        drop(client);
     }
-    // The slow call holds one of the permits.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Beyond the bound: requests whose clients leave at once, and one whose client waits.
+    for _ in 0..6 {
+        drop(cancel(server.addr()).await);
+    }
+    let addr = server.addr();
+    let waiting = tokio::spawn(async move {
+        request(addr, "POST", "/api/acme/a1/approvals/x/cancel", "", b"{}").await
+    });
+    assert_eq!(
+        ran(&server, "cancel-approval"),
+        0,
+        "the slot is still taken"
+    );
     assert_eq!(server.calls_in_flight(), server::MAX_CALLS);
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"err": {"kind": "invalid-input", "message": "x"}})
+    );
     assert_eq!(until_in_flight(&server, 0).await, 0);
+    // The abandoned calls admitted ran, and the waiting one; the six whose clients left
+    // before a permit was free never did.
+    assert_eq!(ran(&server, "cancel-approval"), server::MAX_CALLS as u64);
     server.shutdown().await;
 }

@@ -3,20 +3,34 @@
 
 #![allow(dead_code, reason = "each test file uses a different part")]
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use wasm_encoder::{
-    CodeSection, ConstExpr, CustomSection, DataSection, ExportKind, ExportSection, Function,
-    FunctionSection, GlobalSection, GlobalType, Instruction as I, MemorySection, MemoryType,
-    Module, TypeSection, ValType,
+    BlockType, CodeSection, ConstExpr, CustomSection, DataSection, EntityType, ExportKind,
+    ExportSection, Function, FunctionSection, GlobalSection, GlobalType, ImportSection,
+    Instruction as I, MemArg, MemorySection, MemoryType, Module, TypeSection, ValType,
 };
-use wit_parser::abi::WasmType;
-use wit_parser::{LiftLowerAbi, ManglingAndAbi, Resolve, WasmExport, WasmExportKind, WorldItem};
+use wit_parser::abi::{WasmSignature, WasmType};
+use wit_parser::{
+    Int, LiftLowerAbi, ManglingAndAbi, Resolve, SizeAlign, Type, TypeDefKind, WasmExport,
+    WasmExportKind, WasmImport, WorldItem,
+};
 
 /// What an export of the synthetic plugin does.
 #[derive(Clone, Copy)]
 pub enum Behaviour {
     /// Returns `err(invalid-input("x"))`.
     Err,
+    /// Returns `err(invalid-input(M))`, M naming the export and what it was given: the
+    /// export's name, then a line `name=value` per string, bool and `list<u8>` argument (a
+    /// record's fields as `param.field`, an absent option as `name=none`). Numbers, enums,
+    /// variants and other lists are left out. [`echoed`] reads it back.
+    Echo,
+    /// Adds 1 to the tenant's counter named after the export (`wasi:keyvalue/atomics`, which
+    /// the host makes durable at once, whatever the call does next), then does what the inner
+    /// behaviour does. The other behaviours leave no trace in the store; this shows that a
+    /// call ran, and how often.
+    Counted(&'static Behaviour),
     Loop,
     Trap,
     /// Grows memory until refused, then traps.
@@ -25,16 +39,43 @@ pub enum Behaviour {
     Callback,
 }
 
+/// A [`Behaviour::Echo`] message: the export's name, and its arguments by name.
+pub fn echoed(message: &str) -> (String, BTreeMap<String, String>) {
+    let mut lines = message.split('\n');
+    let export = lines.next().unwrap_or_default().to_string();
+    let args = lines
+        .map(|l| {
+            let (k, v) = l.split_once('=').expect("name=value");
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    (export, args)
+}
+
 /// Where the static `err(invalid-input("x"))` return value lives. Every export returns
 /// `result<T, error>` with a payload aligned to 8 (error holds an s64), so one layout fits all:
 /// tag at 0, error case at 8, its string (ptr, len) at 16.
 const RESULT: i32 = 64;
 const STRING: i32 = 128;
+/// Return areas of the key-value imports `Counted` calls: `open`'s result<bucket, error>
+/// (the handle at +4), then `increment`'s result<u64, error>.
+const OPENED: i32 = 192;
+const INCREMENTED: i32 = 208;
+/// `Echo`'s `err(invalid-input(M))`, laid out as at `RESULT`; M itself is on the heap.
+const ECHO_RESULT: i32 = 256;
 /// `ok(callback-outcome)`: payload at +8 = http-response {status u16, headers, body}, then
 /// updates; the one approval {instance-id, key, status u8, decisions, updated-at-ms u64 @32}.
 const OUTCOME: i32 = 512;
 const APPROVAL: i32 = 640;
-const HEAP: i32 = 1024;
+/// The texts the exports copy from (export names, `Echo`'s labels); the heap follows them.
+const TEXT: i32 = 1024;
+
+/// The locals of an export's function: its one parameter, the address of its arguments
+/// (every export of the world takes more than 16 flat values, so they come in memory), then
+/// `Echo`'s write cursor and the start of its message.
+const ARGS: u32 = 0;
+const CUR: u32 = 1;
+const START: u32 = 2;
 
 pub fn plugin(behaviour: impl Fn(&str) -> Behaviour, version: &str) -> Vec<u8> {
     plugin_of_world(&wit_dir(), behaviour, version)
@@ -68,6 +109,226 @@ pub fn component_of_modules(n: u32) -> Vec<u8> {
     component.finish()
 }
 
+fn val(t: &WasmType) -> ValType {
+    match t {
+        WasmType::I64 | WasmType::PointerOrI64 => ValType::I64,
+        WasmType::F32 => ValType::F32,
+        WasmType::F64 => ValType::F64,
+        _ => ValType::I32,
+    }
+}
+
+fn mem(offset: usize, align: u32) -> MemArg {
+    MemArg {
+        offset: offset as u64,
+        align,
+        memory_index: 0,
+    }
+}
+
+/// Generates the exports' code.
+struct Gen<'a> {
+    resolve: &'a Resolve,
+    sizes: SizeAlign,
+    /// The static texts, placed at [`TEXT`].
+    text: Vec<u8>,
+    /// The function indices of `wasi:keyvalue/store.open` and `atomics.increment`.
+    kv: Option<(u32, u32)>,
+}
+
+impl Gen<'_> {
+    fn text(&mut self, s: &str) -> (i32, i32) {
+        let at = TEXT + self.text.len() as i32;
+        self.text.extend_from_slice(s.as_bytes());
+        (at, s.len() as i32)
+    }
+
+    fn body(&mut self, f: &mut Function, behaviour: Behaviour, func: &wit_parser::Function) {
+        match behaviour {
+            Behaviour::Err => {
+                f.instruction(&I::I32Const(RESULT));
+            }
+            Behaviour::Callback => {
+                f.instruction(&I::I32Const(OUTCOME));
+            }
+            Behaviour::Loop => {
+                f.instruction(&I::Loop(BlockType::Empty))
+                    .instruction(&I::Br(0))
+                    .instruction(&I::End)
+                    .instruction(&I::Unreachable);
+            }
+            Behaviour::Trap => {
+                f.instruction(&I::Unreachable);
+            }
+            Behaviour::EatMemory => {
+                f.instruction(&I::Loop(BlockType::Empty))
+                    .instruction(&I::I32Const(16))
+                    .instruction(&I::MemoryGrow(0))
+                    .instruction(&I::I32Const(-1))
+                    .instruction(&I::I32Ne)
+                    .instruction(&I::BrIf(0))
+                    .instruction(&I::End)
+                    .instruction(&I::Unreachable);
+            }
+            Behaviour::Counted(inner) => {
+                let (open, increment) = self.kv.expect("the key-value imports");
+                let (name, len) = self.text(&func.name);
+                // A refused open or increment traps, so a test sees the call fail rather
+                // than a count that is silently short.
+                let trap_unless_ok = |f: &mut Function, result: i32| {
+                    f.instruction(&I::I32Const(result))
+                        .instruction(&I::I32Load8U(mem(0, 0)))
+                        .instruction(&I::If(BlockType::Empty))
+                        .instruction(&I::Unreachable)
+                        .instruction(&I::End);
+                };
+                // The one bucket there is, "" (so its address does not matter).
+                f.instruction(&I::I32Const(0))
+                    .instruction(&I::I32Const(0))
+                    .instruction(&I::I32Const(OPENED))
+                    .instruction(&I::Call(open));
+                trap_unless_ok(f, OPENED);
+                f.instruction(&I::I32Const(OPENED))
+                    .instruction(&I::I32Load(mem(4, 2)))
+                    .instruction(&I::I32Const(name))
+                    .instruction(&I::I32Const(len))
+                    .instruction(&I::I64Const(1))
+                    .instruction(&I::I32Const(INCREMENTED))
+                    .instruction(&I::Call(increment));
+                trap_unless_ok(f, INCREMENTED);
+                self.body(f, *inner, func);
+            }
+            Behaviour::Echo => {
+                f.instruction(&I::GlobalGet(0))
+                    .instruction(&I::LocalTee(CUR))
+                    .instruction(&I::LocalSet(START));
+                self.append_text(f, &func.name);
+                let offsets: Vec<(usize, Type)> = self
+                    .sizes
+                    .field_offsets(func.params.iter().map(|p| &p.ty))
+                    .into_iter()
+                    .map(|(at, ty)| (at.size_wasm32(), *ty))
+                    .collect();
+                for ((at, ty), param) in offsets.into_iter().zip(&func.params) {
+                    self.value(f, &param.name, ty, at);
+                }
+                let store = |f: &mut Function, at: i32, value: &[I<'static>], op: I<'static>| {
+                    f.instruction(&I::I32Const(at));
+                    for i in value {
+                        f.instruction(i);
+                    }
+                    f.instruction(&op);
+                };
+                let err = [I::I32Const(1)];
+                store(f, ECHO_RESULT, &err, I::I32Store8(mem(0, 0)));
+                let invalid_input = [I::I32Const(1)];
+                store(f, ECHO_RESULT + 8, &invalid_input, I::I32Store8(mem(0, 0)));
+                let start = [I::LocalGet(START)];
+                store(f, ECHO_RESULT + 16, &start, I::I32Store(mem(0, 2)));
+                let len = [I::LocalGet(CUR), I::LocalGet(START), I::I32Sub];
+                store(f, ECHO_RESULT + 20, &len, I::I32Store(mem(0, 2)));
+                f.instruction(&I::LocalGet(CUR))
+                    .instruction(&I::GlobalSet(0))
+                    .instruction(&I::I32Const(ECHO_RESULT));
+            }
+        }
+    }
+
+    /// Appends the static text `s` to the message.
+    fn append_text(&mut self, f: &mut Function, s: &str) {
+        let (at, len) = self.text(s);
+        f.instruction(&I::LocalGet(CUR))
+            .instruction(&I::I32Const(at))
+            .instruction(&I::I32Const(len))
+            .instruction(&I::MemoryCopy {
+                src_mem: 0,
+                dst_mem: 0,
+            })
+            .instruction(&I::LocalGet(CUR))
+            .instruction(&I::I32Const(len))
+            .instruction(&I::I32Add)
+            .instruction(&I::LocalSet(CUR));
+    }
+
+    /// Appends the string or `list<u8>` (ptr, len) at `offset` in the arguments.
+    fn append_argument(&mut self, f: &mut Function, offset: usize) {
+        f.instruction(&I::LocalGet(CUR))
+            .instruction(&I::LocalGet(ARGS))
+            .instruction(&I::I32Load(mem(offset, 2)))
+            .instruction(&I::LocalGet(ARGS))
+            .instruction(&I::I32Load(mem(offset + 4, 2)))
+            .instruction(&I::MemoryCopy {
+                src_mem: 0,
+                dst_mem: 0,
+            })
+            .instruction(&I::LocalGet(CUR))
+            .instruction(&I::LocalGet(ARGS))
+            .instruction(&I::I32Load(mem(offset + 4, 2)))
+            .instruction(&I::I32Add)
+            .instruction(&I::LocalSet(CUR));
+    }
+
+    /// Whether `Echo` shows anything of a value of type `ty`.
+    fn shown(&self, ty: Type) -> bool {
+        match ty {
+            Type::String | Type::Bool => true,
+            Type::Id(id) => match &self.resolve.types[id].kind {
+                TypeDefKind::Type(t) | TypeDefKind::Option(t) => self.shown(*t),
+                TypeDefKind::List(t) => *t == Type::U8,
+                TypeDefKind::Record(r) => r.fields.iter().any(|f| self.shown(f.ty)),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// Appends `\nname=value` for the argument of type `ty` at `offset`, or its fields'.
+    fn value(&mut self, f: &mut Function, name: &str, ty: Type, offset: usize) {
+        if !self.shown(ty) {
+            return;
+        }
+        let kind = match ty {
+            Type::Id(id) => Some(self.resolve.types[id].kind.clone()),
+            _ => None,
+        };
+        match (ty, kind) {
+            (Type::Bool, _) => {
+                self.append_text(f, &format!("\n{name}="));
+                f.instruction(&I::LocalGet(ARGS))
+                    .instruction(&I::I32Load8U(mem(offset, 0)))
+                    .instruction(&I::If(BlockType::Empty));
+                self.append_text(f, "true");
+                f.instruction(&I::Else);
+                self.append_text(f, "false");
+                f.instruction(&I::End);
+            }
+            (Type::String, _) | (_, Some(TypeDefKind::List(_))) => {
+                self.append_text(f, &format!("\n{name}="));
+                self.append_argument(f, offset);
+            }
+            (_, Some(TypeDefKind::Type(t))) => self.value(f, name, t, offset),
+            (_, Some(TypeDefKind::Record(r))) => {
+                let offsets = self.sizes.field_offsets(r.fields.iter().map(|f| &f.ty));
+                for ((at, t), field) in offsets.into_iter().zip(&r.fields) {
+                    let at = offset + at.size_wasm32();
+                    self.value(f, &format!("{name}.{}", field.name), *t, at);
+                }
+            }
+            (_, Some(TypeDefKind::Option(t))) => {
+                let payload = self.sizes.payload_offset(Int::U8, [None, Some(&t)]);
+                f.instruction(&I::LocalGet(ARGS))
+                    .instruction(&I::I32Load8U(mem(offset, 0)))
+                    .instruction(&I::If(BlockType::Empty));
+                self.value(f, name, t, offset + payload.size_wasm32());
+                f.instruction(&I::Else);
+                self.append_text(f, &format!("\n{name}=none"));
+                f.instruction(&I::End);
+            }
+            _ => unreachable!("`shown` admits no other type"),
+        }
+    }
+}
+
 /// The synthetic plugin built against the WIT package in `wit` (a changed copy of `wit/`).
 pub fn plugin_of_world(
     wit: &Path,
@@ -79,20 +340,77 @@ pub fn plugin_of_world(
     let world = resolve.select_world(&[pkg], Some("plugin")).unwrap();
     let mangling = ManglingAndAbi::Legacy(LiftLowerAbi::Sync);
 
+    let exported: Vec<(&wit_parser::Function, Behaviour)> = resolve.worlds[world]
+        .exports
+        .values()
+        .filter_map(|item| match item {
+            WorldItem::Function(func) => Some((func, behaviour(&func.name))),
+            _ => None,
+        })
+        .collect();
+
     let mut types = TypeSection::new();
+    let mut imports = ImportSection::new();
     let mut funcs = FunctionSection::new();
     let mut exports = ExportSection::new();
     let mut code = CodeSection::new();
-    let val = |t: &WasmType| match t {
-        WasmType::I64 | WasmType::PointerOrI64 => ValType::I64,
-        WasmType::F32 => ValType::F32,
-        WasmType::F64 => ValType::F64,
-        _ => ValType::I32,
+    let mut type_of = |sig: &WasmSignature| {
+        types.ty().function(
+            sig.params.iter().map(val).collect::<Vec<_>>(),
+            sig.results.iter().map(val).collect::<Vec<_>>(),
+        );
+        types.len() - 1
     };
 
+    // Only a plugin that counts imports the key-value store: the others stay as they were.
+    let mut kv = None;
+    if exported
+        .iter()
+        .any(|(_, b)| matches!(b, Behaviour::Counted(_)))
+    {
+        let mut import = |interface: &str, name: &str, flat: usize| {
+            let (key, id) = resolve.worlds[world]
+                .imports
+                .iter()
+                .find_map(|(key, item)| match item {
+                    WorldItem::Interface { id, .. }
+                        if resolve.id_of(*id).is_some_and(|n| {
+                            n.starts_with(&format!("wasi:keyvalue/{interface}@"))
+                        }) =>
+                    {
+                        Some((key, *id))
+                    }
+                    _ => None,
+                })
+                .expect("the world imports wasi:keyvalue");
+            let func = &resolve.interfaces[id].functions[name];
+            let sig = resolve.wasm_signature(mangling.import_variant(), func);
+            assert_eq!(sig.params.len(), flat, "{interface}.{name} changed");
+            let (module, field) = resolve.wasm_import_name(
+                mangling,
+                WasmImport::Func {
+                    interface: Some(key),
+                    func,
+                },
+            );
+            imports.import(&module, &field, EntityType::Function(type_of(&sig)));
+            imports.len() - 1
+        };
+        // (name ptr, len, return area); (bucket, key ptr, len, delta, return area)
+        kv = Some((
+            import("store", "open", 3),
+            import("atomics", "increment", 5),
+        ));
+    }
+    let imported = imports.len();
+
     // cabi_realloc: a bump allocator; nothing is ever freed in a one-shot instance.
-    types.ty().function([ValType::I32; 4], [ValType::I32]);
-    funcs.function(0);
+    funcs.function(type_of(&WasmSignature {
+        params: vec![WasmType::I32; 4],
+        results: vec![WasmType::I32],
+        indirect_params: false,
+        retptr: false,
+    }));
     let mut f = Function::new([(1, ValType::I32)]);
     f.instruction(&I::GlobalGet(0))
         .instruction(&I::LocalGet(2))
@@ -113,40 +431,27 @@ pub fn plugin_of_world(
     exports.export(
         &resolve.wasm_export_name(mangling, WasmExport::Realloc),
         ExportKind::Func,
-        0,
+        imported,
     );
 
-    let mut index = 1;
-    for (_, item) in &resolve.worlds[world].exports {
-        let WorldItem::Function(func) = item else {
-            continue;
-        };
+    let mut sizes = SizeAlign::default();
+    sizes.fill(&resolve);
+    let mut generate = Gen {
+        resolve: &resolve,
+        sizes,
+        text: Vec::new(),
+        kv,
+    };
+    for (index, (func, behaviour)) in (imported + 1..).zip(&exported) {
         let sig = resolve.wasm_signature(mangling.export_variant(), func);
-        types.ty().function(
-            sig.params.iter().map(val).collect::<Vec<_>>(),
-            sig.results.iter().map(val).collect::<Vec<_>>(),
+        assert!(
+            sig.indirect_params && sig.params.len() == 1,
+            "`{}` takes its arguments as values: `Echo` reads them from memory",
+            func.name
         );
-        funcs.function(index);
-        let mut f = Function::new([]);
-        match behaviour(&func.name) {
-            Behaviour::Err => f.instruction(&I::I32Const(RESULT)),
-            Behaviour::Callback => f.instruction(&I::I32Const(OUTCOME)),
-            Behaviour::Loop => f
-                .instruction(&I::Loop(wasm_encoder::BlockType::Empty))
-                .instruction(&I::Br(0))
-                .instruction(&I::End)
-                .instruction(&I::Unreachable),
-            Behaviour::Trap => f.instruction(&I::Unreachable),
-            Behaviour::EatMemory => f
-                .instruction(&I::Loop(wasm_encoder::BlockType::Empty))
-                .instruction(&I::I32Const(16))
-                .instruction(&I::MemoryGrow(0))
-                .instruction(&I::I32Const(-1))
-                .instruction(&I::I32Ne)
-                .instruction(&I::BrIf(0))
-                .instruction(&I::End)
-                .instruction(&I::Unreachable),
-        };
+        funcs.function(type_of(&sig));
+        let mut f = Function::new([(2, ValType::I32)]);
+        generate.body(&mut f, *behaviour, func);
         f.instruction(&I::End);
         code.function(&f);
         let name = resolve.wasm_export_name(
@@ -158,8 +463,9 @@ pub fn plugin_of_world(
             },
         );
         exports.export(&name, ExportKind::Func, index);
-        index += 1;
     }
+    let text = generate.text;
+    let heap = (TEXT + text.len() as i32 + 7) & !7;
 
     let mut memories = MemorySection::new();
     memories.memory(MemoryType {
@@ -181,9 +487,12 @@ pub fn plugin_of_world(
             mutable: true,
             shared: false,
         },
-        &ConstExpr::i32_const(HEAP),
+        &ConstExpr::i32_const(heap),
     );
     let mut data = DataSection::new();
+    if !text.is_empty() {
+        data.active(0, &ConstExpr::i32_const(TEXT), text);
+    }
     let mut result = vec![0u8; 24];
     result[0] = 1; // err
     result[8] = 1; // invalid-input
@@ -212,8 +521,11 @@ pub fn plugin_of_world(
     data.active(0, &ConstExpr::i32_const(710), b"k".to_vec());
 
     let mut module = Module::new();
+    module.section(&types);
+    if imported > 0 {
+        module.section(&imports);
+    }
     module
-        .section(&types)
         .section(&funcs)
         .section(&memories)
         .section(&globals)

@@ -837,7 +837,8 @@ mod tests {
         // What is left of the deadline less its margin, however long the machine took since.
         let near = |d: Option<Duration>, secs: u64| {
             let d = d.unwrap();
-            d <= Duration::from_secs(secs) && d >= Duration::from_secs(secs) - made.elapsed()
+            d <= Duration::from_secs(secs)
+                && d >= Duration::from_secs(secs).saturating_sub(made.elapsed())
         };
         let o = policy.options(None);
         assert!(near(o.connect_timeout, 5));

@@ -145,6 +145,7 @@ impl Faults {
         self.next.clear();
         self.delays.clear();
         self.delayed.clear();
+        self.pass.clear();
         self.served.clear();
         self.lost.clear();
     }

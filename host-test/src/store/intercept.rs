@@ -3,7 +3,8 @@
 //! writes, a slow link) without writing out every [`Backend`] and [`LeaseStore`] method.
 //!
 //! Implement [`Intercept::memory`] and override only what the fault changes; every other
-//! operation is the memory store's own.
+//! operation is the memory store's own. `Backend::submit` keeps its default (the commit is
+//! handed back and goes through `commit`), so an overridden `commit` sees every commit.
 
 use super::{Backend, Commit, MemoryStore, Outcome, Pending};
 use crate::persistent::LeaseStore;

@@ -563,21 +563,48 @@ async fn a_start_outlives_an_engine_that_hangs_up() {
 /// A remote store whose next `fail` commits fail: refused, or (`applied`) applied with the
 /// answer lost, as when Redis goes away between applying a commit and answering it. With
 /// `fill`, a refused commit's keys starting with it are written meanwhile by "another call"
-/// (a cache it filled too). With `slow_gets`, every read takes that long, as behind a dead
-/// link; `in_get` counts the reads under way. With `local`, it reports itself a local store,
-/// and with `slow_increments` each increment takes that long, as a disk flush might;
-/// `in_increment` counts those under way.
+/// (a cache it filled too). While `gets` is held, every read waits, as behind a dead link;
+/// with `local`, it reports itself a local store, and while `increments` is held each
+/// increment waits, as a disk flush might.
 #[derive(Default)]
 struct FlakyStore {
     inner: MemoryStore,
     fail: AtomicU32,
     applied: AtomicBool,
     fill: Mutex<Option<&'static str>>,
-    slow_gets: Mutex<Option<Duration>>,
-    in_get: AtomicU32,
+    gets: Gate,
     local: AtomicBool,
-    slow_increments: Mutex<Option<Duration>>,
-    in_increment: AtomicU32,
+    increments: Gate,
+}
+
+/// Store operations held until the test lets them go; `waiting` counts those held.
+#[derive(Default)]
+struct Gate {
+    held: Mutex<bool>,
+    open: std::sync::Condvar,
+    waiting: AtomicU32,
+}
+
+impl Gate {
+    fn hold(&self) {
+        *self.held.lock().unwrap() = true;
+    }
+
+    fn release(&self) {
+        *self.held.lock().unwrap() = false;
+        self.open.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut held = self.held.lock().unwrap();
+        if *held {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            while *held {
+                held = self.open.wait(held).unwrap();
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Intercept for FlakyStore {
@@ -585,12 +612,7 @@ impl Intercept for FlakyStore {
         &self.inner
     }
     fn get(&self, ns: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        let slow = *self.slow_gets.lock().unwrap();
-        if let Some(delay) = slow {
-            self.in_get.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(delay);
-            self.in_get.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.gets.pass();
         self.inner.get(ns, key)
     }
     fn commit(&self, ns: &str, commit: Commit) -> anyhow::Result<Outcome> {
@@ -615,12 +637,7 @@ impl Intercept for FlakyStore {
         anyhow::bail!("injected commit failure")
     }
     fn increment(&self, ns: &str, key: &str, delta: u64, pending: Pending) -> anyhow::Result<u64> {
-        let slow = *self.slow_increments.lock().unwrap();
-        if let Some(delay) = slow {
-            self.in_increment.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(delay);
-            self.in_increment.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.increments.pass();
         self.inner.increment(ns, key, delta, pending)
     }
     fn remote(&self) -> bool {
@@ -652,21 +669,37 @@ async fn an_overlong_instance_id_is_invalid_input() {
     }
 }
 
-/// Once two calls are in a store operation that takes `delay` (`in_op` counts them), another
-/// task still gets a worker at once. The test's own thread is not a worker: it may block
-/// while it waits for both.
-async fn assert_workers_free(in_op: &AtomicU32, delay: Duration, never: &str) {
-    let since = Instant::now();
-    while in_op.load(Ordering::SeqCst) < 2 {
-        assert!(since.elapsed() < delay, "{never}");
-        std::thread::sleep(Duration::from_millis(5));
+/// Once two calls wait in a store operation `gate` holds, another task still gets a worker;
+/// then the gate is released. The test's own thread is not a worker: it blocks while it
+/// waits. Where the calls held the workers, the task cannot run before the release, and the
+/// generous bounds below are only how long the test waits to say so.
+async fn assert_workers_free(gate: &Gate, never: &str) {
+    /// Releases the gate however this ends, so that a failed check cannot leave the calls
+    /// (and the runtime's shutdown) waiting for ever.
+    struct Release<'a>(&'a Gate);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.release();
+        }
     }
-    let asked = Instant::now();
-    let ran = tokio::spawn(async { Instant::now() }).await.unwrap();
+    let _release = Release(gate);
+    let wait = |done: &dyn Fn() -> bool| {
+        let until = Instant::now() + Duration::from_secs(20);
+        while !done() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        done()
+    };
     assert!(
-        ran - asked < delay / 2,
-        "another task waited {:?} for a worker",
-        ran - asked
+        wait(&|| gate.waiting.load(Ordering::SeqCst) == 2),
+        "{never}"
+    );
+    let ran = Arc::new(AtomicBool::new(false));
+    let task = ran.clone();
+    tokio::spawn(async move { task.store(true, Ordering::SeqCst) });
+    assert!(
+        wait(&|| ran.load(Ordering::SeqCst)),
+        "no worker ran another task while two calls waited on the store"
     );
 }
 
@@ -681,9 +714,7 @@ async fn calls_waiting_on_a_remote_store_leave_the_workers_free() {
         .await
         .expect("harness");
     let app = dingtalk_app(&DingtalkApp::new("dingslow"), "http://127.0.0.1:9");
-    // Long enough that both calls are in their read at once on a loaded machine.
-    let delay = Duration::from_secs(5);
-    *store.slow_gets.lock().unwrap() = Some(delay);
+    store.gets.hold();
     let calls: Vec<_> = (0..2)
         .map(|i| {
             let host = h.host.clone();
@@ -691,8 +722,7 @@ async fn calls_waiting_on_a_remote_store_leave_the_workers_free() {
             tokio::spawn(async move { host.invoke_json(TENANT, "get-approval", input).await })
         })
         .collect();
-    assert_workers_free(&store.in_get, delay, "the two calls never read").await;
-    *store.slow_gets.lock().unwrap() = None;
+    assert_workers_free(&store.gets, "the two calls never read").await;
     for call in calls {
         let out = call.await.unwrap().expect("the call ends");
         assert_eq!(err_kind(&out), "invalid-input", "{out}");
@@ -725,8 +755,7 @@ async fn increments_on_a_slow_local_disk_leave_the_workers_free() {
         .await
         .unwrap();
     ok(&warm);
-    let delay = Duration::from_secs(5);
-    *store.slow_increments.lock().unwrap() = Some(delay);
+    store.increments.hold();
     let calls: Vec<_> = (0..2)
         .map(|i| {
             let host = h.host.clone();
@@ -734,8 +763,7 @@ async fn increments_on_a_slow_local_disk_leave_the_workers_free() {
             tokio::spawn(async move { host.invoke_json(TENANT, "start-approval", input).await })
         })
         .collect();
-    assert_workers_free(&store.in_increment, delay, "the two starts never claimed").await;
-    *store.slow_increments.lock().unwrap() = None;
+    assert_workers_free(&store.increments, "the two starts never claimed").await;
     for call in calls {
         let out = call.await.unwrap().expect("the call ends");
         ok(&out);

@@ -115,6 +115,10 @@ const MAX_BUFFERED: usize = 2 * MAX_PAYLOAD;
 /// When a message's first fragment arrived, and the fragments so far (by `seq`).
 type Partial = (Instant, Vec<Option<Vec<u8>>>);
 
+fn size(p: &Partial) -> usize {
+    p.1.iter().flatten().map(Vec::len).sum()
+}
+
 /// Collects the fragments of split messages.
 #[derive(Default)]
 pub struct Reassembler {
@@ -152,12 +156,11 @@ impl Reassembler {
             return Err("fragments disagree on their count".into());
         }
         entry.1[seq as usize] = Some(payload);
-        let size = |p: &Partial| p.1.iter().flatten().map(Vec::len).sum::<usize>();
         if size(entry) > MAX_PAYLOAD {
             self.parts.remove(message_id);
             return Err(format!("message exceeds {MAX_PAYLOAD} bytes"));
         }
-        if self.parts.values().map(size).sum::<usize>() > MAX_BUFFERED {
+        if self.held() > MAX_BUFFERED {
             self.parts.remove(message_id);
             return Err(format!(
                 "messages in fragments would hold over {MAX_BUFFERED} bytes"
@@ -173,6 +176,11 @@ impl Reassembler {
             .map(|(_, p)| p)
             .unwrap_or_default();
         Ok(Some(parts.into_iter().flatten().flatten().collect()))
+    }
+
+    /// Bytes held in fragments of messages not yet complete.
+    fn held(&self) -> usize {
+        self.parts.values().map(size).sum()
     }
 }
 
@@ -437,12 +445,7 @@ mod tests {
         // Four half-payload fragments fill MAX_BUFFERED; a fifth is refused and takes its
         // message with it, so what is held stays within the bound.
         assert!(r.add("b2", 3, 0, vec![0; big]).is_err());
-        let held: usize = r
-            .parts
-            .values()
-            .map(|p| p.1.iter().flatten().map(Vec::len).sum::<usize>())
-            .sum();
-        assert_eq!(held, MAX_BUFFERED);
+        assert_eq!(r.held(), MAX_BUFFERED);
         assert!(r.parts.contains_key("b0") && r.parts.contains_key("b1"));
         assert!(!r.parts.contains_key("b2"));
     }

@@ -12,7 +12,7 @@ use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkSim};
 use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::sim::http::{Faults, Response};
 use imbridge_host::sim::wecom::{WecomApp, WecomConfig, WecomSim, WecomUser};
-use imbridge_host::store::{Backend, Commit, Intercept, MemoryStore, Outcome, Pending};
+use imbridge_host::store::{Backend, Commit, Gate, Intercept, MemoryStore, Outcome, Pending};
 use imbridge_tests::{Harness, dingtalk_sim, err_kind, err_message, ok};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -577,36 +577,6 @@ struct FlakyStore {
     increments: Gate,
 }
 
-/// Store operations held until the test lets them go; `waiting` counts those held.
-#[derive(Default)]
-struct Gate {
-    held: Mutex<bool>,
-    open: std::sync::Condvar,
-    waiting: AtomicU32,
-}
-
-impl Gate {
-    fn hold(&self) {
-        *self.held.lock().unwrap() = true;
-    }
-
-    fn release(&self) {
-        *self.held.lock().unwrap() = false;
-        self.open.notify_all();
-    }
-
-    fn pass(&self) {
-        let mut held = self.held.lock().unwrap();
-        if *held {
-            self.waiting.fetch_add(1, Ordering::SeqCst);
-            while *held {
-                held = self.open.wait(held).unwrap();
-            }
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
 impl Intercept for FlakyStore {
     fn memory(&self) -> &MemoryStore {
         &self.inner
@@ -690,10 +660,7 @@ async fn assert_workers_free(gate: &Gate, never: &str) {
         }
         done()
     };
-    assert!(
-        wait(&|| gate.waiting.load(Ordering::SeqCst) >= 2),
-        "{never}"
-    );
+    assert!(gate.wait_for(2, Duration::from_secs(20)), "{never}");
     let ran = Arc::new(AtomicBool::new(false));
     let task = ran.clone();
     tokio::spawn(async move { task.store(true, Ordering::SeqCst) });

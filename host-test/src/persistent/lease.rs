@@ -124,15 +124,12 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc;
 
-    /// A store whose next grant, once `gate` is set, waits until the test lets it go, as a
-    /// store behind a slow link might: it says when the request has reached it, so the
-    /// release can be timed to come while the grant is under way.
+    /// A store whose grants wait while `gate` is held, as a store behind a slow link might.
     #[derive(Default)]
     struct GatedStore {
         inner: crate::store::MemoryStore,
-        gate: std::sync::Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+        gate: crate::store::Gate,
     }
 
     impl crate::store::Intercept for GatedStore {
@@ -140,11 +137,7 @@ mod tests {
             &self.inner
         }
         fn try_acquire(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
-            let gate = self.gate.lock().unwrap().take();
-            if let Some((reached, go)) = gate {
-                reached.send(()).unwrap();
-                go.recv().unwrap();
-            }
+            self.gate.pass();
             self.inner.try_acquire(name, owner, ttl)
         }
     }
@@ -154,19 +147,20 @@ mod tests {
         let store = Arc::new(GatedStore::default());
         let lease = Lease::new(store.clone(), "t/a", "me", Duration::from_secs(30));
         assert!(lease.acquire().unwrap());
-        let (reached_tx, reached) = mpsc::channel();
-        let (go, go_rx) = mpsc::channel();
-        *store.gate.lock().unwrap() = Some((reached_tx, go_rx));
+        store.gate.hold();
         let renewal = {
             let lease = lease.clone();
             std::thread::spawn(move || lease.acquire())
         };
-        reached.recv().unwrap();
+        assert!(
+            store.gate.wait_for(1, Duration::from_secs(20)),
+            "no renewal"
+        );
         lease.release().unwrap();
         assert_eq!(lease.holder().unwrap(), None);
         // The store now grants the renewal (nobody holds the lease): the lease must give it
         // back and report it not taken.
-        go.send(()).unwrap();
+        store.gate.release();
         assert!(!renewal.join().unwrap().unwrap());
         assert_eq!(lease.holder().unwrap(), None);
         assert!(!lease.acquire().unwrap());

@@ -3,13 +3,62 @@
 //! writes, a slow link) without writing out every [`Backend`] and [`LeaseStore`] method.
 //!
 //! Implement [`Intercept::memory`] and override only what the fault changes; every other
-//! operation is the memory store's own. `Backend::submit` keeps its default (the commit is
+//! operation is the memory store's own; a [`Gate`] holds an operation until the test lets it
+//! go. `Backend::submit` keeps its default (the commit is
 //! handed back and goes through `commit`), so an overridden `commit` sees every commit.
 
 use super::{Backend, Commit, MemoryStore, Outcome, Pending};
 use crate::persistent::LeaseStore;
 use anyhow::Result;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Store operations held, while the test holds the gate, until it releases it: a store behind
+/// a dead link or a slow disk, with the test knowing when the operations have reached it.
+#[derive(Default)]
+pub struct Gate {
+    held: Mutex<bool>,
+    open: Condvar,
+    waiting: AtomicU32,
+}
+
+impl Gate {
+    pub fn hold(&self) {
+        *self.lock() = true;
+    }
+
+    pub fn release(&self) {
+        *self.lock() = false;
+        self.open.notify_all();
+    }
+
+    /// What an intercepted operation calls first: waits while the gate is held.
+    pub fn pass(&self) {
+        let mut held = self.lock();
+        if *held {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            while *held {
+                held = self.open.wait(held).unwrap_or_else(|e| e.into_inner());
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether `n` operations are waiting at the gate within `within`; blocks the thread
+    /// meanwhile (tests call it from a thread that is not an async worker).
+    pub fn wait_for(&self, n: u32, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while self.waiting.load(Ordering::SeqCst) < n && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.waiting.load(Ordering::SeqCst) >= n
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 pub trait Intercept: Send + Sync {
     /// The store every operation not overridden goes to.

@@ -21,7 +21,7 @@ mod redis;
 
 pub use self::embedded::{DB_FILE, Store};
 pub use self::group_commit::{SLOW_COMMIT, Submitted};
-pub use self::intercept::Intercept;
+pub use self::intercept::{Gate, Intercept};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Behaviour, echoed, plugin};
+use common::{Behaviour, GATE, echoed, plugin};
 use imbridge_host::config::ServeConfig;
 use imbridge_host::server::{self, ServerHandle};
 use serde_json::{Value, json};
@@ -553,7 +553,7 @@ async fn tenant_tokens_open_only_their_tenant() {
 /// their runs ([`ran`]).
 async fn start_busy(dir: &Path, extra: Value, deadline: Duration) -> ServerHandle {
     let behaviour = |name: &str| match name {
-        "get-approval" => Behaviour::Counted(&Behaviour::Loop),
+        "get-approval" => Behaviour::Counted(&Behaviour::Gated(&Behaviour::Err)),
         "cancel-approval" => Behaviour::Counted(&Behaviour::Err),
         other => behaviour(other),
     };
@@ -576,6 +576,25 @@ async fn start_busy(dir: &Path, extra: Value, deadline: Duration) -> ServerHandl
     assert_eq!(until_ran(&server, "get-approval", 1).await, 1);
     assert_eq!(server.calls_in_flight(), 1);
     server
+}
+
+/// Lets the call that `start_busy` started finish, so it frees the host's slot.
+fn release_busy(server: &ServerHandle) {
+    server.host().kv_set("acme", GATE, b"open").unwrap();
+}
+
+/// Hangs up on a request and waits until the server has closed the connection, which it
+/// does as it drops the request.
+async fn hang_up(mut s: tokio::net::TcpStream) {
+    s.shutdown().await.unwrap();
+    let closed = async {
+        let mut buf = [0; 1024];
+        // A reset closes it as well as an end of stream does.
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    tokio::time::timeout(Duration::from_secs(20), closed)
+        .await
+        .expect("the server closes a connection whose client hung up");
 }
 
 /// Asks to cancel an approval; dropping the connection hangs up before the answer.
@@ -627,9 +646,9 @@ async fn until_in_flight(server: &ServerHandle, n: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_call_outlives_a_client_that_hangs_up() {
     let dir = tempfile::tempdir().unwrap();
-    // The slow call's deadline must outlast the hang-up, so that the cancel can run only after
-    // its client has left.
-    let server = start_busy(dir.path(), json!({}), Duration::from_secs(5)).await;
+    // The slow call holds the slot until the client has hung up; the deadline is only a bound
+    // should the test fail.
+    let server = start_busy(dir.path(), json!({}), Duration::from_secs(60)).await;
     let client = cancel(server.addr()).await;
     assert_eq!(until_in_flight(&server, 2).await, 2, "the cancel waits");
     drop(client);
@@ -638,6 +657,7 @@ async fn an_api_call_outlives_a_client_that_hangs_up() {
         0,
         "the slot is still taken"
     );
+    release_busy(&server);
     assert_eq!(until_in_flight(&server, 0).await, 0);
     assert_eq!(ran(&server, "cancel-approval"), 1, "the abandoned call ran");
     server.shutdown().await;
@@ -708,7 +728,7 @@ async fn shutdown_finishes_the_calls_in_flight() {
     let addr = server.addr();
     let client =
         tokio::spawn(async move { request(addr, "POST", "/callback/acme/a1", "", b"{}").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(until_in_flight(&server, 2).await, 2, "the callback waits");
     let store = server.host().store().clone();
     assert!(store.outbox_list("acme", 0).unwrap().is_empty());
     server.shutdown().await;
@@ -799,10 +819,9 @@ async fn a_webhook_stuck_in_its_tls_handshake_is_given_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_calls_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    // The slow call holds the slot until its deadline, which must outlast sending the requests
-    // on a loaded machine: at 3 s the slot once freed before they were all sent, and they
-    // now go one at a time (2.3 s on an idle 2-core machine).
-    let server = start_busy(dir.path(), json!({}), Duration::from_secs(20)).await;
+    // The slow call holds the slot until all the requests are in (one at a time: 2.3 s on an
+    // idle 2-core machine); the deadline is only a bound should the test fail.
+    let server = start_busy(dir.path(), json!({}), Duration::from_secs(120)).await;
     // The slow call holds one permit; each cancel's client hangs up once the server has
     // admitted it, until all the others are taken.
     for admitted in 2..=server::MAX_CALLS {
@@ -812,7 +831,7 @@ async fn abandoned_calls_are_bounded() {
     }
     // Beyond the bound: requests whose clients leave at once, and one whose client waits.
     for _ in 0..6 {
-        drop(cancel(server.addr()).await);
+        hang_up(cancel(server.addr()).await).await;
     }
     let addr = server.addr();
     let waiting = tokio::spawn(async move {
@@ -824,6 +843,7 @@ async fn abandoned_calls_are_bounded() {
         "the slot is still taken"
     );
     assert_eq!(server.calls_in_flight(), server::MAX_CALLS);
+    release_busy(&server);
     let (status, body) = waiting.await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(

@@ -31,12 +31,22 @@ pub enum Behaviour {
     /// behaviour does. The other behaviours leave no trace in the store; this shows that a
     /// call ran, and how often.
     Counted(&'static Behaviour),
+    /// Waits until the tenant's store has the key [`GATE`] (`wasi:keyvalue` `get`, polled),
+    /// then does what the inner behaviour does: a call that holds its slot until the test
+    /// lets it go, rather than until a deadline. The deadline still ends it.
+    Gated(&'static Behaviour),
     Loop,
     Trap,
     /// Grows memory until refused, then traps.
     EatMemory,
     /// Returns `ok(callback-outcome)`: status 200, body "ok", one approved update (`i1`, `k`).
     Callback,
+}
+
+impl Behaviour {
+    fn uses_kv(&self) -> bool {
+        matches!(self, Behaviour::Counted(_) | Behaviour::Gated(_))
+    }
 }
 
 /// A [`Behaviour::Echo`] message: the export's name, and its arguments by name.
@@ -52,15 +62,20 @@ pub fn echoed(message: &str) -> (String, BTreeMap<String, String>) {
     (export, args)
 }
 
+/// The key a [`Behaviour::Gated`] call waits for.
+pub const GATE: &str = "gate";
+
 /// Where the static `err(invalid-input("x"))` return value lives. Every export returns
 /// `result<T, error>` with a payload aligned to 8 (error holds an s64), so one layout fits all:
 /// tag at 0, error case at 8, its string (ptr, len) at 16.
 const RESULT: i32 = 64;
 const STRING: i32 = 128;
-/// Return areas of the key-value imports `Counted` calls: `open`'s result<bucket, error>
-/// (the handle at +4), then `increment`'s result<u64, error>.
+/// Return areas of the key-value imports `Counted` and `Gated` call: `open`'s
+/// result<bucket, error> (the handle at +4), `increment`'s result<u64, error>, and `get`'s
+/// result<option<list<u8>>, error> (the option's tag at +4).
 const OPENED: i32 = 192;
 const INCREMENTED: i32 = 208;
+const GOT: i32 = 224;
 /// `Echo`'s `err(invalid-input(M))`, laid out as at `RESULT`; M itself is on the heap.
 const ECHO_RESULT: i32 = 256;
 /// `ok(callback-outcome)`: payload at +8 = http-response {status u16, headers, body}, then
@@ -79,6 +94,16 @@ const START: u32 = 2;
 
 pub fn plugin(behaviour: impl Fn(&str) -> Behaviour, version: &str) -> Vec<u8> {
     plugin_of_world(&wit_dir(), behaviour, version)
+}
+
+/// Traps unless the `result` at `result` is `ok`: a refused key-value call fails the call
+/// rather than leaving a count silently short or a gate that never opens.
+fn trap_unless_ok(f: &mut Function, result: i32) {
+    f.instruction(&I::I32Const(result))
+        .instruction(&I::I32Load8U(mem(0, 0)))
+        .instruction(&I::If(BlockType::Empty))
+        .instruction(&I::Unreachable)
+        .instruction(&I::End);
 }
 
 /// The plugin world's WIT (`wit/`).
@@ -132,8 +157,9 @@ struct Gen<'a> {
     sizes: SizeAlign,
     /// The static texts, placed at [`TEXT`].
     text: Vec<u8>,
-    /// The function indices of `wasi:keyvalue/store.open` and `atomics.increment`.
-    kv: Option<(u32, u32)>,
+    /// The function indices of `wasi:keyvalue/store.open`, `atomics.increment` and
+    /// `store.[method]bucket.get`.
+    kv: Option<(u32, u32, u32)>,
 }
 
 impl Gen<'_> {
@@ -171,23 +197,8 @@ impl Gen<'_> {
                     .instruction(&I::Unreachable);
             }
             Behaviour::Counted(inner) => {
-                let (open, increment) = self.kv.expect("the key-value imports");
+                let (_, increment, _) = self.open_bucket(f);
                 let (name, len) = self.text(&func.name);
-                // A refused open or increment traps, so a test sees the call fail rather
-                // than a count that is silently short.
-                let trap_unless_ok = |f: &mut Function, result: i32| {
-                    f.instruction(&I::I32Const(result))
-                        .instruction(&I::I32Load8U(mem(0, 0)))
-                        .instruction(&I::If(BlockType::Empty))
-                        .instruction(&I::Unreachable)
-                        .instruction(&I::End);
-                };
-                // The one bucket there is, "" (so its address does not matter).
-                f.instruction(&I::I32Const(0))
-                    .instruction(&I::I32Const(0))
-                    .instruction(&I::I32Const(OPENED))
-                    .instruction(&I::Call(open));
-                trap_unless_ok(f, OPENED);
                 f.instruction(&I::I32Const(OPENED))
                     .instruction(&I::I32Load(mem(4, 2)))
                     .instruction(&I::I32Const(name))
@@ -196,6 +207,24 @@ impl Gen<'_> {
                     .instruction(&I::I32Const(INCREMENTED))
                     .instruction(&I::Call(increment));
                 trap_unless_ok(f, INCREMENTED);
+                self.body(f, *inner, func);
+            }
+            Behaviour::Gated(inner) => {
+                let (_, _, get) = self.open_bucket(f);
+                let (key, len) = self.text(GATE);
+                f.instruction(&I::Loop(BlockType::Empty))
+                    .instruction(&I::I32Const(OPENED))
+                    .instruction(&I::I32Load(mem(4, 2)))
+                    .instruction(&I::I32Const(key))
+                    .instruction(&I::I32Const(len))
+                    .instruction(&I::I32Const(GOT))
+                    .instruction(&I::Call(get));
+                trap_unless_ok(f, GOT);
+                f.instruction(&I::I32Const(GOT))
+                    .instruction(&I::I32Load8U(mem(4, 0)))
+                    .instruction(&I::I32Eqz)
+                    .instruction(&I::BrIf(0))
+                    .instruction(&I::End);
                 self.body(f, *inner, func);
             }
             Behaviour::Echo => {
@@ -232,6 +261,18 @@ impl Gen<'_> {
                     .instruction(&I::I32Const(ECHO_RESULT));
             }
         }
+    }
+
+    /// Opens the one bucket there is, "" (so its address does not matter), into `OPENED`;
+    /// returns the key-value imports.
+    fn open_bucket(&self, f: &mut Function) -> (u32, u32, u32) {
+        let kv = self.kv.expect("the key-value imports");
+        f.instruction(&I::I32Const(0))
+            .instruction(&I::I32Const(0))
+            .instruction(&I::I32Const(OPENED))
+            .instruction(&I::Call(kv.0));
+        trap_unless_ok(f, OPENED);
+        kv
     }
 
     /// Appends the static text `s` to the message.
@@ -362,12 +403,10 @@ pub fn plugin_of_world(
         types.len() - 1
     };
 
-    // Only a plugin that counts imports the key-value store: the others stay as they were.
+    // Only a plugin that counts or waits imports the key-value store: the others stay as
+    // they were.
     let mut kv = None;
-    if exported
-        .iter()
-        .any(|(_, b)| matches!(b, Behaviour::Counted(_)))
-    {
+    if exported.iter().any(|(_, b)| b.uses_kv()) {
         let mut import = |interface: &str, name: &str, flat: usize| {
             let (key, id) = resolve.worlds[world]
                 .imports
@@ -396,10 +435,12 @@ pub fn plugin_of_world(
             imports.import(&module, &field, EntityType::Function(type_of(&sig)));
             imports.len() - 1
         };
-        // (name ptr, len, return area); (bucket, key ptr, len, delta, return area)
+        // (name ptr, len, return area); (bucket, key ptr, len, delta, return area);
+        // (bucket, key ptr, len, return area)
         kv = Some((
             import("store", "open", 3),
             import("atomics", "increment", 5),
+            import("store", "[method]bucket.get", 4),
         ));
     }
     let imported = imports.len();

@@ -93,7 +93,11 @@ async fn runaway_plugin_hits_the_deadline_and_the_host_lives_on() {
 async fn reload_swaps_atomically_and_in_flight_calls_keep_their_version() {
     let dir = tempfile::tempdir().unwrap();
     let host = host(dir.path(), Duration::from_millis(800)).await;
-    host.load_tenant_bytes("t", plugin(standard, "1"), TenantPolicy::default())
+    let counted = |name: &str| match name {
+        "notify" => Behaviour::Counted(&Behaviour::Loop),
+        other => standard(other),
+    };
+    host.load_tenant_bytes("t", plugin(counted, "1"), TenantPolicy::default())
         .await
         .unwrap();
 
@@ -101,7 +105,14 @@ async fn reload_swaps_atomically_and_in_flight_calls_keep_their_version() {
         let host = host.clone();
         tokio::spawn(async move { host.invoke_json("t", "notify", notify_input()).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Counted, so it runs version 1 by now.
+    while host.kv_get("t", "notify").unwrap().is_none() {
+        assert!(
+            !in_flight.is_finished(),
+            "the first call ended without running"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     host.load_tenant_bytes(
         "t",
         plugin(|_| Behaviour::Err, "2"),

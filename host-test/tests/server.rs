@@ -702,8 +702,13 @@ async fn requests_on_open_connections_get_503_while_stopping() {
     let ok = read_response(&mut open).await;
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
 
-    let stopping = tokio::spawn(server.shutdown());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Polled once, shutdown has set the flag that refuses calls (its first step).
+    let mut stopping = Box::pin(server.shutdown());
+    tokio::select! {
+        biased;
+        _ = &mut stopping => panic!("stopped while a call was still running"),
+        _ = std::future::ready(()) => {}
+    }
     for (path, body) in [
         ("/callback/acme/a1", "{}"),
         ("/api/acme/a1/approvals/x/cancel", "{}"),
@@ -716,7 +721,7 @@ async fn requests_on_open_connections_get_503_while_stopping() {
         assert!(text.starts_with("HTTP/1.1 503"), "{path}: {text}");
         assert!(text.contains("stopping"), "{path}: {text}");
     }
-    stopping.await.unwrap();
+    stopping.await;
 }
 
 /// Stopping the server finishes the calls still running (here one still waiting for its

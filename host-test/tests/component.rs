@@ -187,6 +187,30 @@ async fn a_stalled_tls_handshake_is_a_transport_error_before_the_deadline() {
     );
 }
 
+/// A transport failure without words of its own is named as wasi:http names its code: here
+/// a server that answers with something other than HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_failure_is_named_by_its_wasi_http_code() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _garbage = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"SMTP ready\r\n\r\n").await;
+            });
+        }
+    });
+    let out = start_against(format!("http://{addr}")).await;
+    let message = format!("request to {addr}: HTTP-protocol-error");
+    assert_eq!(
+        out,
+        json!({"err": {"kind": "transport", "message": message}})
+    );
+}
+
 /// A response that drips one byte at a time never trips the between-bytes timeout, which
 /// restarts with every chunk; the body still ends, as a read timeout, before the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -593,6 +593,52 @@ async fn platform_and_transport_errors_are_typed() {
     assert_eq!(fx.h.kv_dump(TENANT), before);
 }
 
+/// A form deleted in DingTalk's console heals: the start it refuses is retryable and the
+/// retry makes the form again. A refusal for another reason keeps the form.
+#[tokio::test]
+async fn a_deleted_form_is_made_again() {
+    let fx = fixture().await;
+    let start = |key: &str, approver: &str| {
+        let req = json!({"app": fx.app, "request": {
+            "key": key, "title": "Deploy", "initiator": {"id": "orig"},
+            "nodes": [{"approvers": [{"id": approver}], "mode": "and"}],
+        }});
+        fx.h.invoke(TENANT, "start-approval", req)
+    };
+    ok(&start("k1", "a").await);
+    let forms = || fx.sim.state().forms.keys().cloned().collect::<Vec<_>>();
+    let first = forms();
+    assert_eq!(first.len(), 1);
+
+    // Refused for an unknown approver: the form exists, so the refusal stands and the form
+    // is kept.
+    let r = start("k2", "nobody").await;
+    assert_eq!(err_kind(&r), "platform", "{r}");
+    assert_eq!(r["err"]["retryable"], false, "{r}");
+    assert!(!err_message(&r).contains("gone"), "{r}");
+    assert_eq!(forms(), first);
+
+    fx.sim.state().forms.clear();
+    let r = start("k3", "a").await;
+    assert_eq!(err_kind(&r), "platform", "{r}");
+    assert_eq!(r["err"]["retryable"], true, "{r}");
+    assert!(
+        err_message(&r)
+            .ends_with("the form it used is gone from the platform, a retry makes it again"),
+        "{r}"
+    );
+    assert!(forms().is_empty(), "nothing made before the retry");
+    let id = ok(&start("k3", "a").await)["instance_id"].clone();
+    let second = forms();
+    assert_eq!(second.len(), 1);
+    assert_ne!(second, first);
+    let state = fx.sim.state();
+    assert_eq!(
+        state.instances[id.as_str().unwrap()].process_code,
+        second[0]
+    );
+}
+
 /// wechatpy's WX crypto (PrpCrypto, with the AppKey as receive id) produces a push the
 /// plugin must accept, and opens the plugin's encrypted "success".
 #[tokio::test]

@@ -277,8 +277,7 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
     /// templates the originator can see (a previous install of the plugin made it), else
     /// created. Cached per app so this costs API calls once.
     fn process_code(&self, originator: &str) -> Result<String> {
-        let cache = super::app_object_key(self.app, &self.base, "dform");
-        super::cached_id(self.env, &cache, "form", || {
+        super::cached_id(self.env, &self.form_key(), "form", || {
             if let Some(code) = self.find_form(originator)? {
                 return Ok(code);
             }
@@ -300,6 +299,25 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
                 .map(str::to_string)
                 .ok_or_else(|| Error::platform(-1, "form created without a processCode", true))
         })
+    }
+
+    fn form_key(&self) -> String {
+        super::app_object_key(self.app, &self.base, "dform")
+    }
+
+    /// Whether DingTalk says the form `code` no longer exists: its schema is `formNotExist`,
+    /// or `aflowProcessCodeIsError` ("failed to get the template, or it was deleted").
+    fn form_gone(&self, code: &str) -> bool {
+        let path = format!(
+            "/v1.0/workflow/forms/schemas/processCodes?processCode={}",
+            percent_encode(code)
+        );
+        match self.api(Method::Get, &path, None) {
+            Err(Error::Platform { message, .. }) => ["formNotExist:", "aflowProcessCodeIsError:"]
+                .iter()
+                .any(|c| message.starts_with(c)),
+            _ => false,
+        }
     }
 
     fn find_form(&self, user_id: &str) -> Result<Option<String>> {
@@ -398,7 +416,13 @@ pub fn prepare(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) ->
 }
 
 pub fn send(env: &(impl Env + ?Sized), app: &ImApp, p: Prepared) -> Result<Created, CreateError> {
-    let reply = Client::new(env, app)?.create("/v1.0/workflow/processInstances", &p.body)?;
+    let c = Client::new(env, app)?;
+    let reply = c
+        .create("/v1.0/workflow/processInstances", &p.body)
+        .map_err(|e| {
+            let code = p.meta["process_code"].as_str().unwrap_or_default();
+            super::forget_if_gone(env, &c.form_key(), "form", e, || c.form_gone(code))
+        })?;
     let instance = reply
         .get("instanceId")
         .and_then(Value::as_str)

@@ -324,6 +324,35 @@ fn cached_id(
     Ok(id)
 }
 
+/// A create the platform refused, made with the id kept under `key`: when `gone` finds the
+/// object behind it deleted on the platform (an admin tidying the console), the id is
+/// forgotten, so that a retry makes the object again, and the refusal says so and becomes
+/// retryable. Kept for good, one deleted form failed every later start of the app until
+/// someone cleared the store.
+fn forget_if_gone(
+    env: &(impl Env + ?Sized),
+    key: &str,
+    what: &str,
+    e: CreateError,
+    gone: impl FnOnce() -> bool,
+) -> CreateError {
+    match &e.error {
+        Error::Platform {
+            code,
+            message,
+            retryable: false,
+        } if !e.maybe_created && gone() && env.kv_delete(key).is_ok() => Error::platform(
+            *code,
+            format!(
+                "{message}; the {what} it used is gone from the platform, a retry makes it again"
+            ),
+            true,
+        )
+        .into(),
+        _ => e,
+    }
+}
+
 /// How long a part of a notification that failed further on is remembered as delivered.
 const PART_KEPT_MS: u64 = 10 * 60 * 1000;
 
@@ -564,5 +593,47 @@ mod tests {
         assert_eq!(normalize_mobile("+852 9123 4567").unwrap(), "+85291234567");
         assert!(normalize_mobile("call me").is_err());
         assert!(normalize_mobile("12").is_err());
+    }
+
+    /// Only a refusal that nothing was created by, and that no retry would change by itself,
+    /// asks whether the object is gone; only a gone one is forgotten.
+    #[test]
+    fn only_a_gone_object_behind_a_refusal_is_forgotten() {
+        let env = FakeEnv::offline();
+        let refused = || CreateError::from(Error::platform(-400, "InvalidParameter: x", false));
+        let kept = |env: &FakeEnv| env.kv_get("k").unwrap().is_some();
+        env.kv_set("k", b"PROC-1").unwrap();
+        let asked = std::cell::Cell::new(0);
+        let gone = |answer: bool| {
+            asked.set(asked.get() + 1);
+            answer
+        };
+
+        let maybe = CreateError::sent(Error::transport("cut off"));
+        let e = forget_if_gone(&env, "k", "form", maybe, || gone(true));
+        assert!(e.maybe_created);
+        let throttled = Error::platform(-429, "Throttling", true).into();
+        let e = forget_if_gone(&env, "k", "form", throttled, || gone(true));
+        assert_eq!(e.error, Error::platform(-429, "Throttling", true));
+        assert_eq!(asked.get(), 0);
+        assert!(kept(&env));
+
+        let e = forget_if_gone(&env, "k", "form", refused(), || gone(false));
+        assert_eq!(e.error, refused().error);
+        assert!(kept(&env));
+
+        let e = forget_if_gone(&env, "k", "form", refused(), || gone(true));
+        assert_eq!(asked.get(), 2);
+        assert!(!kept(&env));
+        assert!(!e.maybe_created);
+        assert_eq!(
+            e.error,
+            Error::platform(
+                -400,
+                "InvalidParameter: x; the form it used is gone from the platform, a retry makes \
+                 it again",
+                true
+            )
+        );
     }
 }

@@ -1,9 +1,9 @@
 //! A DingTalk open platform simulator.
 //!
 //! Speaks the wire formats the component uses: the new API (`/v1.0/oauth2/accessToken`,
-//! `/v1.0/workflow/forms`, template listing, `/v1.0/workflow/processInstances` create / get /
-//! terminate; token in `x-acs-dingtalk-access-token`, errors as HTTP status + `{code,
-//! message, requestid}`), the legacy API (`/topapi/v2/user/getbymobile`,
+//! `/v1.0/workflow/forms`, template listing, form schemas by process code,
+//! `/v1.0/workflow/processInstances` create / get / terminate; token in
+//! `x-acs-dingtalk-access-token`, errors as HTTP status + `{code, message, requestid}`), the legacy API (`/topapi/v2/user/getbymobile`,
 //! `/topapi/message/corpconversation/asyncsend_v2`; `?access_token=`, `{errcode, errmsg}`),
 //! and custom robots (`/robot/send?access_token=` with 加签 verification). It plays the
 //! platform's side of event delivery: approver actions produce `bpms_task_change` and
@@ -783,6 +783,20 @@ fn route_new(
                 .map(|f| json!({"name": f.name, "processCode": f.process_code, "iconUrl": "", "url": ""}))
                 .collect();
             Ok(json!({"result": {"processList": list}}))
+        }
+        // The form's schema (only what imbridge reads of it); an unknown or deleted code is
+        // `formNotExist`, as the platform documents.
+        ("GET", "/v1.0/workflow/forms/schemas/processCodes") => {
+            let code = req.query_param("processCode").unwrap_or_default();
+            let form = state
+                .forms
+                .get(&code)
+                .filter(|f| f.app_key == app_key)
+                .ok_or_else(|| new_err(400, "formNotExist", "审批表单模板不存在"))?;
+            Ok(
+                json!({"result": {"formCode": form.process_code, "name": form.name,
+                                 "status": "PUBLISHED"}}),
+            )
         }
         ("POST", "/v1.0/workflow/processInstances") => create_instance(inner, state, app_key, body),
         ("GET", "/v1.0/workflow/processInstances") => {

@@ -385,6 +385,59 @@ async fn url_verification_keeps_plus_and_decodes_once() {
     }
 }
 
+/// A template deleted in WeCom's console heals: the start it refuses is retryable and the
+/// retry makes the template again. A refusal for another reason keeps the template.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_template_is_made_again() {
+    let w = World::new().await;
+    let start = |key: &str, creator: &str| {
+        let req = json!({"key": key, "title": "Deploy", "initiator": {"id": creator},
+                         "nodes": [{"approvers": [{"id": "u1"}], "mode": "and"}]});
+        w.h.invoke(
+            "t1",
+            "start-approval",
+            json!({"app": w.app_json("wa", &w.a), "request": req}),
+        )
+    };
+    ok(&start("k1", "zhangsan").await);
+    let templates = || {
+        let state = w.sim.state();
+        state
+            .templates
+            .iter()
+            .map(|t| t.template_id.clone())
+            .collect::<Vec<_>>()
+    };
+    let first = templates();
+    assert_eq!(first.len(), 1);
+
+    // Refused for an unknown creator: the template exists, so the refusal stands and the
+    // template is kept.
+    let r = start("k2", "ghost").await;
+    assert_eq!(err_kind(&r), "platform", "{r}");
+    assert_eq!(r["err"]["retryable"], false, "{r}");
+    assert!(!err_message(&r).contains("gone"), "{r}");
+    assert_eq!(templates(), first);
+
+    w.sim.state().templates.clear();
+    let r = start("k3", "zhangsan").await;
+    assert_eq!(err_kind(&r), "platform", "{r}");
+    assert_eq!(r["err"]["code"], 301025, "{r}");
+    assert_eq!(r["err"]["retryable"], true, "{r}");
+    assert!(
+        err_message(&r)
+            .ends_with("the template it used is gone from the platform, a retry makes it again"),
+        "{r}"
+    );
+    assert!(templates().is_empty(), "nothing made before the retry");
+    let id = ok(&start("k3", "zhangsan").await)["instance_id"].clone();
+    let second = templates();
+    assert_eq!(second.len(), 1);
+    assert_ne!(second, first);
+    let state = w.sim.state();
+    assert_eq!(state.instances[id.as_str().unwrap()].template_id, second[0]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn robot_and_app_notifications() {
     let w = World::new().await;

@@ -327,8 +327,8 @@ fn cached_id(
 /// A create the platform refused, made with the id kept under `key`: when `gone` finds the
 /// object behind it deleted on the platform (an admin tidying the console), the id is
 /// forgotten, so that a retry makes the object again, and the refusal says so and becomes
-/// retryable. Kept for good, one deleted form failed every later start of the app until
-/// someone cleared the store.
+/// retryable. Kept for good, a deleted form or template failed every later start of the app
+/// until someone cleared the store.
 fn forget_if_gone(
     env: &(impl Env + ?Sized),
     key: &str,

@@ -30,6 +30,8 @@ const DETAIL_CONTROL: &str = "Textarea-01";
 /// Codes that mean the access token is invalid or expired: refresh once and retry.
 /// 40014 invalid token, 42001 expired, 40001 invalid credential, 41001 token missing.
 const TOKEN_INVALID: &[i64] = &[40014, 42001, 40001, 41001];
+/// WeCom's answer for an approval template id it does not know.
+const TEMPLATE_UNKNOWN: i64 = 301025;
 /// -1 "system busy", 45009 / 45011 call-frequency limits, 45033 too many concurrent calls.
 const RETRYABLE: &[i64] = &[-1, 45009, 45011, 45033];
 /// Robot markdown content limit (WeCom: 4096 bytes); text content is 2048.
@@ -209,8 +211,7 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
 
     /// The app's one approval template, created on first use and cached in KV.
     fn template(&self) -> Result<String> {
-        let cache = super::app_object_key(self.app, &self.base, "wtpl");
-        super::cached_id(self.env, &cache, "template", || {
+        super::cached_id(self.env, &self.template_key(), "template", || {
             // Template names must be unique in the corp; a random suffix keeps two apps (or
             // two racing first starts) from colliding forever on the same name.
             let name = format!("imbridge {}", &self.env.random_hex(3));
@@ -225,6 +226,23 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
                 .map(str::to_string)
                 .ok_or_else(|| Error::platform(-1, "template created without a template_id", true))
         })
+    }
+
+    fn template_key(&self) -> String {
+        super::app_object_key(self.app, &self.base, "wtpl")
+    }
+
+    /// Whether WeCom says the template `id` no longer exists: its details are 301025, the
+    /// answer for a template id it does not know (the request's only parameter).
+    fn template_gone(&self, id: &str) -> bool {
+        let body = json!({"template_id": id});
+        matches!(
+            self.read("/cgi-bin/oa/gettemplatedetail", &body),
+            Err(Error::Platform {
+                code: TEMPLATE_UNKNOWN,
+                ..
+            })
+        )
     }
 }
 
@@ -295,7 +313,13 @@ pub fn prepare(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) ->
 }
 
 pub fn send(env: &(impl Env + ?Sized), app: &ImApp, p: Prepared) -> Result<Created, CreateError> {
-    let reply = Client::new(env, app)?.create("/cgi-bin/oa/applyevent", &p.body)?;
+    let c = Client::new(env, app)?;
+    let reply = c.create("/cgi-bin/oa/applyevent", &p.body).map_err(|e| {
+        let id = p.meta["template_id"].as_str().unwrap_or_default();
+        super::forget_if_gone(env, &c.template_key(), "template", e, || {
+            c.template_gone(id)
+        })
+    })?;
     let sp_no = reply
         .get("sp_no")
         .and_then(|v| {

@@ -1,9 +1,9 @@
 //! A WeCom (WeChat Work) simulator.
 //!
 //! Speaks the `qyapi` wire formats the component uses: `gettoken` (per corp + secret, with
-//! `expires_in`), `oa/approval/create_template`, `oa/applyevent`, `oa/getapprovaldetail`,
-//! `user/getuserid`, `user/get_userid_by_email`, `message/send`, `appchat/send` and the group
-//! robot `webhook/send`. Every API call must carry a valid `access_token`; each recorded request
+//! `expires_in`), `oa/approval/create_template`, `oa/gettemplatedetail`, `oa/applyevent`,
+//! `oa/getapprovaldetail`, `user/getuserid`, `user/get_userid_by_email`, `message/send`,
+//! `appchat/send` and the group robot `webhook/send`. Every API call must carry a valid `access_token`; each recorded request
 //! notes which app (agent) that token was issued to, so tests can prove two apps of one corp
 //! never share a token.
 //!
@@ -786,6 +786,24 @@ fn handle(inner: &Inner, req: Request) -> Response {
                 control_ids,
             });
             ok(json!({"template_id": id}))
+        }
+        // A template's name and controls; an id the corp does not have is 301025, as for a
+        // deleted template.
+        "/cgi-bin/oa/gettemplatedetail" => {
+            let tpl_id = body["template_id"].as_str().unwrap_or("");
+            match state
+                .templates
+                .iter()
+                .find(|t| t.template_id == tpl_id && t.corp_id == corp)
+            {
+                Some(t) => ok(json!({
+                    "template_names": [{"text": t.name, "lang": "zh_CN"}],
+                    "template_content": {"controls": t.control_ids.iter()
+                        .map(|id| json!({"property": {"id": id}}))
+                        .collect::<Vec<_>>()},
+                })),
+                None => err(301025, "get approval param error"),
+            }
         }
         "/cgi-bin/oa/applyevent" => {
             let creator = body["creator_userid"].as_str().unwrap_or("");

@@ -309,12 +309,15 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
         })?;
         Err(error)
     };
+    let meta = prepared.meta().clone();
     match platform::send(env, app, prepared) {
         Ok(created) => record_created(env, app, req, created, began_ms),
+        // Released first: the check may take a while, and a start cut off during it must not
+        // hold the key.
         Err(CreateError {
             error,
             maybe_created: false,
-        }) => release(error),
+        }) => release(error).map_err(|e| platform::forget_gone(env, app, &meta, e)),
         Err(CreateError {
             error,
             maybe_created: true,
@@ -798,6 +801,29 @@ mod tests {
             assert_eq!(start(&env, &app(), &request()).unwrap(), a, "case {case}");
             assert_eq!(sent.get(), 2, "case {case}");
         }
+    }
+
+    /// After a refused create the start asks whether its form is gone. It has released the
+    /// key by then, and a platform that stalls on the question costs the start the check's
+    /// bound, not the request timeout or the retry budget.
+    #[test]
+    fn the_check_after_a_refused_create_is_bounded_and_holds_no_key() {
+        use crate::env::fake::json_response;
+        use crate::platform::dingtalk::tests::{app, request};
+        let refused = || json_response(400, serde_json::json!({"code": "InvalidParameter"}));
+        let (env, sent) = dingtalk_env(move |n| if n == 1 { refused() } else { created() });
+        let is_check = |r: &crate::env::Request| r.url.contains("/forms/schemas/processCodes");
+        env.set_latency(move |r| if is_check(r) { 60_000 } else { 0 });
+        let t0 = env.now_ms();
+        let e = start(&env, &app(), &request()).unwrap_err();
+        assert_eq!(code(&e), (-400, false), "{e}");
+        assert_eq!(env.now_ms() - t0, crate::platform::GONE_CHECK_LIMIT_MS);
+        assert_eq!(env.sent.borrow().iter().filter(|r| is_check(r)).count(), 1);
+        assert_eq!(
+            start(&env, &app(), &request()).unwrap().instance_id,
+            "inst-1"
+        );
+        assert_eq!(sent.get(), 2);
     }
 
     /// The create was refused for its token, and fetching a new one failed: nothing was

@@ -617,6 +617,16 @@ async fn a_deleted_form_is_made_again() {
     assert_eq!(r["err"]["retryable"], false, "{r}");
     assert!(!err_message(&r).contains("gone"), "{r}");
     assert_eq!(forms(), first);
+    let checks = || {
+        let state = fx.sim.state();
+        let schema = "/v1.0/workflow/forms/schemas/processCodes";
+        state.requests.iter().filter(|r| r.path == schema).count()
+    };
+    assert_eq!(
+        checks(),
+        1,
+        "the refusal asked whether the form is gone: {r}"
+    );
 
     fx.sim.state().forms.clear();
     let r = start("k3", "a").await;

@@ -418,6 +418,15 @@ async fn a_deleted_template_is_made_again() {
     assert_eq!(r["err"]["retryable"], false, "{r}");
     assert!(!err_message(&r).contains("gone"), "{r}");
     assert_eq!(templates(), first);
+    let detail = "/cgi-bin/oa/gettemplatedetail";
+    let checks = w
+        .sim
+        .state()
+        .requests
+        .iter()
+        .filter(|r| r.path == detail)
+        .count();
+    assert_eq!(checks, 1, "the refusal asked whether the template is gone");
 
     w.sim.state().templates.clear();
     let r = start("k3", "zhangsan").await;

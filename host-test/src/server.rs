@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -98,6 +98,8 @@ pub struct ServerHandle {
     connections: Option<crate::persistent::Connections>,
     /// One permit per plugin call the server runs; see [`State::detached`].
     in_flight: Arc<Semaphore>,
+    /// Requests waiting for a permit.
+    waiting: Arc<AtomicUsize>,
     stopping: Arc<AtomicBool>,
 }
 
@@ -138,6 +140,12 @@ impl ServerHandle {
     /// clients have hung up; at most [`MAX_CALLS`].
     pub fn calls_in_flight(&self) -> usize {
         MAX_CALLS - self.in_flight.available_permits()
+    }
+
+    /// Requests waiting for a call slot while their clients wait; one whose client hangs up
+    /// stops waiting.
+    pub fn calls_waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 
     /// Runs until the accept loop ends (it does not end on its own).
@@ -234,12 +242,14 @@ pub async fn serve_with_persistent(
         })
         .collect();
     let in_flight = Arc::new(Semaphore::new(MAX_CALLS));
+    let waiting = Arc::new(AtomicUsize::new(0));
     let stopping = Arc::new(AtomicBool::new(false));
     let state = Arc::new(State {
         host: host.clone(),
         config,
         delivery,
         in_flight: in_flight.clone(),
+        waiting: waiting.clone(),
         stopping: stopping.clone(),
         healthy_at: std::sync::Mutex::new(None),
     });
@@ -337,6 +347,7 @@ pub async fn serve_with_persistent(
         task,
         connections,
         in_flight,
+        waiting,
         stopping,
     })
 }
@@ -350,6 +361,7 @@ struct State {
     /// pass, not a queue of waiting tasks.
     delivery: HashMap<String, (String, Arc<Notify>)>,
     in_flight: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
     /// Set when shutdown begins: no plugin call starts after it.
     stopping: Arc<AtomicBool>,
     /// When `/healthz` last committed its probe.
@@ -365,6 +377,15 @@ impl State {
             !self.stopping.load(Ordering::SeqCst),
             "the server is stopping"
         );
+        // Counted while it waits, also when hyper drops it because its client left.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
         self.in_flight
             .clone()
             .acquire_owned()

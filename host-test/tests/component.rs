@@ -200,6 +200,10 @@ async fn a_transport_failure_is_named_by_its_wasi_http_code() {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;
                 let _ = s.write_all(b"SMTP ready\r\n\r\n").await;
+                // Read to the end before closing: unread bytes would make the close a reset,
+                // which the host may report as another error.
+                let _ = s.shutdown().await;
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
             });
         }
     });

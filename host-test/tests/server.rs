@@ -548,9 +548,9 @@ async fn tenant_tokens_open_only_their_tenant() {
     server.shutdown().await;
 }
 
-/// The server on a host with one call slot, taken by `get-approval` until `deadline` (the
-/// plugin loops): a callback or cancel sent meanwhile waits for the slot. Both exports count
-/// their runs ([`ran`]).
+/// The server on a host with one call slot, taken by `get-approval` until [`release_busy`]
+/// (or, should a test fail, `deadline`): a callback or cancel sent meanwhile waits for the
+/// slot. Both exports count their runs ([`ran`]).
 async fn start_busy(dir: &Path, extra: Value, deadline: Duration) -> ServerHandle {
     let behaviour = |name: &str| match name {
         "get-approval" => Behaviour::Counted(&Behaviour::Gated(&Behaviour::Err)),
@@ -589,8 +589,11 @@ async fn hang_up(mut s: tokio::net::TcpStream) {
     s.shutdown().await.unwrap();
     let closed = async {
         let mut buf = [0; 1024];
-        // A reset closes it as well as an end of stream does.
-        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        // A reset closes it as well as an end of stream does; an answer would mean the
+        // request ran or was refused rather than dropped.
+        if let Ok(n) = s.read(&mut buf).await {
+            assert_eq!(n, 0, "answered: {}", String::from_utf8_lossy(&buf[..n]));
+        }
     };
     tokio::time::timeout(Duration::from_secs(20), closed)
         .await
@@ -628,6 +631,18 @@ async fn until_ran(server: &ServerHandle, export: &str, n: u64) -> u64 {
     ran(server, export)
 }
 
+/// Waits up to 20 s for `f` to hold.
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Waits up to 20 s for the server's calls in flight to reach `n`. It looks every
 /// millisecond: a test that admits a thousand calls one by one waits here for each.
 async fn until_in_flight(server: &ServerHandle, n: usize) -> usize {
@@ -651,7 +666,8 @@ async fn an_api_call_outlives_a_client_that_hangs_up() {
     let server = start_busy(dir.path(), json!({}), Duration::from_secs(60)).await;
     let client = cancel(server.addr()).await;
     assert_eq!(until_in_flight(&server, 2).await, 2, "the cancel waits");
-    drop(client);
+    hang_up(client).await;
+    assert_eq!(server.calls_in_flight(), 2, "the cancel still waits");
     assert_eq!(
         ran(&server, "cancel-approval"),
         0,
@@ -729,14 +745,22 @@ async fn requests_on_open_connections_get_503_while_stopping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_the_calls_in_flight() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_busy(dir.path(), json!({}), Duration::from_secs(3)).await;
+    let server = start_busy(dir.path(), json!({}), Duration::from_secs(60)).await;
     let addr = server.addr();
     let client =
         tokio::spawn(async move { request(addr, "POST", "/callback/acme/a1", "", b"{}").await });
     assert_eq!(until_in_flight(&server, 2).await, 2, "the callback waits");
     let store = server.host().store().clone();
     assert!(store.outbox_list("acme", 0).unwrap().is_empty());
-    server.shutdown().await;
+    let host = server.host().clone();
+    let mut stopping = Box::pin(server.shutdown());
+    tokio::select! {
+        biased;
+        _ = &mut stopping => panic!("stopped while a call was still running"),
+        _ = std::future::ready(()) => {}
+    }
+    host.kv_set("acme", GATE, b"open").unwrap();
+    stopping.await;
     assert_eq!(store.outbox_list("acme", 0).unwrap().len(), 1);
     assert_eq!(client.await.unwrap().0, 200);
 }
@@ -838,10 +862,16 @@ async fn abandoned_calls_are_bounded() {
     for _ in 0..6 {
         hang_up(cancel(server.addr()).await).await;
     }
+    // Their connections are closed; their requests' futures go with them.
+    until("the requests whose clients left are dropped", || {
+        server.calls_waiting() == 0
+    })
+    .await;
     let addr = server.addr();
     let waiting = tokio::spawn(async move {
         request(addr, "POST", "/api/acme/a1/approvals/x/cancel", "", b"{}").await
     });
+    until("the last request waits", || server.calls_waiting() == 1).await;
     assert_eq!(
         ran(&server, "cancel-approval"),
         0,

@@ -278,7 +278,9 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
     /// created. Cached per app so this costs API calls once.
     fn process_code(&self, originator: &str) -> Result<String> {
         super::cached_id(self.env, &self.form_key(), "form", || {
-            if let Some(code) = self.find_form(originator)? {
+            // One deleted since may still be listed a while: adopting it would only be
+            // refused and forgotten again on every start.
+            if let Some(code) = self.find_form(originator)?.filter(|c| !self.form_gone(c)) {
                 return Ok(code);
             }
             let body = json!({
@@ -416,13 +418,7 @@ pub fn prepare(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) ->
 }
 
 pub fn send(env: &(impl Env + ?Sized), app: &ImApp, p: Prepared) -> Result<Created, CreateError> {
-    let c = Client::new(env, app)?;
-    let reply = c
-        .create("/v1.0/workflow/processInstances", &p.body)
-        .map_err(|e| {
-            let code = p.meta["process_code"].as_str().unwrap_or_default();
-            super::forget_if_gone(env, &c.form_key(), "form", e, || c.form_gone(code))
-        })?;
+    let reply = Client::new(env, app)?.create("/v1.0/workflow/processInstances", &p.body)?;
     let instance = reply
         .get("instanceId")
         .and_then(Value::as_str)
@@ -431,6 +427,16 @@ pub fn send(env: &(impl Env + ?Sized), app: &ImApp, p: Prepared) -> Result<Creat
     Ok(Created {
         instance_id: instance.to_string(),
         meta: p.meta,
+    })
+}
+
+/// [`super::forget_gone`] for the form a refused create was made with.
+pub fn forget_gone_form(env: &(impl Env + ?Sized), app: &ImApp, code: &str, error: Error) -> Error {
+    let Ok(c) = Client::new(env, app) else {
+        return error;
+    };
+    super::forget_if_gone(env, &c.form_key(), "form", code, error, || {
+        http::bounded(env, super::GONE_CHECK_LIMIT_MS, || c.form_gone(code))
     })
 }
 

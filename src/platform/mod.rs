@@ -110,6 +110,13 @@ pub struct Prepared {
     meta: serde_json::Value,
 }
 
+impl Prepared {
+    /// What the approval record keeps of the create (the form or template it uses, ...).
+    pub fn meta(&self) -> &serde_json::Value {
+        &self.meta
+    }
+}
+
 pub fn prepare(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> Result<Prepared> {
     match app.platform {
         Platform::Dingtalk => dingtalk::prepare(env, app, req),
@@ -324,31 +331,59 @@ fn cached_id(
     Ok(id)
 }
 
-/// A create the platform refused, made with the id kept under `key`: when `gone` finds the
-/// object behind it deleted on the platform (an admin tidying the console), the id is
-/// forgotten, so that a retry makes the object again, and the refusal says so and becomes
-/// retryable. Kept for good, a deleted form or template failed every later start of the app
-/// until someone cleared the store.
-fn forget_if_gone(
+/// How long checking whether a refused create's form or template is gone may take: the start
+/// has released its key by then, and the check only helps the next one.
+pub(crate) const GONE_CHECK_LIMIT_MS: u64 = 2_000;
+
+/// A DingTalk or WeCom create that the platform refused, and that the start has released its
+/// key after: when the form or template it was made with (`meta`, as [`prepare`] kept it) is
+/// gone from the platform (an admin tidying the console), it is forgotten so that a retry
+/// makes it again, and the refusal says so and becomes retryable. Kept for good, a deleted
+/// form or template failed every later start of the app until someone cleared the store.
+pub fn forget_gone(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    meta: &serde_json::Value,
+    error: Error,
+) -> Error {
+    let id = |name: &str| meta[name].as_str().unwrap_or_default();
+    match app.platform {
+        Platform::Dingtalk => dingtalk::forget_gone_form(env, app, id("process_code"), error),
+        Platform::Wecom => wecom::forget_gone_template(env, app, id("template_id"), error),
+        Platform::Feishu | Platform::Lark => error,
+    }
+}
+
+/// The refusal `e` of a create made with `id`, kept under `key`: when `gone` finds it deleted
+/// on the platform, forgets it (only if the store still keeps that id: a concurrent start may
+/// have made a new one) and makes the refusal retryable, saying why.
+pub(crate) fn forget_if_gone(
     env: &(impl Env + ?Sized),
     key: &str,
     what: &str,
-    e: CreateError,
+    id: &str,
+    e: Error,
     gone: impl FnOnce() -> bool,
-) -> CreateError {
-    match &e.error {
+) -> Error {
+    let kept = || env.kv_get(key).ok().flatten();
+    match &e {
         Error::Platform {
             code,
             message,
             retryable: false,
-        } if !e.maybe_created && gone() && env.kv_delete(key).is_ok() => Error::platform(
-            *code,
-            format!(
-                "{message}; the {what} it used is gone from the platform, a retry makes it again"
-            ),
-            true,
-        )
-        .into(),
+        } if !id.is_empty()
+            && kept().as_deref() == Some(id.as_bytes())
+            && gone()
+            && env.kv_delete(key).is_ok() =>
+        {
+            Error::platform(
+                *code,
+                format!(
+                    "{message}; the {what} it used is gone from the platform, a retry makes it again"
+                ),
+                true,
+            )
+        }
         _ => e,
     }
 }
@@ -595,13 +630,13 @@ mod tests {
         assert!(normalize_mobile("12").is_err());
     }
 
-    /// Only a refusal that nothing was created by, and that no retry would change by itself,
-    /// asks whether the object is gone; only a gone one is forgotten.
+    /// Only a refusal no retry would change by itself asks whether the object is gone, and
+    /// only if the store still keeps the id it was made with; only a gone one is forgotten.
     #[test]
     fn only_a_gone_object_behind_a_refusal_is_forgotten() {
         let env = FakeEnv::offline();
-        let refused = || CreateError::from(Error::platform(-400, "InvalidParameter: x", false));
-        let kept = |env: &FakeEnv| env.kv_get("k").unwrap().is_some();
+        let refused = || Error::platform(-400, "InvalidParameter: x", false);
+        let kept = |env: &FakeEnv| env.kv_get("k").unwrap();
         env.kv_set("k", b"PROC-1").unwrap();
         let asked = std::cell::Cell::new(0);
         let gone = |answer: bool| {
@@ -609,25 +644,30 @@ mod tests {
             answer
         };
 
-        let maybe = CreateError::sent(Error::transport("cut off"));
-        let e = forget_if_gone(&env, "k", "form", maybe, || gone(true));
-        assert!(e.maybe_created);
-        let throttled = Error::platform(-429, "Throttling", true).into();
-        let e = forget_if_gone(&env, "k", "form", throttled, || gone(true));
-        assert_eq!(e.error, Error::platform(-429, "Throttling", true));
+        let throttled = Error::platform(-429, "Throttling", true);
+        let e = forget_if_gone(&env, "k", "form", "PROC-1", throttled.clone(), || {
+            gone(true)
+        });
+        assert_eq!(e, throttled);
+        let cut_off = Error::transport("cut off");
+        let e = forget_if_gone(&env, "k", "form", "PROC-1", cut_off.clone(), || gone(true));
+        assert_eq!(e, cut_off);
+        // Another start has made a new one since, or the meta had none.
+        for id in ["PROC-0", ""] {
+            let e = forget_if_gone(&env, "k", "form", id, refused(), || gone(true));
+            assert_eq!(e, refused());
+        }
         assert_eq!(asked.get(), 0);
-        assert!(kept(&env));
 
-        let e = forget_if_gone(&env, "k", "form", refused(), || gone(false));
-        assert_eq!(e.error, refused().error);
-        assert!(kept(&env));
+        let e = forget_if_gone(&env, "k", "form", "PROC-1", refused(), || gone(false));
+        assert_eq!(e, refused());
+        assert_eq!(kept(&env).as_deref(), Some(&b"PROC-1"[..]));
 
-        let e = forget_if_gone(&env, "k", "form", refused(), || gone(true));
+        let e = forget_if_gone(&env, "k", "form", "PROC-1", refused(), || gone(true));
         assert_eq!(asked.get(), 2);
-        assert!(!kept(&env));
-        assert!(!e.maybe_created);
+        assert_eq!(kept(&env), None);
         assert_eq!(
-            e.error,
+            e,
             Error::platform(
                 -400,
                 "InvalidParameter: x; the form it used is gone from the platform, a retry makes \

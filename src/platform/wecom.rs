@@ -313,13 +313,7 @@ pub fn prepare(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) ->
 }
 
 pub fn send(env: &(impl Env + ?Sized), app: &ImApp, p: Prepared) -> Result<Created, CreateError> {
-    let c = Client::new(env, app)?;
-    let reply = c.create("/cgi-bin/oa/applyevent", &p.body).map_err(|e| {
-        let id = p.meta["template_id"].as_str().unwrap_or_default();
-        super::forget_if_gone(env, &c.template_key(), "template", e, || {
-            c.template_gone(id)
-        })
-    })?;
+    let reply = Client::new(env, app)?.create("/cgi-bin/oa/applyevent", &p.body)?;
     let sp_no = reply
         .get("sp_no")
         .and_then(|v| {
@@ -332,6 +326,21 @@ pub fn send(env: &(impl Env + ?Sized), app: &ImApp, p: Prepared) -> Result<Creat
     Ok(Created {
         instance_id: sp_no,
         meta: p.meta,
+    })
+}
+
+/// [`super::forget_gone`] for the template a refused create was made with.
+pub fn forget_gone_template(
+    env: &(impl Env + ?Sized),
+    app: &ImApp,
+    id: &str,
+    error: Error,
+) -> Error {
+    let Ok(c) = Client::new(env, app) else {
+        return error;
+    };
+    super::forget_if_gone(env, &c.template_key(), "template", id, error, || {
+        http::bounded(env, super::GONE_CHECK_LIMIT_MS, || c.template_gone(id))
     })
 }
 

@@ -75,7 +75,7 @@ const STRING: i32 = 128;
 /// result<option<list<u8>>, error> (the option's tag at +4).
 const OPENED: i32 = 192;
 const INCREMENTED: i32 = 208;
-const GOT: i32 = 224;
+const GOT: i32 = 232;
 /// `Echo`'s `err(invalid-input(M))`, laid out as at `RESULT`; M itself is on the heap.
 const ECHO_RESULT: i32 = 256;
 /// `ok(callback-outcome)`: payload at +8 = http-response {status u16, headers, body}, then

@@ -160,17 +160,28 @@ async fn start_against(api_base: String) -> serde_json::Value {
     .expect("the plugin answers before the host's deadline")
 }
 
-/// A server that accepts connections and never says anything.
-async fn silent_server() -> std::net::SocketAddr {
+/// A TCP server on loopback that hands each connection to `serve`, for the rest of the test.
+async fn raw_server<F>(serve: fn(tokio::net::TcpStream) -> F) -> std::net::SocketAddr
+where
+    F: Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        let mut held = Vec::new();
         while let Ok((s, _)) = listener.accept().await {
-            held.push(s);
+            tokio::spawn(serve(s));
         }
     });
     addr
+}
+
+/// A server that accepts connections and never says anything.
+async fn silent_server() -> std::net::SocketAddr {
+    raw_server(|s| async move {
+        let _held = s;
+        std::future::pending::<()>().await
+    })
+    .await
 }
 
 /// A TLS handshake has no timeout of its own in wasmtime-wasi-http: a server that accepts and
@@ -192,21 +203,16 @@ async fn a_stalled_tls_handshake_is_a_transport_error_before_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transport_failure_is_named_by_its_wasi_http_code() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let _garbage = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s.write_all(b"SMTP ready\r\n\r\n").await;
-                // Read to the end before closing: unread bytes would make the close a reset,
-                // which the host may report as another error.
-                let _ = s.shutdown().await;
-                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-            });
-        }
-    });
+    let addr = raw_server(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s.write_all(b"SMTP ready\r\n\r\n").await;
+        // Read to the end before closing: unread bytes would make the close a reset, which
+        // the host may report as another error.
+        let _ = s.shutdown().await;
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
     let out = start_against(format!("http://{addr}")).await;
     let message = format!("request to {addr}: HTTP-protocol-error");
     assert_eq!(
@@ -220,27 +226,22 @@ async fn a_transport_failure_is_named_by_its_wasi_http_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dripping_response_is_a_transport_error_before_the_deadline() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let _drip = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                            content-length: 100000\r\n\r\n";
-                if s.write_all(head.as_bytes()).await.is_err() {
-                    return;
-                }
-                loop {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    if s.write_all(b" ").await.is_err() {
-                        return;
-                    }
-                }
-            });
+    let addr = raw_server(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                    content-length: 100000\r\n\r\n";
+        if s.write_all(head.as_bytes()).await.is_err() {
+            return;
         }
-    });
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if s.write_all(b" ").await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
     let out = start_against(format!("http://{addr}")).await;
     // The headers came in time; the body is what timed out.
     let read = format!("reading the response from {addr} failed or timed out");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Behaviour, plugin};
+use common::{Behaviour, plugin, until};
 use imbridge_host::bindings::types::{ImApp, Platform};
 use imbridge_host::config::PersistentApp;
 use imbridge_host::persistent::{self, Connections, Dispatcher, Options};
@@ -17,14 +17,6 @@ use std::time::{Duration, Instant};
 
 /// How long the slow plugin's `handle-event` runs: the host's deadline.
 const DEADLINE: Duration = Duration::from_secs(6);
-
-async fn until(what: &str, within: Duration, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// A host (in a state directory of its own) whose tenant `t1` loops in `handle-event`,
 /// connected to the platform at `base` as app `app_id`, sending WebSocket pings every

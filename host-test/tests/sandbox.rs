@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{Behaviour, component_of_modules, plugin, plugin_of_world, standard, wit_dir};
+use common::{
+    Behaviour, component_of_modules, plugin, plugin_of_world, poll_once, standard, wit_dir,
+};
 use imbridge_host::{Host, HostConfig, TenantPolicy};
 use serde_json::{Value, json};
 use std::path::Path;
@@ -135,11 +137,7 @@ async fn reload_swaps_atomically_and_in_flight_calls_keep_their_version() {
 /// Polls a load once: that takes its place in the order of loads and starts compiling, and
 /// it cannot finish before the compiler has.
 async fn begin<F: Future<Output = anyhow::Result<()>>>(load: &mut Pin<Box<F>>) {
-    tokio::select! {
-        biased;
-        r = load => panic!("loaded without waiting for the compiler: {r:?}"),
-        _ = std::future::ready(()) => {}
-    }
+    poll_once(load, "loaded without waiting for the compiler").await;
 }
 
 /// Two loads of one tenant that overlap: the one asked for last stays installed, even when

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Behaviour, GATE, echoed, plugin};
+use common::{Behaviour, GATE, echoed, plugin, poll_once, until};
 use imbridge_host::config::ServeConfig;
 use imbridge_host::server::{self, ServerHandle};
 use serde_json::{Value, json};
@@ -578,9 +578,9 @@ async fn start_busy(dir: &Path, extra: Value, deadline: Duration) -> ServerHandl
     server
 }
 
-/// Lets the call that `start_busy` started finish, so it frees the host's slot.
-fn release_busy(server: &ServerHandle) {
-    server.host().kv_set("acme", GATE, b"open").unwrap();
+/// Lets the call that `start_busy` started on `host` finish, so it frees the slot.
+fn release_busy(host: &imbridge_host::Host) {
+    host.kv_set("acme", GATE, b"open").unwrap();
 }
 
 /// Hangs up on a request and waits until the server has closed the connection, which it
@@ -622,34 +622,22 @@ fn ran(server: &ServerHandle, export: &str) -> u64 {
 
 /// Waits up to 20 s for `export` to have run `n` times.
 async fn until_ran(server: &ServerHandle, export: &str, n: u64) -> u64 {
-    for _ in 0..200 {
-        if ran(server, export) == n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until(&format!("{export} to run {n} times"), WAIT, || {
+        ran(server, export) == n
+    })
+    .await;
     ran(server, export)
 }
 
-/// Waits up to 20 s for `f` to hold.
-async fn until(what: &str, f: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
+/// How long a test waits for the server to get somewhere.
+const WAIT: Duration = Duration::from_secs(20);
 
-/// Waits up to 20 s for the server's calls in flight to reach `n`. It looks every
-/// millisecond: a test that admits a thousand calls one by one waits here for each.
+/// Waits up to 20 s for the server's calls in flight to reach `n`.
 async fn until_in_flight(server: &ServerHandle, n: usize) -> usize {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while server.calls_in_flight() != n && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until(&format!("{n} calls in flight"), WAIT, || {
+        server.calls_in_flight() == n
+    })
+    .await;
     server.calls_in_flight()
 }
 
@@ -673,7 +661,7 @@ async fn an_api_call_outlives_a_client_that_hangs_up() {
         0,
         "the slot is still taken"
     );
-    release_busy(&server);
+    release_busy(server.host());
     assert_eq!(until_in_flight(&server, 0).await, 0);
     assert_eq!(ran(&server, "cancel-approval"), 1, "the abandoned call ran");
     server.shutdown().await;
@@ -720,11 +708,7 @@ async fn requests_on_open_connections_get_503_while_stopping() {
 
     // Polled once, shutdown has set the flag that refuses calls (its first step).
     let mut stopping = Box::pin(server.shutdown());
-    tokio::select! {
-        biased;
-        _ = &mut stopping => panic!("stopped while a call was still running"),
-        _ = std::future::ready(()) => {}
-    }
+    poll_once(&mut stopping, "stopped while a call was still running").await;
     for (path, body) in [
         ("/callback/acme/a1", "{}"),
         ("/api/acme/a1/approvals/x/cancel", "{}"),
@@ -754,12 +738,8 @@ async fn shutdown_finishes_the_calls_in_flight() {
     assert!(store.outbox_list("acme", 0).unwrap().is_empty());
     let host = server.host().clone();
     let mut stopping = Box::pin(server.shutdown());
-    tokio::select! {
-        biased;
-        _ = &mut stopping => panic!("stopped while a call was still running"),
-        _ = std::future::ready(()) => {}
-    }
-    host.kv_set("acme", GATE, b"open").unwrap();
+    poll_once(&mut stopping, "stopped while a call was still running").await;
+    release_busy(&host);
     stopping.await;
     assert_eq!(store.outbox_list("acme", 0).unwrap().len(), 1);
     assert_eq!(client.await.unwrap().0, 200);
@@ -863,7 +843,7 @@ async fn abandoned_calls_are_bounded() {
         hang_up(cancel(server.addr()).await).await;
     }
     // Their connections are closed; their requests' futures go with them.
-    until("the requests whose clients left are dropped", || {
+    until("the requests whose clients left are dropped", WAIT, || {
         server.calls_waiting() == 0
     })
     .await;
@@ -871,14 +851,17 @@ async fn abandoned_calls_are_bounded() {
     let waiting = tokio::spawn(async move {
         request(addr, "POST", "/api/acme/a1/approvals/x/cancel", "", b"{}").await
     });
-    until("the last request waits", || server.calls_waiting() == 1).await;
+    until("the last request waits", WAIT, || {
+        server.calls_waiting() == 1
+    })
+    .await;
     assert_eq!(
         ran(&server, "cancel-approval"),
         0,
         "the slot is still taken"
     );
     assert_eq!(server.calls_in_flight(), server::MAX_CALLS);
-    release_busy(&server);
+    release_busy(server.host());
     let (status, body) = waiting.await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(

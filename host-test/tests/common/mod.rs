@@ -16,6 +16,32 @@ use wit_parser::{
     WasmExportKind, WasmImport, WorldItem,
 };
 
+/// Waits up to `within` for `f` to hold, looking every millisecond (a test that admits a
+/// thousand calls one by one waits here for each); fails the test naming `what` otherwise.
+pub async fn until(what: &str, within: std::time::Duration, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// Polls `f` once, for the work it does before its first wait; fails the test if it finished
+/// there (`why` says why it should not have).
+pub async fn poll_once<F: std::future::Future>(f: &mut std::pin::Pin<Box<F>>, why: &str)
+where
+    F::Output: std::fmt::Debug,
+{
+    tokio::select! {
+        biased;
+        r = f => panic!("{why}: {r:?}"),
+        _ = std::future::ready(()) => {}
+    }
+}
+
 /// What an export of the synthetic plugin does.
 #[derive(Clone, Copy)]
 pub enum Behaviour {

@@ -210,7 +210,7 @@ async fn start_is_idempotent_per_key_and_tenant() {
 /// Feishu keeps a create's uuid unique across the whole company. A second store (a host
 /// tenant here; another engine alike) with the same Feishu app, app id and key used to get
 /// Feishu's "uuid used", read the first store's instance back and take it as its own,
-/// already approved. Now it refuses (retryable, saying why); with its own app id it gets
+/// already approved. Now it refuses (not retryable, saying why); with its own app id it gets
 /// its own approval. (A lost create answer is recovered by uuid in faults.rs.)
 #[tokio::test(flavor = "multi_thread")]
 async fn stores_sharing_a_feishu_company_never_adopt_each_others_approvals() {
@@ -223,7 +223,7 @@ async fn stores_sharing_a_feishu_company_never_adopt_each_others_approvals() {
     let other = f.start("t2", "wf-42/deploy").await;
     assert_eq!(err_kind(&other), "platform", "{other}");
     assert_eq!(other["err"]["code"], 60012, "{other}");
-    assert_eq!(other["err"]["retryable"], true, "{other}");
+    assert_eq!(other["err"]["retryable"], false, "{other}");
     assert!(err_message(&other).contains("different ids"), "{other}");
     assert_eq!(f.sim.state().instances.len(), 1);
     // With an app id of its own, the second store's uuid is its own.
@@ -243,6 +243,33 @@ async fn stores_sharing_a_feishu_company_never_adopt_each_others_approvals() {
     assert_ne!(instance_id(&own), first);
     // The first store's retry still finds its own.
     assert_eq!(instance_id(&f.start("t1", "wf-42/deploy").await), first);
+}
+
+/// A create whose answer was lost, then its definition deleted in the console before the
+/// engine's retry: the retry makes a new definition, Feishu answers 60012 for the key's uuid
+/// (the instance it holds is on the old definition), and the plugin adopts that instance, the
+/// one its approvers see. It used to refuse it on every retry ("another store").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_create_is_adopted_after_its_definition_is_replaced() {
+    let f = Fixture::new().await;
+    f.sim
+        .faults()
+        .lose_answers("/open-apis/approval/v4/instances", 1);
+    let lost = f.start("t1", "wf-7/deploy").await;
+    assert_eq!(err_kind(&lost), "transport", "{lost}");
+    let (created, old) = {
+        let st = f.sim.state();
+        assert_eq!(st.instances.len(), 1);
+        let inst = st.instances.values().next().unwrap();
+        (inst.instance_code.clone(), inst.approval_code.clone())
+    };
+    f.sim.state().definitions.remove(&old);
+
+    let retry = f.start("t1", "wf-7/deploy").await;
+    assert_eq!(instance_id(&retry), created, "{retry}");
+    assert_eq!(f.sim.calls("POST /open-apis/approval/v4/approvals"), 2);
+    assert_eq!(f.sim.state().instances.len(), 1, "no second approval");
+    assert_eq!(ok(&f.get("t1", &created, true).await)["status"], "pending");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -231,10 +231,7 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
                 .map(str::to_string)
                 .ok_or_else(|| Error::platform(-1, "definition created without a code", true))
         })?;
-        let subscribed = format!(
-            "{}/{code}",
-            super::app_object_key(self.app, &self.base, "fsub")
-        );
+        let subscribed = self.subscribed_key(&code);
         if self.env.kv_get(&subscribed)?.is_none() {
             match self.api(
                 Method::Post,
@@ -251,6 +248,15 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
             self.env.kv_set(&subscribed, b"1")?;
         }
         Ok(code)
+    }
+
+    /// Set once this app has subscribed to the definition `code`, before any instance of it is
+    /// created: so it also records every definition this store's instances can be on.
+    fn subscribed_key(&self, code: &str) -> String {
+        format!(
+            "{}/{code}",
+            super::app_object_key(self.app, &self.base, "fsub")
+        )
     }
 
     /// Forgets a definition Feishu no longer knows (deleted in the admin console, or the
@@ -407,21 +413,24 @@ pub fn create(
                 // Feishu keeps a uuid unique across the whole company, not per app, so it may
                 // be another store's: one that shares this company, app id and key. Adopting
                 // that would hand back someone else's approval (perhaps already approved), so
-                // only an instance of this store's own definition is taken. The other case is
-                // a concurrent first start of this node shape, whose definition differs until
-                // one of them is kept: a retry then finds it.
-                if data.get("approval_code").and_then(Value::as_str) != Some(&code) {
+                // only an instance on a definition this store subscribed to is taken. That is
+                // not only the kept one: the first attempt may have used a definition since
+                // replaced (deleted in the console, or a concurrent first start's kept instead).
+                let theirs = data
+                    .get("approval_code")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                if theirs.is_empty() || c.env.kv_get(&c.subscribed_key(theirs))?.is_none() {
                     return Err(Error::platform(
                         UUID_CONFLICT,
                         "Feishu has an approval with this start's uuid on a definition this \
-                         store does not use: another store in the Feishu company with the same \
-                         app id and key (give the apps different ids), or a concurrent first \
-                         start of this node shape (retry)",
-                        true,
+                         store never used: another store in the Feishu company uses the same \
+                         app id and key (give the apps different ids)",
+                        false,
                     )
                     .into());
                 }
-                break (code, data);
+                break (theirs.to_string(), data);
             }
             other => break (code, other.map_err(CreateError::sent)?),
         }
@@ -1260,11 +1269,12 @@ mod uuid_tests {
                 Ok(c) => assert!(adopted && c.instance_id == "I9"),
                 Err(e) => {
                     assert!(!adopted && !e.maybe_created, "{e:?}");
+                    // Another store's: a retry finds the same, only new app ids help.
                     assert!(matches!(
                         e.error,
                         Error::Platform {
                             code: UUID_CONFLICT,
-                            retryable: true,
+                            retryable: false,
                             ..
                         }
                     ));
@@ -1280,6 +1290,80 @@ mod uuid_tests {
             let body: Value = serde_json::from_slice(&create.body).unwrap();
             assert_eq!(body["uuid"], "uuid-of-key");
         }
+    }
+
+    /// The first attempt created the instance on a definition, but its answer was lost; an
+    /// admin then deleted that definition, so the retry makes a new one and Feishu answers
+    /// 60012 for the uuid. The instance is on a definition this store used, not the kept one:
+    /// it is adopted, rather than refused on every retry while the approval waits unseen.
+    #[test]
+    fn a_uuid_conflict_adopts_an_instance_on_a_definition_since_replaced() {
+        #[derive(Default)]
+        struct Feishu {
+            definitions: usize,
+            deleted: Vec<String>,
+            /// uuid → approval code of its instance
+            instances: Vec<(String, String)>,
+        }
+        let feishu = std::rc::Rc::new(std::cell::RefCell::new(Feishu::default()));
+        let state = feishu.clone();
+        let env = FakeEnv::new(move |r| {
+            let mut f = state.borrow_mut();
+            let path = r.url.split('?').next().unwrap_or_default();
+            let path = path.trim_start_matches("http://127.0.0.1:1");
+            let body: Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            match (r.method, path) {
+                (_, "/open-apis/auth/v3/tenant_access_token/internal") => json_response(
+                    200,
+                    json!({"code": 0, "tenant_access_token": "t", "expire": 7200}),
+                ),
+                ("POST", "/open-apis/approval/v4/approvals") => {
+                    f.definitions += 1;
+                    let code = format!("DEF{}", f.definitions);
+                    json_response(200, json!({"code": 0, "data": {"approval_code": code}}))
+                }
+                ("POST", "/open-apis/approval/v4/instances") => {
+                    let code = body["approval_code"].as_str().unwrap().to_string();
+                    let uuid = body["uuid"].as_str().unwrap().to_string();
+                    if f.deleted.contains(&code) {
+                        json_response(400, json!({"code": DEFINITION_NOT_FOUND, "msg": "gone"}))
+                    } else if f.instances.iter().any(|(u, _)| *u == uuid) {
+                        json_response(400, json!({"code": 60012, "msg": "uuid conflict"}))
+                    } else {
+                        f.instances.push((uuid, code));
+                        // Created, but the answer never reaches the plugin.
+                        Err(Error::transport("timed out"))
+                    }
+                }
+                ("GET", p) if p.starts_with("/open-apis/approval/v4/instances/") => {
+                    let uuid = p.rsplit('/').next().unwrap();
+                    let (_, code) = f.instances.iter().find(|(u, _)| u == uuid).unwrap();
+                    json_response(
+                        200,
+                        json!({"code": 0, "data": {"approval_code": code,
+                            "instance_code": "I1", "status": "PENDING"}}),
+                    )
+                }
+                _ => json_response(200, json!({"code": 0, "data": {}})),
+            }
+        });
+        let mut req = crate::platform::dingtalk::tests::request();
+        req.initiator = UserRef::Id("ou_a".into());
+        let Err(lost) = create(&env, &app(), &req, "uuid-of-key") else {
+            panic!("the answer was lost")
+        };
+        assert!(lost.maybe_created, "{lost:?}");
+        feishu.borrow_mut().deleted.push("DEF1".into());
+
+        let c = create(&env, &app(), &req, "uuid-of-key").unwrap();
+        assert_eq!(c.instance_id, "I1");
+        assert_eq!(
+            c.meta["approval_code"], "DEF1",
+            "the instance's own definition"
+        );
+        let f = feishu.borrow();
+        assert_eq!(f.definitions, 2, "the retry made a new definition first");
+        assert_eq!(f.instances.len(), 1, "one instance");
     }
 }
 

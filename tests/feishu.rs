@@ -155,9 +155,10 @@ async fn and_then_or_approval_is_decided_by_encrypted_signed_callbacks() {
         assert_eq!(inst.cc, ["ou_alice"]);
         assert!(inst.form.contains("release #42"));
         let def = &st.definitions[&inst.approval_code];
-        assert!(
-            def.subscribed,
-            "the definition must be subscribed to get events"
+        assert_eq!(
+            def.subscribers,
+            ["cli_demo"],
+            "the app must subscribe to the definition to get its events"
         );
     }
 
@@ -199,6 +200,11 @@ async fn start_is_idempotent_per_key_and_tenant() {
     assert_eq!(f.sim.state().instances.len(), 2);
     // One definition per node shape, created and subscribed once.
     assert_eq!(f.sim.calls("POST /open-apis/approval/v4/approvals"), 1);
+    assert_eq!(
+        f.sim
+            .calls("POST /open-apis/approval/v4/approvals/{approval_code}/subscribe"),
+        1
+    );
     // One tenant token for all of it.
     assert_eq!(
         f.sim

@@ -192,7 +192,8 @@ pub struct Definition {
     pub approval_name: String,
     pub form_content: String,
     pub nodes: Vec<DefinitionNode>,
-    pub subscribed: bool,
+    /// The apps that subscribed to it: Feishu sends a definition's events only to those.
+    pub subscribers: Vec<String>,
 }
 
 /// One approver's task.
@@ -266,7 +267,7 @@ pub struct EventRecord {
     pub app_id: String,
     /// Full plaintext envelope (v1 or v2).
     pub payload: Value,
-    /// False when the definition was not subscribed, so Feishu would not have sent it.
+    /// False when the app had not subscribed to the definition, so Feishu would not have sent it.
     pub delivered_to_outbox: bool,
 }
 
@@ -1120,7 +1121,11 @@ fn create_definition(state: &mut FeishuState, app: &FeishuApp, req: &Request) ->
         },
         None => uuid_like(),
     };
-    let subscribed = state.definitions.get(&code).is_some_and(|d| d.subscribed);
+    let subscribers = state
+        .definitions
+        .get(&code)
+        .map(|d| d.subscribers.clone())
+        .unwrap_or_default();
     state.definitions.insert(
         code.clone(),
         Definition {
@@ -1129,7 +1134,7 @@ fn create_definition(state: &mut FeishuState, app: &FeishuApp, req: &Request) ->
             approval_name: name.into(),
             form_content: form_content.into(),
             nodes,
-            subscribed,
+            subscribers,
         },
     );
     Ok(ok(json!({
@@ -1144,10 +1149,10 @@ fn subscribe(state: &mut FeishuState, app: &FeishuApp, code: &str) -> ApiResult 
         .get_mut(code)
         .filter(|d| d.tenant_key == app.tenant_key)
         .ok_or_else(|| bad(1390002, "approval code not found"))?;
-    if def.subscribed {
+    if def.subscribers.contains(&app.app_id) {
         return Err(bad(1390007, "subscription existed"));
     }
-    def.subscribed = true;
+    def.subscribers.push(app.app_id.clone());
     Ok(ok(json!({})))
 }
 
@@ -1411,7 +1416,8 @@ fn task_event(instance: &Instance, task: &Task, now: u64) -> Value {
     })
 }
 
-/// Wraps bare events for the app and queues them if the definition is subscribed.
+/// Wraps bare events for each app of the tenant and queues them for those that subscribed to
+/// the definition.
 fn queue_events(
     inner: &Inner,
     state: &mut FeishuState,
@@ -1419,12 +1425,11 @@ fn queue_events(
     approval_code: &str,
     events: Vec<Value>,
 ) {
-    let subscribed = state
+    let subscribers = state
         .definitions
         .get(approval_code)
-        .is_some_and(|d| d.subscribed);
-    // Every app of the tenant that could have subscribed hears about it; in the simulator the
-    // subscription is per definition, so deliver to all apps of the definition's tenant.
+        .map(|d| d.subscribers.clone())
+        .unwrap_or_default();
     let apps: Vec<&FeishuApp> = inner
         .config
         .apps
@@ -1433,6 +1438,7 @@ fn queue_events(
         .collect();
     for mut event in events {
         for app in &apps {
+            let subscribed = subscribers.contains(&app.app_id);
             event["app_id"] = json!(app.app_id);
             event["tenant_key"] = json!(app.tenant_key);
             let kind = event["type"].as_str().unwrap_or("").to_string();
@@ -2115,6 +2121,40 @@ mod tests {
         let (status, expired) = call(&sim, "POST", path, Some(&t), body).await;
         assert_eq!((status, expired["code"].as_i64()), (400, Some(99991663)));
         assert_ne!(token(&sim, "cli_a", "secret_a").await, t);
+    }
+
+    /// Feishu sends a definition's events only to the apps that subscribed to it, even
+    /// within one tenant, and tells each app when it already has.
+    #[tokio::test]
+    async fn events_reach_only_the_apps_that_subscribed() {
+        let mut cfg = config();
+        cfg.apps[1].tenant_key = cfg.apps[0].tenant_key.clone();
+        let sim = FeishuSim::start(cfg).await.unwrap();
+        let a = token(&sim, "cli_a", "secret_a").await;
+        let (code, _) = setup_instance(&sim, &a, "uuid-1").await;
+        let queued = |sim: &FeishuSim| {
+            let st = sim.state();
+            let to = |app: &str| st.outbox.iter().filter(|(id, _)| id == app).count();
+            (to("cli_a"), to("cli_b"))
+        };
+        assert_eq!(queued(&sim), (3, 0), "cli_b never subscribed");
+
+        let b = token(&sim, "cli_b", "secret_b").await;
+        let sub = format!("/open-apis/approval/v4/approvals/{code}/subscribe");
+        for want in [0, 1390007] {
+            let (_, got) = call(&sim, "POST", &sub, Some(&b), json!({})).await;
+            assert_eq!(got["code"], want, "{got}");
+        }
+        let (status, got) = call(
+            &sim,
+            "POST",
+            "/open-apis/approval/v4/instances",
+            Some(&a),
+            instance_body(&code, "uuid-2"),
+        )
+        .await;
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(queued(&sim), (6, 3));
     }
 
     #[tokio::test]

@@ -11,9 +11,13 @@ use imbridge_host::sim::dingtalk::{DingtalkApp, DingtalkSim};
 use imbridge_host::sim::dingtalk_stream::DingtalkStreamSim;
 use imbridge_host::sim::feishu::{FeishuApp, FeishuConfig, FeishuSim, FeishuUser};
 use imbridge_host::sim::feishu_ws::{FeishuWsConfig, FeishuWsSim, Message};
+use imbridge_host::sim::http::Response;
 use imbridge_tests::{Harness, dingtalk_sim, ok};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
+
+/// Where a Feishu long-connection client asks for its WebSocket address.
+const ENDPOINT: &str = "/callback/ws/endpoint";
 
 /// Waits until `f` holds, for at most `secs`.
 async fn until(what: &str, secs: u64, f: impl Fn() -> bool) {
@@ -139,11 +143,15 @@ async fn feishu_long_connection_survives_a_drop_and_applies_each_decision_once()
     .await;
     assert_eq!(deciders(&get(&fx.h, &fx.app, &id).await), ["ou_bob"]);
 
-    // Dropped; carol decides while the host is away; the host reconnects and gets it.
+    // Dropped; carol decides while the host is away (its endpoint requests refused, so it
+    // cannot be back yet); the host reconnects and gets it.
+    let unavailable = Response::json(503, &json!({"code": 1, "msg": "unavailable"}));
+    fx.ws.faults().fail_next(ENDPOINT, 10_000, unavailable);
     fx.ws.drop_connections("cli_ws");
     fx.sim.decide(&id, "ou_carol", true, None).await.unwrap();
     assert!(fx.ws.pending("cli_ws") > 0, "queued while disconnected");
     assert_eq!(fx.ws.live("cli_ws"), 0);
+    fx.ws.faults().clear();
     until("redelivered and acked", 15, || fx.ws.pending("cli_ws") == 0).await;
     assert_eq!(
         deciders(&get(&fx.h, &fx.app, &id).await),
@@ -201,9 +209,15 @@ async fn feishu_bad_frames_and_foreign_events_do_not_break_the_connection() {
         &json!({"schema": "2.0", "header": {"event_id": "e1", "event_type": "im.message.receive_v1",
             "token": "vt-cli_ws", "app_id": "cli_ws", "create_time": "1"}, "event": {}}),
     );
-    // Garbage that is not JSON at all is invalid input: acked too.
-    fx.ws.push_event("cli_ws", &json!("not an event"));
+    // Garbage that is not JSON at all is invalid input: acked too, once.
+    let garbage = fx.ws.push_payload("cli_ws", b"not an event {");
     until("acked", 10, || fx.ws.pending("cli_ws") == 0).await;
+    let stats = fx.ws.stats("cli_ws");
+    assert_eq!(
+        stats.acks.iter().filter(|m| **m == garbage).count(),
+        1,
+        "{stats:?}"
+    );
     // Frames that are not Feishu's: bytes that are no protobuf frame, a text message, and a
     // data frame whose fragment number is beyond its count. Each is ignored.
     let mut stray = Frame {
@@ -673,9 +687,14 @@ async fn official_node_sdk_and_the_host_speak_the_same_long_connection_frames() 
     let m4 = ws.push_event(APP, &message("ev-4"));
     until("host acked", 10, || ws.pending(APP) == 0).await;
     until("host pinged", 10, || ws.stats(APP).pings > sdk_pings).await;
-    // Unlike the SDK, the host reads the backlog that comes with the handshake answer.
+    // Unlike the SDK, the host reads the backlog that comes with the handshake answer. (Its
+    // endpoint requests are refused until ev-5 is queued, so ev-5 is in that backlog.)
+    let unavailable = Response::json(503, &json!({"code": 1, "msg": "unavailable"}));
+    ws.faults().fail_next(ENDPOINT, 10_000, unavailable);
     ws.drop_connections(APP);
     let m5 = ws.push_event(APP, &message("ev-5"));
+    assert_eq!(ws.live(APP), 0);
+    ws.faults().clear();
     until("host acked after reconnect", 15, || ws.pending(APP) == 0).await;
     assert!(
         !ws.stats(APP).redelivered.contains(&m5),

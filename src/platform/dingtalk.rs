@@ -1337,6 +1337,8 @@ pub(crate) mod tests {
         }
         for ev in [
             json!({"EventType": "bpms_task_change", "processInstanceId": "i", "type": "redirect", "staffId": "a"}),
+            // A transfer may also come as a finished task whose result is the transfer.
+            json!({"EventType": "bpms_task_change", "processInstanceId": "i", "type": "finish", "result": "redirect", "staffId": "a"}),
             json!({"EventType": "bpms_task_change", "processInstanceId": "i", "type": "start", "staffId": "a"}),
             json!({"EventType": "user_add_org", "UserId": ["x"]}),
         ] {

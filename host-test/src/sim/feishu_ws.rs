@@ -77,6 +77,7 @@ impl Inner {
 /// A running long-connection service; stops when dropped.
 pub struct FeishuWsSim {
     server: Server,
+    faults: Arc<Mutex<Faults>>,
     inner: Arc<Inner>,
     accept: JoinHandle<()>,
 }
@@ -114,9 +115,11 @@ impl FeishuWsSim {
             let inner = handler_inner.clone();
             Box::pin(async move { endpoint(&inner, req) })
         });
-        let server = Server::start(handler, Arc::new(Mutex::new(Faults::default()))).await?;
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let server = Server::start(handler, faults.clone()).await?;
         Ok(FeishuWsSim {
             server,
+            faults,
             inner,
             accept,
         })
@@ -127,6 +130,11 @@ impl FeishuWsSim {
         self.server.base_url()
     }
 
+    /// Fault injection for the endpoint API (e.g. to keep a client from reconnecting).
+    pub fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn set_config(&self, config: FeishuWsConfig) {
         self.inner.hub.set_redeliver_after(config.redeliver_after);
         *self.inner.config.lock().unwrap_or_else(|e| e.into_inner()) = config;
@@ -135,6 +143,11 @@ impl FeishuWsSim {
     /// Delivers an event envelope (plaintext JSON) to the app; returns its message id.
     pub fn push_event(&self, app_id: &str, event: &Value) -> String {
         push_event(&self.inner, app_id, event)
+    }
+
+    /// Like [`Self::push_event`], with `payload` as the frames' bytes whatever they hold.
+    pub fn push_payload(&self, app_id: &str, payload: &[u8]) -> String {
+        push_payload(&self.inner, app_id, payload)
     }
 
     /// Sends `message` as it is on the app's newest connection, outside the event queue (no
@@ -201,8 +214,11 @@ impl FeishuWsSim {
 }
 
 fn push_event(inner: &Inner, app_id: &str, event: &Value) -> String {
+    push_payload(inner, app_id, event.to_string().as_bytes())
+}
+
+fn push_payload(inner: &Inner, app_id: &str, payload: &[u8]) -> String {
     let message_id = format!("msg_{:016x}", rand::thread_rng().r#gen::<u64>());
-    let payload = event.to_string().into_bytes();
     let size = inner
         .config
         .lock()

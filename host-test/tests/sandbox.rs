@@ -324,20 +324,42 @@ async fn host_errors_are_clear() {
         assert!(!msg.contains("s3cr3t"), "{msg}");
     }
 
+    // A bad load is refused with its reason, and the tenant keeps what it runs.
+    // Version 1 traps in `get-approval`; the refused replacement would answer.
+    let get = json!({"app": app(), "instance_id": "i1", "refresh": false});
+    let trapped = host
+        .invoke_json("t", "get-approval", get.clone())
+        .await
+        .unwrap_err();
+    assert!(format!("{trapped:#}").contains("trap"), "{trapped:#}");
     let bad = host
-        .load_tenant_bytes("t2", b"not wasm".to_vec(), TenantPolicy::default())
-        .await;
-    assert!(bad.is_err());
+        .load_tenant_bytes("t", b"not wasm".to_vec(), TenantPolicy::default())
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{bad:#}").contains("failed to parse WebAssembly module"),
+        "{bad:#}"
+    );
+    let policy = TenantPolicy {
+        allow_hosts: vec!["bad host:x".into()],
+    };
     let bad = host
-        .load_tenant_bytes(
-            "t3",
-            plugin(standard, "1"),
-            TenantPolicy {
-                allow_hosts: vec!["bad host:x".into()],
-            },
-        )
-        .await;
-    assert!(bad.is_err());
+        .load_tenant_bytes("t", plugin(|_| Behaviour::Err, "2"), policy)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{bad:#}").contains("invalid allow_hosts"),
+        "{bad:#}"
+    );
+    assert_eq!(
+        host.tenant_policy("t").unwrap().allow_hosts,
+        Vec::<String>::new()
+    );
+    let still = host
+        .invoke_json("t", "get-approval", get)
+        .await
+        .unwrap_err();
+    assert_eq!(format!("{still:#}"), format!("{trapped:#}"));
 }
 
 /// A plugin of more memories than one call's share of the pool is refused at load: a few of

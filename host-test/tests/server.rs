@@ -347,26 +347,15 @@ async fn updates_are_posted_to_the_engine_webhook() {
     assert!(update["seq"].as_u64().is_some_and(|s| s > 0), "{update}");
     assert_eq!(update["approval"]["instance_id"], "i1");
     // Delivered records leave the outbox.
-    for _ in 0..50 {
-        if server
-            .host()
-            .store()
-            .outbox_list("acme", 0)
-            .unwrap()
-            .is_empty()
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(
+    until("the outbox emptied", Duration::from_secs(10), || {
         server
             .host()
             .store()
             .outbox_list("acme", 0)
             .unwrap()
             .is_empty()
-    );
+    })
+    .await;
     server.shutdown().await;
 }
 

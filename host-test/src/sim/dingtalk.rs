@@ -197,7 +197,8 @@ pub struct DingtalkState {
 }
 
 impl DingtalkState {
-    /// Requests to `path` (exact, no query), faulted ones included.
+    /// Requests to `path` (exact, no query) that reached the handler: an injected fault answers
+    /// before it, so faulted ones are not counted.
     pub fn calls(&self, path: &str) -> usize {
         self.requests.iter().filter(|r| r.path == path).count()
     }

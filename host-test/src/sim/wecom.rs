@@ -353,12 +353,14 @@ impl WecomSim {
                 .instances
                 .get_mut(sp_no)
                 .ok_or_else(|| anyhow!("no approval {sp_no}"))?;
-            inst.sp_status = match inst.sp_status {
-                1 => 4,
-                2 => 6,
+            // StatuChangeEvent 6 is a withdrawal, 8 one after the approval passed.
+            let change;
+            (inst.sp_status, change) = match inst.sp_status {
+                1 => (4, 6),
+                2 => (6, 8),
                 s => bail!("approval {sp_no} cannot be withdrawn in status {s}"),
             };
-            (inst.agent_id, event_xml(inst, 6))
+            (inst.agent_id, event_xml(inst, change))
         };
         self.push_event(agent, &xml).await
     }
@@ -1138,12 +1140,21 @@ mod tests {
                 .is_none()
         );
         assert_eq!(sim.state().instances[&sp_no].sp_status, 2);
+        // The second app's token acts as that app, not the one that made the approval.
+        let r = client(
+            format!("{base}/cgi-bin/oa/getapprovaldetail?access_token={t2}"),
+            Some(json!({"sp_no": sp_no})),
+        )
+        .await;
+        assert_eq!(r.status, Some(200));
         let owners: Vec<_> = sim
             .state()
             .requests
             .iter()
             .filter_map(|r| r.token_owner.clone())
             .collect();
-        assert!(owners.iter().all(|o| o == &("wwcorp".to_string(), 1001)));
+        let (last, rest) = owners.split_last().unwrap();
+        assert_eq!(last, &("wwcorp".to_string(), 1002));
+        assert!(rest.iter().all(|o| o == &("wwcorp".to_string(), 1001)));
     }
 }

@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 CORE=target/wasm/wasm32-unknown-unknown/component/imbridge.wasm
 OUT=target/bench/sizes
 mkdir -p "$OUT"
-if ! command -v wasm-opt >/dev/null && [[ $(id -u) -eq 0 ]]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binaryen >/dev/null
+# ./dev installs binaryen (when root) before it runs this.
+if ! command -v wasm-opt >/dev/null; then
+  echo "error: needs wasm-opt (Debian's binaryen); run it through ./dev bench sizes" >&2
+  exit 1
 fi
 componentize() { cargo run -q -p imbridge-componentize -- "$1" "$2"; }
 entries=()

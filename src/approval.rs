@@ -473,7 +473,27 @@ pub fn cancel(
     if rec.approval.status.is_terminal() {
         return Ok(rec.approval);
     }
-    platform::cancel(env, app, &rec, reason)?;
+    if let Err(refused) = platform::cancel(env, app, &rec, reason) {
+        // Platforms refuse to cancel an approval that has ended (decided there before its
+        // callback arrived here): one read tells, and then how it ended is the answer.
+        if matches!(refused, Error::Platform { .. })
+            && let Ok(read) =
+                http::bounded(env, READ_BACK_LIMIT_MS, || platform::poll(env, app, &rec))
+        {
+            let mut rec = must_load(env, app, instance_id)?;
+            let mut changed = false;
+            for e in &read {
+                changed |= rec.apply(e);
+            }
+            if rec.approval.status.is_terminal() {
+                if changed {
+                    save(env, app, &mut rec)?;
+                }
+                return Ok(rec.approval);
+            }
+        }
+        return Err(refused);
+    }
     // Cancel's commit is not validated (the platform has already acted), so it must not write
     // back the copy read before the round trip: a callback that landed meanwhile would lose
     // its decision.

@@ -3,7 +3,8 @@
 //! `handle-callback` exactly as an engine's HTTP endpoint would.
 
 use imbridge_tests::imbridge_host::sim::dingtalk::{
-    DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser, PushRequest, Robot, crypto,
+    DingtalkApp, DingtalkConfig, DingtalkSim, DingtalkUser, PushRequest, REVOKE_AFTER, Robot,
+    crypto,
 };
 use imbridge_tests::imbridge_host::sim::http::{Faults, Handler, Request, Response, Server};
 use imbridge_tests::{Harness, err_kind, err_message, http_request, ok};
@@ -277,6 +278,17 @@ async fn cancel_terminates_on_the_platform() {
             json!({"app": fx.app, "instance_id": id, "reason": "workflow aborted"}),
         )
     };
+    // In an approval's first 15 s DingTalk refuses to withdraw it: a retryable refusal, and
+    // the approval stays pending. Before, the refusal was final.
+    let early = cancel().await;
+    assert_eq!(err_kind(&early), "platform", "{early}");
+    assert_eq!(early["err"]["retryable"], true, "{early}");
+    assert!(err_message(&early).contains("first 15 s"), "{early}");
+    assert_eq!(ok(&fx.get(&id, false).await)["status"], "pending");
+    assert_eq!(fx.sim.state().instances[&id].status, "RUNNING");
+    // Fifteen seconds on.
+    fx.sim.state().instances.get_mut(&id).unwrap().create_ms -= REVOKE_AFTER.as_millis() as u64;
+
     // A 200 that says the instance was not terminated is an error, and the approval stays
     // pending. Before, any 2xx marked it canceled for good while approvers could still decide.
     let terminate = "/v1.0/workflow/processInstances/terminate";
@@ -313,6 +325,33 @@ async fn cancel_terminates_on_the_platform() {
     // The platform's terminate event arrives afterwards and is acknowledged.
     all_delivered(&fx.sim.flush_events().await);
     assert_eq!(ok(&fx.get(&id, false).await)["status"], "canceled");
+}
+
+/// An approval decided on DingTalk whose callback has not arrived: DingTalk refuses to
+/// withdraw it, and the cancel answers with how it ended instead of an error.
+#[tokio::test]
+async fn cancelling_an_approval_that_ended_unseen_returns_how_it_ended() {
+    let fx = fixture().await;
+    let a = fx.start("k-ended", and_then_or()).await;
+    let id = a["instance_id"].as_str().unwrap().to_string();
+    fx.sim.state().instances.get_mut(&id).unwrap().create_ms -= REVOKE_AFTER.as_millis() as u64;
+    fx.sim.set_callback_url(APP_KEY, None);
+    fx.sim.decide(&id, "a", false, "no").await.unwrap();
+    assert_eq!(ok(&fx.get(&id, false).await)["status"], "pending");
+    let terminate = "/v1.0/workflow/processInstances/terminate";
+    let tried = fx.sim.calls(terminate);
+    let c =
+        fx.h.invoke(
+            TENANT,
+            "cancel-approval",
+            json!({"app": fx.app, "instance_id": id, "reason": null}),
+        )
+        .await;
+    assert_eq!(ok(&c)["status"], "rejected", "{c}");
+    assert_eq!(ok(&c)["decisions"][0]["user"], "a", "{c}");
+    assert_eq!(fx.sim.calls(terminate), tried + 1, "it did ask");
+    assert_eq!(fx.sim.state().instances[&id].status, "COMPLETED");
+    assert_eq!(ok(&fx.get(&id, false).await)["status"], "rejected");
 }
 
 #[tokio::test]

@@ -298,6 +298,20 @@ async fn rejected_revoked_refresh_and_cancel() {
     assert_eq!(c["err"]["retryable"], false);
     assert!(err_message(&c).contains("withdraw"));
     assert_eq!(w.h.kv_dump("t1"), before);
+    // Rejected in WeCom, its callback not here (no callback address): the cancel answers with
+    // how the approval ended, which its one read of the approval found.
+    w.sim.set_callback_url(AGENT_A, None);
+    let sp4 = r4["instance_id"].as_str().unwrap();
+    w.sim.decide(sp4, "u1", false, "no").await.unwrap();
+    let c =
+        w.h.invoke(
+            "t1",
+            "cancel-approval",
+            json!({"app": w.app_json("wa", &w.a), "instance_id": sp4, "reason": "x"}),
+        )
+        .await;
+    assert_eq!(ok(&c)["status"], "rejected", "{c}");
+    assert_eq!(ok(&w.get(sp4, false).await)["status"], "rejected");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -600,11 +600,26 @@ pub fn cancel(
     if let Some(o) = rec.meta.get("originator").and_then(Value::as_str) {
         body["operatingUserId"] = json!(o);
     }
-    let reply = c.api(
-        Method::Post,
-        "/v1.0/workflow/processInstances/terminate",
-        Some(&body),
-    )?;
+    let reply = c
+        .api(
+            Method::Post,
+            "/v1.0/workflow/processInstances/terminate",
+            Some(&body),
+        )
+        .map_err(|e| match e {
+            // DingTalk's answer both in an approval's first 15 s and once it has ended; the
+            // caller reads the approval to tell the second apart, so this is the first.
+            Error::Platform { code, message, .. }
+                if message.starts_with("aflowProcessInstStatusException") =>
+            {
+                Error::platform(
+                    code,
+                    format!("{message}; DingTalk withdraws no approval in its first 15 s: retry"),
+                    true,
+                )
+            }
+            e => e,
+        })?;
     // A 2xx is not enough: the reply says whether the instance was terminated, and a record
     // marked canceled is final, while approvers could still decide the live instance.
     if reply.get("result").and_then(Value::as_bool) != Some(true) {

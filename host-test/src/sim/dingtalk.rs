@@ -75,6 +75,12 @@ pub struct Robot {
     pub secret: Option<String>,
 }
 
+/// DingTalk's terminate API refuses an instance younger than this (its docs: "提交审批单后15秒内
+/// 不能进行撤回"); a test ages an instance through its `create_ms`.
+pub const REVOKE_AFTER: Duration = Duration::from_secs(15);
+/// The terminate API's refusal of an instance in its first 15 s or already ended.
+const STATUS_EXCEPTION: &str = "aflowProcessInstStatusException";
+
 #[derive(Debug, Clone)]
 pub struct DingtalkConfig {
     pub apps: Vec<DingtalkApp>,
@@ -814,15 +820,26 @@ fn route_new(
                 .get("processInstanceId")
                 .and_then(Value::as_str)
                 .unwrap_or("");
-            if state.instances.get(id).is_none_or(|i| i.app_key != app_key) {
+            let Some(inst) = state.instances.get(id).filter(|i| i.app_key == app_key) else {
                 return Err(new_err(
                     400,
                     "InvalidParameter",
                     "processInstanceId is invalid",
                 ));
+            };
+            // One code for both refusals, as DingTalk documents for this API.
+            if inst.status != "RUNNING" {
+                return Err(new_err(400, STATUS_EXCEPTION, "审批单已结束"));
+            }
+            if now_ms() < inst.create_ms + REVOKE_AFTER.as_millis() as u64 {
+                return Err(new_err(
+                    400,
+                    STATUS_EXCEPTION,
+                    "提交审批后 15 秒内不允许撤销",
+                ));
             }
             terminate_locked(state, id)
-                .map_err(|e| new_err(400, "InstanceNotRunning", e.to_string()))?;
+                .map_err(|e| new_err(400, STATUS_EXCEPTION, e.to_string()))?;
             Ok(json!({"success": true, "result": true}))
         }
         _ => Err(new_err(404, "NotFound", "no such API")),

@@ -33,6 +33,9 @@ const FIELD_LABEL: &str = "详情";
 const TOKEN_HEADER: &str = "x-acs-dingtalk-access-token";
 /// `asyncsend_v2` accepts at most 100 user ids per call.
 const NOTICE_BATCH: usize = 100;
+/// DingTalk's caps: a work notification's `msg` in bytes, an instance's `ccList`.
+const MAX_NOTICE_MSG: usize = 2048;
+const MAX_CC: usize = 50;
 
 /// String code the new API answers for an expired or unknown access token.
 const NEW_TOKEN_INVALID: &str = "InvalidAuthentication";
@@ -396,6 +399,11 @@ fn field_text(req: &ApprovalRequest) -> String {
 pub fn prepare(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> Result<Prepared> {
     let c = Client::new(env, app)?;
     let (originator, nodes, cc) = super::resolve_request(req, &|u| c.resolve_one(u))?;
+    if cc.len() > MAX_CC {
+        return Err(Error::input(format!(
+            "DingTalk takes at most {MAX_CC} cc recipients"
+        )));
+    }
     let code = c.process_code(&originator)?;
     let mut body = json!({
         "processCode": code,
@@ -895,6 +903,11 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
     let msg = json!({"msgtype": "markdown", "markdown": {
         "title": n.title, "text": markdown_text(n, &mentions),
     }});
+    if msg.to_string().len() > MAX_NOTICE_MSG {
+        return Err(Error::input(format!(
+            "DingTalk work notifications are limited to {MAX_NOTICE_MSG} bytes"
+        )));
+    }
     let bodies: Vec<Value> = ids
         .chunks(NOTICE_BATCH)
         .map(|chunk| json!({"agent_id": agent, "userid_list": chunk.join(","), "msg": msg}))
@@ -1574,5 +1587,42 @@ pub(crate) mod tests {
             send_message(&env, &app(), &chat),
             Err(Error::InvalidInput(_))
         ));
+
+        // DingTalk caps `msg` at 2,048 bytes; over it, nothing is sent.
+        let sent = env.sent.borrow().len();
+        n.markdown = "x".repeat(MAX_NOTICE_MSG);
+        let e = send_message(&env, &app(), &n).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("2048 bytes")),
+            "{e:?}"
+        );
+        assert!(
+            !env.sent.borrow()[sent..]
+                .iter()
+                .any(|r| r.url.contains("asyncsend"))
+        );
+        n.markdown = "x".repeat(1900);
+        send_message(&env, &app(), &n).unwrap();
+    }
+
+    /// DingTalk takes at most 50 cc recipients: more is refused before a form or an instance
+    /// is asked for.
+    #[test]
+    fn over_fifty_cc_is_refused_before_the_create() {
+        let (env, creates) =
+            FakeEnv::counting("/v1.0/workflow/processInstances", |r, _| scripted_reply(r));
+        let mut req = request();
+        req.cc = (0..=MAX_CC)
+            .map(|i| UserRef::Id(format!("cc{i}")))
+            .collect();
+        let e = crate::approval::start(&env, &app(), &req).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("at most 50 cc")),
+            "{e:?}"
+        );
+        assert_eq!(creates.get(), 0);
+        req.cc.pop();
+        crate::approval::start(&env, &app(), &req).unwrap();
+        assert_eq!(creates.get(), 1);
     }
 }

@@ -39,6 +39,8 @@ const MAX_ROBOT_MARKDOWN: usize = 4096;
 const MAX_ROBOT_TEXT: usize = 2048;
 /// App and group-chat markdown (`message/send`, `appchat/send`): 2048 bytes.
 const MAX_APP_MARKDOWN: usize = 2048;
+/// `message/send` takes at most this many users in `touser`.
+const MAX_MESSAGE_USERS: usize = 1000;
 /// WeCom summary lines are short; longer ones are rejected by `applyevent`.
 const MAX_SUMMARY_CHARS: usize = 20;
 
@@ -938,8 +940,10 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
     }
     match &n.target {
         Target::Users(users) => {
-            if users.is_empty() {
-                return Err(Error::input("no users to notify"));
+            if users.is_empty() || users.len() > MAX_MESSAGE_USERS {
+                return Err(Error::input(format!(
+                    "WeCom app messages go to 1-{MAX_MESSAGE_USERS} users"
+                )));
             }
             let agent_id: u64 = app
                 .agent_id
@@ -1561,6 +1565,19 @@ pub(crate) mod tests {
         );
         n.mentions.clear();
         send_message(&env, &app(), &n).unwrap();
+        // `touser` takes at most 1,000 users.
+        let sent = env.sent.borrow().len();
+        n.target = Target::Users(
+            (0..=MAX_MESSAGE_USERS)
+                .map(|i| UserRef::Id(format!("u{i}")))
+                .collect(),
+        );
+        let e = send_message(&env, &app(), &n).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("1-1000 users")),
+            "{e:?}"
+        );
+        assert_eq!(env.sent.borrow().len(), sent);
     }
 
     #[test]

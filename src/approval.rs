@@ -474,7 +474,7 @@ pub fn cancel(
         return Ok(rec.approval);
     }
     if let Err(refused) = platform::cancel(env, app, &rec, reason) {
-        // Platforms refuse to cancel an approval that has ended (decided there before its
+        // When a platform refuses, the approval may have ended there (decided before its
         // callback arrived here): one read tells, and then how it ended is the answer.
         if matches!(refused, Error::Platform { .. })
             && let Ok(read) =

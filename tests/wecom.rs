@@ -312,6 +312,10 @@ async fn rejected_revoked_refresh_and_cancel() {
         .await;
     assert_eq!(ok(&c)["status"], "rejected", "{c}");
     assert_eq!(ok(&w.get(sp4, false).await)["status"], "rejected");
+    // It reaches the engine's outbox, as a refresh's news does: the late callback adds nothing.
+    let found = outbox_for(sp4);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(&found[0], ok(&c));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -397,7 +397,8 @@ impl Host {
         if inner.outbox.load(Ordering::Acquire)
             && let Some(app) = call.app()
         {
-            let refreshed = export == Export::GetApproval && !commit.writes.is_empty();
+            let refreshed = matches!(export, Export::GetApproval | Export::CancelApproval)
+                && !commit.writes.is_empty();
             commit.outbox = outbox_records(&tenant.id, &app.id, &reply, refreshed);
         }
         // Every backend applies an empty commit without looking at it (nothing to write, so
@@ -567,8 +568,8 @@ enum Run {
 /// redone; their writes are safe without validation:
 /// - `start-approval` writes the record and index of a key it claimed through the counter
 ///   (committed at once, so no concurrent start can claim it too), and the token cache;
-/// - `cancel-approval` marks an approval the platform has just withdrawn as canceled, on the
-///   record as read after that round trip;
+/// - `cancel-approval` marks an approval the platform has just withdrawn as canceled, or
+///   stores how one it refused to withdraw ended, on the record as read after that round trip;
 /// - `notify` writes the token cache, where the last writer is as right as the first, and
 ///   the marks of the parts a failed notification delivered (the same for every call).
 fn rerun_on_conflict(export: Export) -> bool {
@@ -595,10 +596,11 @@ fn conflict_reply(export: Export, runs: u32) -> Reply {
 }
 
 /// The outbox records for the approvals a callback or event changed, and for the one a
-/// `get-approval` returned when it wrote (`refreshed`: a refresh that found news stores it;
-/// the platform's late callback then changes nothing, so without this record an engine that
-/// learns of decisions only from the outbox would never hear of it). A write that was only
-/// a fetched token repeats an unchanged approval, which the engine must tolerate anyway.
+/// `get-approval` or `cancel-approval` returned when it wrote (`refreshed`: a refresh, or a
+/// refused cancel's read, that found news stores it; the platform's late callback then
+/// changes nothing, so without this record an engine that learns of decisions only from the
+/// outbox would never hear of it). A write that was only a fetched token repeats an
+/// unchanged approval, which the engine must tolerate anyway.
 fn outbox_records(tenant: &str, app_id: &str, reply: &Reply, refreshed: bool) -> Vec<Vec<u8>> {
     use crate::json::Json as _;
     let updates = match reply {

@@ -35,7 +35,9 @@ const TOKEN_HEADER: &str = "x-acs-dingtalk-access-token";
 const NOTICE_BATCH: usize = 100;
 /// DingTalk's caps: a work notification's `msg` in bytes, an instance's `ccList`.
 const MAX_NOTICE_MSG: usize = 2048;
-const MAX_CC: usize = 50;
+const MAX_CC_LIST: usize = 50;
+/// The terminate API's code both in an approval's first 15 s and once it has ended.
+const STATUS_EXCEPTION: &str = "aflowProcessInstStatusException:";
 
 /// String code the new API answers for an expired or unknown access token.
 const NEW_TOKEN_INVALID: &str = "InvalidAuthentication";
@@ -398,12 +400,13 @@ fn field_text(req: &ApprovalRequest) -> String {
 
 pub fn prepare(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> Result<Prepared> {
     let c = Client::new(env, app)?;
-    let (originator, nodes, cc) = super::resolve_request(req, &|u| c.resolve_one(u))?;
-    if cc.len() > MAX_CC {
+    // Before the lookups, which would be wasted.
+    if req.cc.len() > MAX_CC_LIST {
         return Err(Error::input(format!(
-            "DingTalk takes at most {MAX_CC} cc recipients"
+            "DingTalk takes at most {MAX_CC_LIST} cc recipients"
         )));
     }
+    let (originator, nodes, cc) = super::resolve_request(req, &|u| c.resolve_one(u))?;
     let code = c.process_code(&originator)?;
     let mut body = json!({
         "processCode": code,
@@ -617,9 +620,7 @@ pub fn cancel(
         .map_err(|e| match e {
             // DingTalk's answer both in an approval's first 15 s and once it has ended; the
             // caller reads the approval to tell the second apart, so this is the first.
-            Error::Platform { code, message, .. }
-                if message.starts_with("aflowProcessInstStatusException") =>
-            {
+            Error::Platform { code, message, .. } if message.starts_with(STATUS_EXCEPTION) => {
                 Error::platform(
                     code,
                     format!("{message}; DingTalk withdraws no approval in its first 15 s: retry"),
@@ -1612,7 +1613,7 @@ pub(crate) mod tests {
         let (env, creates) =
             FakeEnv::counting("/v1.0/workflow/processInstances", |r, _| scripted_reply(r));
         let mut req = request();
-        req.cc = (0..=MAX_CC)
+        req.cc = (0..=MAX_CC_LIST)
             .map(|i| UserRef::Id(format!("cc{i}")))
             .collect();
         let e = crate::approval::start(&env, &app(), &req).unwrap_err();

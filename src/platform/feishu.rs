@@ -416,6 +416,8 @@ pub fn create(
                 // only an instance on a definition this store subscribed to is taken. That is
                 // not only the kept one: the first attempt may have used a definition since
                 // replaced (deleted in the console, or a concurrent first start's kept instead).
+                // A start with this key still running has not committed its subscription yet:
+                // retryable, so that the retry after it adopts the instance.
                 let theirs = data
                     .get("approval_code")
                     .and_then(Value::as_str)
@@ -424,9 +426,10 @@ pub fn create(
                     return Err(Error::platform(
                         UUID_CONFLICT,
                         "Feishu has an approval with this start's uuid on a definition this \
-                         store never used: another store in the Feishu company uses the same \
+                         store has not recorded: another start with this key that has not \
+                         finished (retry), or another store in the Feishu company with the same \
                          app id and key (give the apps different ids)",
-                        false,
+                        true,
                     )
                     .into());
                 }
@@ -1269,12 +1272,12 @@ mod uuid_tests {
                 Ok(c) => assert!(adopted && c.instance_id == "I9"),
                 Err(e) => {
                     assert!(!adopted && !e.maybe_created, "{e:?}");
-                    // Another store's: a retry finds the same, only new app ids help.
+                    // Retryable: it may be a start with this key not finished yet.
                     assert!(matches!(
                         e.error,
                         Error::Platform {
                             code: UUID_CONFLICT,
-                            retryable: false,
+                            retryable: true,
                             ..
                         }
                     ));

@@ -181,8 +181,11 @@ async fn and_then_or_is_decided_by_pushed_events() {
     // Creation's start events are acknowledged and change nothing.
     all_delivered(&fx.sim.flush_events().await);
 
+    let asked = fx.sim.state().requests.len();
     all_delivered(&fx.sim.decide(&id, "a", true, "ok").await.unwrap());
     all_delivered(&fx.sim.decide(&id, "b", true, "").await.unwrap());
+    // Handling a push asks DingTalk nothing (it must answer within 1.5 s).
+    assert_eq!(fx.sim.state().requests.len(), asked);
     assert_eq!(ok(&fx.get(&id, false).await)["status"], "pending");
     all_delivered(&fx.sim.decide(&id, "d", true, "go").await.unwrap());
     let got = fx.get(&id, false).await;

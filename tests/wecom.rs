@@ -188,6 +188,7 @@ async fn approval_and_then_or_with_cc_decided_by_pushed_events() {
     assert_eq!(w.start("deploy-1").await["instance_id"], sp_no.as_str());
     assert_eq!(w.sim.calls("/cgi-bin/oa/applyevent"), 1);
 
+    let asked = w.sim.state().requests.len();
     let r = w
         .sim
         .decide(&sp_no, "u1", true, "ok")
@@ -195,6 +196,8 @@ async fn approval_and_then_or_with_cc_decided_by_pushed_events() {
         .unwrap()
         .unwrap();
     assert!(r.delivered);
+    // Handling a callback asks WeCom nothing (it must answer within 5 s).
+    assert_eq!(w.sim.state().requests.len(), asked);
     assert_eq!(ok(&w.get(&sp_no, false).await)["status"], "pending");
     w.sim.decide(&sp_no, "u2", true, "").await.unwrap().unwrap();
     assert_eq!(ok(&w.get(&sp_no, false).await)["status"], "pending");

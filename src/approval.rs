@@ -43,6 +43,13 @@ pub struct Inbound {
 }
 
 impl Record {
+    /// Applies every event in order; returns whether any changed the record.
+    pub fn apply_all(&mut self, events: &[Event]) -> bool {
+        events
+            .iter()
+            .fold(false, |changed, e| self.apply(e) | changed)
+    }
+
     /// Returns whether anything changed. Decisions arriving after a terminal status are still
     /// recorded (platforms do not order task and instance events), but the status never moves
     /// again once terminal.
@@ -386,7 +393,7 @@ fn save_started(
     // it. It is best effort: the approval exists, so its failure fails nothing.
     let mut events = Vec::new();
     if env.now_ms().saturating_sub(began_ms) <= READ_BACK_IF_STARTED_WITHIN_MS
-        && let Ok(read) = http::bounded(env, READ_BACK_LIMIT_MS, || platform::poll(env, app, &rec))
+        && let Some(read) = read_once(env, app, &rec)
     {
         events = read;
     }
@@ -401,9 +408,7 @@ fn save_started(
             }
             None => true,
         };
-        for e in &events {
-            changed |= rec.apply(e);
-        }
+        changed |= rec.apply_all(&events);
         if changed {
             save(env, app, &mut rec)?;
         }
@@ -443,6 +448,12 @@ fn must_load(env: &(impl Env + ?Sized), app: &ImApp, instance_id: &str) -> Resul
     })
 }
 
+/// One best-effort read of the approval from the platform, given [`READ_BACK_LIMIT_MS`] and
+/// tried once: `None` when it failed.
+fn read_once(env: &(impl Env + ?Sized), app: &ImApp, rec: &Record) -> Option<Vec<Event>> {
+    http::bounded(env, READ_BACK_LIMIT_MS, || platform::poll(env, app, rec)).ok()
+}
+
 pub fn get(
     env: &(impl Env + ?Sized),
     app: &ImApp,
@@ -452,11 +463,7 @@ pub fn get(
     let mut rec = must_load(env, app, instance_id)?;
     if refresh {
         let events = platform::poll(env, app, &rec)?;
-        let mut changed = false;
-        for e in &events {
-            changed |= rec.apply(e);
-        }
-        if changed {
+        if rec.apply_all(&events) {
             save(env, app, &mut rec)?;
         }
     }
@@ -477,14 +484,10 @@ pub fn cancel(
         // When a platform refuses, the approval may have ended there (decided before its
         // callback arrived here): one read tells, and then how it ended is the answer.
         if matches!(refused, Error::Platform { .. })
-            && let Ok(read) =
-                http::bounded(env, READ_BACK_LIMIT_MS, || platform::poll(env, app, &rec))
+            && let Some(read) = read_once(env, app, &rec)
         {
             let mut rec = must_load(env, app, instance_id)?;
-            let mut changed = false;
-            for e in &read {
-                changed |= rec.apply(e);
-            }
+            let changed = rec.apply_all(&read);
             if rec.approval.status.is_terminal() {
                 if changed {
                     save(env, app, &mut rec)?;

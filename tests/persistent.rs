@@ -16,8 +16,13 @@ use imbridge_tests::{Harness, dingtalk_sim, ok};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
-/// Where a Feishu long-connection client asks for its WebSocket address.
-const ENDPOINT: &str = "/callback/ws/endpoint";
+/// Keeps Feishu long-connection clients from reconnecting until `ws.faults().clear()`: their
+/// endpoint requests (where they ask for a WebSocket address) are answered 503.
+fn refuse_reconnects(ws: &FeishuWsSim) {
+    let unavailable = Response::json(503, &json!({"code": 1, "msg": "unavailable"}));
+    ws.faults()
+        .fail_next("/callback/ws/endpoint", 10_000, unavailable);
+}
 
 /// Waits until `f` holds, for at most `secs`.
 async fn until(what: &str, secs: u64, f: impl Fn() -> bool) {
@@ -145,8 +150,7 @@ async fn feishu_long_connection_survives_a_drop_and_applies_each_decision_once()
 
     // Dropped; carol decides while the host is away (its endpoint requests refused, so it
     // cannot be back yet); the host reconnects and gets it.
-    let unavailable = Response::json(503, &json!({"code": 1, "msg": "unavailable"}));
-    fx.ws.faults().fail_next(ENDPOINT, 10_000, unavailable);
+    refuse_reconnects(&fx.ws);
     fx.ws.drop_connections("cli_ws");
     fx.sim.decide(&id, "ou_carol", true, None).await.unwrap();
     assert!(fx.ws.pending("cli_ws") > 0, "queued while disconnected");
@@ -689,8 +693,7 @@ async fn official_node_sdk_and_the_host_speak_the_same_long_connection_frames() 
     until("host pinged", 10, || ws.stats(APP).pings > sdk_pings).await;
     // Unlike the SDK, the host reads the backlog that comes with the handshake answer. (Its
     // endpoint requests are refused until ev-5 is queued, so ev-5 is in that backlog.)
-    let unavailable = Response::json(503, &json!({"code": 1, "msg": "unavailable"}));
-    ws.faults().fail_next(ENDPOINT, 10_000, unavailable);
+    refuse_reconnects(&ws);
     ws.drop_connections(APP);
     let m5 = ws.push_event(APP, &message("ev-5"));
     assert_eq!(ws.live(APP), 0);

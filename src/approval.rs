@@ -114,6 +114,11 @@ impl Record {
 fn instance_key(app: &ImApp, instance_id: &str) -> String {
     app_key(app, "i", instance_id)
 }
+/// An increment a start makes once its create has answered: unlike the record, it is visible
+/// to other calls before the start commits.
+fn starting_key(app: &ImApp, instance_id: &str) -> String {
+    app_key(app, "starting", instance_id)
+}
 fn index_key(app: &ImApp, key: &str) -> String {
     app_key(app, "k", key)
 }
@@ -391,6 +396,10 @@ fn save_started(
     // initiator who is also an approver is approved automatically), or one made before a
     // start that could not save the record is retried, would be lost. One read now catches
     // it. It is best effort: the approval exists, so its failure fails nothing.
+    // Callbacks from now on are refused while this start runs, so the platform delivers them
+    // again (after the commit, which deletes the mark). Best effort like the read.
+    let starting = starting_key(app, &rec.approval.instance_id);
+    let _ = env.kv_increment(&starting, env.now_ms());
     let mut events = Vec::new();
     if env.now_ms().saturating_sub(began_ms) <= READ_BACK_IF_STARTED_WITHIN_MS
         && let Some(read) = read_once(env, app, &rec)
@@ -412,6 +421,7 @@ fn save_started(
         if changed {
             save(env, app, &mut rec)?;
         }
+        env.kv_delete(&starting)?;
         env.kv_set(&index_key(app, key), rec.approval.instance_id.as_bytes())
     })();
     match saved {
@@ -531,13 +541,24 @@ pub fn apply_inbound(
             .position(|(r, _)| r.approval.instance_id == ev.instance_id)
         {
             Some(i) => i,
-            None => match load(env, app, &ev.instance_id)? {
-                Some(r) => {
-                    loaded.push((r, false));
-                    loaded.len() - 1
-                }
-                None => continue,
-            },
+            None => {
+                let id = &ev.instance_id;
+                let rec = match load(env, app, id)? {
+                    Some(r) => r,
+                    None if starting(env, app, id)? => {
+                        return Err(Error::storage(format!(
+                            "approval {id:?} is still being started: deliver again"
+                        )));
+                    }
+                    // Its start may have committed between the two reads.
+                    None => match load(env, app, id)? {
+                        Some(r) => r,
+                        None => continue,
+                    },
+                };
+                loaded.push((rec, false));
+                loaded.len() - 1
+            }
         };
         let (rec, changed) = &mut loaded[i];
         *changed |= rec.apply(&ev.event);
@@ -550,6 +571,15 @@ pub fn apply_inbound(
         }
     }
     Ok(out)
+}
+
+/// Whether a start created `instance_id` and has not committed its record. A mark left by a
+/// start cut off is not aged out: that approval has no record for good, and its callbacks
+/// are refused until the platform stops redelivering them rather than acknowledged unseen.
+fn starting(env: &(impl Env + ?Sized), app: &ImApp, instance_id: &str) -> Result<bool> {
+    // A read, not an increment: that would create the key for every unknown instance
+    // (DingTalk and WeCom send the whole organisation's).
+    Ok(env.kv_get(&starting_key(app, instance_id))?.is_some())
 }
 
 /// Per-node evaluation for platforms that report only individual decisions: AND needs every
@@ -973,6 +1003,43 @@ mod tests {
         assert_eq!(get(&env, &app(), &a.instance_id, false).unwrap(), a);
     }
 
+    /// A decision pushed after the create answered but before the start saved the record is
+    /// refused, so the platform delivers it again, rather than dropped.
+    #[test]
+    fn a_callback_during_its_start_is_refused_until_the_record_is_saved() {
+        use crate::platform::dingtalk::tests::{app, request, scripted_reply};
+        let env = std::rc::Rc::new(crate::env::fake::FakeEnv::new(scripted_reply));
+        let refused = std::rc::Rc::new(std::cell::Cell::new(0));
+        let (during, seen) = (std::rc::Rc::downgrade(&env), refused.clone());
+        env.set_responder(move |r| {
+            if is_read_back(r) {
+                let id = r.url.split("processInstanceId=").nth(1).unwrap();
+                let env = during.upgrade().unwrap();
+                let e = apply_inbound(&*env, &app(), &[inbound(id, dec("a", false, 9))]);
+                assert!(
+                    matches!(e, Err(Error::Storage(ref m)) if m.contains("still being started"))
+                );
+                seen.set(seen.get() + 1);
+            }
+            scripted_reply(r)
+        });
+        let a = start(&*env, &app(), &request()).unwrap();
+        assert_eq!((refused.get(), a.status), (1, ApprovalStatus::Pending));
+        assert!(!env.kv.borrow().keys().any(|k| k.contains("/starting/")));
+        let again = apply_inbound(
+            &*env,
+            &app(),
+            &[inbound(&a.instance_id, dec("a", false, 9))],
+        );
+        assert_eq!(again.unwrap()[0].status, ApprovalStatus::Rejected);
+
+        // Another instance of the organisation: dropped, and nothing is written for it.
+        let before = env.snapshot();
+        let other = [inbound("other", dec("a", true, 9))];
+        assert_eq!(apply_inbound(&*env, &app(), &other), Ok(vec![]));
+        assert_eq!(env.snapshot(), before);
+    }
+
     #[test]
     fn a_decision_during_a_cancel_stays_recorded() {
         use crate::platform::dingtalk::tests::{app, request, scripted_reply};
@@ -1172,6 +1239,7 @@ mod tests {
         assert_eq!(failed_key(&app, k), "a/t%2F1/failed/wf%25%2F7");
         assert_eq!(unknown_key(&app, k), "a/t%2F1/unknown/wf%25%2F7");
         assert_eq!(unsaved_key(&app, k), "a/t%2F1/unsaved/wf%25%2F7");
+        assert_eq!(starting_key(&app, "i/1"), "a/t%2F1/starting/i%2F1");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use imbridge_tests::imbridge_host::sim::http::{Faults, Handler, Request, Respons
 use imbridge_tests::{Harness, err_kind, err_message, http_request, ok};
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const TENANT: &str = "t1";
 const APP_KEY: &str = "dingappkey1";
@@ -108,12 +108,16 @@ async fn fixture() -> Fx {
 }
 
 impl Fx {
-    async fn start(&self, key: &str, nodes: Value) -> Value {
-        let req = json!({"app": self.app, "request": {
+    fn start_input(&self, key: &str, nodes: Value) -> Value {
+        json!({"app": self.app, "request": {
             "key": key, "title": "Deploy wf-42", "initiator": {"mobile": "13800000000"},
             "nodes": nodes, "cc": [{"id": "cc1"}],
             "fields": [["env", "prod"], ["by", "ci"]], "detail_url": "https://engine/wf/42",
-        }});
+        }})
+    }
+
+    async fn start(&self, key: &str, nodes: Value) -> Value {
+        let req = self.start_input(key, nodes);
         ok(&self.h.invoke(TENANT, "start-approval", req).await).clone()
     }
 
@@ -236,6 +240,46 @@ async fn an_added_signer_keeps_the_approval_pending() {
     let got = fx.get(&id, false).await;
     assert_eq!(ok(&got)["status"], "rejected", "{got}");
     assert_eq!(fx.sim.state().instances[&id].result, "refuse");
+}
+
+/// A decision pushed after DingTalk answered the create but before the start saved its record
+/// (here while the start's read-back is at DingTalk) is refused, so DingTalk pushes it again,
+/// and a push after the start's commit records it. Before, it was acknowledged and dropped,
+/// and the approval stayed pending in the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decision_pushed_before_its_start_saved_is_taken_when_pushed_again() {
+    let fx = fixture().await;
+    let path = "/v1.0/workflow/processInstances";
+    // The create goes through; the read-back waits and then fails, so that only the push can
+    // tell the plugin of the refusal.
+    let unavailable = Response::json(503, &json!({"code": "ServiceUnavailable"}));
+    fx.sim.faults().fail_after(path, 1, 1, unavailable);
+    fx.sim.set_delay(path, Some(Duration::from_millis(1500)));
+    let (host, input) = (fx.h.host.clone(), fx.start_input("k-early", and_then_or()));
+    let start =
+        tokio::spawn(async move { host.invoke_json(TENANT, "start-approval", input).await });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fx.sim.faults().delayed(path) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the read-back never reached DingTalk"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let id = fx.sim.state().instances.keys().next().unwrap().clone();
+    fx.sim.discard_events();
+    let reports = fx.sim.decide(&id, "b", false, "no").await.unwrap();
+    let first = reports[0].attempts[0].body_text();
+    assert!(first.contains("still being started"), "{first}");
+
+    let started = start.await.unwrap().unwrap();
+    assert_eq!(ok(&started)["status"], "pending", "{started}");
+    for r in reports.iter().filter(|r| !r.delivered) {
+        ok(&fx.callback(&r.request).await);
+    }
+    let got = fx.get(&id, false).await;
+    assert_eq!(ok(&got)["status"], "rejected", "{got}");
+    assert_eq!(ok(&got)["decisions"][0]["comment"], "no");
 }
 
 #[tokio::test]

@@ -391,13 +391,12 @@ fn save_started(
     mut rec: Record,
     began_ms: u64,
 ) -> Result<Approval> {
-    // Callbacks for an instance the plugin has no record of are dropped, and the record
-    // commits only when this call returns: a decision the platform made at once (an
-    // initiator who is also an approver is approved automatically), or one made before a
-    // start that could not save the record is retried, would be lost. One read now catches
-    // it. It is best effort: the approval exists, so its failure fails nothing.
-    // Callbacks from now on are refused while this start runs, so the platform delivers them
-    // again (after the commit, which deletes the mark). Best effort like the read.
+    // The record commits only when this call returns. Callbacks for the instance from the
+    // increment on are refused (see `apply_inbound`), so the platform delivers them again,
+    // after the commit, which deletes the mark. One made before (a decision the platform
+    // made at once: an initiator who is also an approver is approved automatically) would
+    // be dropped: the read catches it. Both are best effort: the approval exists, so their
+    // failure fails nothing.
     let starting = starting_key(app, &rec.approval.instance_id);
     let _ = env.kv_increment(&starting, env.now_ms());
     let mut events = Vec::new();
@@ -421,7 +420,8 @@ fn save_started(
         if changed {
             save(env, app, &mut rec)?;
         }
-        env.kv_delete(&starting)?;
+        // A mark left beside the record is harmless: callbacks find the record first.
+        let _ = env.kv_delete(&starting);
         env.kv_set(&index_key(app, key), rec.approval.instance_id.as_bytes())
     })();
     match saved {
@@ -517,8 +517,9 @@ pub fn cancel(
 }
 
 /// Applies authenticated callback events; returns the approvals that changed. Events for
-/// instances this plugin has not stored are acknowledged and dropped: a redelivery after the
-/// start has been recorded still applies.
+/// instances this plugin has not stored are acknowledged and dropped, except those of an
+/// instance a start has marked and not yet recorded: they fail with a retryable error, so
+/// the platform delivers them again, after the start's commit.
 ///
 /// Deduplication is by content, not by the platforms' event ids: [`Record::apply`] counts a
 /// decision once per approver and direction and never moves a terminal status, so a
@@ -550,7 +551,9 @@ pub fn apply_inbound(
                             "approval {id:?} is still being started: deliver again"
                         )));
                     }
-                    // Its start may have committed between the two reads.
+                    // Its start may have committed between the two reads. Without this
+                    // read the event would be dropped: a call that writes nothing commits
+                    // unchecked.
                     None => match load(env, app, id)? {
                         Some(r) => r,
                         None => continue,
@@ -1038,6 +1041,51 @@ mod tests {
         let other = [inbound("other", dec("a", true, 9))];
         assert_eq!(apply_inbound(&*env, &app(), &other), Ok(vec![]));
         assert_eq!(env.snapshot(), before);
+    }
+
+    /// The start commits its record (and deletes its mark) between a callback's read of the
+    /// record and its read of the mark: the callback reads the record again and applies.
+    #[test]
+    fn a_start_that_commits_between_a_callbacks_reads_is_seen() {
+        use crate::env::fake::FakeEnv;
+        use crate::platform::dingtalk::tests::{app, request, scripted_reply};
+        struct CommitsOnMarkRead(FakeEnv, String, Vec<u8>);
+        impl Env for CommitsOnMarkRead {
+            fn send(&self, r: &crate::env::Request) -> Result<crate::env::Response> {
+                self.0.send(r)
+            }
+            fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+                if key.contains("/starting/") {
+                    self.0.kv_set(&self.1, &self.2)?;
+                }
+                self.0.kv_get(key)
+            }
+            fn kv_set(&self, key: &str, value: &[u8]) -> Result<()> {
+                self.0.kv_set(key, value)
+            }
+            fn kv_delete(&self, key: &str) -> Result<()> {
+                self.0.kv_delete(key)
+            }
+            fn kv_increment(&self, key: &str, delta: u64) -> Result<u64> {
+                self.0.kv_increment(key, delta)
+            }
+            fn now_ms(&self) -> u64 {
+                self.0.now_ms()
+            }
+            fn sleep_ms(&self, ms: u64) {
+                self.0.sleep_ms(ms)
+            }
+            fn random_bytes(&self, len: usize) -> Vec<u8> {
+                self.0.random_bytes(len)
+            }
+        }
+        let env = FakeEnv::new(scripted_reply);
+        let a = start(&env, &app(), &request()).unwrap();
+        let key = instance_key(&app(), &a.instance_id);
+        let record = env.kv.borrow_mut().remove(&key).unwrap();
+        let env = CommitsOnMarkRead(env, key, record);
+        let got = apply_inbound(&env, &app(), &[inbound(&a.instance_id, dec("a", false, 9))]);
+        assert_eq!(got.unwrap()[0].status, ApprovalStatus::Rejected);
     }
 
     #[test]

@@ -478,8 +478,10 @@ pub(crate) async fn commit_once(
 /// absent, written) are still absent, and nothing else it read is checked (its reads were
 /// never validated: it cannot be re-run). When one is not, either an earlier attempt was
 /// applied, and then all of them exist (a commit is all or nothing), or another call created
-/// it too (a cache both filled, such as a first access token): the next attempt then no
-/// longer expects that one absent, since a cache's last writer is as right as its first. The
+/// it first (a cache both filled, such as a first access token, or the record and index of a
+/// Feishu approval two starts with one key both got): the next attempt then leaves that key
+/// as the other call wrote it, since a callback may have moved such a record on since, and a
+/// cache's first writer is as right as its last. The
 /// first attempt is checked too: one whose answer was lost may yet reach the store after a
 /// repeat applied and a callback moved the record on, and must not set it back.
 async fn commit_or_retry(
@@ -540,7 +542,12 @@ async fn commit_or_retry(
                     result = Ok(Outcome::Applied);
                     break;
                 }
-                Ok(absent) => created = absent,
+                Ok(absent) => {
+                    commit
+                        .writes
+                        .retain(|(k, _)| !created.contains(k) || absent.contains(k));
+                    created = absent;
+                }
                 Err(e) => {
                     result = Err(e);
                     break;
@@ -709,6 +716,42 @@ mod tests {
             .unwrap();
         assert!(matches!(outcome, Outcome::Applied));
         assert_eq!(backend.get("t", "rec").unwrap(), Some(b"canceled".to_vec()));
+    }
+
+    /// Two Feishu starts with one key get the same instance; the first commits its record,
+    /// and a callback moves it on. The second's commit then finds the record and index
+    /// created, and must leave them as they are rather than set the record back to pending.
+    #[tokio::test]
+    async fn a_record_another_call_created_first_stands() {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let ns: Arc<str> = "t".into();
+        backend
+            .put(
+                "t",
+                vec![
+                    ("rec".into(), Some(b"approved".to_vec())),
+                    ("idx".into(), Some(b"i1".to_vec())),
+                ],
+            )
+            .unwrap();
+        let second = Commit {
+            reads: vec![("rec".into(), digest(None)), ("idx".into(), digest(None))],
+            writes: vec![
+                ("rec".into(), Some(b"pending".to_vec())),
+                ("idx".into(), Some(b"i1".to_vec())),
+                ("mark".into(), None),
+            ],
+            outbox: Vec::new(),
+        };
+        backend
+            .put("t", vec![("mark".into(), Some(b"1".to_vec()))])
+            .unwrap();
+        let outcome = commit_or_retry(&backend, &ns, second, "t", Export::StartApproval)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Applied));
+        assert_eq!(backend.get("t", "rec").unwrap(), Some(b"approved".to_vec()));
+        assert_eq!(backend.get("t", "mark").unwrap(), None);
     }
 
     /// A start's commit whose first attempt was lost is committed again; a callback then moves

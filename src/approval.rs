@@ -511,8 +511,11 @@ pub fn cancel(
     // back the copy read before the round trip: a callback that landed meanwhile would lose
     // its decision.
     let mut rec = must_load(env, app, instance_id)?;
-    rec.apply(&Event::Status(ApprovalStatus::Canceled));
-    save(env, app, &mut rec)?;
+    // The platform's own "canceled" callback may have landed meanwhile: rewriting the same
+    // record would reach the engine's outbox a second time.
+    if rec.apply(&Event::Status(ApprovalStatus::Canceled)) {
+        save(env, app, &mut rec)?;
+    }
     Ok(rec.approval)
 }
 
@@ -1086,6 +1089,34 @@ mod tests {
         let env = CommitsOnMarkRead(env, key, record);
         let got = apply_inbound(&env, &app(), &[inbound(&a.instance_id, dec("a", false, 9))]);
         assert_eq!(got.unwrap()[0].status, ApprovalStatus::Rejected);
+    }
+
+    /// The platform's "canceled" callback lands while the terminate request is out: the
+    /// cancel writes nothing more (a write would reach the engine's outbox twice).
+    #[test]
+    fn a_cancel_its_own_callback_recorded_first_writes_nothing() {
+        use crate::platform::dingtalk::tests::{app, request, scripted_reply};
+        let env = std::rc::Rc::new(crate::env::fake::FakeEnv::new(scripted_reply));
+        let a = start(&*env, &app(), &request()).unwrap();
+        let during = std::rc::Rc::downgrade(&env);
+        let after_callback = std::rc::Rc::new(std::cell::RefCell::new(None));
+        let (id, seen) = (a.instance_id.clone(), after_callback.clone());
+        env.set_responder(move |r| {
+            if r.url.ends_with("/v1.0/workflow/processInstances/terminate") {
+                let env = during.upgrade().unwrap();
+                let ev = inbound(&id, Event::Status(ApprovalStatus::Canceled));
+                env.now.set(env.now.get() + 1_000);
+                assert_eq!(apply_inbound(&*env, &app(), &[ev]).unwrap().len(), 1);
+                env.now.set(env.now.get() + 1_000);
+                *seen.borrow_mut() = Some(env.snapshot());
+                crate::env::fake::json_response(200, serde_json::json!({"result": true}))
+            } else {
+                scripted_reply(r)
+            }
+        });
+        let c = cancel(&*env, &app(), &a.instance_id, None).unwrap();
+        assert_eq!(c.status, ApprovalStatus::Canceled);
+        assert_eq!(Some(env.snapshot()), after_callback.borrow_mut().take());
     }
 
     #[test]

@@ -153,6 +153,7 @@ async fn and_then_or_approval_is_decided_by_encrypted_signed_callbacks() {
         );
         assert_eq!(inst.open_id, "ou_alice");
         assert_eq!(inst.cc, ["ou_alice"]);
+        assert_eq!(inst.title.as_deref(), Some("Deploy to prod?"));
         assert!(inst.form.contains("release #42"));
         let def = &st.definitions[&inst.approval_code];
         assert_eq!(

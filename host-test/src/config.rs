@@ -266,10 +266,37 @@ fn check_webhook(url: String, path: &str) -> Result<String> {
 
 /// An empty token (an unset variable in a config template, say) must not silently open the
 /// API it was meant to close.
+/// Settings the plugin would refuse on every call or callback of the app: refused at load,
+/// where the operator sees it, not as 500s to the platform's pushes later. Keys an app does
+/// not need (one that only sends notifications takes no callbacks) stay optional.
+fn check_app_settings(app: &ImApp, path: &str) -> Result<()> {
+    use crate::bindings::types::Platform;
+    if let Some(base) = &app.api_base {
+        crate::wasi_http::HostPattern::parse(base).with_context(|| {
+            format!("`{path}.api_base` must be a URL such as https://open.feishu.cn")
+        })?;
+    }
+    if let (Platform::Dingtalk | Platform::Wecom, Some(key)) = (app.platform, &app.encrypt_key)
+        && key.trim().len() != 43
+    {
+        bail!(
+            "`{path}.encrypt_key` must be the console's 43-character EncodingAESKey (aes_key), \
+             not {} characters",
+            key.trim().len()
+        );
+    }
+    Ok(())
+}
+
 fn check_token(token: Option<String>, path: &str) -> Result<Option<String>> {
     match token {
         Some(t) if t.trim().is_empty() => {
             bail!("`{path}` is empty: set a token, or leave the field out for an open API")
+        }
+        // HTTP trims a header value's surrounding whitespace and carries only visible ASCII
+        // reliably: such a token could never match (a trailing newline from a secret file).
+        Some(t) if !t.bytes().all(|b| b.is_ascii_graphic()) => {
+            bail!("`{path}` may hold only visible ASCII characters, without spaces or line breaks")
         }
         t => Ok(t),
     }
@@ -297,6 +324,7 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
             let (app, mode, endpoint_base) = take_callback_mode(app, &path)?;
             let app = ImApp::from_json(&app, &path)?;
             check_id("app", &app.id)?;
+            check_app_settings(&app, &path)?;
             if apps.iter().any(|a: &ImApp| a.id == app.id) {
                 bail!("app `{}` of tenant `{}` is configured twice", app.id, t.id);
             }
@@ -515,6 +543,26 @@ mod tests {
                 r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a",
                 "api_token": " "}]}"#,
                 "`tenants[0].api_token` is empty",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a", "apps": [
+                {"id": "x", "platform": "dingtalk", "app_id": "i", "app_secret": "s3cr3t",
+                 "encrypt_key": "s3cr3t"}]}]}"#,
+                "must be the console's 43-character EncodingAESKey",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a", "apps": [
+                {"id": "x", "platform": "feishu", "app_id": "i", "app_secret": "s3cr3t",
+                 "api_base": ""}]}]}"#,
+                "`tenants[0].apps[0].api_base` must be a URL",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "api_token": "s3cr3t\n"}"#,
+                "`api_token` may hold only visible ASCII",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "api_token": "s3cr3t-é"}"#,
+                "`api_token` may hold only visible ASCII",
             ),
         ] {
             let err = match ServeConfig::parse(text, base) {

@@ -16,6 +16,7 @@
 //!   number
 //!
 //! - `GET  /healthz`: 200 while the store takes a write (at most one per second), else 503
+//!   (also once the server is stopping)
 //!
 //! The API answers `{"ok": ...}` / `{"err": ...}` exactly as `invoke` prints them.
 
@@ -333,6 +334,8 @@ pub async fn serve_with_persistent(
                     .header_read_timeout(READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
+                    // hyper's header timeout also ends every idle keep-alive connection: no news.
+                    && !e.is_timeout()
                 {
                     log!("connection from {peer}: {e}");
                 }
@@ -541,6 +544,10 @@ impl State {
     async fn healthz(&self) -> Response {
         // The route is open to anyone who reaches the server: its durable writes are bounded
         // to one per HEALTHY_FOR, which also covers a supervisor that probes often.
+        // A server shutting down takes no new work: its supervisor should route elsewhere.
+        if self.stopping.load(Ordering::SeqCst) {
+            return status_json(StatusCode::SERVICE_UNAVAILABLE, "stopping");
+        }
         let recent = |at: &Option<Instant>| at.is_some_and(|at| at.elapsed() < HEALTHY_FOR);
         if recent(&self.healthy_at.lock().unwrap_or_else(|e| e.into_inner())) {
             return status_json(StatusCode::OK, "ok");
@@ -592,7 +599,11 @@ impl State {
             Ok(c) => c,
             Err(reject) => return reject.into_response(),
         };
-        let refresh = matches!(call, Call::GetApproval { refresh: true, .. });
+        // A refresh, or a cancel, may have put what it found in the outbox.
+        let wake = matches!(
+            call,
+            Call::GetApproval { refresh: true, .. } | Call::CancelApproval { .. }
+        );
         let host = self.host.clone();
         let id = tenant.clone();
         let Ok(running) = self.running().await else {
@@ -600,8 +611,7 @@ impl State {
         };
         match Self::detached(running, async move { host.call(&id, &call).await }).await {
             Ok(reply) => {
-                // A refresh may have put what it found in the outbox.
-                if refresh {
+                if wake {
                     self.wake_delivery(&tenant);
                 }
                 json_response(StatusCode::OK, &json::reply_to_json(&reply))

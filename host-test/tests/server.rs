@@ -710,6 +710,13 @@ async fn requests_on_open_connections_get_503_while_stopping() {
         assert!(text.starts_with("HTTP/1.1 503"), "{path}: {text}");
         assert!(text.contains("stopping"), "{path}: {text}");
     }
+    // The supervisor hears it too (its last probe's 200 would otherwise answer for a second).
+    open.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let health = read_response(&mut open).await;
+    assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+    assert!(health.contains("stopping"), "{health}");
     stopping.await;
 }
 

@@ -34,7 +34,7 @@ const TOKEN_INVALID: &[i64] = &[99991661, 99991663, 99991664, 99991668, 99991671
 /// Rate limits and transient internal errors: 99991400 the app's request rate, 11232 a custom
 /// robot's, 230020 a chat's message rate. (99991401 is an IP the app's allowlist refuses,
 /// which waiting does not change.)
-const RETRYABLE: &[i64] = &[99991400, 11232, 230020, 1500, 1501, 1503, 60007];
+const RETRYABLE: &[i64] = &[99991400, 11232, 230020, 1500, 1501, 1503, 60007, 1395001];
 /// Feishu refuses a custom robot's request body over 20 KB.
 const MAX_WEBHOOK_BODY: usize = 20 << 10;
 
@@ -285,13 +285,17 @@ fn node_id(i: usize) -> String {
 }
 
 /// Per app and API base; the shape is `and`/`or` joined by `-`, which never needs escaping.
+/// `fdef2`: definitions kept under `fdef` had initiator-chosen cc, which Feishu's definition
+/// API does not take, and no `approver_chosen_multi`; a store makes its definitions anew.
 fn definition_key(app: &ImApp, base: &str, shape: &str) -> String {
     let scope = hex(&crypto::sha256(&[base.as_bytes()]));
-    format!("{}/{shape}", app_key(app, "fdef", &scope[..8]))
+    format!("{}/{shape}", app_key(app, "fdef2", &scope[..8]))
 }
 
-/// The definition: one textarea, then one node per approval node with free approver and CC
-/// choice at instance time, so one definition serves every request of the same shape.
+/// The definition: one textarea, then one node per approval node whose approvers (several
+/// allowed) the start chooses, so one definition serves every request of the same shape. No
+/// cc: Feishu's definition API refuses initiator-chosen cc ("抄送人类型不支持设置为发起人自选"),
+/// so a start copies its approval to the cc list in a request of its own.
 pub fn definition_body(nodes: &[ApprovalNode], shape: &str) -> Value {
     // Written as text and parsed: every value in it is the plugin's own (widget and node
     // ids, modes, the shape), so nothing needs escaping, and the text is a fraction of the
@@ -306,7 +310,7 @@ pub fn definition_body(nodes: &[ApprovalNode], shape: &str) -> Value {
         };
         let _ = write!(
             node_list,
-            r#"{{"id":"{id}","name":"@i18n@{id}","node_type":"{mode}","approver":[{{"type":"Free"}}],"ccer":[{{"type":"Free"}}]}},"#
+            r#"{{"id":"{id}","name":"@i18n@{id}","node_type":"{mode}","approver":[{{"type":"Free"}}],"approver_chosen_multi":true}},"#
         );
         let _ = write!(
             texts,
@@ -330,7 +334,6 @@ pub fn instance_body(
     approval_code: &str,
     initiator: &str,
     nodes: &[Vec<String>],
-    cc: &[String],
     req: &ApprovalRequest,
     uuid: &str,
 ) -> Value {
@@ -340,19 +343,21 @@ pub fn instance_body(
         .enumerate()
         .map(|(i, ids)| json!({"key": node_id(i), "value": ids}))
         .collect();
-    let mut body = json!({
+    // Feishu takes the title as an i18n key that the instance's own texts define.
+    json!({
         "approval_code": approval_code,
         "open_id": initiator,
         "form": form.to_string(),
         "node_approver_open_id_list": approvers,
         "uuid": uuid,
-        "title": req.title,
-    });
-    if !cc.is_empty() {
-        body["node_cc_open_id_list"] = json!([{"key": node_id(nodes.len() - 1), "value": cc}]);
-    }
-    body
+        "title": TITLE_KEY,
+        "title_display_method": 1,
+        "i18n_resources": [{"locale": "en-US", "is_default": true,
+            "texts": [{"key": TITLE_KEY, "value": req.title}]}],
+    })
 }
+
+const TITLE_KEY: &str = "@i18n@imbridge_title";
 
 pub fn create(
     env: &(impl Env + ?Sized),
@@ -382,7 +387,7 @@ pub fn create(
             }
             other => other?,
         };
-        let body = instance_body(&code, &initiator, &nodes, &cc, req, uuid);
+        let body = instance_body(&code, &initiator, &nodes, req, uuid);
         match c.api(
             Method::Post,
             "/open-apis/approval/v4/instances",
@@ -443,6 +448,16 @@ pub fn create(
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| CreateError::without_id("instances"))?;
+    if !cc.is_empty() {
+        // Best effort: the approval exists and its approvers have their tasks; failing the
+        // start now would leave it without a record. Those in cc are told only by this.
+        let _ = c.api(
+            Method::Post,
+            "/open-apis/approval/v4/instances/cc?user_id_type=open_id",
+            Some(&json!({"approval_code": code, "instance_code": instance,
+                "user_id": initiator, "cc_user_ids": cc})),
+        );
+    }
     Ok(Created {
         instance_id: instance.to_string(),
         meta: json!({"approval_code": code, "initiator": initiator}),
@@ -976,9 +991,9 @@ pub(crate) mod tests {
             r#"{"key":"@i18n@imbridge_n1","value":"Approval 1"},"#,
             r#"{"key":"@i18n@imbridge_n2","value":"Approval 2"},"#,
             r#"{"key":"@i18n@imbridge_n3","value":"Approval 3"}]}],"node_list":[{"id":"START"},"#,
-            r#"{"approver":[{"type":"Free"}],"ccer":[{"type":"Free"}],"id":"imbridge_n1","name":"@i18n@imbridge_n1","node_type":"AND"},"#,
-            r#"{"approver":[{"type":"Free"}],"ccer":[{"type":"Free"}],"id":"imbridge_n2","name":"@i18n@imbridge_n2","node_type":"OR"},"#,
-            r#"{"approver":[{"type":"Free"}],"ccer":[{"type":"Free"}],"id":"imbridge_n3","name":"@i18n@imbridge_n3","node_type":"AND"},"#,
+            r#"{"approver":[{"type":"Free"}],"approver_chosen_multi":true,"id":"imbridge_n1","name":"@i18n@imbridge_n1","node_type":"AND"},"#,
+            r#"{"approver":[{"type":"Free"}],"approver_chosen_multi":true,"id":"imbridge_n2","name":"@i18n@imbridge_n2","node_type":"OR"},"#,
+            r#"{"approver":[{"type":"Free"}],"approver_chosen_multi":true,"id":"imbridge_n3","name":"@i18n@imbridge_n3","node_type":"AND"},"#,
             r#"{"id":"END"}],"settings":{"revert_interval":0},"viewers":[{"viewer_type":"NONE"}]}"#,
         ))
         .unwrap();
@@ -993,8 +1008,9 @@ pub(crate) mod tests {
 
     #[test]
     fn definition_keys_stay_put() {
-        // Tenants' stores hold definitions under this key since the first release: another
-        // layout would create every definition again. The digest is
+        // Tenants' stores hold definitions under this key since definitions stopped asking
+        // for initiator-chosen cc: another layout would create every definition again. The
+        // digest is
         // `printf 'http://127.0.0.1:1' | sha256sum`, cut to 8.
         let app = ImApp {
             id: "t/1".into(),
@@ -1002,7 +1018,7 @@ pub(crate) mod tests {
         };
         assert_eq!(
             definition_key(&app, "http://127.0.0.1:1", "and-or"),
-            "a/t%2F1/fdef/10d8eb39/and-or"
+            "a/t%2F1/fdef2/10d8eb39/and-or"
         );
     }
 
@@ -1389,6 +1405,9 @@ mod definition_tests {
         subscriptions: Vec<(String, String)>,
         failing_subscribes: usize,
         instances: usize,
+        /// Bodies of `instances/cc` requests.
+        ccs: Vec<Value>,
+        failing_ccs: usize,
     }
 
     fn feishu(company: Rc<RefCell<Company>>) -> FakeEnv {
@@ -1424,6 +1443,15 @@ mod definition_tests {
                     co.instances += 1;
                     let id = format!("I{}", co.instances);
                     json_response(200, json!({"code": 0, "data": {"instance_code": id}}))
+                }
+                "/approval/v4/instances/cc" => {
+                    assert!(r.url.ends_with("?user_id_type=open_id"), "{}", r.url);
+                    if co.failing_ccs > 0 {
+                        co.failing_ccs -= 1;
+                        return json_response(400, json!({"code": 1390001, "msg": "bad"}));
+                    }
+                    co.ccs.push(body);
+                    json_response(200, json!({"code": 0, "data": {}}))
                 }
                 p => {
                     let code = p
@@ -1494,6 +1522,43 @@ mod definition_tests {
                 ("t-cli_2".into(), "DEF1".into())
             ]
         );
+    }
+
+    /// The title goes as an i18n key the instance's texts define; the cc list, which
+    /// Feishu's definitions cannot leave to the start, goes out from the initiator once the
+    /// instance exists. A cc Feishu refuses fails nothing: the approval exists.
+    #[test]
+    fn the_cc_list_follows_the_create_and_the_title_is_an_i18n_key() {
+        let company = Rc::new(RefCell::new(Company {
+            failing_ccs: 1,
+            ..Company::default()
+        }));
+        let env = feishu(company.clone());
+        let first = create(&env, &app(), &request(), "k").unwrap();
+        assert!(company.borrow().ccs.is_empty());
+        let second = create(&env, &app(), &request(), "k2").unwrap();
+        let sent = env.sent.borrow();
+        let creates: Vec<Value> = sent
+            .iter()
+            .filter(|r| r.url.ends_with("/approval/v4/instances"))
+            .map(|r| serde_json::from_slice(&r.body).unwrap())
+            .collect();
+        assert_eq!(creates.len(), 2);
+        let body = &creates[1];
+        assert_eq!(body["title"], TITLE_KEY);
+        assert_eq!(
+            body["i18n_resources"][0]["texts"],
+            json!([{"key": TITLE_KEY, "value": "Deploy"}])
+        );
+        assert!(body.get("node_cc_open_id_list").is_none(), "{body}");
+        assert_eq!(
+            company.borrow().ccs,
+            [
+                json!({"approval_code": "DEF1", "instance_code": second.instance_id,
+                "user_id": "ou_a", "cc_user_ids": ["d"]})
+            ]
+        );
+        assert_ne!(first.instance_id, second.instance_id);
     }
 
     #[test]

@@ -69,7 +69,6 @@ impl Inputs {
                 "CODE",
                 "ou_alice",
                 &self.nodes_ids,
-                &self.cc,
                 &self.request,
                 "8c5f0a4e-0000-4000-8000-000000000042",
             ),

@@ -183,6 +183,8 @@ pub struct DefinitionNode {
     pub name: String,
     /// `AND` / `OR` for approval nodes, empty for START/END.
     pub node_type: String,
+    /// `approver_chosen_multi`: whether the initiator may choose more than one approver.
+    pub multi: bool,
 }
 
 /// An approval definition.
@@ -229,6 +231,8 @@ pub struct Instance {
     pub status: String,
     /// Approver open_ids per approval node, in definition order.
     pub node_approvers: Vec<(DefinitionNode, Vec<String>)>,
+    /// The title's text in the default locale, when the create gave one.
+    pub title: Option<String>,
     pub cc: Vec<String>,
     /// Index into `node_approvers` of the node being decided.
     pub current_node: usize,
@@ -873,6 +877,9 @@ fn handle(inner: &Inner, req: Request) -> Response {
             ("POST", ["open-apis", "approval", "v4", "instances", "cancel"]) => {
                 cancel_instance(inner, &mut state, app, &req)
             }
+            ("POST", ["open-apis", "approval", "v4", "instances", "cc"]) => {
+                cc_instance(inner, &mut state, app, &req)
+            }
             ("POST", ["open-apis", "approval", "v4", "instances"]) => {
                 create_instance(inner, &mut state, app, &req)
             }
@@ -996,6 +1003,21 @@ fn i18n_keys(body: &Value) -> Result<Vec<String>, ApiError> {
         .collect())
 }
 
+/// The default locale's text for `key`.
+fn i18n_value(body: &Value, key: &str) -> Option<String> {
+    body.get("i18n_resources")?
+        .as_array()?
+        .iter()
+        .find(|r| r.get("is_default") == Some(&Value::Bool(true)))?
+        .get("texts")?
+        .as_array()?
+        .iter()
+        .find(|t| t.get("key").and_then(Value::as_str) == Some(key))?
+        .get("value")?
+        .as_str()
+        .map(str::to_string)
+}
+
 fn check_i18n(keys: &[String], name: &str, what: &str) -> Result<(), ApiError> {
     if name.starts_with("@i18n@") && name.len() >= 9 && keys.iter().any(|k| k == name) {
         Ok(())
@@ -1078,6 +1100,7 @@ fn create_definition(state: &mut FeishuState, app: &FeishuApp, req: &Request) ->
                 node_id: hex32(),
                 name,
                 node_type: String::new(),
+                multi: false,
             });
             continue;
         }
@@ -1107,11 +1130,24 @@ fn create_definition(state: &mut FeishuState, app: &FeishuApp, req: &Request) ->
         {
             return Err(param_invalid("simulator supports approver type Free only"));
         }
+        // Feishu's definition API: "抄送人类型不支持设置为发起人自选（Free）".
+        if let Some(ccers) = node.get("ccer").and_then(Value::as_array) {
+            if ccers
+                .iter()
+                .any(|c| c.get("type").and_then(Value::as_str) == Some("Free"))
+            {
+                return Err(param_invalid("ccer type Free is not supported"));
+            }
+            if !ccers.is_empty() {
+                return Err(param_invalid("simulator supports no ccer"));
+            }
+        }
         nodes.push(DefinitionNode {
             id: id.into(),
             node_id: hex32(),
             name,
             node_type: node_type.into(),
+            multi: node.get("approver_chosen_multi") == Some(&Value::Bool(true)),
         });
     }
     // Passing an existing approval_code updates that definition, as on Feishu.
@@ -1265,17 +1301,11 @@ fn create_instance(
             }
         }
     }
-    let mut cc = Vec::new();
-    for (list, id_type) in [
-        ("node_cc_open_id_list", "open_id"),
-        ("node_cc_user_id_list", "user_id"),
-    ] {
-        for (_, ids) in user_ids_of(body.get(list))? {
-            for id in ids {
-                let user = find_user(inner, id_type, &id)
-                    .ok_or_else(|| param_invalid("cc user not found"))?;
-                cc.push(user.open_id.clone());
-            }
+    // Initiator-chosen cc needs a node whose ccer is Free, which no definition can have
+    // (see `create_definition`): cc goes through `instances/cc`.
+    for list in ["node_cc_open_id_list", "node_cc_user_id_list"] {
+        if !user_ids_of(body.get(list))?.is_empty() {
+            return Err(param_invalid("no node lets the initiator choose cc"));
         }
     }
     let mut node_approvers = Vec::new();
@@ -1284,8 +1314,22 @@ fn create_instance(
         if approvers.is_empty() {
             return Err(param_invalid(&format!("node {} needs approvers", node.id)));
         }
+        if approvers.len() > 1 && !node.multi {
+            return Err(param_invalid(&format!(
+                "node {} takes one approver (approver_chosen_multi is false)",
+                node.id
+            )));
+        }
         node_approvers.push((node.clone(), approvers));
     }
+    // The title is an @i18n@ key the instance's own default locale defines.
+    let title = match str_field(&body, "title") {
+        None => None,
+        Some(key) => {
+            check_i18n(&i18n_keys(&body)?, key, "title")?;
+            i18n_value(&body, key)
+        }
+    };
 
     let fingerprint = json!([
         approval_code,
@@ -1295,7 +1339,6 @@ fn create_instance(
             .iter()
             .map(|(n, a)| json!([n.id, a]))
             .collect::<Vec<_>>(),
-        cc
     ])
     .to_string();
     let uuid = str_field(&body, "uuid").map(str::to_string);
@@ -1328,7 +1371,8 @@ fn create_instance(
         form: form.into(),
         status: "PENDING".into(),
         node_approvers,
-        cc: cc.clone(),
+        title,
+        cc: Vec::new(),
         current_node: 0,
         tasks: Vec::new(),
         timeline: vec![json!({
@@ -1343,14 +1387,6 @@ fn create_instance(
         serial_number: format!("{:06}", state.instances.len() + 1),
         fingerprint,
     };
-    if !cc.is_empty() {
-        instance.timeline.push(json!({
-            "type": "CC",
-            "create_time": now.to_string(),
-            "open_id_list": cc,
-            "user_id_list": cc.iter().filter_map(|o| find_user(inner, "open_id", o).map(|u| u.user_id.clone())).collect::<Vec<_>>(),
-        }));
-    }
     let mut events = vec![instance_event(&instance, now)];
     events.extend(activate_node(inner, &mut instance, 0, now));
     state.instances.insert(code.clone(), instance);
@@ -1638,6 +1674,60 @@ fn cancel_instance(
         return Err(param_invalid(&format!("instance is {}", instance.status)));
     }
     cancel_locked(inner, state, instance_code).map_err(|e| param_invalid(&e.to_string()))?;
+    Ok(ok(json!({})))
+}
+
+/// `POST /open-apis/approval/v4/instances/cc`: `user_id` copies the instance to
+/// `cc_user_ids` (ids of `user_id_type`); a CC entry joins the timeline.
+fn cc_instance(
+    inner: &Inner,
+    state: &mut FeishuState,
+    app: &FeishuApp,
+    req: &Request,
+) -> ApiResult {
+    let body = parse_json(req)?;
+    let approval_code =
+        str_field(&body, "approval_code").ok_or_else(|| param_invalid("approval_code"))?;
+    let instance_code =
+        str_field(&body, "instance_code").ok_or_else(|| param_invalid("instance_code"))?;
+    let id_type = req
+        .query_param("user_id_type")
+        .unwrap_or_else(|| "open_id".into());
+    let by = str_field(&body, "user_id")
+        .and_then(|u| find_user(inner, &id_type, u))
+        .ok_or_else(|| param_invalid("user_id not found"))?;
+    let ids = body
+        .get("cc_user_ids")
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| param_invalid("cc_user_ids"))?;
+    let mut cc = Vec::new();
+    for id in ids {
+        let user = id
+            .as_str()
+            .and_then(|id| find_user(inner, &id_type, id))
+            .ok_or_else(|| param_invalid("cc user not found"))?;
+        cc.push(user.open_id.clone());
+    }
+    let instance = state
+        .instances
+        .get_mut(instance_code)
+        .filter(|i| i.tenant_key == app.tenant_key)
+        .ok_or_else(|| bad(1390003, "instance code not found"))?;
+    if instance.approval_code != approval_code {
+        return Err(bad(1390002, "approval code not found"));
+    }
+    instance.timeline.push(json!({
+        "type": "CC",
+        "create_time": now_ms().to_string(),
+        "open_id": by.open_id,
+        "open_id_list": cc,
+    }));
+    for open_id in cc {
+        if !instance.cc.contains(&open_id) {
+            instance.cc.push(open_id);
+        }
+    }
     Ok(ok(json!({})))
 }
 
@@ -2002,8 +2092,8 @@ mod tests {
             "form": {"form_content": "[{\"id\":\"detail\",\"type\":\"textarea\",\"required\":true,\"name\":\"@i18n@detail\"}]"},
             "node_list": [
                 {"id": "START"},
-                {"id": "n1", "name": "@i18n@leads", "node_type": "AND", "approver": [{"type": "Free"}]},
-                {"id": "n2", "name": "@i18n@ops", "node_type": "OR", "approver": [{"type": "Free"}]},
+                {"id": "n1", "name": "@i18n@leads", "node_type": "AND", "approver": [{"type": "Free"}], "approver_chosen_multi": true},
+                {"id": "n2", "name": "@i18n@ops", "node_type": "OR", "approver": [{"type": "Free"}], "approver_chosen_multi": true},
                 {"id": "END"}
             ],
             "i18n_resources": [{"locale": "en-US", "is_default": true, "texts": texts}]
@@ -2049,7 +2139,9 @@ mod tests {
                 {"key": "n1", "value": ["ou_bob", "ou_carol"]},
                 {"key": "n2", "value": ["ou_carol", "ou_dave"]}
             ],
-            "node_cc_open_id_list": [{"key": "n2", "value": ["ou_alice"]}],
+            "title": "@i18n@title",
+            "i18n_resources": [{"locale": "en-US", "is_default": true,
+                "texts": [{"key": "@i18n@title", "value": "Ship it?"}]}],
             "uuid": uuid
         })
     }
@@ -2325,8 +2417,9 @@ mod tests {
             .1["code"],
             1390001
         );
-        // Display names are i18n keys the default locale defines; viewers are required.
-        let edits: [fn(&mut Value); 6] = [
+        // Display names are i18n keys the default locale defines; viewers are required; cc
+        // cannot be left to the initiator (Feishu: "抄送人类型不支持设置为发起人自选（Free）").
+        let edits: [fn(&mut Value); 7] = [
             |b| b["form"]["form_content"] = json!("not json"),
             |b| b["approval_name"] = json!("Deploy"),
             |b| b["node_list"][1]["name"] = json!("@i18n@missing"),
@@ -2336,6 +2429,7 @@ mod tests {
                     json!(r#"[{"id":"detail","type":"textarea","name":"Detail"}]"#)
             },
             |b| b["viewers"] = json!([]),
+            |b| b["node_list"][1]["ccer"] = json!([{"type": "Free"}]),
         ];
         for (i, edit) in edits.iter().enumerate() {
             let mut body = definition_body();
@@ -2377,7 +2471,70 @@ mod tests {
             .await;
             assert_eq!(v["code"], 1390001, "{form}: {v}");
         }
+        // A plain-text title, initiator-chosen cc (no node allows it), and two approvers on a
+        // node that takes one are refused.
+        let edits: [fn(&mut Value); 3] = [
+            |b| b["title"] = json!("Ship it?"),
+            |b| b["node_cc_open_id_list"] = json!([{"key": "n2", "value": ["ou_alice"]}]),
+            |b| b["approval_code"] = json!("single"),
+        ];
+        let mut single = definition_body();
+        single["node_list"][1]
+            .as_object_mut()
+            .unwrap()
+            .remove("approver_chosen_multi");
+        let (_, def) = call(
+            &sim,
+            "POST",
+            "/open-apis/approval/v4/approvals",
+            Some(&t),
+            single,
+        )
+        .await;
+        let single = def["data"]["approval_code"].as_str().unwrap().to_string();
+        for (i, edit) in edits.iter().enumerate() {
+            let mut body = instance_body(code, "u");
+            edit(&mut body);
+            if body["approval_code"] == "single" {
+                body["approval_code"] = json!(single);
+            }
+            let (_, v) = call(
+                &sim,
+                "POST",
+                "/open-apis/approval/v4/instances",
+                Some(&t),
+                body,
+            )
+            .await;
+            assert_eq!(v["code"], 1390001, "edit {i}: {v}");
+        }
         assert!(sim.state().instances.is_empty());
+    }
+
+    /// The title resolves to its text; `instances/cc` copies the instance to users, once
+    /// each, and only on the instance's own definition.
+    #[tokio::test]
+    async fn titles_resolve_and_cc_is_a_request_of_its_own() {
+        let sim = FeishuSim::start(config()).await.unwrap();
+        let t = token(&sim, "cli_a", "secret_a").await;
+        let (code, inst) = setup_instance(&sim, &t, "7C468A54-8745-2245-9675-08B7C63E7A88").await;
+        assert_eq!(
+            sim.state().instances[&inst].title.as_deref(),
+            Some("Ship it?")
+        );
+        assert!(sim.state().instances[&inst].cc.is_empty());
+        let cc = "/open-apis/approval/v4/instances/cc?user_id_type=open_id";
+        let body = |code: &str| {
+            json!({"approval_code": code, "instance_code": inst, "user_id": "ou_alice",
+                "cc_user_ids": ["ou_dave", "ou_bob"]})
+        };
+        for _ in 0..2 {
+            let (status, v) = call(&sim, "POST", cc, Some(&t), body(&code)).await;
+            assert_eq!((status, &v["code"]), (200, &json!(0)), "{v}");
+        }
+        let (_, v) = call(&sim, "POST", cc, Some(&t), body("OTHER")).await;
+        assert_eq!(v["code"], 1390002, "{v}");
+        assert_eq!(sim.state().instances[&inst].cc, ["ou_dave", "ou_bob"]);
     }
 
     #[tokio::test]

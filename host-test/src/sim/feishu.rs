@@ -2454,30 +2454,6 @@ mod tests {
         )
         .await;
         let code = def["data"]["approval_code"].as_str().unwrap();
-        for form in [
-            r#"[{"id":"details","type":"textarea","value":"x"}]"#,
-            r#"[{"id":"detail","type":"textarea","value":""}]"#,
-            "[]",
-        ] {
-            let mut body = instance_body(code, "u");
-            body["form"] = json!(form);
-            let (_, v) = call(
-                &sim,
-                "POST",
-                "/open-apis/approval/v4/instances",
-                Some(&t),
-                body,
-            )
-            .await;
-            assert_eq!(v["code"], 1390001, "{form}: {v}");
-        }
-        // A plain-text title, initiator-chosen cc (no node allows it), and two approvers on a
-        // node that takes one are refused.
-        let edits: [fn(&mut Value); 3] = [
-            |b| b["title"] = json!("Ship it?"),
-            |b| b["node_cc_open_id_list"] = json!([{"key": "n2", "value": ["ou_alice"]}]),
-            |b| b["approval_code"] = json!("single"),
-        ];
         let mut single = definition_body();
         single["node_list"][1]
             .as_object_mut()
@@ -2491,13 +2467,36 @@ mod tests {
             single,
         )
         .await;
-        let single = def["data"]["approval_code"].as_str().unwrap().to_string();
-        for (i, edit) in edits.iter().enumerate() {
+        let single = def["data"]["approval_code"].clone();
+        // The form fills the definition's widgets, the required ones with a value; the title
+        // is an i18n key; no node lets the initiator choose cc; a node without
+        // approver_chosen_multi takes one approver.
+        let form = |f: &'static str| move |b: &mut Value| b["form"] = json!(f);
+        let refused: [(&str, Box<dyn Fn(&mut Value)>); 6] = [
+            (
+                "unknown widget",
+                Box::new(form(r#"[{"id":"details","type":"textarea","value":"x"}]"#)),
+            ),
+            (
+                "empty widget",
+                Box::new(form(r#"[{"id":"detail","type":"textarea","value":""}]"#)),
+            ),
+            ("no widget", Box::new(form("[]"))),
+            ("plain title", Box::new(|b| b["title"] = json!("Ship it?"))),
+            (
+                "node cc",
+                Box::new(|b| {
+                    b["node_cc_open_id_list"] = json!([{"key": "n2", "value": ["ou_alice"]}])
+                }),
+            ),
+            (
+                "two approvers",
+                Box::new(move |b| b["approval_code"] = single.clone()),
+            ),
+        ];
+        for (what, edit) in &refused {
             let mut body = instance_body(code, "u");
             edit(&mut body);
-            if body["approval_code"] == "single" {
-                body["approval_code"] = json!(single);
-            }
             let (_, v) = call(
                 &sim,
                 "POST",
@@ -2506,7 +2505,7 @@ mod tests {
                 body,
             )
             .await;
-            assert_eq!(v["code"], 1390001, "edit {i}: {v}");
+            assert_eq!(v["code"], 1390001, "{what}: {v}");
         }
         assert!(sim.state().instances.is_empty());
     }

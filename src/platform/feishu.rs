@@ -166,7 +166,10 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
             .collect::<Result<_>>()?;
         let mobiles: Vec<&str> = mobiles.iter().map(String::as_str).collect();
         let mut found: Vec<(String, String)> = Vec::new();
-        for (kind, list) in [("emails", &emails), ("mobiles", &mobiles)] {
+        for (kind, field, list) in [
+            ("emails", "email", &emails),
+            ("mobiles", "mobile", &mobiles),
+        ] {
             for chunk in list.chunks(BATCH_GET_ID_LIMIT) {
                 let data = self.read(
                     Method::Post,
@@ -180,10 +183,8 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
                     .flatten()
                 {
                     let id = u.get("user_id").and_then(Value::as_str);
-                    let who = u
-                        .get("email")
-                        .or_else(|| u.get("mobile"))
-                        .and_then(Value::as_str);
+                    // The field asked by: an item may carry the other one too.
+                    let who = u.get(field).and_then(Value::as_str);
                     if let (Some(id), Some(who)) = (id, who) {
                         found.push((who.to_string(), id.to_string()));
                     }
@@ -943,7 +944,10 @@ pub(crate) mod tests {
                     let list: Vec<Value> = emails
                         .iter()
                         .map(|e| json!({"email": e, "user_id": format!("ou_{}", e.as_str().unwrap())}))
-                        .chain(mobiles.iter().map(|m| json!({"mobile": m, "user_id": "ou_m"})))
+                        // An item may carry the user's other contact field too.
+                        .chain(mobiles.iter().map(|m| {
+                            json!({"mobile": m, "email": "m@x.cn", "user_id": "ou_m"})
+                        }))
                         .collect();
                     json_response(200, json!({"code": 0, "data": {"user_list": list}}))
                 } else if path.starts_with("im/v1/messages?receive_id_type=open_id") {

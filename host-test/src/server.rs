@@ -757,15 +757,25 @@ impl State {
 
 /// The tenant's delivery task: on each wake-up, POSTs its pending outbox records to `url`,
 /// oldest first, stopping at the first failure; what is left goes out on the next wake-up.
+/// After a failure the next try waits, 1 s doubling up to the redelivery timer's period:
+/// every callback wakes the task, and an engine that is down would otherwise get a POST (and
+/// the log a line) per callback.
 async fn deliver_updates(state: Weak<State>, tenant: String, url: String, wake: Arc<Notify>) {
+    let mut pause = Duration::ZERO;
     loop {
+        // Wake-ups during the pause are kept (one permit), so none is lost.
+        tokio::time::sleep(pause).await;
         wake.notified().await;
         let Some(store) = state.upgrade().map(|s| s.host.store().clone()) else {
             return;
         };
-        if let Err(e) = deliver_pending(&store, &tenant, &url).await {
-            log!("tenant={tenant} {e:#}");
-        }
+        pause = match deliver_pending(&store, &tenant, &url).await {
+            Ok(()) => Duration::ZERO,
+            Err(e) => {
+                log!("tenant={tenant} {e:#}");
+                (pause * 2).clamp(Duration::from_secs(1), REDELIVERY)
+            }
+        };
     }
 }
 

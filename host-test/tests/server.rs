@@ -391,6 +391,35 @@ async fn a_failed_delivery_is_kept_and_redelivered_in_order() {
     server.shutdown().await;
 }
 
+/// An engine webhook that keeps failing is not tried again on every callback: after a
+/// failure the tenant's delivery pauses (1 s, doubling), while the callbacks go on.
+#[tokio::test]
+async fn a_failing_webhook_is_not_tried_per_callback() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, mut received) = engine_webhook(usize::MAX).await;
+    let server = start_with_webhook(dir.path(), hook).await;
+    for _ in 0..30 {
+        let (status, _) = request(server.addr(), "POST", "/callback/acme/a1", "", b"{}").await;
+        assert_eq!(status, 200);
+    }
+    let first = tokio::time::timeout(Duration::from_secs(10), received.recv())
+        .await
+        .expect("webhook called");
+    assert_eq!(first.unwrap().0, 500);
+    let mut attempts = 1;
+    while let Ok(Ok((status, _))) = tokio::time::timeout(Duration::from_millis(200), async {
+        received.recv().await.ok_or(())
+    })
+    .await
+    {
+        assert_eq!(status, 500);
+        attempts += 1;
+    }
+    // One per callback (30) before; one, or two when the pause ended within the burst.
+    assert!(attempts <= 3, "{attempts} attempts");
+    server.shutdown().await;
+}
+
 /// Clients that trickle bytes or sit idle are cut off after `READ_TIMEOUT`: without it each
 /// held a connection, its buffers and a file descriptor for ever.
 #[tokio::test]

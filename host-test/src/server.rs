@@ -35,6 +35,7 @@ use http::{Method, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::future::Future;
@@ -60,6 +61,9 @@ const REDELIVERY: Duration = Duration::from_secs(30);
 /// client bounds connecting and each read, but not the handshake): an engine that accepts
 /// connections and never answers must not hold its tenant's deliveries.
 pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopping server waits for its connections to write the answers of finished
+/// calls.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// How long a `/healthz` probe's successful commit answers for the probes after it.
 const HEALTHY_FOR: Duration = Duration::from_secs(1);
@@ -94,7 +98,8 @@ pub struct ServerHandle {
     addr: SocketAddr,
     host: Host,
     shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    /// The accept loop; it ends with what closes the connections it served.
+    task: JoinHandle<GracefulShutdown>,
     /// The persistent connections (apps with `"callback": "persistent"`).
     connections: Option<crate::persistent::Connections>,
     /// One permit per plugin call the server runs; see [`State::detached`].
@@ -130,11 +135,18 @@ impl ServerHandle {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = (&mut self.task).await;
+        let connections = (&mut self.task).await;
         // A request that passed the flag just before it was set queues behind this (the
         // semaphore is fair) and is refused by the close.
         let _all = self.in_flight.acquire_many(MAX_CALLS as u32).await;
         self.in_flight.close();
+        // A call's permit comes back just before its answer is written: the connections
+        // finish writing what they answer (idle ones close at once), so a process that exits
+        // next does not drop the answer of a finished call (a notify the engine would send
+        // again). Bounded: a client that does not read its answer does not hold the exit.
+        if let Ok(connections) = connections {
+            let _ = tokio::time::timeout(CLOSE_GRACE, connections.shutdown()).await;
+        }
     }
 
     /// Plugin calls running or waiting for a call slot, including engine API calls whose
@@ -302,6 +314,7 @@ pub async fn serve_with_persistent(
         let _redelivery = AbortOnDrop(redelivery);
         let _deliveries = deliveries;
         let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let graceful = GracefulShutdown::new();
         loop {
             let permit = tokio::select! {
                 _ = &mut rx => break,
@@ -323,17 +336,19 @@ pub async fn serve_with_persistent(
                 },
             };
             let state = state.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let service = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, std::convert::Infallible>(state.handle(req).await) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(state.handle(req).await) }
+            });
+            let connection = graceful.watch(
+                hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(e) = connection.await
                     // hyper's header timeout also ends every idle keep-alive connection: no news.
                     && !e.is_timeout()
                 {
@@ -341,6 +356,7 @@ pub async fn serve_with_persistent(
                 }
             });
         }
+        graceful
     });
     log!("serving on http://{addr}");
     Ok(ServerHandle {

@@ -770,6 +770,43 @@ async fn shutdown_finishes_the_calls_in_flight() {
     assert_eq!(client.await.unwrap().0, 200);
 }
 
+/// A process may exit as soon as `shutdown` returns (`serve` drops its runtime then): by
+/// that time the answers of the calls that finished during it are written. (A call's permit
+/// comes back just before hyper writes its answer; that race was not seen to lose an answer
+/// here without the wait for the connections, so this guards the contract rather than
+/// reproducing the race.)
+#[test]
+fn answers_are_written_before_shutdown_returns() {
+    use std::io::{Read as _, Write as _};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = rt.block_on(start_busy(dir.path(), json!({}), Duration::from_secs(60)));
+    let addr = server.addr();
+    let client = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"POST /callback/acme/a1 HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    rt.block_on(async {
+        assert_eq!(until_in_flight(&server, 2).await, 2, "the callback waits");
+        let host = server.host().clone();
+        let mut stopping = Box::pin(server.shutdown());
+        poll_once(&mut stopping, "stopped while a call was still running").await;
+        release_busy(&host);
+        stopping.await;
+    });
+    drop(rt);
+    let answer = client.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
 /// A webhook that accepts connections and never answers.
 async fn silent_webhook() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

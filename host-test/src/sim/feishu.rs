@@ -2472,7 +2472,8 @@ mod tests {
         // is an i18n key; no node lets the initiator choose cc; a node without
         // approver_chosen_multi takes one approver.
         let form = |f: &'static str| move |b: &mut Value| b["form"] = json!(f);
-        let refused: [(&str, Box<dyn Fn(&mut Value)>); 6] = [
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let refused: [(&str, Edit); 6] = [
             (
                 "unknown widget",
                 Box::new(form(r#"[{"id":"details","type":"textarea","value":"x"}]"#)),

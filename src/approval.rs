@@ -547,9 +547,12 @@ pub fn apply_inbound(
             Some(i) => i,
             None => {
                 let id = &ev.instance_id;
+                // "Still pending" changes no record: the event Feishu and WeCom send right
+                // after every create is not worth a redelivery.
+                let news = ev.event != Event::Status(ApprovalStatus::Pending);
                 let rec = match load(env, app, id)? {
                     Some(r) => r,
-                    None if starting(env, app, id)? => {
+                    None if news && starting(env, app, id)? => {
                         return Err(Error::storage(format!(
                             "approval {id:?} is still being started: deliver again"
                         )));
@@ -579,13 +582,21 @@ pub fn apply_inbound(
     Ok(out)
 }
 
-/// Whether a start created `instance_id` and has not committed its record. A mark left by a
-/// start cut off is not aged out: that approval has no record for good, and its callbacks
-/// are refused until the platform stops redelivering them rather than acknowledged unseen.
+/// Whether a start created `instance_id` and has not committed its record, within the hour
+/// a call may run: a mark older than that was left by a start cut off, whose approval has no
+/// record (on DingTalk and WeCom for good), and its callbacks are dropped as before rather
+/// than refused for as long as the platform retries.
 fn starting(env: &(impl Env + ?Sized), app: &ImApp, instance_id: &str) -> Result<bool> {
-    // A read, not an increment: that would create the key for every unknown instance
-    // (DingTalk and WeCom send the whole organisation's).
-    Ok(env.kv_get(&starting_key(app, instance_id))?.is_some())
+    let key = starting_key(app, instance_id);
+    // A read first: an increment would create the key for every unknown instance (DingTalk
+    // and WeCom send the whole organisation's). Incrementing by 0 then reads the counter as
+    // every store keeps it.
+    if env.kv_get(&key)?.is_none() {
+        return Ok(false);
+    }
+    let now = env.now_ms();
+    let began = claim_time(env.kv_increment(&key, 0)?, now);
+    Ok(now.saturating_sub(began) < INTERRUPTED_AFTER_MS)
 }
 
 /// Per-node evaluation for platforms that report only individual decisions: AND needs every
@@ -1025,6 +1036,9 @@ mod tests {
                 assert!(
                     matches!(e, Err(Error::Storage(ref m)) if m.contains("still being started"))
                 );
+                // "Still pending" is no news: not refused.
+                let pending = inbound(id, Event::Status(ApprovalStatus::Pending));
+                assert_eq!(apply_inbound(&*env, &app(), &[pending]), Ok(vec![]));
                 seen.set(seen.get() + 1);
             }
             scripted_reply(r)
@@ -1044,6 +1058,15 @@ mod tests {
         let other = [inbound("other", dec("a", true, 9))];
         assert_eq!(apply_inbound(&*env, &app(), &other), Ok(vec![]));
         assert_eq!(env.snapshot(), before);
+
+        // A mark left by a start cut off holds callbacks back for the hour a call may run.
+        let cut = [inbound("cut", dec("a", true, 9))];
+        env.kv_increment(&starting_key(&app(), "cut"), env.now_ms())
+            .unwrap();
+        env.now.set(env.now.get() + INTERRUPTED_AFTER_MS - 1);
+        assert!(apply_inbound(&*env, &app(), &cut).is_err());
+        env.now.set(env.now.get() + 1);
+        assert_eq!(apply_inbound(&*env, &app(), &cut), Ok(vec![]));
     }
 
     /// The start commits its record (and deletes its mark) between a callback's read of the

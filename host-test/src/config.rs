@@ -264,30 +264,39 @@ fn check_webhook(url: String, path: &str) -> Result<String> {
     Ok(url)
 }
 
-/// An empty token (an unset variable in a config template, say) must not silently open the
-/// API it was meant to close.
-/// Settings the plugin would refuse on every call or callback of the app: refused at load,
-/// where the operator sees it, not as 500s to the platform's pushes later. Keys an app does
-/// not need (one that only sends notifications takes no callbacks) stay optional.
-fn check_app_settings(app: &ImApp, path: &str) -> Result<()> {
+/// Settings the plugin would refuse on every call, or every HTTP callback, of the app:
+/// refused at load, where the operator sees it, not as 500s to the platform's pushes later.
+/// Keys an app does not use stay free (one that only sends notifications, or takes its
+/// events over a persistent connection, never decrypts an HTTP callback).
+fn check_app_settings(app: &ImApp, mode: CallbackMode, path: &str) -> Result<()> {
     use crate::bindings::types::Platform;
     if let Some(base) = &app.api_base {
-        crate::wasi_http::HostPattern::parse(base).with_context(|| {
-            format!("`{path}.api_base` must be a URL such as https://open.feishu.cn")
-        })?;
+        let base = base.trim();
+        if !(base.starts_with("https://") || base.starts_with("http://")) {
+            bail!("`{path}.api_base` must be a URL such as https://open.feishu.cn");
+        }
+        crate::wasi_http::HostPattern::parse(base).with_context(|| format!("`{path}.api_base`"))?;
     }
-    if let (Platform::Dingtalk | Platform::Wecom, Some(key)) = (app.platform, &app.encrypt_key)
-        && key.trim().len() != 43
+    let key = app
+        .encrypt_key
+        .as_deref()
+        .map(str::trim)
+        .unwrap_or_default();
+    if let (Platform::Dingtalk | Platform::Wecom, CallbackMode::Http) = (app.platform, mode)
+        && !key.is_empty()
+        && key.len() != 43
     {
         bail!(
             "`{path}.encrypt_key` must be the console's 43-character EncodingAESKey (aes_key), \
              not {} characters",
-            key.trim().len()
+            key.len()
         );
     }
     Ok(())
 }
 
+/// An empty token (an unset variable in a config template, say) must not silently open the
+/// API it was meant to close.
 fn check_token(token: Option<String>, path: &str) -> Result<Option<String>> {
     match token {
         Some(t) if t.trim().is_empty() => {
@@ -295,8 +304,11 @@ fn check_token(token: Option<String>, path: &str) -> Result<Option<String>> {
         }
         // HTTP trims a header value's surrounding whitespace and carries only visible ASCII
         // reliably: such a token could never match (a trailing newline from a secret file).
-        Some(t) if !t.bytes().all(|b| b.is_ascii_graphic()) => {
-            bail!("`{path}` may hold only visible ASCII characters, without spaces or line breaks")
+        Some(t) if t.trim() != t || !t.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) => {
+            bail!(
+                "`{path}` may hold only visible ASCII characters and inner spaces, without \
+                 surrounding whitespace or line breaks"
+            )
         }
         t => Ok(t),
     }
@@ -324,7 +336,8 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
             let (app, mode, endpoint_base) = take_callback_mode(app, &path)?;
             let app = ImApp::from_json(&app, &path)?;
             check_id("app", &app.id)?;
-            check_app_settings(&app, &path)?;
+            check_app_settings(&app, mode, &path)?;
+
             if apps.iter().any(|a: &ImApp| a.id == app.id) {
                 bail!("app `{}` of tenant `{}` is configured twice", app.id, t.id);
             }
@@ -564,6 +577,12 @@ mod tests {
                 r#"{"public_url": "http://x", "state_dir": "s", "api_token": "s3cr3t-é"}"#,
                 "`api_token` may hold only visible ASCII",
             ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a", "apps": [
+                {"id": "x", "platform": "feishu", "app_id": "i", "app_secret": "s3cr3t",
+                 "api_base": "open.feishu.cn"}]}]}"#,
+                "`tenants[0].apps[0].api_base` must be a URL",
+            ),
         ] {
             let err = match ServeConfig::parse(text, base) {
                 Ok(_) => panic!("accepted {text}"),
@@ -572,6 +591,24 @@ mod tests {
             assert!(err.contains(want), "{err}");
             assert!(!err.contains("s3cr3t"), "{err}");
         }
+    }
+
+    /// Settings an app does not use are not checked: a DingTalk app on a Stream connection or
+    /// with a blank key never decrypts an HTTP callback; a token may hold inner spaces.
+    #[test]
+    fn unused_keys_stay_free() {
+        let text = r#"{"public_url": "http://x", "state_dir": "s", "api_token": "a b",
+            "tenants": [{"id": "t", "apps": [
+              {"id": "a", "platform": "dingtalk", "app_id": "i", "app_secret": "s",
+               "encrypt_key": "old", "callback": "persistent"},
+              {"id": "b", "platform": "wecom", "app_id": "j", "app_secret": "s",
+               "encrypt_key": ""},
+              {"id": "c", "platform": "dingtalk", "app_id": "k", "app_secret": "s",
+               "encrypt_key": "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+               "api_base": " https://api.dingtalk.com/ "}]}]}"#;
+        let cfg = Config::parse(text, Path::new("/srv")).unwrap();
+        assert_eq!(cfg.serve.tenants[0].apps.len(), 3);
+        assert_eq!(cfg.persistent.len(), 1);
     }
 
     #[test]

@@ -126,7 +126,8 @@ impl ServerHandle {
     ///
     /// From its start, requests that would run a plugin call are answered 503, also on
     /// connections that stay open: a call started while the process exits could be cut off
-    /// just the same.
+    /// just the same. Last, the connections finish writing their answers (at most 5 s) and
+    /// close.
     pub async fn shutdown(mut self) {
         self.stopping.store(true, Ordering::SeqCst);
         if let Some(c) = self.connections.take() {
@@ -349,7 +350,8 @@ pub async fn serve_with_persistent(
             tokio::spawn(async move {
                 let _permit = permit;
                 if let Err(e) = connection.await
-                    // hyper's header timeout also ends every idle keep-alive connection: no news.
+                    // hyper's header timeout also ends every idle keep-alive connection (and one
+                    // whose client stalls mid-header, which is not news either).
                     && !e.is_timeout()
                 {
                     log!("connection from {peer}: {e}");

@@ -449,15 +449,24 @@ pub fn create(
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| CreateError::without_id("instances"))?;
-    if !cc.is_empty() {
-        // Best effort: the approval exists and its approvers have their tasks; failing the
-        // start now would leave it without a record. Those in cc are told only by this.
-        let _ = c.api(
-            Method::Post,
-            "/open-apis/approval/v4/instances/cc?user_id_type=open_id",
-            Some(&json!({"approval_code": code, "instance_code": instance,
-                "user_id": initiator, "cc_user_ids": cc})),
-        );
+    // An adopted instance (read back after 60012) whose timeline has a copy was copied by
+    // the attempt that made it: once is enough.
+    let copied = data
+        .get("timeline")
+        .and_then(Value::as_array)
+        .is_some_and(|t| t.iter().any(|e| e.get("type") == Some(&json!("CC"))));
+    if !cc.is_empty() && !copied {
+        // Best effort, and bounded as the read-back is: the approval exists and its approvers
+        // have their tasks; failing the start now, or running it into the host's deadline,
+        // would leave it without a record. Those in cc are told only by this.
+        let _ = http::bounded(c.env, 2_000, || {
+            c.api(
+                Method::Post,
+                "/open-apis/approval/v4/instances/cc?user_id_type=open_id",
+                Some(&json!({"approval_code": code, "instance_code": instance,
+                    "user_id": initiator, "cc_user_ids": cc})),
+            )
+        });
     }
     Ok(Created {
         instance_id: instance.to_string(),
@@ -1327,6 +1336,8 @@ mod uuid_tests {
             deleted: Vec<String>,
             /// uuid → approval code of its instance
             instances: Vec<(String, String)>,
+            /// `instances/cc` requests: each adds a CC entry to the instance's timeline.
+            ccs: usize,
         }
         let feishu = std::rc::Rc::new(std::cell::RefCell::new(Feishu::default()));
         let state = feishu.clone();
@@ -1358,13 +1369,18 @@ mod uuid_tests {
                         Err(Error::transport("timed out"))
                     }
                 }
+                ("POST", "/open-apis/approval/v4/instances/cc") => {
+                    f.ccs += 1;
+                    json_response(200, json!({"code": 0, "data": {}}))
+                }
                 ("GET", p) if p.starts_with("/open-apis/approval/v4/instances/") => {
                     let uuid = p.rsplit('/').next().unwrap();
                     let (_, code) = f.instances.iter().find(|(u, _)| u == uuid).unwrap();
+                    let timeline = vec![json!({"type": "CC"}); f.ccs.min(1)];
                     json_response(
                         200,
                         json!({"code": 0, "data": {"approval_code": code,
-                            "instance_code": "I1", "status": "PENDING"}}),
+                            "instance_code": "I1", "status": "PENDING", "timeline": timeline}}),
                     )
                 }
                 _ => json_response(200, json!({"code": 0, "data": {}})),
@@ -1384,7 +1400,17 @@ mod uuid_tests {
             c.meta["approval_code"], "DEF1",
             "the instance's own definition"
         );
+        assert_eq!(
+            feishu.borrow().ccs,
+            1,
+            "the attempt that lost its answer sent no cc"
+        );
+        // Another start with the key (an engine's retry that overlapped) adopts it too; the
+        // instance has its copy already.
+        let again = create(&env, &app(), &req, "uuid-of-key").unwrap();
+        assert_eq!(again.instance_id, c.instance_id);
         let f = feishu.borrow();
+        assert_eq!(f.ccs, 1, "cc once");
         assert_eq!(f.definitions, 2, "the retry made a new definition first");
         assert_eq!(f.instances.len(), 1, "one instance");
     }

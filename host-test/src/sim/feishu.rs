@@ -1639,29 +1639,40 @@ fn cancel_locked(
     Ok(())
 }
 
+/// What an operation on an instance (`cancel`, `cc`) names: its body, the instance (of the
+/// app's tenant, on the definition the body names) and the `user_id_type` of its user ids.
+fn instance_operation<'s>(
+    state: &'s mut FeishuState,
+    app: &FeishuApp,
+    req: &Request,
+) -> Result<(Value, &'s mut Instance, String), ApiError> {
+    let body = parse_json(req)?;
+    let approval_code =
+        str_field(&body, "approval_code").ok_or_else(|| param_invalid("approval_code"))?;
+    let instance_code =
+        str_field(&body, "instance_code").ok_or_else(|| param_invalid("instance_code"))?;
+    let id_type = req
+        .query_param("user_id_type")
+        .unwrap_or_else(|| "open_id".into());
+    let instance = state
+        .instances
+        .get_mut(instance_code)
+        .filter(|i| i.tenant_key == app.tenant_key)
+        .ok_or_else(|| bad(1390003, "instance code not found"))?;
+    if instance.approval_code != approval_code {
+        return Err(bad(1390002, "approval code not found"));
+    }
+    Ok((body, instance, id_type))
+}
+
 fn cancel_instance(
     inner: &Inner,
     state: &mut FeishuState,
     app: &FeishuApp,
     req: &Request,
 ) -> ApiResult {
-    let body = parse_json(req)?;
-    let approval_code =
-        str_field(&body, "approval_code").ok_or_else(|| param_invalid("approval_code"))?;
-    let instance_code =
-        str_field(&body, "instance_code").ok_or_else(|| param_invalid("instance_code"))?;
+    let (body, instance, id_type) = instance_operation(state, app, req)?;
     let user = str_field(&body, "user_id").ok_or_else(|| param_invalid("user_id"))?;
-    let id_type = req
-        .query_param("user_id_type")
-        .unwrap_or_else(|| "open_id".into());
-    let instance = state
-        .instances
-        .get(instance_code)
-        .filter(|i| i.tenant_key == app.tenant_key)
-        .ok_or_else(|| bad(1390003, "instance code not found"))?;
-    if instance.approval_code != approval_code {
-        return Err(bad(1390002, "approval code not found"));
-    }
     let is_initiator = match id_type.as_str() {
         "user_id" => instance.user_id == user,
         "open_id" => instance.open_id == user,
@@ -1673,7 +1684,8 @@ fn cancel_instance(
     if instance.status != "PENDING" {
         return Err(param_invalid(&format!("instance is {}", instance.status)));
     }
-    cancel_locked(inner, state, instance_code).map_err(|e| param_invalid(&e.to_string()))?;
+    let code = instance.instance_code.clone();
+    cancel_locked(inner, state, &code).map_err(|e| param_invalid(&e.to_string()))?;
     Ok(ok(json!({})))
 }
 
@@ -1685,14 +1697,7 @@ fn cc_instance(
     app: &FeishuApp,
     req: &Request,
 ) -> ApiResult {
-    let body = parse_json(req)?;
-    let approval_code =
-        str_field(&body, "approval_code").ok_or_else(|| param_invalid("approval_code"))?;
-    let instance_code =
-        str_field(&body, "instance_code").ok_or_else(|| param_invalid("instance_code"))?;
-    let id_type = req
-        .query_param("user_id_type")
-        .unwrap_or_else(|| "open_id".into());
+    let (body, instance, id_type) = instance_operation(state, app, req)?;
     let by = str_field(&body, "user_id")
         .and_then(|u| find_user(inner, &id_type, u))
         .ok_or_else(|| param_invalid("user_id not found"))?;
@@ -1708,14 +1713,6 @@ fn cc_instance(
             .and_then(|id| find_user(inner, &id_type, id))
             .ok_or_else(|| param_invalid("cc user not found"))?;
         cc.push(user.open_id.clone());
-    }
-    let instance = state
-        .instances
-        .get_mut(instance_code)
-        .filter(|i| i.tenant_key == app.tenant_key)
-        .ok_or_else(|| bad(1390003, "instance code not found"))?;
-    if instance.approval_code != approval_code {
-        return Err(bad(1390002, "approval code not found"));
     }
     instance.timeline.push(json!({
         "type": "CC",

@@ -446,9 +446,17 @@ impl State {
             (&Method::GET | &Method::POST, ["callback", tenant, app]) => {
                 self.callback(tenant, app, req).await
             }
-            (_, ["callback", ..]) => {
-                status_json(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            (_, ["callback", _, _]) => {
+                let mut resp = status_json(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+                resp.headers_mut()
+                    .insert(header::ALLOW, http::HeaderValue::from_static("GET, POST"));
+                resp
             }
+            // A request address pasted with a trailing slash, or cut short: no such route.
+            (_, ["callback", ..]) => status_json(
+                StatusCode::NOT_FOUND,
+                "not found: callback addresses are /callback/{tenant}/{app-id}",
+            ),
             (&Method::GET, ["healthz"]) => self.healthz().await,
             (_, ["api", tenant, ..]) => {
                 if !self.authorized(&req, tenant) {

@@ -142,10 +142,26 @@ async fn callback_route_answers_and_records_updates() {
     assert_eq!(second["more"], false);
     assert_eq!(store.outbox_list("acme", 0).unwrap().len(), 1);
 
-    for path in ["/callback/acme/nope", "/callback/nobody/a1", "/elsewhere"] {
+    for path in [
+        "/callback/acme/nope",
+        "/callback/nobody/a1",
+        "/elsewhere",
+        "/callback/acme/a1/",
+        "/callback/acme",
+    ] {
         let (status, _) = request(addr, "POST", path, "", b"{}").await;
         assert_eq!(status, 404, "{path}");
     }
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"PUT /callback/acme/a1 HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let text = read_response(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 405"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("allow: get, post"),
+        "{text}"
+    );
     let big = vec![b'a'; server::MAX_BODY + 1];
     let (status, _) = request(addr, "POST", "/callback/acme/a1", "", &big).await;
     assert_eq!(status, 413);

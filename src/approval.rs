@@ -162,7 +162,7 @@ const INTERRUPTED_AFTER_MS: u64 = 3_600_000;
 /// push a start whose create succeeded towards the host's deadline, where a host that does
 /// not cut requests short of it would cut the start off and its record would be lost.
 const READ_BACK_IF_STARTED_WITHIN_MS: u64 = 5_000;
-const READ_BACK_LIMIT_MS: u64 = 2_000;
+pub(crate) const READ_BACK_LIMIT_MS: u64 = 2_000;
 /// Why a create request that went out may have created an approval without the plugin
 /// learning its id.
 fn unknown_key(app: &ImApp, key: &str) -> String {
@@ -552,7 +552,8 @@ pub fn apply_inbound(
                 let news = ev.event != Event::Status(ApprovalStatus::Pending);
                 let rec = match load(env, app, id)? {
                     Some(r) => r,
-                    None if news && starting(env, app, id)? => {
+                    None if !news => continue,
+                    None if starting(env, app, id)? => {
                         return Err(Error::storage(format!(
                             "approval {id:?} is still being started: deliver again"
                         )));

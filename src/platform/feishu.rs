@@ -2,7 +2,7 @@
 //! and instances, contact lookups, app messages, and event callbacks.
 
 use super::{CreateError, Created, Parsed, form_text, json_u64};
-use crate::approval::{Event, Inbound, Record};
+use crate::approval::{Event, Inbound, READ_BACK_LIMIT_MS, Record};
 use crate::callback::{check_timestamp, header, signature_matches, unsigned};
 use crate::crypto::{self, ct_eq};
 use crate::env::{Env, app_key, hex};
@@ -454,12 +454,15 @@ pub fn create(
     let copied = data
         .get("timeline")
         .and_then(Value::as_array)
-        .is_some_and(|t| t.iter().any(|e| e.get("type") == Some(&json!("CC"))));
+        .is_some_and(|t| {
+            t.iter()
+                .any(|e| e.get("type").and_then(Value::as_str) == Some("CC"))
+        });
     if !cc.is_empty() && !copied {
         // Best effort, and bounded as the read-back is: the approval exists and its approvers
         // have their tasks; failing the start now, or running it into the host's deadline,
         // would leave it without a record. Those in cc are told only by this.
-        let _ = http::bounded(c.env, 2_000, || {
+        let _ = http::bounded(c.env, READ_BACK_LIMIT_MS, || {
             c.api(
                 Method::Post,
                 "/open-apis/approval/v4/instances/cc?user_id_type=open_id",

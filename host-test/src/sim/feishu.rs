@@ -987,6 +987,14 @@ fn authenticate<'a>(
 /// The keys the default locale of `i18n_resources` defines. Feishu takes every display name
 /// of a definition (approval, widgets, nodes) as such a key.
 fn i18n_keys(body: &Value) -> Result<Vec<String>, ApiError> {
+    Ok(default_texts(body)?
+        .iter()
+        .filter_map(|t| t.get("key").and_then(Value::as_str).map(str::to_string))
+        .collect())
+}
+
+/// The `{key, value}` texts of the default locale of `i18n_resources`.
+fn default_texts(body: &Value) -> Result<&[Value], ApiError> {
     let default = body
         .get("i18n_resources")
         .and_then(Value::as_array)
@@ -997,25 +1005,7 @@ fn i18n_keys(body: &Value) -> Result<Vec<String>, ApiError> {
     Ok(default
         .get("texts")
         .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t.get("key").and_then(Value::as_str).map(str::to_string))
-        .collect())
-}
-
-/// The default locale's text for `key`.
-fn i18n_value(body: &Value, key: &str) -> Option<String> {
-    body.get("i18n_resources")?
-        .as_array()?
-        .iter()
-        .find(|r| r.get("is_default") == Some(&Value::Bool(true)))?
-        .get("texts")?
-        .as_array()?
-        .iter()
-        .find(|t| t.get("key").and_then(Value::as_str) == Some(key))?
-        .get("value")?
-        .as_str()
-        .map(str::to_string)
+        .map_or(&[], Vec::as_slice))
 }
 
 fn check_i18n(keys: &[String], name: &str, what: &str) -> Result<(), ApiError> {
@@ -1327,7 +1317,11 @@ fn create_instance(
         None => None,
         Some(key) => {
             check_i18n(&i18n_keys(&body)?, key, "title")?;
-            i18n_value(&body, key)
+            default_texts(&body)?
+                .iter()
+                .find(|t| t.get("key").and_then(Value::as_str) == Some(key))
+                .and_then(|t| t.get("value")?.as_str())
+                .map(str::to_string)
         }
     };
 

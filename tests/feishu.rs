@@ -461,6 +461,31 @@ async fn a_retried_notification_reaches_each_user_once() {
     assert_eq!(to(&f).len(), 6);
 }
 
+/// The first of three messages reaches Feishu but its answer is lost: the notification fails
+/// with a transport error (which engines retry), and the engine's retry sends that message again under
+/// the same uuid, which Feishu drops. Each user has the message once; before, the first user
+/// got it twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_whose_answer_was_lost_is_not_delivered_twice() {
+    let f = Fixture::new().await;
+    let users = json!({"users": [{"id": "ou_alice"}, {"id": "ou_bob"}, {"id": "ou_carol"}]});
+    let notify = json!({"app": f.app, "notification": {"target": users, "title": "wf #8 failed",
+        "markdown": "deploy failed", "level": "failure"}});
+    f.sim.faults().lose_answers("/open-apis/im/v1/messages", 1);
+    let r = f.h.invoke("t1", "notify", notify.clone()).await;
+    assert_eq!(err_kind(&r), "transport", "{r}");
+    let r = f.h.invoke("t1", "notify", notify).await;
+    ok(&r);
+    let st = f.sim.state();
+    let to: Vec<&str> = st.messages.iter().map(|m| m.receive_id.as_str()).collect();
+    assert_eq!(to, ["ou_alice", "ou_bob", "ou_carol"]);
+    assert_eq!(
+        st.calls("POST /open-apis/im/v1/messages"),
+        4,
+        "the first message was sent twice, once dropped"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_tokens_are_refreshed_once() {
     let f = Fixture::new().await;

@@ -878,8 +878,13 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
         .into_iter()
         .map(|r| json!({"receive_id": r, "msg_type": "interactive", "content": content}))
         .collect();
-    let ids = super::send_parts(env, &(app.app_id.clone() + &path), &bodies, &mut |body| {
-        let data = c.api(Method::Post, &path, Some(body))?;
+    // Feishu sends at most one message per `uuid` within an hour, so a retry whose first try
+    // arrived but lost its answer does not message anyone twice.
+    let dest = app.app_id.clone() + &path;
+    let ids = super::send_parts(env, &dest, &bodies, true, &mut |body, uuid| {
+        let mut body = body.clone();
+        body["uuid"] = uuid.into();
+        let data = c.api(Method::Post, &path, Some(&body))?;
         Ok(data
             .get("message_id")
             .and_then(Value::as_str)
@@ -1416,6 +1421,60 @@ mod uuid_tests {
         assert_eq!(f.ccs, 1, "cc once");
         assert_eq!(f.definitions, 2, "the retry made a new definition first");
         assert_eq!(f.instances.len(), 1, "one instance");
+    }
+}
+
+#[cfg(test)]
+mod message_uuid_tests {
+    use super::tests::app;
+    use super::*;
+    use crate::env::fake::{FakeEnv, json_response};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// An app message carries a `uuid`; one whose answer was lost (Feishu may have delivered
+    /// it) goes out again under the same uuid when the engine retries, so Feishu drops it if
+    /// it did. The same notification sent again after it went out is a new message.
+    #[test]
+    fn a_message_whose_answer_was_lost_is_sent_again_under_its_uuid() {
+        let sent: Rc<RefCell<Vec<Value>>> = Rc::default();
+        let seen = sent.clone();
+        let env = FakeEnv::new(move |r| {
+            let path = r.url.trim_start_matches("http://127.0.0.1:1");
+            if path.starts_with("/open-apis/auth/v3/tenant_access_token/internal") {
+                return json_response(
+                    200,
+                    json!({"code": 0, "tenant_access_token": "t", "expire": 7200}),
+                );
+            }
+            assert_eq!(path, "/open-apis/im/v1/messages?receive_id_type=chat_id");
+            let body: Value = serde_json::from_slice(&r.body).unwrap();
+            seen.borrow_mut().push(body);
+            if seen.borrow().len() == 1 {
+                return Err(Error::transport("timed out"));
+            }
+            json_response(200, json!({"code": 0, "data": {"message_id": "om_1"}}))
+        });
+        let n = Notification {
+            target: Target::Chat("oc_ops".into()),
+            title: "Deploy failed".into(),
+            markdown: "wf 42".into(),
+            level: crate::model::Level::Failure,
+            link: None,
+            mentions: vec![],
+            mention_all: false,
+        };
+        let lost = send_message(&env, &app(), &n).unwrap_err();
+        assert!(lost.is_retryable(), "{lost:?}");
+        let receipt = send_message(&env, &app(), &n).unwrap();
+        assert_eq!(receipt.message_id.as_deref(), Some("om_1"));
+        send_message(&env, &app(), &n).unwrap();
+        let sent = sent.borrow();
+        let uuids: Vec<&str> = sent.iter().map(|b| b["uuid"].as_str().unwrap()).collect();
+        assert_eq!(uuids.len(), 3);
+        assert!(uuids.iter().all(|u| u.len() <= 50), "Feishu's limit");
+        assert_eq!(uuids[0], uuids[1], "the retry");
+        assert_ne!(uuids[1], uuids[2], "sent again");
     }
 }
 

@@ -388,65 +388,117 @@ pub(crate) fn forget_if_gone(
     }
 }
 
-/// How long a part of a notification that failed further on is remembered as delivered.
+/// How long a part of a notification that failed further on is remembered as delivered, and
+/// the request token of a part whose outcome is unknown is kept for the engine's retry.
 const PART_KEPT_MS: u64 = 10 * 60 * 1000;
 
-/// Sends a notification that goes out as several messages (one per user, per batch of users,
-/// a card then its mentions), in order, to `dest`; returns the ids the sends gave. When a part
-/// fails after others went out with a retryable error, the engine's retry of the whole
+/// Sends one part: its body and its request token, if any; returns the id the platform gave.
+type SendPart<'a> = dyn FnMut(&serde_json::Value, Option<&str>) -> Result<Option<String>> + 'a;
+
+/// What one part's mark says, and what this call did with the part.
+enum Part {
+    /// Delivered by an earlier call within [`PART_KEPT_MS`]: not sent again.
+    Delivered,
+    /// Sent by this call.
+    Sent,
+    /// Tried by this call (or tried earlier, with the request token kept in its mark) and
+    /// failed: it may have arrived. The mark keeps `(first try, token)`.
+    Tried(u64, [u8; 16]),
+    /// Not reached: an earlier part failed.
+    Unsent,
+}
+
+/// Sends a notification that goes out as one or more messages (one per user, per batch of
+/// users, a card then its mentions), in order, to `dest`; returns the ids the sends gave. When a
+/// part fails after others went out with a retryable error, the engine's retry of the whole
 /// notification would deliver those others twice. So the parts that went out are then
 /// remembered, by a digest of where each went and what it said, for ten minutes; a part
 /// remembered is not sent again, and the marks go once the notification has nothing left to
 /// retry (it completed, or failed for good). Only that failure writes: a notification that
 /// goes out whole, the usual case, costs a read per part. The marks are best effort: without
 /// them a retry repeats parts, as before.
+///
+/// With `tokens` (the platform drops a second request carrying the same token), every part,
+/// even a lone one (which then costs a read too), is sent with a request token (32 hex
+/// digits), and a part that fails with a
+/// retryable error keeps its token in its mark, so the engine's retry within ten minutes sends
+/// it with the same token: a part whose answer was lost after it arrived is not delivered
+/// twice.
 fn send_parts(
     env: &(impl Env + ?Sized),
     dest: &str,
     bodies: &[serde_json::Value],
-    send: &mut dyn FnMut(&serde_json::Value) -> Result<Option<String>>,
+    tokens: bool,
+    send: &mut SendPart<'_>,
 ) -> Result<Vec<String>> {
     let now = env.now_ms();
     let mut ids = Vec::new();
-    // Each part's mark, whether the store has it, and whether this call sent the part.
+    // Each part's mark, whether the store has it, and what this call did with the part.
     let mut marks = Vec::new();
     let mut failure = None;
     for body in bodies {
-        let mut mark = None;
-        if bodies.len() > 1 {
+        if failure.is_some() {
+            marks.push((String::new(), false, Part::Unsent));
+            continue;
+        }
+        let mut part = Part::Sent;
+        let mut key = String::new();
+        let mut present = false;
+        if bodies.len() > 1 || tokens {
             let body = body.to_string();
             let digest = crate::crypto::sha256(&[dest.as_bytes(), b"\0", body.as_bytes()]);
-            let key = "sent/".to_string() + &crate::env::hex(&digest[..16]);
-            // When it was sent, in ms, as 8 little-endian bytes.
-            let at = env.kv_get(&key).ok().flatten();
-            let present = at.is_some();
-            let at = at
+            key = "sent/".to_string() + &crate::env::hex(&digest[..16]);
+            // Delivered: when, in ms, as 8 little-endian bytes; tried: that and the token.
+            let mark = env.kv_get(&key).ok().flatten();
+            present = mark.is_some();
+            let mark = mark.unwrap_or_default();
+            let at = mark
+                .get(..8)
                 .and_then(|at| at.try_into().ok())
                 .map_or(0, u64::from_le_bytes);
             let fresh = present && now.saturating_sub(at) < PART_KEPT_MS;
-            marks.push((key, present, !fresh));
-            if fresh {
-                continue;
+            match mark.get(8..).and_then(|t| <[u8; 16]>::try_from(t).ok()) {
+                Some(token) if fresh && tokens => part = Part::Tried(at, token),
+                None if fresh && mark.len() == 8 => part = Part::Delivered,
+                _ => {}
             }
-            mark = marks.last_mut();
         }
-        match send(body) {
-            Ok(id) => ids.extend(id),
+        if let Part::Delivered = part {
+            marks.push((key, present, part));
+            continue;
+        }
+        let token = match &part {
+            Part::Tried(_, token) => Some(*token),
+            _ if tokens => env.random_bytes(16).try_into().ok(),
+            _ => None,
+        };
+        let hex = token.map(|t| crate::env::hex(&t));
+        match send(body, hex.as_deref()) {
+            Ok(id) => {
+                ids.extend(id);
+                part = Part::Sent;
+            }
             Err(e) => {
-                if let Some(mark) = mark {
-                    mark.2 = false;
-                }
+                part = match (part, token) {
+                    (Part::Tried(at, token), _) => Part::Tried(at, token),
+                    (_, Some(token)) => Part::Tried(now, token),
+                    _ => Part::Unsent,
+                };
                 failure = Some(e);
-                break;
             }
         }
+        marks.push((key, present, part));
     }
     match failure {
         Some(e) if e.is_retryable() => {
-            for (key, _, sent) in &marks {
-                if *sent {
-                    let _ = env.kv_set(key, &now.to_le_bytes());
-                }
+            for (key, _, part) in &marks {
+                let _ = match part {
+                    Part::Sent if !key.is_empty() => env.kv_set(key, &now.to_le_bytes()),
+                    Part::Tried(at, token) => {
+                        env.kv_set(key, &[&at.to_le_bytes()[..], &token[..]].concat())
+                    }
+                    _ => Ok(()),
+                };
             }
             Err(e)
         }
@@ -485,7 +537,8 @@ mod tests {
         for_good: bool,
     ) -> (Result<Vec<String>>, Vec<serde_json::Value>) {
         let mut sent = Vec::new();
-        let r = send_parts(env, dest, bodies, &mut |b| {
+        let r = send_parts(env, dest, bodies, false, &mut |b, token| {
+            assert_eq!(token, None, "no tokens were asked for");
             if fail_at == Some(sent.len()) {
                 sent.push(serde_json::Value::Null);
                 return Err(Error::platform(99991400, "refused", !for_good));
@@ -589,6 +642,84 @@ mod tests {
         let (faulty, sent) = parts_sent(&env, "chat-c", &bodies, None);
         assert_eq!(faulty.unwrap().len(), 2);
         assert_eq!(sent.len(), 2);
+    }
+
+    /// With tokens: sends `bodies`, the parts numbered in `fail` failing with `error`; returns
+    /// the result and the token each attempted part carried, by its `n`.
+    fn tokened(
+        env: &FakeEnv,
+        bodies: &[serde_json::Value],
+        fail: &[u64],
+        error: Error,
+    ) -> (Result<Vec<String>>, Vec<(u64, String)>) {
+        let mut tried = Vec::new();
+        let r = send_parts(env, "chat", bodies, true, &mut |b, token| {
+            let n = b["n"].as_u64().unwrap();
+            let token = token.expect("every part carries a token").to_string();
+            assert_eq!(token.len(), 32);
+            tried.push((n, token));
+            if fail.contains(&n) {
+                return Err(error.clone());
+            }
+            Ok(Some(format!("id-{n}")))
+        });
+        (r, tried)
+    }
+
+    /// A part whose answer was lost may have arrived: the engine's retry sends it with the
+    /// token of the first try (the platform then drops it if it did), parts that went out are
+    /// skipped, and parts never tried get tokens of their own. Without the token kept, the
+    /// retry carried a new one and the platform delivered the part again.
+    #[test]
+    fn a_part_that_may_have_arrived_is_retried_with_its_first_token() {
+        let env = FakeEnv::offline();
+        let lost = Error::transport("timed out");
+        let one = [serde_json::json!({"n": 1})];
+        let (r, first) = tokened(&env, &one, &[1], lost.clone());
+        assert!(r.unwrap_err().is_retryable());
+        assert_eq!(
+            marks(&env),
+            1,
+            "a lone part is remembered when it may have arrived"
+        );
+        let (r, retry) = tokened(&env, &one, &[], lost.clone());
+        assert_eq!(r.unwrap(), ["id-1"]);
+        assert_eq!(retry, first, "the same token");
+        assert_eq!(marks(&env), 0);
+        let (_, again) = tokened(&env, &one, &[], lost.clone());
+        assert_ne!(again, first, "a notification sent again is a new message");
+
+        let three: Vec<_> = (1..=3).map(|n| serde_json::json!({"n": n})).collect();
+        let (_, first) = tokened(&env, &three, &[2], lost.clone());
+        assert_eq!(first.len(), 2);
+        assert_eq!(marks(&env), 2);
+        let (_, retry) = tokened(&env, &three, &[2, 3], lost.clone());
+        assert_eq!(
+            retry[0], first[1],
+            "part 1 went out; part 2 keeps its token"
+        );
+        assert_eq!(retry.len(), 1);
+        let (r, last) = tokened(&env, &three, &[3], lost.clone());
+        assert!(r.is_err());
+        assert_eq!(last[0], first[1]);
+        assert_eq!(last[1].0, 3);
+        let (r, done) = tokened(&env, &three, &[], lost.clone());
+        assert_eq!(r.unwrap(), ["id-3"]);
+        assert_eq!(
+            done,
+            [last[1].clone()],
+            "part 3 keeps the token it was tried with"
+        );
+        assert_eq!(marks(&env), 0);
+
+        // Ten minutes on, a kept token is not reused; a refusal for good forgets it.
+        let _ = tokened(&env, &one, &[1], lost.clone());
+        env.now.set(env.now.get() + PART_KEPT_MS);
+        let (_, late) = tokened(&env, &one, &[1], lost);
+        assert_ne!(late, first[..1], "a new token");
+        let (r, _) = tokened(&env, &one, &[1], Error::platform(230002, "no", false));
+        assert!(!r.unwrap_err().is_retryable());
+        assert_eq!(marks(&env), 0);
     }
 
     #[test]

@@ -883,9 +883,13 @@ pub fn send_webhook(
     n: &Notification,
 ) -> Result<Receipt> {
     let (ids, mobiles) = robot_mentions(env, app, n)?;
-    super::send_parts(env, url, &robot_bodies(n, &ids, &mobiles)?, &mut |body| {
-        check(call_json(env, Method::Post, url, &[], Some(body))?).map(|_| None)
-    })?;
+    super::send_parts(
+        env,
+        url,
+        &robot_bodies(n, &ids, &mobiles)?,
+        false,
+        &mut |body, _| check(call_json(env, Method::Post, url, &[], Some(body))?).map(|_| None),
+    )?;
     Ok(Receipt { message_id: None })
 }
 

@@ -255,7 +255,15 @@ pub struct SentMessage {
     pub msg_type: String,
     /// The `content` string exactly as sent (itself JSON).
     pub content: String,
+    /// The request's `uuid`, if it had one: Feishu sends at most one message per uuid within
+    /// an hour and answers a repeat with that message.
+    pub uuid: Option<String>,
+    pub chat_id: String,
+    pub create_ms: u64,
 }
+
+/// How long Feishu remembers a message's `uuid`.
+const MESSAGE_UUID_KEPT_MS: u64 = 3_600_000;
 
 /// A custom bot webhook message (accepted or not).
 #[derive(Debug, Clone)]
@@ -1857,6 +1865,21 @@ fn send_message(
         str_field(&body, "receive_id").ok_or_else(|| field_validation("receive_id"))?;
     let msg_type = str_field(&body, "msg_type").ok_or_else(|| field_validation("msg_type"))?;
     let content = str_field(&body, "content").ok_or_else(|| field_validation("content"))?;
+    let uuid = match body.get("uuid") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(u)) if u.chars().count() <= 50 => Some(u.clone()),
+        Some(_) => return Err(field_validation("uuid")),
+    };
+    let now = now_ms();
+    // Feishu's documented dedupe: a request with a uuid seen within the hour sends nothing.
+    if let Some(first) = state.messages.iter().rev().find(|m| {
+        m.app_id == app.app_id
+            && m.uuid.is_some()
+            && m.uuid == uuid
+            && now.saturating_sub(m.create_ms) < MESSAGE_UUID_KEPT_MS
+    }) {
+        return Ok(message_reply(app, first));
+    }
     const TYPES: [&str; 11] = [
         "text",
         "post",
@@ -1897,29 +1920,37 @@ fn send_message(
         }
         _ => return Err(field_validation("receive_id_type")),
     };
-    let message_id = format!("om_{}", hex32());
-    let now = now_ms().to_string();
-    state.messages.push(SentMessage {
+    let message = SentMessage {
         app_id: app.app_id.clone(),
-        message_id: message_id.clone(),
+        message_id: format!("om_{}", hex32()),
         receive_id_type: id_type,
         receive_id: receive_id.into(),
         msg_type: msg_type.into(),
         content: content.into(),
-    });
-    Ok(ok(json!({
-        "message_id": message_id,
+        uuid,
+        chat_id,
+        create_ms: now,
+    };
+    let reply = message_reply(app, &message);
+    state.messages.push(message);
+    Ok(reply)
+}
+
+fn message_reply(app: &FeishuApp, m: &SentMessage) -> Value {
+    let time = m.create_ms.to_string();
+    ok(json!({
+        "message_id": m.message_id,
         "root_id": "",
         "parent_id": "",
-        "msg_type": msg_type,
-        "create_time": now,
-        "update_time": now,
+        "msg_type": m.msg_type,
+        "create_time": time,
+        "update_time": time,
         "deleted": false,
         "updated": false,
-        "chat_id": chat_id,
+        "chat_id": m.chat_id,
         "sender": {"id": app.app_id, "id_type": "app_id", "sender_type": "app", "tenant_key": app.tenant_key},
-        "body": {"content": content},
-    })))
+        "body": {"content": m.content},
+    }))
 }
 
 /// Returns (code, msg) for a custom bot webhook call and records the message.
@@ -2626,6 +2657,27 @@ mod tests {
             99992402
         );
         assert_eq!(sim.state().messages.len(), 2);
+
+        // A repeated uuid sends nothing and answers with the first message; over 50
+        // characters it is refused.
+        let send = |uuid: String| {
+            let body = json!({"receive_id": "oc_ops", "msg_type": "text",
+                              "content": "{\"text\":\"hi\"}", "uuid": uuid});
+            let url = format!("{path}?receive_id_type=chat_id");
+            let t = t.clone();
+            let sim = &sim;
+            async move { call(sim, "POST", &url, Some(&t), body).await.1 }
+        };
+        let first = send("u-1".into()).await;
+        let again = send("u-1".into()).await;
+        assert_eq!(again["code"], 0);
+        assert_eq!(again["data"]["message_id"], first["data"]["message_id"]);
+        assert_ne!(
+            send("u-2".into()).await["data"]["message_id"],
+            first["data"]["message_id"]
+        );
+        assert_eq!(send("u".repeat(51)).await["code"], 99992402);
+        assert_eq!(sim.state().messages.len(), 4);
     }
 
     /// A callback receiver that checks the signature and decrypts with the simulator's

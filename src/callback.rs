@@ -82,6 +82,14 @@ pub fn check_timestamp(app: &ImApp, now_ms: u64, ts: &str, units_per_sec: u64) -
         .parse()
         .map_err(|_| Error::unauthorized("callback timestamp is not a number"))?;
     let window = app.max_clock_skew_secs.unwrap_or(DEFAULT_MAX_SKEW_SECS);
+    if window == 0 {
+        // A push takes time to arrive and retries keep their first timestamp, so a window of
+        // 0 would refuse most callbacks; it is more likely meant as "no check", which the
+        // signature's replay protection does not allow.
+        return Err(Error::config(
+            "max-clock-skew-secs must be at least 1 (0 would refuse nearly every callback)",
+        ));
+    }
     if (now_ms / 1000).abs_diff(ts / units_per_sec) > u64::from(window) {
         return Err(Error::unauthorized(
             "callback timestamp is outside the allowed window",
@@ -194,9 +202,9 @@ mod tests {
         let wide = app(Some(3600));
         assert!(ok(&wide, now - 3600, 1000));
         assert!(!ok(&wide, now + 3601, 1));
-        let exact = app(Some(0));
-        assert!(ok(&exact, now, 1));
-        assert!(!ok(&exact, now - 1, 1));
+        let zero = check_timestamp(&app(Some(0)), now_ms, &now.to_string(), 1).unwrap_err();
+        assert!(matches!(zero, Error::InvalidConfig(_)), "{zero}");
+        assert!(ok(&app(Some(1)), now - 1, 1));
         for bad in ["", "abc", "-5", "1.0", "99999999999999999999999"] {
             let e = check_timestamp(&default, now_ms, bad, 1).unwrap_err();
             assert!(matches!(e, Error::Unauthorized(_)), "{bad:?}: {e}");

@@ -277,6 +277,11 @@ fn check_app_settings(app: &ImApp, mode: CallbackMode, path: &str) -> Result<()>
         }
         crate::wasi_http::HostPattern::parse(base).with_context(|| format!("`{path}.api_base`"))?;
     }
+    if matches!(mode, CallbackMode::Http) && app.max_clock_skew_secs == Some(0) {
+        bail!(
+            "`{path}.max_clock_skew_secs` must be at least 1 (0 would refuse nearly every callback)"
+        );
+    }
     let key = app
         .encrypt_key
         .as_deref()
@@ -568,6 +573,12 @@ mod tests {
                 {"id": "x", "platform": "feishu", "app_id": "i", "app_secret": "s3cr3t",
                  "api_base": ""}]}]}"#,
                 "`tenants[0].apps[0].api_base` must be a URL",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a", "apps": [
+                {"id": "x", "platform": "feishu", "app_id": "i", "app_secret": "s3cr3t",
+                 "max_clock_skew_secs": 0}]}]}"#,
+                "`tenants[0].apps[0].max_clock_skew_secs` must be at least 1",
             ),
             (
                 r#"{"public_url": "http://x", "state_dir": "s", "api_token": "s3cr3t\n"}"#,

@@ -4,6 +4,7 @@ use anyhow::{Context as _, Result};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -216,7 +217,13 @@ impl ComponentCache {
         static WRITER: AtomicU64 = AtomicU64::new(0);
         let n = WRITER.fetch_add(1, Ordering::Relaxed);
         let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
-        std::fs::write(&tmp, bytes)?;
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        // Durable before it gets its name: after a power cut the name could otherwise point
+        // at pages that never reached the disk, and a file that still parses is trusted as
+        // compiled code (see the SAFETY note in `load_uncached`).
+        file.sync_all()?;
+        drop(file);
         std::fs::rename(&tmp, path)?;
         Ok(())
     }

@@ -74,6 +74,10 @@ const HEALTHY_FOR: Duration = Duration::from_secs(1);
 /// client trickling bytes must not hold a connection and its buffers for ever.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A write to a client that makes no progress for this long ends its connection: a client
+/// that sends requests and never reads the answers must not hold a connection for ever.
+pub const WRITE_TIMEOUT: Duration = READ_TIMEOUT;
+
 /// Plugin calls the server runs or queues at once, including those whose clients have hung
 /// up; further requests wait for one to end. As many as open connections: a client waits
 /// here only after others have hung up on that many calls still running.
@@ -342,11 +346,13 @@ pub async fn serve_with_persistent(
                 let state = state.clone();
                 async move { Ok::<_, std::convert::Infallible>(state.handle(req).await) }
             });
+            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(WRITE_TIMEOUT));
             let connection = graceful.watch(
                 hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service),
+                    .serve_connection(TokioIo::new(Box::pin(stream)), service),
             );
             tokio::spawn(async move {
                 let _permit = permit;

@@ -480,6 +480,39 @@ async fn slow_and_idle_clients_are_cut_off() {
     server.shutdown().await;
 }
 
+/// A client that sends requests and never reads the answers is cut off once the server's
+/// writes to it have stalled for `WRITE_TIMEOUT`: without it, the connection (one of
+/// `MAX_CONNECTIONS`) was held for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_off() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), json!({})).await;
+    let addr = server.addr();
+    // Pipelined requests for a small answer (404), written until the connection fails: once
+    // the answers fill the socket buffers the server stops reading, so this write blocks
+    // until the server gives up on the connection.
+    let (done, cut) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let chunk = b"GET /nowhere HTTP/1.1\r\nhost: x\r\n\r\n".repeat(2048);
+        let error = loop {
+            if let Err(e) = s.write_all(&chunk) {
+                break e;
+            }
+        };
+        let _ = done.send(error.kind());
+    });
+    let limit = server::WRITE_TIMEOUT + Duration::from_secs(30);
+    let cut = tokio::task::spawn_blocking(move || cut.recv_timeout(limit))
+        .await
+        .unwrap();
+    assert!(cut.is_ok(), "the connection is still open after {limit:?}");
+    let (status, _) = request(addr, "GET", "/nowhere", "", b"").await;
+    assert_eq!(status, 404, "the server still answers");
+    server.shutdown().await;
+}
+
 /// `/healthz` reads the store, so a server that could not take a callback says so (503) and
 /// its supervisor can restart it; it used to answer "ok" whatever the store's state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

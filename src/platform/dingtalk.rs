@@ -36,6 +36,10 @@ const NOTICE_BATCH: usize = 100;
 /// DingTalk's caps: a work notification's `msg` in bytes, an instance's `ccList`.
 const MAX_NOTICE_MSG: usize = 2048;
 const MAX_CC_LIST: usize = 50;
+/// A form value's limit (`formComponentValues[].value`).
+const MAX_FIELD_CHARS: usize = 65_535;
+/// A terminate's `remark` limit.
+const MAX_REMARK_CHARS: usize = 1024;
 /// The terminate API's code both in an approval's first 15 s and once it has ended.
 const STATUS_EXCEPTION: &str = "aflowProcessInstStatusException:";
 
@@ -43,8 +47,9 @@ const STATUS_EXCEPTION: &str = "aflowProcessInstStatusException:";
 const NEW_TOKEN_INVALID: &str = "InvalidAuthentication";
 /// Legacy errcodes for a bad or expired access token.
 const LEGACY_TOKEN_INVALID: &[i64] = &[40014, 42001];
-/// Legacy errcodes worth retrying: system busy, API throttling, robot rate limit.
-const LEGACY_RETRYABLE: &[i64] = &[-1, 90002, 90018, 130101];
+/// Legacy errcodes worth retrying: system busy, API throttling, robot rate limits (410100 is
+/// the robot's documented "sending too fast", throttled for 10 minutes; 130101 an older one).
+const LEGACY_RETRYABLE: &[i64] = &[-1, 90002, 90018, 130101, 410100];
 /// Stand-in code for new-API errors, whose codes are strings (kept in the message).
 fn new_api_code(status: u16) -> i64 {
     -i64::from(status)
@@ -406,13 +411,20 @@ pub fn prepare(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) ->
             "DingTalk takes at most {MAX_CC_LIST} cc recipients"
         )));
     }
+    let text = field_text(req);
+    if text.chars().count() > MAX_FIELD_CHARS {
+        return Err(Error::input(format!(
+            "DingTalk's form field holds at most {MAX_FIELD_CHARS} characters of title, \
+             fields and link"
+        )));
+    }
     let (originator, nodes, cc) = super::resolve_request(req, &|u| c.resolve_one(u))?;
     let code = c.process_code(&originator)?;
     let mut body = json!({
         "processCode": code,
         "originatorUserId": originator,
         "approvers": approvers_body(&nodes),
-        "formComponentValues": [{"name": FIELD_LABEL, "value": field_text(req)}],
+        "formComponentValues": [{"name": FIELD_LABEL, "value": text}],
     });
     if !cc.is_empty() {
         body["ccList"] = json!(cc);
@@ -606,7 +618,13 @@ pub fn cancel(
     let mut body = json!({
         "processInstanceId": rec.approval.instance_id,
         "isSystem": true,
-        "remark": reason.filter(|r| !r.trim().is_empty()).unwrap_or("canceled by the workflow"),
+        // Cut rather than refused: a long reason must not keep the approval open.
+        "remark": reason
+            .filter(|r| !r.trim().is_empty())
+            .unwrap_or("canceled by the workflow")
+            .chars()
+            .take(MAX_REMARK_CHARS)
+            .collect::<String>(),
     });
     if let Some(o) = rec.meta.get("originator").and_then(Value::as_str) {
         body["operatingUserId"] = json!(o);
@@ -765,7 +783,9 @@ fn task_event(env: &(impl Env + ?Sized), ev: &Value) -> Vec<Inbound> {
     }]
 }
 
-/// `finish` carries the outcome; `terminate` is a revoke (in the app or through the API).
+/// `finish` carries the outcome; `terminate` is a revoke (in the app or through the API),
+/// `delete` an instance an admin deleted, which no one can decide any more (as Feishu's
+/// `DELETED`).
 fn instance_event(ev: &Value) -> Vec<Inbound> {
     let Some(instance) = instance_id_of(ev) else {
         return Vec::new();
@@ -775,7 +795,7 @@ fn instance_event(ev: &Value) -> Vec<Inbound> {
     let status = match (kind.as_str(), result.as_str()) {
         ("finish", "agree") => ApprovalStatus::Approved,
         ("finish", "refuse") => ApprovalStatus::Rejected,
-        ("terminate", _) => ApprovalStatus::Canceled,
+        ("terminate" | "delete", _) => ApprovalStatus::Canceled,
         _ => return Vec::new(),
     };
     vec![Inbound {
@@ -960,6 +980,11 @@ pub(crate) mod tests {
         }
         let bad_token = check(wrapped(json!("40014"))).unwrap_err();
         assert!(is_token_invalid(&bad_token));
+        // A robot over its 20 messages a minute: DingTalk's documented code, to retry later.
+        let throttled = check(json!({"errcode": 410100, "errmsg": "send too fast"})).unwrap_err();
+        assert!(throttled.is_retryable(), "{throttled:?}");
+        let refused = check(json!({"errcode": 310000, "errmsg": "sign not match"})).unwrap_err();
+        assert!(!refused.is_retryable(), "{refused:?}");
     }
     use crate::env::{Request, Response};
     use crate::model::{ApprovalNode, Link, Platform};
@@ -1353,6 +1378,7 @@ pub(crate) mod tests {
                 Some(ApprovalStatus::Rejected),
             ),
             (json!({"type": "terminate"}), Some(ApprovalStatus::Canceled)),
+            (json!({"type": "delete"}), Some(ApprovalStatus::Canceled)),
             (json!({"type": "start"}), None),
         ];
         for (mut ev, want) in cases {
@@ -1623,6 +1649,25 @@ pub(crate) mod tests {
         );
         assert_eq!(creates.get(), 0);
         req.cc.pop();
+        crate::approval::start(&env, &app(), &req).unwrap();
+        assert_eq!(creates.get(), 1);
+    }
+
+    /// A form value over DingTalk's 65,535 characters is the engine's input error, found
+    /// before any lookup; it used to go out and come back as a platform error.
+    #[test]
+    fn an_oversized_form_value_is_refused_before_the_create() {
+        let (env, creates) =
+            FakeEnv::counting("/v1.0/workflow/processInstances", |r, _| scripted_reply(r));
+        let mut req = request();
+        req.fields = vec![("log".into(), "é".repeat(MAX_FIELD_CHARS))];
+        let e = crate::approval::start(&env, &app(), &req).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("65535 characters")),
+            "{e:?}"
+        );
+        assert!(env.sent.borrow().is_empty(), "nothing was asked");
+        req.fields = vec![("log".into(), "é".repeat(60_000))];
         crate::approval::start(&env, &app(), &req).unwrap();
         assert_eq!(creates.get(), 1);
     }

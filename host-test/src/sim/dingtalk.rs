@@ -827,6 +827,10 @@ fn route_new(
                     "processInstanceId is invalid",
                 ));
             };
+            let remark = body.get("remark").and_then(Value::as_str).unwrap_or("");
+            if remark.chars().count() > 1024 {
+                return Err(new_err(400, "InvalidParameter", "remark is too long"));
+            }
             // One code for both refusals, as DingTalk documents for this API.
             if inst.status != "RUNNING" {
                 return Err(new_err(400, STATUS_EXCEPTION, "审批单已结束"));

@@ -37,6 +37,9 @@ const TOKEN_INVALID: &[i64] = &[99991661, 99991663, 99991664, 99991668, 99991671
 const RETRYABLE: &[i64] = &[99991400, 11232, 230020, 1500, 1501, 1503, 60007, 1395001];
 /// Feishu refuses a custom robot's request body over 20 KB.
 const MAX_WEBHOOK_BODY: usize = 20 << 10;
+/// ... and an app message's over 30 KB when it is a card ("卡片及富文本消息请求体最大不能超过
+/// 30KB", im/v1/messages).
+const MAX_CARD_MESSAGE_BODY: usize = 30 << 10;
 
 fn is_token_invalid(e: &Error) -> bool {
     matches!(e, Error::Platform { code, .. } if TOKEN_INVALID.contains(code))
@@ -878,6 +881,15 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
         .into_iter()
         .map(|r| json!({"receive_id": r, "msg_type": "interactive", "content": content}))
         .collect();
+    // Each body as sent also carries a 32-digit uuid: `,"uuid":"…"` is 42 bytes.
+    if bodies
+        .iter()
+        .any(|b| b.to_string().len() + 42 > MAX_CARD_MESSAGE_BODY)
+    {
+        return Err(Error::input(
+            "a Feishu app message is limited to 30 KB (as sent: markdown, title and mentions)",
+        ));
+    }
     // Feishu sends at most one message per `uuid` within an hour, so a retry whose first try
     // arrived but lost its answer does not message anyone twice.
     let dest = app.app_id.clone() + &path;
@@ -911,6 +923,19 @@ pub(crate) mod tests {
             token: Some("vtoken".into()),
             api_base: Some("http://127.0.0.1:1".into()),
             max_clock_skew_secs: None,
+        }
+    }
+
+    /// A failure notification "Deploy failed" / "wf 42" to `target`, without mentions.
+    pub(crate) fn note(target: Target) -> Notification {
+        Notification {
+            target,
+            title: "Deploy failed".into(),
+            markdown: "wf 42".into(),
+            level: crate::model::Level::Failure,
+            link: None,
+            mentions: vec![],
+            mention_all: false,
         }
     }
 
@@ -982,15 +1007,7 @@ pub(crate) mod tests {
                 .map(|i| UserRef::Email(format!("u{i}@x.cn")))
                 .collect();
             users.push(UserRef::Mobile("13800000000".into()));
-            let n = Notification {
-                target: Target::Users(users),
-                title: "t".into(),
-                markdown: "m".into(),
-                level: crate::model::Level::Info,
-                link: None,
-                mentions: vec![],
-                mention_all: false,
-            };
+            let n = note(Target::Users(users));
             let r = send_message(&env, &app, &n).unwrap();
             assert_eq!(r.message_id.unwrap().split(',').count(), 52, "{platform:?}");
             assert_eq!(*lookups.borrow(), [(50, 0), (1, 0), (0, 1)], "{platform:?}");
@@ -1191,13 +1208,9 @@ pub(crate) mod tests {
     #[test]
     fn webhook_is_signed_and_coloured() {
         let n = Notification {
-            target: Target::Chat("x".into()),
-            title: "Deploy failed".into(),
             markdown: "**wf 42**".into(),
-            level: crate::model::Level::Failure,
-            link: None,
-            mentions: vec![],
             mention_all: true,
+            ..note(Target::Chat("x".into()))
         };
         let b = webhook_body(&n, &[], 1_700_000_000, Some("sec"));
         assert_eq!(b["timestamp"], "1700000000");
@@ -1244,15 +1257,7 @@ pub(crate) mod tests {
         let env = FakeEnv::new(|_| {
             json_response(200, json!({"code": 11232, "msg": "frequency limited"}))
         });
-        let mut n = Notification {
-            target: Target::Chat("x".into()),
-            title: "Deploy failed".into(),
-            markdown: "wf 42".into(),
-            level: crate::model::Level::Failure,
-            link: None,
-            mentions: vec![],
-            mention_all: false,
-        };
+        let mut n = note(Target::Chat("x".into()));
         let url = "https://open.feishu.cn/open-apis/bot/v2/hook/x";
         let e = send_webhook(&env, None, url, None, &n).unwrap_err();
         assert!(e.is_retryable(), "{e:?}");
@@ -1426,7 +1431,7 @@ mod uuid_tests {
 
 #[cfg(test)]
 mod message_uuid_tests {
-    use super::tests::app;
+    use super::tests::{app, note};
     use super::*;
     use crate::env::fake::{FakeEnv, json_response};
     use std::cell::RefCell;
@@ -1455,15 +1460,7 @@ mod message_uuid_tests {
             }
             json_response(200, json!({"code": 0, "data": {"message_id": "om_1"}}))
         });
-        let n = Notification {
-            target: Target::Chat("oc_ops".into()),
-            title: "Deploy failed".into(),
-            markdown: "wf 42".into(),
-            level: crate::model::Level::Failure,
-            link: None,
-            mentions: vec![],
-            mention_all: false,
-        };
+        let n = note(Target::Chat("oc_ops".into()));
         let lost = send_message(&env, &app(), &n).unwrap_err();
         assert!(lost.is_retryable(), "{lost:?}");
         let receipt = send_message(&env, &app(), &n).unwrap();
@@ -1475,6 +1472,39 @@ mod message_uuid_tests {
         assert!(uuids.iter().all(|u| u.len() <= 50), "Feishu's limit");
         assert_eq!(uuids[0], uuids[1], "the retry");
         assert_ne!(uuids[1], uuids[2], "sent again");
+    }
+
+    /// Under notify's 20,000-byte markdown cap, but over Feishu's 30 KB for a card message
+    /// once escaped twice (the card, then the card as a string): refused before anything is
+    /// sent, rather than a platform error per recipient.
+    #[test]
+    fn an_app_card_over_30_kb_is_refused_before_it_is_sent() {
+        let env = FakeEnv::new(|r| {
+            if r.url.contains("tenant_access_token") {
+                return json_response(
+                    200,
+                    json!({"code": 0, "tenant_access_token": "t", "expire": 7200}),
+                );
+            }
+            json_response(200, json!({"code": 0, "data": {"message_id": "om_1"}}))
+        });
+        let messages = |env: &FakeEnv| {
+            let sent = env.sent.borrow();
+            sent.iter()
+                .filter(|r| r.url.contains("im/v1/messages"))
+                .count()
+        };
+        let mut long = note(Target::Chat("oc_ops".into()));
+        long.markdown = "\n".repeat(12_000);
+        let e = send_message(&env, &app(), &long).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("30 KB")),
+            "{e:?}"
+        );
+        assert_eq!(messages(&env), 0);
+        long.markdown = "\n".repeat(5_000);
+        send_message(&env, &app(), &long).unwrap();
+        assert_eq!(messages(&env), 1);
     }
 }
 

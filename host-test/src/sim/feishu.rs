@@ -1896,6 +1896,14 @@ fn send_message(
     if !TYPES.contains(&msg_type) {
         return Err(field_validation("msg_type"));
     }
+    // Feishu's docs: a card or rich-text request body may be at most 30 KB (text 150 KB).
+    // The code Feishu answers with is not documented; the generic parameter error stands in.
+    if matches!(msg_type, "interactive" | "post") && req.body.len() > 30 << 10 {
+        return Err(bad(
+            230001,
+            "Your request contains an invalid request parameter. the request body is over 30 KB",
+        ));
+    }
     let parsed = serde_json::from_str::<Value>(content)
         .ok()
         .filter(Value::is_object)
@@ -2678,6 +2686,21 @@ mod tests {
         );
         assert_eq!(send("u".repeat(51)).await["code"], 99992402);
         assert_eq!(sim.state().messages.len(), 4);
+
+        // A card over 30 KB as sent is refused.
+        let card = |len: usize| {
+            json!({"receive_id": "oc_ops", "msg_type": "interactive",
+                   "content": json!({"elements": [{"tag": "markdown", "content": "x".repeat(len)}]}).to_string()})
+        };
+        let url = format!("{path}?receive_id_type=chat_id");
+        assert_eq!(
+            call(&sim, "POST", &url, Some(&t), card(31 << 10)).await.1["code"],
+            230001
+        );
+        assert_eq!(
+            call(&sim, "POST", &url, Some(&t), card(29 << 10)).await.1["code"],
+            0
+        );
     }
 
     /// A callback receiver that checks the signature and decrypts with the simulator's

@@ -36,10 +36,23 @@ const NOTICE_BATCH: usize = 100;
 /// DingTalk's caps: a work notification's `msg` in bytes, an instance's `ccList`.
 const MAX_NOTICE_MSG: usize = 2048;
 const MAX_CC_LIST: usize = 50;
-/// A form value's limit (`formComponentValues[].value`).
+/// A form value's limit (`formComponentValues[].value`), in characters as DingTalk (Java)
+/// counts them: UTF-16 units, two for an emoji.
 const MAX_FIELD_CHARS: usize = 65_535;
-/// A terminate's `remark` limit.
+/// A terminate's `remark` limit, counted the same way.
 const MAX_REMARK_CHARS: usize = 1024;
+
+/// The longest start of `s` within `max` UTF-16 units, cut between characters.
+fn utf16_prefix(s: &str, max: usize) -> &str {
+    let mut units = 0;
+    for (i, c) in s.char_indices() {
+        units += c.len_utf16();
+        if units > max {
+            return &s[..i];
+        }
+    }
+    s
+}
 /// The terminate API's code both in an approval's first 15 s and once it has ended.
 const STATUS_EXCEPTION: &str = "aflowProcessInstStatusException:";
 
@@ -412,7 +425,7 @@ pub fn prepare(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) ->
         )));
     }
     let text = field_text(req);
-    if text.chars().count() > MAX_FIELD_CHARS {
+    if text.encode_utf16().count() > MAX_FIELD_CHARS {
         return Err(Error::input(format!(
             "DingTalk's form field holds at most {MAX_FIELD_CHARS} characters of title, \
              fields and link"
@@ -619,12 +632,12 @@ pub fn cancel(
         "processInstanceId": rec.approval.instance_id,
         "isSystem": true,
         // Cut rather than refused: a long reason must not keep the approval open.
-        "remark": reason
-            .filter(|r| !r.trim().is_empty())
-            .unwrap_or("canceled by the workflow")
-            .chars()
-            .take(MAX_REMARK_CHARS)
-            .collect::<String>(),
+        "remark": utf16_prefix(
+            reason
+                .filter(|r| !r.trim().is_empty())
+                .unwrap_or("canceled by the workflow"),
+            MAX_REMARK_CHARS,
+        ),
     });
     if let Some(o) = rec.meta.get("originator").and_then(Value::as_str) {
         body["operatingUserId"] = json!(o);
@@ -1667,8 +1680,29 @@ pub(crate) mod tests {
             "{e:?}"
         );
         assert!(env.sent.borrow().is_empty(), "nothing was asked");
+        // An emoji is two of DingTalk's characters.
+        req.fields = vec![("log".into(), "🚨".repeat(MAX_FIELD_CHARS / 2))];
+        assert!(crate::approval::start(&env, &app(), &req).is_err());
         req.fields = vec![("log".into(), "é".repeat(60_000))];
         crate::approval::start(&env, &app(), &req).unwrap();
         assert_eq!(creates.get(), 1);
+    }
+
+    #[test]
+    fn remarks_are_cut_between_characters_by_utf16_units() {
+        assert_eq!(utf16_prefix("abc", 2), "ab");
+        assert_eq!(utf16_prefix("abc", 3), "abc");
+        assert_eq!(
+            utf16_prefix("a🚨b", 2),
+            "a",
+            "the emoji would not fit whole"
+        );
+        assert_eq!(utf16_prefix("a🚨b", 3), "a🚨");
+        assert_eq!(
+            utf16_prefix(&"日".repeat(2000), MAX_REMARK_CHARS)
+                .chars()
+                .count(),
+            1024
+        );
     }
 }

@@ -37,9 +37,6 @@ const TOKEN_INVALID: &[i64] = &[99991661, 99991663, 99991664, 99991668, 99991671
 const RETRYABLE: &[i64] = &[99991400, 11232, 230020, 1500, 1501, 1503, 60007, 1395001];
 /// Feishu refuses a custom robot's request body over 20 KB.
 const MAX_WEBHOOK_BODY: usize = 20 << 10;
-/// ... and an app message's over 30 KB when it is a card ("卡片及富文本消息请求体最大不能超过
-/// 30KB", im/v1/messages).
-const MAX_CARD_MESSAGE_BODY: usize = 30 << 10;
 
 fn is_token_invalid(e: &Error) -> bool {
     matches!(e, Error::Platform { code, .. } if TOKEN_INVALID.contains(code))
@@ -881,15 +878,6 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
         .into_iter()
         .map(|r| json!({"receive_id": r, "msg_type": "interactive", "content": content}))
         .collect();
-    // Each body as sent also carries a 32-digit uuid: `,"uuid":"…"` is 42 bytes.
-    if bodies
-        .iter()
-        .any(|b| b.to_string().len() + 42 > MAX_CARD_MESSAGE_BODY)
-    {
-        return Err(Error::input(
-            "a Feishu app message is limited to 30 KB (as sent: markdown, title and mentions)",
-        ));
-    }
     // Feishu sends at most one message per `uuid` within an hour, so a retry whose first try
     // arrived but lost its answer does not message anyone twice.
     let dest = app.app_id.clone() + &path;
@@ -1472,39 +1460,6 @@ mod message_uuid_tests {
         assert!(uuids.iter().all(|u| u.len() <= 50), "Feishu's limit");
         assert_eq!(uuids[0], uuids[1], "the retry");
         assert_ne!(uuids[1], uuids[2], "sent again");
-    }
-
-    /// Under notify's 20,000-byte markdown cap, but over Feishu's 30 KB for a card message
-    /// once escaped twice (the card, then the card as a string): refused before anything is
-    /// sent, rather than a platform error per recipient.
-    #[test]
-    fn an_app_card_over_30_kb_is_refused_before_it_is_sent() {
-        let env = FakeEnv::new(|r| {
-            if r.url.contains("tenant_access_token") {
-                return json_response(
-                    200,
-                    json!({"code": 0, "tenant_access_token": "t", "expire": 7200}),
-                );
-            }
-            json_response(200, json!({"code": 0, "data": {"message_id": "om_1"}}))
-        });
-        let messages = |env: &FakeEnv| {
-            let sent = env.sent.borrow();
-            sent.iter()
-                .filter(|r| r.url.contains("im/v1/messages"))
-                .count()
-        };
-        let mut long = note(Target::Chat("oc_ops".into()));
-        long.markdown = "\n".repeat(12_000);
-        let e = send_message(&env, &app(), &long).unwrap_err();
-        assert!(
-            matches!(&e, Error::InvalidInput(m) if m.contains("30 KB")),
-            "{e:?}"
-        );
-        assert_eq!(messages(&env), 0);
-        long.markdown = "\n".repeat(5_000);
-        send_message(&env, &app(), &long).unwrap();
-        assert_eq!(messages(&env), 1);
     }
 }
 

@@ -388,9 +388,12 @@ pub(crate) fn forget_if_gone(
     }
 }
 
-/// How long a part of a notification that failed further on is remembered as delivered, and
-/// the request token of a part whose outcome is unknown is kept for the engine's retry.
+/// How long a part of a notification that failed further on is remembered as delivered.
 const PART_KEPT_MS: u64 = 10 * 60 * 1000;
+/// How long the request token of a part whose outcome is unknown is kept for the engine's
+/// retry: inside the hour Feishu remembers a message `uuid`, so reusing it can only drop a
+/// message that did arrive.
+const TOKEN_KEPT_MS: u64 = 50 * 60 * 1000;
 
 /// Sends one part: its body and its request token, if any; returns the id the platform gave.
 type SendPart<'a> = dyn FnMut(&serde_json::Value, Option<&str>) -> Result<Option<String>> + 'a;
@@ -401,8 +404,8 @@ enum Part {
     Delivered,
     /// Sent by this call.
     Sent,
-    /// Tried by this call (or tried earlier, with the request token kept in its mark) and
-    /// failed: it may have arrived. The mark keeps `(first try, token)`.
+    /// Sent by this call (or earlier, with the request token kept in its mark) without an
+    /// answer: it may have arrived. The mark keeps `(first try, token)`.
     Tried(u64, [u8; 16]),
     /// Not reached: an earlier part failed.
     Unsent,
@@ -420,10 +423,10 @@ enum Part {
 ///
 /// With `tokens` (the platform drops a second request carrying the same token), every part,
 /// even a lone one (which then costs a read too), is sent with a request token (32 hex
-/// digits), and a part that fails with a
-/// retryable error keeps its token in its mark, so the engine's retry within ten minutes sends
-/// it with the same token: a part whose answer was lost after it arrived is not delivered
-/// twice.
+/// digits), and a part that got no answer (a `transport` error: it may have arrived) keeps
+/// its token in its mark, so the engine's retry within [`TOKEN_KEPT_MS`] sends it with the
+/// same token: a part whose answer was lost after it arrived is not delivered twice. A part
+/// the platform refused keeps no token: nothing arrived, and nothing is left behind.
 fn send_parts(
     env: &(impl Env + ?Sized),
     dest: &str,
@@ -456,10 +459,10 @@ fn send_parts(
                 .get(..8)
                 .and_then(|at| at.try_into().ok())
                 .map_or(0, u64::from_le_bytes);
-            let fresh = present && now.saturating_sub(at) < PART_KEPT_MS;
+            let age = now.saturating_sub(at);
             match mark.get(8..).and_then(|t| <[u8; 16]>::try_from(t).ok()) {
-                Some(token) if fresh && tokens => part = Part::Tried(at, token),
-                None if fresh && mark.len() == 8 => part = Part::Delivered,
+                Some(token) if tokens && age < TOKEN_KEPT_MS => part = Part::Tried(at, token),
+                None if mark.len() == 8 && age < PART_KEPT_MS => part = Part::Delivered,
                 _ => {}
             }
         }
@@ -479,9 +482,9 @@ fn send_parts(
                 part = Part::Sent;
             }
             Err(e) => {
-                part = match (part, token) {
-                    (Part::Tried(at, token), _) => Part::Tried(at, token),
-                    (_, Some(token)) => Part::Tried(now, token),
+                part = match (part, token, &e) {
+                    (Part::Tried(at, token), _, Error::Transport(_)) => Part::Tried(at, token),
+                    (_, Some(token), Error::Transport(_)) => Part::Tried(now, token),
                     _ => Part::Unsent,
                 };
                 failure = Some(e);
@@ -712,14 +715,32 @@ mod tests {
         );
         assert_eq!(marks(&env), 0);
 
-        // Ten minutes on, a kept token is not reused; a refusal for good forgets it.
-        let _ = tokened(&env, &one, &[1], lost.clone());
-        env.now.set(env.now.get() + PART_KEPT_MS);
+        // A kept token is reused until TOKEN_KEPT_MS after the first try, then replaced; a
+        // refusal for good forgets it.
+        let (_, kept) = tokened(&env, &one, &[1], lost.clone());
+        env.now.set(env.now.get() + TOKEN_KEPT_MS - 1);
+        let (_, still) = tokened(&env, &one, &[1], lost.clone());
+        assert_eq!(still, kept, "within the window, after more failures");
+        env.now.set(env.now.get() + 1);
         let (_, late) = tokened(&env, &one, &[1], lost);
-        assert_ne!(late, first[..1], "a new token");
+        assert_ne!(late, kept, "a new token once the window has passed");
         let (r, _) = tokened(&env, &one, &[1], Error::platform(230002, "no", false));
         assert!(!r.unwrap_err().is_retryable());
         assert_eq!(marks(&env), 0);
+    }
+
+    /// A part the platform refused (rate limit: retryable, but certainly not delivered) keeps
+    /// no token and writes no mark of its own; the retry sends it under a new token.
+    #[test]
+    fn a_refused_part_keeps_no_token() {
+        let env = FakeEnv::offline();
+        let busy = Error::platform(99991400, "request trigger frequency limit", true);
+        let one = [serde_json::json!({"n": 1})];
+        let (r, first) = tokened(&env, &one, &[1], busy.clone());
+        assert!(r.unwrap_err().is_retryable());
+        assert_eq!(marks(&env), 0);
+        let (_, retry) = tokened(&env, &one, &[], busy);
+        assert_ne!(retry, first);
     }
 
     #[test]

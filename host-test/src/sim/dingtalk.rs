@@ -828,7 +828,7 @@ fn route_new(
                 ));
             };
             let remark = body.get("remark").and_then(Value::as_str).unwrap_or("");
-            if remark.chars().count() > 1024 {
+            if remark.encode_utf16().count() > 1024 {
                 return Err(new_err(400, "InvalidParameter", "remark is too long"));
             }
             // One code for both refusals, as DingTalk documents for this API.

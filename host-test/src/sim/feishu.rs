@@ -1896,12 +1896,13 @@ fn send_message(
     if !TYPES.contains(&msg_type) {
         return Err(field_validation("msg_type"));
     }
-    // Feishu's docs: a card or rich-text request body may be at most 30 KB (text 150 KB).
-    // The code Feishu answers with is not documented; the generic parameter error stands in.
+    // Feishu's docs: a card or rich-text request body may be at most 30 KB (text 150 KB),
+    // else 230025. (Feishu has been seen taking cards of over 100 KB; the plugin leaves the
+    // limit to Feishu.)
     if matches!(msg_type, "interactive" | "post") && req.body.len() > 30 << 10 {
         return Err(bad(
-            230001,
-            "Your request contains an invalid request parameter. the request body is over 30 KB",
+            230025,
+            "The length of the message content reaches its limit.",
         ));
     }
     let parsed = serde_json::from_str::<Value>(content)
@@ -2695,7 +2696,7 @@ mod tests {
         let url = format!("{path}?receive_id_type=chat_id");
         assert_eq!(
             call(&sim, "POST", &url, Some(&t), card(31 << 10)).await.1["code"],
-            230001
+            230025
         );
         assert_eq!(
             call(&sim, "POST", &url, Some(&t), card(29 << 10)).await.1["code"],

@@ -975,9 +975,9 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq as _;
     // Digests first, so the comparison's time does not tell the token's length either.
-    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
-    a.iter().zip(&b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    bool::from(Sha256::digest(a).ct_eq(&Sha256::digest(b)))
 }
 
 /// POSTs JSON to `url` (http or https) and expects a 2xx answer.

@@ -407,8 +407,8 @@ enum Part {
     /// Sent by this call (or earlier, with the request token kept in its mark) without an
     /// answer: it may have arrived. The mark keeps `(first try, token)`.
     Tried(u64, [u8; 16]),
-    /// Not reached: an earlier part failed.
-    Unsent,
+    /// Failed with nothing to keep: refused by the platform, or sent without a token.
+    Failed,
 }
 
 /// Sends a notification that goes out as one or more messages (one per user, per batch of
@@ -440,10 +440,6 @@ fn send_parts(
     let mut marks = Vec::new();
     let mut failure = None;
     for body in bodies {
-        if failure.is_some() {
-            marks.push((String::new(), false, Part::Unsent));
-            continue;
-        }
         let mut part = Part::Sent;
         let mut key = String::new();
         let mut present = false;
@@ -483,14 +479,17 @@ fn send_parts(
             }
             Err(e) => {
                 part = match (part, token, &e) {
-                    (Part::Tried(at, token), _, Error::Transport(_)) => Part::Tried(at, token),
+                    (tried @ Part::Tried(..), _, Error::Transport(_)) => tried,
                     (_, Some(token), Error::Transport(_)) => Part::Tried(now, token),
-                    _ => Part::Unsent,
+                    _ => Part::Failed,
                 };
                 failure = Some(e);
             }
         }
         marks.push((key, present, part));
+        if failure.is_some() {
+            break;
+        }
     }
     match failure {
         Some(e) if e.is_retryable() => {

@@ -50,6 +50,22 @@ impl Error {
         Error::Unsent(msg.into())
     }
 
+    /// Whether the request that failed this way may still have been acted on: no answer, or
+    /// one that does not say it was refused. HTTP statuses without a platform code come as
+    /// -status (crate::http): a platform code, a 4xx, 429 or 503 is a refusal; a 2xx with an
+    /// unreadable body or another 5xx (a gateway timing out, a crash half-way) may hide a
+    /// request that took effect.
+    pub fn may_have_taken_effect(&self) -> bool {
+        match self {
+            Error::Platform { code, .. } => {
+                (-299..=-200).contains(code) || ((-599..=-500).contains(code) && *code != -503)
+            }
+            Error::InvalidConfig(_) | Error::InvalidInput(_) | Error::Unauthorized(_) => false,
+            Error::Unsent(_) => false,
+            Error::Transport(_) | Error::Storage(_) => true,
+        }
+    }
+
     /// Whether repeating the same call unchanged may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {

@@ -23,9 +23,7 @@ pub fn notify(env: &(impl Env + ?Sized), app: Option<&ImApp>, n: &Notification) 
     }
     match &n.target {
         Target::Webhook(hook) => {
-            if !(hook.url.starts_with("https://") || hook.url.starts_with("http://")) {
-                return Err(Error::input("webhook url must be http(s)"));
-            }
+            check_webhook_url(&hook.url)?;
             // The app only looks up mentioned users on the webhook's platform; another
             // platform's app would send its credentials to the wrong platform's servers, so
             // it is not used (a lookup then fails as without an app).
@@ -38,6 +36,26 @@ pub fn notify(env: &(impl Env + ?Sized), app: Option<&ImApp>, n: &Notification) 
             platform::send_message(env, app, n)
         }
     }
+}
+
+/// The webhook URL is part of the notification, not of an app's settings: one the host could
+/// not send to is `invalid-input` here, before the request is built (where a URL that does not
+/// parse is the app's `invalid-config`). The platforms' robot URLs are plain ASCII; anything
+/// else must come percent-encoded.
+fn check_webhook_url(url: &str) -> Result<()> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| Error::input("webhook url must be http(s)"))?;
+    if rest.is_empty() || rest.starts_with(['/', '?', '#']) {
+        return Err(Error::input("webhook url has no host"));
+    }
+    if !url.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::input(
+            "webhook url must be printable ASCII without spaces (percent-encode the rest)",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -60,6 +78,36 @@ mod tests {
             mentions: vec![UserRef::Mobile("13800000000".into())],
             mention_all: false,
         }
+    }
+
+    /// A webhook URL the request could not be built from is the notification's fault
+    /// (`invalid-input`), found before anything is sent. A URL without a host, or with a
+    /// space in its query, used to come back as `invalid-config` from building the request,
+    /// sending the operator to app settings that were fine.
+    #[test]
+    fn a_malformed_webhook_url_is_invalid_input() {
+        for url in [
+            "ftp://hooks.example/robot",
+            "https://",
+            "https:///robot",
+            "http://?access_token=x",
+            "https://hooks.example/robot?key=a b",
+            "https://hooks.example/robot\n",
+            "https://hooks.example/röbot",
+        ] {
+            let env = FakeEnv::offline();
+            let mut n = to_hook(Platform::Wecom);
+            if let Target::Webhook(hook) = &mut n.target {
+                hook.url = url.into();
+            }
+            let r = notify(&env, None, &n);
+            assert!(matches!(r, Err(Error::InvalidInput(_))), "{url:?}: {r:?}");
+            assert!(env.sent.borrow().is_empty(), "{url:?}");
+        }
+        // A well-formed one goes out (and fails offline, as a transport error).
+        let env = FakeEnv::offline();
+        let r = notify(&env, None, &to_hook(Platform::Wecom));
+        assert!(matches!(r, Err(Error::Transport(_))), "{r:?}");
     }
 
     /// The app looks up mentioned users; another platform's app would send its secret to the

@@ -794,6 +794,64 @@ async fn a_start_whose_commit_failed_is_committed_again() {
     assert_eq!(store.fail.load(Ordering::SeqCst), 6, "four tries");
 }
 
+/// The first start of a Feishu app (here: of its node shape) makes and subscribes a
+/// definition. Cut off after its create (here its commit fails every try; a crash or the
+/// deadline alike), the start leaves only what the plugin made durable at once. The engine's
+/// retry makes a new definition, Feishu answers 60012 for the key's uuid, and the instance it
+/// holds, on the first definition, must still be taken as this store's. Before, the record of
+/// that subscription was a write lost with the call, and every retry answered 60012
+/// ("another store").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_feishu_start_cut_off_after_its_create_is_adopted() {
+    let sim = FeishuSim::start(FeishuConfig {
+        apps: vec![FeishuApp::new("cli_cut", "s3cr3t")],
+        users: ["alice", "bob"].into_iter().map(FeishuUser::new).collect(),
+        ..FeishuConfig::default()
+    })
+    .await
+    .expect("sim");
+    let store = Arc::new(FlakyStore::default());
+    let allow = [sim.base_url().trim_start_matches("http://").to_string()];
+    let h = Harness::with_store(&[TENANT], &allow, store.clone())
+        .await
+        .expect("harness");
+    let app = json!({"id": "fs", "platform": "feishu", "app_id": "cli_cut",
+                     "app_secret": "s3cr3t", "api_base": sim.base_url()});
+    let start = || {
+        h.host.invoke_json(
+            TENANT,
+            "start-approval",
+            json!({"app": app, "request": {"key": "wf-9/deploy", "title": "Deploy?",
+                "initiator": {"id": "ou_alice"},
+                "nodes": [{"approvers": [{"id": "ou_bob"}], "mode": "and"}]}}),
+        )
+    };
+    store.fail.store(10, Ordering::SeqCst);
+    let cut = start().await.expect_err("the store is down");
+    assert!(format!("{cut:#}").contains("committing"), "{cut:#}");
+    store.fail.store(0, Ordering::SeqCst);
+    let created = {
+        let st = sim.state();
+        assert_eq!(st.instances.len(), 1);
+        st.instances.values().next().unwrap().instance_code.clone()
+    };
+
+    let retry = start().await.expect("the call ends");
+    assert_eq!(ok(&retry)["instance_id"], created.as_str(), "{retry}");
+    assert_eq!(ok(&retry)["status"], "pending", "{retry}");
+    assert_eq!(sim.state().instances.len(), 1, "no second approval");
+    // The approval is this store's now: decisions on it reach the engine.
+    sim.decide(&created, "ou_bob", true, None).await.unwrap();
+    let got = h
+        .invoke(
+            TENANT,
+            "get-approval",
+            json!({"app": app, "instance_id": created, "refresh": true}),
+        )
+        .await;
+    assert_eq!(ok(&got)["status"], "approved", "{got}");
+}
+
 /// A request body over the host's limit is refused by the host before the platform can act
 /// on it, so a start whose create was too big may be retried (smaller) with the same key.
 /// Before, it counted as a create that may have happened: -3 for good.

@@ -246,13 +246,18 @@ impl<'a, E: Env + ?Sized> Client<'a, E> {
                 Err(Error::Platform { code, .. }) if code == ALREADY_SUBSCRIBED => {}
                 Err(e) => return Err(e),
             }
-            self.env.kv_set(&subscribed, b"1")?;
+            // An increment is durable at once, not at the call's end with its writes: a start
+            // cut off after its create (a crash, the deadline, a commit that kept failing)
+            // still leaves this, so the retry's uuid conflict recognises the instance as this
+            // store's. A write was lost with the call, and every retry answered 60012.
+            self.env.kv_increment(&subscribed, 1)?;
         }
         Ok(code)
     }
 
-    /// Set once this app has subscribed to the definition `code`, before any instance of it is
-    /// created: so it also records every definition this store's instances can be on.
+    /// Set (durably at once) once this app has subscribed to the definition `code`, before any
+    /// instance of it is created: so it also records every definition this store's instances
+    /// can be on.
     fn subscribed_key(&self, code: &str) -> String {
         format!(
             "{}/{code}",

@@ -42,20 +42,9 @@ impl From<Error> for CreateError {
 impl CreateError {
     /// An error from the create request itself.
     pub fn sent(error: Error) -> Self {
-        let maybe_created = match &error {
-            // HTTP statuses without a platform code come as -status (crate::http). A platform
-            // code, a 4xx, 429 or 503 is a refusal; a 2xx with an unreadable body or another
-            // 5xx (a gateway timing out, a crash half-way) may hide a created instance.
-            Error::Platform { code, .. } => {
-                (-299..=-200).contains(code) || ((-599..=-500).contains(code) && *code != -503)
-            }
-            Error::InvalidConfig(_) | Error::InvalidInput(_) | Error::Unauthorized(_) => false,
-            Error::Unsent(_) => false,
-            Error::Transport(_) | Error::Storage(_) => true,
-        };
         CreateError {
+            maybe_created: error.may_have_taken_effect(),
             error,
-            maybe_created,
         }
     }
 
@@ -423,10 +412,11 @@ enum Part {
 ///
 /// With `tokens` (the platform drops a second request carrying the same token), every part,
 /// even a lone one (which then costs a read too), is sent with a request token (32 hex
-/// digits), and a part that got no answer (a `transport` error: it may have arrived) keeps
-/// its token in its mark, so the engine's retry within [`TOKEN_KEPT_MS`] sends it with the
-/// same token: a part whose answer was lost after it arrived is not delivered twice. A part
-/// the platform refused keeps no token: nothing arrived, and nothing is left behind.
+/// digits), and a part that may have arrived (no answer, a 5xx, an unreadable 2xx:
+/// [`Error::may_have_taken_effect`]) keeps its token in its mark, so the engine's retry
+/// within [`TOKEN_KEPT_MS`] sends it with the same token: a part whose answer was lost after
+/// it arrived is not delivered twice. A part the platform refused keeps no token: nothing
+/// arrived, and nothing is left behind.
 fn send_parts(
     env: &(impl Env + ?Sized),
     dest: &str,
@@ -478,9 +468,9 @@ fn send_parts(
                 part = Part::Sent;
             }
             Err(e) => {
-                part = match (part, token, &e) {
-                    (tried @ Part::Tried(..), _, Error::Transport(_)) => tried,
-                    (_, Some(token), Error::Transport(_)) => Part::Tried(now, token),
+                part = match (part, token) {
+                    (tried @ Part::Tried(..), _) if e.may_have_taken_effect() => tried,
+                    (_, Some(token)) if e.may_have_taken_effect() => Part::Tried(now, token),
                     _ => Part::Failed,
                 };
                 failure = Some(e);
@@ -733,13 +723,39 @@ mod tests {
     #[test]
     fn a_refused_part_keeps_no_token() {
         let env = FakeEnv::offline();
-        let busy = Error::platform(99991400, "request trigger frequency limit", true);
         let one = [serde_json::json!({"n": 1})];
-        let (r, first) = tokened(&env, &one, &[1], busy.clone());
-        assert!(r.unwrap_err().is_retryable());
-        assert_eq!(marks(&env), 0);
-        let (_, retry) = tokened(&env, &one, &[], busy);
-        assert_ne!(retry, first);
+        for busy in [
+            Error::platform(99991400, "request trigger frequency limit", true),
+            Error::platform(-503, "HTTP 503", true),
+            Error::platform(-429, "HTTP 429", true),
+        ] {
+            let (r, first) = tokened(&env, &one, &[1], busy.clone());
+            assert!(r.unwrap_err().is_retryable());
+            assert_eq!(marks(&env), 0, "{busy}");
+            let (_, retry) = tokened(&env, &one, &[], busy);
+            assert_ne!(retry, first);
+        }
+    }
+
+    /// A gateway's 5xx (other than 503) or a 2xx that cannot be read does not say the part
+    /// was refused: it may have arrived, so the retry carries its first token, as after a
+    /// lost answer. Before, only a lost answer kept it, and a 502 after delivery meant the
+    /// message twice.
+    #[test]
+    fn a_part_answered_by_a_failing_gateway_keeps_its_token() {
+        let env = FakeEnv::offline();
+        let one = [serde_json::json!({"n": 1})];
+        for unclear in [
+            Error::platform(-502, "HTTP 502", true),
+            Error::platform(-504, "HTTP 504", true),
+            Error::platform(-200, "unreadable answer", true),
+        ] {
+            let (_, first) = tokened(&env, &one, &[1], unclear.clone());
+            assert_eq!(marks(&env), 1, "{unclear}");
+            let (r, retry) = tokened(&env, &one, &[], unclear.clone());
+            assert_eq!(r.unwrap(), ["id-1"]);
+            assert_eq!(retry, first, "{unclear}: the same token");
+        }
     }
 
     #[test]

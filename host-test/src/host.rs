@@ -5,7 +5,7 @@ use crate::call::PluginPre;
 use crate::call::{Call, Export, Reply};
 use crate::clock::ReplayClock;
 use crate::engine::{self, ComponentCache};
-use crate::kv::KvCtx;
+use crate::kv::{HOST_KEY_PREFIX, KvCtx};
 use crate::log;
 use crate::sandbox::{self, CallState};
 use crate::store::{Backend, Commit, Outcome, StoreConfig, blocking};
@@ -477,13 +477,17 @@ pub(crate) async fn commit_once(
 /// record since, so every attempt applies only while the keys the call creates (read as
 /// absent, written) are still absent, and nothing else it read is checked (its reads were
 /// never validated: it cannot be re-run). When one is not, either an earlier attempt was
-/// applied, and then all of them exist (a commit is all or nothing), or another call created
-/// it first (a cache both filled, such as a first access token, or the record and index of a
-/// Feishu approval two starts with one key both got): the next attempt then leaves that key
-/// as the other call wrote it, since a callback may have moved such a record on since, and a
-/// cache's first writer is as right as its last. The
-/// first attempt is checked too: one whose answer was lost may yet reach the store after a
-/// repeat applied and a callback moved the record on, and must not set it back.
+/// applied, or another call created it first (a cache both filled, such as a first access
+/// token, or the record and index of a Feishu approval two starts with one key both got): the
+/// next attempt then leaves that key as the other call wrote it, since a callback may have
+/// moved such a record on since, and a cache's first writer is as right as its last. Which of
+/// the two it was, only a key no other call can write tells: every attempt also creates this
+/// call's own mark (under [`HOST_KEY_PREFIX`], which plugins cannot touch), so the mark
+/// existing means an attempt was applied. Judging by the created keys alone took a cancel
+/// whose only created key was a token another call had fetched meanwhile for applied, and
+/// lost its record. The mark is deleted once the outcome is known. The first attempt is
+/// checked too: one whose answer was lost may yet reach the store after a repeat applied and
+/// a callback moved the record on, and must not set it back.
 async fn commit_or_retry(
     backend: &Arc<dyn Backend>,
     ns: &Arc<str>,
@@ -503,6 +507,9 @@ async fn commit_or_retry(
         .filter(|(k, v)| v.is_some() && absent.contains(k.as_str()))
         .map(|(k, _)| k.clone())
         .collect();
+    let mark = format!("{HOST_KEY_PREFIX}commit/{:032x}", rand::random::<u128>());
+    commit.writes.push((mark.clone(), Some(b"1".to_vec())));
+    created.push(mark.clone());
     let mut result = Err(anyhow!("not tried"));
     // Whether an attempt failed, and so may have been applied unseen.
     let mut failed = false;
@@ -536,9 +543,9 @@ async fn commit_or_retry(
             })
             .await;
             match still_absent {
-                // Only an attempt that failed can have put them all there; before any did,
-                // other calls created them, and this commit is still to be made.
-                Ok(absent) if absent.is_empty() && failed => {
+                // Only this call writes its mark, so only an attempt that failed can have
+                // put it there: that attempt was applied, whole.
+                Ok(absent) if failed && !absent.contains(&mark) => {
                     result = Ok(Outcome::Applied);
                     break;
                 }
@@ -553,6 +560,15 @@ async fn commit_or_retry(
                     break;
                 }
             }
+        }
+    }
+    if matches!(result, Ok(Outcome::Applied)) {
+        // Best effort: a mark left behind (a store that fails now or failed every try, a
+        // crash) is a few bytes no plugin sees. These exports waited on a platform; one more
+        // write is noise to them.
+        let (backend, ns2) = (backend.clone(), ns.clone());
+        if let Err(e) = blocking(move || backend.put(&ns2, vec![(mark, None)])).await {
+            log!("tenant={tenant} call={export} commit mark not deleted: {e:#}");
         }
     }
     match result {
@@ -716,6 +732,107 @@ mod tests {
             .unwrap();
         assert!(matches!(outcome, Outcome::Applied));
         assert_eq!(backend.get("t", "rec").unwrap(), Some(b"canceled".to_vec()));
+    }
+
+    /// A memory store whose first commit fails; `applied` says whether it was applied before
+    /// failing (its answer lost) or refused whole, and `meanwhile` is what other calls write
+    /// while the failing call pauses before trying again.
+    struct FailsFirst {
+        inner: MemoryStore,
+        applied: bool,
+        meanwhile: Vec<(String, Option<Vec<u8>>)>,
+        failed_once: std::sync::atomic::AtomicBool,
+    }
+
+    impl Intercept for FailsFirst {
+        fn memory(&self) -> &MemoryStore {
+            &self.inner
+        }
+        fn commit(&self, ns: &str, commit: Commit) -> Result<Outcome> {
+            if self
+                .failed_once
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                return self.inner.commit(ns, commit);
+            }
+            if self.applied {
+                self.inner.commit(ns, commit)?;
+            }
+            self.inner.put(ns, self.meanwhile.clone())?;
+            anyhow::bail!("connection reset")
+        }
+    }
+
+    /// A cancel's commit, whose only created key is the app's first token.
+    fn cancel_commit() -> Commit {
+        Commit {
+            reads: vec![("tok".into(), digest(None))],
+            writes: vec![
+                ("tok".into(), Some(b"mine".to_vec())),
+                ("rec".into(), Some(b"canceled".to_vec())),
+            ],
+            outbox: vec![b"canceled".to_vec()],
+        }
+    }
+
+    fn fails_first(applied: bool) -> Arc<FailsFirst> {
+        let store = Arc::new(FailsFirst {
+            inner: MemoryStore::new(),
+            applied,
+            // Another call fetching the app's first token meanwhile.
+            meanwhile: vec![("tok".into(), Some(b"theirs".to_vec()))],
+            failed_once: Default::default(),
+        });
+        store
+            .inner
+            .put("t", vec![("rec".into(), Some(b"pending".to_vec()))])
+            .unwrap();
+        store
+    }
+
+    /// A cancel's first commit fails without being applied, and another call stores the token
+    /// meanwhile: every key the cancel creates now exists, yet none of its writes were made.
+    /// Taking that for "an earlier attempt applied" answered the cancel and lost its record
+    /// and outbox update.
+    #[tokio::test]
+    async fn a_failed_attempt_is_not_taken_for_applied_when_another_call_filled_its_keys() {
+        let store = fails_first(false);
+        let backend: Arc<dyn Backend> = store.clone();
+        let ns: Arc<str> = "t".into();
+        let outcome = commit_or_retry(&backend, &ns, cancel_commit(), "t", Export::CancelApproval)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Applied));
+        assert_eq!(backend.get("t", "rec").unwrap(), Some(b"canceled".to_vec()));
+        assert_eq!(backend.get("t", "tok").unwrap(), Some(b"theirs".to_vec()));
+        assert_eq!(backend.outbox_list("t", 0).unwrap().len(), 1);
+        assert_eq!(
+            backend.keys("t").unwrap(),
+            ["rec", "tok"],
+            "the mark is gone"
+        );
+    }
+
+    /// The same, but the failed attempt was applied (its answer lost): it is not applied
+    /// again, so the engine gets one outbox update, and the token stands as it was written.
+    #[tokio::test]
+    async fn an_attempt_applied_unseen_is_not_applied_again() {
+        let mut store = fails_first(true);
+        Arc::get_mut(&mut store).unwrap().meanwhile.clear();
+        let backend: Arc<dyn Backend> = store.clone();
+        let ns: Arc<str> = "t".into();
+        let outcome = commit_or_retry(&backend, &ns, cancel_commit(), "t", Export::CancelApproval)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Applied));
+        assert_eq!(backend.get("t", "rec").unwrap(), Some(b"canceled".to_vec()));
+        assert_eq!(backend.get("t", "tok").unwrap(), Some(b"mine".to_vec()));
+        assert_eq!(backend.outbox_list("t", 0).unwrap().len(), 1);
+        assert_eq!(
+            backend.keys("t").unwrap(),
+            ["rec", "tok"],
+            "the mark is gone"
+        );
     }
 
     /// Two Feishu starts with one key get the same instance; the first commits its record,

@@ -35,8 +35,17 @@ const MAX_BUFFERED: usize = 16 << 20;
 /// most), and each one read is kept for the commit's check and sent with it.
 pub const MAX_KEY: usize = 4096;
 
+/// Keys the host writes into a tenant's namespace for its own bookkeeping (the commit marks
+/// of [`crate::host`]): hidden from the plugin's `list-keys` and refused to its reads and
+/// writes, so that a plugin can neither see nor forge them.
+pub(crate) const HOST_KEY_PREFIX: &str = "\0imbridge-host/";
+
 fn check_key(key: &str) -> anyhow::Result<()> {
     anyhow::ensure!(key.len() <= MAX_KEY, "key longer than {MAX_KEY} bytes");
+    anyhow::ensure!(
+        !key.starts_with(HOST_KEY_PREFIX),
+        "keys starting with {HOST_KEY_PREFIX:?} are the host's"
+    );
     Ok(())
 }
 
@@ -144,7 +153,7 @@ impl KvCtx {
         let mut keys: Vec<String> = self
             .wait(true, |store, tenant| store.keys(tenant))?
             .into_iter()
-            .filter(|k| !self.overlay.contains_key(k))
+            .filter(|k| !self.overlay.contains_key(k) && !k.starts_with(HOST_KEY_PREFIX))
             .collect();
         keys.extend(
             self.overlay
@@ -360,6 +369,30 @@ mod tests {
 
         assert_eq!(commit(ctx), Outcome::Applied);
         assert_eq!(f.store.get("t", "k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    /// The host's own keys in a tenant's namespace (commit marks) are neither listed to the
+    /// plugin nor readable or writable by it.
+    #[test]
+    fn the_hosts_keys_are_out_of_the_plugins_reach() {
+        let f = fixture();
+        let mark = format!("{HOST_KEY_PREFIX}commit/1");
+        put(&f.store, "t", "mine", b"1");
+        put(&f.store, "t", &mark, b"1");
+        let mut ctx = KvCtx::new(f.store.clone(), "t".into());
+        let mut table = ResourceTable::new();
+        let mut view = KvView {
+            ctx: &mut ctx,
+            table: &mut table,
+        };
+        let b = open(&mut view);
+        assert_eq!(view.list_keys(borrow(&b), None).unwrap().keys, ["mine"]);
+        assert!(view.get(borrow(&b), mark.clone()).is_err());
+        assert!(view.set(borrow(&b), mark.clone(), b"x".to_vec()).is_err());
+        assert!(view.delete(borrow(&b), mark.clone()).is_err());
+        drop(view);
+        assert_eq!(commit(ctx), Outcome::Applied);
+        assert_eq!(f.store.get("t", &mark).unwrap(), Some(b"1".to_vec()));
     }
 
     #[test]

@@ -790,49 +790,35 @@ mod tests {
         store
     }
 
-    /// A cancel's first commit fails without being applied, and another call stores the token
-    /// meanwhile: every key the cancel creates now exists, yet none of its writes were made.
-    /// Taking that for "an earlier attempt applied" answered the cancel and lost its record
-    /// and outbox update.
+    /// A cancel's first commit fails, and is retried. Not applied, with another call storing
+    /// the token meanwhile: every key the cancel creates now exists, yet none of its writes
+    /// were made; taking that for "an earlier attempt applied" answered the cancel and lost
+    /// its record and outbox update. Applied (its answer lost): it is not applied again, so
+    /// the engine gets one outbox update and the token stands as written.
     #[tokio::test]
-    async fn a_failed_attempt_is_not_taken_for_applied_when_another_call_filled_its_keys() {
-        let store = fails_first(false);
-        let backend: Arc<dyn Backend> = store.clone();
-        let ns: Arc<str> = "t".into();
-        let outcome = commit_or_retry(&backend, &ns, cancel_commit(), "t", Export::CancelApproval)
-            .await
-            .unwrap();
-        assert!(matches!(outcome, Outcome::Applied));
-        assert_eq!(backend.get("t", "rec").unwrap(), Some(b"canceled".to_vec()));
-        assert_eq!(backend.get("t", "tok").unwrap(), Some(b"theirs".to_vec()));
-        assert_eq!(backend.outbox_list("t", 0).unwrap().len(), 1);
-        assert_eq!(
-            backend.keys("t").unwrap(),
-            ["rec", "tok"],
-            "the mark is gone"
-        );
-    }
-
-    /// The same, but the failed attempt was applied (its answer lost): it is not applied
-    /// again, so the engine gets one outbox update, and the token stands as it was written.
-    #[tokio::test]
-    async fn an_attempt_applied_unseen_is_not_applied_again() {
-        let mut store = fails_first(true);
-        Arc::get_mut(&mut store).unwrap().meanwhile.clear();
-        let backend: Arc<dyn Backend> = store.clone();
-        let ns: Arc<str> = "t".into();
-        let outcome = commit_or_retry(&backend, &ns, cancel_commit(), "t", Export::CancelApproval)
-            .await
-            .unwrap();
-        assert!(matches!(outcome, Outcome::Applied));
-        assert_eq!(backend.get("t", "rec").unwrap(), Some(b"canceled".to_vec()));
-        assert_eq!(backend.get("t", "tok").unwrap(), Some(b"mine".to_vec()));
-        assert_eq!(backend.outbox_list("t", 0).unwrap().len(), 1);
-        assert_eq!(
-            backend.keys("t").unwrap(),
-            ["rec", "tok"],
-            "the mark is gone"
-        );
+    async fn a_failed_attempt_counts_as_applied_only_when_it_was() {
+        for (applied, token) in [(false, "theirs"), (true, "mine")] {
+            let mut store = fails_first(applied);
+            if applied {
+                Arc::get_mut(&mut store).unwrap().meanwhile.clear();
+            }
+            let backend: Arc<dyn Backend> = store.clone();
+            let ns: Arc<str> = "t".into();
+            let outcome =
+                commit_or_retry(&backend, &ns, cancel_commit(), "t", Export::CancelApproval)
+                    .await
+                    .unwrap();
+            assert!(matches!(outcome, Outcome::Applied));
+            let get = |k| backend.get("t", k).unwrap();
+            assert_eq!(get("rec"), Some(b"canceled".to_vec()), "applied: {applied}");
+            assert_eq!(get("tok"), Some(token.as_bytes().to_vec()));
+            assert_eq!(backend.outbox_list("t", 0).unwrap().len(), 1);
+            assert_eq!(
+                backend.keys("t").unwrap(),
+                ["rec", "tok"],
+                "the mark is gone"
+            );
+        }
     }
 
     /// Two Feishu starts with one key get the same instance; the first commits its record,

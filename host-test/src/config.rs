@@ -229,7 +229,8 @@ fn take_callback_mode(
     let mut app = app.clone();
     let base = match app.as_object_mut().and_then(|o| o.remove("endpoint_base")) {
         None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) => Some(s),
+        // Trimmed as it is checked: the connection code takes it as it stands.
+        Some(serde_json::Value::String(s)) => Some(s.trim().to_string()),
         Some(_) => bail!("`{path}.endpoint_base` must be a URL"),
     };
     let mode = match app.as_object_mut().and_then(|o| o.remove("callback")) {
@@ -271,11 +272,7 @@ fn check_webhook(url: String, path: &str) -> Result<String> {
 fn check_app_settings(app: &ImApp, mode: CallbackMode, path: &str) -> Result<()> {
     use crate::bindings::types::Platform;
     if let Some(base) = &app.api_base {
-        let base = base.trim();
-        if !(base.starts_with("https://") || base.starts_with("http://")) {
-            bail!("`{path}.api_base` must be a URL such as https://open.feishu.cn");
-        }
-        crate::wasi_http::HostPattern::parse(base).with_context(|| format!("`{path}.api_base`"))?;
+        check_base_url(base, &format!("{path}.api_base"))?;
     }
     if matches!(mode, CallbackMode::Http) && app.max_clock_skew_secs == Some(0) {
         bail!(
@@ -297,6 +294,17 @@ fn check_app_settings(app: &ImApp, mode: CallbackMode, path: &str) -> Result<()>
             key.len()
         );
     }
+    Ok(())
+}
+
+/// A base URL that API paths are appended to (`api_base`, `endpoint_base`): anything else
+/// would fail every request made with it, far from the setting.
+fn check_base_url(base: &str, field: &str) -> Result<()> {
+    let base = base.trim();
+    if !(base.starts_with("https://") || base.starts_with("http://")) {
+        bail!("`{field}` must be a URL such as https://open.feishu.cn");
+    }
+    crate::wasi_http::HostPattern::parse(base).with_context(|| format!("`{field}`"))?;
     Ok(())
 }
 
@@ -342,6 +350,19 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
             let app = ImApp::from_json(&app, &path)?;
             check_id("app", &app.id)?;
             check_app_settings(&app, mode, &path)?;
+            if let Some(base) = &endpoint_base {
+                // Only a persistent connection reads it: an HTTP app would drop it unseen.
+                if mode != CallbackMode::Persistent {
+                    bail!(
+                        "`{path}.endpoint_base` is read only for \"callback\": \"persistent\" \
+                         (app `{}` of tenant `{}` takes its events over HTTP): remove it, or set \
+                         \"callback\": \"persistent\"",
+                        app.id,
+                        t.id
+                    );
+                }
+                check_base_url(base, &format!("{path}.endpoint_base"))?;
+            }
 
             if apps.iter().any(|a: &ImApp| a.id == app.id) {
                 bail!("app `{}` of tenant `{}` is configured twice", app.id, t.id);
@@ -642,6 +663,50 @@ mod tests {
         // The server-only parser refuses what it could not serve.
         let err = ServeConfig::parse(text, Path::new(".")).err().unwrap();
         assert!(err.to_string().contains("persistent"), "{err}");
+    }
+
+    /// `endpoint_base` is read only for a persistent connection: on an HTTP app it was dropped
+    /// without a word, and on a persistent one any string was taken, to fail at every connect.
+    #[test]
+    fn endpoint_base_is_refused_unless_persistent_and_a_url() {
+        let app = |extra: &str| {
+            format!(
+                r#"{{"public_url": "http://x", "state_dir": "s", "tenants": [{{"id": "t",
+                "apps": [{{"id": "d", "platform": "dingtalk", "app_id": "i",
+                           "app_secret": "s3cr3t"{extra}}}]}}]}}"#
+            )
+        };
+        for (extra, want) in [
+            (
+                r#", "endpoint_base": "https://gw.example""#,
+                "`tenants[0].apps[0].endpoint_base` is read only for \"callback\": \"persistent\"",
+            ),
+            (
+                r#", "callback": "http", "endpoint_base": "https://gw.example""#,
+                "app `d` of tenant `t`",
+            ),
+            (
+                r#", "callback": "persistent", "endpoint_base": "gw.example""#,
+                "`tenants[0].apps[0].endpoint_base` must be a URL",
+            ),
+            (
+                r#", "callback": "persistent", "endpoint_base": "https://""#,
+                "`tenants[0].apps[0].endpoint_base`",
+            ),
+        ] {
+            let err = match Config::parse(&app(extra), Path::new(".")) {
+                Ok(_) => panic!("accepted {extra}"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(err.contains(want), "{err}");
+            assert!(!err.contains("s3cr3t"), "{err}");
+        }
+        let ok = app(r#", "callback": "persistent", "endpoint_base": " http://127.0.0.1:9/ ""#);
+        let cfg = Config::parse(&ok, Path::new(".")).unwrap();
+        assert_eq!(
+            cfg.persistent[0].endpoint_base.as_deref(),
+            Some("http://127.0.0.1:9/")
+        );
     }
 
     #[test]

@@ -390,7 +390,6 @@ mod tests {
         assert!(view.get(borrow(&b), mark.clone()).is_err());
         assert!(view.set(borrow(&b), mark.clone(), b"x".to_vec()).is_err());
         assert!(view.delete(borrow(&b), mark.clone()).is_err());
-        drop(view);
         assert_eq!(commit(ctx), Outcome::Applied);
         assert_eq!(f.store.get("t", &mark).unwrap(), Some(b"1".to_vec()));
     }

@@ -15,8 +15,8 @@
 //!   poll instead of taking the webhook); 409 for an `N` past the newest record's sequence
 //!   number
 //!
-//! - `GET  /healthz`: 200 while the store takes a write (at most one per second), else 503
-//!   (also once the server is stopping)
+//! - `GET  /healthz`: 200 while the store takes a write (at most one at a time and one per
+//!   second), else 503 (also once the server is stopping)
 //!
 //! The API answers `{"ok": ...}` / `{"err": ...}` exactly as `invoke` prints them.
 
@@ -66,8 +66,9 @@ pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(30);
 /// calls.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// How long a `/healthz` probe's successful commit answers for the probes after it.
-const HEALTHY_FOR: Duration = Duration::from_secs(1);
+/// How long a `/healthz` store probe's answer, success or failure, answers for the probes
+/// after it.
+const PROBE_ANSWERS_FOR: Duration = Duration::from_secs(1);
 
 /// A request's headers must arrive within this (also how long an idle keep-alive connection
 /// stays open), and its body within this after them. Platforms send a few KiB at once; a
@@ -270,7 +271,7 @@ pub async fn serve_with_persistent(
         in_flight: in_flight.clone(),
         waiting: waiting.clone(),
         stopping: stopping.clone(),
-        healthy_at: std::sync::Mutex::new(None),
+        health: Arc::new(std::sync::Mutex::new(Health::Unknown)),
     });
     let deliveries: Vec<AbortOnDrop> = state
         .delivery
@@ -392,8 +393,20 @@ struct State {
     waiting: Arc<AtomicUsize>,
     /// Set when shutdown begins: no plugin call starts after it.
     stopping: Arc<AtomicBool>,
-    /// When `/healthz` last committed its probe.
-    healthy_at: std::sync::Mutex<Option<Instant>>,
+    /// What `/healthz` last found, or the store probe it is waiting for.
+    health: Arc<std::sync::Mutex<Health>>,
+}
+
+/// What a `/healthz` store probe found: `Err` holds why the store is unavailable.
+type Probe = std::result::Result<(), String>;
+
+enum Health {
+    /// No probe yet, or the last one's task ended without an answer.
+    Unknown,
+    /// A store probe is running; its answer comes here.
+    Probing(tokio::sync::watch::Receiver<Option<Probe>>),
+    /// When the last probe ended, and what it found.
+    Found(Instant, Probe),
 }
 
 impl State {
@@ -570,40 +583,47 @@ impl State {
             })
     }
 
-    /// 200 while the store answers a read, else 503 naming why. A server whose store fails
+    /// 200 while the store takes a write, else 503 naming why. A server whose store fails
     /// cannot take a callback, and the embedded store stays failed after an I/O error (a full
     /// disk, say) until the process restarts: a supervisor restarts only what fails its
     /// health check.
     async fn healthz(&self) -> Response {
-        // The route is open to anyone who reaches the server: its durable writes are bounded
-        // to one per HEALTHY_FOR, which also covers a supervisor that probes often.
         // A server shutting down takes no new work: its supervisor should route elsewhere.
         if self.stopping.load(Ordering::SeqCst) {
             return status_json(StatusCode::SERVICE_UNAVAILABLE, "stopping");
         }
-        let recent = |at: &Option<Instant>| at.is_some_and(|at| at.elapsed() < HEALTHY_FOR);
-        if recent(&self.healthy_at.lock().unwrap_or_else(|e| e.into_inner())) {
-            return status_json(StatusCode::OK, "ok");
-        }
-        // A commit, as every call ends with: after a failed write the embedded store refuses
-        // all writes until a restart, while reads keep coming from its cache, so a read
-        // probe said "ok" to a server that could take no callback. '#' cannot occur in a
-        // tenant id, so the probe touches no tenant's key.
-        let probe = Commit {
-            reads: Vec::new(),
-            writes: vec![("probe".into(), Some(b"ok".to_vec()))],
-            outbox: Vec::new(),
-        };
-        match crate::host::commit_once(self.host.store(), &Arc::from("#health"), probe).await {
-            Ok(_) => {
-                *self.healthy_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-                status_json(StatusCode::OK, "ok")
+        // The route is open to anyone who reaches the server, and a commit to a dead Redis
+        // holds a blocking thread (the pool the callbacks' commits need) for seconds: so one
+        // probe at a time, whose answer, good or bad, serves every probe until
+        // PROBE_ANSWERS_FOR after it ends.
+        let mut answer = {
+            let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+            match &*health {
+                Health::Found(at, found) if at.elapsed() < PROBE_ANSWERS_FOR => {
+                    return health_response(found);
+                }
+                Health::Probing(answer) => answer.clone(),
+                _ => {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    *health = Health::Probing(rx.clone());
+                    // Its own task: a prober that hangs up must not cut the probe off and let
+                    // the next one start another while the first still holds its thread.
+                    tokio::spawn(probe_store(
+                        self.host.store().clone(),
+                        self.health.clone(),
+                        tx,
+                    ));
+                    rx
+                }
             }
-            Err(e) => status_json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("store unavailable: {e:#}"),
-            ),
-        }
+        };
+        let found = answer
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|found| found.clone())
+            .unwrap_or_else(|| Err("the store probe failed".into()));
+        health_response(&found)
     }
 
     /// Has the tenant's delivery task send its pending outbox records to its engine webhook.
@@ -930,6 +950,48 @@ fn plugin_error(e: &PluginError) -> Response {
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     json_response(status, &json!({"error": e.kind()}))
+}
+
+/// Commits a `/healthz` probe, as every call ends with one: after a failed write the embedded
+/// store refuses all writes until a restart while reads keep coming from its cache, so a read
+/// probe said "ok" to a server that could take no callback.
+async fn probe_store(
+    store: Arc<dyn Backend>,
+    health: Arc<std::sync::Mutex<Health>>,
+    answer: tokio::sync::watch::Sender<Option<Probe>>,
+) {
+    // Should this task end without an answer, the next probe starts afresh rather than
+    // waiting on it for ever.
+    struct Ended(Arc<std::sync::Mutex<Health>>);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            let mut health = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(*health, Health::Probing(_)) {
+                *health = Health::Unknown;
+            }
+        }
+    }
+    let ended = Ended(health);
+    // '#' cannot occur in a tenant id, so the probe touches no tenant's key.
+    let write = Commit {
+        reads: Vec::new(),
+        writes: vec![("probe".into(), Some(b"ok".to_vec()))],
+        outbox: Vec::new(),
+    };
+    let found = crate::host::commit_once(&store, &Arc::from("#health"), write)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("store unavailable: {e:#}"));
+    *ended.0.lock().unwrap_or_else(|e| e.into_inner()) =
+        Health::Found(Instant::now(), found.clone());
+    answer.send_replace(Some(found));
+}
+
+fn health_response(found: &Probe) -> Response {
+    match found {
+        Ok(()) => status_json(StatusCode::OK, "ok"),
+        Err(why) => status_json(StatusCode::SERVICE_UNAVAILABLE, why),
+    }
 }
 
 fn status_json(status: StatusCode, message: &str) -> Response {

@@ -513,7 +513,7 @@ async fn a_client_that_never_reads_is_cut_off() {
     server.shutdown().await;
 }
 
-/// `/healthz` reads the store, so a server that could not take a callback says so (503) and
+/// `/healthz` probes the store, so a server that could not take a callback says so (503) and
 /// its supervisor can restart it; it used to answer "ok" whatever the store's state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_fails_while_the_store_cannot_be_read() {
@@ -576,6 +576,98 @@ async fn healthz_fails_while_the_store_cannot_be_written() {
     let (status, body) = request(server.addr(), "GET", "/healthz", "", b"").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("previous I/O error"), "{body}");
+    server.shutdown().await;
+}
+
+/// A store that counts its commits and, while the test holds its gate, holds them there: a
+/// slow or dead link. With `fail`, every commit fails once through the gate.
+#[derive(Default)]
+struct Probed {
+    memory: imbridge_host::store::MemoryStore,
+    commits: AtomicUsize,
+    gate: imbridge_host::store::Gate,
+    fail: bool,
+}
+
+impl imbridge_host::store::Intercept for Probed {
+    fn memory(&self) -> &imbridge_host::store::MemoryStore {
+        &self.memory
+    }
+    fn commit(
+        &self,
+        ns: &str,
+        commit: imbridge_host::store::Commit,
+    ) -> anyhow::Result<imbridge_host::store::Outcome> {
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        self.gate.pass();
+        anyhow::ensure!(!self.fail, "connection refused");
+        imbridge_host::store::Backend::commit(&self.memory, ns, commit)
+    }
+}
+
+async fn serve_probed(dir: &Path, store: Arc<Probed>) -> ServerHandle {
+    let host = imbridge_host::Host::with_store(imbridge_host::HostConfig::new(dir), store).unwrap();
+    server::serve_with(host, config(dir, json!({})))
+        .await
+        .unwrap()
+}
+
+/// Probes that arrive while one is at the store wait for its answer: each used to start its
+/// own commit, so a slow store (a dead Redis takes seconds per commit) had every open
+/// connection holding a blocking thread, the pool the callbacks' commits need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_healthz_probes_share_one_store_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Probed::default());
+    let server = serve_probed(dir.path(), store.clone()).await;
+    // Released also when an assertion fails: the runtime's drop waits for the held commits.
+    struct Release(Arc<Probed>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.gate.release();
+        }
+    }
+    store.gate.hold();
+    let release = Release(store.clone());
+    let probes: Vec<_> = (0..16)
+        .map(|_| tokio::spawn(request(server.addr(), "GET", "/healthz", "", b"")))
+        .collect();
+    let held = store.clone();
+    let (first, second) = tokio::task::spawn_blocking(move || {
+        let first = held.gate.wait_for(1, Duration::from_secs(30));
+        // Time for the other probes to reach the store, if they would.
+        (first, held.gate.wait_for(2, Duration::from_millis(500)))
+    })
+    .await
+    .unwrap();
+    assert!(first, "no probe reached the store");
+    assert!(!second, "a second probe reached the store");
+    assert_eq!(store.commits.load(Ordering::SeqCst), 1);
+    drop(release);
+    for probe in probes {
+        let (status, body) = probe.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    server.shutdown().await;
+}
+
+/// A failed probe answers for the probes right after it, as a success does: a dead store
+/// must not take a blocking commit per probe.
+#[tokio::test]
+async fn healthz_caches_a_failed_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Probed {
+        fail: true,
+        ..Probed::default()
+    });
+    let server = serve_probed(dir.path(), store.clone()).await;
+    let first = request(server.addr(), "GET", "/healthz", "", b"").await;
+    assert_eq!(first.0, 503, "{}", first.1);
+    assert!(first.1.contains("store unavailable"), "{}", first.1);
+    assert!(first.1.contains("connection refused"), "{}", first.1);
+    let second = request(server.addr(), "GET", "/healthz", "", b"").await;
+    assert_eq!(second, first);
+    assert_eq!(store.commits.load(Ordering::SeqCst), 1);
     server.shutdown().await;
 }
 

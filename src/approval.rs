@@ -255,7 +255,15 @@ pub fn start(env: &(impl Env + ?Sized), app: &ImApp, req: &ApprovalRequest) -> R
     if platform::dedups_creates(app.platform) {
         // A repeated create with the same token returns the first instance.
         let token = idempotency_token(app, &req.key);
-        let created = platform::create(env, app, req, &token).map_err(|e| e.error)?;
+        let created = platform::create(env, app, req, &token).map_err(|e| match e {
+            // A repeat with the token is handed the first instance: a create that may have
+            // happened (an unreadable 2xx) is for the engine's retry to settle, never final.
+            CreateError {
+                error: Error::Platform { code, message, .. },
+                maybe_created: true,
+            } => Error::platform(code, message, true),
+            e => e.error,
+        })?;
         return record_created(env, app, req, created, began_ms);
     }
     if let Some(why) = env.kv_get(&unknown_key(app, &req.key))? {
@@ -1296,6 +1304,49 @@ mod tests {
         env.kv_increment(&failed_key(&app, &req.key), 1).unwrap();
         assert_eq!(start(&env, &app, &req).unwrap().instance_id, "inst-1");
         assert_eq!(sent.get(), 1);
+    }
+
+    /// Feishu hands a repeated create with the key's uuid the first instance, so a create
+    /// whose answer does not say what happened (a 2xx that is not JSON: a proxy's page, a
+    /// body cut short) is retryable; it was final, and the approval Feishu may have made was
+    /// left to its approvers with the engine given up.
+    #[test]
+    fn a_feishu_create_with_an_unreadable_answer_may_be_retried() {
+        use crate::env::fake::{FakeEnv, json_response};
+        let env = FakeEnv::new(|r| {
+            let path = r.url.split('?').next().unwrap_or_default();
+            match path.trim_start_matches("http://127.0.0.1:1/open-apis") {
+                "/auth/v3/tenant_access_token/internal" => json_response(
+                    200,
+                    serde_json::json!({"code": 0, "tenant_access_token": "t", "expire": 7200}),
+                ),
+                "/approval/v4/instances" => Ok(crate::env::Response {
+                    status: 200,
+                    headers: vec![("content-type".into(), "text/html".into())],
+                    body: b"<html>ok</html>".to_vec(),
+                }),
+                "/approval/v4/approvals" => json_response(
+                    200,
+                    serde_json::json!({"code": 0, "data": {"approval_code": "DEF1"}}),
+                ),
+                _ => json_response(200, serde_json::json!({"code": 0, "data": {}})),
+            }
+        });
+        let app = crate::platform::feishu::tests::app();
+        let mut req = crate::platform::dingtalk::tests::request();
+        req.initiator = crate::model::UserRef::Id("ou_a".into());
+        let e = start(&env, &app, &req).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Platform {
+                    code: -200,
+                    retryable: true,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

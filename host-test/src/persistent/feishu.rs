@@ -191,14 +191,20 @@ fn default_base(platform: Platform) -> &'static str {
     }
 }
 
-/// Applies a `ClientConfig` object (seconds; 0 or absent means "no advice").
+/// Longest interval a `ClientConfig` hint may set: Feishu's own are minutes, and a huge one
+/// overflowed the deadline arithmetic, panicking the app's connection task, which nothing
+/// restarts.
+const MAX_HINT: Duration = Duration::from_secs(3600);
+
+/// Applies a `ClientConfig` object (seconds; 0 or absent means "no advice"), each hint at
+/// most [`MAX_HINT`].
 fn apply_client_config(hints: &mut Hints, config: &Value) {
     let secs = |k: &str| {
         config
             .get(k)
             .and_then(Value::as_u64)
             .filter(|s| *s > 0)
-            .map(Duration::from_secs)
+            .map(|s| Duration::from_secs(s).min(MAX_HINT))
     };
     if let Some(d) = secs("ReconnectInterval") {
         hints.reconnect_interval = Some(d);
@@ -390,6 +396,25 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hints are taken in seconds, 0 meaning none, and capped: a huge one overflowed the
+    /// ping and reconnect arithmetic and panicked the connection task.
+    #[test]
+    fn client_config_hints_are_capped() {
+        let mut hints = Hints::default();
+        apply_client_config(
+            &mut hints,
+            &serde_json::json!({"ReconnectInterval": u64::MAX, "ReconnectNonce": 30,
+                                "PingInterval": 7_000_000_000_000_000_000u64}),
+        );
+        assert_eq!(hints.reconnect_interval, Some(MAX_HINT));
+        assert_eq!(hints.reconnect_nonce, Some(Duration::from_secs(30)));
+        assert_eq!(hints.ping_interval, Some(MAX_HINT));
+        // The deadline arithmetic the hints feed stays in range.
+        let _ = tokio::time::Instant::now() + hints.ping_interval.unwrap() * 3;
+        apply_client_config(&mut hints, &serde_json::json!({"PingInterval": 0}));
+        assert_eq!(hints.ping_interval, Some(MAX_HINT), "0 is no advice");
+    }
 
     #[test]
     fn frames_roundtrip_and_keep_zero_required_fields() {

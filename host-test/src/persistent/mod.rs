@@ -457,9 +457,31 @@ async fn open_ws(url: &str) -> std::result::Result<WebSocket, String> {
     }
 }
 
-/// POSTs JSON and returns the status and the JSON answer. The body carries credentials and is
-/// never logged.
+/// How long asking for a connection endpoint may take in all, as the Feishu Node SDK allows.
+const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// POSTs JSON and returns the status and the JSON answer, within [`ENDPOINT_TIMEOUT`]. The
+/// body carries credentials and is never logged.
 async fn post_json(url: &str, body: &Value) -> Result<(u16, Value)> {
+    post_json_within(url, body, ENDPOINT_TIMEOUT).await
+}
+
+/// wasmtime-wasi-http bounds the connect, the HTTP handshake and each wait for bytes, but not
+/// the TLS handshake: a peer that accepts the connection and then says nothing (a firewall
+/// that drops rather than resets, a stuck proxy) held the session there for ever, its lease
+/// renewed, so no replica took over and no event came until a restart. One bound for the
+/// whole exchange makes that a failed attempt like any other.
+async fn post_json_within(url: &str, body: &Value, limit: Duration) -> Result<(u16, Value)> {
+    match tokio::time::timeout(limit, exchange_json(url, body)).await {
+        Ok(answer) => answer,
+        Err(_) => anyhow::bail!(
+            "no answer from the endpoint within {}s",
+            limit.as_secs_f32()
+        ),
+    }
+}
+
+async fn exchange_json(url: &str, body: &Value) -> Result<(u16, Value)> {
     let uri: http::Uri = url.parse().context("endpoint URL is invalid")?;
     let authority = uri
         .authority()
@@ -485,15 +507,21 @@ async fn post_json(url: &str, body: &Value) -> Result<(u16, Value)> {
         .await
         .map_err(|e| anyhow!("{e}"))?;
     // `io` drives the connection: without it only a body that arrived together with the
-    // headers is ever read (not a chunked one, nor one in a later TCP or TLS record).
-    let io = tokio::spawn(io);
+    // headers is ever read (not a chunked one, nor one in a later TCP or TLS record). Aborted
+    // on drop, so a timed-out exchange leaves no task behind.
+    struct Abort(tokio::task::JoinHandle<Result<(), wasmtime_wasi_http::Error>>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _io = Abort(tokio::spawn(io));
     let status = response.status().as_u16();
     let bytes = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
         .await
         .context("endpoint answer timed out")?
         .map_err(|e| anyhow!("reading endpoint answer: {e}"))?
         .to_bytes();
-    io.abort();
     let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     Ok((status, json))
 }
@@ -683,5 +711,39 @@ mod tests {
         assert_eq!(json, serde_json::json!({"code": 0}));
         let head = head_rx.await.unwrap();
         assert!(head.contains("\r\naccept: application/json\r\n"), "{head}");
+    }
+
+    /// An https endpoint that accepts the connection and never answers its TLS handshake:
+    /// the request fails within its bound instead of hanging the session (and its lease) for
+    /// ever, which it did, as the TLS handshake had no timeout of its own.
+    #[tokio::test]
+    async fn an_endpoint_silent_in_its_tls_handshake_is_a_failed_attempt() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "https://{}/callback/ws/endpoint",
+            listener.local_addr().unwrap()
+        );
+        let (hello_tx, hello_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = sock.read(&mut buf).await.unwrap();
+            // A TLS handshake record: the ClientHello came, and nothing goes back.
+            let _ = hello_tx.send(buf[..n].first() == Some(&0x16));
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let limit = Duration::from_millis(500);
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(30),
+            post_json_within(&url, &serde_json::json!({"x": 1}), limit),
+        )
+        .await
+        .expect("the request is bounded");
+        let e = outcome.expect_err("no answer came");
+        assert!(format!("{e:#}").contains("no answer"), "{e:#}");
+        assert!(
+            hello_rx.await.unwrap(),
+            "the client was in its TLS handshake"
+        );
     }
 }

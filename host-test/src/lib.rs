@@ -28,5 +28,15 @@ pub mod tenants;
 pub mod wasi_http;
 
 pub use call::{Call, Export, Reply};
+
+/// A spawned task that is aborted when this is dropped: a task whose owner went away (an
+/// ended server, a request that timed out) must not run on without it.
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 pub use host::{Host, HostConfig};
 pub use tenants::TenantPolicy;

@@ -20,6 +20,7 @@
 //!
 //! The API answers `{"ok": ...}` / `{"err": ...}` exactly as `invoke` prints them.
 
+use crate::AbortOnDrop;
 use crate::bindings::types::{
     ApprovalRequest, Error as PluginError, HttpRequest, ImApp, Notification,
 };
@@ -88,14 +89,6 @@ pub const MAX_CALLS: usize = MAX_CONNECTIONS;
 /// [`READ_TIMEOUT`] this bounds what slow or idle clients can hold (each at most
 /// [`MAX_BODY`] plus hyper's read buffer).
 pub const MAX_CONNECTIONS: usize = 1024;
-
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 type Response = http::Response<Full<Bytes>>;
 
@@ -273,7 +266,7 @@ pub async fn serve_with_persistent(
         stopping: stopping.clone(),
         health: Arc::new(std::sync::Mutex::new(Health::Unknown)),
     });
-    let deliveries: Vec<AbortOnDrop> = state
+    let deliveries: Vec<AbortOnDrop<()>> = state
         .delivery
         .iter()
         .map(|(tenant, (url, wake))| {

@@ -509,13 +509,7 @@ async fn exchange_json(url: &str, body: &Value) -> Result<(u16, Value)> {
     // `io` drives the connection: without it only a body that arrived together with the
     // headers is ever read (not a chunked one, nor one in a later TCP or TLS record). Aborted
     // on drop, so a timed-out exchange leaves no task behind.
-    struct Abort(tokio::task::JoinHandle<Result<(), wasmtime_wasi_http::Error>>);
-    impl Drop for Abort {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let _io = Abort(tokio::spawn(io));
+    let _io = crate::AbortOnDrop(tokio::spawn(io));
     let status = response.status().as_u16();
     let bytes = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
         .await

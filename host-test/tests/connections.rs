@@ -6,7 +6,7 @@ mod common;
 use common::{Behaviour, GATE, plugin, until};
 use imbridge_host::bindings::types::{ImApp, Platform};
 use imbridge_host::config::PersistentApp;
-use imbridge_host::persistent::{self, Connections, Dispatcher, Options};
+use imbridge_host::persistent::{self, Connections, Dispatcher, Options, dingtalk};
 use imbridge_host::sim::dingtalk_stream::DingtalkStreamSim;
 use imbridge_host::sim::feishu_ws::{FeishuWsConfig, FeishuWsSim};
 use imbridge_host::store::MemoryStore;
@@ -123,6 +123,89 @@ async fn dingtalk_pings_are_answered_while_an_event_is_handled() {
     .await;
     let stats = sim.stats("dingslow");
     assert_eq!((stats.deliveries, stats.connects), (1, 1), "{stats:?}");
+}
+
+/// DingTalk's `disconnect` lets the events in flight finish and be acknowledged on the old
+/// connection before the host reconnects; before, the session ended at once, the acks were
+/// lost, and DingTalk sent those events again (a minute later for real).
+#[tokio::test(flavor = "multi_thread")]
+async fn dingtalk_disconnect_acknowledges_the_events_in_flight_first() {
+    let sim = DingtalkStreamSim::start(&[("dingbye", "s3cr3t")])
+        .await
+        .unwrap();
+    let (_conns, _dir, host) = connect(
+        Platform::Dingtalk,
+        "dingbye",
+        sim.base_url(),
+        Duration::from_secs(30),
+    )
+    .await;
+    until("connected", WAIT, || sim.live("dingbye") == 1).await;
+    let event = json!({"EventType": "bpms_task_change", "processInstanceId": "p1"});
+    sim.push_event("dingbye", &event);
+    until("the event delivered", WAIT, || {
+        sim.stats("dingbye").deliveries == 1
+    })
+    .await;
+
+    assert!(sim.send_disconnect("dingbye"));
+    // Still reading while it drains: the ping after `disconnect` is answered.
+    sim.ping("dingbye").expect("connected");
+    until("the ping answered", WAIT, || {
+        sim.stats("dingbye").pings == 1
+    })
+    .await;
+    let stats = sim.stats("dingbye");
+    assert_eq!((stats.connects, stats.deliveries), (1, 1), "{stats:?}");
+
+    host.kv_set("t1", GATE, b"open").unwrap();
+    until("acked, then reconnected", WAIT, || {
+        let stats = sim.stats("dingbye");
+        stats.acks.len() == 1 && stats.connects == 2 && sim.live("dingbye") == 1
+    })
+    .await;
+    let stats = sim.stats("dingbye");
+    assert_eq!(stats.deliveries, 1, "answered where it was sent: {stats:?}");
+    assert!(stats.redelivered.is_empty(), "{stats:?}");
+    assert_eq!(sim.pending("dingbye"), 0);
+}
+
+/// An event still running when the drain's deadline passes is left to DingTalk's redelivery:
+/// the connection does not wait on it for longer than [`dingtalk::DRAIN`].
+#[tokio::test(flavor = "multi_thread")]
+async fn dingtalk_disconnect_waits_no_longer_than_the_drain() {
+    let sim = DingtalkStreamSim::start(&[("dingslow2", "s3cr3t")])
+        .await
+        .unwrap();
+    let (_conns, _dir, _host) = connect(
+        Platform::Dingtalk,
+        "dingslow2",
+        sim.base_url(),
+        Duration::from_secs(30),
+    )
+    .await;
+    until("connected", WAIT, || sim.live("dingslow2") == 1).await;
+    let event = json!({"EventType": "bpms_task_change", "processInstanceId": "p2"});
+    sim.push_event("dingslow2", &event);
+    until("the event delivered", WAIT, || {
+        sim.stats("dingslow2").deliveries == 1
+    })
+    .await;
+    let asked = Instant::now();
+    assert!(sim.send_disconnect("dingslow2"));
+    until("reconnected", dingtalk::DRAIN + WAIT, || {
+        sim.stats("dingslow2").connects == 2
+    })
+    .await;
+    assert!(asked.elapsed() >= dingtalk::DRAIN, "{:?}", asked.elapsed());
+    // Not acknowledged, so DingTalk sends it again on the new connection (the simulator also
+    // pushes overdue events again on the old one, which a draining connection leaves alone).
+    let before = sim.stats("dingslow2").redelivered.len();
+    until("redelivered", WAIT, || {
+        sim.stats("dingslow2").redelivered.len() > before
+    })
+    .await;
+    assert!(sim.stats("dingslow2").acks.is_empty());
 }
 
 /// The long connection keeps pinging Feishu while an event is handled.

@@ -17,6 +17,10 @@ use tokio_tungstenite::tungstenite::Message;
 const DEFAULT_BASE: &str = "https://api.dingtalk.com";
 /// An event's acknowledgement data.
 const SUCCESS: &str = r#"{"status":"SUCCESS"}"#;
+/// How long a connection told to `disconnect` stays to finish and acknowledge the events it is
+/// handling. DingTalk closes it itself some seconds later; an event cut off there is
+/// redelivered (and dropped as a duplicate if it was applied), only a minute late.
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The acknowledgement frame for `message_id` carrying `data`.
 pub fn ack(message_id: &str, data: &str) -> Value {
@@ -84,9 +88,23 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
     let mut last_seen = tokio::time::Instant::now();
     let mut pings = keepalive(session.keepalive);
     let dead_after = session.keepalive * 4;
+    // Set by `disconnect`: no new events, and the session ends once those in flight are
+    // acknowledged or the deadline passes. Ending at once dropped their acks, so each
+    // rotation delayed every event in flight by DingTalk's redelivery, a minute.
+    let mut draining: Option<tokio::time::Instant> = None;
     loop {
+        if draining.is_some() && in_flight.is_empty() {
+            return asked_to_reconnect("server asked to reconnect");
+        }
         let msg = tokio::select! {
             _ = tokio::time::sleep_until(last_seen + dead_after) => return silent_for(dead_after),
+            _ = tokio::time::sleep_until(draining.unwrap_or(last_seen)), if draining.is_some() => {
+                return asked_to_reconnect(format!(
+                    "server asked to reconnect; {} events still in flight after {} s are left for redelivery",
+                    in_flight.len(),
+                    DRAIN.as_secs()
+                ));
+            }
             _ = pings.tick() => {
                 if let Err(e) = tx.send(Message::Ping(Default::default())).await {
                     return end(format!("sending a WebSocket ping failed: {e}"));
@@ -107,7 +125,12 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
         };
         let msg = match received(msg, &mut last_seen) {
             Ok(m) => m,
-            Err(ended) => return ended,
+            Err(ended) => {
+                return SessionEnd {
+                    asked_to_reconnect: draining.is_some(),
+                    ..ended
+                };
+            }
         };
         let text = match msg {
             Message::Text(t) => t,
@@ -127,10 +150,14 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
                 Some(ack(&message_id, frame["data"].as_str().unwrap_or("")))
             }
             (Some("SYSTEM"), Some("disconnect")) => {
-                return SessionEnd {
-                    asked_to_reconnect: true,
-                    reason: "server asked to reconnect".into(),
-                };
+                draining.get_or_insert_with(|| tokio::time::Instant::now() + DRAIN);
+                None
+            }
+            (Some("EVENT"), _) if draining.is_some() => {
+                log!(
+                    "DingTalk Stream: event {message_id} left for redelivery: the connection is closing"
+                );
+                None
             }
             (Some("EVENT"), _) => match event_json(headers, &frame["data"]) {
                 None => {
@@ -168,6 +195,13 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
         {
             return end(format!("sending ack failed: {e}"));
         }
+    }
+}
+
+fn asked_to_reconnect(reason: impl Into<String>) -> SessionEnd {
+    SessionEnd {
+        asked_to_reconnect: true,
+        reason: reason.into(),
     }
 }
 

@@ -311,22 +311,32 @@ async fn keep_lease(lease: &Lease, asked: Instant) -> String {
     let every = lease.ttl() / 3;
     // Counted from before each request, so the store's expiry is never earlier than this.
     let mut held_until = asked + lease.ttl();
+    // Also counted from the request, not its answer: a grant that took most of the TTL
+    // (a slow store) used to be followed by a full `every` of sleep, and the connection
+    // outlived the lease while another host took it and connected.
+    let mut renew_at = asked + every;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep_until(renew_at.into()).await;
         let asked = Instant::now();
         // A renewal that has not answered by the time the lease lapses (a store behind a
         // dead link: several timeouts in a row) must not keep the connection past it, when
         // another host may already hold the lease and be connected.
-        let lapses =
-            tokio::time::Instant::from_std(held_until.checked_sub(every / 2).unwrap_or(held_until));
+        let lapses = held_until.checked_sub(every / 2).unwrap_or(held_until);
+        if asked >= lapses {
+            return "lease about to expire before its renewal was due (the store answers slowly)"
+                .into();
+        }
         let renewed = tokio::select! {
             renewed = acquire(lease) => renewed,
-            () = tokio::time::sleep_until(lapses) => {
+            () = tokio::time::sleep_until(lapses.into()) => {
                 return "lease about to expire, its renewal unanswered".into();
             }
         };
         match renewed {
-            Ok(true) => held_until = asked + lease.ttl(),
+            Ok(true) => {
+                held_until = asked + lease.ttl();
+                renew_at = asked + every;
+            }
             Ok(false) => return "lease taken over by another host".into(),
             // A store hiccup is not a reason to drop a healthy connection yet: the lease stays
             // ours until it expires, and the next renewal may succeed. Once it would lapse
@@ -337,6 +347,7 @@ async fn keep_lease(lease: &Lease, asked: Instant) -> String {
                 if Instant::now() + every >= held_until {
                     return format!("lease about to expire, renewals failing: {e:#}");
                 }
+                renew_at = Instant::now() + every;
             }
         }
     }
@@ -530,6 +541,8 @@ mod tests {
     struct CutOff {
         hang: Option<Duration>,
         granted: std::sync::atomic::AtomicBool,
+        /// How long the first grant takes.
+        slow_grant: Duration,
     }
 
     impl LeaseStore for CutOff {
@@ -539,6 +552,8 @@ mod tests {
                     None => anyhow::bail!("store unreachable"),
                     Some(hang) => std::thread::sleep(hang),
                 }
+            } else {
+                std::thread::sleep(self.slow_grant);
             }
             Ok(true)
         }
@@ -552,10 +567,11 @@ mod tests {
 
     /// How `keep_lease` ends for a lease of `ttl` on a [`CutOff`] store, checking that it
     /// ends before the lease lapses.
-    async fn lease_kept(ttl: Duration, hang: Option<Duration>) -> String {
+    async fn lease_kept(ttl: Duration, hang: Option<Duration>, slow_grant: Duration) -> String {
         let store = CutOff {
             hang,
             granted: Default::default(),
+            slow_grant,
         };
         let lease = Lease::new(Arc::new(store), "t/a", "me", ttl);
         let asked = Instant::now();
@@ -571,7 +587,7 @@ mod tests {
     /// another host; it used to keep it for ever.
     #[tokio::test]
     async fn a_lease_that_cannot_be_renewed_ends_the_connection_before_it_lapses() {
-        let reason = lease_kept(Duration::from_secs(3), None).await;
+        let reason = lease_kept(Duration::from_secs(3), None, Duration::ZERO).await;
         assert!(reason.contains("about to expire"), "{reason}");
     }
 
@@ -580,7 +596,21 @@ mod tests {
     /// the one another host opened meanwhile.
     #[tokio::test]
     async fn a_renewal_that_hangs_ends_the_connection_before_the_lease_lapses() {
-        let reason = lease_kept(Duration::from_secs(3), Some(Duration::from_secs(5))).await;
+        let reason = lease_kept(
+            Duration::from_secs(3),
+            Some(Duration::from_secs(5)),
+            Duration::ZERO,
+        )
+        .await;
+        assert!(reason.contains("about to expire"), "{reason}");
+    }
+
+    /// A grant that took most of the TTL is renewed at once, or given up before it lapses;
+    /// before, a full third of the TTL was slept first, past the lease's end.
+    #[tokio::test]
+    async fn a_slow_grant_is_not_kept_past_its_lease() {
+        let ttl = Duration::from_secs(3);
+        let reason = lease_kept(ttl, None, Duration::from_millis(2_500)).await;
         assert!(reason.contains("about to expire"), "{reason}");
     }
 

@@ -106,6 +106,56 @@ struct Inner {
 }
 
 impl Inner {
+    /// A store for one call of `tenant`'s plugin, stopped at `deadline`.
+    fn new_store(
+        &self,
+        tenant: &Arc<str>,
+        allow: AllowList,
+        deadline: Instant,
+    ) -> wasmtime::Store<CallState> {
+        let timeout = self.call_timeout;
+        let state = CallState::new(
+            KvCtx::new(self.store.clone(), tenant.clone()),
+            HttpPolicy::new(tenant.clone(), allow, deadline, timeout / 10),
+            self.clock
+                .map(|c| Box::new(c) as Box<dyn wasmtime_wasi::HostWallClock + Send>),
+            self.memory_limit,
+        );
+        let mut store = wasmtime::Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        // Every tick a running guest yields to the executor (so one busy plugin cannot starve
+        // the others) and is stopped once past its deadline.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Err(DeadlineExceeded.into())
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store
+    }
+
+    /// Instantiates `pre` once, with no network and nothing committed: a component whose
+    /// start function or data segments trap fits the world's types, and would otherwise
+    /// replace a working version and then fail every call.
+    async fn try_instantiate(&self, tenant: &str, pre: &PluginPre) -> Result<()> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .context("host is shutting down")?;
+        let deadline = Instant::now() + self.call_timeout;
+        let mut store = self.new_store(&tenant.into(), AllowList::new(&[])?, deadline);
+        match tokio::time::timeout(self.call_timeout, pre.instantiate(&mut store)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(anyhow!("the component fails when instantiated: {e:#}")),
+            Err(_) => Err(anyhow!(
+                "the component's instantiation did not end within the call deadline"
+            )),
+        }
+    }
+
     /// Drops the compiled versions no tenant runs any more (calls still running on one keep
     /// it alive until they end).
     fn forget_unused_components(&self) {
@@ -187,8 +237,15 @@ impl Host {
             Ok((component, pre, digest))
         })
         .await
-        .context("compile task failed")??;
+        .context("compile task failed")
+        .and_then(|compiled| compiled)
+        // A component compiled and then refused stays in memory until the next load else.
+        .inspect_err(|_| self.inner.forget_unused_components())?;
         let short = &digest[..12];
+        if let Err(e) = self.inner.try_instantiate(tenant, &pre).await {
+            self.inner.forget_unused_components();
+            return Err(e.context(format!("tenant {tenant}: plugin {short} was not installed")));
+        }
         let replaced = self.inner.tenants.insert(Tenant {
             id: tenant.into(),
             pre,
@@ -348,27 +405,7 @@ impl Host {
             .context("host is shutting down")?;
 
         let timeout = inner.call_timeout;
-        let deadline = Instant::now() + timeout;
-        let state = CallState::new(
-            KvCtx::new(inner.store.clone(), tenant.id.clone()),
-            HttpPolicy::new(tenant.id.clone(), allow, deadline, timeout / 10),
-            inner
-                .clock
-                .map(|c| Box::new(c) as Box<dyn wasmtime_wasi::HostWallClock + Send>),
-            inner.memory_limit,
-        );
-        let mut store = wasmtime::Store::new(&inner.engine, state);
-        store.limiter(|s| &mut s.limits);
-        // Every tick a running guest yields to the executor (so one busy plugin cannot starve
-        // the others) and is stopped once past its deadline.
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline {
-                Err(DeadlineExceeded.into())
-            } else {
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
+        let mut store = inner.new_store(&tenant.id, allow, Instant::now() + timeout);
 
         let pre = tenant.pre.clone();
         let run = async move {

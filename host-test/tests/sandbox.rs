@@ -4,7 +4,8 @@
 mod common;
 
 use common::{
-    Behaviour, component_of_modules, plugin, plugin_of_world, poll_once, standard, wit_dir,
+    Behaviour, component_of_modules, plugin, plugin_of_world, plugin_trapping_when_instantiated,
+    poll_once, standard, wit_dir,
 };
 use imbridge_host::{Host, HostConfig, TenantPolicy};
 use serde_json::{Value, json};
@@ -423,8 +424,49 @@ async fn an_export_of_the_wrong_type_is_refused_at_load() {
         "{msg}"
     );
     assert!(msg.contains("`handle-callback`"), "{msg}");
+    // Compiled, refused, and not kept in memory.
+    assert_eq!(host.compiled_components(), 1);
 
     assert_callback_gives_the_plugins_error(&host).await;
+}
+
+/// A plugin that fits the world but traps when instantiated is refused at load, naming the
+/// trap; before, it replaced the working version and every call of the tenant failed.
+#[tokio::test]
+async fn a_plugin_that_traps_when_instantiated_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host(dir.path(), Duration::from_secs(5)).await;
+    host.load_tenant_bytes("t", plugin(standard, "1"), TenantPolicy::default())
+        .await
+        .unwrap();
+    let err = host
+        .load_tenant_bytes(
+            "t",
+            plugin_trapping_when_instantiated(),
+            TenantPolicy::default(),
+        )
+        .await
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("fails when instantiated"), "{msg}");
+    assert!(msg.contains("out of bounds"), "{msg}");
+    assert_eq!(host.compiled_components(), 1);
+    assert_callback_gives_the_plugins_error(&host).await;
+    // A first load is refused the same way: no tenant is left without a working plugin.
+    let err = host
+        .load_tenant_bytes(
+            "u",
+            plugin_trapping_when_instantiated(),
+            TenantPolicy::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("fails when instantiated"));
+    assert!(
+        host.invoke_json("u", "get-approval", json!({}))
+            .await
+            .is_err()
+    );
 }
 
 /// `handle-callback` on tenant `t`, whose plugin answers it with `err(invalid-input("x"))`.

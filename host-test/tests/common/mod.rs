@@ -402,6 +402,21 @@ pub fn plugin_of_world(
     behaviour: impl Fn(&str) -> Behaviour,
     version: &str,
 ) -> Vec<u8> {
+    build(wit, behaviour, version, false)
+}
+
+/// The synthetic plugin with a data segment past its memory's end: it fits the world, and
+/// every instantiation traps before any export can run.
+pub fn plugin_trapping_when_instantiated() -> Vec<u8> {
+    build(&wit_dir(), |_| Behaviour::Err, "traps", true)
+}
+
+fn build(
+    wit: &Path,
+    behaviour: impl Fn(&str) -> Behaviour,
+    version: &str,
+    out_of_bounds: bool,
+) -> Vec<u8> {
     let mut resolve = Resolve::default();
     let (pkg, _) = resolve.push_dir(wit).unwrap();
     let world = resolve.select_world(&[pkg], Some("plugin")).unwrap();
@@ -586,6 +601,9 @@ pub fn plugin_of_world(
     data.active(0, &ConstExpr::i32_const(APPROVAL), approval);
     data.active(0, &ConstExpr::i32_const(700), b"i1".to_vec());
     data.active(0, &ConstExpr::i32_const(710), b"k".to_vec());
+    if out_of_bounds {
+        data.active(0, &ConstExpr::i32_const(4 << 16), b"past the end".to_vec());
+    }
 
     let mut module = Module::new();
     module.section(&types);

@@ -90,6 +90,8 @@ impl World {
             lease_ttl: None,
             component: None,
             call_timeout: None,
+            max_concurrent_calls: None,
+            max_calls_per_tenant: None,
             api_token: None,
             tenants: vec![TenantConfig {
                 id: "t1".into(),

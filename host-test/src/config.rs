@@ -59,6 +59,10 @@ struct RawConfig {
     #[serde(default)]
     call_timeout_secs: Option<u64>,
     #[serde(default)]
+    max_concurrent_calls: Option<u32>,
+    #[serde(default)]
+    max_calls_per_tenant: Option<u32>,
+    #[serde(default)]
     api_token: Option<String>,
     #[serde(default)]
     tenants: Vec<RawTenant>,
@@ -124,6 +128,9 @@ pub struct ServeConfig {
     /// The plugin every tenant runs; `None` means the CLI default.
     pub component: Option<PathBuf>,
     pub call_timeout: Option<Duration>,
+    /// Plugin calls running at once, and of one tenant (defaults in [`crate::host`]).
+    pub max_concurrent_calls: Option<u32>,
+    pub max_calls_per_tenant: Option<u32>,
     /// When set, the engine API requires `Authorization: Bearer <api_token>`; it opens every
     /// tenant's routes (the operator's token).
     pub api_token: Option<String>,
@@ -432,11 +439,29 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
             ),
             None => None,
         },
+        max_concurrent_calls: match raw.max_concurrent_calls {
+            Some(n @ 1..=MAX_CONCURRENT_CALLS) => Some(n),
+            Some(_) => bail!("`max_concurrent_calls` must be between 1 and {MAX_CONCURRENT_CALLS}"),
+            None => None,
+        },
+        max_calls_per_tenant: raw.max_calls_per_tenant,
         api_token: check_token(raw.api_token, "api_token")?,
         tenants,
     };
+    let slots = serve
+        .max_concurrent_calls
+        .unwrap_or(crate::host::DEFAULT_MAX_CONCURRENT_CALLS);
+    if let Some(n) = serve.max_calls_per_tenant
+        && !(1..=slots).contains(&n)
+    {
+        bail!("`max_calls_per_tenant` must be between 1 and `max_concurrent_calls` ({slots})");
+    }
     Ok(Config { serve, persistent })
 }
+
+/// Each slot reserves an instance's share of the pooling allocator (memories, tables), so
+/// the pool's address-space reservation grows with it.
+const MAX_CONCURRENT_CALLS: u32 = 256;
 
 #[cfg(test)]
 mod tests {
@@ -516,12 +541,29 @@ mod tests {
             parse("lease_ttl_secs", 5).unwrap().lease_ttl,
             Some(Duration::from_secs(5))
         );
+        assert_eq!(
+            parse("max_calls_per_tenant", 32)
+                .unwrap()
+                .max_calls_per_tenant,
+            Some(32)
+        );
+        let both = r#"{"public_url": "http://x", "state_dir": "s", "max_concurrent_calls": 64,
+                       "max_calls_per_tenant": 48}"#;
+        let both = ServeConfig::parse(both, Path::new(".")).unwrap();
+        assert_eq!(
+            (both.max_concurrent_calls, both.max_calls_per_tenant),
+            (Some(64), Some(48))
+        );
         for (field, n) in [
             ("call_timeout_secs", 0),
             ("call_timeout_secs", 3601),
             ("call_timeout_secs", u64::MAX),
             ("lease_ttl_secs", 0),
             ("lease_ttl_secs", u64::MAX),
+            ("max_concurrent_calls", 0),
+            ("max_concurrent_calls", 257),
+            ("max_calls_per_tenant", 0),
+            ("max_calls_per_tenant", 33),
         ] {
             let err = format!("{:#}", parse(field, n).err().expect("refused"));
             assert!(err.contains(field), "{err}");

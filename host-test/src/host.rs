@@ -54,6 +54,10 @@ pub struct HostConfig {
     /// callbacks); the real time when `None`.
     pub now_unix_secs: Option<u64>,
     pub max_concurrent_calls: u32,
+    /// Calls of one tenant running at once, so a tenant whose calls all wait (on a platform
+    /// that stopped answering, say) leaves slots to the others; `None`: three quarters of
+    /// `max_concurrent_calls` (at least 1).
+    pub max_calls_per_tenant: Option<u32>,
 }
 
 impl HostConfig {
@@ -66,6 +70,7 @@ impl HostConfig {
             memory_limit_bytes: DEFAULT_MEMORY_LIMIT,
             now_unix_secs: None,
             max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
+            max_calls_per_tenant: None,
         }
     }
 }
@@ -81,6 +86,28 @@ impl fmt::Display for DeadlineExceeded {
 }
 
 impl std::error::Error for DeadlineExceeded {}
+
+/// The default of [`HostConfig::max_calls_per_tenant`].
+pub fn default_calls_per_tenant(max_concurrent_calls: u32) -> u32 {
+    (max_concurrent_calls - max_concurrent_calls / 4).max(1)
+}
+
+/// Waits for a permit of `slots`, for at most `limit`: the deadline starts once a call has
+/// its slot, so without a bound a call queued behind slow ones waited without end.
+async fn permit_within<'a>(
+    slots: &'a Semaphore,
+    limit: Duration,
+    what: &str,
+) -> Result<tokio::sync::SemaphorePermit<'a>> {
+    match tokio::time::timeout(limit, slots.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_)) => Err(anyhow!("host is shutting down")),
+        Err(_) => Err(anyhow!(
+            "busy: no free {what} within {:.1}s",
+            limit.as_secs_f64()
+        )),
+    }
+}
 
 /// The reference host. Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -101,6 +128,10 @@ struct Inner {
     call_timeout: Duration,
     memory_limit: usize,
     slots: Semaphore,
+    /// Each tenant's share of `slots` ([`HostConfig::max_calls_per_tenant`]), kept across
+    /// its versions and unloads so a swap does not hand it a fresh share.
+    tenant_slots: std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<Semaphore>>>,
+    per_tenant: u32,
     /// Loads asked for so far (each tenant's newest wins).
     loads: AtomicU64,
 }
@@ -140,11 +171,7 @@ impl Inner {
     /// start function or data segments trap fits the world's types, and would otherwise
     /// replace a working version and then fail every call.
     async fn try_instantiate(&self, tenant: &str, pre: &PluginPre) -> Result<()> {
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .context("host is shutting down")?;
+        let _slot = permit_within(&self.slots, self.call_timeout, "call slot").await?;
         let deadline = Instant::now() + self.call_timeout;
         let mut store = self.new_store(&tenant.into(), AllowList::new(&[])?, deadline);
         match tokio::time::timeout(self.call_timeout, pre.instantiate(&mut store)).await {
@@ -154,6 +181,15 @@ impl Inner {
                 "the component's instantiation did not end within the call deadline"
             )),
         }
+    }
+
+    /// `tenant`'s share of the call slots.
+    fn tenant_slots(&self, tenant: &Arc<str>) -> Arc<Semaphore> {
+        let mut shares = self.tenant_slots.lock().unwrap_or_else(|e| e.into_inner());
+        shares
+            .entry(tenant.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant as usize)))
+            .clone()
     }
 
     /// Drops the compiled versions no tenant runs any more (calls still running on one keep
@@ -180,6 +216,14 @@ impl Host {
             "call_timeout must be between 1 ns and {} s",
             MAX_CALL_TIMEOUT.as_secs()
         );
+        let per_tenant = cfg
+            .max_calls_per_tenant
+            .unwrap_or_else(|| default_calls_per_tenant(cfg.max_concurrent_calls));
+        anyhow::ensure!(
+            (1..=cfg.max_concurrent_calls).contains(&per_tenant),
+            "max_calls_per_tenant must be between 1 and max_concurrent_calls ({})",
+            cfg.max_concurrent_calls
+        );
         let engine = engine::new_engine(cfg.memory_limit_bytes, cfg.max_concurrent_calls)?;
         engine::start_epoch_ticker(&engine)?;
         let linker = sandbox::linker(&engine)?;
@@ -200,6 +244,8 @@ impl Host {
                 call_timeout: cfg.call_timeout,
                 memory_limit: cfg.memory_limit_bytes,
                 slots: Semaphore::new(cfg.max_concurrent_calls as usize),
+                tenant_slots: Default::default(),
+                per_tenant,
                 loads: AtomicU64::new(0),
             }),
         })
@@ -357,6 +403,10 @@ impl Host {
             .get(tenant)
             .ok_or_else(|| anyhow!("unknown tenant `{tenant}`"))?;
         let started = Instant::now();
+        let share = self.inner.tenant_slots(&plugin.id);
+        let _share = permit_within(&share, self.inner.call_timeout, "call slot of this tenant")
+            .await
+            .with_context(|| format!("tenant={tenant} call={export}"))?;
         let mut runs = 0;
         let result = loop {
             runs += 1;
@@ -398,11 +448,7 @@ impl Host {
                 .context("`app.api_base` must be a URL such as https://open.feishu.cn")?,
             None => tenant.allow.clone(),
         };
-        let _slot = inner
-            .slots
-            .acquire()
-            .await
-            .context("host is shutting down")?;
+        let _slot = permit_within(&inner.slots, inner.call_timeout, "call slot").await?;
 
         let timeout = inner.call_timeout;
         let mut store = inner.new_store(&tenant.id, allow, Instant::now() + timeout);
@@ -702,6 +748,21 @@ fn describe_failure(export: Export, timeout: Duration, e: wasmtime::Error) -> an
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_call_waits_for_a_slot_no_longer_than_its_limit() {
+        let slots = Semaphore::new(1);
+        let _taken = slots.acquire().await.unwrap();
+        let err = permit_within(&slots, Duration::from_millis(50), "call slot")
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "busy: no free call slot within 0.1s");
+        slots.close();
+        let err = permit_within(&slots, Duration::from_millis(50), "call slot")
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "host is shutting down");
+    }
     use crate::store::{Intercept, MemoryStore, digest};
     use std::sync::Mutex;
 

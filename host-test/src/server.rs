@@ -196,6 +196,10 @@ async fn load_host(config: &ServeConfig) -> Result<Host> {
     if let Some(t) = config.call_timeout {
         host_cfg.call_timeout = t;
     }
+    if let Some(n) = config.max_concurrent_calls {
+        host_cfg.max_concurrent_calls = n;
+    }
+    host_cfg.max_calls_per_tenant = config.max_calls_per_tenant;
     let host = Host::new(host_cfg)?;
     let wasm = tokio::fs::read(&component)
         .await

@@ -469,6 +469,71 @@ async fn a_plugin_that_traps_when_instantiated_is_refused_at_load() {
     );
 }
 
+/// A tenant whose calls all wait (here at a gate; for real, on a platform that stopped
+/// answering) takes at most its share of the call slots: another tenant's call runs at once.
+/// Before, the first tenant's calls took every slot and the other's waited behind them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_whose_calls_hang_leaves_slots_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = HostConfig::new(dir.path());
+    cfg.call_timeout = Duration::from_secs(60);
+    cfg.max_concurrent_calls = 4;
+    let host = Host::new(cfg).unwrap();
+    let held = |_: &str| Behaviour::Counted(&Behaviour::Gated(&Behaviour::Err));
+    host.load_tenant_bytes("slow", plugin(held, "1"), TenantPolicy::default())
+        .await
+        .unwrap();
+    host.load_tenant_bytes("fine", plugin(standard, "1"), TenantPolicy::default())
+        .await
+        .unwrap();
+    let ran = || {
+        host.kv_get("slow", "handle-callback")
+            .unwrap()
+            .map_or(0, |v| String::from_utf8(v).unwrap().parse::<u32>().unwrap())
+    };
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let host = host.clone();
+            tokio::spawn(async move {
+                host.invoke_json(
+                    "slow",
+                    "handle-callback",
+                    json!({"app": app(), "request": {"body": "{}"}}),
+                )
+                .await
+            })
+        })
+        .collect();
+    // Three quarters of the four slots: three run, the fourth waits for one of them.
+    common::until("three calls running", Duration::from_secs(20), || {
+        ran() >= 3
+    })
+    .await;
+    let other = tokio::time::timeout(
+        Duration::from_secs(20),
+        host.invoke_json(
+            "fine",
+            "handle-callback",
+            json!({"app": app(), "request": {"body": "{}"}}),
+        ),
+    )
+    .await
+    .expect("the other tenant's call waited behind the hung ones")
+    .unwrap();
+    assert_eq!(other["err"]["kind"], "invalid-input");
+    assert_eq!(
+        ran(),
+        3,
+        "the fourth call still waits for its tenant's share"
+    );
+    host.kv_set("slow", common::GATE, b"open").unwrap();
+    for call in calls {
+        let out = call.await.unwrap().unwrap();
+        assert_eq!(out["err"]["kind"], "invalid-input");
+    }
+    assert_eq!(ran(), 4);
+}
+
 /// `handle-callback` on tenant `t`, whose plugin answers it with `err(invalid-input("x"))`.
 async fn assert_callback_gives_the_plugins_error(host: &Host) {
     let out = host

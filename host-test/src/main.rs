@@ -159,9 +159,17 @@ async fn run(command: Command) -> Result<()> {
                 r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
                 _ = term.recv() => {}
             }
-            imbridge_host::log!("stopping: finishing the calls in flight");
-            handle.shutdown().await;
-            Ok(())
+            imbridge_host::log!(
+                "stopping: finishing the calls in flight (a second Ctrl-C or SIGTERM stops at once)"
+            );
+            // The signal handlers stay installed for the process's life, so without this a
+            // second signal did nothing and a drain waiting on a slow platform (up to the call
+            // timeout) could only be ended with SIGKILL.
+            tokio::select! {
+                () = handle.shutdown() => Ok(()),
+                _ = tokio::signal::ctrl_c() => stop_now(),
+                _ = term.recv() => stop_now(),
+            }
         }
         Command::Urls { config } => {
             let Config {
@@ -243,6 +251,14 @@ fn workspace_path(relative: &str) -> PathBuf {
         .find(|dir| dir.join(COMPONENT).is_file())
         .unwrap_or(&cwd);
     root.join(relative)
+}
+
+/// Ends the process without waiting for the calls in flight: what they committed stays, the
+/// platforms send their unanswered callbacks again, and a start cut off after its create
+/// holds its key (README, "start-approval").
+fn stop_now() -> Result<()> {
+    imbridge_host::log!("second signal: stopping now, without the calls still in flight");
+    std::process::exit(130)
 }
 
 fn component_hint(component: &Path) -> String {

@@ -103,6 +103,28 @@ impl Replica {
         }
     }
 
+    /// Sends the process a signal (`"TERM"`, `"INT"`), as a supervisor or Ctrl-C would.
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill -{name} {}", self.pid);
+    }
+
+    /// How the process ended, if it did within `within`.
+    pub async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     pub fn callback_url(&self, tenant: &str, app: &str) -> String {
         format!("{}/callback/{tenant}/{app}", self.base)
     }

@@ -468,6 +468,9 @@ async fn open_ws(url: &str) -> std::result::Result<WebSocket, String> {
     }
 }
 
+/// The largest endpoint answer read (Feishu's and DingTalk's are a few hundred bytes).
+const MAX_ENDPOINT_ANSWER: usize = 64 << 10;
+
 /// How long asking for a connection endpoint may take in all, as the Feishu Node SDK allows.
 const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -522,7 +525,10 @@ async fn exchange_json(url: &str, body: &Value) -> Result<(u16, Value)> {
     // on drop, so a timed-out exchange leaves no task behind.
     let _io = crate::AbortOnDrop(tokio::spawn(io));
     let status = response.status().as_u16();
-    let bytes = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+    // The answer is an endpoint and a ticket: a proxy that streams on (or anyone on the path
+    // of an http:// `endpoint_base`) is cut off there, not buffered for 10 s.
+    let body = http_body_util::Limited::new(response.into_body(), MAX_ENDPOINT_ANSWER);
+    let bytes = tokio::time::timeout(Duration::from_secs(10), body.collect())
         .await
         .context("endpoint answer timed out")?
         .map_err(|e| anyhow!("reading endpoint answer: {e}"))?
@@ -735,6 +741,38 @@ mod tests {
         assert_eq!(json, serde_json::json!({"code": 0}));
         let head = head_rx.await.unwrap();
         assert!(head.contains("\r\naccept: application/json\r\n"), "{head}");
+    }
+
+    /// An endpoint answer past 64 KiB is a failed attempt, read no further; before, it was
+    /// buffered whole for up to 10 s, however large.
+    #[tokio::test]
+    async fn an_endpoint_answer_is_read_up_to_64_kib() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/endpoint", listener.local_addr().unwrap());
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = sent.clone();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = sock.read(&mut buf).await.unwrap();
+            let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 104857600\r\n\r\n";
+            sock.write_all(head).await.unwrap();
+            let chunk = vec![b' '; 64 << 10];
+            // 100 MiB announced; written until the client stops reading.
+            while sock.write_all(&chunk).await.is_ok() {
+                count.fetch_add(chunk.len(), std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let e = tokio::time::timeout(
+            Duration::from_secs(20),
+            post_json(&url, &serde_json::json!({"x": 1})),
+        )
+        .await
+        .expect("ends without reading 100 MiB")
+        .expect_err("refused");
+        assert!(format!("{e:#}").contains("length limit"), "{e:#}");
+        let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(sent < 16 << 20, "{sent} bytes taken");
     }
 
     /// An https endpoint that accepts the connection and never answers its TLS handshake:

@@ -262,6 +262,19 @@ pub fn parse_query(query: &str) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// An http(s) URL as whether it is https, its authority, and its path with query (`/` when
+/// empty); `None` without an http(s) scheme or a host. Each caller says whose fault that is:
+/// an app's base is configuration, a webhook in a notification is input.
+pub fn split_url(url: &str) -> Option<(bool, &str, &str)> {
+    let (https, rest) = match url.strip_prefix("https://") {
+        Some(rest) => (true, rest),
+        None => (false, url.strip_prefix("http://")?),
+    };
+    let cut = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(cut);
+    (!authority.is_empty()).then_some((https, authority, if path.is_empty() { "/" } else { path }))
+}
+
 /// The origin (`scheme://host[:port]`) of an app's API, with the platform default when unset.
 pub fn api_base(configured: Option<&str>, default: &str) -> Result<String> {
     let base = configured.unwrap_or(default).trim().trim_end_matches('/');
@@ -276,6 +289,23 @@ pub fn api_base(configured: Option<&str>, default: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_split_into_scheme_authority_and_path() {
+        assert_eq!(split_url("https://h:8/a?b"), Some((true, "h:8", "/a?b")));
+        assert_eq!(split_url("http://h?x=1"), Some((false, "h", "?x=1")));
+        assert_eq!(split_url("http://h"), Some((false, "h", "/")));
+        for bad in [
+            "ftp://h/",
+            "https://",
+            "https:///a",
+            "http://?a",
+            "http://#f",
+            "h/a",
+        ] {
+            assert_eq!(split_url(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn result_codes_settle_or_hand_over() {

@@ -3,7 +3,7 @@
 
 use crate::env::Env;
 use crate::error::{Error, Result};
-use crate::model::{ImApp, Notification, Receipt, Target};
+use crate::model::{ImApp, Notification, Receipt, Target, UserRef};
 use crate::platform;
 
 const MAX_TITLE_CHARS: usize = 200;
@@ -21,6 +21,11 @@ pub fn notify(env: &(impl Env + ?Sized), app: Option<&ImApp>, n: &Notification) 
             "markdown exceeds {MAX_MARKDOWN_BYTES} bytes"
         )));
     }
+    let users = match &n.target {
+        Target::Users(users) => &users[..],
+        _ => &[],
+    };
+    users.iter().chain(&n.mentions).try_for_each(check_person)?;
     match &n.target {
         Target::Webhook(hook) => {
             check_webhook_url(&hook.url)?;
@@ -38,17 +43,30 @@ pub fn notify(env: &(impl Env + ?Sized), app: Option<&ImApp>, n: &Notification) 
     }
 }
 
+/// Ids and emails end up in separated lists (WeCom's `touser` "a|b", DingTalk's "a,b") and in
+/// mention markup (Feishu's `<at id=…>`): one holding a separator or markup, or naming
+/// everyone (`@all` is WeCom's whole company), would reach people the caller did not name.
+fn check_person(u: &UserRef) -> Result<()> {
+    let (UserRef::Id(s) | UserRef::Email(s)) = u else {
+        return Ok(());
+    };
+    let s = s.trim();
+    let odd = s.bytes().any(|b| b <= b' ' || b"|,<>\"'=&;".contains(&b));
+    if s.is_empty() || odd || s.trim_start_matches('@').eq_ignore_ascii_case("all") {
+        return Err(Error::input(
+            "a user id or email holds a space, separator or markup, or is @all",
+        ));
+    }
+    Ok(())
+}
+
 /// The webhook URL is part of the notification, not of an app's settings: one the host could
 /// not send to is `invalid-input` here, before the request is built (where a URL that does not
 /// parse is the app's `invalid-config`). The platforms' robot URLs are plain ASCII; anything
 /// else must come percent-encoded.
 fn check_webhook_url(url: &str) -> Result<()> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| Error::input("webhook url must be http(s)"))?;
-    if rest.is_empty() || rest.starts_with(['/', '?', '#']) {
-        return Err(Error::input("webhook url has no host"));
+    if crate::http::split_url(url).is_none() {
+        return Err(Error::input("webhook url must be http(s) with a host"));
     }
     if !url.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(Error::input(
@@ -108,6 +126,48 @@ mod tests {
         let env = FakeEnv::offline();
         let r = notify(&env, None, &to_hook(Platform::Wecom));
         assert!(matches!(r, Err(Error::Transport(_))), "{r:?}");
+    }
+
+    /// A user id or email that would reach people the caller did not name (everyone, by
+    /// `@all`; more people, through a list separator; a mention of everyone, through
+    /// markup) is refused before anything is sent. Before, WeCom's `touser` took "a|@all",
+    /// the whole company, and a Feishu mention "all" pinged the whole chat.
+    #[test]
+    fn a_user_that_names_more_people_is_invalid_input() {
+        let app = crate::platform::wecom::tests::app();
+        for bad in [
+            "@all",
+            "ALL",
+            "a|@all",
+            "a,b",
+            "x></at><at id=all",
+            "a b",
+            " ",
+        ] {
+            for target in [true, false] {
+                let env = FakeEnv::offline();
+                let mut n = to_hook(Platform::Feishu);
+                n.mentions = Vec::new();
+                let user = UserRef::Id(bad.into());
+                if target {
+                    n.target = Target::Users(vec![UserRef::Id("u1".into()), user]);
+                } else {
+                    n.mentions = vec![UserRef::Email(bad.into())];
+                }
+                let r = notify(&env, Some(&app), &n);
+                assert!(matches!(r, Err(Error::InvalidInput(_))), "{bad:?}: {r:?}");
+                assert!(env.sent.borrow().is_empty(), "{bad:?}");
+            }
+        }
+        // Ordinary ids and emails go out (and fail offline, as a transport error).
+        let env = FakeEnv::offline();
+        let mut n = to_hook(Platform::Feishu);
+        n.target = Target::Users(vec![UserRef::Id("zhang.san-1@corp_x".into())]);
+        n.mentions = vec![UserRef::Email("li.si+ci@example.com".into())];
+        assert!(matches!(
+            notify(&env, Some(&app), &n),
+            Err(Error::Transport(_))
+        ));
     }
 
     /// The app looks up mentioned users; another platform's app would send its secret to the

@@ -44,22 +44,6 @@ fn kv_error(e: &store::Error) -> String {
     }
 }
 
-fn split_url(url: &str) -> Result<(Scheme, &str, &str)> {
-    let (scheme, rest) = if let Some(r) = url.strip_prefix("https://") {
-        (Scheme::Https, r)
-    } else if let Some(r) = url.strip_prefix("http://") {
-        (Scheme::Http, r)
-    } else {
-        return Err(Error::config("URL must be http(s)"));
-    };
-    let cut = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(cut);
-    if authority.is_empty() {
-        return Err(Error::config("URL has no host"));
-    }
-    Ok((scheme, authority, if path.is_empty() { "/" } else { path }))
-}
-
 fn transport(e: ErrorCode, authority: &str) -> Error {
     // Codes that end a request before any of it can reach the server: no connection, no
     // address, or the host's own refusal. A create that failed this way did not happen, so
@@ -160,7 +144,9 @@ fn code_name(e: &ErrorCode) -> &'static str {
 
 impl Env for WasiEnv {
     fn send(&self, r: &Request) -> Result<Response> {
-        let (scheme, authority, path) = split_url(&r.url)?;
+        let (https, authority, path) = crate::http::split_url(&r.url)
+            .ok_or_else(|| Error::config("URL must be http(s) with a host"))?;
+        let scheme = if https { Scheme::Https } else { Scheme::Http };
         let headers = Fields::new();
         for (k, v) in &r.headers {
             headers

@@ -35,6 +35,8 @@ const TOKEN_HEADER: &str = "x-acs-dingtalk-access-token";
 const NOTICE_BATCH: usize = 100;
 /// DingTalk's caps: a work notification's `msg` in bytes, an instance's `ccList`.
 const MAX_NOTICE_MSG: usize = 2048;
+/// DingTalk refuses a longer robot message (460101, "message too long, exceed 20000 bytes").
+const MAX_ROBOT_BODY: usize = 20_000;
 const MAX_CC_LIST: usize = 50;
 /// A form value's limit (`formComponentValues[].value`), in characters as DingTalk (Java)
 /// counts them: UTF-16 units, two for an emoji.
@@ -904,6 +906,11 @@ pub fn send_webhook(
         }
     }
     let body = robot_body(n, &mobiles, &ids);
+    super::check_robot_body(
+        &body,
+        MAX_ROBOT_BODY,
+        "a DingTalk robot message is limited to 20,000 bytes as sent",
+    )?;
     let url = signed_url(url, secret, env.now_ms());
     check_legacy(call_json(env, Method::Post, &url, &[], Some(&body))?)?;
     Ok(Receipt { message_id: None })
@@ -1581,12 +1588,24 @@ pub(crate) mod tests {
             send_webhook(&env, None, "http://h/robot/send", None, &n).unwrap_err(),
             Error::platform(310000, "sign not match", false)
         );
-        let mut email = n;
+        let mut email = n.clone();
         email.mentions = vec![UserRef::Email("a@b".into())];
         assert!(matches!(
             send_webhook(&env, None, "http://h/r", None, &email),
             Err(Error::InvalidInput(_))
         ));
+
+        // Under notify's 20,000-byte markdown cap, over DingTalk's once title and link are
+        // added: refused before anything is sent, not as DingTalk's final 460101.
+        let sent = env.sent.borrow().len();
+        let mut long = n;
+        long.markdown = "x".repeat(19_990);
+        let e = send_webhook(&env, None, "http://h/r", None, &long).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("20,000 bytes")),
+            "{e:?}"
+        );
+        assert_eq!(env.sent.borrow().len(), sent, "nothing sent");
     }
 
     #[test]

@@ -588,6 +588,8 @@ pub fn cancel(
 
 const SIG: &str = "x-lark-signature";
 const TS: &str = "x-lark-request-timestamp";
+/// Base64 characters of the largest unsigned ciphertext read (a handshake's is under 300).
+const MAX_UNSIGNED_CIPHERTEXT: usize = 4096;
 const NONCE: &str = "x-lark-request-nonce";
 
 pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest) -> Result<Parsed> {
@@ -605,6 +607,12 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
         }
         (Some(enc), Some(key)) => {
             let signed = verify_signature(env, app, key, req)?;
+            // Unsigned, only the URL handshake passes, and its ciphertext is a few hundred
+            // bytes: a bigger one is refused before any AES work, which an anonymous sender
+            // could otherwise have the plugin do on a whole megabyte per request.
+            if !signed && enc.len() > MAX_UNSIGNED_CIPHERTEXT {
+                return Err(unsigned());
+            }
             // Every failure to decrypt and read looks the same (no padding oracle); without a
             // verified signature it is the signature error.
             let inner: Value = crypto::feishu::decrypt(key, enc)
@@ -635,7 +643,11 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
         inner.get("token")
     }
     .and_then(Value::as_str);
-    check_token(app, presented_token, signed)?;
+    // Encrypted and unsigned, every refusal is the same one: a distinct "token mismatch"
+    // would tell an anonymous sender that its ciphertext decrypted under the key.
+    let unsigned_under_key = key.is_some() && !signed;
+    check_token(app, presented_token, signed)
+        .map_err(|e| if unsigned_under_key { unsigned() } else { e })?;
 
     if inner.get("type").and_then(Value::as_str) == Some("url_verification") {
         let challenge = inner
@@ -647,7 +659,7 @@ pub fn parse_callback(env: &(impl Env + ?Sized), app: &ImApp, req: &HttpRequest)
             events: Vec::new(),
         });
     }
-    if key.is_some() && !signed {
+    if unsigned_under_key {
         return Err(unsigned());
     }
 
@@ -770,7 +782,7 @@ pub fn card(n: &Notification, mentions: &[String]) -> Value {
         crate::model::Level::Warning => "orange",
         crate::model::Level::Failure => "red",
     };
-    let mut md = n.markdown.clone();
+    let mut md = without_mentions(&n.markdown);
     let mut tags: Vec<String> = mentions.to_vec();
     if n.mention_all {
         tags.push("<at id=all></at>".into());
@@ -791,6 +803,27 @@ pub fn card(n: &Notification, mentions: &[String]) -> Value {
         "header": {"template": template, "title": {"tag": "plain_text", "content": n.title}},
         "elements": elements,
     })
+}
+
+/// People are mentioned through `mentions` and `mention_all` only: an `<at …>` in the
+/// markdown (a log excerpt, a commit message) would ping them, up to the whole chat with
+/// `<at id=all>`, so its `<` is escaped (card markdown reads HTML entities).
+fn without_mentions(md: &str) -> String {
+    let b = md.as_bytes();
+    let mut out = String::with_capacity(md.len());
+    let mut done = 0;
+    for i in 0..b.len() {
+        if b[i] == b'<'
+            && b.get(i + 1..i + 3)
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"at"))
+        {
+            out.push_str(&md[done..i]);
+            out.push_str("&lt;");
+            done = i + 1;
+        }
+    }
+    out.push_str(&md[done..]);
+    out
 }
 
 fn mention_tag(id: &str) -> String {
@@ -854,11 +887,11 @@ pub fn send_webhook(
 ) -> Result<Receipt> {
     let mentions = webhook_mentions(env, app, n)?;
     let body = webhook_body(n, &mentions, env.now_ms() / 1000, secret);
-    if body.to_string().len() > MAX_WEBHOOK_BODY {
-        return Err(Error::input(
-            "a Feishu robot message is limited to 20 KB (as sent: markdown, title and mentions)",
-        ));
-    }
+    super::check_robot_body(
+        &body,
+        MAX_WEBHOOK_BODY,
+        "a Feishu robot message is limited to 20 KB as sent",
+    )?;
     check(call_json(env, Method::Post, url, &[], Some(&body))?)?;
     Ok(Receipt { message_id: None })
 }
@@ -1053,6 +1086,26 @@ pub(crate) mod tests {
         );
     }
 
+    /// Markdown cannot mention anyone: `<at …>` in it is shown, not rendered; the
+    /// mentions asked for still are.
+    #[test]
+    fn markdown_mentions_no_one() {
+        let mut n = note(Target::Chat("oc_1".into()));
+        n.markdown = "log: <at id=all></at> <AT email=a@b></AT> a<b <a>".into();
+        let content = |n: &Notification| {
+            card(n, &[mention_tag("ou_1")])["elements"][0]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            content(&n),
+            "log: &lt;at id=all></at> &lt;AT email=a@b></AT> a<b <a>\n\n<at id=ou_1></at>"
+        );
+        n.mention_all = true;
+        assert!(content(&n).ends_with("<at id=ou_1></at> <at id=all></at>"));
+    }
+
     #[test]
     fn url_verification_plain_and_encrypted() {
         let env = FakeEnv::offline();
@@ -1079,6 +1132,40 @@ pub(crate) mod tests {
         req.headers.clear();
         let p = parse_callback(&env, &a, &req).unwrap();
         assert_eq!(p.response.body, br#"{"challenge":"c2"}"#);
+    }
+
+    /// Without a signature, a big ciphertext is not decrypted (it was, whatever its size),
+    /// and a wrong token is refused as a missing signature is, not as "token mismatch",
+    /// which told the sender that its ciphertext decrypted under the key.
+    #[test]
+    fn unsigned_ciphertexts_learn_nothing_and_cost_little() {
+        let env = FakeEnv::offline();
+        let padded = format!(
+            r#"{{"challenge":"c3","token":"vtoken","type":"url_verification","pad":"{}"}}"#,
+            " ".repeat(8 << 10)
+        );
+        let mut req = signed_request(&env, "ekey", &serde_json::from_str(&padded).unwrap());
+        // Signed, it is read whatever its size.
+        assert_eq!(
+            parse_callback(&env, &app(), &req).unwrap().response.body,
+            br#"{"challenge":"c3"}"#
+        );
+        req.headers.clear();
+        assert_eq!(parse_callback(&env, &app(), &req).err(), Some(unsigned()));
+
+        let refusal = |token: &str| {
+            let ev = json!({"uuid": "u1", "token": token, "type": "event_callback",
+                "event": {"type": "approval_instance", "instance_code": "I1", "status": "APPROVED"}});
+            let mut req = signed_request(&env, "ekey", &ev);
+            req.headers.clear();
+            parse_callback(&env, &app(), &req).err()
+        };
+        assert_eq!(refusal("nope"), Some(unsigned()));
+        assert_eq!(refusal("vtoken"), Some(unsigned()));
+        let handshake = json!({"challenge": "c4", "token": "nope", "type": "url_verification"});
+        let mut req = signed_request(&env, "ekey", &handshake);
+        req.headers.clear();
+        assert_eq!(parse_callback(&env, &app(), &req).err(), Some(unsigned()));
     }
 
     #[test]

@@ -64,6 +64,15 @@ pub struct Parsed {
 }
 
 /// Feishu and Lark are one API on two hosts; an app of one serves the other's robots.
+/// A robot message over its platform's limit, counted as sent, is refused before it is sent:
+/// the platform would refuse it for good, with a code of its own.
+fn check_robot_body(body: &serde_json::Value, max: usize, limit: &'static str) -> Result<()> {
+    if body.to_string().len() > max {
+        return Err(Error::input(limit));
+    }
+    Ok(())
+}
+
 pub fn family(p: Platform) -> Platform {
     match p {
         Platform::Lark => Platform::Feishu,

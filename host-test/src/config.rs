@@ -286,6 +286,11 @@ fn check_app_settings(app: &ImApp, mode: CallbackMode, path: &str) -> Result<()>
             "`{path}.max_clock_skew_secs` must be at least 1 (0 would refuse nearly every callback)"
         );
     }
+    // Past a day the window no longer limits replays (a value like 4294967295 turned it off
+    // without a word); clocks that far apart need fixing, not a wider window.
+    if app.max_clock_skew_secs.is_some_and(|s| s > 86_400) {
+        bail!("`{path}.max_clock_skew_secs` must be at most 86400 (a day)");
+    }
     let key = app
         .encrypt_key
         .as_deref()
@@ -448,6 +453,18 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
         api_token: check_token(raw.api_token, "api_token")?,
         tenants,
     };
+    // A token is what tells the engines apart: two tenants sharing one could each read and
+    // acknowledge the other's updates, and the operator's token opens every tenant already.
+    let mut tokens: HashSet<&str> = serve.api_token.as_deref().into_iter().collect();
+    for (i, t) in serve.tenants.iter().enumerate() {
+        if let Some(token) = &t.api_token
+            && !tokens.insert(token)
+        {
+            bail!(
+                "`tenants[{i}].api_token` is also another tenant's or the server's token: give each its own"
+            );
+        }
+    }
     let slots = serve
         .max_concurrent_calls
         .unwrap_or(crate::host::DEFAULT_MAX_CONCURRENT_CALLS);
@@ -642,6 +659,22 @@ mod tests {
                 {"id": "x", "platform": "feishu", "app_id": "i", "app_secret": "s3cr3t",
                  "max_clock_skew_secs": 0}]}]}"#,
                 "`tenants[0].apps[0].max_clock_skew_secs` must be at least 1",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a", "apps": [
+                {"id": "x", "platform": "feishu", "app_id": "i", "app_secret": "s3cr3t",
+                 "max_clock_skew_secs": 86401}]}]}"#,
+                "`tenants[0].apps[0].max_clock_skew_secs` must be at most 86400",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [
+                {"id": "a", "api_token": "tok-a"}, {"id": "b", "api_token": "tok-a"}]}"#,
+                "`tenants[1].api_token` is also another tenant's",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "api_token": "op",
+                "tenants": [{"id": "a", "api_token": "op"}]}"#,
+                "`tenants[0].api_token` is also another tenant's or the server's",
             ),
             (
                 r#"{"public_url": "http://x", "state_dir": "s", "api_token": "s3cr3t\n"}"#,

@@ -100,6 +100,7 @@ impl World {
                 },
                 apps: vec![app],
                 engine_webhook: None,
+                engine_webhook_secret: None,
                 api_token: None,
             }],
         };

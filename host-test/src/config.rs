@@ -104,6 +104,8 @@ struct RawTenant {
     #[serde(default)]
     engine_webhook: Option<String>,
     #[serde(default)]
+    engine_webhook_secret: Option<String>,
+    #[serde(default)]
     api_token: Option<String>,
 }
 
@@ -143,6 +145,8 @@ pub struct TenantConfig {
     pub apps: Vec<ImApp>,
     /// Where callback updates are POSTed, if anywhere.
     pub engine_webhook: Option<String>,
+    /// When set, each POST to `engine_webhook` is signed with it (see the README).
+    pub engine_webhook_secret: Option<String>,
     /// When set, this tenant's engine API routes require it (or the server-wide token), so
     /// one tenant's engine cannot reach another's approvals or acknowledge its updates.
     pub api_token: Option<String>,
@@ -409,6 +413,7 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
             }
             apps.push(app);
         }
+        let has_hook = t.engine_webhook.is_some();
         tenants.push(TenantConfig {
             id: t.id,
             policy: TenantPolicy {
@@ -418,6 +423,15 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
             engine_webhook: match t.engine_webhook {
                 Some(url) => Some(check_webhook(url, &format!("tenants[{i}].engine_webhook"))?),
                 None => None,
+            },
+            engine_webhook_secret: match (has_hook, t.engine_webhook_secret) {
+                (true, secret) => {
+                    check_token(secret, &format!("tenants[{i}].engine_webhook_secret"))?
+                }
+                (false, Some(_)) => {
+                    bail!("`tenants[{i}].engine_webhook_secret` is set without an `engine_webhook`")
+                }
+                (false, None) => None,
             },
             api_token: check_token(t.api_token, &format!("tenants[{i}].api_token"))?,
         });
@@ -665,6 +679,16 @@ mod tests {
                 {"id": "x", "platform": "feishu", "app_id": "i", "app_secret": "s3cr3t",
                  "max_clock_skew_secs": 86401}]}]}"#,
                 "`tenants[0].apps[0].max_clock_skew_secs` must be at most 86400",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [
+                {"id": "a", "engine_webhook_secret": "whsec"}]}"#,
+                "`tenants[0].engine_webhook_secret` is set without an `engine_webhook`",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a",
+                "engine_webhook": "https://e/hook", "engine_webhook_secret": " "}]}"#,
+                "`tenants[0].engine_webhook_secret` is empty",
             ),
             (
                 r#"{"public_url": "http://x", "state_dir": "s", "tenants": [

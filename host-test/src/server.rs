@@ -254,8 +254,11 @@ pub async fn serve_with_persistent(
         .tenants
         .iter()
         .filter_map(|t| {
-            let url = t.engine_webhook.clone()?;
-            Some((t.id.clone(), (url, Arc::new(Notify::new()))))
+            let hook = Webhook {
+                url: t.engine_webhook.clone()?,
+                secret: t.engine_webhook_secret.clone(),
+            };
+            Some((t.id.clone(), (hook, Arc::new(Notify::new()))))
         })
         .collect();
     let in_flight = Arc::new(Semaphore::new(MAX_CALLS));
@@ -273,11 +276,11 @@ pub async fn serve_with_persistent(
     let deliveries: Vec<AbortOnDrop<()>> = state
         .delivery
         .iter()
-        .map(|(tenant, (url, wake))| {
+        .map(|(tenant, (hook, wake))| {
             AbortOnDrop(tokio::spawn(deliver_updates(
                 Arc::downgrade(&state),
                 tenant.clone(),
-                url.clone(),
+                hook.clone(),
                 wake.clone(),
             )))
         })
@@ -385,7 +388,7 @@ struct State {
     /// task per tenant, so its records go out once and in order, and any number of wake-ups
     /// while it works (every callback with updates, every refresh, the timer) make one more
     /// pass, not a queue of waiting tasks.
-    delivery: HashMap<String, (String, Arc<Notify>)>,
+    delivery: HashMap<String, (Webhook, Arc<Notify>)>,
     in_flight: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     /// Set when shutdown begins: no plugin call starts after it.
@@ -810,7 +813,14 @@ impl State {
 /// After a failure the next try waits, 1 s doubling up to the redelivery timer's period:
 /// every callback wakes the task, and an engine that is down would otherwise get a POST (and
 /// the log a line) per callback.
-async fn deliver_updates(state: Weak<State>, tenant: String, url: String, wake: Arc<Notify>) {
+/// A tenant's `engine_webhook` and its signing secret.
+#[derive(Clone)]
+struct Webhook {
+    url: String,
+    secret: Option<String>,
+}
+
+async fn deliver_updates(state: Weak<State>, tenant: String, hook: Webhook, wake: Arc<Notify>) {
     let mut pause = Duration::ZERO;
     loop {
         // Wake-ups during the pause are kept (one permit), so none is lost.
@@ -819,7 +829,7 @@ async fn deliver_updates(state: Weak<State>, tenant: String, url: String, wake: 
         let Some(store) = state.upgrade().map(|s| s.host.store().clone()) else {
             return;
         };
-        pause = match deliver_pending(&store, &tenant, &url).await {
+        pause = match deliver_pending(&store, &tenant, &hook).await {
             Ok(()) => Duration::ZERO,
             Err(e) => {
                 log!("tenant={tenant} {e:#}");
@@ -829,7 +839,7 @@ async fn deliver_updates(state: Weak<State>, tenant: String, url: String, wake: 
     }
 }
 
-async fn deliver_pending(store: &Arc<dyn Backend>, tenant: &str, url: &str) -> Result<()> {
+async fn deliver_pending(store: &Arc<dyn Backend>, tenant: &str, hook: &Webhook) -> Result<()> {
     loop {
         let (s, t) = (store.clone(), tenant.to_string());
         let pending = blocking(move || s.outbox_page(&t, 0, UPDATES_PAGE))
@@ -842,7 +852,7 @@ async fn deliver_pending(store: &Arc<dyn Backend>, tenant: &str, url: &str) -> R
         let mut failure = None;
         for (seq, record) in pending {
             let update = with_seq(&record, seq);
-            match tokio::time::timeout(WEBHOOK_TIMEOUT, post_json(url, &update)).await {
+            match tokio::time::timeout(WEBHOOK_TIMEOUT, post_json(hook, &update)).await {
                 Ok(Ok(())) => delivered = Some(seq),
                 Ok(Err(e)) => {
                     failure = Some(e.context(format!("webhook delivery of #{seq} failed")))
@@ -1039,21 +1049,48 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     bool::from(Sha256::digest(a).ct_eq(&Sha256::digest(b)))
 }
 
-/// POSTs JSON to `url` (http or https) and expects a 2xx answer.
+/// The `X-Imbridge-Signature` of `body` sent at `timestamp` (Unix seconds): `sha256=` and the
+/// hex HMAC-SHA256, keyed with the secret, of `{timestamp}.{body}`. The timestamp is signed so
+/// that an engine can refuse an old delivery replayed by someone who recorded it.
+pub fn webhook_signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac as _};
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(format!("{timestamp}.").as_bytes());
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+/// POSTs JSON to the webhook (http or https), signed when it has a secret, and expects a 2xx
+/// answer.
 ///
 /// Uses wasmtime-wasi-http's client, which already carries TLS with the webpki roots.
-async fn post_json(url: &str, body: &Value) -> Result<()> {
-    let uri: http::Uri = url.parse().context("engine_webhook is not a URL")?;
+async fn post_json(hook: &Webhook, body: &Value) -> Result<()> {
+    let uri: http::Uri = hook.url.parse().context("engine_webhook is not a URL")?;
     let authority = uri
         .authority()
         .context("engine_webhook has no host")?
         .to_string();
-    let body = Full::new(Bytes::from(body.to_string()))
-        .map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} });
-    let request = http::Request::post(uri)
+    let body = Bytes::from(body.to_string());
+    let mut request = http::Request::post(uri)
         .header(header::HOST, authority)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(body)?;
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(secret) = &hook.secret {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        request = request
+            .header("x-imbridge-timestamp", now.to_string())
+            .header(
+                "x-imbridge-signature",
+                webhook_signature(secret, now, &body),
+            );
+    }
+    let body = Full::new(body)
+        .map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} });
+    let request = request.body(body)?;
     let timeout = Some(Duration::from_secs(10));
     let options = wasmtime_wasi_http::RequestOptions {
         connect_timeout: timeout,

@@ -20,6 +20,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_imbridge-host");
 const API_TOKEN: &str = "bearer-s3cret-api-token";
 const HOOK_TOKEN: &str = "hook-access-token-s3cret";
 const HOOK_SECRET: &str = "SEChook-signing-s3cret";
+const ENGINE_HOOK_SECRET: &str = "engine-webhook-s3cret";
 
 async fn api(base: &str, method: &str, path: &str, body: Value, bearer: bool) -> Reply {
     let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
@@ -82,6 +83,9 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
         "api_token": API_TOKEN,
         "tenants": [{
             "id": "acme",
+            // Refused connections: every delivery fails and is logged.
+            "engine_webhook": "http://127.0.0.1:1/imbridge",
+            "engine_webhook_secret": ENGINE_HOOK_SECRET,
             "allow_hosts": [authority(feishu.base_url()), authority(wecom.base_url()),
                             authority(dingtalk.base_url())],
             "apps": [
@@ -221,6 +225,7 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
         API_TOKEN.into(),
         HOOK_TOKEN.into(),
         HOOK_SECRET.into(),
+        ENGINE_HOOK_SECRET.into(),
         fa.app_secret.clone(),
         fa.encrypt_key.clone().unwrap(),
         fa.verification_token.clone(),

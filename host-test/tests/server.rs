@@ -280,14 +280,39 @@ async fn engine_api() {
     server.shutdown().await;
 }
 
+/// One POST an [`engine_webhook_raw`] received: the status it answered, the request's head
+/// (request line and headers) and its body.
+struct Posted {
+    status: u16,
+    head: String,
+    body: String,
+}
+
 /// Accepts POSTs, answers the first `failures` with a 500 and the rest with a 200, and hands
-/// each body over with the status it got.
+/// each body over, parsed, with the status it got.
 async fn engine_webhook(
     failures: usize,
 ) -> (
     SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<(u16, Value)>,
 ) {
+    let (addr, mut raw) = engine_webhook_raw(failures).await;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(p) = raw.recv().await {
+            let _ = tx.send((
+                p.status,
+                serde_json::from_str(&p.body).unwrap_or(Value::Null),
+            ));
+        }
+    });
+    (addr, rx)
+}
+
+/// [`engine_webhook`], handing over each request as it came.
+async fn engine_webhook_raw(
+    failures: usize,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Posted>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -296,7 +321,7 @@ async fn engine_webhook(
         while let Ok((mut s, _)) = listener.accept().await {
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
-            let body = loop {
+            let posted = loop {
                 let n = s.read(&mut chunk).await.unwrap_or(0);
                 if n == 0 {
                     break None;
@@ -315,7 +340,7 @@ async fn engine_webhook(
                     })
                     .unwrap_or(0);
                 if body.len() >= len {
-                    break Some(body.to_string());
+                    break Some((head.to_string(), body.to_string()));
                 }
             };
             let status = if failures > 0 {
@@ -324,11 +349,11 @@ async fn engine_webhook(
             } else {
                 200
             };
-            let head =
+            let reply =
                 format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-            let _ = s.write_all(head.as_bytes()).await;
-            if let Some(body) = body {
-                let _ = tx.send((status, serde_json::from_str(&body).unwrap_or(Value::Null)));
+            let _ = s.write_all(reply.as_bytes()).await;
+            if let Some((head, body)) = posted {
+                let _ = tx.send(Posted { status, head, body });
             }
         }
     });
@@ -373,6 +398,69 @@ async fn updates_are_posted_to_the_engine_webhook() {
     })
     .await;
     server.shutdown().await;
+}
+
+/// With `engine_webhook_secret`, every POST carries a timestamp and an HMAC-SHA256 of it and
+/// the body, which the engine checks as the README says; without one, neither header.
+#[tokio::test]
+async fn engine_webhook_posts_are_signed_with_the_tenants_secret() {
+    use hmac::{Hmac, Mac as _};
+    const SECRET: &str = "whsec-s3cr3t";
+    for signed in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (hook, mut received) = engine_webhook_raw(0).await;
+        let mut tenant = json!({"id": "acme", "engine_webhook": format!("http://{hook}/imbridge"),
+            "apps": [{"id": "a1", "platform": "feishu", "app_id": "cli_x", "app_secret": "s3cr3t"}]});
+        if signed {
+            tenant["engine_webhook_secret"] = json!(SECRET);
+        }
+        let server = start(dir.path(), json!({"tenants": [tenant]})).await;
+        let (status, _) = request(server.addr(), "POST", "/callback/acme/a1", "", b"{}").await;
+        assert_eq!(status, 200);
+        let posted = tokio::time::timeout(Duration::from_secs(10), received.recv())
+            .await
+            .expect("webhook called")
+            .unwrap();
+        let header = |name: &str| {
+            posted.head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+        };
+        let (ts, sig) = (
+            header("x-imbridge-timestamp"),
+            header("x-imbridge-signature"),
+        );
+        if !signed {
+            assert_eq!((ts, sig), (None, None), "{}", posted.head);
+            server.shutdown().await;
+            continue;
+        }
+        let ts = ts.expect("timestamp");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(now.abs_diff(ts.parse().unwrap()) < 60, "{ts}");
+        // The engine's check, written from the README: HMAC-SHA256 keyed with the secret over
+        // "{timestamp}.{raw body}", hex, after "sha256=".
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(format!("{ts}.{}", posted.body).as_bytes());
+        let hex = sig
+            .expect("signature")
+            .strip_prefix("sha256=")
+            .unwrap()
+            .to_string();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        mac.verify_slice(&bytes)
+            .expect("the signature matches the body");
+        let update: Value = serde_json::from_str(&posted.body).unwrap();
+        assert_eq!(update["approval"]["instance_id"], "i1");
+        server.shutdown().await;
+    }
 }
 
 /// An engine that fails a delivery loses nothing: the record stays in the outbox (and in

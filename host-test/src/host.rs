@@ -92,20 +92,42 @@ pub fn default_calls_per_tenant(max_concurrent_calls: u32) -> u32 {
     (max_concurrent_calls - max_concurrent_calls / 4).max(1)
 }
 
+/// A call that found no free slot within its wait: the plugin did not run, so the same call
+/// may be sent again as it is (`serve` answers 503).
+#[derive(Debug)]
+pub struct Busy {
+    what: &'static str,
+    waited: Duration,
+}
+
+impl fmt::Display for Busy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "busy: no free {} within {:.1}s",
+            self.what,
+            self.waited.as_secs_f64()
+        )
+    }
+}
+
+impl std::error::Error for Busy {}
+
 /// Waits for a permit of `slots`, for at most `limit`: the deadline starts once a call has
 /// its slot, so without a bound a call queued behind slow ones waited without end.
 async fn permit_within<'a>(
     slots: &'a Semaphore,
     limit: Duration,
-    what: &str,
+    what: &'static str,
 ) -> Result<tokio::sync::SemaphorePermit<'a>> {
     match tokio::time::timeout(limit, slots.acquire()).await {
         Ok(Ok(permit)) => Ok(permit),
         Ok(Err(_)) => Err(anyhow!("host is shutting down")),
-        Err(_) => Err(anyhow!(
-            "busy: no free {what} within {:.1}s",
-            limit.as_secs_f64()
-        )),
+        Err(_) => Err(Busy {
+            what,
+            waited: limit,
+        }
+        .into()),
     }
 }
 
@@ -403,24 +425,7 @@ impl Host {
             .get(tenant)
             .ok_or_else(|| anyhow!("unknown tenant `{tenant}`"))?;
         let started = Instant::now();
-        let share = self.inner.tenant_slots(&plugin.id);
-        let _share = permit_within(&share, self.inner.call_timeout, "call slot of this tenant")
-            .await
-            .with_context(|| format!("tenant={tenant} call={export}"))?;
-        let mut runs = 0;
-        let result = loop {
-            runs += 1;
-            match self.run(plugin.clone(), call).await {
-                Ok(Run::Committed(reply)) => break Ok(reply),
-                Ok(Run::Conflict) if runs < MAX_RUNS => {
-                    log!(
-                        "tenant={tenant} call={export} conflicted with a concurrent call; running it again"
-                    );
-                }
-                Ok(Run::Conflict) => break Ok(conflict_reply(export, runs)),
-                Err(e) => break Err(e),
-            }
-        };
+        let result = self.run_in_share(plugin, call).await;
         let ms = started.elapsed().as_millis();
         match &result {
             Ok(reply) if crate::log::per_call() => match reply.error() {
@@ -432,6 +437,27 @@ impl Host {
             Err(e) => log!("tenant={tenant} call={export} failed ms={ms}: {e:#}"),
         }
         result
+    }
+
+    /// Runs the call in its tenant's share of the slots, again while it conflicts with
+    /// concurrent calls.
+    async fn run_in_share(&self, plugin: Arc<Tenant>, call: &Call) -> Result<Reply> {
+        let share = self.inner.tenant_slots(&plugin.id);
+        let _share =
+            permit_within(&share, self.inner.call_timeout, "call slot of this tenant").await?;
+        let export = call.export();
+        let mut runs = 0;
+        loop {
+            runs += 1;
+            match self.run(plugin.clone(), call).await? {
+                Run::Committed(reply) => return Ok(reply),
+                Run::Conflict if runs < MAX_RUNS => log!(
+                    "tenant={} call={export} conflicted with a concurrent call; running it again",
+                    plugin.id
+                ),
+                Run::Conflict => return Ok(conflict_reply(export, runs)),
+            }
+        }
     }
 
     /// Runs the call once and commits its effect: the plugin's writes and, when the outbox is

@@ -554,6 +554,7 @@ impl State {
             Ok(Reply::Callback(Ok(outcome))) => outcome,
             Ok(Reply::Callback(Err(e))) => return plugin_error(&e),
             Ok(_) => return status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+            Err(e) if e.is::<crate::host::Busy>() => return busy(&e),
             // Already logged by the host; the platform learns nothing beyond the status.
             Err(_) => return status_json(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
         };
@@ -669,6 +670,8 @@ impl State {
                 }
                 json_response(StatusCode::OK, &json::reply_to_json(&reply))
             }
+            // Busy: the plugin never ran, so the same request may simply be sent again.
+            Err(e) if e.is::<crate::host::Busy>() => busy(&e),
             // The outermost message says what failed (trap, deadline); the host log has the rest.
             Err(e) => status_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         }
@@ -946,6 +949,14 @@ async fn read_body(headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, R
         }
         Err(_) => Err(status_json(StatusCode::BAD_REQUEST, "could not read body")),
     }
+}
+
+/// 503 with `Retry-After`, for a call that found no free slot and never ran.
+fn busy(e: &anyhow::Error) -> Response {
+    let mut r = status_json(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    r
 }
 
 /// Maps a plugin error to an HTTP status for the platform. Only the kind is sent back: the

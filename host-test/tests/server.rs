@@ -914,6 +914,42 @@ async fn an_api_call_outlives_a_client_that_hangs_up() {
     server.shutdown().await;
 }
 
+/// A call that finds no free slot within the call timeout never ran: it answers 503 with
+/// `Retry-After`, saying it was busy. Before, it was a 500 whose body named only the tenant
+/// and the export, like a call that failed after the plugin ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_finds_no_slot_answers_503() {
+    let dir = tempfile::tempdir().unwrap();
+    // The only slot is held until the call's 2 s deadline; of the two calls queued behind it,
+    // one then takes the slot (and holds it to its own deadline), the other gives up.
+    let server = start_busy(dir.path(), json!({}), Duration::from_secs(2)).await;
+    let addr = server.addr();
+    let get = || async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /api/acme/a1/approvals/x HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_response(&mut s).await
+    };
+    // Queued a second into it, they wait past its end; the one that takes the slot holds it
+    // beyond the other's wait.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (a, b) = tokio::join!(get(), get());
+    let mut answers = [a, b];
+    answers.sort_by_key(|r| r.contains(" 503 "));
+    let [deadline, busy] = answers;
+    assert!(deadline.starts_with("HTTP/1.1 500 "), "{deadline}");
+    assert!(deadline.contains("deadline exceeded"), "{deadline}");
+    assert!(busy.starts_with("HTTP/1.1 503 "), "{busy}");
+    assert!(
+        busy.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"),
+        "{busy}"
+    );
+    assert!(busy.contains("busy: no free call slot"), "{busy}");
+    assert_eq!(ran(&server, "get-approval"), 2, "the busy call never ran");
+    server.shutdown().await;
+}
+
 /// One whole response (head and a `content-length` body) from a keep-alive connection.
 async fn read_response(s: &mut tokio::net::TcpStream) -> String {
     let mut buf = Vec::new();

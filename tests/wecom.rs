@@ -101,6 +101,7 @@ impl World {
                 apps: vec![app],
                 engine_webhook: None,
                 engine_webhook_secret: None,
+                component: None,
                 api_token: None,
             }],
         };

@@ -107,6 +107,8 @@ struct RawTenant {
     engine_webhook_secret: Option<String>,
     #[serde(default)]
     api_token: Option<String>,
+    #[serde(default)]
+    component: Option<PathBuf>,
 }
 
 fn default_listen() -> String {
@@ -150,6 +152,9 @@ pub struct TenantConfig {
     /// When set, this tenant's engine API routes require it (or the server-wide token), so
     /// one tenant's engine cannot reach another's approvals or acknowledge its updates.
     pub api_token: Option<String>,
+    /// This tenant's plugin, when it is not the server's `component` (one tenant tries a new
+    /// version first).
+    pub component: Option<PathBuf>,
 }
 
 impl TenantConfig {
@@ -434,6 +439,7 @@ fn parse_config(text: &str, base: &Path) -> Result<Config> {
                 (false, None) => None,
             },
             api_token: check_token(t.api_token, &format!("tenants[{i}].api_token"))?,
+            component: t.component.map(resolve),
         });
     }
     let serve = ServeConfig {

@@ -100,7 +100,7 @@ impl ComponentCache {
     /// The component for `wasm`, compiled at most once per engine configuration.
     /// Returns the component and the sha256 of `wasm` (hex).
     pub fn load(&self, engine: &Engine, wasm: &[u8]) -> Result<(Component, String)> {
-        let digest = hex(&Sha256::digest(wasm));
+        let digest = digest(wasm);
         let key = cache_key(engine, &digest);
         if let Some((_, component)) = self.lock().get(&key) {
             return Ok((component.clone(), digest));
@@ -245,6 +245,11 @@ fn cache_key(engine: &Engine, wasm_digest: &str) -> String {
     h.write(env!("CARGO_PKG_VERSION").as_bytes());
     engine.precompile_compatibility_hash().hash(&mut h);
     hex(&h.0.finalize())[..32].to_string()
+}
+
+/// How a component version is named: the hex SHA-256 of its bytes.
+pub fn digest(wasm: &[u8]) -> String {
+    hex(&Sha256::digest(wasm))
 }
 
 pub fn hex(bytes: &[u8]) -> String {

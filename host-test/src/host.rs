@@ -379,6 +379,11 @@ impl Host {
         self.inner.components.len()
     }
 
+    /// The digest ([`engine::digest`]) of the version a tenant runs.
+    pub fn tenant_digest(&self, tenant: &str) -> Option<String> {
+        self.inner.tenants.get(tenant).map(|t| t.digest.clone())
+    }
+
     /// The policy a tenant was loaded with.
     pub fn tenant_policy(&self, tenant: &str) -> Option<TenantPolicy> {
         self.inner.tenants.get(tenant).map(|t| t.policy.clone())

@@ -140,9 +140,14 @@ async fn run(command: Command) -> Result<()> {
             println!("{}", serde_json::to_string(&out)?);
             Ok(())
         }
-        Command::Serve { config, component } => {
-            let mut config = Config::load(&config)?;
-            let component = component
+        Command::Serve {
+            config: config_path,
+            component,
+        } => {
+            let mut config = Config::load(&config_path)?;
+            let cli_component = component;
+            let component = cli_component
+                .clone()
                 .or_else(|| config.serve.component.clone())
                 .unwrap_or_else(|| workspace_path(COMPONENT));
             config.serve.component = Some(component.clone());
@@ -155,9 +160,16 @@ async fn run(command: Command) -> Result<()> {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .context("listening for SIGTERM")?;
-            tokio::select! {
-                r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-                _ = term.recv() => {}
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("listening for SIGHUP")?;
+            loop {
+                tokio::select! {
+                    r = tokio::signal::ctrl_c() => break r.context("waiting for Ctrl-C")?,
+                    _ = term.recv() => break,
+                    _ = hup.recv() => {
+                        reload(&handle, &config_path, cli_component.as_deref(), &component).await;
+                    }
+                }
             }
             imbridge_host::log!(
                 "stopping: finishing the calls in flight (a second Ctrl-C or SIGTERM stops at once)"
@@ -251,6 +263,37 @@ fn workspace_path(relative: &str) -> PathBuf {
         .find(|dir| dir.join(COMPONENT).is_file())
         .unwrap_or(&cwd);
     root.join(relative)
+}
+
+/// SIGHUP: reads the configuration file again and loads each tenant's component anew where
+/// it changed (`server::reload_components`); everything else in the file takes a restart.
+async fn reload(
+    handle: &server::ServerHandle,
+    config_path: &Path,
+    cli_component: Option<&Path>,
+    default_component: &Path,
+) {
+    imbridge_host::log!("SIGHUP: reloading the tenants' components");
+    let mut config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            imbridge_host::log!("reload: nothing changed, the configuration is refused: {e:#}");
+            return;
+        }
+    };
+    // `--component` still wins over the file's; without either, the default path.
+    config.serve.component = Some(match (cli_component, &config.serve.component) {
+        (Some(cli), _) => cli.to_path_buf(),
+        (None, Some(file)) => file.clone(),
+        (None, None) => default_component.to_path_buf(),
+    });
+    match server::reload_components(handle.host(), &config.serve).await {
+        Ok(replaced) if replaced.is_empty() => {
+            imbridge_host::log!("reload: no component changed")
+        }
+        Ok(replaced) => imbridge_host::log!("reload: replaced {}", replaced.join(", ")),
+        Err(e) => imbridge_host::log!("reload: {e:#}"),
+    }
 }
 
 /// Ends the process without waiting for the calls in flight: what they committed stays, the

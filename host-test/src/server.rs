@@ -25,7 +25,7 @@ use crate::bindings::types::{
     ApprovalRequest, Error as PluginError, HttpRequest, ImApp, Notification,
 };
 use crate::call::{Call, Reply};
-use crate::config::{Config, PersistentApp, ServeConfig};
+use crate::config::{Config, PersistentApp, ServeConfig, TenantConfig};
 use crate::host::{Host, HostConfig};
 use crate::json::{self, Json as _};
 use crate::log;
@@ -42,6 +42,7 @@ use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -187,9 +188,6 @@ pub async fn serve(config: ServeConfig) -> Result<ServerHandle> {
 }
 
 async fn load_host(config: &ServeConfig) -> Result<Host> {
-    let Some(component) = config.component.clone() else {
-        anyhow::bail!("no component configured");
-    };
     let mut host_cfg = HostConfig::new(&config.state_dir);
     host_cfg.store = config.store.clone();
     host_cfg.cache_dir = config.cache_dir.clone();
@@ -201,15 +199,72 @@ async fn load_host(config: &ServeConfig) -> Result<Host> {
     }
     host_cfg.max_calls_per_tenant = config.max_calls_per_tenant;
     let host = Host::new(host_cfg)?;
-    let wasm = tokio::fs::read(&component)
-        .await
-        .with_context(|| format!("reading component {}", component.display()))?;
+    let mut read = HashMap::new();
     for t in &config.tenants {
-        host.load_tenant_bytes(&t.id, wasm.clone(), t.policy.clone())
+        let wasm = component_of(config, t, &mut read).await?;
+        host.load_tenant_bytes(&t.id, wasm, t.policy.clone())
             .await
             .with_context(|| format!("loading tenant `{}`", t.id))?;
     }
     Ok(host)
+}
+
+/// The bytes of tenant `t`'s plugin: its own `component`, else the server's. `read` keeps
+/// the files read so far, so tenants sharing one read it once.
+async fn component_of(
+    config: &ServeConfig,
+    t: &TenantConfig,
+    read: &mut HashMap<PathBuf, Vec<u8>>,
+) -> Result<Vec<u8>> {
+    let path = t
+        .component
+        .as_ref()
+        .or(config.component.as_ref())
+        .with_context(|| format!("no component configured for tenant `{}`", t.id))?;
+    if let Some(wasm) = read.get(path) {
+        return Ok(wasm.clone());
+    }
+    let wasm = tokio::fs::read(path)
+        .await
+        .with_context(|| format!("reading component {}", path.display()))?;
+    read.insert(path.clone(), wasm.clone());
+    Ok(wasm)
+}
+
+/// Loads again the plugin of every running tenant whose component file (per `config`, the
+/// configuration read anew) now holds another version, as `serve` does on SIGHUP; the
+/// others are left alone. A version that does not read, compile or instantiate is refused
+/// and its tenant keeps running the one it has. Other settings (apps, tokens, new or removed
+/// tenants) take a restart, and are not looked at. Returns the tenants replaced; `Err` names
+/// each tenant that kept its version, and why.
+pub async fn reload_components(host: &Host, config: &ServeConfig) -> Result<Vec<String>> {
+    let running = host.tenants();
+    let mut read = HashMap::new();
+    let (mut replaced, mut kept) = (Vec::new(), Vec::new());
+    for t in config.tenants.iter().filter(|t| running.contains(&t.id)) {
+        let loaded = async {
+            let wasm = component_of(config, t, &mut read).await?;
+            let digest = crate::engine::digest(&wasm);
+            if host.tenant_digest(&t.id).as_deref() == Some(digest.as_str()) {
+                return Ok(false);
+            }
+            let policy = host
+                .tenant_policy(&t.id)
+                .unwrap_or_else(|| t.policy.clone());
+            host.load_tenant_bytes(&t.id, wasm, policy).await?;
+            Ok::<_, anyhow::Error>(true)
+        };
+        match loaded.await {
+            Ok(true) => replaced.push(t.id.clone()),
+            Ok(false) => {}
+            Err(e) => kept.push(format!("tenant `{}` keeps its version: {e:#}", t.id)),
+        }
+    }
+    if kept.is_empty() {
+        Ok(replaced)
+    } else {
+        Err(anyhow::anyhow!("{}", kept.join("; ")))
+    }
 }
 
 /// Serves `config` with an existing host whose tenants are already loaded.

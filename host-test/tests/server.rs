@@ -288,6 +288,68 @@ struct Posted {
     body: String,
 }
 
+/// A tenant's own `component` runs instead of the server's, and `reload_components` (what
+/// SIGHUP does) loads again only the tenants whose component file changed; a file that is
+/// not a component leaves its tenant on the version it runs, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_component_is_reloaded_where_its_file_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let refuse = |_: &str| Behaviour::Err;
+    std::fs::write(dir.path().join("plugin.wasm"), plugin(refuse, "1")).unwrap();
+    std::fs::write(dir.path().join("acme.wasm"), plugin(refuse, "1")).unwrap();
+    let app = json!({"id": "a1", "platform": "feishu", "app_id": "cli_x", "app_secret": "s3cr3t"});
+    let cfg = config(
+        dir.path(),
+        json!({"tenants": [{"id": "acme", "component": "acme.wasm", "apps": [app]},
+                           {"id": "beta", "apps": [app]}]}),
+    );
+    let server = server::serve(cfg).await.unwrap();
+    let host = server.host().clone();
+    let callback = async |t: &str| {
+        request(
+            server.addr(),
+            "POST",
+            &format!("/callback/{t}/a1"),
+            "",
+            b"{}",
+        )
+        .await
+        .0
+    };
+    assert_eq!((callback("acme").await, callback("beta").await), (400, 400));
+    let beta = host.tenant_digest("beta");
+
+    // acme's file gets a version that answers callbacks; beta's (the server's) stays.
+    std::fs::write(dir.path().join("acme.wasm"), plugin(behaviour, "2")).unwrap();
+    let cfg = config(
+        dir.path(),
+        json!({"tenants": [{"id": "acme", "component": "acme.wasm", "apps": [app]},
+                           {"id": "beta", "apps": [app]}]}),
+    );
+    assert_eq!(
+        server::reload_components(&host, &cfg).await.unwrap(),
+        ["acme"]
+    );
+    assert_eq!((callback("acme").await, callback("beta").await), (200, 400));
+    assert_eq!(host.tenant_digest("beta"), beta);
+    // Nothing changed: nothing replaced.
+    assert!(
+        server::reload_components(&host, &cfg)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    std::fs::write(dir.path().join("acme.wasm"), b"not a component").unwrap();
+    let err = server::reload_components(&host, &cfg).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("tenant `acme` keeps its version"),
+        "{err:#}"
+    );
+    assert_eq!(callback("acme").await, 200);
+    server.shutdown().await;
+}
+
 /// Accepts POSTs, answers the first `failures` with a 500 and the rest with a 200, and hands
 /// each body over, parsed, with the status it got.
 async fn engine_webhook(

@@ -68,6 +68,71 @@ struct RawConfig {
     tenants: Vec<RawTenant>,
 }
 
+/// A JSON document in which no object holds a key twice. serde_json keeps the last of two
+/// equal keys without a word, and the apps (and `store`) are read as plain JSON values, so an
+/// app with two `app_secret`s ran on whichever came last. The error names the key and where
+/// it is, never a value.
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(UniqueKeysVisitor)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = UniqueKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<UniqueKeys, A::Error> {
+        let mut keys = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !keys.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key `{key}` appears twice in one object"
+                )));
+            }
+            map.next_value::<UniqueKeys>()?;
+        }
+        Ok(UniqueKeys)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<UniqueKeys, A::Error> {
+        while seq.next_element::<UniqueKeys>()?.is_some() {}
+        Ok(UniqueKeys)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_unit<E>(self) -> std::result::Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+}
+
 /// `"store": {"embedded": {}}` or `{"redis": "redis://…"}`. The URL may carry a password, so
 /// no error quotes it.
 fn parse_store(raw: Option<serde_json::Value>) -> Result<StoreConfig> {
@@ -349,6 +414,7 @@ fn check_token(token: Option<String>, path: &str) -> Result<Option<String>> {
 }
 
 fn parse_config(text: &str, base: &Path) -> Result<Config> {
+    serde_json::from_str::<UniqueKeys>(text).context("invalid JSON")?;
     let raw: RawConfig = serde_json::from_str(text).context("invalid JSON")?;
     let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
@@ -685,6 +751,12 @@ mod tests {
                 {"id": "x", "platform": "feishu", "app_id": "i", "app_secret": "s3cr3t",
                  "max_clock_skew_secs": 86401}]}]}"#,
                 "`tenants[0].apps[0].max_clock_skew_secs` must be at most 86400",
+            ),
+            (
+                r#"{"public_url": "http://x", "state_dir": "s", "tenants": [{"id": "a", "apps": [
+                {"id": "x", "platform": "feishu", "app_id": "i", "app_secret": "s3cr3t",
+                 "app_secret": "s3cr3t-2"}]}]}"#,
+                "the key `app_secret` appears twice in one object at line 3",
             ),
             (
                 r#"{"public_url": "http://x", "state_dir": "s", "tenants": [

@@ -183,13 +183,27 @@ pub struct Connections {
 
 impl Connections {
     /// Stops every connection and releases the leases, so another host can take over at once.
+    /// The releases go out together and are waited for [`RELEASE_LIMIT`] at most: one by one,
+    /// a store that does not answer held the stop for its timeout per app.
     pub async fn shutdown(mut self) {
-        for (task, lease) in std::mem::take(&mut self.tasks) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for (task, _) in &tasks {
             task.abort();
+        }
+        let releases = tasks.into_iter().map(|(task, lease)| async move {
             let _ = task.await;
-            if let Err(e) = tokio::task::spawn_blocking(move || lease.release()).await {
-                log!("lease release failed: {e}");
+            match tokio::task::spawn_blocking(move || lease.release()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log!("lease release failed: {e:#}"),
+                Err(e) => log!("lease release failed: {e}"),
             }
+        });
+        let all = futures_util::future::join_all(releases);
+        if tokio::time::timeout(RELEASE_LIMIT, all).await.is_err() {
+            log!(
+                "lease release unanswered after {} s: the leases lapse on their own",
+                RELEASE_LIMIT.as_secs()
+            );
         }
     }
 }
@@ -201,6 +215,10 @@ impl Drop for Connections {
         }
     }
 }
+
+/// How long a stop waits for the store to release the leases (they lapse after their TTL
+/// anyway, and a released one can never be taken back by this process).
+pub const RELEASE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Why an app on a platform without a persistent-connection mode cannot have one.
 const NO_PERSISTENT_MODE: &str = "WeCom has no persistent connection mode (only Feishu/Lark \
@@ -569,6 +587,66 @@ mod tests {
         fn holder(&self, _: &str) -> Result<Option<(String, u64)>> {
             Ok(None)
         }
+    }
+
+    /// A store whose releases wait while `gate` is held.
+    #[derive(Default)]
+    struct SlowRelease {
+        gate: crate::store::Gate,
+    }
+
+    impl LeaseStore for SlowRelease {
+        fn try_acquire(&self, _: &str, _: &str, _: Duration) -> Result<bool> {
+            Ok(true)
+        }
+        fn release(&self, _: &str, _: &str) -> Result<()> {
+            self.gate.pass();
+            Ok(())
+        }
+        fn holder(&self, _: &str) -> Result<Option<(String, u64)>> {
+            Ok(None)
+        }
+    }
+
+    /// A stop releases every app's lease at once and waits no longer than [`RELEASE_LIMIT`]
+    /// for a store that does not answer; before, it released them one by one, each waiting
+    /// for the store's timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_releases_the_leases_together_within_its_bound() {
+        let store = Arc::new(SlowRelease::default());
+        store.gate.hold();
+        // Opened however the test ends: a release still held would keep the runtime from
+        // shutting down, and the test would hang instead of failing.
+        struct Open(Arc<SlowRelease>);
+        impl Drop for Open {
+            fn drop(&mut self) {
+                self.0.gate.release();
+            }
+        }
+        let _open = Open(store.clone());
+        let tasks = (0..3)
+            .map(|i| {
+                let lease = Lease::new(
+                    store.clone(),
+                    &format!("t/a{i}"),
+                    "me",
+                    Duration::from_secs(30),
+                );
+                (tokio::spawn(std::future::pending::<()>()), lease)
+            })
+            .collect();
+        let stop = tokio::spawn(Connections { tasks }.shutdown());
+        let s = store.clone();
+        let together =
+            tokio::task::spawn_blocking(move || s.gate.wait_for(3, Duration::from_secs(10)));
+        assert!(
+            together.await.unwrap(),
+            "three releases at the store at once"
+        );
+        tokio::time::timeout(RELEASE_LIMIT + Duration::from_secs(10), stop)
+            .await
+            .expect("the stop is bounded")
+            .unwrap();
     }
 
     /// How `keep_lease` ends for a lease of `ttl` on a [`CutOff`] store, checking that it

@@ -301,6 +301,7 @@ mod tests {
             seed ^= seed << 17;
             (seed % m as u64) as usize
         };
+        let (mut allocated, mut resized) = (0, 0);
         for _ in 0..200 {
             let mut b = Bump::<N>::new();
             let mut live: Vec<(usize, usize)> = Vec::new();
@@ -312,6 +313,7 @@ mod tests {
                             assert_eq!((base + o) % l.align(), 0);
                             assert!(o + l.size() <= N);
                             live.push((o, l.size()));
+                            allocated += 1;
                         }
                     }
                     1 if !live.is_empty() => {
@@ -324,6 +326,7 @@ mod tests {
                         if b.resize(live[i].0, live[i].1, new) {
                             live[i].1 = new;
                             assert!(live[i].0 + new <= N);
+                            resized += 1;
                         }
                     }
                     _ => {}
@@ -343,5 +346,11 @@ mod tests {
                 "arena whole again"
             );
         }
+        // The checks above run only on what succeeded: an allocator that refused nearly
+        // everything would pass them.
+        assert!(
+            allocated > 10_000 && resized > 5_000,
+            "{allocated} {resized}"
+        );
     }
 }

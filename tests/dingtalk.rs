@@ -274,7 +274,9 @@ async fn a_decision_pushed_before_its_start_saved_is_taken_when_pushed_again() {
 
     let started = start.await.unwrap().unwrap();
     assert_eq!(ok(&started)["status"], "pending", "{started}");
-    for r in reports.iter().filter(|r| !r.delivered) {
+    let refused: Vec<_> = reports.iter().filter(|r| !r.delivered).collect();
+    assert!(!refused.is_empty(), "the push during the start was refused");
+    for r in refused {
         ok(&fx.callback(&r.request).await);
     }
     let got = fx.get(&id, false).await;

@@ -172,6 +172,7 @@ async fn and_then_or_approval_is_decided_by_encrypted_signed_callbacks() {
         let d = f.sim.decide(&id, who, true, Some("ok")).await.unwrap();
         // Handling a callback asks the platform nothing (it must answer within Feishu's 3 s).
         assert_eq!(f.sim.state().requests.len(), asked);
+        assert!(!d.reports.is_empty(), "the decision pushed nothing");
         for r in &d.reports {
             assert!(r.delivered, "push not accepted: {:?}", r.attempts);
             assert_eq!(r.attempts.len(), 1, "no retries needed");

@@ -159,6 +159,7 @@ async fn secrets_never_appear_in_logs_errors_or_urls() {
         .decide(&instance, "ou_bob", true, None)
         .await
         .unwrap();
+    assert!(!decided.reports.is_empty(), "the decision pushed nothing");
     assert!(decided.reports.iter().all(|r| r.delivered), "{decided:?}");
     answers.push(refresh(&instance).await);
 

@@ -1537,13 +1537,13 @@ pub(crate) mod tests {
         .unwrap();
         let sent = env.sent.borrow();
         let url = &sent[0].url;
-        let ts = env.now_ms();
+        // `printf '1700000000000\nsec' | openssl dgst -sha256 -hmac sec -binary | base64`,
+        // then percent-encoded (`+` and `=` included).
+        assert_eq!(env.now_ms(), 1_700_000_000_000);
         assert_eq!(
             *url,
-            format!(
-                "http://h/robot/send?access_token=abc&timestamp={ts}&sign={}",
-                percent_encode(&crypto::robot::dingtalk_sign(ts, "sec"))
-            )
+            "http://h/robot/send?access_token=abc&timestamp=1700000000000\
+             &sign=2Bn%2B1b9JMbAnwLtaHqn8F5V8vOWoUG9M7qcsi2p%2Bu90%3D"
         );
         let body: Value = serde_json::from_slice(&sent[0].body).unwrap();
         assert_eq!(body["msgtype"], "markdown");

@@ -827,6 +827,16 @@ fn route_new(
                     "processInstanceId is invalid",
                 ));
             };
+            // Not a system revoke, it must say whose: DingTalk refuses it otherwise.
+            let system = body.get("isSystem").and_then(Value::as_bool) == Some(true);
+            let operator = body.get("operatingUserId").and_then(Value::as_str);
+            if !system && operator.is_none_or(str::is_empty) {
+                return Err(new_err(
+                    400,
+                    "InvalidParameter",
+                    "operatingUserId is required when isSystem is false",
+                ));
+            }
             let remark = body.get("remark").and_then(Value::as_str).unwrap_or("");
             if remark.encode_utf16().count() > 1024 {
                 return Err(new_err(400, "InvalidParameter", "remark is too long"));

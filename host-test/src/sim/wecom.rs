@@ -441,7 +441,7 @@ impl WecomSim {
     ) -> anyhow::Result<UrlCheckReport> {
         let app = self.inner.app_by_agent(agent_id)?;
         let query = url_check_query(app, echo, now_ms() / 1000);
-        let reply = http::get(&with_query(url, &query), Duration::from_secs(1)).await;
+        let reply = http::get(&with_query(url, &query), self.inner.config.push_timeout).await;
         let verified = reply.status == Some(200) && reply.body == echo.as_bytes();
         Ok(UrlCheckReport {
             echo: echo.into(),
@@ -1146,7 +1146,13 @@ mod tests {
             Some(json!({"sp_no": sp_no})),
         )
         .await;
-        assert_eq!(r.status, Some(200));
+        // WeCom answers its errors with HTTP 200 too: the body says whether it was read.
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            (&body["errcode"], &body["info"]["sp_no"]),
+            (&json!(0), &json!(sp_no)),
+            "{body}"
+        );
         let owners: Vec<_> = sim
             .state()
             .requests

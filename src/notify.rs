@@ -51,7 +51,8 @@ fn check_person(u: &UserRef) -> Result<()> {
         return Ok(());
     };
     let s = s.trim();
-    let odd = s.bytes().any(|b| b <= b' ' || b"|,<>\"'=&;".contains(&b));
+    // Only what separates or ends something: `o'brien@corp.com` is a fine address.
+    let odd = s.bytes().any(|b| b <= b' ' || b"|,<>".contains(&b));
     if s.is_empty() || odd || s.trim_start_matches('@').eq_ignore_ascii_case("all") {
         return Err(Error::input(
             "a user id or email holds a space, separator or markup, or is @all",
@@ -143,6 +144,7 @@ mod tests {
             "x></at><at id=all",
             "a b",
             " ",
+            "a\tb",
         ] {
             for target in [true, false] {
                 let env = FakeEnv::offline();
@@ -163,7 +165,7 @@ mod tests {
         let env = FakeEnv::offline();
         let mut n = to_hook(Platform::Feishu);
         n.target = Target::Users(vec![UserRef::Id("zhang.san-1@corp_x".into())]);
-        n.mentions = vec![UserRef::Email("li.si+ci@example.com".into())];
+        n.mentions = vec![UserRef::Email("o'brien+ci@example.com".into())];
         assert!(matches!(
             notify(&env, Some(&app), &n),
             Err(Error::Transport(_))

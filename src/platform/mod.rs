@@ -63,7 +63,6 @@ pub struct Parsed {
     pub events: Vec<Inbound>,
 }
 
-/// Feishu and Lark are one API on two hosts; an app of one serves the other's robots.
 /// A robot message over its platform's limit, counted as sent, is refused before it is sent:
 /// the platform would refuse it for good, with a code of its own.
 fn check_robot_body(body: &serde_json::Value, max: usize, limit: &'static str) -> Result<()> {
@@ -73,6 +72,7 @@ fn check_robot_body(body: &serde_json::Value, max: usize, limit: &'static str) -
     Ok(())
 }
 
+/// Feishu and Lark are one API on two hosts; an app of one serves the other's robots.
 pub fn family(p: Platform) -> Platform {
     match p {
         Platform::Lark => Platform::Feishu,

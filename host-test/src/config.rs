@@ -399,7 +399,10 @@ fn check_base_url(base: &str, field: &str) -> Result<()> {
 fn check_token(token: Option<String>, path: &str) -> Result<Option<String>> {
     match token {
         Some(t) if t.trim().is_empty() => {
-            bail!("`{path}` is empty: set a token, or leave the field out for an open API")
+            bail!(
+                "`{path}` is empty: set a value, or leave the field out (no token leaves an API \
+                 open, no secret a webhook unsigned)"
+            )
         }
         // HTTP trims a header value's surrounding whitespace and carries only visible ASCII
         // reliably: such a token could never match (a trailing newline from a secret file).

@@ -113,19 +113,21 @@ impl fmt::Display for Busy {
 
 impl std::error::Error for Busy {}
 
-/// Waits for a permit of `slots`, for at most `limit`: the deadline starts once a call has
-/// its slot, so without a bound a call queued behind slow ones waited without end.
+/// Waits for a permit of `slots` until `until`, the end of the call's `budget` for waiting:
+/// the deadline starts once a call has its slot, so without a bound a call queued behind
+/// slow ones waited without end.
 async fn permit_within<'a>(
     slots: &'a Semaphore,
-    limit: Duration,
+    until: Instant,
+    budget: Duration,
     what: &'static str,
 ) -> Result<tokio::sync::SemaphorePermit<'a>> {
-    match tokio::time::timeout(limit, slots.acquire()).await {
+    match tokio::time::timeout_at(until.into(), slots.acquire()).await {
         Ok(Ok(permit)) => Ok(permit),
         Ok(Err(_)) => Err(anyhow!("host is shutting down")),
         Err(_) => Err(Busy {
             what,
-            waited: limit,
+            waited: budget,
         }
         .into()),
     }
@@ -193,7 +195,9 @@ impl Inner {
     /// start function or data segments trap fits the world's types, and would otherwise
     /// replace a working version and then fail every call.
     async fn try_instantiate(&self, tenant: &str, pre: &PluginPre) -> Result<()> {
-        let _slot = permit_within(&self.slots, self.call_timeout, "call slot").await?;
+        let budget = self.call_timeout;
+        let _slot =
+            permit_within(&self.slots, Instant::now() + budget, budget, "call slot").await?;
         let deadline = Instant::now() + self.call_timeout;
         let mut store = self.new_store(&tenant.into(), AllowList::new(&[])?, deadline);
         match tokio::time::timeout(self.call_timeout, pre.instantiate(&mut store)).await {
@@ -448,13 +452,22 @@ impl Host {
     /// concurrent calls.
     async fn run_in_share(&self, plugin: Arc<Tenant>, call: &Call) -> Result<Reply> {
         let share = self.inner.tenant_slots(&plugin.id);
-        let _share =
-            permit_within(&share, self.inner.call_timeout, "call slot of this tenant").await?;
+        // One budget for both waits, the tenant's share and then a slot: one after the other
+        // they were twice the call timeout before the call even began.
+        let budget = self.inner.call_timeout;
+        let until = Instant::now() + budget;
+        let _share = permit_within(&share, until, budget, "call slot of this tenant").await?;
         let export = call.export();
         let mut runs = 0;
         loop {
             runs += 1;
-            match self.run(plugin.clone(), call).await? {
+            // A rerun (after a conflict, which committed nothing) waits anew.
+            let until = if runs == 1 {
+                until
+            } else {
+                Instant::now() + budget
+            };
+            match self.run(plugin.clone(), call, until).await? {
                 Run::Committed(reply) => return Ok(reply),
                 Run::Conflict if runs < MAX_RUNS => log!(
                     "tenant={} call={export} conflicted with a concurrent call; running it again",
@@ -468,7 +481,7 @@ impl Host {
     /// Runs the call once and commits its effect: the plugin's writes and, when the outbox is
     /// on, the approvals a callback or event changed, in one atomic commit. An acknowledged
     /// callback is therefore durable together with its notification for the engine.
-    async fn run(&self, tenant: Arc<Tenant>, call: &Call) -> Result<Run> {
+    async fn run(&self, tenant: Arc<Tenant>, call: &Call, slot_until: Instant) -> Result<Run> {
         let inner = &self.inner;
         let export = call.export();
         // The engine operator supplied the app, so its api-base is trusted for this call.
@@ -479,7 +492,8 @@ impl Host {
                 .context("`app.api_base` must be a URL such as https://open.feishu.cn")?,
             None => tenant.allow.clone(),
         };
-        let _slot = permit_within(&inner.slots, inner.call_timeout, "call slot").await?;
+        let _slot =
+            permit_within(&inner.slots, slot_until, inner.call_timeout, "call slot").await?;
 
         let timeout = inner.call_timeout;
         let mut store = inner.new_store(&tenant.id, allow, Instant::now() + timeout);
@@ -784,12 +798,13 @@ mod tests {
     async fn a_call_waits_for_a_slot_no_longer_than_its_limit() {
         let slots = Semaphore::new(1);
         let _taken = slots.acquire().await.unwrap();
-        let err = permit_within(&slots, Duration::from_millis(50), "call slot")
+        let budget = Duration::from_millis(50);
+        let err = permit_within(&slots, Instant::now() + budget, budget, "call slot")
             .await
             .unwrap_err();
         assert_eq!(err.to_string(), "busy: no free call slot within 0.1s");
         slots.close();
-        let err = permit_within(&slots, Duration::from_millis(50), "call slot")
+        let err = permit_within(&slots, Instant::now() + budget, budget, "call slot")
             .await
             .unwrap_err();
         assert_eq!(err.to_string(), "host is shutting down");

@@ -97,13 +97,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let code = match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Dropping the runtime waits for every blocking task, such as a lease release or a
+    // commit still waiting on a store that does not answer: a stop would hang there after
+    // the server had finished.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 async fn run(command: Command) -> Result<()> {
@@ -151,23 +156,33 @@ async fn run(command: Command) -> Result<()> {
                 .or_else(|| config.serve.component.clone())
                 .unwrap_or_else(|| workspace_path(COMPONENT));
             config.serve.component = Some(component.clone());
+            // Installed before the server starts, and kept: a SIGHUP that came before would
+            // have ended the process (its default action), and a signal's stream keeps one
+            // that arrives while nothing is waiting on it.
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut int = signal(SignalKind::interrupt()).context("listening for Ctrl-C")?;
+            let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+            let mut hup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
             // The server logs the address it bound; Ctrl-C or SIGTERM (a supervisor's stop)
             // stops it: no new connections, the persistent connections' leases released, and
             // the calls still running finished.
             let handle = server::serve_config(config)
                 .await
                 .with_context(|| component_hint(&component))?;
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .context("listening for SIGTERM")?;
-            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .context("listening for SIGHUP")?;
-            loop {
+            'serving: loop {
                 tokio::select! {
-                    r = tokio::signal::ctrl_c() => break r.context("waiting for Ctrl-C")?,
+                    _ = int.recv() => break,
                     _ = term.recv() => break,
                     _ = hup.recv() => {
-                        reload(&handle, &config_path, cli_component.as_deref(), &component).await;
+                        // A stop asked for during a reload (compiles, trial instances) is not
+                        // kept waiting for it.
+                        let reloading =
+                            reload(&handle, &config_path, cli_component.as_deref(), &component);
+                        tokio::select! {
+                            () = reloading => {}
+                            _ = int.recv() => break 'serving,
+                            _ = term.recv() => break 'serving,
+                        }
                     }
                 }
             }
@@ -179,7 +194,7 @@ async fn run(command: Command) -> Result<()> {
             // timeout) could only be ended with SIGKILL.
             tokio::select! {
                 () = handle.shutdown() => Ok(()),
-                _ = tokio::signal::ctrl_c() => stop_now(),
+                _ = int.recv() => stop_now(),
                 _ = term.recv() => stop_now(),
             }
         }

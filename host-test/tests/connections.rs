@@ -133,6 +133,9 @@ async fn dingtalk_disconnect_acknowledges_the_events_in_flight_first() {
     let sim = DingtalkStreamSim::start(&[("dingbye", "s3cr3t")])
         .await
         .unwrap();
+    // Only a reconnect sends an unacknowledged event again, so any second delivery below is
+    // the drain's failure, not a slow machine's.
+    sim.set_redeliver_after(Duration::from_secs(600));
     let (_conns, _dir, host) = connect(
         Platform::Dingtalk,
         "dingbye",

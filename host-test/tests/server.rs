@@ -982,9 +982,9 @@ async fn an_api_call_outlives_a_client_that_hangs_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_finds_no_slot_answers_503() {
     let dir = tempfile::tempdir().unwrap();
-    // The only slot is held until the call's 2 s deadline; of the two calls queued behind it,
+    // The only slot is held until the call's 4 s deadline; of the two calls queued behind it,
     // one then takes the slot (and holds it to its own deadline), the other gives up.
-    let server = start_busy(dir.path(), json!({}), Duration::from_secs(2)).await;
+    let server = start_busy(dir.path(), json!({}), Duration::from_secs(4)).await;
     let addr = server.addr();
     let get = || async move {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -993,9 +993,9 @@ async fn a_call_that_finds_no_slot_answers_503() {
             .unwrap();
         read_response(&mut s).await
     };
-    // Queued a second into it, they wait past its end; the one that takes the slot holds it
-    // beyond the other's wait.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Queued two seconds into it, they wait past its end (by 2 s); the one that takes the
+    // slot holds it beyond the other's wait (by 2 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let (a, b) = tokio::join!(get(), get());
     let mut answers = [a, b];
     answers.sort_by_key(|r| r.contains(" 503 "));
@@ -1008,6 +1008,7 @@ async fn a_call_that_finds_no_slot_answers_503() {
         "{busy}"
     );
     assert!(busy.contains("busy: no free call slot"), "{busy}");
+    assert!(busy.contains("within 4.0s"), "{busy}");
     assert_eq!(ran(&server, "get-approval"), 2, "the busy call never ran");
     server.shutdown().await;
 }

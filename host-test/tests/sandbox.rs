@@ -27,13 +27,19 @@ async fn host(dir: &Path, timeout: Duration) -> Host {
     Host::new(cfg).unwrap()
 }
 
-#[tokio::test]
-async fn plugin_errors_are_json_results() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = host(dir.path(), Duration::from_secs(5)).await;
+/// A host in `dir` whose tenant `t` runs the [`standard`] plugin.
+async fn standard_host(dir: &Path) -> Host {
+    let host = host(dir, Duration::from_secs(5)).await;
     host.load_tenant_bytes("t", plugin(standard, "1"), TenantPolicy::default())
         .await
         .unwrap();
+    host
+}
+
+#[tokio::test]
+async fn plugin_errors_are_json_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = standard_host(dir.path()).await;
     assert_callback_gives_the_plugins_error(&host).await;
     assert!(
         std::fs::read_dir(dir.path().join("cache"))
@@ -291,10 +297,7 @@ async fn a_restart_keeps_the_artifacts_of_tenants_loaded_later() {
 #[tokio::test]
 async fn host_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
-    let host = host(dir.path(), Duration::from_secs(5)).await;
-    host.load_tenant_bytes("t", plugin(standard, "1"), TenantPolicy::default())
-        .await
-        .unwrap();
+    let host = standard_host(dir.path()).await;
     let cases = [
         ("nobody", "notify", notify_input(), "unknown tenant"),
         ("t", "frobnicate", json!({}), "unknown export"),
@@ -436,10 +439,7 @@ async fn an_export_of_the_wrong_type_is_refused_at_load() {
 #[tokio::test]
 async fn a_plugin_that_traps_when_instantiated_is_refused_at_load() {
     let dir = tempfile::tempdir().unwrap();
-    let host = host(dir.path(), Duration::from_secs(5)).await;
-    host.load_tenant_bytes("t", plugin(standard, "1"), TenantPolicy::default())
-        .await
-        .unwrap();
+    let host = standard_host(dir.path()).await;
     let err = host
         .load_tenant_bytes(
             "t",

@@ -247,11 +247,13 @@ async fn feishu_pings_go_on_while_an_event_is_handled() {
 
 /// Neither simulator sends anything of its own accord here (DingTalk's `SYSTEM` pings only
 /// when a test asks, Feishu's pongs only to the client's pings, every 120 s): the
-/// connection's own WebSocket pings, and the pongs they get, are what shows it alive. Four
-/// intervals without a frame end it; with the pongs it stays up.
+/// connection's own WebSocket pings, and the pongs they get, are what shows it alive. With
+/// the pongs it stays up; once the server goes silent without closing (no pong, nothing),
+/// four intervals without a frame end it and the host connects again.
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_pings_keep_a_quiet_connection_alive() {
-    let every = Duration::from_millis(250);
+    // Dead after 2 s without a frame: a stall of a loaded machine stays well inside it.
+    let every = Duration::from_millis(500);
     let ding = DingtalkStreamSim::start(&[("dingquiet", "s3cr3t")])
         .await
         .unwrap();
@@ -273,6 +275,15 @@ async fn websocket_pings_keep_a_quiet_connection_alive() {
     for stats in [ding.stats("dingquiet"), ws.stats("cli_quiet")] {
         assert_eq!(stats.connects, 1, "{stats:?}");
     }
+
+    ding.freeze_connections("dingquiet");
+    ws.freeze_connections("cli_quiet");
+    until(
+        "silent connections replaced",
+        Duration::from_secs(30),
+        || ding.stats("dingquiet").connects == 2 && ws.stats("cli_quiet").connects == 2,
+    )
+    .await;
 }
 
 /// A gateway that takes the connection and closes it at once (a proxy that refuses WebSocket

@@ -237,8 +237,12 @@ async fn the_long_connection_moves_to_the_other_replica_when_its_holder_is_kille
     let holder = lease_holder(&fx.redis).expect("lease held");
     let (mut dead, survivor) = if holder == a.pid { (a, b) } else { (b, a) };
     assert_eq!(holder, dead.pid);
-    // The other replica waits on the lease: still one connection after several of its polls.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The other replica waits on the lease: it has asked for it and been refused (it says so
+    // once), and there is still one connection.
+    until("the other replica refused the lease", 30, || {
+        survivor.log_count("persistent connection held by another host; waiting") == 1
+    })
+    .await;
     assert_eq!(ws.stats(APP).connects, 1);
 
     dead.kill();

@@ -163,6 +163,11 @@ impl DingtalkStreamSim {
             .send(app_key, Message::Text(frame.to_string().into()))
     }
 
+    /// See [`Hub::freeze_connections`].
+    pub fn freeze_connections(&self, app_key: &str) {
+        self.inner.hub.freeze_connections(app_key);
+    }
+
     pub fn drop_connections(&self, app_key: &str) {
         self.inner.hub.drop_connections(app_key);
     }

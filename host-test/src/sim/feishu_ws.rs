@@ -168,6 +168,11 @@ impl FeishuWsSim {
     }
 
     /// Cuts the app's connections now (no close frame).
+    /// See [`Hub::freeze_connections`].
+    pub fn freeze_connections(&self, app_id: &str) {
+        self.inner.hub.freeze_connections(app_id);
+    }
+
     pub fn drop_connections(&self, app_id: &str) {
         self.inner.hub.drop_connections(app_id);
     }

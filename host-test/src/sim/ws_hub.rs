@@ -71,6 +71,8 @@ struct HubState {
     lose_acks: HashMap<String, usize>,
     redeliver_after: Duration,
     next_id: u64,
+    /// Connections that no longer read nor answer anything ([`Hub::freeze_connections`]).
+    frozen: std::collections::HashSet<u64>,
 }
 
 /// Connection bookkeeping shared by the persistent-connection simulators.
@@ -89,6 +91,7 @@ impl Default for Hub {
                 lose_acks: HashMap::new(),
                 redeliver_after: DEFAULT_REDELIVER_AFTER,
                 next_id: 0,
+                frozen: Default::default(),
             }),
         }
     }
@@ -202,6 +205,22 @@ impl Hub {
     }
 
     /// Cuts every connection of the app at once, without a close frame (like a network drop).
+    /// The app's connections go silent without closing, as behind a dead NAT or a peer
+    /// that hangs: they stop reading, so no pong answers the client's pings, and send
+    /// nothing more. New connections are not affected.
+    pub fn freeze_connections(&self, app: &str) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let ids: Vec<u64> = s
+            .conns
+            .get(app)
+            .into_iter()
+            .flatten()
+            .map(|c| c.id)
+            .collect();
+        s.frozen.extend(ids);
+    }
+
     pub fn drop_connections(&self, app: &str) {
         let conns = self.lock().conns.remove(app).unwrap_or_default();
         for c in conns {
@@ -275,6 +294,10 @@ impl Hub {
             sink
         });
         loop {
+            if self.lock().frozen.contains(&id) {
+                kill.notified().await;
+                break;
+            }
             let m = tokio::select! {
                 _ = kill.notified() => break,
                 m = stream.next() => m,

@@ -151,11 +151,11 @@ async fn run(command: Command) -> Result<()> {
         } => {
             let mut config = Config::load(&config_path)?;
             let cli_component = component;
-            let component = cli_component
-                .clone()
-                .or_else(|| config.serve.component.clone())
-                .unwrap_or_else(|| workspace_path(COMPONENT));
-            config.serve.component = Some(component.clone());
+            let component = server_component(
+                &mut config,
+                cli_component.as_deref(),
+                &workspace_path(COMPONENT),
+            );
             // Installed before the server starts, and kept: a SIGHUP that came before would
             // have ended the process (its default action), and a signal's stream keeps one
             // that arrives while nothing is waiting on it.
@@ -296,12 +296,7 @@ async fn reload(
             return;
         }
     };
-    // `--component` still wins over the file's; without either, the default path.
-    config.serve.component = Some(match (cli_component, &config.serve.component) {
-        (Some(cli), _) => cli.to_path_buf(),
-        (None, Some(file)) => file.clone(),
-        (None, None) => default_component.to_path_buf(),
-    });
+    server_component(&mut config, cli_component, default_component);
     match server::reload_components(handle.host(), &config.serve).await {
         Ok(replaced) if replaced.is_empty() => {
             imbridge_host::log!("reload: no component changed")
@@ -309,6 +304,17 @@ async fn reload(
         Ok(replaced) => imbridge_host::log!("reload: replaced {}", replaced.join(", ")),
         Err(e) => imbridge_host::log!("reload: {e:#}"),
     }
+}
+
+/// Settles the server's component in `config`, and returns it: `--component` wins over the
+/// file's, and without either it is `default`. Start-up and SIGHUP settle it the same way.
+fn server_component(config: &mut Config, cli: Option<&Path>, default: &Path) -> PathBuf {
+    let component = cli
+        .map(Path::to_path_buf)
+        .or_else(|| config.serve.component.clone())
+        .unwrap_or_else(|| default.to_path_buf());
+    config.serve.component = Some(component.clone());
+    component
 }
 
 /// Ends the process without waiting for the calls in flight: what they committed stays, the

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Behaviour, GATE, echoed, plugin, poll_once, until};
+use common::{Behaviour, GATE, echoed, plugin, poll_once, silent_listener, until};
 use imbridge_host::config::ServeConfig;
 use imbridge_host::server::{self, ServerHandle};
 use serde_json::{Value, json};
@@ -1135,28 +1135,12 @@ fn answers_are_written_before_shutdown_returns() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
 }
 
-/// A webhook that accepts connections and never answers.
-async fn silent_webhook() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((s, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            open.push(s);
-        }
-    });
-    (addr, accepted)
-}
-
 /// However many callbacks arrive while the engine's webhook hangs, the tenant has one
 /// delivery task: each callback used to spawn one more, all waiting on the hung delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_webhook_does_not_pile_up_delivery_tasks() {
     let dir = tempfile::tempdir().unwrap();
-    let (hook, accepted) = silent_webhook().await;
+    let (hook, accepted) = silent_listener().await;
     let server = start_with_webhook(dir.path(), hook).await;
     let callback = || request(server.addr(), "POST", "/callback/acme/a1", "", b"{}");
     assert_eq!(callback().await.0, 200);
@@ -1189,7 +1173,7 @@ async fn a_hung_webhook_does_not_pile_up_delivery_tasks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_stuck_in_its_tls_handshake_is_given_up() {
     let dir = tempfile::tempdir().unwrap();
-    let (hook, accepted) = silent_webhook().await;
+    let (hook, accepted) = silent_listener().await;
     let server = start(
         dir.path(),
         json!({"tenants": [{"id": "acme", "engine_webhook": format!("https://{hook}/imbridge"),

@@ -1,12 +1,12 @@
 //! Signals to `imbridge-host serve` (the real binary): the first Ctrl-C or SIGTERM finishes
 //! the calls in flight, a second one stops at once; SIGHUP loads changed components anew.
 
+mod common;
 mod replica;
 
 use replica::Replica;
 use serde_json::json;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// A call waiting on a webhook that never answers holds the first stop until it gives up;
@@ -14,18 +14,7 @@ use std::time::Duration;
 /// installed and swallowed it: only SIGKILL ended the wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_stops_at_once() {
-    // Takes connections and never answers.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_addr = silent.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((conn, _)) = silent.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            held.push(conn);
-        }
-    });
+    let (silent_addr, accepted) = common::silent_listener().await;
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("serve.json");

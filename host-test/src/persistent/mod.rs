@@ -589,6 +589,16 @@ mod tests {
         }
     }
 
+    /// A listener on a free loopback port, and the `scheme` URL of `path_and_query` on it.
+    async fn loopback(scheme: &str, path_and_query: &str) -> (tokio::net::TcpListener, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "{scheme}://{}{path_and_query}",
+            listener.local_addr().unwrap()
+        );
+        (listener, url)
+    }
+
     /// A store whose releases wait while `gate` is held.
     #[derive(Default)]
     struct SlowRelease {
@@ -733,8 +743,7 @@ mod tests {
     /// ends the attempt; it used to hold the session, and the lease, until a restart.
     #[tokio::test]
     async fn an_unanswered_websocket_handshake_ends_the_attempt() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}/ws?ticket=secret", listener.local_addr().unwrap());
+        let (listener, url) = loopback("ws", "/ws?ticket=secret").await;
         let silent = tokio::spawn(async move {
             let (_sock, _) = listener.accept().await.unwrap();
             tokio::time::sleep(Duration::from_secs(300)).await;
@@ -753,8 +762,7 @@ mod tests {
     /// Feishu's reasons for refusing an upgrade reach the log.
     #[tokio::test]
     async fn a_refused_upgrade_says_why() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}/ws?ticket=secret", listener.local_addr().unwrap());
+        let (listener, url) = loopback("ws", "/ws?ticket=secret").await;
         tokio::spawn(async move {
             let (mut sock, _) = listener.accept().await.unwrap();
             let mut buf = vec![0u8; 4096];
@@ -780,11 +788,7 @@ mod tests {
     /// The endpoint's answer chunked and written in pieces, as a real gateway may send it.
     #[tokio::test]
     async fn reads_an_answer_that_arrives_in_pieces() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!(
-            "http://{}/callback/ws/endpoint",
-            listener.local_addr().unwrap()
-        );
+        let (listener, url) = loopback("http", "/callback/ws/endpoint").await;
         let (head_tx, head_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let (mut sock, _) = listener.accept().await.unwrap();
@@ -825,8 +829,7 @@ mod tests {
     /// buffered whole for up to 10 s, however large.
     #[tokio::test]
     async fn an_endpoint_answer_is_read_up_to_64_kib() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/endpoint", listener.local_addr().unwrap());
+        let (listener, url) = loopback("http", "/endpoint").await;
         let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = sent.clone();
         tokio::spawn(async move {
@@ -858,11 +861,7 @@ mod tests {
     /// ever, which it did, as the TLS handshake had no timeout of its own.
     #[tokio::test]
     async fn an_endpoint_silent_in_its_tls_handshake_is_a_failed_attempt() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!(
-            "https://{}/callback/ws/endpoint",
-            listener.local_addr().unwrap()
-        );
+        let (listener, url) = loopback("https", "/callback/ws/endpoint").await;
         let (hello_tx, hello_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let (mut sock, _) = listener.accept().await.unwrap();

@@ -88,6 +88,27 @@ pub fn echoed(message: &str) -> (String, BTreeMap<String, String>) {
     (export, args)
 }
 
+/// A loopback listener that takes connections, holds them and never answers (a webhook or a
+/// platform that hangs): its address, and how many connections it took.
+pub async fn silent_listener() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            open.push(s);
+        }
+    });
+    (addr, accepted)
+}
+
 /// The key a [`Behaviour::Gated`] call waits for.
 pub const GATE: &str = "gate";
 

@@ -462,6 +462,28 @@ async fn a_retried_notification_reaches_each_user_once() {
     assert_eq!(to(&f).len(), 6);
 }
 
+/// A user outside the app's availability (Feishu refuses with 230013) does not keep the users
+/// after them from the message; the error names the refusal and is not retryable. Before, the
+/// users after the refused one were never sent to.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_feishu_refuses_keeps_no_one_else_from_the_message() {
+    let f = Fixture::new().await;
+    let users = json!({"users": [{"id": "ou_alice"}, {"id": "ou_stranger"}, {"id": "ou_carol"}]});
+    let notify = json!({"app": f.app, "notification": {"target": users, "title": "wf #9 failed",
+        "markdown": "deploy failed", "level": "failure"}});
+    let r = f.h.invoke("t1", "notify", notify).await;
+    assert_eq!(err_kind(&r), "platform", "{r}");
+    assert_eq!(r["err"]["code"], 230013, "{r}");
+    assert_eq!(r["err"]["retryable"], false, "{r}");
+    assert!(
+        err_message(&r).ends_with("(1 of 3 messages refused)"),
+        "{r}"
+    );
+    let st = f.sim.state();
+    let to: Vec<&str> = st.messages.iter().map(|m| m.receive_id.as_str()).collect();
+    assert_eq!(to, ["ou_alice", "ou_carol"]);
+}
+
 /// The first of three messages reaches Feishu but its answer is lost: the notification fails
 /// with a transport error (which engines retry), and the engine's retry sends that message again under
 /// the same uuid, which Feishu drops. Each user has the message once; before, the first user

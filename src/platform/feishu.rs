@@ -919,7 +919,7 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
     // Feishu sends at most one message per `uuid` within an hour, so a retry whose first try
     // arrived but lost its answer does not message anyone twice.
     let dest = app.app_id.clone() + &path;
-    let ids = super::send_parts(env, &dest, &bodies, true, &mut |body, uuid| {
+    let ids = super::send_parts(env, &dest, &bodies, true, true, &mut |body, uuid| {
         let mut body = body.clone();
         body["uuid"] = uuid.into();
         let data = c.api(Method::Post, &path, Some(&body))?;

@@ -426,18 +426,26 @@ enum Part {
 /// within [`TOKEN_KEPT_MS`] sends it with the same token: a part whose answer was lost after
 /// it arrived is not delivered twice. A part the platform refused keeps no token: nothing
 /// arrived, and nothing is left behind.
+///
+/// With `independent` (each part goes to other people: Feishu's per-user messages, DingTalk's
+/// batches), a part the platform refused for good, with a code of its own (a user outside the
+/// app's availability), does not keep the later parts from their recipients; the error then
+/// is that first refusal, saying how many parts were refused. Anything else still stops the
+/// sending: a retryable failure would likely repeat, and the retry sends the rest.
 fn send_parts(
     env: &(impl Env + ?Sized),
     dest: &str,
     bodies: &[serde_json::Value],
     tokens: bool,
+    independent: bool,
     send: &mut SendPart<'_>,
 ) -> Result<Vec<String>> {
     let now = env.now_ms();
     let mut ids = Vec::new();
     // Each part's mark, whether the store has it, and what this call did with the part.
     let mut marks = Vec::new();
-    let mut failure = None;
+    let mut failure: Option<Error> = None;
+    let mut refused = 0;
     for body in bodies {
         let mut part = Part::Sent;
         let mut key = String::new();
@@ -482,13 +490,29 @@ fn send_parts(
                     (_, Some(token)) if e.may_have_taken_effect() => Part::Tried(now, token),
                     _ => Part::Failed,
                 };
-                failure = Some(e);
+                let go_on = independent
+                    && matches!(
+                        e,
+                        Error::Platform {
+                            code: 1..,
+                            retryable: false,
+                            ..
+                        }
+                    );
+                refused += usize::from(go_on);
+                marks.push((key, present, part));
+                if !go_on {
+                    failure = Some(e);
+                    break;
+                }
+                failure.get_or_insert(e);
+                continue;
             }
         }
         marks.push((key, present, part));
-        if failure.is_some() {
-            break;
-        }
+    }
+    if let Some(Error::Platform { message, .. }) = failure.as_mut().filter(|_| refused > 0) {
+        *message += &format!(" ({refused} of {} messages refused)", bodies.len());
     }
     match failure {
         Some(e) if e.is_retryable() => {
@@ -538,7 +562,7 @@ mod tests {
         for_good: bool,
     ) -> (Result<Vec<String>>, Vec<serde_json::Value>) {
         let mut sent = Vec::new();
-        let r = send_parts(env, dest, bodies, false, &mut |b, token| {
+        let r = send_parts(env, dest, bodies, false, false, &mut |b, token| {
             assert_eq!(token, None, "no tokens were asked for");
             if fail_at == Some(sent.len()) {
                 sent.push(serde_json::Value::Null);
@@ -621,6 +645,64 @@ mod tests {
         assert_eq!(marks(&env), 0);
     }
 
+    /// Independent parts (other people each): the parts `fails` refuses are skipped and the
+    /// rest still go out, unless a refusal is retryable or has no platform code of its own;
+    /// what went out, by `n`.
+    fn independent(
+        env: &FakeEnv,
+        fails: &dyn Fn(u64) -> Option<Error>,
+    ) -> (Result<Vec<String>>, Vec<u64>) {
+        let bodies: Vec<_> = (1..=5).map(|n| serde_json::json!({"n": n})).collect();
+        let mut sent = Vec::new();
+        let r = send_parts(env, "users", &bodies, false, true, &mut |b, _| {
+            let n = b["n"].as_u64().unwrap();
+            fails(n).map_or(Ok(Some(format!("id-{n}"))), Err)?;
+            sent.push(n);
+            Ok(None)
+        });
+        (r, sent)
+    }
+
+    /// Before, a Feishu message to five users, the second of them outside the app's
+    /// availability, reached only the first.
+    #[test]
+    fn a_recipient_refused_for_good_keeps_no_one_else_from_the_message() {
+        let env = FakeEnv::offline();
+        let outside = |n| {
+            [2, 4]
+                .contains(&n)
+                .then(|| Error::platform(230013, "no availability", false))
+        };
+        let (r, sent) = independent(&env, &outside);
+        assert_eq!(sent, [1, 3, 5]);
+        assert_eq!(
+            r,
+            Err(Error::platform(
+                230013,
+                "no availability (2 of 5 messages refused)",
+                false
+            ))
+        );
+        assert_eq!(marks(&env), 0, "failed for good: nothing to retry");
+
+        // A refusal without a code of its own (an HTTP 403) or a retryable one stops there.
+        let forbidden = |n| (n == 2).then(|| Error::platform(-403, "forbidden", false));
+        assert_eq!(independent(&env, &forbidden).1, [1]);
+        let limited = |n| match n {
+            2 => Some(Error::platform(230013, "no availability", false)),
+            4 => Some(Error::platform(99991400, "rate limited", true)),
+            _ => None,
+        };
+        let (r, sent) = independent(&env, &limited);
+        assert_eq!(sent, [1, 3]);
+        assert!(r.unwrap_err().is_retryable(), "the engine retries the rest");
+        // The retry sends only what did not go out; user 2 is refused again.
+        let (r, sent) = independent(&env, &|n| outside(n).filter(|_| n == 2));
+        assert_eq!(sent, [4, 5]);
+        assert!(matches!(r, Err(Error::Platform { code: 230013, .. })));
+        assert_eq!(marks(&env), 0);
+    }
+
     #[test]
     fn parts_are_remembered_per_destination_for_ten_minutes_and_single_parts_not_at_all() {
         let env = FakeEnv::offline();
@@ -654,7 +736,7 @@ mod tests {
         error: Error,
     ) -> (Result<Vec<String>>, Vec<(u64, String)>) {
         let mut tried = Vec::new();
-        let r = send_parts(env, "chat", bodies, true, &mut |b, token| {
+        let r = send_parts(env, "chat", bodies, true, false, &mut |b, token| {
             let n = b["n"].as_u64().unwrap();
             let token = token.expect("every part carries a token").to_string();
             assert_eq!(token.len(), 32);

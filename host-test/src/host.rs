@@ -318,8 +318,10 @@ impl Host {
             self.inner.forget_unused_components();
             return Err(e.context(format!("tenant {tenant}: plugin {short} was not installed")));
         }
+        let id: Arc<str> = tenant.into();
         let replaced = self.inner.tenants.insert(Tenant {
-            id: tenant.into(),
+            share: self.inner.tenant_slots(&id),
+            id,
             pre,
             policy,
             allow,
@@ -451,12 +453,12 @@ impl Host {
     /// Runs the call in its tenant's share of the slots, again while it conflicts with
     /// concurrent calls.
     async fn run_in_share(&self, plugin: Arc<Tenant>, call: &Call) -> Result<Reply> {
-        let share = self.inner.tenant_slots(&plugin.id);
         // One budget for both waits, the tenant's share and then a slot: one after the other
         // they were twice the call timeout before the call even began.
         let budget = self.inner.call_timeout;
         let until = Instant::now() + budget;
-        let _share = permit_within(&share, until, budget, "call slot of this tenant").await?;
+        let _share =
+            permit_within(&plugin.share, until, budget, "call slot of this tenant").await?;
         let export = call.export();
         let mut runs = 0;
         loop {

@@ -23,6 +23,9 @@ pub struct Tenant {
     pub pre: PluginPre,
     pub policy: TenantPolicy,
     pub allow: AllowList,
+    /// The tenant's share of the call slots: the same semaphore for all its versions,
+    /// resolved once at load rather than looked up on every call.
+    pub share: Arc<tokio::sync::Semaphore>,
     /// sha256 of the component bytes, to tell versions apart in logs.
     pub digest: String,
     /// When its load was asked for, in the host's order of loads: of two loads of one

@@ -133,22 +133,36 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
     }
 }
 
-/// `"store": {"embedded": {}}` or `{"redis": "redis://…"}`. The URL may carry a password, so
-/// no error quotes it.
+/// `"store": {"embedded": {}}` or `{"redis": "redis://…"}`, the latter with an optional
+/// `"wait_replicas": N`. The URL may carry a password, so no error quotes it.
 fn parse_store(raw: Option<serde_json::Value>) -> Result<StoreConfig> {
     use serde_json::Value;
-    const SHAPE: &str = "`store` must be {\"embedded\": {}} or {\"redis\": \"redis://[user:password@]host:port/db\"}";
+    const SHAPE: &str = "`store` must be {\"embedded\": {}} or {\"redis\": \"redis://[user:password@]host:port/db\"} (with Redis, optionally \"wait_replicas\": 0 to 16)";
     let Some(raw) = raw else {
         return Ok(StoreConfig::Embedded);
     };
-    let Value::Object(o) = raw else { bail!(SHAPE) };
+    let Value::Object(mut o) = raw else {
+        bail!(SHAPE)
+    };
+    let wait_replicas = match o.remove("wait_replicas") {
+        None => None,
+        Some(n) => match n.as_u64() {
+            Some(n @ 0..=16) => Some(n as u32),
+            _ => bail!(SHAPE),
+        },
+    };
     let mut fields = o.into_iter();
     let (Some((kind, value)), None) = (fields.next(), fields.next()) else {
         bail!(SHAPE)
     };
     match (kind.as_str(), value) {
-        ("embedded", Value::Object(e)) if e.is_empty() => Ok(StoreConfig::Embedded),
-        ("redis", Value::String(url)) if url.starts_with("redis://") => Ok(StoreConfig::Redis(url)),
+        ("embedded", Value::Object(e)) if e.is_empty() && wait_replicas.is_none() => {
+            Ok(StoreConfig::Embedded)
+        }
+        ("redis", Value::String(url)) if url.starts_with("redis://") => Ok(StoreConfig::Redis {
+            url,
+            wait_replicas: wait_replicas.unwrap_or(0),
+        }),
         ("redis", Value::String(url)) if url.starts_with("rediss://") => bail!(
             "`store.redis`: TLS to Redis (rediss://) is not built into this host; reach Redis \
              over a private network or a TLS tunnel and use redis://"
@@ -604,9 +618,17 @@ mod tests {
                 format!(r#"{{"public_url": "http://x", "state_dir": "s", "store": {store}}}"#);
             ServeConfig::parse(&text, Path::new(".")).map(|c| c.store)
         };
+        let redis = |wait_replicas| StoreConfig::Redis {
+            url: "redis://127.0.0.1:6379/0".into(),
+            wait_replicas,
+        };
         assert_eq!(
             parse(r#"{"redis": "redis://127.0.0.1:6379/0"}"#).unwrap(),
-            StoreConfig::Redis("redis://127.0.0.1:6379/0".into())
+            redis(0)
+        );
+        assert_eq!(
+            parse(r#"{"redis": "redis://127.0.0.1:6379/0", "wait_replicas": 2}"#).unwrap(),
+            redis(2)
         );
         assert_eq!(parse(r#"{"embedded": {}}"#).unwrap(), StoreConfig::Embedded);
         for bad in [
@@ -615,6 +637,11 @@ mod tests {
             r#""redis""#,
             r#"{"embedded": {}, "redis": "redis://h"}"#,
             r#"{"embedded": {"x": 1}}"#,
+            r#"{"embedded": {}, "wait_replicas": 1}"#,
+            r#"{"redis": "redis://h", "wait_replicas": 17}"#,
+            r#"{"redis": "redis://h", "wait_replicas": -1}"#,
+            r#"{"redis": "redis://h", "wait_replicas": "1"}"#,
+            r#"{"wait_replicas": 1}"#,
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

@@ -158,8 +158,9 @@ pub enum StoreConfig {
     /// redb in the state directory.
     #[default]
     Embedded,
-    /// A Redis server, e.g. `redis://127.0.0.1:6379/0`, shared by several hosts.
-    Redis(String),
+    /// A Redis server, e.g. `redis://127.0.0.1:6379/0`, shared by several hosts; with
+    /// `wait_replicas`, a commit counts only once that many replicas have it (Redis `WAIT`).
+    Redis { url: String, wait_replicas: u32 },
     /// Process memory: lost when the host stops, so only for embedders, tests and benchmarks.
     /// Deliberately not offered by the `serve` configuration: a server acknowledges callbacks
     /// the platform will not send again, and those must survive a crash.
@@ -170,7 +171,9 @@ impl StoreConfig {
     pub fn open(&self, state_dir: &std::path::Path) -> Result<Arc<dyn Backend>> {
         let store: Arc<dyn Backend> = match self {
             StoreConfig::Embedded => Arc::new(Store::open(state_dir)?),
-            StoreConfig::Redis(url) => Arc::new(RedisStore::open(url)?),
+            StoreConfig::Redis { url, wait_replicas } => {
+                Arc::new(RedisStore::open(url)?.wait_replicas(*wait_replicas))
+            }
             StoreConfig::Memory => Arc::new(MemoryStore::new()),
         };
         Ok(store)

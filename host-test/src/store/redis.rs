@@ -36,6 +36,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// closed it (its `timeout` setting) meanwhile, and a PING has no effect to repeat, unlike
 /// the commit that would otherwise fail on it.
 const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
+/// How long a commit waits for its replicas (`wait_replicas`); under [`IO_TIMEOUT`], so the
+/// `WAIT` answers before the connection gives up on it.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// KEYS: the read keys, then the write keys, then the outbox and its sequence key.
 /// ARGV: #reads, #writes, #records, then per read its SHA-1 hex ("" = absent), per write
@@ -108,6 +111,8 @@ pub struct RedisStore {
     idle: Mutex<Vec<(Connection, Instant)>>,
     /// The URL without credentials, for the log.
     shown: String,
+    /// Replicas that must have a commit before it counts (0: the primary's answer is enough).
+    wait_replicas: u32,
 }
 
 impl RedisStore {
@@ -121,11 +126,43 @@ impl RedisStore {
             client,
             idle: Mutex::new(Vec::new()),
             shown,
+            wait_replicas: 0,
         };
         store
             .with(|c| Ok(redis::cmd("PING").query::<String>(c)?))
             .with_context(|| format!("connecting to Redis at {}", store.shown))?;
         Ok(store)
+    }
+
+    /// From now on every commit and increment counts only once `n` replicas have it, so a
+    /// failover to one of them keeps it: Redis replicates asynchronously, and a primary lost
+    /// right after answering takes with it what it had not passed on yet.
+    pub fn wait_replicas(mut self, n: u32) -> RedisStore {
+        self.wait_replicas = n;
+        self
+    }
+
+    /// After a write on `c`: waits until the replicas asked for have it. Fewer within
+    /// [`WAIT_TIMEOUT`] is an error, although the write stands on the primary: the caller
+    /// must not count on it (a callback is then answered 5xx, and its redelivery finds the
+    /// write done).
+    fn replicated(&self, c: &mut Connection) -> Result<()> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let acked: u64 = redis::cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(WAIT_TIMEOUT.as_millis() as u64)
+            .query(c)?;
+        if acked < u64::from(self.wait_replicas) {
+            bail!(
+                "Redis applied the write, but only {acked} of the {} replicas asked for \
+                 (`wait_replicas`) had it within {} s: a failover now could lose it",
+                self.wait_replicas,
+                WAIT_TIMEOUT.as_secs()
+            );
+        }
+        Ok(())
     }
 
     /// Runs `f` on a pooled connection. A connection that saw any error is dropped rather
@@ -278,7 +315,13 @@ impl Backend for RedisStore {
         for record in &commit.outbox {
             inv.arg(record.as_slice());
         }
-        let applied: i64 = self.with(|c| Ok(inv.invoke(c)?))?;
+        let applied: i64 = self.with(|c| {
+            let applied = inv.invoke(c)?;
+            if applied == 1 {
+                self.replicated(c)?;
+            }
+            Ok(applied)
+        })?;
         Ok(if applied == 1 {
             Outcome::Applied
         } else {
@@ -304,6 +347,7 @@ impl Backend for RedisStore {
                     .ignore()
                     .query(c)?;
                 if done.is_some() {
+                    self.replicated(c)?;
                     return Ok(new);
                 }
                 // Someone else moved the counter between GET and EXEC: read it again.
@@ -357,7 +401,13 @@ impl Backend for RedisStore {
     }
 
     fn describe(&self) -> String {
-        format!("Redis at {}", self.shown)
+        match self.wait_replicas {
+            0 => format!("Redis at {}", self.shown),
+            n => format!(
+                "Redis at {}, each write waiting for {n} replica(s)",
+                self.shown
+            ),
+        }
     }
 
     fn remote(&self) -> bool {
@@ -425,6 +475,51 @@ mod tests {
             let store: Arc<dyn Backend> = Arc::new(store);
             store
         });
+    }
+
+    /// With `wait_replicas`, a commit or increment no replica confirmed is an error, though it
+    /// stands on the primary; once a replica follows, both pass and the replica has them.
+    #[test]
+    fn writes_wait_for_the_replicas_asked_for() {
+        use crate::redis_server::RedisServer;
+        let primary = RedisServer::start().expect("redis-server");
+        let store = RedisStore::open(&primary.url()).unwrap().wait_replicas(1);
+        let commit = |k: &str| Commit {
+            writes: vec![(k.into(), Some(b"v".to_vec()))],
+            ..Default::default()
+        };
+        let err = format!("{:#}", store.commit("t", commit("a")).unwrap_err());
+        assert!(err.contains("only 0 of the 1 replicas"), "{err}");
+        assert_eq!(store.get("t", "a").unwrap().as_deref(), Some(&b"v"[..]));
+        assert!(store.increment("t", "n", 1, None).is_err());
+
+        let replica = RedisServer::start().expect("redis-server");
+        let mut r = redis::Client::open(replica.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(primary.port())
+            .exec(&mut r)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !redis::cmd("INFO")
+            .arg("replication")
+            .query::<String>(&mut r)
+            .unwrap()
+            .contains("master_link_status:up")
+        {
+            assert!(Instant::now() < deadline, "the replica never caught up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(store.commit("t", commit("b")).unwrap(), Outcome::Applied);
+        let on_replica: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(kv_key("t", "b").unwrap())
+            .query(&mut r)
+            .unwrap();
+        assert_eq!(on_replica.as_deref(), Some(&b"v"[..]));
+        assert_eq!(store.increment("t", "n", 1, None).unwrap(), 2);
     }
 
     /// Redis dropping every client (a restart, a failover, its idle `timeout`) costs no call:

@@ -10,6 +10,12 @@
 //! (one instance serves a batch), or with `--fresh` those of `callback/{platform}/component/fresh`
 //! (`Host::call`, a fresh instance per call, as the host serves them), which also counts what a
 //! build costs the instance's creation and teardown (pages it dirties, data it initialises).
+//!
+//! Run it three times or more, in rotated orders, and compare the builds' medians across
+//! the runs: within one process a build can come out 17-23% slower on DingTalk and WeCom
+//! (Feishu unaffected) for the whole run. Four byte-different copies of one build showed it,
+//! a different copy in different runs (2026-12-08), so it is where that copy's code landed
+//! among the others', not the build; a server runs one compiled copy of each version.
 
 use imbridge_bench::{
     InComponent, PLATFORMS, Shuffler, Warm, fresh_calls, paired_rounds, quantile, updates,

@@ -181,6 +181,8 @@ pub async fn run(session: &Session<'_>) -> SessionEnd {
                     None
                 }
             },
+            // What the SDKs take quietly: the connection's own life, not ours to answer.
+            (Some("SYSTEM"), Some("CONNECTED" | "REGISTERED" | "KEEPALIVE")) => None,
             (kind, topic) => {
                 log!(
                     "DingTalk Stream: ignoring {} frame (topic {})",

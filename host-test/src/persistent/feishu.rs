@@ -102,8 +102,9 @@ impl Frame {
 /// Most fragments one message may announce, and the largest reassembled payload.
 const MAX_FRAGMENTS: i64 = 64;
 const MAX_PAYLOAD: usize = 4 << 20;
-/// Fragments of a message that does not complete within this are dropped (the platform
-/// redelivers the un-acked message).
+/// Fragments of a message whose next fragment does not come within this are dropped (the
+/// platform redelivers the un-acked message). Counted from the latest fragment, as lark-oapi
+/// does: from the first, a message arriving slowly was dropped each time it was redelivered.
 const FRAGMENT_TTL: Duration = Duration::from_secs(5);
 
 /// Most messages in fragments at once, and the most bytes they may hold together. Feishu
@@ -112,7 +113,7 @@ const FRAGMENT_TTL: Duration = Duration::from_secs(5);
 const MAX_PARTIAL: usize = 16;
 const MAX_BUFFERED: usize = 2 * MAX_PAYLOAD;
 
-/// When a message's first fragment arrived, and the fragments so far (by `seq`).
+/// When a message's latest fragment arrived, and the fragments so far (by `seq`).
 type Partial = (Instant, Vec<Option<Vec<u8>>>);
 
 fn size(p: &Partial) -> usize {
@@ -135,7 +136,17 @@ impl Reassembler {
         seq: i64,
         payload: Vec<u8>,
     ) -> Result<Option<Vec<u8>>, String> {
-        let now = Instant::now();
+        self.add_at(Instant::now(), message_id, sum, seq, payload)
+    }
+
+    fn add_at(
+        &mut self,
+        now: Instant,
+        message_id: &str,
+        sum: i64,
+        seq: i64,
+        payload: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, String> {
         self.parts
             .retain(|_, (started, _)| now.duration_since(*started) < FRAGMENT_TTL);
         if sum <= 1 {
@@ -155,6 +166,7 @@ impl Reassembler {
             self.parts.remove(message_id);
             return Err("fragments disagree on their count".into());
         }
+        entry.0 = now;
         entry.1[seq as usize] = Some(payload);
         if size(entry) > MAX_PAYLOAD {
             self.parts.remove(message_id);
@@ -335,25 +347,17 @@ pub async fn run(session: &Session<'_>, hints: &mut Hints) -> SessionEnd {
             }
         };
         if frame.method == METHOD_CONTROL {
-            match frame.header("type") {
-                Some("pong") => {
-                    if let Some(config) = frame
-                        .payload
-                        .as_deref()
-                        .filter(|p| !p.is_empty())
-                        .and_then(|p| serde_json::from_slice::<Value>(p).ok())
-                    {
-                        apply_client_config(hints, &config);
-                        ping_every = hints.ping_interval.unwrap_or(DEFAULT_PING);
-                    }
-                }
-                Some("ping") => {
-                    let pong = Frame::control(frame.service, "pong").encode();
-                    if let Err(e) = tx.send(Message::Binary(pong.into())).await {
-                        return end(format!("sending pong failed: {e}"));
-                    }
-                }
-                _ => {}
+            // A ping from the server is not answered: Feishu's SDKs ignore it too, and the
+            // client's own pings keep the connection alive.
+            if frame.header("type") == Some("pong")
+                && let Some(config) = frame
+                    .payload
+                    .as_deref()
+                    .filter(|p| !p.is_empty())
+                    .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+            {
+                apply_client_config(hints, &config);
+                ping_every = hints.ping_interval.unwrap_or(DEFAULT_PING);
             }
             continue;
         }
@@ -443,6 +447,24 @@ mod tests {
         assert!(r.add("m", 3, 3, vec![]).is_err());
         assert!(r.add("m", 1000, 0, vec![]).is_err());
         assert!(r.add("m", 3, -1, vec![]).is_err());
+    }
+
+    /// A message whose fragments keep coming is kept however long it takes in all; one whose
+    /// next fragment is over five seconds late is dropped (and then starts anew).
+    #[test]
+    fn fragments_expire_five_seconds_after_the_latest() {
+        let mut r = Reassembler::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(r.add_at(at(0), "slow", 3, 0, b"a".to_vec()).unwrap(), None);
+        assert_eq!(r.add_at(at(4), "slow", 3, 1, b"b".to_vec()).unwrap(), None);
+        assert_eq!(
+            r.add_at(at(8), "slow", 3, 2, b"c".to_vec()).unwrap(),
+            Some(b"abc".to_vec())
+        );
+        assert_eq!(r.add_at(at(10), "late", 2, 0, b"a".to_vec()).unwrap(), None);
+        assert_eq!(r.add_at(at(16), "late", 2, 1, b"b".to_vec()).unwrap(), None);
+        assert_eq!(r.held(), 1, "only the late fragment, as a new message");
     }
 
     /// A connection sent fragments of many messages, or of large ones, that never complete

@@ -6,15 +6,18 @@ use crate::crypto::sorted_sha1_hex;
 use crate::crypto::wx::WxKey;
 use crate::env::Env;
 use crate::error::{Error, Result};
-use crate::model::{CallbackOutcome, HttpRequest, ImApp};
+use crate::model::{CallbackOutcome, HttpRequest, ImApp, Platform};
 use crate::platform;
 
 /// Real callbacks are a few KiB; anything near this is hostile or broken.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// How far a signed timestamp may be from our clock unless the app configures its own
-/// `max-clock-skew-secs`. Platforms sign each delivery (retries included) when it is sent;
-/// replays inside the window are caught by deduplication.
+/// `max-clock-skew-secs`; replays inside the window are caught by deduplication.
 pub const DEFAULT_MAX_SKEW_SECS: u32 = 600;
+/// Feishu's default instead: it retries a failed push after 15 s, 5 min, 1 h and 6 h, and
+/// whether a retry is signed anew is not documented (lark-oapi does not bound the age at
+/// all), so seven hours keep its last retry from being refused as stale.
+pub const FEISHU_MAX_SKEW_SECS: u32 = 7 * 3600;
 
 pub fn handle(
     env: &(impl Env + ?Sized),
@@ -81,11 +84,17 @@ pub fn check_timestamp(app: &ImApp, now_ms: u64, ts: &str, units_per_sec: u64) -
         .trim()
         .parse()
         .map_err(|_| Error::unauthorized("callback timestamp is not a number"))?;
-    let window = app.max_clock_skew_secs.unwrap_or(DEFAULT_MAX_SKEW_SECS);
+    let window =
+        app.max_clock_skew_secs
+            .unwrap_or(if platform::family(app.platform) == Platform::Feishu {
+                FEISHU_MAX_SKEW_SECS
+            } else {
+                DEFAULT_MAX_SKEW_SECS
+            });
     if window == 0 {
-        // A push takes time to arrive and retries keep their first timestamp, so a window of
-        // 0 would refuse most callbacks; it is more likely meant as "no check", which the
-        // signature's replay protection does not allow.
+        // A push takes time to arrive, so a window of 0 would refuse most callbacks; it is
+        // more likely meant as "no check", which the signature's replay protection does not
+        // allow.
         return Err(Error::config(
             "max-clock-skew-secs must be at least 1 (0 would refuse nearly every callback)",
         ));
@@ -165,12 +174,11 @@ impl<'a> WxSecrets<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Platform;
 
     fn app(window: Option<u32>) -> ImApp {
         ImApp {
             id: "a".into(),
-            platform: Platform::Feishu,
+            platform: Platform::Dingtalk,
             app_id: "x".into(),
             app_secret: "s".into(),
             agent_id: None,
@@ -178,6 +186,27 @@ mod tests {
             token: None,
             api_base: None,
             max_clock_skew_secs: window,
+        }
+    }
+
+    /// Feishu's last retry comes six hours after the push; its default window takes it.
+    #[test]
+    fn feishus_default_window_spans_its_retries() {
+        let now_ms = 1_700_000_000_000;
+        let now = now_ms / 1000;
+        for (platform, window) in [
+            (Platform::Feishu, 7 * 3600),
+            (Platform::Lark, 7 * 3600),
+            (Platform::Dingtalk, 600),
+        ] {
+            let a = ImApp {
+                platform,
+                ..app(None)
+            };
+            for (age, ok) in [(window, true), (window + 1, false)] {
+                let r = check_timestamp(&a, now_ms, &(now - age).to_string(), 1);
+                assert_eq!(r.is_ok(), ok, "{platform:?} {age}");
+            }
         }
     }
 

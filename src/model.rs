@@ -33,7 +33,8 @@ pub struct ImApp {
     pub encrypt_key: Option<String>,
     pub token: Option<String>,
     pub api_base: Option<String>,
-    /// `None`: the default window, `callback::DEFAULT_MAX_SKEW_SECS`.
+    /// `None`: the default window, `callback::DEFAULT_MAX_SKEW_SECS` (Feishu and Lark:
+    /// `callback::FEISHU_MAX_SKEW_SECS`).
     pub max_clock_skew_secs: Option<u32>,
 }
 

@@ -27,9 +27,11 @@ use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const TENANT: &str = "t1";
-/// Mirrors the plugin's limits (`src/callback.rs`).
+/// Mirrors the plugin's limits (`src/callback.rs`): the body, and the default timestamp
+/// windows (Feishu's spans its retries, up to six hours after the push).
 const MAX_BODY: usize = 1 << 20;
 const MAX_SKEW_SECS: u64 = 600;
+const FEISHU_MAX_SKEW_SECS: u64 = 7 * 3600;
 /// Random mutations per platform, on top of each platform's targeted cases.
 const N_RANDOM: usize = 4_000;
 
@@ -67,10 +69,10 @@ fn header<'r>(req: &'r HttpRequest, name: &str) -> Option<&'r str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn fresh_ts(ts: &str, units_per_sec: u64) -> bool {
+fn fresh_ts(ts: &str, units_per_sec: u64, window: u64) -> bool {
     ts.trim()
         .parse::<u64>()
-        .is_ok_and(|t| (t / units_per_sec).abs_diff(now_s()) <= MAX_SKEW_SECS)
+        .is_ok_and(|t| (t / units_per_sec).abs_diff(now_s()) <= window)
 }
 
 fn request(
@@ -137,6 +139,10 @@ trait Spec {
     fn fields(&self) -> [&'static str; 3];
     /// 1 when timestamps are seconds, 1000 for milliseconds.
     fn ts_units(&self) -> u64;
+    /// The default timestamp window, in seconds.
+    fn max_skew(&self) -> u64 {
+        MAX_SKEW_SECS
+    }
     /// A request with `body`, signed at `ts` over `enc` (WX) or over the body (Feishu).
     fn signed(&self, method: &str, body: Vec<u8>, enc: &str, ts: &str) -> HttpRequest;
     /// The envelope that carries the ciphertext `enc`.
@@ -523,9 +529,10 @@ fn mutate(spec: &dyn Spec, rng: &mut Rng, bases: &[Base]) -> Case {
         _ => {
             let now = now_s();
             let u = spec.ts_units();
+            let late = spec.max_skew() + 100;
             let (ts, fresh) = match rng.below(8) {
-                0 => (((now - 700) * u).to_string(), false),
-                1 => (((now + 700) * u).to_string(), false),
+                0 => (((now - late) * u).to_string(), false),
+                1 => (((now + late) * u).to_string(), false),
                 2 => (((now - 100) * u).to_string(), true),
                 3 => (format!(" {} ", now * u), true),
                 4 => ("abc".to_string(), false),
@@ -659,6 +666,9 @@ impl Spec for Feishu {
     fn ts_units(&self) -> u64 {
         1
     }
+    fn max_skew(&self) -> u64 {
+        FEISHU_MAX_SKEW_SECS
+    }
     fn signed(&self, method: &str, body: Vec<u8>, _enc: &str, ts: &str) -> HttpRequest {
         let nonce = "n0nce-fz";
         let [sig, ts_h, nonce_h] = self.fields();
@@ -699,7 +709,7 @@ impl Spec for Feishu {
             && req.body.len() <= MAX_BODY
             && sig.trim().to_ascii_lowercase()
                 == feishu::crypto::signature(ts, nonce, FS_KEY, &req.body)
-            && fresh_ts(ts, 1)
+            && fresh_ts(ts, 1, FEISHU_MAX_SKEW_SECS)
     }
     fn may_find(&self, _req: &HttpRequest, _base: &Base) -> bool {
         false
@@ -984,7 +994,7 @@ impl Spec for Wx {
             && req.body.len() <= MAX_BODY
             && sig.trim().to_ascii_lowercase()
                 == (self.dialect.signature)(self.token(), &ts, &nonce, &base.enc)
-            && fresh_ts(&ts, self.dialect.ts_units)
+            && fresh_ts(&ts, self.dialect.ts_units, MAX_SKEW_SECS)
             && (base.req.method != "GET"
                 || query_param(req, &["echostr"]) == Some(Some(base.enc.clone())))
     }

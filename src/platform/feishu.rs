@@ -1201,7 +1201,10 @@ pub(crate) mod tests {
             Err(Error::Unauthorized(_))
         ));
 
-        env.now.set(env.now.get() + 3_600_000);
+        // Feishu's default window spans its last retry, six hours after the push.
+        env.now.set(env.now.get() + 6 * 3_600_000);
+        assert!(parse_callback(&env, &app(), &req).is_ok());
+        env.now.set(env.now.get() + 3_601_000);
         assert!(
             matches!(parse_callback(&env, &app(), &req), Err(Error::Unauthorized(m)) if m.contains("window"))
         );

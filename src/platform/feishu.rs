@@ -743,12 +743,14 @@ fn approval_event(env: &(impl Env + ?Sized), event_type: &str, ev: &Value) -> Re
     };
     let status = ev.get("status").and_then(Value::as_str).unwrap_or("");
     let at_ms = json_u64(ev.get("operate_time")).unwrap_or_else(|| env.now_ms());
-    let event = if event_type.contains("approval_instance") || event_type.contains("instance") {
+    // Exactly these two: another event that happens to carry an `instance_code` and a
+    // `status` (another product's "…task…", say) must not move an approval.
+    let event = if event_type == "approval_instance" {
         match map_status(status) {
             Some(s) => Event::Status(s),
             None => return Ok(Vec::new()),
         }
-    } else if event_type.contains("approval_task") || event_type.contains("task") {
+    } else if event_type == "approval_task" {
         let approved = match status {
             "APPROVED" => true,
             "REJECTED" => false,
@@ -1264,6 +1266,14 @@ pub(crate) mod tests {
         let p = parse_callback(&env, &app(), &signed_request(&env, "ekey", &other)).unwrap();
         assert!(p.events.is_empty());
         assert_eq!(p.response.status, 200);
+        // Another event with an instance code and a status moves no approval: before, any
+        // type naming an "instance" or a "task" did.
+        for kind in ["task.task.updated_v1", "approval_cc", "workflow_instance"] {
+            let ev = json!({"uuid": "u9", "token": "vtoken", "event": {"type": kind,
+                "instance_code": "I1", "status": "REJECTED", "open_id": "ou_1"}});
+            let p = parse_callback(&env, &app(), &signed_request(&env, "ekey", &ev)).unwrap();
+            assert!(p.events.is_empty(), "{kind}");
+        }
     }
 
     #[test]

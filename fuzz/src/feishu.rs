@@ -80,9 +80,9 @@ pub fn run(data: &[u8]) -> imbridge::error::Result<usize> {
         SIGNED => {
             let mut body = encrypted_body(payload);
             let ts = match tamper {
-                // Just outside Feishu's default window (seven hours), either way.
-                T_STALE if aux & 1 == 0 => (crate::NOW_S - 7 * 3600 - 1).to_string(),
-                T_STALE => (crate::NOW_S + 7 * 3600 + 1).to_string(),
+                // Just outside Feishu's default window (eight hours), either way.
+                T_STALE if aux & 1 == 0 => (crate::NOW_S - 8 * 3600 - 1).to_string(),
+                T_STALE => (crate::NOW_S + 8 * 3600 + 1).to_string(),
                 T_PADDED_TS => format!(" {now} "),
                 _ => now.clone(),
             };

@@ -146,6 +146,43 @@ async fn an_approval_started_on_one_replica_is_decided_through_the_other() {
     assert_eq!(ups, updates(&b).await);
 }
 
+/// With `wait_replicas` and no replica following, a start still goes through: its claim and
+/// its commit stand on the primary and are logged, since failing them would leave the
+/// start's retry facing its own claim (before, the start failed with a `storage` error and
+/// its key stayed claimed). A callback is answered 500 instead, so the platform sends it
+/// again; its write stands on the primary all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_replicas_asked_for_starts_go_through_and_callbacks_are_refused() {
+    let fx = fixture(&["alice", "bob"], None).await;
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&fx.config).unwrap()).unwrap();
+    cfg["store"]["wait_replicas"] = json!(1);
+    std::fs::write(&fx.config, cfg.to_string()).unwrap();
+    let a = Replica::spawn("a", &fx.config);
+    let body = request(
+        "wf-w",
+        json!([{"approvers": [{"id": "ou_bob"}], "mode": "and"}]),
+    );
+    let id = start(&a, &body).await;
+    assert_eq!(fx.sim.calls("POST /open-apis/approval/v4/instances"), 1);
+    assert_eq!(
+        start(&a, &body).await,
+        id,
+        "the retry finds the same approval"
+    );
+    fx.sim
+        .set_callback_url(APP, Some(&a.callback_url("t1", "fs")));
+    let d = fx.sim.decide(&id, "ou_bob", true, None).await.unwrap();
+    let refused_first = d
+        .reports
+        .iter()
+        .filter(|r| r.attempts.first().and_then(|a| a.status) == Some(500))
+        .count();
+    assert!(refused_first > 0, "{:?}", d.reports);
+    // The simulator's next attempt finds the write done: nothing to commit, so 200.
+    assert!(d.reports.iter().all(|r| r.delivered), "{:?}", d.reports);
+    assert_eq!(approval(&a, &id).await["status"], "approved");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_callback_delivered_to_both_replicas_at_once_is_applied_once() {
     let approvers: Vec<String> = (0..8).map(|i| format!("u{i}")).collect();

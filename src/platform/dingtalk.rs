@@ -953,7 +953,7 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
         .chunks(NOTICE_BATCH)
         .map(|chunk| json!({"agent_id": agent, "userid_list": chunk.join(","), "msg": msg}))
         .collect();
-    let tasks = super::send_parts(env, &app.app_id, &bodies, false, true, &mut |body, _| {
+    let tasks = super::send_parts(env, &app.app_id, &bodies, false, Some(0), &mut |body, _| {
         let reply = c.legacy_post(
             "/topapi/message/corpconversation/asyncsend_v2",
             body,

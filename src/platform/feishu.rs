@@ -743,20 +743,28 @@ fn approval_event(env: &(impl Env + ?Sized), event_type: &str, ev: &Value) -> Re
     };
     let status = ev.get("status").and_then(Value::as_str).unwrap_or("");
     let at_ms = json_u64(ev.get("operate_time")).unwrap_or_else(|| env.now_ms());
-    // Exactly these two: another event that happens to carry an `instance_code` and a
-    // `status` (another product's "…task…", say) must not move an approval.
-    let event = if event_type == "approval_instance" {
+    // Exactly these, v1 and v4 names: another event that happens to carry an
+    // `instance_code` and a `status` (another product's "…task…", say) must not move an
+    // approval.
+    let event = if matches!(
+        event_type,
+        "approval_instance" | "approval.instance.status_changed_v4"
+    ) {
         match map_status(status) {
             Some(s) => Event::Status(s),
             None => return Ok(Vec::new()),
         }
-    } else if event_type == "approval_task" {
+    } else if matches!(
+        event_type,
+        "approval_task" | "approval.task.status_changed_v4"
+    ) {
         let approved = match status {
             "APPROVED" => true,
             "REJECTED" => false,
             _ => return Ok(Vec::new()),
         };
-        let Some(user) = decider(ev) else {
+        // v4 names the approver in `assigned_user`.
+        let Some(user) = decider(ev).or_else(|| ev.get("assigned_user").and_then(decider)) else {
             return Ok(Vec::new());
         };
         Event::Decision(Decision {
@@ -898,6 +906,10 @@ pub fn send_webhook(
     Ok(Receipt { message_id: None })
 }
 
+/// Feishu's refusal of a message to a user outside the app's availability: about that user
+/// alone, so the others of a notification still get theirs.
+const NO_AVAILABILITY: i64 = 230013;
+
 pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) -> Result<Receipt> {
     let c = Client::new(env, app)?;
     let mention_ids = c.resolve(&n.mentions)?;
@@ -921,15 +933,22 @@ pub fn send_message(env: &(impl Env + ?Sized), app: &ImApp, n: &Notification) ->
     // Feishu sends at most one message per `uuid` within an hour, so a retry whose first try
     // arrived but lost its answer does not message anyone twice.
     let dest = app.app_id.clone() + &path;
-    let ids = super::send_parts(env, &dest, &bodies, true, true, &mut |body, uuid| {
-        let mut body = body.clone();
-        body["uuid"] = uuid.into();
-        let data = c.api(Method::Post, &path, Some(&body))?;
-        Ok(data
-            .get("message_id")
-            .and_then(Value::as_str)
-            .map(str::to_string))
-    })?;
+    let ids = super::send_parts(
+        env,
+        &dest,
+        &bodies,
+        true,
+        Some(NO_AVAILABILITY),
+        &mut |body, uuid| {
+            let mut body = body.clone();
+            body["uuid"] = uuid.into();
+            let data = c.api(Method::Post, &path, Some(&body))?;
+            Ok(data
+                .get("message_id")
+                .and_then(Value::as_str)
+                .map(str::to_string))
+        },
+    )?;
     Ok(Receipt {
         message_id: (!ids.is_empty()).then(|| ids.join(",")),
     })
@@ -1203,10 +1222,10 @@ pub(crate) mod tests {
             Err(Error::Unauthorized(_))
         ));
 
-        // Feishu's default window spans its last retry, six hours after the push.
-        env.now.set(env.now.get() + 6 * 3_600_000);
+        // Feishu's default window spans its last retry, 25,515 s after the push.
+        env.now.set(env.now.get() + 25_515_000);
         assert!(parse_callback(&env, &app(), &req).is_ok());
-        env.now.set(env.now.get() + 3_601_000);
+        env.now.set(env.now.get() + (8 * 3600 - 25_515 + 1) * 1000);
         assert!(
             matches!(parse_callback(&env, &app(), &req), Err(Error::Unauthorized(m)) if m.contains("window"))
         );
@@ -1220,6 +1239,27 @@ pub(crate) mod tests {
         let p = parse_callback(&env, &app(), &signed_request(&env, "ekey", &ev)).unwrap();
         assert_eq!(p.events[0].event, Event::Status(ApprovalStatus::Canceled));
         assert_eq!(p.events[0].instance_id, "I2");
+
+        // The v4 names of the same events (the SDKs' `approval.*.status_changed_v4`), whose
+        // task names its approver in `assigned_user`.
+        let v4 = |kind: &str, event: Value| {
+            let ev = json!({"schema": "2.0", "header": {"event_id": "e4", "event_type": kind,
+                "token": "vtoken"}, "event": event});
+            parse_callback(&env, &app(), &signed_request(&env, "ekey", &ev)).unwrap()
+        };
+        let p = v4(
+            "approval.instance.status_changed_v4",
+            json!({"instance_code": "I4", "status": "APPROVED"}),
+        );
+        assert_eq!(p.events[0].event, Event::Status(ApprovalStatus::Approved));
+        let p = v4(
+            "approval.task.status_changed_v4",
+            json!({"instance_code": "I4", "status": "REJECTED",
+                "assigned_user": {"open_id": "ou_9"}, "operate_time": "1700000000000"}),
+        );
+        assert!(
+            matches!(&p.events[0].event, Event::Decision(d) if d.user == "ou_9" && !d.approved)
+        );
 
         // A task Feishu passed itself has empty ids: no one's decision. With only user_id, that.
         for (ids, want) in [
@@ -1268,7 +1308,7 @@ pub(crate) mod tests {
         assert_eq!(p.response.status, 200);
         // Another event with an instance code and a status moves no approval: before, any
         // type naming an "instance" or a "task" did.
-        for kind in ["task.task.updated_v1", "approval_cc", "workflow_instance"] {
+        for kind in ["task.task.updated_v1", "workflow_instance"] {
             let ev = json!({"uuid": "u9", "token": "vtoken", "event": {"type": kind,
                 "instance_code": "I1", "status": "REJECTED", "open_id": "ou_1"}});
             let p = parse_callback(&env, &app(), &signed_request(&env, "ekey", &ev)).unwrap();

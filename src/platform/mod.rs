@@ -428,16 +428,19 @@ enum Part {
 /// arrived, and nothing is left behind.
 ///
 /// With `independent` (each part goes to other people: Feishu's per-user messages, DingTalk's
-/// batches), a part the platform refused for good, with a code of its own (a user outside the
-/// app's availability), does not keep the later parts from their recipients; the error then
-/// is that first refusal, saying how many parts were refused. Anything else still stops the
-/// sending: a retryable failure would likely repeat, and the retry sends the rest.
+/// batches), a part the platform refused for good does not keep the later parts from their
+/// recipients when the refusal is about that part's recipient alone: its code is the one
+/// given (Feishu's "no availability to this user"), or any code of the platform's own once a
+/// part went out, which shows the app, its rights and the message are fine. The error is then
+/// the first such refusal, saying how many parts were refused. Anything else stops the
+/// sending: an app-wide refusal would repeat for every part, a retryable failure likely too,
+/// and the retry sends the rest (that error then carries the count).
 fn send_parts(
     env: &(impl Env + ?Sized),
     dest: &str,
     bodies: &[serde_json::Value],
     tokens: bool,
-    independent: bool,
+    independent: Option<i64>,
     send: &mut SendPart<'_>,
 ) -> Result<Vec<String>> {
     let now = env.now_ms();
@@ -446,6 +449,7 @@ fn send_parts(
     let mut marks = Vec::new();
     let mut failure: Option<Error> = None;
     let mut refused = 0;
+    let mut went_out = false;
     for body in bodies {
         let mut part = Part::Sent;
         let mut key = String::new();
@@ -470,6 +474,7 @@ fn send_parts(
             }
         }
         if let Part::Delivered = part {
+            went_out = true;
             marks.push((key, present, part));
             continue;
         }
@@ -482,6 +487,7 @@ fn send_parts(
         match send(body, hex.as_deref()) {
             Ok(id) => {
                 ids.extend(id);
+                went_out = true;
                 part = Part::Sent;
             }
             Err(e) => {
@@ -490,15 +496,17 @@ fn send_parts(
                     (_, Some(token)) if e.may_have_taken_effect() => Part::Tried(now, token),
                     _ => Part::Failed,
                 };
-                let go_on = independent
-                    && matches!(
-                        e,
+                let go_on = match (&e, independent) {
+                    (
                         Error::Platform {
-                            code: 1..,
+                            code,
                             retryable: false,
                             ..
-                        }
-                    );
+                        },
+                        Some(own),
+                    ) => *code == own || (*code > 0 && went_out),
+                    _ => false,
+                };
                 refused += usize::from(go_on);
                 marks.push((key, present, part));
                 if !go_on {
@@ -511,7 +519,9 @@ fn send_parts(
         }
         marks.push((key, present, part));
     }
-    if let Some(Error::Platform { message, .. }) = failure.as_mut().filter(|_| refused > 0) {
+    if let Some(Error::Platform { message, .. }) =
+        failure.as_mut().filter(|_| refused > 0 && bodies.len() > 1)
+    {
         *message += &format!(" ({refused} of {} messages refused)", bodies.len());
     }
     match failure {
@@ -562,7 +572,7 @@ mod tests {
         for_good: bool,
     ) -> (Result<Vec<String>>, Vec<serde_json::Value>) {
         let mut sent = Vec::new();
-        let r = send_parts(env, dest, bodies, false, false, &mut |b, token| {
+        let r = send_parts(env, dest, bodies, false, None, &mut |b, token| {
             assert_eq!(token, None, "no tokens were asked for");
             if fail_at == Some(sent.len()) {
                 sent.push(serde_json::Value::Null);
@@ -654,7 +664,7 @@ mod tests {
     ) -> (Result<Vec<String>>, Vec<u64>) {
         let bodies: Vec<_> = (1..=5).map(|n| serde_json::json!({"n": n})).collect();
         let mut sent = Vec::new();
-        let r = send_parts(env, "users", &bodies, false, true, &mut |b, _| {
+        let r = send_parts(env, "users", &bodies, false, Some(230013), &mut |b, _| {
             let n = b["n"].as_u64().unwrap();
             fails(n).map_or(Ok(Some(format!("id-{n}"))), Err)?;
             sent.push(n);
@@ -701,6 +711,22 @@ mod tests {
         assert_eq!(sent, [4, 5]);
         assert!(matches!(r, Err(Error::Platform { code: 230013, .. })));
         assert_eq!(marks(&env), 0);
+
+        // Another code stops there while nothing went out: likely the app's own (a bot not
+        // enabled, a missing right), it would repeat for every user.
+        let app_wide = |_| Some(Error::platform(230006, "bot not enabled", false));
+        assert_eq!(independent(&env, &app_wide).1, Vec::<u64>::new());
+        // Once a part went out, any code of the platform's is about that part's recipient.
+        let blocked = |n| (n == 3).then(|| Error::platform(230053, "bot stopped", false));
+        let (r, sent) = independent(&env, &blocked);
+        assert_eq!(sent, [1, 2, 4, 5]);
+        assert!(matches!(r, Err(Error::Platform { code: 230053, .. })));
+        // A message of one part says nothing of parts.
+        let one = [serde_json::json!({"n": 1})];
+        let r = send_parts(&env, "user", &one, false, Some(230013), &mut |_, _| {
+            Err(Error::platform(230013, "no availability", false))
+        });
+        assert_eq!(r, Err(Error::platform(230013, "no availability", false)));
     }
 
     #[test]
@@ -736,7 +762,7 @@ mod tests {
         error: Error,
     ) -> (Result<Vec<String>>, Vec<(u64, String)>) {
         let mut tried = Vec::new();
-        let r = send_parts(env, "chat", bodies, true, false, &mut |b, token| {
+        let r = send_parts(env, "chat", bodies, true, None, &mut |b, token| {
             let n = b["n"].as_u64().unwrap();
             let token = token.expect("every part carries a token").to_string();
             assert_eq!(token.len(), 32);

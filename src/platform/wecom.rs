@@ -888,7 +888,7 @@ pub fn send_webhook(
         url,
         &robot_bodies(n, &ids, &mobiles)?,
         false,
-        false,
+        None,
         &mut |body, _| check(call_json(env, Method::Post, url, &[], Some(body))?).map(|_| None),
     )?;
     Ok(Receipt { message_id: None })

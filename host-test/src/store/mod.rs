@@ -23,7 +23,7 @@ pub use self::embedded::{DB_FILE, Store};
 pub use self::group_commit::{SLOW_COMMIT, Submitted};
 pub use self::intercept::{Gate, Intercept};
 pub use self::memory::MemoryStore;
-pub use self::redis::RedisStore;
+pub use self::redis::{NotReplicated, RedisStore};
 
 use crate::persistent::LeaseStore;
 use anyhow::{Context as _, Result, bail};

@@ -431,15 +431,20 @@ async fn notifications_via_signed_webhook_and_app_messages() {
     assert_eq!(to, ["oc_ops", "ou_carol", "ou_dave"]);
 }
 
+/// A notify request for a failure message to the users `ids`, by id.
+fn to_users(f: &Fixture, ids: &[&str], title: &str) -> Value {
+    let users: Vec<Value> = ids.iter().map(|id| json!({"id": id})).collect();
+    json!({"app": f.app, "notification": {"target": {"users": users}, "title": title,
+        "markdown": "deploy failed", "level": "failure"}})
+}
+
 /// A message to several users that fails part-way (Feishu's rate limit on the second) is an
 /// error the engine retries; the retry reaches only the users the first call missed. Before,
 /// the first user got the message twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_notification_reaches_each_user_once() {
     let f = Fixture::new().await;
-    let users = json!({"users": [{"id": "ou_alice"}, {"id": "ou_bob"}, {"id": "ou_carol"}]});
-    let notify = json!({"app": f.app, "notification": {"target": users, "title": "wf #7 failed",
-        "markdown": "deploy failed", "level": "failure"}});
+    let notify = to_users(&f, &["ou_alice", "ou_bob", "ou_carol"], "wf #7 failed");
     let rate_limited = imbridge_host::sim::http::Response::json(
         429,
         &json!({"code": 99991400, "msg": "request trigger frequency limit"}),
@@ -468,9 +473,7 @@ async fn a_retried_notification_reaches_each_user_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_user_feishu_refuses_keeps_no_one_else_from_the_message() {
     let f = Fixture::new().await;
-    let users = json!({"users": [{"id": "ou_alice"}, {"id": "ou_stranger"}, {"id": "ou_carol"}]});
-    let notify = json!({"app": f.app, "notification": {"target": users, "title": "wf #9 failed",
-        "markdown": "deploy failed", "level": "failure"}});
+    let notify = to_users(&f, &["ou_alice", "ou_stranger", "ou_carol"], "wf #9 failed");
     let r = f.h.invoke("t1", "notify", notify).await;
     assert_eq!(err_kind(&r), "platform", "{r}");
     assert_eq!(r["err"]["code"], 230013, "{r}");
@@ -491,9 +494,7 @@ async fn a_user_feishu_refuses_keeps_no_one_else_from_the_message() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_whose_answer_was_lost_is_not_delivered_twice() {
     let f = Fixture::new().await;
-    let users = json!({"users": [{"id": "ou_alice"}, {"id": "ou_bob"}, {"id": "ou_carol"}]});
-    let notify = json!({"app": f.app, "notification": {"target": users, "title": "wf #8 failed",
-        "markdown": "deploy failed", "level": "failure"}});
+    let notify = to_users(&f, &["ou_alice", "ou_bob", "ou_carol"], "wf #8 failed");
     f.sim.faults().lose_answers("/open-apis/im/v1/messages", 1);
     let r = f.h.invoke("t1", "notify", notify.clone()).await;
     assert_eq!(err_kind(&r), "transport", "{r}");

@@ -705,7 +705,11 @@ async fn commit_or_retry(
         // crash) is a few bytes no plugin sees. These exports waited on a platform; one more
         // write is noise to them.
         let (backend, ns2) = (backend.clone(), ns.clone());
-        if let Err(e) = blocking(move || backend.put(&ns2, vec![(mark, None)])).await {
+        // A deletion the replicas did not confirm still happened on the primary, and one a
+        // failover loses only leaves the mark behind: not worth a line.
+        if let Err(e) = blocking(move || backend.put(&ns2, vec![(mark, None)])).await
+            && !e.is::<crate::store::NotReplicated>()
+        {
             log!("tenant={tenant} call={export} commit mark not deleted: {e:#}");
         }
     }

@@ -655,9 +655,8 @@ mod tests {
         assert_eq!(marks(&env), 0);
     }
 
-    /// Independent parts (other people each): the parts `fails` refuses are skipped and the
-    /// rest still go out, unless a refusal is retryable or has no platform code of its own;
-    /// what went out, by `n`.
+    /// Independent parts (other people each), with Feishu's "no availability" as the
+    /// recipient's own refusal: what went out, by `n`, when `fails` refuses some of them.
     fn independent(
         env: &FakeEnv,
         fails: &dyn Fn(u64) -> Option<Error>,

@@ -148,7 +148,7 @@ impl Reassembler {
         payload: Vec<u8>,
     ) -> Result<Option<Vec<u8>>, String> {
         self.parts
-            .retain(|_, (started, _)| now.duration_since(*started) < FRAGMENT_TTL);
+            .retain(|_, (latest, _)| now.duration_since(*latest) < FRAGMENT_TTL);
         if sum <= 1 {
             return Ok(Some(payload));
         }
